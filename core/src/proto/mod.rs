@@ -1,0 +1,759 @@
+//! The Huddle wire protocol, version 1.
+//!
+//! A connection negotiates ALPN [`ALPN`] (`huddle/1`); the ALPN string is the
+//! protocol version. Every client request opens a new bidirectional QUIC
+//! stream, sends one [`Request`] frame and finishes its side; the server
+//! answers with one [`Response`] frame and finishes. The one exception is
+//! [`Request::Subscribe`]: its stream stays open, the server pushes
+//! [`Event`] frames on it and the client sends [`Control`] frames (acks,
+//! watches) the other way.
+//!
+//! Bodies are postcard-encoded. An enum is a varint variant index followed by
+//! the fields in order, so new message types are only ever appended; a peer
+//! that receives an index it does not know gets [`DecodeError::UnknownType`]
+//! rather than a generic failure. `docs/PROTOCOL.md` is the full
+//! specification.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::frame;
+use crate::ids::{GroupId, MediaId};
+
+/// ALPN protocol id, which is also the protocol version.
+pub const ALPN: &[u8] = b"huddle/1";
+
+/// Label for the TLS exporter that binds an authentication proof to one
+/// connection (RFC 8446 §7.5).
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-huddle-auth";
+
+/// Most user names accepted in one claim or lookup request.
+pub const MAX_BATCH_USERS: usize = 1000;
+
+/// Most key packages accepted in one upload.
+pub const MAX_KEY_PACKAGE_BATCH: usize = 200;
+
+/// Most log entries returned in one page.
+pub const MAX_PAGE: u32 = 1000;
+
+/// A request from client to server. One per stream, except [`Request::Subscribe`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Ask for a fresh nonce to authenticate this connection with.
+    /// Answer: [`Response::Challenge`].
+    Challenge,
+    /// Claim `name` for `identity_key` and authenticate this connection as it.
+    /// `proof` is an Ed25519 signature by `identity_key` over
+    /// [`crate::auth::proof_message`] with [`crate::auth::Purpose::Register`].
+    /// Answer: [`Response::Authenticated`].
+    Register {
+        /// The user name to claim.
+        name: String,
+        /// Ed25519 public key, also the MLS signature key of the user.
+        identity_key: [u8; 32],
+        /// Signature proving possession of the key on this connection.
+        proof: Bytes,
+    },
+    /// Authenticate this connection as an already registered user.
+    /// Answer: [`Response::Authenticated`].
+    Authenticate {
+        /// The registered user name.
+        name: String,
+        /// Signature over [`crate::auth::proof_message`] with
+        /// [`crate::auth::Purpose::Authenticate`].
+        proof: Bytes,
+    },
+    /// Upload one-time MLS key packages, and optionally replace the
+    /// last-resort package. Answer: [`Response::KeyPackageCount`].
+    PublishKeyPackages {
+        /// TLS-serialised `MlsMessage`-less `KeyPackage`s.
+        key_packages: Vec<Bytes>,
+        /// A key package carrying the last-resort extension.
+        last_resort: Option<Bytes>,
+    },
+    /// How many of my one-time key packages are left. Answer:
+    /// [`Response::KeyPackageCount`].
+    KeyPackageCount,
+    /// Claim one key package of each user. Answer: [`Response::KeyPackages`].
+    ClaimKeyPackages {
+        /// Users to claim for (each at most once).
+        users: Vec<String>,
+    },
+    /// Look up users' identity keys. Answer: [`Response::Users`].
+    LookupUsers {
+        /// Names to look up.
+        names: Vec<String>,
+    },
+    /// Register a new group whose only member is the caller.
+    /// Answer: [`Response::Appended`] with `seq` 0.
+    CreateGroup {
+        /// The MLS group id.
+        group: GroupId,
+        /// TLS-serialised `MlsMessage` carrying the epoch-0 `GroupInfo`.
+        group_info: Bytes,
+        /// TLS-serialised `RatchetTree`.
+        ratchet_tree: Bytes,
+    },
+    /// Append a commit (a PublicMessage) to a group's log.
+    /// Answer: [`Response::Appended`] or an error with code
+    /// [`ErrorCode::StaleEpoch`] carrying the current epoch.
+    Commit {
+        /// Target group.
+        group: GroupId,
+        /// TLS-serialised `MlsMessage` (PublicMessage, content type commit).
+        commit: Bytes,
+        /// TLS-serialised `MlsMessage` (Welcome), present when members are added.
+        welcome: Option<Bytes>,
+    },
+    /// Append a proposal (a PublicMessage). Answer: [`Response::Appended`].
+    Proposal {
+        /// Target group.
+        group: GroupId,
+        /// TLS-serialised `MlsMessage` (PublicMessage, content type proposal).
+        proposal: Bytes,
+    },
+    /// Append an application message (a PrivateMessage).
+    /// Answer: [`Response::Appended`].
+    Message {
+        /// Target group.
+        group: GroupId,
+        /// TLS-serialised `MlsMessage` (PrivateMessage, content type application).
+        message: Bytes,
+    },
+    /// Read a page of a group's log. Answer: [`Response::Log`].
+    FetchLog {
+        /// Group to read.
+        group: GroupId,
+        /// Return entries with a sequence number greater than this.
+        after: u64,
+        /// At most this many entries (capped at [`MAX_PAGE`]).
+        limit: u32,
+    },
+    /// Read my Welcome inbox. Answer: [`Response::Inbox`].
+    FetchInbox {
+        /// Return items with a sequence number greater than this.
+        after: u64,
+        /// At most this many items (capped at [`MAX_PAGE`]).
+        limit: u32,
+    },
+    /// The public ratchet tree of a group as it was right after the commit at
+    /// log position `seq` that added me. Answer: [`Response::RatchetTree`].
+    RatchetTree {
+        /// Group.
+        group: GroupId,
+        /// Log position of the commit the Welcome belongs to.
+        seq: u64,
+    },
+    /// The DS's view of a group. Answer: [`Response::GroupState`].
+    GroupState {
+        /// Group.
+        group: GroupId,
+    },
+    /// Open the push stream. Answer: [`Response::Subscribed`], then [`Event`]s.
+    Subscribe {
+        /// Groups to follow, each with the last sequence number already
+        /// processed.
+        groups: Vec<(GroupId, u64)>,
+        /// Last inbox sequence number already processed.
+        inbox_after: u64,
+    },
+    /// Groups the caller is a current member of. Answer: [`Response::Groups`].
+    ListGroups,
+    /// Start or resume an upload of an encrypted media item.
+    /// Answer: [`Response::Upload`]. The rest of the stream is the upload body.
+    BeginUpload(UploadRequest),
+    /// Download a byte range of a stored media item.
+    /// Answer: [`Response::Download`], then the raw bytes of the range.
+    Download {
+        /// Media item.
+        media: MediaId,
+        /// First ciphertext byte wanted.
+        offset: u64,
+        /// Number of bytes wanted (0 means "to the end").
+        len: u64,
+    },
+    /// Publish the epoch authenticator hash this member computed, and read
+    /// what others published for the same epoch.
+    /// Answer: [`Response::EpochAuthenticators`].
+    EpochAuthenticator {
+        /// Group.
+        group: GroupId,
+        /// Epoch.
+        epoch: u64,
+        /// BLAKE3 hash of the member's epoch authenticator.
+        hash: [u8; 32],
+    },
+}
+
+/// Parameters of an upload.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct UploadRequest {
+    /// Group the media belongs to; only its members may fetch it.
+    pub group: GroupId,
+    /// Id chosen by the uploader (random).
+    pub media: MediaId,
+    /// Length of the whole ciphertext in bytes.
+    pub total_len: u64,
+    /// BLAKE3 hash of the whole ciphertext.
+    pub hash: [u8; 32],
+}
+
+/// A response from server to client.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The request failed.
+    Error(ErrorBody),
+    /// A nonce to sign, valid for this connection only.
+    Challenge {
+        /// Random nonce.
+        nonce: [u8; 32],
+    },
+    /// The connection is now authenticated as `name`.
+    Authenticated {
+        /// The user.
+        name: String,
+    },
+    /// How many one-time key packages the caller has left on the server.
+    KeyPackageCount {
+        /// One-time packages still unclaimed.
+        available: u32,
+        /// Whether a last-resort package is stored.
+        last_resort: bool,
+    },
+    /// Claimed key packages, one per requested user.
+    KeyPackages {
+        /// In the order requested.
+        packages: Vec<ClaimedKeyPackage>,
+    },
+    /// Identity keys of users.
+    Users {
+        /// One per known requested name; unknown names are left out.
+        users: Vec<UserInfo>,
+    },
+    /// A message was appended to a group's log (durably).
+    Appended {
+        /// Its sequence number.
+        seq: u64,
+        /// The group's epoch after it.
+        epoch: u64,
+    },
+    /// A page of a group's log.
+    Log {
+        /// Entries in order.
+        entries: Vec<LogEntry>,
+        /// Sequence number of the newest entry the caller may read.
+        head: u64,
+    },
+    /// A page of the caller's Welcome inbox.
+    Inbox {
+        /// Items in order.
+        items: Vec<InboxItem>,
+        /// Newest inbox sequence number.
+        head: u64,
+    },
+    /// A public ratchet tree (TLS-serialised `RatchetTree`).
+    RatchetTree {
+        /// The tree.
+        tree: Bytes,
+    },
+    /// The DS's view of a group.
+    GroupState {
+        /// Current epoch.
+        epoch: u64,
+        /// Newest log sequence number.
+        head: u64,
+        /// User names of current members.
+        members: Vec<String>,
+    },
+    /// The push stream is open.
+    Subscribed,
+    /// Groups of the caller.
+    Groups {
+        /// One per group.
+        groups: Vec<GroupSummary>,
+    },
+    /// Where an upload stands.
+    Upload {
+        /// Ciphertext bytes already stored; the client sends from here on.
+        offset: u64,
+        /// True when the blob is complete, verified and fetchable.
+        complete: bool,
+    },
+    /// A download starts; the raw bytes follow on the stream.
+    Download {
+        /// Total ciphertext length of the item.
+        total_len: u64,
+        /// BLAKE3 hash of the whole ciphertext.
+        hash: [u8; 32],
+        /// Offset of the first byte that follows.
+        offset: u64,
+        /// Number of bytes that follow.
+        len: u64,
+        /// Group the item belongs to.
+        group: GroupId,
+    },
+    /// Epoch authenticator hashes published for one epoch.
+    EpochAuthenticators {
+        /// (user, hash) pairs, including the caller's.
+        published: Vec<(String, [u8; 32])>,
+    },
+}
+
+/// One key package handed out by the directory.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct ClaimedKeyPackage {
+    /// Whose package it is.
+    pub user: String,
+    /// TLS-serialised `KeyPackage`.
+    pub key_package: Bytes,
+    /// True when the pool was empty and the last-resort package was returned.
+    pub last_resort: bool,
+}
+
+/// A registered user.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct UserInfo {
+    /// Name.
+    pub name: String,
+    /// Ed25519 identity key.
+    pub identity_key: [u8; 32],
+}
+
+/// A group the caller belongs to.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct GroupSummary {
+    /// Group.
+    pub group: GroupId,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Newest log sequence number.
+    pub head: u64,
+}
+
+/// What kind of MLS message a log entry holds.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub enum EntryKind {
+    /// A commit (PublicMessage).
+    Commit,
+    /// A proposal (PublicMessage).
+    Proposal,
+    /// An application message (PrivateMessage).
+    Application,
+}
+
+/// One entry of a group's log.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Position in the log, from 1, without gaps.
+    pub seq: u64,
+    /// The MLS epoch the message was sent in.
+    pub epoch: u64,
+    /// What it is.
+    pub kind: EntryKind,
+    /// When the DS appended it (milliseconds since the Unix epoch).
+    pub timestamp_ms: u64,
+    /// The TLS-serialised `MlsMessage`.
+    pub data: Bytes,
+}
+
+impl fmt::Debug for LogEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogEntry")
+            .field("seq", &self.seq)
+            .field("epoch", &self.epoch)
+            .field("kind", &self.kind)
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+/// A Welcome waiting in a user's inbox.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxItem {
+    /// Position in the user's inbox, from 1.
+    pub seq: u64,
+    /// The group joined.
+    pub group: GroupId,
+    /// Log position of the commit that added the user; the joiner reads
+    /// the log after it.
+    pub commit_seq: u64,
+    /// When the DS stored it (milliseconds since the Unix epoch).
+    pub timestamp_ms: u64,
+    /// TLS-serialised `MlsMessage` (Welcome).
+    pub welcome: Bytes,
+}
+
+impl fmt::Debug for InboxItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboxItem")
+            .field("seq", &self.seq)
+            .field("group", &self.group)
+            .field("commit_seq", &self.commit_seq)
+            .finish()
+    }
+}
+
+/// Pushed by the server on a subscription stream.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub enum Event {
+    /// A new entry in a followed group.
+    Entry {
+        /// Group.
+        group: GroupId,
+        /// The entry.
+        entry: LogEntry,
+    },
+    /// A new Welcome in the inbox.
+    Inbox(InboxItem),
+    /// The server could not keep up pushing this group to this client;
+    /// fetch the log from the last processed entry up to `head`, then send
+    /// [`Control::Watch`] to resume pushes.
+    Gap {
+        /// Group.
+        group: GroupId,
+        /// Newest sequence number at the time.
+        head: u64,
+    },
+    /// Pushes for this group stopped (for example: the caller was removed,
+    /// after the entry that removed it was pushed).
+    Unwatched {
+        /// Group.
+        group: GroupId,
+        /// Why.
+        reason: ErrorBody,
+    },
+}
+
+/// Sent by the client on a subscription stream.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub enum Control {
+    /// Entries up to `seq` were processed; the server may forget them for
+    /// this member.
+    Ack {
+        /// Group.
+        group: GroupId,
+        /// Last processed entry.
+        seq: u64,
+    },
+    /// Inbox items up to `seq` were processed.
+    AckInbox {
+        /// Last processed item.
+        seq: u64,
+    },
+    /// Start (or resume) pushes for a group after `after`.
+    Watch {
+        /// Group.
+        group: GroupId,
+        /// Last processed entry.
+        after: u64,
+    },
+}
+
+/// A numbered error code. Codes are stable; unknown codes from a newer
+/// server decode as [`ErrorCode::Other`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Debug)]
+#[serde(from = "u16", into = "u16")]
+pub enum ErrorCode {
+    /// The request could not be decoded or was malformed.
+    BadRequest,
+    /// The message type is not known to this server.
+    UnknownMessageType,
+    /// A frame exceeded the size limit.
+    FrameTooLarge,
+    /// The request is not valid at this point of the conversation.
+    OutOfOrder,
+    /// The connection must authenticate first.
+    NotAuthenticated,
+    /// The proof did not verify.
+    AuthFailed,
+    /// No such user.
+    UnknownUser,
+    /// The name is registered to another key.
+    NameTaken,
+    /// A key package failed validation.
+    InvalidKeyPackage,
+    /// The user has no key package at all.
+    NoKeyPackage,
+    /// The caller is not a (current) member of the group.
+    NotMember,
+    /// No such group.
+    UnknownGroup,
+    /// The group id is taken.
+    GroupExists,
+    /// The commit or message is for another epoch than the current one;
+    /// `ErrorBody::epoch` carries the current epoch.
+    StaleEpoch,
+    /// The MLS message failed validation.
+    InvalidMessage,
+    /// Too many requests; try later.
+    RateLimited,
+    /// A storage quota would be exceeded.
+    QuotaExceeded,
+    /// The item is larger than allowed.
+    TooLarge,
+    /// The item does not exist (or is not visible to the caller).
+    NotFound,
+    /// The upload's data does not match its announced hash or length.
+    IntegrityError,
+    /// The server is shutting down.
+    Unavailable,
+    /// The server failed; the request may be retried.
+    Internal,
+    /// A code this build does not know.
+    Other(u16),
+}
+
+impl From<u16> for ErrorCode {
+    fn from(v: u16) -> Self {
+        use ErrorCode::*;
+        match v {
+            1 => BadRequest,
+            2 => UnknownMessageType,
+            3 => FrameTooLarge,
+            4 => OutOfOrder,
+            10 => NotAuthenticated,
+            11 => AuthFailed,
+            12 => UnknownUser,
+            13 => NameTaken,
+            20 => InvalidKeyPackage,
+            21 => NoKeyPackage,
+            30 => NotMember,
+            31 => UnknownGroup,
+            32 => GroupExists,
+            33 => StaleEpoch,
+            34 => InvalidMessage,
+            40 => RateLimited,
+            50 => QuotaExceeded,
+            51 => TooLarge,
+            52 => NotFound,
+            53 => IntegrityError,
+            90 => Unavailable,
+            99 => Internal,
+            other => Other(other),
+        }
+    }
+}
+
+impl From<ErrorCode> for u16 {
+    fn from(c: ErrorCode) -> u16 {
+        use ErrorCode::*;
+        match c {
+            BadRequest => 1,
+            UnknownMessageType => 2,
+            FrameTooLarge => 3,
+            OutOfOrder => 4,
+            NotAuthenticated => 10,
+            AuthFailed => 11,
+            UnknownUser => 12,
+            NameTaken => 13,
+            InvalidKeyPackage => 20,
+            NoKeyPackage => 21,
+            NotMember => 30,
+            UnknownGroup => 31,
+            GroupExists => 32,
+            StaleEpoch => 33,
+            InvalidMessage => 34,
+            RateLimited => 40,
+            QuotaExceeded => 50,
+            TooLarge => 51,
+            NotFound => 52,
+            IntegrityError => 53,
+            Unavailable => 90,
+            Internal => 99,
+            Other(v) => v,
+        }
+    }
+}
+
+/// An error as sent on the wire.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug, Error)]
+#[error("{message} ({code:?})")]
+pub struct ErrorBody {
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable explanation, safe to show to the user.
+    pub message: String,
+    /// The group's current epoch, for [`ErrorCode::StaleEpoch`].
+    pub epoch: Option<u64>,
+}
+
+impl ErrorBody {
+    /// An error without an epoch.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            epoch: None,
+        }
+    }
+}
+
+/// Why a frame body could not be decoded.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The body is empty or cut short (a frame always carries a whole
+    /// message, so this is an error of the peer).
+    #[error("message is truncated")]
+    Truncated,
+    /// The variant index is not one this build knows.
+    #[error("unknown message type {0}")]
+    UnknownType(u32),
+    /// The body is not a valid encoding of the expected message.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    /// A valid message followed by extra bytes.
+    #[error("{0} unexpected bytes after the message")]
+    TrailingBytes(usize),
+}
+
+/// A message type that travels in frames.
+pub trait Message: Serialize + DeserializeOwned {
+    /// Number of variants this build knows; indexes at or above it are
+    /// reported as [`DecodeError::UnknownType`].
+    const KNOWN_TYPES: u32;
+}
+
+impl Message for Request {
+    const KNOWN_TYPES: u32 = 20;
+}
+impl Message for Response {
+    const KNOWN_TYPES: u32 = 16;
+}
+impl Message for Event {
+    const KNOWN_TYPES: u32 = 4;
+}
+impl Message for Control {
+    const KNOWN_TYPES: u32 = 3;
+}
+
+/// Encodes a message body (without frame header).
+pub fn encode_body<M: Message>(msg: &M) -> Vec<u8> {
+    postcard::to_allocvec(msg).expect("serialising to a Vec cannot fail")
+}
+
+/// Encodes a message as a whole frame (header + body).
+pub fn encode_frame<M: Message>(msg: &M) -> Bytes {
+    frame::encode(&encode_body(msg))
+}
+
+/// Decodes a frame body into a message, refusing unknown types and trailing
+/// bytes.
+pub fn decode<M: Message>(body: &[u8]) -> Result<M, DecodeError> {
+    let tag = read_varint_u32(body)?;
+    if tag >= M::KNOWN_TYPES {
+        return Err(DecodeError::UnknownType(tag));
+    }
+    match postcard::take_from_bytes::<M>(body) {
+        Ok((msg, [])) => Ok(msg),
+        Ok((_, rest)) => Err(DecodeError::TrailingBytes(rest.len())),
+        Err(postcard::Error::DeserializeUnexpectedEnd) => Err(DecodeError::Truncated),
+        Err(e) => Err(DecodeError::Invalid(e.to_string())),
+    }
+}
+
+fn read_varint_u32(body: &[u8]) -> Result<u32, DecodeError> {
+    let mut value: u64 = 0;
+    for (i, b) in body.iter().take(5).enumerate() {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return u32::try_from(value)
+                .map_err(|_| DecodeError::Invalid("variant index overflows".into()));
+        }
+    }
+    if body.len() < 5 {
+        Err(DecodeError::Truncated)
+    } else {
+        Err(DecodeError::Invalid("variant index overflows".into()))
+    }
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print key packages, proofs or MLS payloads: names and ids only.
+        match self {
+            Request::Challenge => f.write_str("Challenge"),
+            Request::Register { name, .. } => write!(f, "Register({name})"),
+            Request::Authenticate { name, .. } => write!(f, "Authenticate({name})"),
+            Request::PublishKeyPackages { key_packages, .. } => {
+                write!(f, "PublishKeyPackages({})", key_packages.len())
+            }
+            Request::KeyPackageCount => f.write_str("KeyPackageCount"),
+            Request::ClaimKeyPackages { users } => write!(f, "ClaimKeyPackages({users:?})"),
+            Request::LookupUsers { names } => write!(f, "LookupUsers({names:?})"),
+            Request::CreateGroup { group, .. } => write!(f, "CreateGroup({group})"),
+            Request::Commit { group, commit, .. } => {
+                write!(f, "Commit({group}, {} bytes)", commit.len())
+            }
+            Request::Proposal { group, .. } => write!(f, "Proposal({group})"),
+            Request::Message { group, message } => {
+                write!(f, "Message({group}, {} bytes)", message.len())
+            }
+            Request::FetchLog {
+                group,
+                after,
+                limit,
+            } => write!(f, "FetchLog({group}, after {after}, limit {limit})"),
+            Request::FetchInbox { after, limit } => {
+                write!(f, "FetchInbox(after {after}, limit {limit})")
+            }
+            Request::RatchetTree { group, seq } => write!(f, "RatchetTree({group}, {seq})"),
+            Request::GroupState { group } => write!(f, "GroupState({group})"),
+            Request::Subscribe { groups, .. } => write!(f, "Subscribe({} groups)", groups.len()),
+            Request::ListGroups => f.write_str("ListGroups"),
+            Request::BeginUpload(u) => write!(f, "BeginUpload({}, {} bytes)", u.media, u.total_len),
+            Request::Download { media, offset, len } => {
+                write!(f, "Download({media}, {offset}+{len})")
+            }
+            Request::EpochAuthenticator { group, epoch, .. } => {
+                write!(f, "EpochAuthenticator({group}, {epoch})")
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Response {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Response::Error(e) => write!(f, "Error({e:?})"),
+            Response::Challenge { .. } => f.write_str("Challenge"),
+            Response::Authenticated { name } => write!(f, "Authenticated({name})"),
+            Response::KeyPackageCount {
+                available,
+                last_resort,
+            } => write!(f, "KeyPackageCount({available}, last_resort {last_resort})"),
+            Response::KeyPackages { packages } => write!(f, "KeyPackages({})", packages.len()),
+            Response::Users { users } => write!(f, "Users({})", users.len()),
+            Response::Appended { seq, epoch } => write!(f, "Appended(seq {seq}, epoch {epoch})"),
+            Response::Log { entries, head } => {
+                write!(f, "Log({} entries, head {head})", entries.len())
+            }
+            Response::Inbox { items, head } => write!(f, "Inbox({} items, head {head})", items.len()),
+            Response::RatchetTree { tree } => write!(f, "RatchetTree({} bytes)", tree.len()),
+            Response::GroupState { epoch, head, members } => write!(
+                f,
+                "GroupState(epoch {epoch}, head {head}, {} members)",
+                members.len()
+            ),
+            Response::Subscribed => f.write_str("Subscribed"),
+            Response::Groups { groups } => write!(f, "Groups({})", groups.len()),
+            Response::Upload { offset, complete } => {
+                write!(f, "Upload(offset {offset}, complete {complete})")
+            }
+            Response::Download {
+                total_len,
+                offset,
+                len,
+                ..
+            } => write!(f, "Download({offset}+{len} of {total_len})"),
+            Response::EpochAuthenticators { published } => {
+                write!(f, "EpochAuthenticators({})", published.len())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

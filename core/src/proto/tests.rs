@@ -1,0 +1,306 @@
+use super::*;
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+fn bytes_(max: usize) -> impl Strategy<Value = Bytes> {
+    vec(any::<u8>(), 0..max).prop_map(Bytes::from)
+}
+fn gid() -> impl Strategy<Value = GroupId> {
+    any::<[u8; 16]>().prop_map(GroupId)
+}
+fn mid() -> impl Strategy<Value = MediaId> {
+    any::<[u8; 16]>().prop_map(MediaId)
+}
+fn name() -> impl Strategy<Value = String> {
+    "[a-z0-9][a-z0-9._-]{0,20}"
+}
+fn code() -> impl Strategy<Value = ErrorCode> {
+    any::<u16>().prop_map(ErrorCode::from)
+}
+fn error_body() -> impl Strategy<Value = ErrorBody> {
+    (code(), ".{0,40}", any::<Option<u64>>()).prop_map(|(code, message, epoch)| ErrorBody {
+        code,
+        message,
+        epoch,
+    })
+}
+fn kind() -> impl Strategy<Value = EntryKind> {
+    prop_oneof![
+        Just(EntryKind::Commit),
+        Just(EntryKind::Proposal),
+        Just(EntryKind::Application)
+    ]
+}
+fn entry() -> impl Strategy<Value = LogEntry> {
+    (any::<u64>(), any::<u64>(), kind(), any::<u64>(), bytes_(64)).prop_map(
+        |(seq, epoch, kind, timestamp_ms, data)| LogEntry {
+            seq,
+            epoch,
+            kind,
+            timestamp_ms,
+            data,
+        },
+    )
+}
+fn inbox_item() -> impl Strategy<Value = InboxItem> {
+    (any::<u64>(), gid(), any::<u64>(), any::<u64>(), bytes_(64)).prop_map(
+        |(seq, group, commit_seq, timestamp_ms, welcome)| InboxItem {
+            seq,
+            group,
+            commit_seq,
+            timestamp_ms,
+            welcome,
+        },
+    )
+}
+fn upload() -> impl Strategy<Value = UploadRequest> {
+    (gid(), mid(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(group, media, total_len, hash)| {
+        UploadRequest {
+            group,
+            media,
+            total_len,
+            hash,
+        }
+    })
+}
+
+fn request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        Just(Request::Challenge),
+        (name(), any::<[u8; 32]>(), bytes_(80)).prop_map(|(name, identity_key, proof)| {
+            Request::Register {
+                name,
+                identity_key,
+                proof,
+            }
+        }),
+        (name(), bytes_(80)).prop_map(|(name, proof)| Request::Authenticate { name, proof }),
+        (vec(bytes_(40), 0..4), proptest::option::of(bytes_(40))).prop_map(
+            |(key_packages, last_resort)| Request::PublishKeyPackages {
+                key_packages,
+                last_resort
+            }
+        ),
+        Just(Request::KeyPackageCount),
+        vec(name(), 0..5).prop_map(|users| Request::ClaimKeyPackages { users }),
+        vec(name(), 0..5).prop_map(|names| Request::LookupUsers { names }),
+        (gid(), bytes_(50), bytes_(50)).prop_map(|(group, group_info, ratchet_tree)| {
+            Request::CreateGroup {
+                group,
+                group_info,
+                ratchet_tree,
+            }
+        }),
+        (gid(), bytes_(50), proptest::option::of(bytes_(50))).prop_map(
+            |(group, commit, welcome)| Request::Commit {
+                group,
+                commit,
+                welcome
+            }
+        ),
+        (gid(), bytes_(50)).prop_map(|(group, proposal)| Request::Proposal { group, proposal }),
+        (gid(), bytes_(50)).prop_map(|(group, message)| Request::Message { group, message }),
+        (gid(), any::<u64>(), any::<u32>()).prop_map(|(group, after, limit)| Request::FetchLog {
+            group,
+            after,
+            limit
+        }),
+        (any::<u64>(), any::<u32>()).prop_map(|(after, limit)| Request::FetchInbox { after, limit }),
+        (gid(), any::<u64>()).prop_map(|(group, seq)| Request::RatchetTree { group, seq }),
+        gid().prop_map(|group| Request::GroupState { group }),
+        (vec((gid(), any::<u64>()), 0..4), any::<u64>()).prop_map(|(groups, inbox_after)| {
+            Request::Subscribe {
+                groups,
+                inbox_after,
+            }
+        }),
+        Just(Request::ListGroups),
+        upload().prop_map(Request::BeginUpload),
+        (mid(), any::<u64>(), any::<u64>()).prop_map(|(media, offset, len)| Request::Download {
+            media,
+            offset,
+            len
+        }),
+        (gid(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(group, epoch, hash)| {
+            Request::EpochAuthenticator { group, epoch, hash }
+        }),
+    ]
+}
+
+fn response() -> impl Strategy<Value = Response> {
+    prop_oneof![
+        error_body().prop_map(Response::Error),
+        any::<[u8; 32]>().prop_map(|nonce| Response::Challenge { nonce }),
+        name().prop_map(|name| Response::Authenticated { name }),
+        (any::<u32>(), any::<bool>()).prop_map(|(available, last_resort)| {
+            Response::KeyPackageCount {
+                available,
+                last_resort,
+            }
+        }),
+        vec(
+            (name(), bytes_(40), any::<bool>()).prop_map(|(user, key_package, last_resort)| {
+                ClaimedKeyPackage {
+                    user,
+                    key_package,
+                    last_resort,
+                }
+            }),
+            0..4
+        )
+        .prop_map(|packages| Response::KeyPackages { packages }),
+        vec(
+            (name(), any::<[u8; 32]>())
+                .prop_map(|(name, identity_key)| UserInfo { name, identity_key }),
+            0..4
+        )
+        .prop_map(|users| Response::Users { users }),
+        (any::<u64>(), any::<u64>()).prop_map(|(seq, epoch)| Response::Appended { seq, epoch }),
+        (vec(entry(), 0..4), any::<u64>()).prop_map(|(entries, head)| Response::Log {
+            entries,
+            head
+        }),
+        (vec(inbox_item(), 0..4), any::<u64>()).prop_map(|(items, head)| Response::Inbox {
+            items,
+            head
+        }),
+        bytes_(80).prop_map(|tree| Response::RatchetTree { tree }),
+        (any::<u64>(), any::<u64>(), vec(name(), 0..5)).prop_map(|(epoch, head, members)| {
+            Response::GroupState {
+                epoch,
+                head,
+                members,
+            }
+        }),
+        Just(Response::Subscribed),
+        vec(
+            (gid(), any::<u64>(), any::<u64>()).prop_map(|(group, epoch, head)| GroupSummary {
+                group,
+                epoch,
+                head
+            }),
+            0..4
+        )
+        .prop_map(|groups| Response::Groups { groups }),
+        (any::<u64>(), any::<bool>())
+            .prop_map(|(offset, complete)| Response::Upload { offset, complete }),
+        (
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            any::<u64>(),
+            gid()
+        )
+            .prop_map(|(total_len, hash, offset, len, group)| Response::Download {
+                total_len,
+                hash,
+                offset,
+                len,
+                group
+            }),
+        vec((name(), any::<[u8; 32]>()), 0..4)
+            .prop_map(|published| Response::EpochAuthenticators { published }),
+    ]
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        (gid(), entry()).prop_map(|(group, entry)| Event::Entry { group, entry }),
+        inbox_item().prop_map(Event::Inbox),
+        (gid(), any::<u64>()).prop_map(|(group, head)| Event::Gap { group, head }),
+        (gid(), error_body()).prop_map(|(group, reason)| Event::Unwatched { group, reason }),
+    ]
+}
+
+fn control() -> impl Strategy<Value = Control> {
+    prop_oneof![
+        (gid(), any::<u64>()).prop_map(|(group, seq)| Control::Ack { group, seq }),
+        any::<u64>().prop_map(|seq| Control::AckInbox { seq }),
+        (gid(), any::<u64>()).prop_map(|(group, after)| Control::Watch { group, after }),
+    ]
+}
+
+fn round_trip<M: Message + PartialEq + std::fmt::Debug>(m: &M) -> Result<(), TestCaseError> {
+    let frame = encode_frame(m);
+    let (body, rest) = frame::split(&frame, frame::DEFAULT_MAX_FRAME).unwrap();
+    prop_assert!(rest.is_empty());
+    prop_assert_eq!(&decode::<M>(body).unwrap(), m);
+    // Any strict prefix of a body is refused, never misread.
+    if !body.is_empty() {
+        let cut = body.len() / 2;
+        prop_assert!(decode::<M>(&body[..cut]).is_err());
+    }
+    let mut extra = body.to_vec();
+    extra.push(0);
+    prop_assert_eq!(decode::<M>(&extra), Err(DecodeError::TrailingBytes(1)));
+    Ok(())
+}
+
+proptest! {
+    #[test]
+    fn requests_round_trip(r in request()) { round_trip(&r)?; }
+    #[test]
+    fn responses_round_trip(r in response()) { round_trip(&r)?; }
+    #[test]
+    fn events_round_trip(e in event()) { round_trip(&e)?; }
+    #[test]
+    fn controls_round_trip(c in control()) { round_trip(&c)?; }
+
+    #[test]
+    fn garbage_never_panics(body in vec(any::<u8>(), 0..200)) {
+        let _ = decode::<Request>(&body);
+        let _ = decode::<Response>(&body);
+        let _ = decode::<Event>(&body);
+        let _ = decode::<Control>(&body);
+    }
+
+    #[test]
+    fn error_codes_are_stable(v in any::<u16>()) {
+        prop_assert_eq!(u16::from(ErrorCode::from(v)), v);
+    }
+}
+
+#[test]
+fn unknown_type_is_told_apart() {
+    // Index 20 is one past the last request this build knows.
+    assert_eq!(decode::<Request>(&[20]), Err(DecodeError::UnknownType(20)));
+    assert_eq!(
+        decode::<Request>(&[0x80, 0x01]),
+        Err(DecodeError::UnknownType(128))
+    );
+    assert_eq!(decode::<Request>(&[]), Err(DecodeError::Truncated));
+    assert_eq!(decode::<Request>(&[0x80]), Err(DecodeError::Truncated));
+    // A known type with a cut-off field.
+    let body = encode_body(&Request::FetchInbox {
+        after: 1 << 40,
+        limit: 5,
+    });
+    assert_eq!(
+        decode::<Request>(&body[..body.len() - 1]),
+        Err(DecodeError::Truncated)
+    );
+}
+
+/// KNOWN_TYPES must match the number of variants: the last variant decodes,
+/// one past it is unknown.
+#[test]
+fn known_type_counts_match_enums() {
+    let last_request = Request::EpochAuthenticator {
+        group: GroupId([0; 16]),
+        epoch: 0,
+        hash: [0; 32],
+    };
+    assert_eq!(encode_body(&last_request)[0] as u32, Request::KNOWN_TYPES - 1);
+    let last_response = Response::EpochAuthenticators { published: vec![] };
+    assert_eq!(encode_body(&last_response)[0] as u32, Response::KNOWN_TYPES - 1);
+    let last_event = Event::Unwatched {
+        group: GroupId([0; 16]),
+        reason: ErrorBody::new(ErrorCode::NotMember, ""),
+    };
+    assert_eq!(encode_body(&last_event)[0] as u32, Event::KNOWN_TYPES - 1);
+    let last_control = Control::Watch {
+        group: GroupId([0; 16]),
+        after: 0,
+    };
+    assert_eq!(encode_body(&last_control)[0] as u32, Control::KNOWN_TYPES - 1);
+}
