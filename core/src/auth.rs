@@ -138,7 +138,14 @@ mod tests {
             Err(AuthError::BadSignature)
         );
         assert_eq!(
-            verify_proof(&pk, Purpose::Authenticate, "alice", &nonce, &exp, &sig[..63]),
+            verify_proof(
+                &pk,
+                Purpose::Authenticate,
+                "alice",
+                &nonce,
+                &exp,
+                &sig[..63]
+            ),
             Err(AuthError::BadLength(63))
         );
     }

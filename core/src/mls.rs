@@ -36,6 +36,7 @@ pub fn create_config() -> MlsGroupCreateConfig {
             OUT_OF_ORDER_TOLERANCE,
             1000,
         ))
+        .capabilities(capabilities())
         // Joiners fetch the tree from the DS, which keeps Welcomes small in
         // large groups.
         .use_ratchet_tree_extension(false)
@@ -54,6 +55,18 @@ pub fn join_config() -> MlsGroupJoinConfig {
         ))
         .use_ratchet_tree_extension(false)
         .build()
+}
+
+/// Leaf capabilities of every Huddle client: the defaults plus the
+/// last-resort extension, which key packages may carry.
+pub fn capabilities() -> Capabilities {
+    Capabilities::new(
+        None,
+        Some(&[CIPHERSUITE]),
+        Some(&[ExtensionType::LastResort]),
+        None,
+        Some(&[CredentialType::Basic]),
+    )
 }
 
 /// The MLS credential of a user: a basic credential whose identity is the

@@ -1,1 +1,98 @@
-fn main(){}
+//! `huddle-server`: the Huddle delivery service.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use huddle_server::ServerConfig;
+use tracing_subscriber::EnvFilter;
+
+/// The Huddle delivery service: orders and fans out end-to-end encrypted
+/// group messages and media. It never holds a key that opens content.
+#[derive(Debug, Parser)]
+#[command(name = "huddle-server", version)]
+struct Args {
+    /// UDP address to listen on.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    listen: SocketAddr,
+    /// Directory for the database, certificate and blobs (created if missing).
+    #[arg(long, default_value = "./huddle-data")]
+    data_dir: PathBuf,
+    /// PEM certificate chain to present instead of the self-signed one.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// PEM private key for --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Seconds without traffic before a connection is closed.
+    #[arg(long, default_value_t = 60)]
+    idle_timeout: u64,
+    /// Most connections served at once.
+    #[arg(long, default_value_t = 20_000)]
+    max_connections: usize,
+    /// Most concurrent request streams per connection.
+    #[arg(long, default_value_t = 128)]
+    max_streams: u32,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = ServerConfig {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        cert: args.cert.zip(args.key),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        max_connections: args.max_connections,
+        max_streams_per_connection: args.max_streams,
+        ..ServerConfig::default()
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("huddle-server: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(config)) {
+        eprintln!("huddle-server: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    let running = huddle_server::start(config).await?;
+    println!(
+        "huddle-server listening on {} (certificate SHA-256 {})",
+        running.addr, running.fingerprint
+    );
+    let stop = running.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        stop.cancel();
+    });
+    running.wait().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

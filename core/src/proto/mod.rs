@@ -425,6 +425,12 @@ pub enum Event {
         /// Why.
         reason: ErrorBody,
     },
+    /// The server could not keep up pushing Welcomes to this client; fetch
+    /// the inbox from the last processed item.
+    InboxGap {
+        /// Newest inbox sequence number at the time.
+        head: u64,
+    },
 }
 
 /// Sent by the client on a subscription stream.
@@ -623,7 +629,7 @@ impl Message for Response {
     const KNOWN_TYPES: u32 = 16;
 }
 impl Message for Event {
-    const KNOWN_TYPES: u32 = 4;
+    const KNOWN_TYPES: u32 = 5;
 }
 impl Message for Control {
     const KNOWN_TYPES: u32 = 3;
@@ -730,9 +736,15 @@ impl fmt::Debug for Response {
             Response::Log { entries, head } => {
                 write!(f, "Log({} entries, head {head})", entries.len())
             }
-            Response::Inbox { items, head } => write!(f, "Inbox({} items, head {head})", items.len()),
+            Response::Inbox { items, head } => {
+                write!(f, "Inbox({} items, head {head})", items.len())
+            }
             Response::RatchetTree { tree } => write!(f, "RatchetTree({} bytes)", tree.len()),
-            Response::GroupState { epoch, head, members } => write!(
+            Response::GroupState {
+                epoch,
+                head,
+                members,
+            } => write!(
                 f,
                 "GroupState(epoch {epoch}, head {head}, {} members)",
                 members.len()

@@ -105,7 +105,8 @@ fn request() -> impl Strategy<Value = Request> {
             after,
             limit
         }),
-        (any::<u64>(), any::<u32>()).prop_map(|(after, limit)| Request::FetchInbox { after, limit }),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(after, limit)| Request::FetchInbox { after, limit }),
         (gid(), any::<u64>()).prop_map(|(group, seq)| Request::RatchetTree { group, seq }),
         gid().prop_map(|group| Request::GroupState { group }),
         (vec((gid(), any::<u64>()), 0..4), any::<u64>()).prop_map(|(groups, inbox_after)| {
@@ -156,14 +157,10 @@ fn response() -> impl Strategy<Value = Response> {
         )
         .prop_map(|users| Response::Users { users }),
         (any::<u64>(), any::<u64>()).prop_map(|(seq, epoch)| Response::Appended { seq, epoch }),
-        (vec(entry(), 0..4), any::<u64>()).prop_map(|(entries, head)| Response::Log {
-            entries,
-            head
-        }),
-        (vec(inbox_item(), 0..4), any::<u64>()).prop_map(|(items, head)| Response::Inbox {
-            items,
-            head
-        }),
+        (vec(entry(), 0..4), any::<u64>())
+            .prop_map(|(entries, head)| Response::Log { entries, head }),
+        (vec(inbox_item(), 0..4), any::<u64>())
+            .prop_map(|(items, head)| Response::Inbox { items, head }),
         bytes_(80).prop_map(|tree| Response::RatchetTree { tree }),
         (any::<u64>(), any::<u64>(), vec(name(), 0..5)).prop_map(|(epoch, head, members)| {
             Response::GroupState {
@@ -209,6 +206,7 @@ fn event() -> impl Strategy<Value = Event> {
         inbox_item().prop_map(Event::Inbox),
         (gid(), any::<u64>()).prop_map(|(group, head)| Event::Gap { group, head }),
         (gid(), error_body()).prop_map(|(group, reason)| Event::Unwatched { group, reason }),
+        any::<u64>().prop_map(|head| Event::InboxGap { head }),
     ]
 }
 
@@ -290,17 +288,23 @@ fn known_type_counts_match_enums() {
         epoch: 0,
         hash: [0; 32],
     };
-    assert_eq!(encode_body(&last_request)[0] as u32, Request::KNOWN_TYPES - 1);
+    assert_eq!(
+        encode_body(&last_request)[0] as u32,
+        Request::KNOWN_TYPES - 1
+    );
     let last_response = Response::EpochAuthenticators { published: vec![] };
-    assert_eq!(encode_body(&last_response)[0] as u32, Response::KNOWN_TYPES - 1);
-    let last_event = Event::Unwatched {
-        group: GroupId([0; 16]),
-        reason: ErrorBody::new(ErrorCode::NotMember, ""),
-    };
+    assert_eq!(
+        encode_body(&last_response)[0] as u32,
+        Response::KNOWN_TYPES - 1
+    );
+    let last_event = Event::InboxGap { head: 0 };
     assert_eq!(encode_body(&last_event)[0] as u32, Event::KNOWN_TYPES - 1);
     let last_control = Control::Watch {
         group: GroupId([0; 16]),
         after: 0,
     };
-    assert_eq!(encode_body(&last_control)[0] as u32, Control::KNOWN_TYPES - 1);
+    assert_eq!(
+        encode_body(&last_control)[0] as u32,
+        Control::KNOWN_TYPES - 1
+    );
 }

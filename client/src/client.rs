@@ -1,0 +1,1637 @@
+//! The Huddle client: one device of one user.
+//!
+//! [`Client`] ties together the home directory (identity, pinned
+//! certificate), the local database (MLS state, groups, cursors, history)
+//! and a connection to the delivery service, and offers the operations of
+//! the `huddle` command line.
+//!
+//! Processing rules that keep every member consistent:
+//! - a group's log is processed strictly in sequence order; each batch of
+//!   entries is processed and the cursor advanced in one SQLite
+//!   transaction, so a crash never processes an entry twice or skips one;
+//! - an own commit is merged only after the DS accepted it; a rejected one
+//!   (stale epoch) is discarded, the log is synced and the change retried;
+//! - pending proposals (a member leaving) are committed by the remaining
+//!   member with the lowest leaf index at once, by anyone after a grace
+//!   period.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use huddle_core::mls::{self, user_of};
+use huddle_core::proto::{
+    ClaimedKeyPackage, Control, EntryKind, ErrorCode, Event as Pushed, InboxItem, LogEntry,
+    Request, Response, UserInfo, MAX_PAGE,
+};
+use huddle_core::GroupId;
+use openmls::prelude::{tls_codec::Deserialize as _, tls_codec::Serialize as _, *};
+use openmls_rust_crypto::RustCrypto;
+use rusqlite::{params, Connection, OptionalExtension as _};
+use tracing::{debug, warn};
+
+use crate::app::AppMessage;
+use crate::db::{self, Provider};
+use crate::error::{ClientError, Result};
+use crate::event::Event;
+use crate::home::{Home, Settings};
+use crate::identity::Identity;
+use crate::net::{self, Connection as Net, Trust};
+
+/// One-time key packages published at registration and kept topped up.
+pub const KEY_PACKAGE_BATCH: usize = 50;
+/// Top up when fewer than this many are left on the server.
+pub const KEY_PACKAGE_LOW: u32 = 20;
+/// After this long, any member commits a pending proposal, not only the
+/// designated one.
+pub const PROPOSAL_GRACE: Duration = Duration::from_secs(3);
+/// Attempts of a commit that keeps losing races to other commits.
+const COMMIT_ATTEMPTS: usize = 20;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn mls_gid(id: &GroupId) -> openmls::group::GroupId {
+    openmls::group::GroupId::from_slice(id.as_bytes())
+}
+
+/// What `whoami` prints.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WhoAmI {
+    /// User name.
+    pub name: String,
+    /// Device id: the first 16 hex digits of the identity key's fingerprint.
+    pub device: String,
+    /// Identity key fingerprint (safety number).
+    pub fingerprint: String,
+    /// Server address.
+    pub server: String,
+}
+
+/// What `status` prints.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// Server address.
+    pub server: String,
+    /// SHA-256 fingerprint of the server certificate.
+    pub server_fingerprint: String,
+    /// User name.
+    pub name: String,
+    /// One-time key packages the server still holds for this device.
+    pub key_packages: u32,
+    /// Whether a last-resort key package is stored.
+    pub last_resort: bool,
+}
+
+/// A group as listed by `group list`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GroupListing {
+    /// Id (hex).
+    pub group: String,
+    /// Display name.
+    pub name: String,
+    /// creating, active, leaving, removed or left.
+    pub state: String,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Number of members.
+    pub members: usize,
+}
+
+struct GroupRow {
+    name: String,
+    state: String,
+    cursor: u64,
+    pending_commit: Option<Vec<u8>>,
+    proposals_since_ms: Option<u64>,
+    /// Set when a commit voided our leave proposal (not persisted in the
+    /// row; recorded in the key-value table).
+    releave: bool,
+}
+
+fn load_row(conn: &Connection, id: &GroupId) -> Result<Option<GroupRow>> {
+    Ok(conn
+        .query_row(
+            "SELECT name, state, cursor, pending_commit, proposals_since_ms FROM huddle_groups WHERE id = ?1",
+            params![id.as_bytes().as_slice()],
+            |r| {
+                Ok(GroupRow {
+                    name: r.get(0)?,
+                    state: r.get(1)?,
+                    cursor: r.get::<_, i64>(2)? as u64,
+                    pending_commit: r.get(3)?,
+                    proposals_since_ms: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                    releave: false,
+                })
+            },
+        )
+        .optional()?)
+}
+
+fn kv_get(conn: &Connection, key: &str) -> Result<u64> {
+    Ok(conn
+        .query_row("SELECT value FROM huddle_kv WHERE key = ?1", [key], |r| {
+            r.get::<_, i64>(0)
+        })
+        .optional()?
+        .unwrap_or(0) as u64)
+}
+
+fn kv_set(conn: &Connection, key: &str, value: u64) -> Result<()> {
+    conn.execute(
+        "INSERT INTO huddle_kv (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value as i64],
+    )?;
+    Ok(())
+}
+
+fn record_events(conn: &Connection, id: &GroupId, events: &[Event]) -> Result<()> {
+    let mut idx: HashMap<u64, i64> = HashMap::new();
+    for e in events {
+        let i = idx.entry(e.seq).or_insert(0);
+        conn.execute(
+            "INSERT OR REPLACE INTO huddle_events (group_id, seq, idx, event) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                id.as_bytes().as_slice(),
+                e.seq as i64,
+                *i,
+                serde_json::to_string(e).expect("events serialise")
+            ],
+        )?;
+        *i += 1;
+    }
+    Ok(())
+}
+
+fn is_own(conn: &Connection, id: &GroupId, seq: u64) -> Result<bool> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM huddle_own WHERE group_id = ?1 AND seq = ?2",
+            params![id.as_bytes().as_slice(), seq as i64],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+fn member_names(group: &MlsGroup) -> Vec<String> {
+    let mut v: Vec<String> = group
+        .members()
+        .filter_map(|m| user_of(&m.credential))
+        .collect();
+    v.sort();
+    v
+}
+
+fn serialize(m: &MlsMessageOut) -> Result<Bytes> {
+    m.tls_serialize_detached()
+        .map(Bytes::from)
+        .map_err(ClientError::mls)
+}
+
+/// What a commit closure produces: the commit and, for adds, the Welcome.
+type CommitOut = (MlsMessageOut, Option<MlsMessageOut>);
+
+/// One device of one user.
+pub struct Client {
+    home: Home,
+    settings: Settings,
+    identity: Identity,
+    db: Connection,
+    crypto: RustCrypto,
+    net: Option<Net>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("name", &self.settings.name)
+            .field("home", &self.home.dir())
+            .finish()
+    }
+}
+
+impl Client {
+    /// Creates an identity in `home`, registers `name` with the server at
+    /// `server`, and publishes key packages. Without `server_cert`, the
+    /// certificate the server presents now is pinned (trust on first use).
+    pub async fn register(
+        home: Home,
+        name: &str,
+        server: &str,
+        server_cert: Option<&std::path::Path>,
+    ) -> Result<Client> {
+        huddle_core::ids::check_user_name(name).map_err(|e| ClientError::Usage(e.to_string()))?;
+        if home.is_registered() {
+            let (s, _) = home.load()?;
+            return Err(ClientError::AlreadyRegistered(s.name));
+        }
+        let trust = match server_cert {
+            Some(p) => Trust::Pinned(crate::home::read_pem_certs(p)?),
+            None => Trust::FirstUse,
+        };
+        let identity = Identity::generate(name);
+        let net = Net::connect(server, trust).await?;
+        net.authenticate(&identity, true).await?;
+        home.create()?;
+        home.pin_cert(&net.server_cert)?;
+        let settings = Settings {
+            name: name.to_owned(),
+            server: server.to_owned(),
+        };
+        home.save(&settings, &identity)?;
+        let db = db::open(&home.db_path())?;
+        let mut client = Client {
+            home,
+            settings,
+            identity,
+            db,
+            crypto: RustCrypto::default(),
+            net: Some(net),
+        };
+        client.publish_key_packages(KEY_PACKAGE_BATCH, true).await?;
+        Ok(client)
+    }
+
+    /// Opens a registered home.
+    pub fn open(home: Home) -> Result<Client> {
+        let (settings, identity) = home.load()?;
+        let db = db::open(&home.db_path())?;
+        Ok(Client {
+            home,
+            settings,
+            identity,
+            db,
+            crypto: RustCrypto::default(),
+            net: None,
+        })
+    }
+
+    /// The user name.
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// The home.
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    /// Local facts about this device.
+    pub fn whoami(&self) -> WhoAmI {
+        let fingerprint = huddle_core::auth::key_fingerprint(&self.identity.public());
+        WhoAmI {
+            name: self.settings.name.clone(),
+            device: fingerprint.replace(' ', "")[..16].to_owned(),
+            fingerprint,
+            server: self.settings.server.clone(),
+        }
+    }
+
+    /// The authenticated connection, opened on first use.
+    pub async fn net(&mut self) -> Result<&Net> {
+        if self
+            .net
+            .as_ref()
+            .is_some_and(|n| n.quic().close_reason().is_some())
+        {
+            self.net = None;
+        }
+        if self.net.is_none() {
+            let pins = self.home.pinned_certs()?.ok_or_else(|| {
+                ClientError::Usage("no pinned server certificate in this home".into())
+            })?;
+            let net = Net::connect(&self.settings.server, Trust::Pinned(pins)).await?;
+            net.authenticate(&self.identity, false).await?;
+            self.net = Some(net);
+        }
+        Ok(self.net.as_ref().expect("connected above"))
+    }
+
+    /// Closes the connection, if any.
+    pub async fn close(mut self) {
+        if let Some(n) = self.net.take() {
+            n.close().await;
+        }
+    }
+
+    async fn request(&mut self, req: &Request) -> Result<Response> {
+        let net = self.net().await?;
+        match net.request(req).await {
+            Err(ClientError::Connect { .. }) => {
+                // One reconnect: the server may have restarted.
+                self.net = None;
+                self.net().await?.request(req).await
+            }
+            other => other,
+        }
+    }
+
+    // ---- key packages -------------------------------------------------
+
+    async fn publish_key_packages(&mut self, n: usize, with_last_resort: bool) -> Result<u32> {
+        let credential = self.identity.credential();
+        let (kps, last) = {
+            let provider = Provider::new(&self.crypto, &self.db);
+            let build = |last_resort: bool| -> Result<Bytes> {
+                let mut b = KeyPackage::builder()
+                    .key_package_lifetime(Lifetime::new(mls::KEY_PACKAGE_LIFETIME_SECS))
+                    .leaf_node_capabilities(mls::capabilities());
+                if last_resort {
+                    b = b.mark_as_last_resort();
+                }
+                let bundle = b
+                    .build(
+                        mls::CIPHERSUITE,
+                        &provider,
+                        &self.identity,
+                        credential.clone(),
+                    )
+                    .map_err(ClientError::mls)?;
+                bundle
+                    .key_package()
+                    .tls_serialize_detached()
+                    .map(Bytes::from)
+                    .map_err(ClientError::mls)
+            };
+            let mut kps = Vec::with_capacity(n);
+            for _ in 0..n {
+                kps.push(build(false)?);
+            }
+            let last = if with_last_resort {
+                Some(build(true)?)
+            } else {
+                None
+            };
+            (kps, last)
+        };
+        match self
+            .request(&Request::PublishKeyPackages {
+                key_packages: kps,
+                last_resort: last,
+            })
+            .await?
+        {
+            Response::KeyPackageCount { available, .. } => Ok(available),
+            other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// Connects, authenticates, and reports the server and key-package
+    /// state; tops key packages up when they run low.
+    pub async fn status(&mut self) -> Result<Status> {
+        let (mut available, mut last_resort) = self.key_package_count().await?;
+        if available < KEY_PACKAGE_LOW || !last_resort {
+            available = self
+                .publish_key_packages(KEY_PACKAGE_BATCH, !last_resort)
+                .await?;
+            last_resort = true;
+        }
+        let fp = huddle_core::auth::cert_fingerprint(&self.net().await?.server_cert);
+        Ok(Status {
+            server: self.settings.server.clone(),
+            server_fingerprint: fp,
+            name: self.settings.name.clone(),
+            key_packages: available,
+            last_resort,
+        })
+    }
+
+    /// Key packages left on the server, without topping up.
+    pub async fn key_package_count(&mut self) -> Result<(u32, bool)> {
+        match self.request(&Request::KeyPackageCount).await? {
+            Response::KeyPackageCount {
+                available,
+                last_resort,
+            } => Ok((available, last_resort)),
+            other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
+    // ---- groups -------------------------------------------------------
+
+    /// Finds a group by id (hex) or by unambiguous name.
+    pub fn resolve_group(&self, s: &str) -> Result<GroupId> {
+        if let Ok(id) = s.parse::<GroupId>() {
+            if load_row(&self.db, &id)?.is_some() {
+                return Ok(id);
+            }
+        }
+        let mut stmt = self
+            .db
+            .prepare("SELECT id FROM huddle_groups WHERE name = ?1 AND state IN ('active', 'leaving', 'creating')")?;
+        let ids: Vec<Vec<u8>> = stmt
+            .query_map([s], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        match ids.as_slice() {
+            [one] => GroupId::from_slice(one)
+                .ok_or_else(|| ClientError::Io("corrupt group id in the database".into())),
+            [] => Err(ClientError::Usage(format!(
+                "no group {s:?} on this device (see `huddle group list`)"
+            ))),
+            many => Err(ClientError::Usage(format!(
+                "{} groups are named {s:?}; use the id: {}",
+                many.len(),
+                many.iter().map(hex::encode).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    fn load_group(&self, conn: &Connection, id: &GroupId) -> Result<MlsGroup> {
+        let provider = Provider::new(&self.crypto, conn);
+        MlsGroup::load(provider.storage(), &mls_gid(id))
+            .map_err(ClientError::mls)?
+            .ok_or_else(|| {
+                ClientError::Usage(format!("group {id} has no MLS state on this device"))
+            })
+    }
+
+    fn active_group(&self, id: &GroupId) -> Result<GroupRow> {
+        let row = load_row(&self.db, id)?
+            .ok_or_else(|| ClientError::Usage(format!("unknown group {id}")))?;
+        match row.state.as_str() {
+            "active" | "leaving" => Ok(row),
+            "creating" => Err(ClientError::Usage(format!(
+                "group {id} is not confirmed by the server yet; run `huddle sync`"
+            ))),
+            other => Err(ClientError::Usage(format!(
+                "you are no longer in group {id} ({other})"
+            ))),
+        }
+    }
+
+    /// Creates a group with this device as its only member.
+    pub async fn create_group(&mut self, name: &str) -> Result<GroupId> {
+        let mut raw = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
+        let id = GroupId(raw);
+        let (info, tree) = {
+            let tx = self.db.unchecked_transaction()?;
+            let provider = Provider::new(&self.crypto, &tx);
+            let group = MlsGroup::new_with_group_id(
+                &provider,
+                &self.identity,
+                &mls::create_config(),
+                mls_gid(&id),
+                self.identity.credential(),
+            )
+            .map_err(ClientError::mls)?;
+            let info = group
+                .export_group_info(provider.crypto(), &self.identity, false)
+                .map_err(ClientError::mls)?;
+            let tree = group
+                .export_ratchet_tree()
+                .tls_serialize_detached()
+                .map_err(ClientError::mls)?;
+            tx.execute(
+                "INSERT INTO huddle_groups (id, name, state, cursor, joined_ms) VALUES (?1, ?2, 'creating', 0, ?3)",
+                params![id.as_bytes().as_slice(), name, now_ms() as i64],
+            )?;
+            drop(provider);
+            tx.commit()?;
+            (serialize(&info)?, Bytes::from(tree))
+        };
+        self.confirm_creation(id, info, tree).await?;
+        Ok(id)
+    }
+
+    async fn confirm_creation(&mut self, id: GroupId, info: Bytes, tree: Bytes) -> Result<()> {
+        let r = self
+            .request(&Request::CreateGroup {
+                group: id,
+                group_info: info,
+                ratchet_tree: tree,
+            })
+            .await;
+        match r {
+            Ok(_) => {}
+            Err(ClientError::Server(e)) if e.code == ErrorCode::GroupExists => {
+                // A retry after a lost answer: the group is ours if we can
+                // read its state.
+                self.request(&Request::GroupState { group: id }).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.db.execute(
+            "UPDATE huddle_groups SET state = 'active' WHERE id = ?1 AND state = 'creating'",
+            params![id.as_bytes().as_slice()],
+        )?;
+        Ok(())
+    }
+
+    /// Groups on this device.
+    pub fn groups(&self) -> Result<Vec<GroupListing>> {
+        let mut stmt = self
+            .db
+            .prepare("SELECT id, name, state FROM huddle_groups ORDER BY joined_ms")?;
+        let rows: Vec<(Vec<u8>, String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut out = Vec::new();
+        for (id, name, state) in rows {
+            let Some(gid) = GroupId::from_slice(&id) else {
+                continue;
+            };
+            let (epoch, members) = match self.load_group(&self.db, &gid) {
+                Ok(g) if g.is_active() => (g.epoch().as_u64(), g.members().count()),
+                Ok(g) => (g.epoch().as_u64(), 0),
+                Err(_) => (0, 0),
+            };
+            out.push(GroupListing {
+                group: gid.to_string(),
+                name,
+                state,
+                epoch,
+                members,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Current members of a group, by this device's MLS state.
+    pub fn members(&self, group: &str) -> Result<Vec<String>> {
+        let id = self.resolve_group(group)?;
+        self.active_group(&id)?;
+        Ok(member_names(&self.load_group(&self.db, &id)?))
+    }
+
+    /// The group's current epoch and epoch authenticator.
+    pub fn epoch_authenticator(&self, group: &str) -> Result<(u64, Vec<u8>)> {
+        let id = self.resolve_group(group)?;
+        let g = self.load_group(&self.db, &id)?;
+        Ok((
+            g.epoch().as_u64(),
+            g.epoch_authenticator().as_slice().to_vec(),
+        ))
+    }
+
+    /// The group's state as a row (name, state, cursor).
+    pub fn group_state(&self, group: &str) -> Result<(String, String, u64)> {
+        let id = self.resolve_group(group)?;
+        let row =
+            load_row(&self.db, &id)?.ok_or_else(|| ClientError::Usage("unknown group".into()))?;
+        Ok((row.name, row.state, row.cursor))
+    }
+
+    /// Remembers users' identity keys on first sight and refuses a key that
+    /// changed (the DS binds names to keys; a change means the DS lies or
+    /// the user re-registered).
+    fn check_known_keys(&self, users: &[UserInfo]) -> Result<()> {
+        for u in users {
+            let known: Option<Vec<u8>> = self
+                .db
+                .query_row(
+                    "SELECT identity_key FROM huddle_users WHERE name = ?1",
+                    [&u.name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match known {
+                Some(k) if k != u.identity_key => {
+                    return Err(ClientError::Usage(format!(
+                        "the identity key of {} changed (was {}, now {}): refusing to use it",
+                        u.name,
+                        huddle_core::auth::key_fingerprint(&k.try_into().unwrap_or([0; 32])),
+                        huddle_core::auth::key_fingerprint(&u.identity_key)
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    self.db.execute(
+                        "INSERT INTO huddle_users (name, identity_key, first_seen_ms) VALUES (?1, ?2, ?3)",
+                        params![u.name, u.identity_key.as_slice(), now_ms() as i64],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds users to a group in one commit.
+    pub async fn add(&mut self, group: &str, users: &[String]) -> Result<Vec<Event>> {
+        let id = self.resolve_group(group)?;
+        self.sync_group(&id).await?;
+        self.active_group(&id)?;
+        let current: HashSet<String> = self.members(group)?.into_iter().collect();
+        let mut wanted: Vec<String> = Vec::new();
+        for u in users {
+            huddle_core::ids::check_user_name(u).map_err(|e| ClientError::Usage(e.to_string()))?;
+            if current.contains(u) {
+                return Err(ClientError::Usage(format!("{u} is already a member")));
+            }
+            if !wanted.contains(u) {
+                wanted.push(u.clone());
+            }
+        }
+        if wanted.is_empty() {
+            return Err(ClientError::Usage("name at least one user to add".into()));
+        }
+        let Response::Users { users: infos } = self
+            .request(&Request::LookupUsers {
+                names: wanted.clone(),
+            })
+            .await?
+        else {
+            return Err(ClientError::Protocol("expected Users".into()));
+        };
+        for u in &wanted {
+            if !infos.iter().any(|i| &i.name == u) {
+                return Err(ClientError::Usage(format!(
+                    "{u} is not registered on this server"
+                )));
+            }
+        }
+        self.check_known_keys(&infos)?;
+        let Response::KeyPackages { packages } = self
+            .request(&Request::ClaimKeyPackages {
+                users: wanted.clone(),
+            })
+            .await?
+        else {
+            return Err(ClientError::Protocol("expected KeyPackages".into()));
+        };
+        let kps = self.check_claimed(&packages, &infos)?;
+        let added = wanted.clone();
+        let events = self
+            .commit_with_retry(&id, "member_added", Some(added), move |g, p, s| {
+                let (c, w, _) = g.add_members(p, s, &kps).map_err(ClientError::mls)?;
+                Ok((c, Some(w)))
+            })
+            .await?;
+        // Tell everyone (joiners included) the group's name.
+        let name = load_row(&self.db, &id)?.map(|r| r.name).unwrap_or_default();
+        if !name.is_empty() {
+            self.send_app(&id, &AppMessage::GroupName { name }).await?;
+        }
+        Ok(events)
+    }
+
+    fn check_claimed(
+        &self,
+        packages: &[ClaimedKeyPackage],
+        infos: &[UserInfo],
+    ) -> Result<Vec<KeyPackage>> {
+        let mut out = Vec::new();
+        for p in packages {
+            let kp = KeyPackageIn::tls_deserialize_exact(p.key_package.as_ref())
+                .map_err(|e| ClientError::Mls(format!("key package of {}: {e}", p.user)))?
+                .validate(&self.crypto, ProtocolVersion::Mls10)
+                .map_err(|e| ClientError::Mls(format!("key package of {}: {e}", p.user)))?;
+            let key = infos
+                .iter()
+                .find(|i| i.name == p.user)
+                .map(|i| i.identity_key)
+                .ok_or_else(|| {
+                    ClientError::Protocol(format!("unexpected key package for {}", p.user))
+                })?;
+            if user_of(kp.leaf_node().credential()).as_deref() != Some(p.user.as_str())
+                || kp.leaf_node().signature_key().as_slice() != key.as_slice()
+                || kp.ciphersuite() != mls::CIPHERSUITE
+            {
+                return Err(ClientError::Mls(format!(
+                    "the key package handed out for {} is not theirs: refusing it",
+                    p.user
+                )));
+            }
+            out.push(kp);
+        }
+        Ok(out)
+    }
+
+    /// Removes users from a group in one commit.
+    pub async fn remove(&mut self, group: &str, users: &[String]) -> Result<Vec<Event>> {
+        let id = self.resolve_group(group)?;
+        self.sync_group(&id).await?;
+        self.active_group(&id)?;
+        if users.iter().any(|u| u == self.name()) {
+            return Err(ClientError::Usage(
+                "to remove yourself, use `huddle group leave`".into(),
+            ));
+        }
+        let users = users.to_vec();
+        let removed = users.clone();
+        self.commit_with_retry(&id, "member_removed", Some(removed), move |g, p, s| {
+            let mut leaves = Vec::new();
+            for u in &users {
+                let m = g
+                    .members()
+                    .find(|m| user_of(&m.credential).as_deref() == Some(u.as_str()))
+                    .ok_or_else(|| ClientError::Usage(format!("{u} is not a member")))?;
+                leaves.push(m.index);
+            }
+            let (c, w, _) = g.remove_members(p, s, &leaves).map_err(ClientError::mls)?;
+            Ok((c, w))
+        })
+        .await
+    }
+
+    /// Rotates this device's keys in the group.
+    pub async fn update(&mut self, group: &str) -> Result<Vec<Event>> {
+        let id = self.resolve_group(group)?;
+        self.sync_group(&id).await?;
+        self.active_group(&id)?;
+        self.commit_with_retry(&id, "key_update", None, |g, p, s| {
+            let bundle = g
+                .self_update(p, s, LeafNodeParameters::default())
+                .map_err(ClientError::mls)?;
+            let (c, w, _) = bundle.into_messages();
+            Ok((c, w))
+        })
+        .await
+    }
+
+    /// Asks to leave the group: posts a proposal removing this device, which
+    /// a remaining member commits. The group shows as `leaving` until then.
+    pub async fn leave(&mut self, group: &str) -> Result<()> {
+        let id = self.resolve_group(group)?;
+        self.sync_group(&id).await?;
+        self.active_group(&id)?;
+        if self.load_group(&self.db, &id)?.members().count() == 1 {
+            // Nobody left to commit: just drop the group locally.
+            self.db.execute(
+                "UPDATE huddle_groups SET state = 'left' WHERE id = ?1",
+                params![id.as_bytes().as_slice()],
+            )?;
+            return Ok(());
+        }
+        self.propose_leave(&id).await
+    }
+
+    async fn propose_leave(&mut self, id: &GroupId) -> Result<()> {
+        for _ in 0..COMMIT_ATTEMPTS {
+            let proposal = {
+                let tx = self.db.unchecked_transaction()?;
+                let provider = Provider::new(&self.crypto, &tx);
+                let mut g = self.load_group(&tx, id)?;
+                let msg = g
+                    .leave_group(&provider, &self.identity)
+                    .map_err(ClientError::mls)?;
+                drop(provider);
+                // The proposal is also kept in our own proposal store; the
+                // transaction is not committed, the DS's copy is what counts.
+                serialize(&msg)?
+            };
+            match self
+                .request(&Request::Proposal {
+                    group: *id,
+                    proposal,
+                })
+                .await
+            {
+                Ok(_) => {
+                    self.db.execute(
+                        "UPDATE huddle_groups SET state = 'leaving' WHERE id = ?1",
+                        params![id.as_bytes().as_slice()],
+                    )?;
+                    return Ok(());
+                }
+                Err(ClientError::Server(e)) if e.code == ErrorCode::StaleEpoch => {
+                    self.sync_group(id).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Usage(
+            "could not post the leave request; try again".into(),
+        ))
+    }
+
+    /// Builds a commit with `make`, posts it, merges it when accepted, and
+    /// retries after syncing when another commit won the epoch.
+    async fn commit_with_retry<F>(
+        &mut self,
+        id: &GroupId,
+        kind: &str,
+        members: Option<Vec<String>>,
+        make: F,
+    ) -> Result<Vec<Event>>
+    where
+        F: Fn(&mut MlsGroup, &Provider<'_>, &Identity) -> Result<CommitOut>,
+    {
+        for attempt in 0..COMMIT_ATTEMPTS {
+            let (commit, welcome) = {
+                let tx = self.db.unchecked_transaction()?;
+                let provider = Provider::new(&self.crypto, &tx);
+                let mut g = self.load_group(&tx, id)?;
+                if g.pending_commit().is_some() {
+                    g.clear_pending_commit(provider.storage())
+                        .map_err(ClientError::mls)?;
+                }
+                let (c, w) = make(&mut g, &provider, &self.identity)?;
+                let commit = serialize(&c)?;
+                let welcome = w.as_ref().map(serialize).transpose()?;
+                drop(provider);
+                tx.execute(
+                    "UPDATE huddle_groups SET pending_commit = ?2 WHERE id = ?1",
+                    params![id.as_bytes().as_slice(), commit.as_ref()],
+                )?;
+                tx.commit()?;
+                (commit, welcome)
+            };
+            let r = self
+                .request(&Request::Commit {
+                    group: *id,
+                    commit,
+                    welcome,
+                })
+                .await;
+            match r {
+                Ok(Response::Appended { seq, epoch }) => {
+                    let tx = self.db.unchecked_transaction()?;
+                    let provider = Provider::new(&self.crypto, &tx);
+                    let mut g = self.load_group(&tx, id)?;
+                    g.merge_pending_commit(&provider)
+                        .map_err(ClientError::mls)?;
+                    drop(provider);
+                    tx.execute(
+                        "UPDATE huddle_groups SET pending_commit = NULL, proposals_since_ms = NULL WHERE id = ?1",
+                        params![id.as_bytes().as_slice()],
+                    )?;
+                    tx.execute(
+                        "INSERT OR IGNORE INTO huddle_own (group_id, seq) VALUES (?1, ?2)",
+                        params![id.as_bytes().as_slice(), seq as i64],
+                    )?;
+                    let mut events = Vec::new();
+                    if let Some(m) = &members {
+                        let mut e = Event::new(kind, &id.to_string(), self.name(), seq, now_ms());
+                        e.members = Some(m.clone());
+                        e.epoch = Some(epoch);
+                        e.group_name = load_row(&tx, id)?.map(|r| r.name).unwrap_or_default();
+                        events.push(e);
+                    }
+                    record_events(&tx, id, &events)?;
+                    tx.commit()?;
+                    debug!(group = %id, seq, epoch, attempt, "commit accepted");
+                    return Ok(events);
+                }
+                Ok(other) => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+                Err(ClientError::Server(e)) => {
+                    self.discard_pending_commit(id)?;
+                    if e.code == ErrorCode::StaleEpoch {
+                        debug!(group = %id, attempt, "commit lost the epoch; syncing and retrying");
+                        self.sync_group(id).await?;
+                        self.active_group(id)?;
+                        continue;
+                    }
+                    return Err(ClientError::Server(e));
+                }
+                // A connection failure: the commit may or may not have landed.
+                // The pending commit stays; the next sync settles it.
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Usage(
+            "other members kept committing first; try again".into(),
+        ))
+    }
+
+    fn discard_pending_commit(&mut self, id: &GroupId) -> Result<()> {
+        let tx = self.db.unchecked_transaction()?;
+        let provider = Provider::new(&self.crypto, &tx);
+        let mut g = self.load_group(&tx, id)?;
+        g.clear_pending_commit(provider.storage())
+            .map_err(ClientError::mls)?;
+        drop(provider);
+        tx.execute(
+            "UPDATE huddle_groups SET pending_commit = NULL WHERE id = ?1",
+            params![id.as_bytes().as_slice()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    // ---- messages -----------------------------------------------------
+
+    /// Sends a text message.
+    pub async fn send_text(&mut self, group: &str, text: &str) -> Result<Event> {
+        let id = self.resolve_group(group)?;
+        self.sync_group(&id).await?;
+        self.active_group(&id)?;
+        let seq = self
+            .send_app(
+                &id,
+                &AppMessage::Text {
+                    text: text.to_owned(),
+                },
+            )
+            .await?;
+        let mut e = Event::new("text", &id.to_string(), self.name(), seq, now_ms());
+        e.text = Some(text.to_owned());
+        e.group_name = load_row(&self.db, &id)?.map(|r| r.name).unwrap_or_default();
+        record_events(&self.db, &id, std::slice::from_ref(&e))?;
+        Ok(e)
+    }
+
+    /// Encrypts and posts an application message; returns its sequence number.
+    pub(crate) async fn send_app(&mut self, id: &GroupId, msg: &AppMessage) -> Result<u64> {
+        for _ in 0..COMMIT_ATTEMPTS {
+            // Pending proposals block sending: commit them first.
+            if self
+                .load_group(&self.db, id)?
+                .pending_proposals()
+                .next()
+                .is_some()
+            {
+                self.commit_pending_proposals(id).await?;
+                self.active_group(id)?;
+                continue;
+            }
+            let data = {
+                let tx = self.db.unchecked_transaction()?;
+                let provider = Provider::new(&self.crypto, &tx);
+                let mut g = self.load_group(&tx, id)?;
+                let out = g
+                    .create_message(&provider, &self.identity, &msg.encode())
+                    .map_err(ClientError::mls)?;
+                drop(provider);
+                let b = serialize(&out)?;
+                // The ratchet advanced: persist it even if sending fails, so
+                // no key is ever used twice.
+                tx.commit()?;
+                b
+            };
+            match self
+                .request(&Request::Message {
+                    group: *id,
+                    message: data,
+                })
+                .await
+            {
+                Ok(Response::Appended { seq, .. }) => {
+                    self.db.execute(
+                        "INSERT OR IGNORE INTO huddle_own (group_id, seq) VALUES (?1, ?2)",
+                        params![id.as_bytes().as_slice(), seq as i64],
+                    )?;
+                    return Ok(seq);
+                }
+                Ok(other) => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+                Err(ClientError::Server(e)) if e.code == ErrorCode::StaleEpoch => {
+                    self.sync_group(id).await?;
+                    self.active_group(id)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Usage(
+            "the group kept changing; try again".into(),
+        ))
+    }
+
+    /// The local history of a group, oldest first (the last `limit`).
+    pub fn messages(&self, group: &str, limit: usize) -> Result<Vec<Event>> {
+        let id = self.resolve_group(group)?;
+        let mut stmt = self.db.prepare(
+            "SELECT event FROM huddle_events WHERE group_id = ?1 ORDER BY seq DESC, idx DESC LIMIT ?2",
+        )?;
+        let rows: Vec<String> = stmt
+            .query_map(params![id.as_bytes().as_slice(), limit as i64], |r| {
+                r.get(0)
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut out: Vec<Event> = rows
+            .iter()
+            .filter_map(|s| serde_json::from_str(s).ok())
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    // ---- sync ---------------------------------------------------------
+
+    /// Fetches and processes everything pending: Welcomes, then every
+    /// group's log. Returns what is new.
+    pub async fn sync(&mut self) -> Result<Vec<Event>> {
+        let mut events = self.sync_inbox().await?;
+        for (id, state) in self.group_ids()? {
+            match state.as_str() {
+                "creating" => self.resume_creation(&id).await?,
+                "active" | "leaving" => {
+                    events.extend(self.sync_group(&id).await?);
+                    events.extend(self.maybe_commit_proposals(&id, false).await?);
+                }
+                _ => {}
+            }
+        }
+        let (n, lr) = self.key_package_count().await?;
+        if n < KEY_PACKAGE_LOW || !lr {
+            self.publish_key_packages(KEY_PACKAGE_BATCH, !lr).await?;
+        }
+        Ok(events)
+    }
+
+    fn group_ids(&self) -> Result<Vec<(GroupId, String)>> {
+        let mut stmt = self
+            .db
+            .prepare("SELECT id, state FROM huddle_groups ORDER BY joined_ms")?;
+        let rows: Vec<(Vec<u8>, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, s)| GroupId::from_slice(&id).map(|g| (g, s)))
+            .collect())
+    }
+
+    async fn resume_creation(&mut self, id: &GroupId) -> Result<()> {
+        let (info, tree) = {
+            let g = self.load_group(&self.db, id)?;
+            let provider = Provider::new(&self.crypto, &self.db);
+            let info = g
+                .export_group_info(provider.crypto(), &self.identity, false)
+                .map_err(ClientError::mls)?;
+            let tree = g
+                .export_ratchet_tree()
+                .tls_serialize_detached()
+                .map_err(ClientError::mls)?;
+            (serialize(&info)?, Bytes::from(tree))
+        };
+        self.confirm_creation(*id, info, tree).await
+    }
+
+    /// Processes new Welcomes.
+    pub async fn sync_inbox(&mut self) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        loop {
+            let after = kv_get(&self.db, "inbox_cursor")?;
+            let Response::Inbox { items, head } = self
+                .request(&Request::FetchInbox {
+                    after,
+                    limit: MAX_PAGE,
+                })
+                .await?
+            else {
+                return Err(ClientError::Protocol("expected Inbox".into()));
+            };
+            if items.is_empty() {
+                break;
+            }
+            for item in items {
+                if let Some(e) = self.join(&item).await? {
+                    let id = item.group;
+                    events.push(e);
+                    events.extend(self.sync_group(&id).await?);
+                }
+            }
+            if kv_get(&self.db, "inbox_cursor")? >= head {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Joins a group from a Welcome in the inbox. Returns the `joined` event,
+    /// or `None` when the item was already handled or cannot be used.
+    async fn join(&mut self, item: &InboxItem) -> Result<Option<Event>> {
+        if item.seq <= kv_get(&self.db, "inbox_cursor")? {
+            return Ok(None);
+        }
+        let tree = match self
+            .request(&Request::RatchetTree {
+                group: item.group,
+                seq: item.commit_seq,
+            })
+            .await
+        {
+            Ok(Response::RatchetTree { tree }) => Some(tree),
+            Ok(_) => None,
+            Err(ClientError::Server(e)) => {
+                warn!(group = %item.group, error = %e.message, "cannot fetch the ratchet tree for a Welcome");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let tx = self.db.unchecked_transaction()?;
+        let result = (|| -> Result<Event> {
+            let tree = tree.ok_or_else(|| ClientError::Mls("no ratchet tree".into()))?;
+            let tree =
+                RatchetTreeIn::tls_deserialize_exact(tree.as_ref()).map_err(ClientError::mls)?;
+            let msg = MlsMessageIn::tls_deserialize_exact(item.welcome.as_ref())
+                .map_err(ClientError::mls)?;
+            let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
+                return Err(ClientError::Mls("inbox item is not a Welcome".into()));
+            };
+            if load_row(&tx, &item.group)?.is_some_and(|r| r.state == "active") {
+                return Err(ClientError::Mls("already a member of this group".into()));
+            }
+            let provider = Provider::new(&self.crypto, &tx);
+            let staged = StagedWelcome::new_from_welcome(
+                &provider,
+                &mls::join_config(),
+                welcome,
+                Some(tree),
+            )
+            .map_err(ClientError::mls)?;
+            if staged.group_context().group_id().as_slice() != item.group.as_bytes() {
+                return Err(ClientError::Mls(
+                    "the Welcome is for another group than announced".into(),
+                ));
+            }
+            let from = staged
+                .welcome_sender()
+                .ok()
+                .and_then(|l| user_of(l.credential()))
+                .unwrap_or_else(|| "?".into());
+            let group = staged.into_group(&provider).map_err(ClientError::mls)?;
+            let members = member_names(&group);
+            drop(provider);
+            tx.execute(
+                "INSERT OR REPLACE INTO huddle_groups (id, name, state, cursor, joined_ms) VALUES (?1, '', 'active', ?2, ?3)",
+                params![item.group.as_bytes().as_slice(), item.commit_seq as i64, now_ms() as i64],
+            )?;
+            let mut e = Event::new(
+                "joined",
+                &item.group.to_string(),
+                &from,
+                item.commit_seq,
+                item.timestamp_ms,
+            );
+            e.members = Some(members);
+            e.epoch = Some(group.epoch().as_u64());
+            record_events(&tx, &item.group, std::slice::from_ref(&e))?;
+            Ok(e)
+        })();
+        kv_set(&tx, "inbox_cursor", item.seq)?;
+        match result {
+            Ok(e) => {
+                tx.commit()?;
+                Ok(Some(e))
+            }
+            Err(err) => {
+                // Roll back any partial join, but keep the cursor moving: a
+                // Welcome that cannot be used now never becomes usable.
+                drop(tx);
+                warn!(group = %item.group, error = %err, "ignoring a Welcome that cannot be used");
+                kv_set(&self.db, "inbox_cursor", item.seq)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Fetches and processes a group's log from the cursor to the head.
+    pub async fn sync_group(&mut self, id: &GroupId) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        loop {
+            let Some(row) = load_row(&self.db, id)? else {
+                break;
+            };
+            if !matches!(row.state.as_str(), "active" | "leaving") {
+                break;
+            }
+            let r = self
+                .request(&Request::FetchLog {
+                    group: *id,
+                    after: row.cursor,
+                    limit: MAX_PAGE,
+                })
+                .await;
+            let (entries, head) = match r {
+                Ok(Response::Log { entries, head }) => (entries, head),
+                Ok(other) => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+                Err(ClientError::Server(e)) if e.code == ErrorCode::NotMember => {
+                    // The DS no longer lets us read: we were removed in an
+                    // entry we have already processed, or never joined.
+                    self.db.execute(
+                        "UPDATE huddle_groups SET state = 'removed' WHERE id = ?1",
+                        params![id.as_bytes().as_slice()],
+                    )?;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            if entries.is_empty() {
+                if row.pending_commit.is_some() && row.cursor >= head {
+                    // Our commit is not in the log: the DS never took it.
+                    self.discard_pending_commit(id)?;
+                }
+                break;
+            }
+            let n = entries.len();
+            events.extend(self.process_entries(id, &entries)?);
+            let cursor = load_row(&self.db, id)?.map(|r| r.cursor).unwrap_or(0);
+            if cursor >= head || n == 0 {
+                if let Some(r) = load_row(&self.db, id)? {
+                    if r.pending_commit.is_some() && r.cursor >= head {
+                        self.discard_pending_commit(id)?;
+                    }
+                }
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Processes consecutive log entries of a group in one transaction.
+    /// Entries at or below the cursor are skipped; processing stops at a gap.
+    pub fn process_entries(&mut self, id: &GroupId, entries: &[LogEntry]) -> Result<Vec<Event>> {
+        let me = self.settings.name.clone();
+        let tx = self.db.unchecked_transaction()?;
+        let Some(mut row) = load_row(&tx, id)? else {
+            return Ok(Vec::new());
+        };
+        let provider = Provider::new(&self.crypto, &tx);
+        let mut group = MlsGroup::load(provider.storage(), &mls_gid(id))
+            .map_err(ClientError::mls)?
+            .ok_or_else(|| ClientError::Mls(format!("no MLS state for group {id}")))?;
+        let mut events = Vec::new();
+        for entry in entries {
+            if entry.seq <= row.cursor {
+                continue;
+            }
+            if entry.seq != row.cursor + 1 {
+                break;
+            }
+            row.cursor = entry.seq;
+            if !group.is_active() {
+                break;
+            }
+            if is_own(&tx, id, entry.seq)? {
+                continue;
+            }
+            if entry.kind == EntryKind::Commit
+                && row.pending_commit.as_deref() == Some(entry.data.as_ref())
+            {
+                // Our own commit, accepted while we were not listening.
+                group
+                    .merge_pending_commit(&provider)
+                    .map_err(ClientError::mls)?;
+                row.pending_commit = None;
+                row.proposals_since_ms = None;
+                continue;
+            }
+            match self.process_one(&provider, &mut group, &mut row, id, &me, entry) {
+                Ok(mut evs) => {
+                    for e in &mut evs {
+                        e.group_name = row.name.clone();
+                    }
+                    events.extend(evs);
+                }
+                Err(e) => {
+                    warn!(group = %id, seq = entry.seq, error = %e, "skipping a log entry that cannot be processed");
+                }
+            }
+        }
+        drop(provider);
+        if row.releave {
+            kv_set(&tx, &format!("releave:{id}"), 1)?;
+        }
+        tx.execute(
+            "UPDATE huddle_groups SET name = ?2, state = ?3, cursor = ?4, pending_commit = ?5, proposals_since_ms = ?6 WHERE id = ?1",
+            params![
+                id.as_bytes().as_slice(),
+                row.name,
+                row.state,
+                row.cursor as i64,
+                row.pending_commit,
+                row.proposals_since_ms.map(|v| v as i64)
+            ],
+        )?;
+        record_events(&tx, id, &events)?;
+        tx.commit()?;
+        Ok(events)
+    }
+
+    fn process_one(
+        &self,
+        provider: &Provider<'_>,
+        group: &mut MlsGroup,
+        row: &mut GroupRow,
+        id: &GroupId,
+        me: &str,
+        entry: &LogEntry,
+    ) -> Result<Vec<Event>> {
+        let gid = id.to_string();
+        let gid = gid.as_str();
+        let msg =
+            MlsMessageIn::tls_deserialize_exact(entry.data.as_ref()).map_err(ClientError::mls)?;
+        let pm = msg.try_into_protocol_message().map_err(ClientError::mls)?;
+        if entry.kind == EntryKind::Commit && group.pending_commit().is_some() {
+            // Another member's commit won this epoch: ours is void.
+            group
+                .clear_pending_commit(provider.storage())
+                .map_err(ClientError::mls)?;
+            row.pending_commit = None;
+        }
+        let processed = group
+            .process_message(provider, pm)
+            .map_err(ClientError::mls)?;
+        let from = user_of(processed.credential()).unwrap_or_else(|| "?".into());
+        let mut events = Vec::new();
+        let ev = |kind: &str| Event::new(kind, gid, &from, entry.seq, entry.timestamp_ms);
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(app) => {
+                match AppMessage::decode(&app.into_bytes()).map_err(ClientError::Mls)? {
+                    AppMessage::Text { text } => {
+                        let mut e = ev("text");
+                        e.text = Some(text);
+                        events.push(e);
+                    }
+                    AppMessage::GroupName { name } => {
+                        row.name = name;
+                    }
+                    AppMessage::Media(info) => {
+                        let mut e = ev("media");
+                        e.media_id = Some(hex::encode(info.media_id));
+                        e.name = Some(info.name.clone());
+                        e.size = Some(info.size);
+                        e.mime = Some(info.mime.clone());
+                        e.text = Some(info.caption.clone());
+                        crate::media::remember(provider.storage_conn(), id, &info)?;
+                        events.push(e);
+                    }
+                }
+            }
+            ProcessedMessageContent::ProposalMessage(p) => {
+                group
+                    .store_pending_proposal(provider.storage(), *p)
+                    .map_err(ClientError::mls)?;
+                if row.proposals_since_ms.is_none() {
+                    row.proposals_since_ms = Some(entry.timestamp_ms);
+                }
+            }
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                let mut removed = Vec::new();
+                let mut left = Vec::new();
+                for r in staged.remove_proposals() {
+                    let leaf = r.remove_proposal().removed();
+                    let Some(name) = group.member_at(leaf).and_then(|m| user_of(&m.credential))
+                    else {
+                        continue;
+                    };
+                    if matches!(r.sender(), Sender::Member(s) if *s == leaf) {
+                        left.push(name);
+                    } else {
+                        removed.push(name);
+                    }
+                }
+                let added: Vec<String> = staged
+                    .add_proposals()
+                    .filter_map(|a| {
+                        user_of(a.add_proposal().key_package().leaf_node().credential())
+                    })
+                    .collect();
+                let self_removed = staged.self_removed();
+                group
+                    .merge_staged_commit(provider, *staged)
+                    .map_err(ClientError::mls)?;
+                row.proposals_since_ms = None;
+                let epoch = Some(group.epoch().as_u64());
+                if !added.is_empty() {
+                    let mut e = ev("member_added");
+                    e.members = Some(added);
+                    e.epoch = epoch;
+                    events.push(e);
+                }
+                if !removed.is_empty() {
+                    let mut e = ev("member_removed");
+                    e.members = Some(removed);
+                    e.epoch = epoch;
+                    events.push(e);
+                }
+                if !left.is_empty() {
+                    let mut e = ev("left");
+                    e.from = left[0].clone();
+                    e.members = Some(left.clone());
+                    e.epoch = epoch;
+                    events.push(e);
+                }
+                if self_removed || !group.is_active() {
+                    row.state = if left.iter().any(|l| l == me) {
+                        "left".into()
+                    } else {
+                        "removed".into()
+                    };
+                } else if row.state == "leaving" {
+                    // Our leave proposal was not part of this commit: it is
+                    // void in the new epoch and must be made again.
+                    row.state = "active".into();
+                    row.proposals_since_ms = None;
+                    row.releave = true;
+                }
+            }
+            _ => {}
+        }
+        Ok(events)
+    }
+
+    /// Commits pending proposals if this device is the designated committer
+    /// (the member with the lowest leaf index that is not being removed), or
+    /// if `force`, or once the proposals are older than [`PROPOSAL_GRACE`].
+    pub async fn maybe_commit_proposals(
+        &mut self,
+        id: &GroupId,
+        force: bool,
+    ) -> Result<Vec<Event>> {
+        let Some(row) = load_row(&self.db, id)? else {
+            return Ok(Vec::new());
+        };
+        // A leaving member never commits its own removal.
+        if row.state != "active" {
+            return Ok(Vec::new());
+        }
+        let g = self.load_group(&self.db, id)?;
+        let removing: HashSet<u32> = g
+            .pending_proposals()
+            .filter_map(|p| match p.proposal() {
+                Proposal::Remove(r) => Some(r.removed().u32()),
+                _ => None,
+            })
+            .collect();
+        if g.pending_proposals().next().is_none() {
+            return self.maybe_releave(id).await;
+        }
+        let designated = g
+            .members()
+            .map(|m| m.index.u32())
+            .filter(|i| !removing.contains(i))
+            .min();
+        let mine = g.own_leaf_index().u32();
+        let old = row
+            .proposals_since_ms
+            .is_some_and(|t| now_ms().saturating_sub(t) >= PROPOSAL_GRACE.as_millis() as u64);
+        if removing.contains(&mine) || !(force || old || designated == Some(mine)) {
+            return Ok(Vec::new());
+        }
+        self.commit_pending_proposals(id).await
+    }
+
+    async fn maybe_releave(&mut self, id: &GroupId) -> Result<Vec<Event>> {
+        let key = format!("releave:{id}");
+        if kv_get(&self.db, &key)? == 1 {
+            kv_set(&self.db, &key, 0)?;
+            if load_row(&self.db, id)?.is_some_and(|r| r.state == "active") {
+                self.propose_leave(id).await?;
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    async fn commit_pending_proposals(&mut self, id: &GroupId) -> Result<Vec<Event>> {
+        let g = self.load_group(&self.db, id)?;
+        let leaving: Vec<String> = g
+            .pending_proposals()
+            .filter_map(|p| match p.proposal() {
+                Proposal::Remove(r) => g
+                    .member_at(r.removed())
+                    .and_then(|m| user_of(&m.credential)),
+                _ => None,
+            })
+            .collect();
+        if g.pending_proposals().next().is_none() {
+            return Ok(Vec::new());
+        }
+        let r = self
+            .commit_with_retry(id, "left", Some(leaving), |g, p, s| {
+                if g.pending_proposals().next().is_none() {
+                    return Err(ClientError::Usage("nothing to commit".into()));
+                }
+                let (c, w, _) = g
+                    .commit_to_pending_proposals(p, s)
+                    .map_err(ClientError::mls)?;
+                Ok((c, w))
+            })
+            .await;
+        match r {
+            // Someone else committed them while we synced.
+            Err(ClientError::Usage(m)) if m == "nothing to commit" => Ok(Vec::new()),
+            other => other,
+        }
+    }
+
+    /// Publishes this member's epoch authenticator (hashed) for the current
+    /// epoch and returns what the other members published.
+    pub async fn compare_epoch(
+        &mut self,
+        group: &str,
+    ) -> Result<(u64, [u8; 32], Vec<(String, [u8; 32])>)> {
+        let id = self.resolve_group(group)?;
+        let (epoch, auth) = self.epoch_authenticator(group)?;
+        let hash = *blake3::hash(&auth).as_bytes();
+        match self
+            .request(&Request::EpochAuthenticator {
+                group: id,
+                epoch,
+                hash,
+            })
+            .await?
+        {
+            Response::EpochAuthenticators { published } => Ok((epoch, hash, published)),
+            other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
+    // ---- listen -------------------------------------------------------
+
+    /// Stays connected and reports events as they arrive until `stop`
+    /// completes. New entries are pushed by the DS; gaps are filled from the
+    /// log.
+    pub async fn listen<F, S>(&mut self, mut on_event: F, stop: S) -> Result<()>
+    where
+        F: FnMut(&Event),
+        S: std::future::Future<Output = ()>,
+    {
+        for e in self.sync().await? {
+            on_event(&e);
+        }
+        let groups: Vec<(GroupId, u64)> = self
+            .group_ids()?
+            .into_iter()
+            .filter(|(_, s)| s == "active" || s == "leaving")
+            .filter_map(|(id, _)| {
+                load_row(&self.db, &id)
+                    .ok()
+                    .flatten()
+                    .map(|r| (id, r.cursor))
+            })
+            .collect();
+        let inbox_after = kv_get(&self.db, "inbox_cursor")?;
+        let (mut send, mut recv, _) = self
+            .net()
+            .await?
+            .open(&Request::Subscribe {
+                groups,
+                inbox_after,
+            })
+            .await?;
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            let pushed = tokio::select! {
+                _ = &mut stop => break,
+                _ = tick.tick() => {
+                    for (id, state) in self.group_ids()? {
+                        if state == "active" || state == "leaving" {
+                            for e in self.maybe_commit_proposals(&id, false).await? {
+                                on_event(&e);
+                            }
+                        }
+                    }
+                    continue;
+                }
+                f = net::read_message::<Pushed>(&mut recv) => f?,
+            };
+            let (id, events) = match pushed {
+                Pushed::Entry { group, entry } => {
+                    let cursor = load_row(&self.db, &group)?.map(|r| r.cursor).unwrap_or(0);
+                    let evs = if entry.seq == cursor + 1 {
+                        self.process_entries(&group, std::slice::from_ref(&entry))?
+                    } else if entry.seq > cursor + 1 {
+                        self.sync_group(&group).await?
+                    } else {
+                        Vec::new()
+                    };
+                    (Some(group), evs)
+                }
+                Pushed::Inbox(_) | Pushed::InboxGap { .. } => {
+                    let evs = self.sync_inbox().await?;
+                    for e in &evs {
+                        if e.kind == "joined" {
+                            if let Ok(g) = e.group.parse::<GroupId>() {
+                                let after = load_row(&self.db, &g)?.map(|r| r.cursor).unwrap_or(0);
+                                write_control(&mut send, &Control::Watch { group: g, after })
+                                    .await?;
+                            }
+                        }
+                    }
+                    (None, evs)
+                }
+                Pushed::Gap { group, .. } => {
+                    let evs = self.sync_group(&group).await?;
+                    let after = load_row(&self.db, &group)?.map(|r| r.cursor).unwrap_or(0);
+                    write_control(&mut send, &Control::Watch { group, after }).await?;
+                    (Some(group), evs)
+                }
+                Pushed::Unwatched { group, .. } => (Some(group), self.sync_group(&group).await?),
+            };
+            for e in &events {
+                on_event(e);
+            }
+            if let Some(g) = id {
+                for e in self.maybe_commit_proposals(&g, false).await? {
+                    on_event(&e);
+                }
+                if let Some(r) = load_row(&self.db, &g)? {
+                    write_control(
+                        &mut send,
+                        &Control::Ack {
+                            group: g,
+                            seq: r.cursor,
+                        },
+                    )
+                    .await?;
+                }
+            }
+        }
+        let _ = send.finish();
+        Ok(())
+    }
+}
+
+async fn write_control(send: &mut quinn::SendStream, c: &Control) -> Result<()> {
+    send.write_all(&huddle_core::proto::encode_frame(c))
+        .await
+        .map_err(|e| ClientError::Io(format!("push stream: {e}")))
+}

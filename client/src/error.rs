@@ -1,0 +1,74 @@
+//! Client errors.
+
+use huddle_core::proto::{ErrorBody, ErrorCode};
+use thiserror::Error;
+
+/// Everything that can go wrong in the client library. Messages are meant
+/// to be shown to the user as they are.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// This home has no identity yet.
+    #[error("this home is not registered yet: run `huddle register NAME --server ADDR` first")]
+    NotRegistered,
+    /// The home already holds an identity.
+    #[error("this home is already registered as {0}; use another --home for another user")]
+    AlreadyRegistered(String),
+    /// Bad input from the user.
+    #[error("{0}")]
+    Usage(String),
+    /// The server refused a request.
+    #[error("server refused: {}", .0.message)]
+    Server(ErrorBody),
+    /// The server presented another certificate than the pinned one.
+    #[error("the server presented certificate {presented}, but this home pinned {pinned}: refusing to talk to it (if the server's certificate really changed, register again in a new home)")]
+    CertificateMismatch {
+        /// Fingerprint of the pinned certificate.
+        pinned: String,
+        /// Fingerprint of the presented certificate.
+        presented: String,
+    },
+    /// Could not reach or talk to the server.
+    #[error("connection to {addr} failed: {reason}")]
+    Connect {
+        /// Server address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// An MLS operation failed.
+    #[error("MLS: {0}")]
+    Mls(String),
+    /// The local database failed.
+    #[error("local database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// A file operation failed.
+    #[error("{0}")]
+    Io(String),
+    /// Local media verification or decryption failed.
+    #[error("integrity error: {0}")]
+    Integrity(String),
+}
+
+impl ClientError {
+    /// The server error code, if this is a server refusal.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server(e) => Some(e.code),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn mls(e: impl std::fmt::Display) -> Self {
+        ClientError::Mls(e.to_string())
+    }
+
+    pub(crate) fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Self {
+        ClientError::Io(format!("{what}: {e}"))
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

@@ -1,0 +1,221 @@
+//! The client's home directory: one device's identity, pinned server
+//! certificate, settings and database.
+//!
+//! ```text
+//! HOME/client.json      name, server address
+//! HOME/identity.key     Ed25519 secret seed, hex (mode 0600)
+//! HOME/server-cert.pem  the pinned server certificate
+//! HOME/huddle.db        SQLite: MLS state, groups, cursors, history
+//! ```
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ClientError, Result};
+use crate::identity::Identity;
+
+/// Settings saved at registration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    /// Registered user name.
+    pub name: String,
+    /// Server address as given at registration.
+    pub server: String,
+}
+
+/// A client home directory.
+#[derive(Debug, Clone)]
+pub struct Home {
+    dir: PathBuf,
+}
+
+impl Home {
+    /// The home at `dir` (created when needed).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// Its directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the database.
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("huddle.db")
+    }
+
+    /// Path of the pinned certificate.
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join("server-cert.pem")
+    }
+
+    /// Directory for downloads in progress.
+    pub fn partial_dir(&self) -> PathBuf {
+        self.dir.join("partial")
+    }
+
+    /// Creates the directory (mode 0700).
+    pub fn create(&self) -> Result<()> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| ClientError::io(format!("creating {}", self.dir.display()), e))
+    }
+
+    /// Whether an identity is stored here.
+    pub fn is_registered(&self) -> bool {
+        self.dir.join("client.json").exists() && self.dir.join("identity.key").exists()
+    }
+
+    /// Loads settings and identity.
+    pub fn load(&self) -> Result<(Settings, Identity)> {
+        if !self.is_registered() {
+            return Err(ClientError::NotRegistered);
+        }
+        let settings: Settings = serde_json::from_slice(
+            &fs::read(self.dir.join("client.json"))
+                .map_err(|e| ClientError::io("reading client.json", e))?,
+        )
+        .map_err(|e| ClientError::io("parsing client.json", e))?;
+        let hex_seed = fs::read_to_string(self.dir.join("identity.key"))
+            .map_err(|e| ClientError::io("reading identity.key", e))?;
+        let mut seed = [0u8; 32];
+        hex::decode_to_slice(hex_seed.trim(), &mut seed)
+            .map_err(|_| ClientError::Io("identity.key is corrupt".into()))?;
+        let identity = Identity::from_seed(&settings.name, seed);
+        Ok((settings, identity))
+    }
+
+    /// Saves settings and identity (the key file with mode 0600).
+    pub fn save(&self, settings: &Settings, identity: &Identity) -> Result<()> {
+        self.create()?;
+        write_file(
+            &self.dir.join("identity.key"),
+            format!("{}\n", hex::encode(identity.seed())).as_bytes(),
+            0o600,
+        )?;
+        let json =
+            serde_json::to_vec_pretty(settings).map_err(|e| ClientError::io("settings", e))?;
+        write_file(&self.dir.join("client.json"), &json, 0o600)
+    }
+
+    /// The pinned certificates (DER), if any.
+    pub fn pinned_certs(&self) -> Result<Option<Vec<Vec<u8>>>> {
+        let path = self.cert_path();
+        if !path.exists() {
+            return Ok(None);
+        }
+        read_pem_certs(&path).map(Some)
+    }
+
+    /// Pins `der` as the server certificate.
+    pub fn pin_cert(&self, der: &[u8]) -> Result<()> {
+        self.create()?;
+        let pem = pem_encode(der);
+        write_file(&self.cert_path(), pem.as_bytes(), 0o644)
+    }
+}
+
+/// Reads every certificate of a PEM file, as DER.
+pub fn read_pem_certs(path: &Path) -> Result<Vec<Vec<u8>>> {
+    use rustls::pki_types::{pem::PemObject as _, CertificateDer};
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| ClientError::io(format!("reading {}", path.display()), e))?
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::io(format!("parsing {}", path.display()), e))?;
+    if certs.is_empty() {
+        return Err(ClientError::Usage(format!(
+            "{} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn pem_encode(der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for chunk in der.chunks(3) {
+        let n = chunk.len();
+        let v = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= n {
+                b64.push(ALPHABET[((v >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+/// Writes a file atomically (temporary file, fsync, rename).
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| ClientError::io(format!("writing {}", tmp.display()), e))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| ClientError::io(format!("writing {}", tmp.display()), e))?;
+    fs::rename(&tmp, path).map_err(|e| ClientError::io(format!("writing {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [1usize, 2, 3, 100, 301] {
+            let der: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let p = dir.path().join("c.pem");
+            fs::write(&p, pem_encode(&der)).unwrap();
+            assert_eq!(read_pem_certs(&p).unwrap(), vec![der]);
+        }
+    }
+
+    #[test]
+    fn identity_key_file_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path().join("h"));
+        let id = Identity::generate("alice");
+        home.save(
+            &Settings {
+                name: "alice".into(),
+                server: "127.0.0.1:1".into(),
+            },
+            &id,
+        )
+        .unwrap();
+        let mode = fs::metadata(dir.path().join("h/identity.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (_, loaded) = home.load().unwrap();
+        assert_eq!(loaded.public(), id.public());
+    }
+}

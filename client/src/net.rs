@@ -1,0 +1,342 @@
+//! The connection to the delivery service: QUIC with a pinned certificate,
+//! one stream per request, and the authentication handshake.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use huddle_core::auth::{cert_fingerprint, Purpose};
+use huddle_core::frame::{self, HEADER_LEN};
+use huddle_core::proto::{self, Message, Request, Response, ALPN, EXPORTER_LABEL};
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use crate::error::{ClientError, Result};
+use crate::identity::Identity;
+
+/// Largest frame the client accepts from the server.
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// How the server's certificate is checked.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// Accept exactly these certificates (DER): the end-entity certificate
+    /// must equal one of them, or chain to one of them as a root.
+    Pinned(Vec<Vec<u8>>),
+    /// Accept any certificate and remember it (trust on first use, for
+    /// registration without `--server-cert`).
+    FirstUse,
+}
+
+/// Verifies the server certificate against [`Trust`] and records what was
+/// presented, so a mismatch can be reported with both fingerprints.
+#[derive(Debug)]
+struct Verifier {
+    trust: Trust,
+    webpki: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+    presented: Arc<Mutex<Option<Vec<u8>>>>,
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        *self.presented.lock().expect("presented lock") = Some(end_entity.to_vec());
+        match &self.trust {
+            Trust::FirstUse => Ok(ServerCertVerified::assertion()),
+            Trust::Pinned(certs) => {
+                if certs.iter().any(|c| c.as_slice() == end_entity.as_ref()) {
+                    return Ok(ServerCertVerified::assertion());
+                }
+                match &self.webpki {
+                    Some(v) => {
+                        v.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+                    }
+                    None => Err(rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::UnknownIssuer,
+                    )),
+                }
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// An open connection to the delivery service.
+#[derive(Debug)]
+pub struct Connection {
+    conn: quinn::Connection,
+    endpoint: quinn::Endpoint,
+    addr: String,
+    /// The end-entity certificate the server presented (DER).
+    pub server_cert: Vec<u8>,
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr> {
+    let fail = |reason: String| ClientError::Connect {
+        addr: addr.to_owned(),
+        reason,
+    };
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| fail(format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| fail("cannot resolve".into()))
+}
+
+impl Connection {
+    /// Connects to `addr` ("host:port") and checks its certificate.
+    pub async fn connect(addr: &str, trust: Trust) -> Result<Self> {
+        let fail = |reason: String| ClientError::Connect {
+            addr: addr.to_owned(),
+            reason,
+        };
+        let sock = resolve(addr).await?;
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name = ServerName::try_from(host.to_owned())
+            .map_err(|_| fail(format!("{host} is not a valid server name")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let webpki = match &trust {
+            Trust::Pinned(certs) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in certs {
+                    let _ = roots.add(CertificateDer::from(c.clone()));
+                }
+                if roots.is_empty() {
+                    None
+                } else {
+                    rustls::client::WebPkiServerVerifier::builder_with_provider(
+                        Arc::new(roots),
+                        provider.clone(),
+                    )
+                    .build()
+                    .ok()
+                }
+            }
+            Trust::FirstUse => None,
+        };
+        let presented = Arc::new(Mutex::new(None));
+        let verifier = Arc::new(Verifier {
+            trust: trust.clone(),
+            webpki,
+            provider: provider.clone(),
+            presented: presented.clone(),
+        });
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| fail(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicClientConfig::try_from(tls).map_err(|e| fail(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(10)));
+        transport.max_idle_timeout(Some(
+            Duration::from_secs(60)
+                .try_into()
+                .expect("60 s is a valid idle timeout"),
+        ));
+        transport.stream_receive_window((8u32 * 1024 * 1024).into());
+        transport.receive_window((16u32 * 1024 * 1024).into());
+        transport.send_window(16 * 1024 * 1024);
+        config.transport_config(Arc::new(transport));
+        let bind: SocketAddr = if sock.is_ipv6() {
+            "[::]:0".parse().expect("valid address")
+        } else {
+            "0.0.0.0:0".parse().expect("valid address")
+        };
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| fail(format!("cannot open a socket: {e}")))?;
+        endpoint.set_default_client_config(config);
+        let connecting = endpoint
+            .connect(sock, host)
+            .map_err(|e| fail(e.to_string()))?;
+        let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+            Err(_) => {
+                return Err(fail(
+                    "no answer within 10 s (is the server running?)".into(),
+                ))
+            }
+            Ok(Err(e)) => {
+                let got = presented.lock().expect("presented lock").clone();
+                if let (Trust::Pinned(pins), Some(got)) = (&trust, got) {
+                    if !pins.iter().any(|p| *p == got) {
+                        return Err(ClientError::CertificateMismatch {
+                            pinned: cert_fingerprint(&pins[0]),
+                            presented: cert_fingerprint(&got),
+                        });
+                    }
+                }
+                return Err(fail(e.to_string()));
+            }
+            Ok(Ok(c)) => c,
+        };
+        let server_cert = presented
+            .lock()
+            .expect("presented lock")
+            .clone()
+            .unwrap_or_default();
+        let _ = server_name;
+        Ok(Self {
+            conn,
+            endpoint,
+            addr: addr.to_owned(),
+            server_cert,
+        })
+    }
+
+    /// The server address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The underlying QUIC connection.
+    pub fn quic(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    fn lost(&self, e: impl std::fmt::Display) -> ClientError {
+        ClientError::Connect {
+            addr: self.addr.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Sends one request on a new stream and reads its response. A server
+    /// refusal becomes [`ClientError::Server`].
+    pub async fn request(&self, req: &Request) -> Result<Response> {
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
+        send.write_all(&proto::encode_frame(req))
+            .await
+            .map_err(|e| self.lost(e))?;
+        let _ = send.finish();
+        let resp: Response = read_message(&mut recv).await.map_err(|e| match e {
+            ClientError::Protocol(m) => ClientError::Protocol(m),
+            other => self.lost(other),
+        })?;
+        match resp {
+            Response::Error(e) => Err(ClientError::Server(e)),
+            r => Ok(r),
+        }
+    }
+
+    /// Opens a stream for a request whose answer is followed by more data
+    /// (subscriptions, media).
+    pub async fn open(
+        &self,
+        req: &Request,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, Response)> {
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
+        send.write_all(&proto::encode_frame(req))
+            .await
+            .map_err(|e| self.lost(e))?;
+        let resp: Response = read_message(&mut recv).await?;
+        match resp {
+            Response::Error(e) => Err(ClientError::Server(e)),
+            r => Ok((send, recv, r)),
+        }
+    }
+
+    /// Authenticates the connection as `identity` (registering the name
+    /// first when `register` is true).
+    pub async fn authenticate(&self, identity: &Identity, register: bool) -> Result<()> {
+        let Response::Challenge { nonce } = self.request(&Request::Challenge).await? else {
+            return Err(ClientError::Protocol("expected a Challenge".into()));
+        };
+        let mut exporter = [0u8; 32];
+        self.conn
+            .export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+            .map_err(|_| ClientError::Protocol("TLS exporter unavailable".into()))?;
+        let req = if register {
+            Request::Register {
+                name: identity.name.clone(),
+                identity_key: identity.public(),
+                proof: identity.proof(Purpose::Register, &nonce, &exporter).into(),
+            }
+        } else {
+            Request::Authenticate {
+                name: identity.name.clone(),
+                proof: identity
+                    .proof(Purpose::Authenticate, &nonce, &exporter)
+                    .into(),
+            }
+        };
+        match self.request(&req).await? {
+            Response::Authenticated { .. } => Ok(()),
+            other => Err(ClientError::Protocol(format!(
+                "expected Authenticated, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Closes the connection politely and waits briefly for the close to
+    /// reach the server.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Reads one frame from a stream and decodes it.
+pub async fn read_message<M: Message>(recv: &mut quinn::RecvStream) -> Result<M> {
+    let body = read_frame(recv).await?;
+    proto::decode(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// Reads one frame body, checking the length first.
+pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Bytes> {
+    let mut header = [0u8; HEADER_LEN];
+    recv.read_exact(&mut header)
+        .await
+        .map_err(|e| ClientError::Io(format!("stream ended: {e}")))?;
+    let len =
+        frame::body_len(header, MAX_FRAME).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| ClientError::Io(format!("stream ended: {e}")))?;
+    Ok(Bytes::from(body))
+}

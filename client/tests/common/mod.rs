@@ -1,0 +1,80 @@
+//! Shared set-up for integration tests: a real delivery service on
+//! 127.0.0.1:0 with a fresh data dir, and clients in their own homes.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use huddle_client::{Client, Event, Home};
+use huddle_server::{Running, ServerConfig};
+
+pub struct TestServer {
+    pub running: Option<Running>,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("ds");
+        Self::start_in(dir, data_dir, 0).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, data_dir: PathBuf, port: u16) -> Self {
+        let config = ServerConfig {
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            data_dir: data_dir.clone(),
+            maintenance_interval: std::time::Duration::from_millis(100),
+            ..ServerConfig::default()
+        };
+        let running = huddle_server::start(config).await.unwrap();
+        let addr = running.addr.to_string();
+        Self {
+            running: Some(running),
+            addr,
+            data_dir,
+            dir,
+        }
+    }
+
+    pub fn cert(&self) -> PathBuf {
+        self.data_dir.join("cert.pem")
+    }
+
+    pub fn home(&self, name: &str) -> Home {
+        Home::new(self.dir.path().join(format!("home-{name}")))
+    }
+
+    pub async fn register(&self, name: &str) -> Client {
+        Client::register(self.home(name), name, &self.addr, Some(&self.cert()))
+            .await
+            .unwrap_or_else(|e| panic!("register {name}: {e}"))
+    }
+
+    /// Stops the server gracefully and starts it again on the same port and
+    /// data dir.
+    pub async fn restart(&mut self) {
+        let port: u16 = self.addr.rsplit(':').next().unwrap().parse().unwrap();
+        self.running.take().unwrap().shutdown().await;
+        let config = ServerConfig {
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            data_dir: self.data_dir.clone(),
+            maintenance_interval: std::time::Duration::from_millis(100),
+            ..ServerConfig::default()
+        };
+        self.running = Some(huddle_server::start(config).await.unwrap());
+    }
+}
+
+pub fn texts(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.kind == "text")
+        .map(|e| format!("{}: {}", e.from, e.text.as_deref().unwrap_or("")))
+        .collect()
+}
+
+pub fn cert_of(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}

@@ -1,0 +1,63 @@
+//! Server configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything that can be tuned on a delivery service. [`Default`] gives the
+/// embedded defaults the command line starts with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Where the store, certificate and blobs live.
+    pub data_dir: PathBuf,
+    /// Certificate chain and private key (PEM) to use instead of the
+    /// self-signed certificate kept in the data dir.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// A connection with no traffic for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most connections served at once; more are refused with a reason.
+    pub max_connections: usize,
+    /// Most concurrent bidirectional streams a client may open on one
+    /// connection (QUIC flow control holds the rest back).
+    pub max_streams_per_connection: u32,
+    /// Largest control frame body accepted, in bytes.
+    pub max_frame: usize,
+    /// Most one-time key packages stored per user.
+    pub max_key_packages_per_user: u32,
+    /// Key packages one user may claim per minute (bursts up to this many).
+    pub claims_per_minute: u32,
+    /// Pushed frames queued per connection before the DS stops pushing to it
+    /// and tells it to catch up from the log instead.
+    pub push_queue: usize,
+    /// A push stream whose client reads nothing for this long is closed.
+    pub push_stall_timeout: Duration,
+    /// Newest entries per group kept in memory for pushing.
+    pub tail_entries: usize,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+    /// How often acknowledged cursors are written and logs compacted.
+    pub maintenance_interval: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            data_dir: PathBuf::from("huddle-data"),
+            cert: None,
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 20_000,
+            max_streams_per_connection: 128,
+            max_frame: huddle_core::frame::DEFAULT_MAX_FRAME,
+            max_key_packages_per_user: 1000,
+            claims_per_minute: 3000,
+            push_queue: 4096,
+            push_stall_timeout: Duration::from_secs(30),
+            tail_entries: 1024,
+            shutdown_grace: Duration::from_secs(10),
+            maintenance_interval: Duration::from_secs(1),
+        }
+    }
+}

@@ -1,0 +1,990 @@
+//! The sequencer: one task per group owns its log and its public MLS state.
+//!
+//! Every post to a group (commit, proposal, application message) goes
+//! through the group's task, which validates it against the group's current
+//! state, assigns the next sequence number and hands the write to the
+//! [`Writer`]. Only when the write is durable does the task answer the
+//! poster, publish the new [`GroupView`] and push the entry to online
+//! members. Posts that queue up while a write is in flight are validated and
+//! written together, so a busy group costs one disk flush per batch, not per
+//! message.
+//!
+//! The DS follows each group with openmls [`PublicGroup`]: it sees every
+//! handshake message in the clear (PublicMessage), verifies the sender's
+//! signature and membership and the epoch, and learns the membership from
+//! the tree. It never has a key that opens an application message.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use huddle_core::mls::{user_of, MAX_PAST_EPOCHS};
+use huddle_core::proto::{self, EntryKind, ErrorBody, ErrorCode, Event, LogEntry};
+use huddle_core::GroupId;
+use openmls::prelude::{tls_codec::Deserialize as _, tls_codec::Serialize as _, *};
+use openmls_memory_storage::MemoryStorage;
+use openmls_rust_crypto::RustCrypto;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{debug, info, warn};
+
+use crate::store::{GroupMeta, GroupWrite, MemberRecord, NewInboxItem, Store, StoreError};
+use crate::writer::Writer;
+
+/// What readers (fetches, subscriptions) may know of a group without asking
+/// its task: only durable facts.
+#[derive(Debug, Clone, Default)]
+pub struct GroupView {
+    /// Current epoch.
+    pub epoch: u64,
+    /// Newest durable sequence number.
+    pub head: u64,
+    /// Entries up to here were compacted away.
+    pub compacted: u64,
+    /// Every member record, including removed members.
+    pub members: HashMap<String, MemberRecord>,
+}
+
+impl GroupView {
+    /// User names of current members, sorted.
+    pub fn current_members(&self) -> Vec<String> {
+        let mut v: Vec<_> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.is_current())
+            .map(|(u, _)| u.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Whether `user` is a current member.
+    pub fn is_member(&self, user: &str) -> bool {
+        self.members.get(user).is_some_and(|m| m.is_current())
+    }
+}
+
+/// Signals for one connection's push stream that must not be lost when its
+/// queue is full: gaps and ends of pushes.
+#[derive(Debug, Default)]
+pub struct Signals {
+    events: Mutex<Vec<Event>>,
+    notify: Notify,
+}
+
+impl Signals {
+    /// Queues an event and wakes the push task.
+    pub fn raise(&self, e: Event) {
+        self.events.lock().expect("signals lock").push(e);
+        self.notify.notify_one();
+    }
+
+    /// Takes the queued events.
+    pub fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.events.lock().expect("signals lock"))
+    }
+
+    /// Waits until an event is raised.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// One connection that wants pushes.
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    /// Connection id.
+    pub conn: u64,
+    /// Authenticated user of the connection.
+    pub user: String,
+    /// Pre-encoded [`Event`] frames.
+    pub frames: mpsc::Sender<Bytes>,
+    /// Out-of-band signals.
+    pub signals: Arc<Signals>,
+}
+
+/// What a poster wants appended.
+#[derive(Debug)]
+pub enum Post {
+    /// A commit, with the Welcome for the members it adds.
+    Commit {
+        /// `MlsMessage` bytes.
+        commit: Bytes,
+        /// `MlsMessage` (Welcome) bytes.
+        welcome: Option<Bytes>,
+    },
+    /// A proposal.
+    Proposal(Bytes),
+    /// An application message.
+    Application(Bytes),
+}
+
+/// Result of a post: (sequence number, epoch after it).
+pub type PostResult = Result<(u64, u64), ErrorBody>;
+
+/// Result of [`GroupHandle::watch`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum WatchResult {
+    /// Pushes start after `after`; anything between was queued.
+    Watching,
+    /// `after` is older than the in-memory tail: read the log up to `head`
+    /// first, then watch again.
+    CatchUp {
+        /// Newest sequence number.
+        head: u64,
+    },
+    /// The user may not read this group.
+    NotMember,
+}
+
+enum Cmd {
+    Post {
+        user: String,
+        post: Post,
+        reply: oneshot::Sender<PostResult>,
+    },
+    Watch {
+        sub: Subscriber,
+        after: u64,
+        reply: oneshot::Sender<WatchResult>,
+    },
+    Unwatch {
+        conn: u64,
+    },
+}
+
+/// Handle to a group's sequencer task.
+#[derive(Debug)]
+pub struct GroupHandle {
+    /// The group.
+    pub id: GroupId,
+    tx: mpsc::Sender<Cmd>,
+    view: RwLock<GroupView>,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cmd::Post { user, .. } => write!(f, "Post({user})"),
+            Cmd::Watch { sub, after, .. } => write!(f, "Watch({}, {after})", sub.conn),
+            Cmd::Unwatch { conn } => write!(f, "Unwatch({conn})"),
+        }
+    }
+}
+
+fn stopped() -> ErrorBody {
+    ErrorBody::new(ErrorCode::Unavailable, "the server is shutting down")
+}
+
+impl GroupHandle {
+    /// A snapshot of the durable view.
+    pub fn view(&self) -> GroupView {
+        self.view.read().expect("view lock").clone()
+    }
+
+    /// Reads the view without cloning it.
+    pub fn with_view<R>(&self, f: impl FnOnce(&GroupView) -> R) -> R {
+        f(&self.view.read().expect("view lock"))
+    }
+
+    /// Appends a post on behalf of authenticated `user`.
+    pub async fn post(&self, user: String, post: Post) -> PostResult {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Post { user, post, reply })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Starts pushes to `sub` of entries after `after`.
+    pub async fn watch(&self, sub: Subscriber, after: u64) -> WatchResult {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Cmd::Watch { sub, after, reply })
+            .await
+            .is_err()
+        {
+            return WatchResult::NotMember;
+        }
+        rx.await.unwrap_or(WatchResult::NotMember)
+    }
+
+    /// Records that entries up to `seq` were compacted away.
+    pub fn set_compacted(&self, seq: u64) {
+        let mut v = self.view.write().expect("view lock");
+        v.compacted = v.compacted.max(seq);
+    }
+
+    /// Stops pushes to connection `conn`.
+    pub fn unwatch(&self, conn: u64) {
+        let _ = self.tx.try_send(Cmd::Unwatch { conn });
+    }
+}
+
+/// Everything a group task needs from the rest of the server.
+#[derive(Clone)]
+pub struct Shared {
+    /// Durable store (for identity keys).
+    pub store: Arc<dyn Store>,
+    /// Group-commit writer.
+    pub writer: Writer,
+    /// Where to announce Welcomes to online users.
+    pub inboxes: Arc<crate::hub::Hub>,
+    /// Entries kept in memory per group.
+    pub tail_entries: usize,
+    /// Clock (ms since the Unix epoch).
+    pub now_ms: fn() -> u64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+/// The public MLS state of a group: openmls' view plus the in-memory
+/// storage openmls writes it to, which is what gets persisted.
+struct MlsState {
+    public: PublicGroup,
+    storage: MemoryStorage,
+}
+
+impl MlsState {
+    fn snapshot(&self) -> Vec<u8> {
+        let values = self.storage.values.read().expect("mls storage lock");
+        let mut pairs: Vec<(&Vec<u8>, &Vec<u8>)> = values.iter().collect();
+        pairs.sort();
+        postcard::to_allocvec(&pairs).expect("serialising to a Vec cannot fail")
+    }
+
+    fn restore(id: &GroupId, snapshot: &[u8]) -> Result<Self, StoreError> {
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = postcard::from_bytes(snapshot)
+            .map_err(|e| StoreError::Corrupt(format!("group state: {e}")))?;
+        let storage = MemoryStorage::default();
+        storage
+            .values
+            .write()
+            .expect("mls storage lock")
+            .extend(pairs);
+        let public = PublicGroup::load(
+            &storage,
+            &openmls::group::GroupId::from_slice(id.as_bytes()),
+        )
+        .map_err(|e| StoreError::Corrupt(format!("group state: {e:?}")))?
+        .ok_or_else(|| StoreError::Corrupt(format!("group {id} state is incomplete")))?;
+        Ok(Self { public, storage })
+    }
+}
+
+/// Why a group could not be created.
+#[derive(Debug)]
+pub struct CreateError(pub ErrorBody);
+
+/// Validates the epoch-0 state of a new group posted by `user` with
+/// identity key `identity_key`, returning the write that creates it.
+pub fn validate_new_group(
+    id: GroupId,
+    user: &str,
+    identity_key: &[u8; 32],
+    group_info: &[u8],
+    ratchet_tree: &[u8],
+    now_ms: u64,
+) -> Result<(GroupWrite, Vec<u8>), ErrorBody> {
+    let bad = |m: String| ErrorBody::new(ErrorCode::InvalidMessage, m);
+    let msg = MlsMessageIn::tls_deserialize_exact(group_info)
+        .map_err(|e| bad(format!("group info does not parse: {e}")))?;
+    let MlsMessageBodyIn::GroupInfo(vgi) = msg.extract() else {
+        return Err(bad("expected a GroupInfo message".into()));
+    };
+    let tree = RatchetTreeIn::tls_deserialize_exact(ratchet_tree)
+        .map_err(|e| bad(format!("ratchet tree does not parse: {e}")))?;
+    let storage = MemoryStorage::default();
+    let (public, _info) = PublicGroup::from_external(
+        &RustCrypto::default(),
+        &storage,
+        tree,
+        vgi,
+        ProposalStore::new(),
+    )
+    .map_err(|e| bad(format!("group state does not verify: {e}")))?;
+    if public.group_id().as_slice() != id.as_bytes() {
+        return Err(bad(
+            "group id of the GroupInfo differs from the request".into()
+        ));
+    }
+    if public.group_context().epoch().as_u64() != 0 {
+        return Err(bad("a new group must be at epoch 0".into()));
+    }
+    if public.ciphersuite() != huddle_core::mls::CIPHERSUITE {
+        return Err(bad(format!(
+            "unsupported ciphersuite {:?}",
+            public.ciphersuite()
+        )));
+    }
+    let members: Vec<Member> = public.members().collect();
+    let [only] = members.as_slice() else {
+        return Err(bad(
+            "a new group must have exactly one member, its creator".into()
+        ));
+    };
+    if user_of(&only.credential).as_deref() != Some(user) {
+        return Err(bad(
+            "the creator's credential must name the authenticated user".into(),
+        ));
+    }
+    if only.signature_key.as_slice() != identity_key.as_slice() {
+        return Err(bad(
+            "the creator's signature key must be its registered identity key".into(),
+        ));
+    }
+    let state = MlsState { public, storage };
+    let snapshot = state.snapshot();
+    let write = GroupWrite {
+        group: id,
+        create: true,
+        meta: GroupMeta {
+            created_ms: now_ms,
+            epoch: 0,
+            head: 0,
+            compacted: 0,
+        },
+        state: Some(snapshot.clone()),
+        entries: vec![],
+        members: vec![(
+            user.to_owned(),
+            MemberRecord {
+                joined_seq: 0,
+                removed_seq: None,
+            },
+        )],
+        welcomes: vec![],
+        tree: None,
+    };
+    Ok((write, snapshot))
+}
+
+/// Starts the task of a group from its durable state.
+pub fn spawn(
+    id: GroupId,
+    meta: GroupMeta,
+    state: &[u8],
+    members: Vec<(String, MemberRecord)>,
+    shared: Shared,
+) -> Result<Arc<GroupHandle>, StoreError> {
+    let mls = MlsState::restore(&id, state)?;
+    let (tx, rx) = mpsc::channel(1024);
+    let handle = Arc::new(GroupHandle {
+        id,
+        tx,
+        view: RwLock::new(GroupView {
+            epoch: meta.epoch,
+            head: meta.head,
+            compacted: meta.compacted,
+            members: members.into_iter().collect(),
+        }),
+    });
+    let actor = Actor {
+        id,
+        meta,
+        mls: Some(mls),
+        durable_state: state.to_vec(),
+        handle: Arc::downgrade(&handle),
+        shared,
+        tail: VecDeque::new(),
+        subscribers: HashMap::new(),
+    };
+    tokio::spawn(actor.run(rx));
+    Ok(handle)
+}
+
+struct Actor {
+    id: GroupId,
+    meta: GroupMeta,
+    /// `None` only while a blocking step owns it.
+    mls: Option<MlsState>,
+    /// Snapshot matching `meta`, to roll back to if a write fails.
+    durable_state: Vec<u8>,
+    handle: std::sync::Weak<GroupHandle>,
+    shared: Shared,
+    /// (seq, pre-encoded Event::Entry frame) of the newest entries.
+    tail: VecDeque<(u64, Bytes)>,
+    subscribers: HashMap<u64, Subscriber>,
+}
+
+/// An accepted post waiting for its write.
+struct Accepted {
+    reply: oneshot::Sender<PostResult>,
+    entry: LogEntry,
+}
+
+/// What a validated commit changes besides the log.
+#[derive(Default)]
+struct Changes {
+    members: Vec<(String, MemberRecord)>,
+    welcomes: Vec<NewInboxItem>,
+    tree: Option<(u64, Bytes)>,
+    state_changed: bool,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut cmds = Vec::with_capacity(256);
+        while rx.recv_many(&mut cmds, 256).await > 0 {
+            let mut view = match self.handle.upgrade() {
+                Some(h) => h.view(),
+                None => return,
+            };
+            let start_head = view.head;
+            let mut accepted: Vec<Accepted> = Vec::new();
+            let mut changes = Changes::default();
+            for cmd in cmds.drain(..) {
+                match cmd {
+                    Cmd::Post { user, post, reply } => {
+                        let seq = view.head + 1;
+                        match self
+                            .validate(&mut view, &user, post, seq, &mut changes)
+                            .await
+                        {
+                            Ok(entry) => {
+                                view.head = seq;
+                                accepted.push(Accepted { reply, entry });
+                            }
+                            Err(e) => {
+                                debug!(group = %self.id, %user, error = %e.message, "post refused");
+                                let _ = reply.send(Err(e));
+                            }
+                        }
+                    }
+                    Cmd::Watch { sub, after, reply } => {
+                        // Durable view: entries accepted in this round are
+                        // pushed to the subscriber once written.
+                        let durable = self.handle.upgrade().map(|h| h.view()).unwrap_or_default();
+                        let _ = reply.send(self.watch(&durable, sub, after));
+                    }
+                    Cmd::Unwatch { conn } => {
+                        self.subscribers.remove(&conn);
+                    }
+                }
+            }
+            if accepted.is_empty() {
+                continue;
+            }
+            self.commit(view, start_head, accepted, changes).await;
+        }
+    }
+
+    /// Validates one post against the working view; on success returns the
+    /// log entry (and records side effects in `changes`).
+    async fn validate(
+        &mut self,
+        view: &mut GroupView,
+        user: &str,
+        post: Post,
+        seq: u64,
+        changes: &mut Changes,
+    ) -> Result<LogEntry, ErrorBody> {
+        if !view.is_member(user) {
+            return Err(ErrorBody::new(
+                ErrorCode::NotMember,
+                format!("{user} is not a member of group {}", self.id),
+            ));
+        }
+        let now = (self.shared.now_ms)();
+        let invalid = |m: String| ErrorBody::new(ErrorCode::InvalidMessage, m);
+        let (data, kind) = match &post {
+            Post::Commit { commit, .. } => (commit.clone(), EntryKind::Commit),
+            Post::Proposal(p) => (p.clone(), EntryKind::Proposal),
+            Post::Application(m) => (m.clone(), EntryKind::Application),
+        };
+        let msg = MlsMessageIn::tls_deserialize_exact(data.as_ref())
+            .map_err(|e| invalid(format!("MLS message does not parse: {e}")))?;
+        let pm = msg
+            .try_into_protocol_message()
+            .map_err(|_| invalid("expected an MLS PublicMessage or PrivateMessage".into()))?;
+        if pm.group_id().as_slice() != self.id.as_bytes() {
+            return Err(invalid("message is for another group".into()));
+        }
+        let msg_epoch = pm.epoch().as_u64();
+        let stale = |epoch: u64| ErrorBody {
+            code: ErrorCode::StaleEpoch,
+            message: format!(
+                "message is for epoch {msg_epoch} but the group is at epoch {epoch}: sync and retry"
+            ),
+            epoch: Some(epoch),
+        };
+        match kind {
+            EntryKind::Application => {
+                if pm.wire_format() != WireFormat::PrivateMessage
+                    || pm.content_type() != ContentType::Application
+                {
+                    return Err(invalid(
+                        "application messages must be encrypted (PrivateMessage)".into(),
+                    ));
+                }
+                if msg_epoch > view.epoch || msg_epoch + (MAX_PAST_EPOCHS as u64) < view.epoch {
+                    return Err(stale(view.epoch));
+                }
+                Ok(LogEntry {
+                    seq,
+                    epoch: msg_epoch,
+                    kind,
+                    timestamp_ms: now,
+                    data,
+                })
+            }
+            EntryKind::Proposal | EntryKind::Commit => {
+                let want = if kind == EntryKind::Commit {
+                    ContentType::Commit
+                } else {
+                    ContentType::Proposal
+                };
+                if pm.wire_format() != WireFormat::PublicMessage || pm.content_type() != want {
+                    return Err(invalid(format!(
+                        "expected a {want:?} sent as PublicMessage"
+                    )));
+                }
+                if msg_epoch != view.epoch {
+                    return Err(stale(view.epoch));
+                }
+                let welcome = match post {
+                    Post::Commit { welcome, .. } => welcome,
+                    _ => None,
+                };
+                self.handshake(view, user, pm, kind, welcome, seq, changes)
+                    .await?;
+                Ok(LogEntry {
+                    seq,
+                    epoch: msg_epoch,
+                    kind,
+                    timestamp_ms: now,
+                    data,
+                })
+            }
+        }
+    }
+
+    /// Processes a proposal or commit with the public group, in a blocking
+    /// task (a commit in a 1,000-member group costs milliseconds of CPU).
+    #[allow(clippy::too_many_arguments)]
+    async fn handshake(
+        &mut self,
+        view: &mut GroupView,
+        user: &str,
+        pm: ProtocolMessage,
+        kind: EntryKind,
+        welcome: Option<Bytes>,
+        seq: u64,
+        changes: &mut Changes,
+    ) -> Result<(), ErrorBody> {
+        let mls = self.mls.take().expect("mls state present");
+        // Identity keys of everyone the message may name, looked up first so
+        // the blocking step needs no store access.
+        let store = self.shared.store.clone();
+        let user_owned = user.to_owned();
+        let current = view.clone();
+        let now = (self.shared.now_ms)();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut mls = mls;
+            let r = process_handshake(
+                &mut mls,
+                &*store,
+                &current,
+                &user_owned,
+                pm,
+                kind,
+                welcome,
+                seq,
+                now,
+            );
+            (mls, r)
+        })
+        .await;
+        let (mls, result) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                // The blocking step panicked: rebuild the state from disk.
+                warn!(group = %self.id, "handshake processing failed: {e}");
+                let mls = MlsState::restore(&self.id, &self.durable_state)
+                    .expect("durable group state reloads");
+                (
+                    mls,
+                    Err(ErrorBody::new(ErrorCode::Internal, "internal error")),
+                )
+            }
+        };
+        self.mls = Some(mls);
+        let outcome = result?;
+        if let Some(o) = outcome {
+            for (name, rec) in &o.members {
+                view.members.insert(name.clone(), *rec);
+            }
+            view.epoch = o.epoch;
+            changes.members.extend(o.members);
+            changes.welcomes.extend(o.welcomes);
+            if o.tree.is_some() {
+                changes.tree = o.tree;
+            }
+        }
+        changes.state_changed = true;
+        Ok(())
+    }
+
+    fn watch(&mut self, durable: &GroupView, sub: Subscriber, after: u64) -> WatchResult {
+        let Some(member) = durable.members.get(&sub.user).copied() else {
+            return WatchResult::NotMember;
+        };
+        let until = member.readable_until(durable.head);
+        if !member.is_current() && after >= until {
+            return WatchResult::NotMember;
+        }
+        let after = after.max(member.joined_seq);
+        if after < until {
+            let tail_start = self.tail.front().map_or(u64::MAX, |(s, _)| *s);
+            if after + 1 < tail_start {
+                return WatchResult::CatchUp { head: until };
+            }
+            for (seq, frame) in &self.tail {
+                if *seq > after && *seq <= until && sub.frames.try_send(frame.clone()).is_err() {
+                    return WatchResult::CatchUp { head: until };
+                }
+            }
+        }
+        if member.is_current() {
+            self.subscribers.insert(sub.conn, sub);
+        }
+        WatchResult::Watching
+    }
+
+    async fn commit(
+        &mut self,
+        view: GroupView,
+        start_head: u64,
+        accepted: Vec<Accepted>,
+        changes: Changes,
+    ) {
+        let state = changes
+            .state_changed
+            .then(|| self.mls.as_ref().expect("mls state present").snapshot());
+        let mut meta = self.meta.clone();
+        meta.epoch = view.epoch;
+        meta.head = view.head;
+        let write = GroupWrite {
+            group: self.id,
+            create: false,
+            meta: meta.clone(),
+            state: state.clone(),
+            entries: accepted.iter().map(|a| a.entry.clone()).collect(),
+            members: changes.members.clone(),
+            welcomes: changes.welcomes,
+            tree: changes.tree,
+        };
+        debug_assert_eq!(start_head + accepted.len() as u64, view.head);
+        match self.shared.writer.write(write).await {
+            Ok(inbox_items) => {
+                self.meta = meta;
+                if let Some(s) = state {
+                    self.durable_state = s;
+                }
+                let Some(handle) = self.handle.upgrade() else {
+                    return;
+                };
+                *handle.view.write().expect("view lock") = view.clone();
+                for a in accepted {
+                    let seq = a.entry.seq;
+                    let frame = proto::encode_frame(&Event::Entry {
+                        group: self.id,
+                        entry: a.entry,
+                    });
+                    self.push(&view, seq, frame);
+                    let _ = a.reply.send(Ok((seq, view.epoch)));
+                }
+                for (user, item) in inbox_items {
+                    self.shared.inboxes.deliver(&user, item);
+                }
+                if !changes.members.is_empty() {
+                    info!(group = %self.id, epoch = view.epoch, members = view.current_members().len(), "membership changed");
+                }
+            }
+            Err(e) => {
+                warn!(group = %self.id, error = %e, "write failed; rolling back");
+                let body = match e {
+                    StoreError::Full => ErrorBody::new(
+                        ErrorCode::QuotaExceeded,
+                        "the server's storage is full; nothing was stored",
+                    ),
+                    _ => ErrorBody::new(ErrorCode::Internal, "storage failure; nothing was stored"),
+                };
+                if let Ok(mls) = MlsState::restore(&self.id, &self.durable_state) {
+                    self.mls = Some(mls);
+                }
+                for a in accepted {
+                    let _ = a.reply.send(Err(body.clone()));
+                }
+            }
+        }
+    }
+
+    /// Pushes a durable entry to every subscriber allowed to read it.
+    fn push(&mut self, view: &GroupView, seq: u64, frame: Bytes) {
+        self.tail.push_back((seq, frame.clone()));
+        while self.tail.len() > self.shared.tail_entries {
+            self.tail.pop_front();
+        }
+        let mut drop_subs = Vec::new();
+        for (conn, sub) in &self.subscribers {
+            let Some(m) = view.members.get(&sub.user) else {
+                drop_subs.push(*conn);
+                continue;
+            };
+            if seq <= m.joined_seq {
+                continue;
+            }
+            if seq > m.readable_until(view.head) {
+                drop_subs.push(*conn);
+                continue;
+            }
+            if sub.frames.try_send(frame.clone()).is_err() {
+                // Too slow (or gone): stop pushing; it catches up from the log.
+                sub.signals.raise(Event::Gap {
+                    group: self.id,
+                    head: view.head,
+                });
+                drop_subs.push(*conn);
+                continue;
+            }
+            if m.removed_seq == Some(seq) {
+                sub.signals.raise(Event::Unwatched {
+                    group: self.id,
+                    reason: ErrorBody::new(
+                        ErrorCode::NotMember,
+                        format!("removed from group {} by the commit at {seq}", self.id),
+                    ),
+                });
+                drop_subs.push(*conn);
+            }
+        }
+        for c in drop_subs {
+            self.subscribers.remove(&c);
+        }
+    }
+}
+
+/// What an accepted commit changes.
+struct HandshakeOutcome {
+    epoch: u64,
+    members: Vec<(String, MemberRecord)>,
+    welcomes: Vec<NewInboxItem>,
+    tree: Option<(u64, Bytes)>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn process_handshake(
+    mls: &mut MlsState,
+    store: &dyn Store,
+    view: &GroupView,
+    user: &str,
+    pm: ProtocolMessage,
+    kind: EntryKind,
+    welcome: Option<Bytes>,
+    seq: u64,
+    now: u64,
+) -> Result<Option<HandshakeOutcome>, ErrorBody> {
+    let invalid = |m: String| ErrorBody::new(ErrorCode::InvalidMessage, m);
+    let crypto = RustCrypto::default();
+    let processed = mls
+        .public
+        .process_message(&crypto, pm)
+        .map_err(|e| invalid(format!("handshake message refused: {e}")))?;
+    let sender_leaf = match processed.sender() {
+        Sender::Member(leaf) => *leaf,
+        _ => return Err(invalid("only members may send handshake messages".into())),
+    };
+    if user_of(processed.credential()).as_deref() != Some(user) {
+        return Err(invalid(
+            "the message is signed by another member than the authenticated user".into(),
+        ));
+    }
+    let identity_of = |name: &str| -> Result<[u8; 32], ErrorBody> {
+        match store.user(name) {
+            Ok(Some(u)) => Ok(u.identity_key),
+            Ok(None) => Err(ErrorBody::new(
+                ErrorCode::UnknownUser,
+                format!("{name} is not a registered user"),
+            )),
+            Err(e) => Err(ErrorBody::new(ErrorCode::Internal, format!("storage: {e}"))),
+        }
+    };
+    let check_leaf = |leaf: &LeafNode, expect: &str| -> Result<(), ErrorBody> {
+        if user_of(leaf.credential()).as_deref() != Some(expect) {
+            return Err(invalid(format!(
+                "a leaf must keep the credential of {expect}"
+            )));
+        }
+        if leaf.signature_key().as_slice() != identity_of(expect)?.as_slice() {
+            return Err(invalid(format!(
+                "the signature key of {expect}'s leaf is not its registered identity key"
+            )));
+        }
+        Ok(())
+    };
+    match processed.into_content() {
+        ProcessedMessageContent::ProposalMessage(queued) => {
+            if kind != EntryKind::Proposal {
+                return Err(invalid("expected a commit".into()));
+            }
+            match queued.proposal() {
+                Proposal::Remove(_) | Proposal::Update(_) => {}
+                other => {
+                    return Err(invalid(format!(
+                        "proposals of type {:?} are not accepted by reference; commit them",
+                        other.proposal_type()
+                    )))
+                }
+            }
+            if let Proposal::Update(u) = queued.proposal() {
+                check_leaf(u.leaf_node(), user)?;
+            }
+            mls.public
+                .add_proposal(&mls.storage, *queued)
+                .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("{e:?}")))?;
+            Ok(None)
+        }
+        ProcessedMessageContent::StagedCommitMessage(staged) => {
+            if kind != EntryKind::Commit {
+                return Err(invalid("expected a proposal".into()));
+            }
+            // Leaf index -> user, before the commit.
+            let by_leaf: HashMap<u32, String> = mls
+                .public
+                .members()
+                .filter_map(|m| user_of(&m.credential).map(|u| (m.index.u32(), u)))
+                .collect();
+            let mut names: HashSet<String> = by_leaf.values().cloned().collect();
+            for r in staged.remove_proposals() {
+                if let Some(n) = by_leaf.get(&r.remove_proposal().removed().u32()) {
+                    names.remove(n);
+                }
+            }
+            for u in staged.update_proposals() {
+                let sender = match u.sender() {
+                    Sender::Member(l) => by_leaf.get(&l.u32()).cloned(),
+                    _ => None,
+                };
+                let sender = sender.ok_or_else(|| invalid("update from a non-member".into()))?;
+                check_leaf(u.update_proposal().leaf_node(), &sender)?;
+            }
+            if let Some(leaf) = staged.update_path_leaf_node() {
+                let committer = by_leaf
+                    .get(&sender_leaf.u32())
+                    .ok_or_else(|| invalid("committer is not in the tree".into()))?;
+                check_leaf(leaf, committer)?;
+            }
+            let mut added = Vec::new();
+            let mut added_refs = HashSet::new();
+            for a in staged.add_proposals() {
+                let kp = a.add_proposal().key_package();
+                let name = user_of(kp.leaf_node().credential())
+                    .ok_or_else(|| invalid("an added member has no valid user name".into()))?;
+                check_leaf(kp.leaf_node(), &name)?;
+                if !names.insert(name.clone()) {
+                    return Err(invalid(format!("{name} is already a member")));
+                }
+                added_refs.insert(
+                    kp.hash_ref(&crypto)
+                        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+                        .as_slice()
+                        .to_vec(),
+                );
+                added.push(name);
+            }
+            // The Welcome goes with the adds, to exactly the added members.
+            match (&welcome, added.is_empty()) {
+                (Some(_), true) => {
+                    return Err(invalid(
+                        "a Welcome was sent with a commit that adds nobody".into(),
+                    ))
+                }
+                (None, false) => {
+                    return Err(invalid(
+                        "a commit that adds members needs their Welcome".into(),
+                    ))
+                }
+                _ => {}
+            }
+            if let Some(w) = &welcome {
+                let msg = MlsMessageIn::tls_deserialize_exact(w.as_ref())
+                    .map_err(|e| invalid(format!("Welcome does not parse: {e}")))?;
+                let MlsMessageBodyIn::Welcome(w) = msg.extract() else {
+                    return Err(invalid("expected a Welcome message".into()));
+                };
+                let targets: HashSet<Vec<u8>> = w
+                    .secrets()
+                    .iter()
+                    .map(|s| s.new_member().as_slice().to_vec())
+                    .collect();
+                if targets != added_refs {
+                    return Err(invalid(
+                        "the Welcome must be addressed to exactly the added members".into(),
+                    ));
+                }
+            }
+            let old_epoch = mls.public.group_context().epoch().as_u64();
+            mls.public
+                .merge_commit(&mls.storage, *staged)
+                .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("merge: {e:?}")))?;
+            let epoch = mls.public.group_context().epoch().as_u64();
+            debug_assert_eq!(epoch, old_epoch + 1);
+            let after: HashSet<String> = mls
+                .public
+                .members()
+                .filter_map(|m| user_of(&m.credential))
+                .collect();
+            let mut members = Vec::new();
+            for name in view.current_members() {
+                if !after.contains(&name) {
+                    members.push((
+                        name.clone(),
+                        MemberRecord {
+                            joined_seq: view.members[&name].joined_seq,
+                            removed_seq: Some(seq),
+                        },
+                    ));
+                }
+            }
+            let mut welcomes = Vec::new();
+            for name in &added {
+                members.push((
+                    name.clone(),
+                    MemberRecord {
+                        joined_seq: seq,
+                        removed_seq: None,
+                    },
+                ));
+                welcomes.push(NewInboxItem {
+                    user: name.clone(),
+                    commit_seq: seq,
+                    timestamp_ms: now,
+                    welcome: welcome.clone().expect("checked above"),
+                });
+            }
+            let tree = if added.is_empty() {
+                None
+            } else {
+                let t = mls
+                    .public
+                    .export_ratchet_tree()
+                    .tls_serialize_detached()
+                    .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+                Some((seq, Bytes::from(t)))
+            };
+            Ok(Some(HandshakeOutcome {
+                epoch,
+                members,
+                welcomes,
+                tree,
+            }))
+        }
+        _ => Err(invalid("unexpected handshake content".into())),
+    }
+}

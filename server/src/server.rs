@@ -1,0 +1,359 @@
+//! The QUIC endpoint: accepts connections, reads one request frame per
+//! stream, hands it to the [`Service`], writes the response.
+//!
+//! Quinn types stop here; everything behind [`Service`] is transport-free.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use huddle_core::frame::{self, FrameError, HEADER_LEN};
+use huddle_core::proto::{
+    self, DecodeError, ErrorBody, ErrorCode, Request, Response, EXPORTER_LABEL,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument as _};
+
+use crate::config::ServerConfig;
+use crate::service::{Service, Session};
+use crate::store::redb::RedbStore;
+use crate::{media, push, tls};
+
+/// QUIC application close codes.
+pub mod close {
+    /// Normal close, or the server is shutting down.
+    pub const NORMAL: u32 = 0;
+    /// The peer violated the protocol.
+    pub const PROTOCOL: u32 = 1;
+    /// The server is at its connection limit.
+    pub const BUSY: u32 = 2;
+    /// The peer stopped reading its push stream.
+    pub const STALLED: u32 = 3;
+}
+
+/// Time a client has to deliver a whole request frame.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running delivery service.
+#[derive(Debug)]
+pub struct Running {
+    /// The address actually bound (useful with port 0).
+    pub addr: SocketAddr,
+    /// SHA-256 fingerprint of the certificate presented.
+    pub fingerprint: String,
+    /// The end-entity certificate (DER), for clients to pin.
+    pub cert_der: Vec<u8>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (up to the configured
+    /// grace period), flushes state and closes the endpoint.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Waits until the server stops (after [`Running::shutdown`] or a
+    /// fatal error).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    /// A token that stops the server when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Opens the data dir and store, binds the endpoint and starts serving.
+pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let identity = tls::load_identity(&config)?;
+    let fingerprint = identity.fingerprint();
+    let cert_der = identity.chain[0].to_vec();
+    let db_path = config.data_dir.join("huddle.redb");
+    let store = RedbStore::open(&db_path).map_err(|e| {
+        anyhow::anyhow!(
+            "opening {}: {e} (is another huddle-server using this data dir?)",
+            db_path.display()
+        )
+    })?;
+    let config = Arc::new(config);
+    let blobs = media::BlobStore::open(&config)?;
+    let service = Service::new(config.clone(), Arc::new(store))
+        .map_err(|e| anyhow::anyhow!("loading state: {e}"))?;
+    let server_config = tls::quinn_config(&config, identity)?;
+    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = endpoint.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(serve(endpoint, service, Arc::new(blobs), shutdown.clone()));
+    Ok(Running {
+        addr,
+        fingerprint,
+        cert_der,
+        shutdown,
+        task,
+    })
+}
+
+async fn serve(
+    endpoint: quinn::Endpoint,
+    service: Arc<Service>,
+    blobs: Arc<media::BlobStore>,
+    shutdown: CancellationToken,
+) {
+    let config = service.config().clone();
+    let connections = TaskTracker::new();
+    let active = Arc::new(AtomicUsize::new(0));
+    let next_id = AtomicU64::new(1);
+    let maintenance = {
+        let svc = service.clone();
+        let blobs = blobs.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(svc.config().maintenance_interval);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {
+                        svc.flush_acks().await;
+                        blobs.maintenance(&svc).await;
+                    }
+                }
+            }
+        })
+    };
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        if active.load(Ordering::Relaxed) >= config.max_connections {
+            warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+            tokio::spawn(async move {
+                if let Ok(c) = incoming.await {
+                    c.close(close::BUSY.into(), b"server is at its connection limit");
+                }
+            });
+            continue;
+        }
+        active.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("conn", id, remote = %incoming.remote_address());
+        let (svc, blobs, stop, active) = (
+            service.clone(),
+            blobs.clone(),
+            shutdown.clone(),
+            active.clone(),
+        );
+        connections.spawn(
+            async move {
+                handle_connection(incoming, id, svc, blobs, stop).await;
+                active.fetch_sub(1, Ordering::Relaxed);
+            }
+            .instrument(span),
+        );
+    }
+    info!("shutting down: no new connections, finishing in-flight requests");
+    endpoint.set_server_config(None);
+    connections.close();
+    if tokio::time::timeout(config.shutdown_grace, connections.wait())
+        .await
+        .is_err()
+    {
+        warn!("in-flight requests did not finish within the grace period");
+    }
+    let _ = maintenance.await;
+    service.flush_acks().await;
+    endpoint.close(close::NORMAL.into(), b"server shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    info!("stopped");
+}
+
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    id: u64,
+    svc: Arc<Service>,
+    blobs: Arc<media::BlobStore>,
+    shutdown: CancellationToken,
+) {
+    let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!("handshake timed out");
+            return;
+        }
+    };
+    let mut exporter = [0u8; 32];
+    if conn
+        .export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+        .is_err()
+    {
+        conn.close(close::PROTOCOL.into(), b"TLS exporter unavailable");
+        return;
+    }
+    debug!("connected");
+    let session = Arc::new(Session::new(id, exporter));
+    let streams = TaskTracker::new();
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(reason = %e, "connection ended");
+                    break;
+                }
+            },
+        };
+        let (svc, blobs, session, stop, conn2) = (
+            svc.clone(),
+            blobs.clone(),
+            session.clone(),
+            shutdown.clone(),
+            conn.clone(),
+        );
+        streams.spawn(
+            async move {
+                handle_stream(svc, blobs, session, send, recv, stop, conn2).await;
+            }
+            .instrument(info_span!("stream")),
+        );
+    }
+    streams.close();
+    streams.wait().await;
+    if shutdown.is_cancelled() {
+        conn.close(close::NORMAL.into(), b"server shutting down");
+    }
+}
+
+/// Why a request frame could not be read.
+#[derive(Debug)]
+pub enum ReadFrameError {
+    /// The frame was refused (too large, truncated).
+    Frame(FrameError),
+    /// The stream ended before a whole frame arrived.
+    Truncated,
+    /// The peer reset the stream or the connection dropped.
+    Gone,
+    /// The frame did not arrive in time.
+    Timeout,
+}
+
+/// Reads one frame body from `recv`, checking its length before allocating.
+pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Bytes, ReadFrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    recv.read_exact(&mut header).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => ReadFrameError::Truncated,
+        quinn::ReadExactError::ReadError(_) => ReadFrameError::Gone,
+    })?;
+    let len = frame::body_len(header, max).map_err(ReadFrameError::Frame)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => ReadFrameError::Truncated,
+        quinn::ReadExactError::ReadError(_) => ReadFrameError::Gone,
+    })?;
+    Ok(Bytes::from(body))
+}
+
+async fn respond(send: &mut quinn::SendStream, resp: &Response) {
+    if send.write_all(&proto::encode_frame(resp)).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+async fn handle_stream(
+    svc: Arc<Service>,
+    blobs: Arc<media::BlobStore>,
+    session: Arc<Session>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    shutdown: CancellationToken,
+    conn: quinn::Connection,
+) {
+    let max = svc.config().max_frame;
+    let body = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv, max)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let err = match e {
+                ReadFrameError::Frame(FrameError::TooLarge { len, max }) => ErrorBody::new(
+                    ErrorCode::FrameTooLarge,
+                    format!("request frame of {len} bytes exceeds the limit of {max}"),
+                ),
+                ReadFrameError::Frame(FrameError::Incomplete { .. })
+                | ReadFrameError::Truncated => {
+                    ErrorBody::new(ErrorCode::BadRequest, "the stream ended inside a frame")
+                }
+                ReadFrameError::Gone => return,
+                ReadFrameError::Timeout => unreachable!(),
+            };
+            debug!(error = %err.message, "bad request frame");
+            respond(&mut send, &Response::Error(err)).await;
+            return;
+        }
+        Err(_) => {
+            let err = ErrorBody::new(ErrorCode::BadRequest, "request frame timed out");
+            respond(&mut send, &Response::Error(err)).await;
+            return;
+        }
+    };
+    let req = match proto::decode::<Request>(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let code = match e {
+                DecodeError::UnknownType(_) => ErrorCode::UnknownMessageType,
+                _ => ErrorCode::BadRequest,
+            };
+            debug!(error = %e, "undecodable request");
+            respond(
+                &mut send,
+                &Response::Error(ErrorBody::new(code, e.to_string())),
+            )
+            .await;
+            return;
+        }
+    };
+    debug!(request = ?req, user = ?session.user(), "request");
+    match req {
+        Request::Subscribe {
+            groups,
+            inbox_after,
+        } => {
+            if let Err(e) = push::run(svc, session, send, recv, groups, inbox_after, shutdown).await
+            {
+                if matches!(e, quinn::WriteError::Stopped(c) if c == quinn::VarInt::from_u32(close::STALLED))
+                {
+                    warn!("push stream stalled; closing the connection");
+                    conn.close(close::STALLED.into(), b"push stream not read");
+                }
+            }
+        }
+        Request::BeginUpload(u) => media::upload(&svc, &blobs, &session, u, send, recv).await,
+        Request::Download { media, offset, len } => {
+            media::download(&svc, &blobs, &session, media, offset, len, send).await
+        }
+        other => {
+            let resp = svc.handle(&session, other).await;
+            if let Response::Error(e) = &resp {
+                debug!(code = ?e.code, error = %e.message, "request refused");
+            }
+            respond(&mut send, &resp).await;
+        }
+    }
+}

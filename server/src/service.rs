@@ -1,0 +1,773 @@
+//! Request handling, independent of the transport.
+//!
+//! [`Service::handle`] takes one decoded [`Request`] and the [`Session`] of
+//! the connection it came on, and returns the [`Response`]. The QUIC layer
+//! ([`crate::server`]) only moves frames; everything here can be driven by a
+//! test without a network.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use huddle_core::auth::{verify_proof, Purpose, EXPORTER_LEN};
+use huddle_core::ids::check_user_name;
+use huddle_core::mls::validate_key_package;
+use huddle_core::proto::{
+    ClaimedKeyPackage, ErrorBody, ErrorCode, GroupSummary, Request, Response, UserInfo,
+    MAX_BATCH_USERS, MAX_KEY_PACKAGE_BATCH, MAX_PAGE,
+};
+use huddle_core::GroupId;
+use openmls_rust_crypto::RustCrypto;
+use rand::RngCore as _;
+use tracing::{info, warn};
+
+use crate::config::ServerConfig;
+use crate::group::{self, GroupHandle, Post, Shared};
+use crate::hub::Hub;
+use crate::store::{RegisterOutcome, Store, StoreError, StoredKeyPackage, UserRecord};
+use crate::writer::Writer;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Per-connection authentication state.
+#[derive(Debug)]
+pub struct Session {
+    /// Connection id, unique in this process.
+    pub conn: u64,
+    /// TLS exporter keying material of the connection (see
+    /// [`huddle_core::auth`]).
+    pub exporter: [u8; EXPORTER_LEN],
+    state: Mutex<SessionState>,
+}
+
+#[derive(Debug, Default)]
+struct SessionState {
+    nonce: Option<[u8; 32]>,
+    user: Option<String>,
+}
+
+impl Session {
+    /// A new, unauthenticated session.
+    pub fn new(conn: u64, exporter: [u8; EXPORTER_LEN]) -> Self {
+        Self {
+            conn,
+            exporter,
+            state: Mutex::new(SessionState::default()),
+        }
+    }
+
+    /// The authenticated user, if any.
+    pub fn user(&self) -> Option<String> {
+        self.state.lock().expect("session lock").user.clone()
+    }
+
+    fn require_user(&self) -> Result<String, ErrorBody> {
+        self.user().ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::NotAuthenticated,
+                "authenticate first (Challenge, then Register or Authenticate)",
+            )
+        })
+    }
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// The delivery service's logic and state.
+pub struct Service {
+    config: Arc<ServerConfig>,
+    store: Arc<dyn Store>,
+    shared: Shared,
+    groups: RwLock<HashMap<GroupId, Arc<GroupHandle>>>,
+    /// Online users' inbox pushes.
+    pub hub: Arc<Hub>,
+    claims: Mutex<HashMap<String, Bucket>>,
+    acks: Mutex<HashMap<(GroupId, String), u64>>,
+    /// Serialises group creation so two creations of one id cannot race.
+    create: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").finish_non_exhaustive()
+    }
+}
+
+fn store_error(e: StoreError) -> ErrorBody {
+    match e {
+        StoreError::Full => ErrorBody::new(
+            ErrorCode::QuotaExceeded,
+            "the server's storage is full; nothing was stored",
+        ),
+        other => {
+            warn!(error = %other, "storage failure");
+            ErrorBody::new(ErrorCode::Internal, "storage failure; nothing was stored")
+        }
+    }
+}
+
+impl Service {
+    /// Builds the service over `store` and starts a task per stored group.
+    /// Must be called within a tokio runtime.
+    pub fn new(config: Arc<ServerConfig>, store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+        let hub = Arc::new(Hub::default());
+        let shared = Shared {
+            store: store.clone(),
+            writer: Writer::start(store.clone()),
+            inboxes: hub.clone(),
+            tail_entries: config.tail_entries,
+            now_ms,
+        };
+        let mut groups = HashMap::new();
+        for g in store.groups()? {
+            let handle = group::spawn(g.id, g.meta, &g.state, g.members, shared.clone())?;
+            groups.insert(g.id, handle);
+        }
+        info!(groups = groups.len(), "groups loaded");
+        Ok(Arc::new(Self {
+            config,
+            store,
+            shared,
+            groups: RwLock::new(groups),
+            hub,
+            claims: Mutex::new(HashMap::new()),
+            acks: Mutex::new(HashMap::new()),
+            create: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// The store (for blocking calls).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The task of group `id`.
+    pub fn group(&self, id: &GroupId) -> Option<Arc<GroupHandle>> {
+        self.groups.read().expect("groups lock").get(id).cloned()
+    }
+
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> R + Send + 'static,
+    ) -> Result<R, ErrorBody> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&*store))
+            .await
+            .map_err(|_| ErrorBody::new(ErrorCode::Internal, "internal error"))
+    }
+
+    /// Handles one request. Never panics on bad input: every refusal is a
+    /// [`Response::Error`].
+    pub async fn handle(&self, session: &Session, req: Request) -> Response {
+        match self.dispatch(session, req).await {
+            Ok(r) => r,
+            Err(e) => Response::Error(e),
+        }
+    }
+
+    async fn dispatch(&self, session: &Session, req: Request) -> Result<Response, ErrorBody> {
+        match req {
+            Request::Challenge => {
+                let mut nonce = [0u8; 32];
+                rand::thread_rng().fill_bytes(&mut nonce);
+                session.state.lock().expect("session lock").nonce = Some(nonce);
+                Ok(Response::Challenge { nonce })
+            }
+            Request::Register {
+                name,
+                identity_key,
+                proof,
+            } => self.register(session, name, identity_key, proof).await,
+            Request::Authenticate { name, proof } => self.authenticate(session, name, proof).await,
+            other => {
+                let user = session.require_user()?;
+                self.authenticated(session, user, other).await
+            }
+        }
+    }
+
+    fn take_nonce(&self, session: &Session) -> Result<[u8; 32], ErrorBody> {
+        let mut st = session.state.lock().expect("session lock");
+        if st.user.is_some() {
+            return Err(ErrorBody::new(
+                ErrorCode::OutOfOrder,
+                "this connection is already authenticated",
+            ));
+        }
+        st.nonce.take().ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::OutOfOrder,
+                "request a Challenge on this connection first",
+            )
+        })
+    }
+
+    async fn register(
+        &self,
+        session: &Session,
+        name: String,
+        identity_key: [u8; 32],
+        proof: Bytes,
+    ) -> Result<Response, ErrorBody> {
+        check_user_name(&name).map_err(|e| ErrorBody::new(ErrorCode::BadRequest, e.to_string()))?;
+        let nonce = self.take_nonce(session)?;
+        verify_proof(
+            &identity_key,
+            Purpose::Register,
+            &name,
+            &nonce,
+            &session.exporter,
+            &proof,
+        )
+        .map_err(|e| ErrorBody::new(ErrorCode::AuthFailed, format!("registration refused: {e}")))?;
+        let record = UserRecord {
+            identity_key,
+            registered_ms: now_ms(),
+        };
+        let n = name.clone();
+        let outcome = self
+            .blocking(move |s| s.register_user(&n, &record))
+            .await?
+            .map_err(store_error)?;
+        match outcome {
+            RegisterOutcome::Created | RegisterOutcome::Existing => {
+                if outcome == RegisterOutcome::Created {
+                    info!(user = %name, "registered");
+                }
+                session.state.lock().expect("session lock").user = Some(name.clone());
+                Ok(Response::Authenticated { name })
+            }
+            RegisterOutcome::Taken => Err(ErrorBody::new(
+                ErrorCode::NameTaken,
+                format!("the name {name} is registered to another key"),
+            )),
+        }
+    }
+
+    async fn authenticate(
+        &self,
+        session: &Session,
+        name: String,
+        proof: Bytes,
+    ) -> Result<Response, ErrorBody> {
+        check_user_name(&name).map_err(|e| ErrorBody::new(ErrorCode::BadRequest, e.to_string()))?;
+        let nonce = self.take_nonce(session)?;
+        let n = name.clone();
+        let user = self
+            .blocking(move |s| s.user(&n))
+            .await?
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                ErrorBody::new(
+                    ErrorCode::UnknownUser,
+                    format!("no user is registered as {name}"),
+                )
+            })?;
+        verify_proof(
+            &user.identity_key,
+            Purpose::Authenticate,
+            &name,
+            &nonce,
+            &session.exporter,
+            &proof,
+        )
+        .map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::AuthFailed,
+                format!("authentication as {name} refused: {e}"),
+            )
+        })?;
+        session.state.lock().expect("session lock").user = Some(name.clone());
+        Ok(Response::Authenticated { name })
+    }
+
+    async fn identity_key(&self, user: &str) -> Result<[u8; 32], ErrorBody> {
+        let u = user.to_owned();
+        self.blocking(move |s| s.user(&u))
+            .await?
+            .map_err(store_error)?
+            .map(|r| r.identity_key)
+            .ok_or_else(|| ErrorBody::new(ErrorCode::UnknownUser, format!("unknown user {user}")))
+    }
+
+    fn group_or_err(&self, id: &GroupId) -> Result<Arc<GroupHandle>, ErrorBody> {
+        self.group(id)
+            .ok_or_else(|| ErrorBody::new(ErrorCode::UnknownGroup, format!("no group {id}")))
+    }
+
+    fn not_member(user: &str, id: &GroupId) -> ErrorBody {
+        ErrorBody::new(
+            ErrorCode::NotMember,
+            format!("{user} is not a member of group {id}"),
+        )
+    }
+
+    async fn authenticated(
+        &self,
+        session: &Session,
+        user: String,
+        req: Request,
+    ) -> Result<Response, ErrorBody> {
+        match req {
+            Request::PublishKeyPackages {
+                key_packages,
+                last_resort,
+            } => {
+                self.publish_key_packages(user, key_packages, last_resort)
+                    .await
+            }
+            Request::KeyPackageCount => {
+                let (available, last_resort) = self
+                    .blocking(move |s| s.key_package_count(&user))
+                    .await?
+                    .map_err(store_error)?;
+                Ok(Response::KeyPackageCount {
+                    available,
+                    last_resort,
+                })
+            }
+            Request::ClaimKeyPackages { users } => self.claim(user, users).await,
+            Request::LookupUsers { names } => {
+                if names.len() > MAX_BATCH_USERS {
+                    return Err(ErrorBody::new(
+                        ErrorCode::TooLarge,
+                        format!("at most {MAX_BATCH_USERS} names per lookup"),
+                    ));
+                }
+                let users = self
+                    .blocking(move |s| -> Result<Vec<UserInfo>, StoreError> {
+                        let mut out = Vec::new();
+                        for name in names {
+                            if let Some(u) = s.user(&name)? {
+                                out.push(UserInfo {
+                                    name,
+                                    identity_key: u.identity_key,
+                                });
+                            }
+                        }
+                        Ok(out)
+                    })
+                    .await?
+                    .map_err(store_error)?;
+                Ok(Response::Users { users })
+            }
+            Request::CreateGroup {
+                group,
+                group_info,
+                ratchet_tree,
+            } => {
+                self.create_group(user, group, group_info, ratchet_tree)
+                    .await
+            }
+            Request::Commit {
+                group,
+                commit,
+                welcome,
+            } => {
+                self.post(user, group, Post::Commit { commit, welcome })
+                    .await
+            }
+            Request::Proposal { group, proposal } => {
+                self.post(user, group, Post::Proposal(proposal)).await
+            }
+            Request::Message { group, message } => {
+                self.post(user, group, Post::Application(message)).await
+            }
+            Request::FetchLog {
+                group,
+                after,
+                limit,
+            } => self.fetch_log(user, group, after, limit).await,
+            Request::FetchInbox { after, limit } => {
+                let limit = limit.clamp(1, MAX_PAGE);
+                let (items, head) = self
+                    .blocking(move |s| s.read_inbox(&user, after, limit))
+                    .await?
+                    .map_err(store_error)?;
+                Ok(Response::Inbox { items, head })
+            }
+            Request::RatchetTree { group, seq } => {
+                let handle = self.group_or_err(&group)?;
+                let allowed = handle.with_view(|v| {
+                    v.members
+                        .get(&user)
+                        .is_some_and(|m| m.joined_seq <= seq && seq <= m.readable_until(v.head))
+                });
+                if !allowed {
+                    return Err(Self::not_member(&user, &group));
+                }
+                let tree = self
+                    .blocking(move |s| s.tree(&group, seq))
+                    .await?
+                    .map_err(store_error)?
+                    .ok_or_else(|| {
+                        ErrorBody::new(
+                            ErrorCode::NotFound,
+                            format!("no tree kept for commit {seq}"),
+                        )
+                    })?;
+                Ok(Response::RatchetTree { tree })
+            }
+            Request::GroupState { group } => {
+                let handle = self.group_or_err(&group)?;
+                let view = handle.view();
+                if !view.is_member(&user) {
+                    return Err(Self::not_member(&user, &group));
+                }
+                Ok(Response::GroupState {
+                    epoch: view.epoch,
+                    head: view.head,
+                    members: view.current_members(),
+                })
+            }
+            Request::ListGroups => {
+                let u = user.clone();
+                let ids = self
+                    .blocking(move |s| s.user_groups(&u))
+                    .await?
+                    .map_err(store_error)?;
+                let mut groups = Vec::new();
+                for id in ids {
+                    if let Some(h) = self.group(&id) {
+                        h.with_view(|v| {
+                            if v.is_member(&user) {
+                                groups.push(GroupSummary {
+                                    group: id,
+                                    epoch: v.epoch,
+                                    head: v.head,
+                                });
+                            }
+                        });
+                    }
+                }
+                Ok(Response::Groups { groups })
+            }
+            Request::EpochAuthenticator { group, epoch, hash } => {
+                let handle = self.group_or_err(&group)?;
+                if !handle.with_view(|v| v.is_member(&user)) {
+                    return Err(Self::not_member(&user, &group));
+                }
+                let published = self
+                    .blocking(move |s| s.publish_epoch_authenticator(&group, epoch, &user, hash))
+                    .await?
+                    .map_err(store_error)?;
+                Ok(Response::EpochAuthenticators { published })
+            }
+            Request::Subscribe { .. } | Request::BeginUpload(_) | Request::Download { .. } => {
+                let _ = session;
+                Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    "this request is handled on its own stream",
+                ))
+            }
+            Request::Challenge | Request::Register { .. } | Request::Authenticate { .. } => {
+                unreachable!("handled before authentication")
+            }
+        }
+    }
+
+    async fn publish_key_packages(
+        &self,
+        user: String,
+        key_packages: Vec<Bytes>,
+        last_resort: Option<Bytes>,
+    ) -> Result<Response, ErrorBody> {
+        if key_packages.len() > MAX_KEY_PACKAGE_BATCH {
+            return Err(ErrorBody::new(
+                ErrorCode::TooLarge,
+                format!("at most {MAX_KEY_PACKAGE_BATCH} key packages per upload"),
+            ));
+        }
+        let identity = self.identity_key(&user).await?;
+        let max = self.config.max_key_packages_per_user;
+        self.blocking(move |s| -> Result<Response, ErrorBody> {
+            let crypto = RustCrypto::default();
+            let now = now_ms() / 1000;
+            let mut checked = Vec::with_capacity(key_packages.len());
+            for (i, kp) in key_packages.iter().enumerate() {
+                let c = validate_key_package(&crypto, kp, &user, &identity, now).map_err(|e| {
+                    ErrorBody::new(
+                        ErrorCode::InvalidKeyPackage,
+                        format!("key package {i}: {e}"),
+                    )
+                })?;
+                if c.last_resort {
+                    return Err(ErrorBody::new(
+                        ErrorCode::InvalidKeyPackage,
+                        format!("key package {i} is marked last-resort; send it as last_resort"),
+                    ));
+                }
+                checked.push((
+                    c.hash_ref,
+                    StoredKeyPackage {
+                        not_after: c.not_after,
+                        bytes: kp.to_vec(),
+                    },
+                ));
+            }
+            if let Some(lr) = &last_resort {
+                let c = validate_key_package(&crypto, lr, &user, &identity, now).map_err(|e| {
+                    ErrorBody::new(
+                        ErrorCode::InvalidKeyPackage,
+                        format!("last-resort key package: {e}"),
+                    )
+                })?;
+                if !c.last_resort {
+                    return Err(ErrorBody::new(
+                        ErrorCode::InvalidKeyPackage,
+                        "the last-resort key package lacks the last_resort extension",
+                    ));
+                }
+            }
+            let available = s
+                .add_key_packages(&user, &checked, last_resort.as_deref(), max)
+                .map_err(|e| match e {
+                    StoreError::Conflict(m) => ErrorBody::new(ErrorCode::QuotaExceeded, m),
+                    other => store_error(other),
+                })?;
+            let (_, has_last_resort) = s.key_package_count(&user).map_err(store_error)?;
+            Ok(Response::KeyPackageCount {
+                available,
+                last_resort: has_last_resort,
+            })
+        })
+        .await?
+    }
+
+    fn take_claim_tokens(&self, user: &str, n: usize) -> Result<(), ErrorBody> {
+        let cap = f64::from(self.config.claims_per_minute.max(1));
+        let mut claims = self.claims.lock().expect("claims lock");
+        let now = Instant::now();
+        let b = claims.entry(user.to_owned()).or_insert(Bucket {
+            tokens: cap,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * cap / 60.0).min(cap);
+        b.at = now;
+        if b.tokens < n as f64 {
+            return Err(ErrorBody::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "key package claims are limited to {} per minute; try again later",
+                    self.config.claims_per_minute
+                ),
+            ));
+        }
+        b.tokens -= n as f64;
+        Ok(())
+    }
+
+    async fn claim(&self, user: String, users: Vec<String>) -> Result<Response, ErrorBody> {
+        if users.is_empty() || users.len() > MAX_BATCH_USERS {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!("claim between 1 and {MAX_BATCH_USERS} users at a time"),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for u in &users {
+            if !seen.insert(u.as_str()) {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    format!("{u} is listed twice"),
+                ));
+            }
+        }
+        self.take_claim_tokens(&user, users.len())?;
+        let claimed = self
+            .blocking(move |s| -> Result<Vec<ClaimedKeyPackage>, ErrorBody> {
+                // Refuse before consuming anything if a user is unknown or has
+                // no package at all.
+                for u in &users {
+                    if s.user(u).map_err(store_error)?.is_none() {
+                        return Err(ErrorBody::new(
+                            ErrorCode::UnknownUser,
+                            format!("no user is registered as {u}"),
+                        ));
+                    }
+                    let (n, lr) = s.key_package_count(u).map_err(store_error)?;
+                    if n == 0 && !lr {
+                        return Err(ErrorBody::new(
+                            ErrorCode::NoKeyPackage,
+                            format!("{u} has no key package on this server"),
+                        ));
+                    }
+                }
+                let out = s
+                    .claim_key_packages(&users, now_ms() / 1000)
+                    .map_err(store_error)?;
+                users
+                    .into_iter()
+                    .zip(out)
+                    .map(|(u, c)| {
+                        let c = c.ok_or_else(|| {
+                            ErrorBody::new(
+                                ErrorCode::NoKeyPackage,
+                                format!("{u} has no key package on this server"),
+                            )
+                        })?;
+                        Ok(ClaimedKeyPackage {
+                            user: u,
+                            key_package: c.bytes,
+                            last_resort: c.last_resort,
+                        })
+                    })
+                    .collect()
+            })
+            .await??;
+        Ok(Response::KeyPackages { packages: claimed })
+    }
+
+    async fn create_group(
+        &self,
+        user: String,
+        id: GroupId,
+        group_info: Bytes,
+        ratchet_tree: Bytes,
+    ) -> Result<Response, ErrorBody> {
+        if self.group(&id).is_some() {
+            return Err(ErrorBody::new(
+                ErrorCode::GroupExists,
+                format!("group {id} exists"),
+            ));
+        }
+        let key = self.identity_key(&user).await?;
+        let u = user.clone();
+        let (write, state) = tokio::task::spawn_blocking(move || {
+            group::validate_new_group(id, &u, &key, &group_info, &ratchet_tree, now_ms())
+        })
+        .await
+        .map_err(|_| ErrorBody::new(ErrorCode::Internal, "internal error"))??;
+        let meta = write.meta.clone();
+        let members = write.members.clone();
+        let _guard = self.create.lock().await;
+        if self.group(&id).is_some() {
+            return Err(ErrorBody::new(
+                ErrorCode::GroupExists,
+                format!("group {id} exists"),
+            ));
+        }
+        self.shared.writer.write(write).await.map_err(|e| match e {
+            StoreError::Conflict(_) => {
+                ErrorBody::new(ErrorCode::GroupExists, format!("group {id} exists"))
+            }
+            other => store_error(other),
+        })?;
+        let handle =
+            group::spawn(id, meta, &state, members, self.shared.clone()).map_err(store_error)?;
+        self.groups.write().expect("groups lock").insert(id, handle);
+        info!(group = %id, creator = %user, "group created");
+        Ok(Response::Appended { seq: 0, epoch: 0 })
+    }
+
+    async fn post(&self, user: String, group: GroupId, post: Post) -> Result<Response, ErrorBody> {
+        let handle = self.group_or_err(&group)?;
+        let (seq, epoch) = handle.post(user, post).await?;
+        Ok(Response::Appended { seq, epoch })
+    }
+
+    async fn fetch_log(
+        &self,
+        user: String,
+        group: GroupId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Response, ErrorBody> {
+        let handle = self.group_or_err(&group)?;
+        let (member, head, compacted) =
+            handle.with_view(|v| (v.members.get(&user).copied(), v.head, v.compacted));
+        let Some(member) = member else {
+            return Err(Self::not_member(&user, &group));
+        };
+        let until = member.readable_until(head);
+        if !member.is_current() && after >= until {
+            return Err(ErrorBody::new(
+                ErrorCode::NotMember,
+                format!("{user} was removed from group {group} at {until}"),
+            ));
+        }
+        let after = after.max(member.joined_seq);
+        if after < compacted {
+            return Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("entries up to {compacted} of group {group} were compacted"),
+            ));
+        }
+        self.ack(&user, group, after);
+        let limit = limit.clamp(1, MAX_PAGE);
+        let entries = self
+            .blocking(move |s| s.read_log(&group, after, until, limit))
+            .await?
+            .map_err(store_error)?;
+        Ok(Response::Log {
+            entries,
+            head: until,
+        })
+    }
+
+    /// Records that `user` processed `group` up to `seq` (flushed later by
+    /// [`Service::flush_acks`]).
+    pub fn ack(&self, user: &str, group: GroupId, seq: u64) {
+        let mut acks = self.acks.lock().expect("acks lock");
+        let e = acks.entry((group, user.to_owned())).or_insert(0);
+        *e = (*e).max(seq);
+    }
+
+    /// Writes the acknowledged positions gathered since the last call, in
+    /// one transaction, then compacts logs every member has acknowledged.
+    pub async fn flush_acks(&self) {
+        let acks: Vec<_> = std::mem::take(&mut *self.acks.lock().expect("acks lock"))
+            .into_iter()
+            .map(|((g, u), s)| (g, u, s))
+            .collect();
+        if acks.is_empty() {
+            return;
+        }
+        let touched: HashSet<GroupId> = acks.iter().map(|(g, _, _)| *g).collect();
+        let r = self.blocking(move |s| s.save_cursors(&acks)).await;
+        if let Ok(Err(e)) | Err(e) = r.map_err(|e| StoreError::Io(e.message)) {
+            warn!(error = %e, "saving cursors failed");
+            return;
+        }
+        for g in touched {
+            let Some(h) = self.group(&g) else { continue };
+            let view = h.view();
+            let floor = self
+                .blocking(move |s| s.cursors(&g))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .map(|cursors| {
+                    let c: HashMap<String, u64> = cursors.into_iter().collect();
+                    view.members
+                        .iter()
+                        .filter(|(_, m)| m.is_current())
+                        .map(|(u, m)| c.get(u).copied().unwrap_or(0).max(m.joined_seq))
+                        .min()
+                        .unwrap_or(0)
+                        .min(view.head)
+                });
+            if let Some(floor) = floor {
+                if floor > view.compacted {
+                    let _ = self.blocking(move |s| s.compact_log(&g, floor)).await;
+                    h.set_compacted(floor);
+                }
+            }
+        }
+    }
+}

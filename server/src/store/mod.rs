@@ -1,0 +1,252 @@
+//! Durable state of the delivery service, behind one narrow trait.
+//!
+//! [`Store`] is everything the DS keeps across restarts: users, key
+//! packages, groups (public MLS state, members, log), Welcome inboxes,
+//! ratchet-tree snapshots and cursors. Every method that changes state is
+//! atomic and durable when it returns `Ok`: the DS acknowledges nothing
+//! before that. [`redb::RedbStore`] is the embedded default; another backend
+//! (for example PostgreSQL) implements the same trait.
+//!
+//! Group writes are batched: [`Store::apply`] takes the writes of many
+//! groups and commits them in one transaction, so one disk flush
+//! acknowledges many messages (see [`crate::writer`]).
+
+pub mod redb;
+#[cfg(test)]
+mod tests;
+
+use bytes::Bytes;
+use huddle_core::proto::{InboxItem, LogEntry};
+use huddle_core::GroupId;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Storage failures.
+#[derive(Debug, Error, Clone)]
+pub enum StoreError {
+    /// The disk is full; nothing of the failed write was stored.
+    #[error("storage is full")]
+    Full,
+    /// A write conflicted with existing data (for example a group id that
+    /// is already taken).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Stored data could not be decoded.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// Any other storage failure.
+    #[error("storage failure: {0}")]
+    Io(String),
+}
+
+/// A registered user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// Ed25519 identity key (also the user's MLS signature key).
+    pub identity_key: [u8; 32],
+    /// Registration time, ms since the Unix epoch.
+    pub registered_ms: u64,
+}
+
+/// Result of [`Store::register_user`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    /// The name was free and is now bound to the key.
+    Created,
+    /// The name was already bound to the same key (a repeated registration).
+    Existing,
+    /// The name is bound to another key.
+    Taken,
+}
+
+/// A stored one-time key package.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredKeyPackage {
+    /// End of validity, seconds since the Unix epoch.
+    pub not_after: u64,
+    /// TLS-serialised key package.
+    pub bytes: Vec<u8>,
+}
+
+/// A key package handed out by [`Store::claim_key_packages`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// TLS-serialised key package.
+    pub bytes: Bytes,
+    /// True when it is the user's last-resort package.
+    pub last_resort: bool,
+}
+
+/// A group member's rights to the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// Log position of the commit that added the member (0 for the
+    /// creator). The member may read entries after it.
+    pub joined_seq: u64,
+    /// Log position of the commit that removed the member, if any. The
+    /// member may read entries up to and including it, and nothing after.
+    pub removed_seq: Option<u64>,
+}
+
+impl MemberRecord {
+    /// Whether the member is still in the group.
+    pub fn is_current(&self) -> bool {
+        self.removed_seq.is_none()
+    }
+
+    /// Highest sequence number this member may read, given the log head.
+    pub fn readable_until(&self, head: u64) -> u64 {
+        self.removed_seq.map_or(head, |r| r.min(head))
+    }
+}
+
+/// Per-group facts kept beside the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMeta {
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Current MLS epoch.
+    pub epoch: u64,
+    /// Newest sequence number in the log.
+    pub head: u64,
+    /// Entries up to this sequence number have been compacted away.
+    pub compacted: u64,
+}
+
+/// A group as loaded at start-up.
+#[derive(Debug, Clone)]
+pub struct StoredGroup {
+    /// Id.
+    pub id: GroupId,
+    /// Facts.
+    pub meta: GroupMeta,
+    /// Serialised public MLS state (opaque to the store).
+    pub state: Vec<u8>,
+    /// Every member record, including removed members.
+    pub members: Vec<(String, MemberRecord)>,
+}
+
+/// A Welcome to put in a user's inbox; the store assigns its sequence number.
+#[derive(Debug, Clone)]
+pub struct NewInboxItem {
+    /// Recipient.
+    pub user: String,
+    /// Log position of the commit that added the recipient.
+    pub commit_seq: u64,
+    /// When, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The Welcome message.
+    pub welcome: Bytes,
+}
+
+/// Everything one sequencer step changes in one group. Applied atomically.
+#[derive(Debug, Clone)]
+pub struct GroupWrite {
+    /// The group.
+    pub group: GroupId,
+    /// True when this write creates the group; it fails with
+    /// [`StoreError::Conflict`] if the id exists.
+    pub create: bool,
+    /// New facts.
+    pub meta: GroupMeta,
+    /// New public MLS state, when it changed.
+    pub state: Option<Vec<u8>>,
+    /// Entries appended to the log, in order, right after the old head.
+    pub entries: Vec<LogEntry>,
+    /// Member records to insert or replace.
+    pub members: Vec<(String, MemberRecord)>,
+    /// Welcomes to deliver.
+    pub welcomes: Vec<NewInboxItem>,
+    /// A ratchet-tree snapshot to keep for joiners: (commit seq, tree).
+    pub tree: Option<(u64, Bytes)>,
+}
+
+/// The storage interface of the delivery service. All methods block; call
+/// them from a blocking context.
+pub trait Store: Send + Sync + 'static {
+    /// Looks up a user.
+    fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError>;
+
+    /// Binds `name` to `record.identity_key` unless it is bound to another key.
+    fn register_user(&self, name: &str, record: &UserRecord)
+        -> Result<RegisterOutcome, StoreError>;
+
+    /// Adds one-time key packages (keyed by hash reference, so a repeated
+    /// upload is harmless) and optionally replaces the last-resort package.
+    /// Refuses with [`StoreError::Conflict`] if the pool would exceed `max`.
+    /// Returns the number of one-time packages now available.
+    fn add_key_packages(
+        &self,
+        user: &str,
+        packages: &[(Vec<u8>, StoredKeyPackage)],
+        last_resort: Option<&[u8]>,
+        max: u32,
+    ) -> Result<u32, StoreError>;
+
+    /// Claims one key package for each user, atomically: each one-time
+    /// package is removed as it is handed out, so it is never handed out
+    /// twice. Packages expired at `now` (seconds) are dropped. When the pool
+    /// is empty the last-resort package is returned (and kept). `None` for a
+    /// user without any package.
+    fn claim_key_packages(
+        &self,
+        users: &[String],
+        now: u64,
+    ) -> Result<Vec<Option<Claimed>>, StoreError>;
+
+    /// One-time packages left for `user`, and whether a last-resort package
+    /// is stored.
+    fn key_package_count(&self, user: &str) -> Result<(u32, bool), StoreError>;
+
+    /// Every group, for loading at start-up.
+    fn groups(&self) -> Result<Vec<StoredGroup>, StoreError>;
+
+    /// Groups in which `user` has a member record, current or not.
+    fn user_groups(&self, user: &str) -> Result<Vec<GroupId>, StoreError>;
+
+    /// Applies many group writes in one atomic, durable transaction. Returns,
+    /// per write, the inbox items created (recipient, item with its
+    /// sequence number).
+    fn apply(&self, writes: &[GroupWrite]) -> Result<Vec<Vec<(String, InboxItem)>>, StoreError>;
+
+    /// Log entries of `group` with `after < seq <= until`, at most `limit`.
+    fn read_log(
+        &self,
+        group: &GroupId,
+        after: u64,
+        until: u64,
+        limit: u32,
+    ) -> Result<Vec<LogEntry>, StoreError>;
+
+    /// Inbox items of `user` after `after`, at most `limit`, and the inbox head.
+    fn read_inbox(
+        &self,
+        user: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<InboxItem>, u64), StoreError>;
+
+    /// The ratchet tree kept for the commit at `seq` in `group`.
+    fn tree(&self, group: &GroupId, seq: u64) -> Result<Option<Bytes>, StoreError>;
+
+    /// Records acknowledged positions (group, user, seq); positions only move
+    /// forward.
+    fn save_cursors(&self, cursors: &[(GroupId, String, u64)]) -> Result<(), StoreError>;
+
+    /// Acknowledged positions of a group's members.
+    fn cursors(&self, group: &GroupId) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// Deletes log entries of `group` up to `upto` and records it in the
+    /// group's meta. Returns how many entries were removed.
+    fn compact_log(&self, group: &GroupId, upto: u64) -> Result<u64, StoreError>;
+
+    /// Records the hash of an epoch authenticator a member computed and
+    /// returns every hash published for that epoch.
+    fn publish_epoch_authenticator(
+        &self,
+        group: &GroupId,
+        epoch: u64,
+        user: &str,
+        hash: [u8; 32],
+    ) -> Result<Vec<(String, [u8; 32])>, StoreError>;
+}

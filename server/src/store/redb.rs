@@ -1,0 +1,548 @@
+//! The embedded default [`Store`]: one redb file in the data directory.
+//!
+//! redb is an ACID, copy-on-write B-tree store in pure Rust; commits use
+//! `Durability::Immediate` (fsync before `commit` returns), which is what
+//! lets the DS acknowledge a write as soon as `commit` returns. Values are
+//! postcard-encoded.
+
+use std::path::Path;
+
+use ::redb::{Database, Durability, ReadableTable, TableDefinition};
+use bytes::Bytes;
+use huddle_core::proto::{InboxItem, LogEntry};
+use huddle_core::GroupId;
+use serde::{de::DeserializeOwned, Serialize};
+
+use super::*;
+
+const USERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("users");
+const KP_POOL: TableDefinition<'_, (&str, &[u8]), &[u8]> = TableDefinition::new("kp_pool");
+const KP_LAST: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kp_last_resort");
+const GROUPS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("groups");
+const GROUP_STATE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("group_state");
+const LOG: TableDefinition<'_, (&[u8], u64), &[u8]> = TableDefinition::new("log");
+const MEMBERS: TableDefinition<'_, (&[u8], &str), &[u8]> = TableDefinition::new("members");
+const USER_GROUPS: TableDefinition<'_, (&str, &[u8]), ()> = TableDefinition::new("user_groups");
+const INBOX: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("inbox");
+const TREES: TableDefinition<'_, (&[u8], u64), &[u8]> = TableDefinition::new("trees");
+const CURSORS: TableDefinition<'_, (&[u8], &str), u64> = TableDefinition::new("cursors");
+const EPOCH_AUTH: TableDefinition<'_, (&[u8], u64, &str), &[u8]> =
+    TableDefinition::new("epoch_auth");
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+
+/// On-disk layout version; bumped on incompatible changes.
+const SCHEMA_VERSION: u64 = 1;
+
+/// The redb-backed store.
+#[derive(Debug)]
+pub struct RedbStore {
+    db: Database,
+}
+
+fn err<E: Into<::redb::Error>>(e: E) -> StoreError {
+    let e: ::redb::Error = e.into();
+    if let ::redb::Error::Io(io) = &e {
+        if io.raw_os_error() == Some(28) || io.kind() == std::io::ErrorKind::StorageFull {
+            return StoreError::Full;
+        }
+    }
+    StoreError::Io(e.to_string())
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("serialising to a Vec cannot fail")
+}
+
+fn dec<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(err)?;
+        let txn = db.begin_write().map_err(err)?;
+        {
+            // Create every table so that readers never meet a missing one.
+            txn.open_table(USERS).map_err(err)?;
+            txn.open_table(KP_POOL).map_err(err)?;
+            txn.open_table(KP_LAST).map_err(err)?;
+            txn.open_table(GROUPS).map_err(err)?;
+            txn.open_table(GROUP_STATE).map_err(err)?;
+            txn.open_table(LOG).map_err(err)?;
+            txn.open_table(MEMBERS).map_err(err)?;
+            txn.open_table(USER_GROUPS).map_err(err)?;
+            txn.open_table(INBOX).map_err(err)?;
+            txn.open_table(TREES).map_err(err)?;
+            txn.open_table(CURSORS).map_err(err)?;
+            txn.open_table(EPOCH_AUTH).map_err(err)?;
+            let mut meta = txn.open_table(META).map_err(err)?;
+            let version = meta.get("schema_version").map_err(err)?.map(|v| v.value());
+            match version {
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION).map_err(err)?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(other) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "data dir has schema version {other}, this build reads {SCHEMA_VERSION}"
+                    )))
+                }
+            }
+        }
+        txn.commit().map_err(err)?;
+        Ok(Self { db })
+    }
+
+    fn write(&self) -> Result<::redb::WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write().map_err(err)?;
+        txn.set_durability(Durability::Immediate);
+        Ok(txn)
+    }
+
+    fn apply_one(
+        txn: &::redb::WriteTransaction,
+        w: &GroupWrite,
+    ) -> Result<Vec<(String, InboxItem)>, StoreError> {
+        let gid = w.group.as_bytes().as_slice();
+        {
+            let mut groups = txn.open_table(GROUPS).map_err(err)?;
+            let old = groups.get(gid).map_err(err)?.map(|v| v.value().to_vec());
+            match (&old, w.create) {
+                (Some(_), true) => {
+                    return Err(StoreError::Conflict(format!("group {} exists", w.group)))
+                }
+                (None, false) => {
+                    return Err(StoreError::Conflict(format!(
+                        "group {} is unknown",
+                        w.group
+                    )))
+                }
+                _ => {}
+            }
+            let old_head = match &old {
+                Some(b) => dec::<GroupMeta>(b, "group meta")?.head,
+                None => 0,
+            };
+            // The log must grow without gaps: a write computed against stale
+            // in-memory state must never land.
+            for (i, e) in w.entries.iter().enumerate() {
+                if e.seq != old_head + 1 + i as u64 {
+                    return Err(StoreError::Conflict(format!(
+                        "log of {} would not be contiguous at {}",
+                        w.group, e.seq
+                    )));
+                }
+            }
+            groups.insert(gid, enc(&w.meta).as_slice()).map_err(err)?;
+        }
+        if let Some(state) = &w.state {
+            let mut t = txn.open_table(GROUP_STATE).map_err(err)?;
+            t.insert(gid, state.as_slice()).map_err(err)?;
+        }
+        if !w.entries.is_empty() {
+            let mut t = txn.open_table(LOG).map_err(err)?;
+            for e in &w.entries {
+                t.insert((gid, e.seq), enc(e).as_slice()).map_err(err)?;
+            }
+        }
+        if !w.members.is_empty() {
+            let mut m = txn.open_table(MEMBERS).map_err(err)?;
+            let mut ug = txn.open_table(USER_GROUPS).map_err(err)?;
+            for (user, rec) in &w.members {
+                m.insert((gid, user.as_str()), enc(rec).as_slice())
+                    .map_err(err)?;
+                ug.insert((user.as_str(), gid), ()).map_err(err)?;
+            }
+        }
+        if let Some((seq, tree)) = &w.tree {
+            let mut t = txn.open_table(TREES).map_err(err)?;
+            t.insert((gid, *seq), tree.as_ref()).map_err(err)?;
+        }
+        let mut created = Vec::with_capacity(w.welcomes.len());
+        if !w.welcomes.is_empty() {
+            let mut inbox = txn.open_table(INBOX).map_err(err)?;
+            for item in &w.welcomes {
+                let user = item.user.as_str();
+                let last = inbox
+                    .range((user, 0)..=(user, u64::MAX))
+                    .map_err(err)?
+                    .next_back()
+                    .transpose()
+                    .map_err(err)?
+                    .map(|(k, _)| k.value().1)
+                    .unwrap_or(0);
+                let stored = InboxItem {
+                    seq: last + 1,
+                    group: w.group,
+                    commit_seq: item.commit_seq,
+                    timestamp_ms: item.timestamp_ms,
+                    welcome: item.welcome.clone(),
+                };
+                inbox
+                    .insert((user, stored.seq), enc(&stored).as_slice())
+                    .map_err(err)?;
+                created.push((item.user.clone(), stored));
+            }
+        }
+        Ok(created)
+    }
+}
+
+impl Store for RedbStore {
+    fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(USERS).map_err(err)?;
+        match t.get(name).map_err(err)? {
+            Some(v) => Ok(Some(dec(v.value(), "user")?)),
+            None => Ok(None),
+        }
+    }
+
+    fn register_user(
+        &self,
+        name: &str,
+        record: &UserRecord,
+    ) -> Result<RegisterOutcome, StoreError> {
+        let txn = self.write()?;
+        let outcome = {
+            let mut t = txn.open_table(USERS).map_err(err)?;
+            let existing: Option<UserRecord> = match t.get(name).map_err(err)? {
+                Some(v) => Some(dec(v.value(), "user")?),
+                None => None,
+            };
+            match existing {
+                Some(u) if u.identity_key == record.identity_key => RegisterOutcome::Existing,
+                Some(_) => RegisterOutcome::Taken,
+                None => {
+                    t.insert(name, enc(record).as_slice()).map_err(err)?;
+                    RegisterOutcome::Created
+                }
+            }
+        };
+        if outcome == RegisterOutcome::Created {
+            txn.commit().map_err(err)?;
+        } else {
+            txn.abort().map_err(err)?;
+        }
+        Ok(outcome)
+    }
+
+    fn add_key_packages(
+        &self,
+        user: &str,
+        packages: &[(Vec<u8>, StoredKeyPackage)],
+        last_resort: Option<&[u8]>,
+        max: u32,
+    ) -> Result<u32, StoreError> {
+        let txn = self.write()?;
+        let count = {
+            let mut pool = txn.open_table(KP_POOL).map_err(err)?;
+            for (hash, kp) in packages {
+                pool.insert((user, hash.as_slice()), enc(kp).as_slice())
+                    .map_err(err)?;
+            }
+            let count = count_pool(&pool, user)?;
+            if count > max {
+                return Err(StoreError::Conflict(format!(
+                    "at most {max} key packages may be stored per user"
+                )));
+            }
+            if let Some(lr) = last_resort {
+                let mut t = txn.open_table(KP_LAST).map_err(err)?;
+                t.insert(user, lr).map_err(err)?;
+            }
+            count
+        };
+        txn.commit().map_err(err)?;
+        Ok(count)
+    }
+
+    fn claim_key_packages(
+        &self,
+        users: &[String],
+        now: u64,
+    ) -> Result<Vec<Option<Claimed>>, StoreError> {
+        let txn = self.write()?;
+        let mut out = Vec::with_capacity(users.len());
+        {
+            let mut pool = txn.open_table(KP_POOL).map_err(err)?;
+            let last = txn.open_table(KP_LAST).map_err(err)?;
+            for user in users {
+                let user = user.as_str();
+                let mut found = None;
+                loop {
+                    // The first package of the user, if any: keys sort by
+                    // (user, hash), so the range starts at the user's first.
+                    let first = pool
+                        .range((user, [].as_slice())..)
+                        .map_err(err)?
+                        .next()
+                        .transpose()
+                        .map_err(err)?
+                        .filter(|(k, _)| k.value().0 == user)
+                        .map(|(k, v)| (k.value().1.to_vec(), v.value().to_vec()));
+                    let Some((hash, value)) = first else { break };
+                    pool.remove((user, hash.as_slice())).map_err(err)?;
+                    let kp: StoredKeyPackage = dec(&value, "key package")?;
+                    if kp.not_after >= now {
+                        found = Some(Claimed {
+                            bytes: Bytes::from(kp.bytes),
+                            last_resort: false,
+                        });
+                        break;
+                    }
+                }
+                if found.is_none() {
+                    found = last.get(user).map_err(err)?.map(|v| Claimed {
+                        bytes: Bytes::copy_from_slice(v.value()),
+                        last_resort: true,
+                    });
+                }
+                out.push(found);
+            }
+        }
+        txn.commit().map_err(err)?;
+        Ok(out)
+    }
+
+    fn key_package_count(&self, user: &str) -> Result<(u32, bool), StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let pool = txn.open_table(KP_POOL).map_err(err)?;
+        let last = txn.open_table(KP_LAST).map_err(err)?;
+        Ok((
+            count_pool(&pool, user)?,
+            last.get(user).map_err(err)?.is_some(),
+        ))
+    }
+
+    fn groups(&self) -> Result<Vec<StoredGroup>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let groups = txn.open_table(GROUPS).map_err(err)?;
+        let states = txn.open_table(GROUP_STATE).map_err(err)?;
+        let members = txn.open_table(MEMBERS).map_err(err)?;
+        let mut out = Vec::new();
+        for row in groups.iter().map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            let id = GroupId::from_slice(k.value())
+                .ok_or_else(|| StoreError::Corrupt("group id length".into()))?;
+            let meta: GroupMeta = dec(v.value(), "group meta")?;
+            let gid = id.as_bytes().as_slice();
+            let state = states
+                .get(gid)
+                .map_err(err)?
+                .map(|v| v.value().to_vec())
+                .ok_or_else(|| StoreError::Corrupt(format!("group {id} has no state")))?;
+            let mut list = Vec::new();
+            for m in members.range((gid, "")..).map_err(err)? {
+                let (mk, mv) = m.map_err(err)?;
+                let (g, user) = mk.value();
+                if g != gid {
+                    break;
+                }
+                list.push((user.to_owned(), dec(mv.value(), "member")?));
+            }
+            out.push(StoredGroup {
+                id,
+                meta,
+                state,
+                members: list,
+            });
+        }
+        Ok(out)
+    }
+
+    fn user_groups(&self, user: &str) -> Result<Vec<GroupId>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(USER_GROUPS).map_err(err)?;
+        let mut out = Vec::new();
+        for row in t.range((user, [].as_slice())..).map_err(err)? {
+            let (k, _) = row.map_err(err)?;
+            let (u, g) = k.value();
+            if u != user {
+                break;
+            }
+            out.extend(GroupId::from_slice(g));
+        }
+        Ok(out)
+    }
+
+    fn apply(&self, writes: &[GroupWrite]) -> Result<Vec<Vec<(String, InboxItem)>>, StoreError> {
+        let txn = self.write()?;
+        let mut out = Vec::with_capacity(writes.len());
+        for w in writes {
+            out.push(Self::apply_one(&txn, w)?);
+        }
+        txn.commit().map_err(err)?;
+        Ok(out)
+    }
+
+    fn read_log(
+        &self,
+        group: &GroupId,
+        after: u64,
+        until: u64,
+        limit: u32,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        if after >= until {
+            return Ok(Vec::new());
+        }
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(LOG).map_err(err)?;
+        let gid = group.as_bytes().as_slice();
+        let mut out = Vec::new();
+        for row in t.range((gid, after + 1)..=(gid, until)).map_err(err)? {
+            if out.len() >= limit as usize {
+                break;
+            }
+            let (_, v) = row.map_err(err)?;
+            out.push(dec(v.value(), "log entry")?);
+        }
+        Ok(out)
+    }
+
+    fn read_inbox(
+        &self,
+        user: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<InboxItem>, u64), StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(INBOX).map_err(err)?;
+        let head = t
+            .range((user, 0)..=(user, u64::MAX))
+            .map_err(err)?
+            .next_back()
+            .transpose()
+            .map_err(err)?
+            .map(|(k, _)| k.value().1)
+            .unwrap_or(0);
+        let mut out = Vec::new();
+        if after < u64::MAX {
+            for row in t.range((user, after + 1)..=(user, u64::MAX)).map_err(err)? {
+                if out.len() >= limit as usize {
+                    break;
+                }
+                let (_, v) = row.map_err(err)?;
+                out.push(dec(v.value(), "inbox item")?);
+            }
+        }
+        Ok((out, head))
+    }
+
+    fn tree(&self, group: &GroupId, seq: u64) -> Result<Option<Bytes>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(TREES).map_err(err)?;
+        Ok(t.get((group.as_bytes().as_slice(), seq))
+            .map_err(err)?
+            .map(|v| Bytes::copy_from_slice(v.value())))
+    }
+
+    fn save_cursors(&self, cursors: &[(GroupId, String, u64)]) -> Result<(), StoreError> {
+        if cursors.is_empty() {
+            return Ok(());
+        }
+        let txn = self.write()?;
+        {
+            let mut t = txn.open_table(CURSORS).map_err(err)?;
+            for (g, user, seq) in cursors {
+                let key = (g.as_bytes().as_slice(), user.as_str());
+                let old = t.get(key).map_err(err)?.map(|v| v.value()).unwrap_or(0);
+                if *seq > old {
+                    t.insert(key, *seq).map_err(err)?;
+                }
+            }
+        }
+        txn.commit().map_err(err)
+    }
+
+    fn cursors(&self, group: &GroupId) -> Result<Vec<(String, u64)>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(CURSORS).map_err(err)?;
+        let gid = group.as_bytes().as_slice();
+        let mut out = Vec::new();
+        for row in t.range((gid, "")..).map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            let (g, user) = k.value();
+            if g != gid {
+                break;
+            }
+            out.push((user.to_owned(), v.value()));
+        }
+        Ok(out)
+    }
+
+    fn compact_log(&self, group: &GroupId, upto: u64) -> Result<u64, StoreError> {
+        let txn = self.write()?;
+        let gid = group.as_bytes().as_slice();
+        let removed = {
+            let mut groups = txn.open_table(GROUPS).map_err(err)?;
+            let Some(meta) = groups.get(gid).map_err(err)?.map(|v| v.value().to_vec()) else {
+                return Ok(0);
+            };
+            let mut meta: GroupMeta = dec(&meta, "group meta")?;
+            let upto = upto.min(meta.head);
+            if upto <= meta.compacted {
+                return Ok(0);
+            }
+            let mut log = txn.open_table(LOG).map_err(err)?;
+            let mut removed = 0;
+            for seq in meta.compacted + 1..=upto {
+                if log.remove((gid, seq)).map_err(err)?.is_some() {
+                    removed += 1;
+                }
+            }
+            meta.compacted = upto;
+            groups.insert(gid, enc(&meta).as_slice()).map_err(err)?;
+            removed
+        };
+        txn.commit().map_err(err)?;
+        Ok(removed)
+    }
+
+    fn publish_epoch_authenticator(
+        &self,
+        group: &GroupId,
+        epoch: u64,
+        user: &str,
+        hash: [u8; 32],
+    ) -> Result<Vec<(String, [u8; 32])>, StoreError> {
+        let txn = self.write()?;
+        let gid = group.as_bytes().as_slice();
+        let out = {
+            let mut t = txn.open_table(EPOCH_AUTH).map_err(err)?;
+            t.insert((gid, epoch, user), hash.as_slice()).map_err(err)?;
+            let mut out = Vec::new();
+            for row in t.range((gid, epoch, "")..).map_err(err)? {
+                let (k, v) = row.map_err(err)?;
+                let (g, e, u) = k.value();
+                if g != gid || e != epoch {
+                    break;
+                }
+                let h: [u8; 32] = v
+                    .value()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("epoch authenticator length".into()))?;
+                out.push((u.to_owned(), h));
+            }
+            out
+        };
+        txn.commit().map_err(err)?;
+        Ok(out)
+    }
+}
+
+fn count_pool<T: ReadableTable<(&'static str, &'static [u8]), &'static [u8]>>(
+    pool: &T,
+    user: &str,
+) -> Result<u32, StoreError> {
+    let mut n = 0u32;
+    for row in pool.range((user, [].as_slice())..).map_err(err)? {
+        let (k, _) = row.map_err(err)?;
+        if k.value().0 != user {
+            break;
+        }
+        n += 1;
+    }
+    Ok(n)
+}

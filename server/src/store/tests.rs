@@ -1,0 +1,230 @@
+//! Contract tests for [`Store`], run against the redb backend.
+
+use super::redb::RedbStore;
+use super::*;
+use huddle_core::proto::EntryKind;
+
+fn store() -> (tempfile::TempDir, RedbStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open(&dir.path().join("db.redb")).unwrap();
+    (dir, s)
+}
+
+fn user(k: u8) -> UserRecord {
+    UserRecord {
+        identity_key: [k; 32],
+        registered_ms: 1,
+    }
+}
+
+fn kp(n: u8, not_after: u64) -> (Vec<u8>, StoredKeyPackage) {
+    (
+        vec![n; 8],
+        StoredKeyPackage {
+            not_after,
+            bytes: vec![n; 20],
+        },
+    )
+}
+
+fn entry(seq: u64) -> LogEntry {
+    LogEntry {
+        seq,
+        epoch: 0,
+        kind: EntryKind::Application,
+        timestamp_ms: seq,
+        data: Bytes::from(vec![seq as u8; 4]),
+    }
+}
+
+fn write(group: GroupId, create: bool, head: u64, entries: Vec<LogEntry>) -> GroupWrite {
+    GroupWrite {
+        group,
+        create,
+        meta: GroupMeta {
+            created_ms: 0,
+            epoch: 0,
+            head,
+            compacted: 0,
+        },
+        state: Some(vec![1, 2, 3]),
+        entries,
+        members: vec![(
+            "alice".into(),
+            MemberRecord {
+                joined_seq: 0,
+                removed_seq: None,
+            },
+        )],
+        welcomes: vec![],
+        tree: None,
+    }
+}
+
+#[test]
+fn names_are_unique_per_key() {
+    let (_d, s) = store();
+    assert_eq!(
+        s.register_user("alice", &user(1)).unwrap(),
+        RegisterOutcome::Created
+    );
+    assert_eq!(
+        s.register_user("alice", &user(1)).unwrap(),
+        RegisterOutcome::Existing
+    );
+    assert_eq!(
+        s.register_user("alice", &user(2)).unwrap(),
+        RegisterOutcome::Taken
+    );
+    assert_eq!(s.user("alice").unwrap(), Some(user(1)));
+    assert_eq!(s.user("bob").unwrap(), None);
+}
+
+#[test]
+fn key_packages_are_handed_out_once_then_last_resort() {
+    let (_d, s) = store();
+    let n = s
+        .add_key_packages("bob", &[kp(1, 100), kp(2, 100), kp(3, 5)], Some(b"lr"), 10)
+        .unwrap();
+    assert_eq!(n, 3);
+    // Repeated upload of the same package does not double it.
+    assert_eq!(
+        s.add_key_packages("bob", &[kp(1, 100)], None, 10).unwrap(),
+        3
+    );
+    let users = vec!["bob".to_string()];
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let c = s
+            .claim_key_packages(&users, 50)
+            .unwrap()
+            .pop()
+            .unwrap()
+            .unwrap();
+        assert!(!c.last_resort);
+        seen.push(c.bytes);
+    }
+    assert_ne!(seen[0], seen[1]);
+    // The third package expired at 5 < now = 50: skipped, last resort given.
+    let c = s
+        .claim_key_packages(&users, 50)
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert!(c.last_resort);
+    assert_eq!(&c.bytes[..], b"lr");
+    assert_eq!(s.key_package_count("bob").unwrap(), (0, true));
+    assert_eq!(
+        s.claim_key_packages(&["nobody".to_string()], 50).unwrap(),
+        vec![None]
+    );
+}
+
+#[test]
+fn key_package_pool_is_capped() {
+    let (_d, s) = store();
+    let err = s
+        .add_key_packages("bob", &[kp(1, 9), kp(2, 9), kp(3, 9)], None, 2)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)));
+    assert_eq!(s.key_package_count("bob").unwrap(), (0, false));
+}
+
+#[test]
+fn log_is_contiguous_and_atomic() {
+    let (_d, s) = store();
+    let g = GroupId([1; 16]);
+    s.apply(&[write(g, true, 0, vec![])]).unwrap();
+    assert!(matches!(
+        s.apply(&[write(g, true, 0, vec![])]),
+        Err(StoreError::Conflict(_))
+    ));
+    s.apply(&[write(g, false, 2, vec![entry(1), entry(2)])])
+        .unwrap();
+    // A gap is refused, and the whole batch with it.
+    let g2 = GroupId([2; 16]);
+    let batch = [
+        write(g2, true, 0, vec![]),
+        write(g, false, 4, vec![entry(4)]),
+    ];
+    assert!(matches!(s.apply(&batch), Err(StoreError::Conflict(_))));
+    assert_eq!(s.groups().unwrap().len(), 1);
+    let log = s.read_log(&g, 0, 10, 100).unwrap();
+    assert_eq!(log.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(s.read_log(&g, 1, 10, 100).unwrap(), vec![entry(2)]);
+    assert_eq!(s.read_log(&g, 0, 1, 100).unwrap(), vec![entry(1)]);
+    assert_eq!(s.read_log(&g, 0, 10, 1).unwrap().len(), 1);
+    assert_eq!(s.user_groups("alice").unwrap(), vec![g]);
+}
+
+#[test]
+fn inbox_numbers_items_per_user() {
+    let (_d, s) = store();
+    let g = GroupId([1; 16]);
+    let mut w = write(g, true, 0, vec![]);
+    for u in ["bob", "carol", "bob"] {
+        w.welcomes.push(NewInboxItem {
+            user: u.into(),
+            commit_seq: 0,
+            timestamp_ms: 0,
+            welcome: Bytes::from_static(b"w"),
+        });
+    }
+    let created = s.apply(&[w]).unwrap();
+    let seqs: Vec<_> = created[0]
+        .iter()
+        .map(|(u, i)| (u.as_str(), i.seq))
+        .collect();
+    assert_eq!(seqs, vec![("bob", 1), ("carol", 1), ("bob", 2)]);
+    let (items, head) = s.read_inbox("bob", 0, 10).unwrap();
+    assert_eq!((items.len(), head), (2, 2));
+    let (items, head) = s.read_inbox("bob", 1, 10).unwrap();
+    assert_eq!((items.len(), head), (1, 2));
+}
+
+#[test]
+fn state_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let g = GroupId([3; 16]);
+    {
+        let s = RedbStore::open(&path).unwrap();
+        s.register_user("alice", &user(1)).unwrap();
+        s.apply(&[write(g, true, 1, vec![entry(1)])]).unwrap();
+        s.save_cursors(&[(g, "alice".into(), 1)]).unwrap();
+    }
+    let s = RedbStore::open(&path).unwrap();
+    assert_eq!(s.user("alice").unwrap(), Some(user(1)));
+    let groups = s.groups().unwrap();
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0].meta.head, 1);
+    assert_eq!(groups[0].state, vec![1, 2, 3]);
+    assert_eq!(groups[0].members[0].0, "alice");
+    assert_eq!(s.cursors(&g).unwrap(), vec![("alice".to_string(), 1)]);
+}
+
+#[test]
+fn cursors_only_move_forward_and_compaction_drops_entries() {
+    let (_d, s) = store();
+    let g = GroupId([1; 16]);
+    s.apply(&[write(g, true, 3, vec![entry(1), entry(2), entry(3)])])
+        .unwrap();
+    s.save_cursors(&[(g, "alice".into(), 3)]).unwrap();
+    s.save_cursors(&[(g, "alice".into(), 1)]).unwrap();
+    assert_eq!(s.cursors(&g).unwrap(), vec![("alice".to_string(), 3)]);
+    assert_eq!(s.compact_log(&g, 2).unwrap(), 2);
+    assert_eq!(s.compact_log(&g, 2).unwrap(), 0);
+    assert_eq!(s.read_log(&g, 0, 3, 10).unwrap(), vec![entry(3)]);
+    assert_eq!(s.groups().unwrap()[0].meta.compacted, 2);
+}
+
+#[test]
+fn epoch_authenticators_are_collected_per_epoch() {
+    let (_d, s) = store();
+    let g = GroupId([1; 16]);
+    s.publish_epoch_authenticator(&g, 1, "a", [1; 32]).unwrap();
+    s.publish_epoch_authenticator(&g, 2, "a", [2; 32]).unwrap();
+    let all = s.publish_epoch_authenticator(&g, 1, "b", [1; 32]).unwrap();
+    assert_eq!(all, vec![("a".into(), [1; 32]), ("b".into(), [1; 32])]);
+}
