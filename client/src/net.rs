@@ -239,9 +239,19 @@ impl Connection {
     }
 
     fn lost(&self, e: impl std::fmt::Display) -> ClientError {
+        // Prefer the server's own words when it closed the connection.
+        let reason = match self.conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) if !c.reason.is_empty() => {
+                format!(
+                    "the server closed the connection: {}",
+                    String::from_utf8_lossy(&c.reason)
+                )
+            }
+            _ => e.to_string(),
+        };
         ClientError::Connect {
             addr: self.addr.clone(),
-            reason: e.to_string(),
+            reason,
         }
     }
 

@@ -2,8 +2,9 @@
 //!
 //! What the Huddle delivery service and client share, and nothing that needs
 //! a runtime: the wire protocol ([`proto`], framed by [`frame`]), connection
-//! authentication proofs ([`auth`]), identifiers ([`ids`]), and the MLS
-//! policy both sides apply ([`mls`]).
+//! authentication proofs ([`auth`]), identifiers ([`ids`]), the MLS
+//! policy both sides apply ([`mls`]), and the encrypted media format
+//! ([`media`]).
 //!
 //! This crate does no I/O: no sockets, no files, no clock, no async runtime.
 //! Bytes and the current time come in as arguments; values and bytes come
@@ -17,6 +18,7 @@
 pub mod auth;
 pub mod frame;
 pub mod ids;
+pub mod media;
 pub mod mls;
 pub mod proto;
 

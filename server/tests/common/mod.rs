@@ -1,0 +1,165 @@
+//! Shared set-up for the delivery service's integration tests: a server
+//! in-process or as a real `huddle-server` process, on 127.0.0.1 with a
+//! fresh data dir; raw connections and full clients against it.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use huddle_client::identity::Identity;
+use huddle_client::net::{Connection, Trust};
+use huddle_client::{Client, Home};
+use huddle_core::proto::{Request, Response};
+use huddle_server::{Running, ServerConfig};
+
+/// A server running inside the test process.
+pub struct InProcess {
+    pub running: Option<Running>,
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tune: impl FnOnce(&mut ServerConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("ds"),
+            maintenance_interval: std::time::Duration::from_millis(100),
+            ..ServerConfig::default()
+        };
+        tune(&mut config);
+        let running = huddle_server::start(config).await.unwrap();
+        let addr = running.addr.to_string();
+        Self {
+            running: Some(running),
+            addr,
+            dir,
+        }
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.path().join("ds").join("cert.pem")
+    }
+
+    pub fn trust(&self) -> Trust {
+        Trust::Pinned(huddle_client::home::read_pem_certs(&self.cert_path()).unwrap())
+    }
+
+    /// A raw, unauthenticated connection.
+    pub async fn connect(&self) -> Connection {
+        Connection::connect(&self.addr, self.trust()).await.unwrap()
+    }
+
+    /// A raw connection authenticated as a freshly registered user.
+    pub async fn user(&self, name: &str) -> (Connection, Identity) {
+        let c = self.connect().await;
+        let id = Identity::generate(name);
+        c.authenticate(&id, true).await.unwrap();
+        (c, id)
+    }
+
+    pub fn home(&self, name: &str) -> Home {
+        Home::new(self.dir.path().join(format!("home-{name}")))
+    }
+
+    /// A full client, registered.
+    pub async fn client(&self, name: &str) -> Client {
+        Client::register(self.home(name), name, &self.addr, Some(&self.cert_path()))
+            .await
+            .unwrap()
+    }
+}
+
+/// A real `huddle-server` process.
+pub struct Process {
+    pub child: Child,
+    pub addr: String,
+    pub fingerprint: String,
+    pub data_dir: PathBuf,
+}
+
+impl Process {
+    /// Starts the binary on `listen` (use port 0 for any) with `data_dir`,
+    /// and waits for its "listening on" line.
+    pub fn start(data_dir: &Path, listen: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_huddle-server"))
+            .args(["--listen", listen, "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_owned();
+        let fingerprint = line
+            .split("SHA-256 ")
+            .nth(1)
+            .map(|r| r.trim_end_matches([')', '\n']).to_owned())
+            .unwrap_or_default();
+        Self {
+            child,
+            addr,
+            fingerprint,
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(mut self) -> String {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.addr.clone()
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.data_dir.join("cert.pem")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The error code of a failed request.
+pub fn code(r: huddle_client::Result<Response>) -> huddle_core::proto::ErrorCode {
+    match r {
+        Err(huddle_client::ClientError::Server(e)) => e.code,
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
+
+pub async fn kp_count(c: &Connection) -> (u32, bool) {
+    match c.request(&Request::KeyPackageCount).await.unwrap() {
+        Response::KeyPackageCount {
+            available,
+            last_resort,
+        } => (available, last_resort),
+        other => panic!("{other:?}"),
+    }
+}
