@@ -491,7 +491,6 @@ impl Client {
                 "INSERT INTO huddle_groups (id, name, state, cursor, joined_ms) VALUES (?1, ?2, 'creating', 0, ?3)",
                 params![id.as_bytes().as_slice(), name, now_ms() as i64],
             )?;
-            drop(provider);
             tx.commit()?;
             (serialize(&info)?, Bytes::from(tree))
         };
@@ -770,7 +769,6 @@ impl Client {
                 let msg = g
                     .leave_group(&provider, &self.identity)
                     .map_err(ClientError::mls)?;
-                drop(provider);
                 // The proposal is also kept in our own proposal store; the
                 // transaction is not committed, the DS's copy is what counts.
                 serialize(&msg)?
@@ -824,7 +822,6 @@ impl Client {
                 let (c, w) = make(&mut g, &provider, &self.identity)?;
                 let commit = serialize(&c)?;
                 let welcome = w.as_ref().map(serialize).transpose()?;
-                drop(provider);
                 tx.execute(
                     "UPDATE huddle_groups SET pending_commit = ?2 WHERE id = ?1",
                     params![id.as_bytes().as_slice(), commit.as_ref()],
@@ -846,7 +843,6 @@ impl Client {
                     let mut g = self.load_group(&tx, id)?;
                     g.merge_pending_commit(&provider)
                         .map_err(ClientError::mls)?;
-                    drop(provider);
                     tx.execute(
                         "UPDATE huddle_groups SET pending_commit = NULL, proposals_since_ms = NULL WHERE id = ?1",
                         params![id.as_bytes().as_slice()],
@@ -895,7 +891,6 @@ impl Client {
         let mut g = self.load_group(&tx, id)?;
         g.clear_pending_commit(provider.storage())
             .map_err(ClientError::mls)?;
-        drop(provider);
         tx.execute(
             "UPDATE huddle_groups SET pending_commit = NULL WHERE id = ?1",
             params![id.as_bytes().as_slice()],
@@ -947,7 +942,6 @@ impl Client {
                 let out = g
                     .create_message(&provider, &self.identity, &msg.encode())
                     .map_err(ClientError::mls)?;
-                drop(provider);
                 let b = serialize(&out)?;
                 // The ratchet advanced: persist it even if sending fails, so
                 // no key is ever used twice.
@@ -1137,7 +1131,6 @@ impl Client {
                 .unwrap_or_else(|| "?".into());
             let group = staged.into_group(&provider).map_err(ClientError::mls)?;
             let members = member_names(&group);
-            drop(provider);
             tx.execute(
                 "INSERT OR REPLACE INTO huddle_groups (id, name, state, cursor, joined_ms) VALUES (?1, '', 'active', ?2, ?3)",
                 params![item.group.as_bytes().as_slice(), item.commit_seq as i64, now_ms() as i64],
@@ -1210,8 +1203,14 @@ impl Client {
                 break;
             }
             let n = entries.len();
+            let first = entries[0].seq;
             events.extend(self.process_entries(id, &entries)?);
             let cursor = load_row(&self.db, id)?.map(|r| r.cursor).unwrap_or(0);
+            if cursor == row.cursor {
+                return Err(ClientError::Protocol(format!(
+                    "the log of group {id} continues at {first}, but this device is at {cursor}: entries are missing"
+                )));
+            }
             if cursor >= head || n == 0 {
                 if let Some(r) = load_row(&self.db, id)? {
                     if r.pending_commit.is_some() && r.cursor >= head {
@@ -1274,7 +1273,6 @@ impl Client {
                 }
             }
         }
-        drop(provider);
         if row.releave {
             kv_set(&tx, &format!("releave:{id}"), 1)?;
         }

@@ -21,6 +21,9 @@ use crate::identity::Identity;
 /// Largest frame the client accepts from the server.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 
+/// How long one request may take before the connection is considered lost.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How the server's certificate is checked.
 #[derive(Debug, Clone)]
 pub enum Trust {
@@ -203,7 +206,7 @@ impl Connection {
             Ok(Err(e)) => {
                 let got = presented.lock().expect("presented lock").clone();
                 if let (Trust::Pinned(pins), Some(got)) = (&trust, got) {
-                    if !pins.iter().any(|p| *p == got) {
+                    if !pins.contains(&got) {
                         return Err(ClientError::CertificateMismatch {
                             pinned: cert_fingerprint(&pins[0]),
                             presented: cert_fingerprint(&got),
@@ -256,8 +259,16 @@ impl Connection {
     }
 
     /// Sends one request on a new stream and reads its response. A server
-    /// refusal becomes [`ClientError::Server`].
+    /// refusal becomes [`ClientError::Server`]. Gives up after
+    /// [`REQUEST_TIMEOUT`].
     pub async fn request(&self, req: &Request) -> Result<Response> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.request_inner(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(self.lost(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))),
+        }
+    }
+
+    async fn request_inner(&self, req: &Request) -> Result<Response> {
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
         send.write_all(&proto::encode_frame(req))
             .await

@@ -21,8 +21,8 @@ pub const MAX_PAST_EPOCHS: usize = 5;
 /// arrive out of order).
 pub const OUT_OF_ORDER_TOLERANCE: u32 = 32;
 
-/// Lifetime of one-time key packages: 90 days.
-pub const KEY_PACKAGE_LIFETIME_SECS: u64 = 90 * 24 * 3600;
+/// Lifetime of key packages: 60 days (openmls caps lifetimes at 84 days).
+pub const KEY_PACKAGE_LIFETIME_SECS: u64 = 60 * 24 * 3600;
 
 /// Configuration for creating a group. Handshake messages go out as
 /// PublicMessage so the DS can validate them; application messages are

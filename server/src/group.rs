@@ -92,8 +92,8 @@ impl Signals {
 /// One connection that wants pushes.
 #[derive(Debug, Clone)]
 pub struct Subscriber {
-    /// Connection id.
-    pub conn: u64,
+    /// Push stream id, unique in this process.
+    pub id: u64,
     /// Authenticated user of the connection.
     pub user: String,
     /// Pre-encoded [`Event`] frames.
@@ -148,7 +148,10 @@ enum Cmd {
         reply: oneshot::Sender<WatchResult>,
     },
     Unwatch {
-        conn: u64,
+        sub: u64,
+    },
+    Compact {
+        upto: u64,
     },
 }
 
@@ -165,8 +168,9 @@ impl std::fmt::Debug for Cmd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Cmd::Post { user, .. } => write!(f, "Post({user})"),
-            Cmd::Watch { sub, after, .. } => write!(f, "Watch({}, {after})", sub.conn),
-            Cmd::Unwatch { conn } => write!(f, "Unwatch({conn})"),
+            Cmd::Watch { sub, after, .. } => write!(f, "Watch({}, {after})", sub.id),
+            Cmd::Unwatch { sub } => write!(f, "Unwatch({sub})"),
+            Cmd::Compact { upto } => write!(f, "Compact({upto})"),
         }
     }
 }
@@ -210,15 +214,15 @@ impl GroupHandle {
         rx.await.unwrap_or(WatchResult::NotMember)
     }
 
-    /// Records that entries up to `seq` were compacted away.
-    pub fn set_compacted(&self, seq: u64) {
-        let mut v = self.view.write().expect("view lock");
-        v.compacted = v.compacted.max(seq);
+    /// Asks the task to drop log entries up to `upto` (every current member
+    /// has acknowledged them).
+    pub fn compact(&self, upto: u64) {
+        let _ = self.tx.try_send(Cmd::Compact { upto });
     }
 
-    /// Stops pushes to connection `conn`.
-    pub fn unwatch(&self, conn: u64) {
-        let _ = self.tx.try_send(Cmd::Unwatch { conn });
+    /// Stops pushes to push stream `sub`.
+    pub fn unwatch(&self, sub: u64) {
+        let _ = self.tx.try_send(Cmd::Unwatch { sub });
     }
 }
 
@@ -359,7 +363,8 @@ pub fn validate_new_group(
             },
         )],
         welcomes: vec![],
-        tree: None,
+        trees: vec![],
+        compact_upto: None,
     };
     Ok((write, snapshot))
 }
@@ -416,15 +421,18 @@ struct Actor {
 struct Accepted {
     reply: oneshot::Sender<PostResult>,
     entry: LogEntry,
+    /// The group's epoch right after this entry.
+    epoch: u64,
 }
 
-/// What a validated commit changes besides the log.
+/// What a round of validated posts changes besides the log.
 #[derive(Default)]
 struct Changes {
     members: Vec<(String, MemberRecord)>,
     welcomes: Vec<NewInboxItem>,
-    tree: Option<(u64, Bytes)>,
+    trees: Vec<(u64, Bytes)>,
     state_changed: bool,
+    compact_upto: Option<u64>,
 }
 
 impl Actor {
@@ -448,7 +456,11 @@ impl Actor {
                         {
                             Ok(entry) => {
                                 view.head = seq;
-                                accepted.push(Accepted { reply, entry });
+                                accepted.push(Accepted {
+                                    reply,
+                                    entry,
+                                    epoch: view.epoch,
+                                });
                             }
                             Err(e) => {
                                 debug!(group = %self.id, %user, error = %e.message, "post refused");
@@ -462,12 +474,17 @@ impl Actor {
                         let durable = self.handle.upgrade().map(|h| h.view()).unwrap_or_default();
                         let _ = reply.send(self.watch(&durable, sub, after));
                     }
-                    Cmd::Unwatch { conn } => {
-                        self.subscribers.remove(&conn);
+                    Cmd::Unwatch { sub } => {
+                        self.subscribers.remove(&sub);
+                    }
+                    Cmd::Compact { upto } => {
+                        if upto > self.meta.compacted && upto <= self.meta.head {
+                            changes.compact_upto = Some(upto);
+                        }
                     }
                 }
             }
-            if accepted.is_empty() {
+            if accepted.is_empty() && changes.compact_upto.is_none() {
                 continue;
             }
             self.commit(view, start_head, accepted, changes).await;
@@ -578,8 +595,7 @@ impl Actor {
         changes: &mut Changes,
     ) -> Result<(), ErrorBody> {
         let mls = self.mls.take().expect("mls state present");
-        // Identity keys of everyone the message may name, looked up first so
-        // the blocking step needs no store access.
+        // The blocking step reads identity keys from the store.
         let store = self.shared.store.clone();
         let user_owned = user.to_owned();
         let current = view.clone();
@@ -622,9 +638,7 @@ impl Actor {
             view.epoch = o.epoch;
             changes.members.extend(o.members);
             changes.welcomes.extend(o.welcomes);
-            if o.tree.is_some() {
-                changes.tree = o.tree;
-            }
+            changes.trees.extend(o.tree);
         }
         changes.state_changed = true;
         Ok(())
@@ -651,7 +665,7 @@ impl Actor {
             }
         }
         if member.is_current() {
-            self.subscribers.insert(sub.conn, sub);
+            self.subscribers.insert(sub.id, sub);
         }
         WatchResult::Watching
     }
@@ -669,6 +683,11 @@ impl Actor {
         let mut meta = self.meta.clone();
         meta.epoch = view.epoch;
         meta.head = view.head;
+        if let Some(upto) = changes.compact_upto {
+            meta.compacted = meta.compacted.max(upto);
+        }
+        let mut view = view;
+        view.compacted = meta.compacted;
         let write = GroupWrite {
             group: self.id,
             create: false,
@@ -677,7 +696,8 @@ impl Actor {
             entries: accepted.iter().map(|a| a.entry.clone()).collect(),
             members: changes.members.clone(),
             welcomes: changes.welcomes,
-            tree: changes.tree,
+            trees: changes.trees,
+            compact_upto: changes.compact_upto,
         };
         debug_assert_eq!(start_head + accepted.len() as u64, view.head);
         match self.shared.writer.write(write).await {
@@ -697,7 +717,7 @@ impl Actor {
                         entry: a.entry,
                     });
                     self.push(&view, seq, frame);
-                    let _ = a.reply.send(Ok((seq, view.epoch)));
+                    let _ = a.reply.send(Ok((seq, a.epoch)));
                 }
                 for (user, item) in inbox_items {
                     self.shared.inboxes.deliver(&user, item);
@@ -732,16 +752,16 @@ impl Actor {
             self.tail.pop_front();
         }
         let mut drop_subs = Vec::new();
-        for (conn, sub) in &self.subscribers {
+        for (id, sub) in &self.subscribers {
             let Some(m) = view.members.get(&sub.user) else {
-                drop_subs.push(*conn);
+                drop_subs.push(*id);
                 continue;
             };
             if seq <= m.joined_seq {
                 continue;
             }
             if seq > m.readable_until(view.head) {
-                drop_subs.push(*conn);
+                drop_subs.push(*id);
                 continue;
             }
             if sub.frames.try_send(frame.clone()).is_err() {
@@ -750,18 +770,27 @@ impl Actor {
                     group: self.id,
                     head: view.head,
                 });
-                drop_subs.push(*conn);
+                drop_subs.push(*id);
                 continue;
             }
             if m.removed_seq == Some(seq) {
-                sub.signals.raise(Event::Unwatched {
+                // Behind the removing commit in the same queue, so the
+                // client sees the commit first.
+                let unwatched = Event::Unwatched {
                     group: self.id,
                     reason: ErrorBody::new(
                         ErrorCode::NotMember,
                         format!("removed from group {} by the commit at {seq}", self.id),
                     ),
-                });
-                drop_subs.push(*conn);
+                };
+                if sub
+                    .frames
+                    .try_send(proto::encode_frame(&unwatched))
+                    .is_err()
+                {
+                    sub.signals.raise(unwatched);
+                }
+                drop_subs.push(*id);
             }
         }
         for c in drop_subs {

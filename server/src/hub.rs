@@ -24,11 +24,11 @@ impl Hub {
             .push(sub);
     }
 
-    /// Forgets connection `conn` of `user`.
-    pub fn unregister(&self, user: &str, conn: u64) {
+    /// Forgets push stream `sub` of `user`.
+    pub fn unregister(&self, user: &str, sub: u64) {
         let mut users = self.users.lock().expect("hub lock");
         if let Some(list) = users.get_mut(user) {
-            list.retain(|s| s.conn != conn);
+            list.retain(|s| s.id != sub);
             if list.is_empty() {
                 users.remove(user);
             }

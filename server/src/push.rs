@@ -8,6 +8,7 @@
 //! `push_stall_timeout`, so it cannot pin server memory.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -39,10 +40,12 @@ pub async fn run(
         let _ = send.finish();
         return Ok(());
     };
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let sub_id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Bytes>(svc.config().push_queue);
     let signals = Arc::new(Signals::default());
     let sub = Subscriber {
-        conn: session.conn,
+        id: sub_id,
         user: user.clone(),
         frames: tx,
         signals: signals.clone(),
@@ -127,10 +130,10 @@ pub async fn run(
         Ok(())
     }
     .await;
-    svc.hub.unregister(&user, session.conn);
+    svc.hub.unregister(&user, sub_id);
     for g in watched {
         if let Some(h) = svc.group(&g) {
-            h.unwatch(session.conn);
+            h.unwatch(sub_id);
         }
     }
     if result.is_ok() {

@@ -91,8 +91,24 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
     let service = Service::new(config.clone(), Arc::new(store))
         .map_err(|e| anyhow::anyhow!("loading state: {e}"))?;
     let server_config = tls::quinn_config(&config, identity)?;
-    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+    let reset_key = tls::reset_key(&config.data_dir)?;
+    // Connection ids are checked against a keyed hash before a stateless
+    // reset is sent, so the key must also survive restarts.
+    let tag = ring::hmac::sign(&reset_key, b"huddle connection id key");
+    let cid_key = u64::from_le_bytes(tag.as_ref()[..8].try_into().expect("8 bytes"));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let socket = std::net::UdpSocket::bind(config.listen)
         .with_context(|| format!("binding {}", config.listen))?;
+    let endpoint = quinn::Endpoint::new(
+        endpoint_config,
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .with_context(|| format!("binding {}", config.listen))?;
     let addr = endpoint.local_addr()?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(serve(endpoint, service, Arc::new(blobs), shutdown.clone()));

@@ -459,8 +459,15 @@ impl Service {
             }
             Request::EpochAuthenticator { group, epoch, hash } => {
                 let handle = self.group_or_err(&group)?;
-                if !handle.with_view(|v| v.is_member(&user)) {
+                let (member, current) = handle.with_view(|v| (v.is_member(&user), v.epoch));
+                if !member {
                     return Err(Self::not_member(&user, &group));
+                }
+                if epoch > current {
+                    return Err(ErrorBody::new(
+                        ErrorCode::BadRequest,
+                        format!("group {group} is only at epoch {current}"),
+                    ));
                 }
                 let published = self
                     .blocking(move |s| s.publish_epoch_authenticator(&group, epoch, &user, hash))
@@ -520,22 +527,30 @@ impl Service {
                     },
                 ));
             }
-            if let Some(lr) = &last_resort {
-                let c = validate_key_package(&crypto, lr, &user, &identity, now).map_err(|e| {
-                    ErrorBody::new(
-                        ErrorCode::InvalidKeyPackage,
-                        format!("last-resort key package: {e}"),
-                    )
-                })?;
-                if !c.last_resort {
-                    return Err(ErrorBody::new(
-                        ErrorCode::InvalidKeyPackage,
-                        "the last-resort key package lacks the last_resort extension",
-                    ));
+            let last_resort = match &last_resort {
+                Some(lr) => {
+                    let c =
+                        validate_key_package(&crypto, lr, &user, &identity, now).map_err(|e| {
+                            ErrorBody::new(
+                                ErrorCode::InvalidKeyPackage,
+                                format!("last-resort key package: {e}"),
+                            )
+                        })?;
+                    if !c.last_resort {
+                        return Err(ErrorBody::new(
+                            ErrorCode::InvalidKeyPackage,
+                            "the last-resort key package lacks the last_resort extension",
+                        ));
+                    }
+                    Some(StoredKeyPackage {
+                        not_after: c.not_after,
+                        bytes: lr.to_vec(),
+                    })
                 }
-            }
+                None => None,
+            };
             let available = s
-                .add_key_packages(&user, &checked, last_resort.as_deref(), max)
+                .add_key_packages(&user, &checked, last_resort.as_ref(), max)
                 .map_err(|e| match e {
                     StoreError::Conflict(m) => ErrorBody::new(ErrorCode::QuotaExceeded, m),
                     other => store_error(other),
@@ -591,8 +606,6 @@ impl Service {
         self.take_claim_tokens(&user, users.len())?;
         let claimed = self
             .blocking(move |s| -> Result<Vec<ClaimedKeyPackage>, ErrorBody> {
-                // Refuse before consuming anything if a user is unknown or has
-                // no package at all.
                 for u in &users {
                     if s.user(u).map_err(store_error)?.is_none() {
                         return Err(ErrorBody::new(
@@ -600,14 +613,8 @@ impl Service {
                             format!("no user is registered as {u}"),
                         ));
                     }
-                    let (n, lr) = s.key_package_count(u).map_err(store_error)?;
-                    if n == 0 && !lr {
-                        return Err(ErrorBody::new(
-                            ErrorCode::NoKeyPackage,
-                            format!("{u} has no key package on this server"),
-                        ));
-                    }
                 }
+                // All or nothing: if anyone lacks a package, nothing is taken.
                 let out = s
                     .claim_key_packages(&users, now_ms() / 1000)
                     .map_err(store_error)?;
@@ -618,7 +625,7 @@ impl Service {
                         let c = c.ok_or_else(|| {
                             ErrorBody::new(
                                 ErrorCode::NoKeyPackage,
-                                format!("{u} has no key package on this server"),
+                                format!("{u} has no usable key package on this server; nothing was claimed"),
                             )
                         })?;
                         Ok(ClaimedKeyPackage {
@@ -723,6 +730,15 @@ impl Service {
     /// Records that `user` processed `group` up to `seq` (flushed later by
     /// [`Service::flush_acks`]).
     pub fn ack(&self, user: &str, group: GroupId, seq: u64) {
+        let Some(h) = self.group(&group) else { return };
+        let allowed = h.with_view(|v| {
+            v.members
+                .get(user)
+                .is_some_and(|m| m.is_current() && seq <= v.head)
+        });
+        if !allowed {
+            return;
+        }
         let mut acks = self.acks.lock().expect("acks lock");
         let e = acks.entry((group, user.to_owned())).or_insert(0);
         *e = (*e).max(seq);
@@ -764,8 +780,7 @@ impl Service {
                 });
             if let Some(floor) = floor {
                 if floor > view.compacted {
-                    let _ = self.blocking(move |s| s.compact_log(&g, floor)).await;
-                    h.set_compacted(floor);
+                    h.compact(floor);
                 }
             }
         }

@@ -93,6 +93,28 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<(
     Ok(())
 }
 
+/// File name of the stateless-reset key in the data dir.
+pub const RESET_KEY_FILE: &str = "reset.key";
+
+/// The key that derives QUIC stateless-reset tokens, kept in the data dir so
+/// that a restarted server can tell clients of the previous process at once
+/// that their connection is gone (instead of letting them wait for the idle
+/// timeout).
+pub fn reset_key(data_dir: &Path) -> anyhow::Result<ring::hmac::Key> {
+    let path = data_dir.join(RESET_KEY_FILE);
+    let secret = match fs::read(&path) {
+        Ok(b) if b.len() == 32 => b,
+        _ => {
+            let mut b = vec![0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+                .map_err(|_| anyhow::anyhow!("no randomness for the reset key"))?;
+            write_private(&path, &b)?;
+            b
+        }
+    };
+    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
+}
+
 /// The quinn server configuration: TLS 1.3 only, ALPN `huddle/1`, and the
 /// transport limits of `config`.
 pub fn quinn_config(

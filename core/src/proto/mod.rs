@@ -39,6 +39,11 @@ pub const MAX_KEY_PACKAGE_BATCH: usize = 200;
 /// Most log entries returned in one page.
 pub const MAX_PAGE: u32 = 1000;
 
+/// A page of log entries or inbox items stops growing once it holds this
+/// many bytes of messages (it always holds at least one), so every page fits
+/// in a frame.
+pub const MAX_PAGE_BYTES: usize = 8 * 1024 * 1024;
+
 /// A request from client to server. One per stream, except [`Request::Subscribe`].
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {

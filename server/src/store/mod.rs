@@ -157,8 +157,11 @@ pub struct GroupWrite {
     pub members: Vec<(String, MemberRecord)>,
     /// Welcomes to deliver.
     pub welcomes: Vec<NewInboxItem>,
-    /// A ratchet-tree snapshot to keep for joiners: (commit seq, tree).
-    pub tree: Option<(u64, Bytes)>,
+    /// Ratchet-tree snapshots to keep for joiners: (commit seq, tree).
+    pub trees: Vec<(u64, Bytes)>,
+    /// Delete log entries up to here (and tree snapshots before it);
+    /// `meta.compacted` must say the same.
+    pub compact_upto: Option<u64>,
 }
 
 /// The storage interface of the delivery service. All methods block; call
@@ -179,15 +182,16 @@ pub trait Store: Send + Sync + 'static {
         &self,
         user: &str,
         packages: &[(Vec<u8>, StoredKeyPackage)],
-        last_resort: Option<&[u8]>,
+        last_resort: Option<&StoredKeyPackage>,
         max: u32,
     ) -> Result<u32, StoreError>;
 
     /// Claims one key package for each user, atomically: each one-time
     /// package is removed as it is handed out, so it is never handed out
     /// twice. Packages expired at `now` (seconds) are dropped. When the pool
-    /// is empty the last-resort package is returned (and kept). `None` for a
-    /// user without any package.
+    /// is empty the last-resort package is returned (and kept) unless it has
+    /// expired. If any user has no usable package, nothing is claimed and
+    /// the result holds `None` for those users.
     fn claim_key_packages(
         &self,
         users: &[String],
@@ -235,10 +239,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Acknowledged positions of a group's members.
     fn cursors(&self, group: &GroupId) -> Result<Vec<(String, u64)>, StoreError>;
-
-    /// Deletes log entries of `group` up to `upto` and records it in the
-    /// group's meta. Returns how many entries were removed.
-    fn compact_log(&self, group: &GroupId, upto: u64) -> Result<u64, StoreError>;
 
     /// Records the hash of an epoch authenticator a member computed and
     /// returns every hash published for that epoch.

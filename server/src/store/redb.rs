@@ -9,7 +9,7 @@ use std::path::Path;
 
 use ::redb::{Database, Durability, ReadableTable, TableDefinition};
 use bytes::Bytes;
-use huddle_core::proto::{InboxItem, LogEntry};
+use huddle_core::proto::{InboxItem, LogEntry, MAX_PAGE_BYTES};
 use huddle_core::GroupId;
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -105,6 +105,7 @@ impl RedbStore {
         w: &GroupWrite,
     ) -> Result<Vec<(String, InboxItem)>, StoreError> {
         let gid = w.group.as_bytes().as_slice();
+        let old_compacted;
         {
             let mut groups = txn.open_table(GROUPS).map_err(err)?;
             let old = groups.get(gid).map_err(err)?.map(|v| v.value().to_vec());
@@ -120,9 +121,13 @@ impl RedbStore {
                 }
                 _ => {}
             }
-            let old_head = match &old {
-                Some(b) => dec::<GroupMeta>(b, "group meta")?.head,
-                None => 0,
+            let old_head;
+            (old_head, old_compacted) = match &old {
+                Some(b) => {
+                    let m = dec::<GroupMeta>(b, "group meta")?;
+                    (m.head, m.compacted)
+                }
+                None => (0, 0),
             };
             // The log must grow without gaps: a write computed against stale
             // in-memory state must never land.
@@ -155,9 +160,28 @@ impl RedbStore {
                 ug.insert((user.as_str(), gid), ()).map_err(err)?;
             }
         }
-        if let Some((seq, tree)) = &w.tree {
+        if !w.trees.is_empty() {
             let mut t = txn.open_table(TREES).map_err(err)?;
-            t.insert((gid, *seq), tree.as_ref()).map_err(err)?;
+            for (seq, tree) in &w.trees {
+                t.insert((gid, *seq), tree.as_ref()).map_err(err)?;
+            }
+        }
+        if let Some(upto) = w.compact_upto {
+            let mut log = txn.open_table(LOG).map_err(err)?;
+            for seq in old_compacted + 1..=upto {
+                log.remove((gid, seq)).map_err(err)?;
+            }
+            // Trees of commits before the floor: their joiners have moved on.
+            let mut trees = txn.open_table(TREES).map_err(err)?;
+            let old: Vec<u64> = trees
+                .range((gid, 0)..(gid, upto))
+                .map_err(err)?
+                .map(|r| r.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()
+                .map_err(err)?;
+            for seq in old {
+                trees.remove((gid, seq)).map_err(err)?;
+            }
         }
         let mut created = Vec::with_capacity(w.welcomes.len());
         if !w.welcomes.is_empty() {
@@ -232,7 +256,7 @@ impl Store for RedbStore {
         &self,
         user: &str,
         packages: &[(Vec<u8>, StoredKeyPackage)],
-        last_resort: Option<&[u8]>,
+        last_resort: Option<&StoredKeyPackage>,
         max: u32,
     ) -> Result<u32, StoreError> {
         let txn = self.write()?;
@@ -250,7 +274,7 @@ impl Store for RedbStore {
             }
             if let Some(lr) = last_resort {
                 let mut t = txn.open_table(KP_LAST).map_err(err)?;
-                t.insert(user, lr).map_err(err)?;
+                t.insert(user, enc(lr).as_slice()).map_err(err)?;
             }
             count
         };
@@ -294,15 +318,24 @@ impl Store for RedbStore {
                     }
                 }
                 if found.is_none() {
-                    found = last.get(user).map_err(err)?.map(|v| Claimed {
-                        bytes: Bytes::copy_from_slice(v.value()),
-                        last_resort: true,
-                    });
+                    if let Some(v) = last.get(user).map_err(err)? {
+                        let kp: StoredKeyPackage = dec(v.value(), "key package")?;
+                        if kp.not_after >= now {
+                            found = Some(Claimed {
+                                bytes: Bytes::from(kp.bytes),
+                                last_resort: true,
+                            });
+                        }
+                    }
                 }
                 out.push(found);
             }
         }
-        txn.commit().map_err(err)?;
+        if out.iter().any(Option::is_none) {
+            txn.abort().map_err(err)?;
+        } else {
+            txn.commit().map_err(err)?;
+        }
         Ok(out)
     }
 
@@ -391,12 +424,15 @@ impl Store for RedbStore {
         let t = txn.open_table(LOG).map_err(err)?;
         let gid = group.as_bytes().as_slice();
         let mut out = Vec::new();
+        let mut bytes = 0;
         for row in t.range((gid, after + 1)..=(gid, until)).map_err(err)? {
-            if out.len() >= limit as usize {
+            if out.len() >= limit as usize || bytes >= MAX_PAGE_BYTES {
                 break;
             }
             let (_, v) = row.map_err(err)?;
-            out.push(dec(v.value(), "log entry")?);
+            let e: LogEntry = dec(v.value(), "log entry")?;
+            bytes += e.data.len();
+            out.push(e);
         }
         Ok(out)
     }
@@ -419,12 +455,15 @@ impl Store for RedbStore {
             .unwrap_or(0);
         let mut out = Vec::new();
         if after < u64::MAX {
+            let mut bytes = 0;
             for row in t.range((user, after + 1)..=(user, u64::MAX)).map_err(err)? {
-                if out.len() >= limit as usize {
+                if out.len() >= limit as usize || bytes >= MAX_PAGE_BYTES {
                     break;
                 }
                 let (_, v) = row.map_err(err)?;
-                out.push(dec(v.value(), "inbox item")?);
+                let item: InboxItem = dec(v.value(), "inbox item")?;
+                bytes += item.welcome.len();
+                out.push(item);
             }
         }
         Ok((out, head))
@@ -470,34 +509,6 @@ impl Store for RedbStore {
             out.push((user.to_owned(), v.value()));
         }
         Ok(out)
-    }
-
-    fn compact_log(&self, group: &GroupId, upto: u64) -> Result<u64, StoreError> {
-        let txn = self.write()?;
-        let gid = group.as_bytes().as_slice();
-        let removed = {
-            let mut groups = txn.open_table(GROUPS).map_err(err)?;
-            let Some(meta) = groups.get(gid).map_err(err)?.map(|v| v.value().to_vec()) else {
-                return Ok(0);
-            };
-            let mut meta: GroupMeta = dec(&meta, "group meta")?;
-            let upto = upto.min(meta.head);
-            if upto <= meta.compacted {
-                return Ok(0);
-            }
-            let mut log = txn.open_table(LOG).map_err(err)?;
-            let mut removed = 0;
-            for seq in meta.compacted + 1..=upto {
-                if log.remove((gid, seq)).map_err(err)?.is_some() {
-                    removed += 1;
-                }
-            }
-            meta.compacted = upto;
-            groups.insert(gid, enc(&meta).as_slice()).map_err(err)?;
-            removed
-        };
-        txn.commit().map_err(err)?;
-        Ok(removed)
     }
 
     fn publish_epoch_authenticator(

@@ -57,7 +57,8 @@ fn write(group: GroupId, create: bool, head: u64, entries: Vec<LogEntry>) -> Gro
             },
         )],
         welcomes: vec![],
-        tree: None,
+        trees: vec![],
+        compact_upto: None,
     }
 }
 
@@ -84,7 +85,12 @@ fn names_are_unique_per_key() {
 fn key_packages_are_handed_out_once_then_last_resort() {
     let (_d, s) = store();
     let n = s
-        .add_key_packages("bob", &[kp(1, 100), kp(2, 100), kp(3, 5)], Some(b"lr"), 10)
+        .add_key_packages(
+            "bob",
+            &[kp(1, 100), kp(2, 100), kp(3, 5)],
+            Some(&kp(9, 100).1),
+            10,
+        )
         .unwrap();
     assert_eq!(n, 3);
     // Repeated upload of the same package does not double it.
@@ -113,12 +119,16 @@ fn key_packages_are_handed_out_once_then_last_resort() {
         .unwrap()
         .unwrap();
     assert!(c.last_resort);
-    assert_eq!(&c.bytes[..], b"lr");
+    assert_eq!(&c.bytes[..], &[9; 20]);
     assert_eq!(s.key_package_count("bob").unwrap(), (0, true));
-    assert_eq!(
-        s.claim_key_packages(&["nobody".to_string()], 50).unwrap(),
-        vec![None]
-    );
+    // An expired last-resort package is not handed out.
+    assert_eq!(s.claim_key_packages(&users, 101).unwrap(), vec![None]);
+    // All or nothing: with one user lacking a package, nobody's is taken.
+    s.add_key_packages("carol", &[kp(4, 100)], None, 10)
+        .unwrap();
+    let both = vec!["carol".to_string(), "nobody".to_string()];
+    assert_eq!(s.claim_key_packages(&both, 50).unwrap()[1], None);
+    assert_eq!(s.key_package_count("carol").unwrap(), (1, false));
 }
 
 #[test]
@@ -213,8 +223,10 @@ fn cursors_only_move_forward_and_compaction_drops_entries() {
     s.save_cursors(&[(g, "alice".into(), 3)]).unwrap();
     s.save_cursors(&[(g, "alice".into(), 1)]).unwrap();
     assert_eq!(s.cursors(&g).unwrap(), vec![("alice".to_string(), 3)]);
-    assert_eq!(s.compact_log(&g, 2).unwrap(), 2);
-    assert_eq!(s.compact_log(&g, 2).unwrap(), 0);
+    let mut w = write(g, false, 3, vec![]);
+    w.meta.compacted = 2;
+    w.compact_upto = Some(2);
+    s.apply(&[w]).unwrap();
     assert_eq!(s.read_log(&g, 0, 3, 10).unwrap(), vec![entry(3)]);
     assert_eq!(s.groups().unwrap()[0].meta.compacted, 2);
 }

@@ -1,0 +1,372 @@
+//! Hostile members and non-members against the sequencer. Each test builds
+//! MLS messages by hand (openmls with in-memory state) so it can send what
+//! an honest client never would.
+#![allow(clippy::unwrap_used)]
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use huddle_client::identity::Identity;
+use huddle_client::net::Connection;
+use huddle_core::mls;
+use huddle_core::proto::{ErrorCode, Request, Response};
+use huddle_core::GroupId;
+use openmls::prelude::{tls_codec::Deserialize as _, tls_codec::Serialize as _, *};
+use openmls_rust_crypto::OpenMlsRustCrypto;
+
+/// A member whose MLS state lives in memory, with an authenticated
+/// connection.
+struct Raw {
+    id: Identity,
+    net: Connection,
+    provider: OpenMlsRustCrypto,
+}
+
+impl Raw {
+    async fn new(s: &InProcess, name: &str) -> Self {
+        let (net, id) = s.user(name).await;
+        let me = Self {
+            id,
+            net,
+            provider: OpenMlsRustCrypto::default(),
+        };
+        let kps = (0..3).map(|_| me.key_package(false)).collect();
+        me.net
+            .request(&Request::PublishKeyPackages {
+                key_packages: kps,
+                last_resort: Some(me.key_package(true)),
+            })
+            .await
+            .unwrap();
+        me
+    }
+
+    fn key_package(&self, last_resort: bool) -> Bytes {
+        let mut b = KeyPackage::builder()
+            .key_package_lifetime(Lifetime::new(3600))
+            .leaf_node_capabilities(mls::capabilities());
+        if last_resort {
+            b = b.mark_as_last_resort();
+        }
+        b.build(
+            mls::CIPHERSUITE,
+            &self.provider,
+            &self.id,
+            self.id.credential(),
+        )
+        .unwrap()
+        .key_package()
+        .tls_serialize_detached()
+        .unwrap()
+        .into()
+    }
+
+    async fn create(&self) -> (GroupId, MlsGroup) {
+        let gid = GroupId(rand_id());
+        let g = MlsGroup::new_with_group_id(
+            &self.provider,
+            &self.id,
+            &mls::create_config(),
+            openmls::group::GroupId::from_slice(gid.as_bytes()),
+            self.id.credential(),
+        )
+        .unwrap();
+        let info = g
+            .export_group_info(self.provider.crypto(), &self.id, false)
+            .unwrap();
+        self.net
+            .request(&Request::CreateGroup {
+                group: gid,
+                group_info: bytes(&info),
+                ratchet_tree: g
+                    .export_ratchet_tree()
+                    .tls_serialize_detached()
+                    .unwrap()
+                    .into(),
+            })
+            .await
+            .unwrap();
+        (gid, g)
+    }
+
+    async fn claim(&self, user: &str) -> KeyPackage {
+        let Response::KeyPackages { mut packages } = self
+            .net
+            .request(&Request::ClaimKeyPackages {
+                users: vec![user.into()],
+            })
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        KeyPackageIn::tls_deserialize_exact(packages.pop().unwrap().key_package.as_ref())
+            .unwrap()
+            .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+            .unwrap()
+    }
+
+    async fn commit(
+        &self,
+        g: GroupId,
+        commit: Bytes,
+        welcome: Option<Bytes>,
+    ) -> huddle_client::Result<Response> {
+        self.net
+            .request(&Request::Commit {
+                group: g,
+                commit,
+                welcome,
+            })
+            .await
+    }
+}
+
+fn rand_id() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+    b
+}
+
+fn bytes(m: &MlsMessageOut) -> Bytes {
+    m.tls_serialize_detached().unwrap().into()
+}
+
+/// Alice creates a group and adds Bob; returns both members' groups.
+async fn alice_and_bob(s: &InProcess) -> (Raw, Raw, GroupId, MlsGroup, MlsGroup) {
+    let alice = Raw::new(s, "alice").await;
+    let bob = Raw::new(s, "bob").await;
+    let (gid, mut ga) = alice.create().await;
+    let kp = alice.claim("bob").await;
+    let (c, w, _) = ga.add_members(&alice.provider, &alice.id, &[kp]).unwrap();
+    alice.commit(gid, bytes(&c), Some(bytes(&w))).await.unwrap();
+    ga.merge_pending_commit(&alice.provider).unwrap();
+    let tree = match bob
+        .net
+        .request(&Request::RatchetTree { group: gid, seq: 1 })
+        .await
+        .unwrap()
+    {
+        Response::RatchetTree { tree } => {
+            RatchetTreeIn::tls_deserialize_exact(tree.as_ref()).unwrap()
+        }
+        other => panic!("{other:?}"),
+    };
+    let MlsMessageBodyIn::Welcome(w) = MlsMessageIn::tls_deserialize_exact(bytes(&w).as_ref())
+        .unwrap()
+        .extract()
+    else {
+        panic!()
+    };
+    let gb = StagedWelcome::new_from_welcome(&bob.provider, &mls::join_config(), w, Some(tree))
+        .unwrap()
+        .into_group(&bob.provider)
+        .unwrap();
+    (alice, bob, gid, ga, gb)
+}
+
+#[tokio::test]
+async fn non_members_can_neither_post_nor_read() {
+    let s = InProcess::start().await;
+    let (alice, _bob, gid, mut ga, _gb) = alice_and_bob(&s).await;
+    let mallory = Raw::new(&s, "mallory").await;
+    // A perfectly valid commit and message, posted by a non-member.
+    let c = ga
+        .self_update(&alice.provider, &alice.id, LeafNodeParameters::default())
+        .unwrap();
+    let r = mallory.commit(gid, bytes(c.commit()), None).await;
+    assert_eq!(code(r), ErrorCode::NotMember);
+    ga.clear_pending_commit(alice.provider.storage()).unwrap();
+    let m = ga
+        .create_message(&alice.provider, &alice.id, b"hi")
+        .unwrap();
+    let r = mallory
+        .net
+        .request(&Request::Message {
+            group: gid,
+            message: bytes(&m),
+        })
+        .await;
+    assert_eq!(code(r), ErrorCode::NotMember);
+    for req in [
+        Request::FetchLog {
+            group: gid,
+            after: 0,
+            limit: 10,
+        },
+        Request::GroupState { group: gid },
+        Request::RatchetTree { group: gid, seq: 1 },
+    ] {
+        assert_eq!(code(mallory.net.request(&req).await), ErrorCode::NotMember);
+    }
+}
+
+#[tokio::test]
+async fn forged_and_stale_commits_are_refused_and_leave_state_unchanged() {
+    let s = InProcess::start().await;
+    let (alice, bob, gid, mut ga, mut gb) = alice_and_bob(&s).await;
+    // A commit with one flipped byte in its signature. A member's
+    // PublicMessage commit ends with the signature (1 + 64 bytes), the
+    // confirmation tag (1 + 32) and the membership tag (1 + 32); only the
+    // signature can be checked without group secrets.
+    let c = ga
+        .self_update(&alice.provider, &alice.id, LeafNodeParameters::default())
+        .unwrap();
+    let mut forged = bytes(c.commit()).to_vec();
+    let n = forged.len();
+    forged[n - 100] ^= 0x40;
+    let r = alice.commit(gid, forged.into(), None).await;
+    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    ga.clear_pending_commit(alice.provider.storage()).unwrap();
+    // Bob posting Alice's (valid) commit: the signer is not the caller.
+    let c = ga
+        .self_update(&alice.provider, &alice.id, LeafNodeParameters::default())
+        .unwrap();
+    let alices = bytes(c.commit());
+    let r = bob.commit(gid, alices.clone(), None).await;
+    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    // Bob commits first; Alice's commit for the same epoch is stale, and the
+    // error carries the current epoch.
+    let cb = gb
+        .self_update(&bob.provider, &bob.id, LeafNodeParameters::default())
+        .unwrap();
+    let Response::Appended { epoch, .. } = bob.commit(gid, bytes(cb.commit()), None).await.unwrap()
+    else {
+        panic!()
+    };
+    let r = alice.commit(gid, alices, None).await;
+    match r {
+        Err(huddle_client::ClientError::Server(e)) => {
+            assert_eq!(e.code, ErrorCode::StaleEpoch);
+            assert_eq!(e.epoch, Some(epoch));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The log holds exactly the add and Bob's update.
+    let Response::GroupState {
+        epoch: now, head, ..
+    } = alice
+        .net
+        .request(&Request::GroupState { group: gid })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((now, head), (epoch, 2));
+}
+
+#[tokio::test]
+async fn welcomes_must_go_to_exactly_the_added_members() {
+    let s = InProcess::start().await;
+    let (alice, _bob, gid, mut ga, _gb) = alice_and_bob(&s).await;
+    let _carol = Raw::new(&s, "carol").await;
+    let _dave = Raw::new(&s, "dave").await;
+    // A Welcome made for Dave (in a scratch group) sent with a commit adding Carol.
+    let (_, mut scratch) = alice.create().await;
+    let kp_dave = alice.claim("dave").await;
+    let (_, w_dave, _) = scratch
+        .add_members(&alice.provider, &alice.id, &[kp_dave])
+        .unwrap();
+    let kp_carol = alice.claim("carol").await;
+    let (c, _w_carol, _) = ga
+        .add_members(&alice.provider, &alice.id, &[kp_carol])
+        .unwrap();
+    let r = alice.commit(gid, bytes(&c), Some(bytes(&w_dave))).await;
+    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    // An add without its Welcome.
+    let r = alice.commit(gid, bytes(&c), None).await;
+    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    ga.clear_pending_commit(alice.provider.storage()).unwrap();
+    // A Welcome with a commit that adds nobody.
+    let u = ga
+        .self_update(&alice.provider, &alice.id, LeafNodeParameters::default())
+        .unwrap();
+    let r = alice
+        .commit(gid, bytes(u.commit()), Some(bytes(&w_dave)))
+        .await;
+    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    // Nobody got anything in their inbox.
+    let Response::Inbox { items, .. } = _carol
+        .net
+        .request(&Request::FetchInbox {
+            after: 0,
+            limit: 10,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(items.is_empty());
+}
+
+#[tokio::test]
+async fn an_added_leaf_must_carry_the_registered_identity_key() {
+    let s = InProcess::start().await;
+    let (alice, _bob, gid, mut ga, _gb) = alice_and_bob(&s).await;
+    let _carol = Raw::new(&s, "carol").await;
+    // Mallory makes a key package that claims to be Carol, signed with
+    // Mallory's own key, and a member adds it.
+    let mallory = Identity::generate("carol");
+    let provider = OpenMlsRustCrypto::default();
+    let fake = KeyPackage::builder()
+        .leaf_node_capabilities(mls::capabilities())
+        .build(mls::CIPHERSUITE, &provider, &mallory, mallory.credential())
+        .unwrap();
+    let (c, w, _) = ga
+        .add_members(&alice.provider, &alice.id, &[fake.key_package().clone()])
+        .unwrap();
+    let r = alice.commit(gid, bytes(&c), Some(bytes(&w))).await;
+    assert_eq!(code(r), ErrorCode::InvalidMessage);
+}
+
+#[tokio::test]
+async fn only_encrypted_application_messages_within_the_epoch_window_are_accepted() {
+    let s = InProcess::start().await;
+    let (alice, _bob, gid, mut ga, _gb) = alice_and_bob(&s).await;
+    // A handshake message sent as if it were an application message.
+    let c = ga
+        .self_update(&alice.provider, &alice.id, LeafNodeParameters::default())
+        .unwrap();
+    let r = alice
+        .net
+        .request(&Request::Message {
+            group: gid,
+            message: bytes(c.commit()),
+        })
+        .await;
+    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    ga.clear_pending_commit(alice.provider.storage()).unwrap();
+    // A message for another group id.
+    let (other, mut go) = alice.create().await;
+    let m = go.create_message(&alice.provider, &alice.id, b"x").unwrap();
+    let r = alice
+        .net
+        .request(&Request::Message {
+            group: gid,
+            message: bytes(&m),
+        })
+        .await;
+    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    let _ = other;
+    // A message from too many epochs ago is stale.
+    let old = ga
+        .create_message(&alice.provider, &alice.id, b"old")
+        .unwrap();
+    for _ in 0..=mls::MAX_PAST_EPOCHS {
+        let u = ga
+            .self_update(&alice.provider, &alice.id, LeafNodeParameters::default())
+            .unwrap();
+        alice.commit(gid, bytes(u.commit()), None).await.unwrap();
+        ga.merge_pending_commit(&alice.provider).unwrap();
+    }
+    let r = alice
+        .net
+        .request(&Request::Message {
+            group: gid,
+            message: bytes(&old),
+        })
+        .await;
+    assert_eq!(code(r), ErrorCode::StaleEpoch);
+}
