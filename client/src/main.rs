@@ -229,6 +229,8 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             let e = client.send_text(&group, &text).await?;
             if out.json {
                 out.json(&e);
+            } else {
+                println!("sent ({} bytes, position {})", text.len(), e.seq);
             }
             client.close().await;
         }

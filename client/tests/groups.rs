@@ -250,3 +250,41 @@ async fn listen_shows_messages_as_they_arrive() {
     let ((), got) = tokio::join!(listener, talker);
     assert_eq!(got, vec!["live 0", "live 1", "live 2"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_restarted_mid_sync_resumes_where_it_stopped() {
+    let (s, mut c, g) = setup(2).await;
+    for i in 0..30 {
+        c[0].send_text(&g, &format!("t{i}")).await.unwrap();
+    }
+    let mut bob = c.pop().unwrap();
+    let gid = g.parse().unwrap();
+    let (_, _, cursor) = bob.group_state(&g).unwrap();
+    let entries = match bob
+        .net()
+        .await
+        .unwrap()
+        .request(&Request::FetchLog {
+            group: gid,
+            after: cursor,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+    {
+        Response::Log { entries, .. } => entries,
+        other => panic!("{other:?}"),
+    };
+    // Bob processes the first twelve and then "crashes" (no clean close).
+    let first = bob.process_entries(&gid, &entries[..12]).unwrap();
+    drop(bob);
+    let mut bob = Client::open(s.home("user1")).unwrap();
+    let rest = bob.sync().await.unwrap();
+    let mut all = texts(&first);
+    all.extend(texts(&rest));
+    let expected: Vec<String> = (0..30).map(|i| format!("user0: t{i}")).collect();
+    assert_eq!(all, expected);
+    // Feeding the same entries again changes nothing.
+    assert!(bob.process_entries(&gid, &entries).unwrap().is_empty());
+    assert_eq!(texts(&bob.messages(&g, 100).unwrap()), expected);
+}

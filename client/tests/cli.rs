@@ -1,0 +1,128 @@
+//! The README walkthrough, driven through the `huddle` binary exactly as a
+//! user types it (server in-process on 127.0.0.1:0).
+#![allow(clippy::unwrap_used)]
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn huddle(home: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_huddle"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(home: &Path, args: &[&str]) -> String {
+    let (success, stdout, stderr) = huddle(home, args);
+    assert!(success, "huddle {args:?} failed: {stderr}");
+    stdout
+}
+
+fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_walkthrough() {
+    let server = TestServer::start().await;
+    let cert = server.cert().to_str().unwrap().to_owned();
+    let home = |n: &str| server.dir.path().join(n);
+    let (alice, bob, carol) = (home("alice"), home("bob"), home("carol"));
+    let addr = server.addr.clone();
+    // Blocking child processes: run them off the runtime's worker.
+    tokio::task::spawn_blocking(move || {
+        for (h, n) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
+            let out = ok(h, &["register", n, "--server", &addr, "--server-cert", &cert]);
+            assert!(out.contains(&format!("registered {n}")), "{out}");
+        }
+        let who = json_lines(&ok(&alice, &["--json", "whoami"]));
+        assert_eq!(who[0]["name"], "alice");
+        let st = json_lines(&ok(&bob, &["--json", "status"]));
+        assert!(st[0]["key_packages"].as_u64().unwrap() >= 20);
+
+        let created = json_lines(&ok(&alice, &["--json", "group", "create", "friends"]));
+        assert_eq!(created[0]["name"], "friends");
+        let gid = created[0]["group"].as_str().unwrap().to_owned();
+        ok(&alice, &["group", "add", "friends", "bob", "carol"]);
+        ok(&alice, &["send", "friends", "hello both"]);
+
+        let ev = json_lines(&ok(&bob, &["--json", "sync"]));
+        assert_eq!(ev[0]["type"], "joined");
+        assert_eq!(ev[0]["group"], gid.as_str());
+        assert_eq!(ev[0]["from"], "alice");
+        let text: Vec<_> = ev.iter().filter(|e| e["type"] == "text").collect();
+        assert_eq!(text.len(), 1);
+        assert_eq!(text[0]["text"], "hello both");
+        assert_eq!(text[0]["from"], "alice");
+        // Human output too.
+        let out = ok(&carol, &["sync"]);
+        assert!(out.contains("[friends] alice: hello both"), "{out}");
+
+        ok(&bob, &["send", &gid, "hi!"]);
+        let members = json_lines(&ok(&alice, &["--json", "group", "members", "friends"]));
+        assert_eq!(members[0]["members"], serde_json::json!(["alice", "bob", "carol"]));
+
+        let removed = json_lines(&ok(&alice, &["--json", "group", "remove", "friends", "carol"]));
+        assert_eq!(removed[0]["type"], "member_removed");
+        assert_eq!(removed[0]["members"], serde_json::json!(["carol"]));
+        ok(&alice, &["send", "friends", "carol cannot read this"]);
+
+        let ev = json_lines(&ok(&carol, &["--json", "sync"]));
+        assert!(ev.iter().any(|e| e["type"] == "text" && e["text"] == "hi!"));
+        assert!(ev.iter().any(|e| e["type"] == "member_removed"));
+        assert!(!ev.iter().any(|e| e["text"] == "carol cannot read this"));
+        // Carol can no longer send.
+        let (success, _, stderr) = huddle(&carol, &["send", "friends", "hello?"]);
+        assert!(!success);
+        assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+
+        let ev = json_lines(&ok(&bob, &["--json", "sync"]));
+        assert!(ev.iter().any(|e| e["text"] == "carol cannot read this"));
+        let history = json_lines(&ok(&bob, &["--json", "messages", "friends"]));
+        let texts: Vec<_> = history
+            .iter()
+            .filter(|e| e["type"] == "text")
+            .map(|e| e["text"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(texts, vec!["hello both", "hi!", "carol cannot read this"]);
+        let list = json_lines(&ok(&bob, &["--json", "group", "list"]));
+        assert_eq!(list[0]["members"], 2);
+    })
+    .await
+    .unwrap();
+}
+
+#[test]
+fn errors_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path().join("nobody");
+    for args in [
+        &["whoami"][..],
+        &["status"],
+        &["send", "g", "x"],
+        &["group", "list"],
+    ] {
+        let (success, stdout, stderr) = huddle(&h, args);
+        assert!(!success, "{args:?}");
+        assert!(stdout.is_empty());
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("not registered"), "{stderr}");
+    }
+    // An unreachable server.
+    let (success, _, stderr) = huddle(
+        &h,
+        &["register", "zed", "--server", "127.0.0.1:9", "--server-cert", "/nonexistent.pem"],
+    );
+    assert!(!success);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
