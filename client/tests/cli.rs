@@ -29,7 +29,9 @@ fn ok(home: &Path, args: &[&str]) -> String {
 }
 
 fn json_lines(s: &str) -> Vec<serde_json::Value> {
-    s.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    s.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,7 +44,10 @@ async fn readme_walkthrough() {
     // Blocking child processes: run them off the runtime's worker.
     tokio::task::spawn_blocking(move || {
         for (h, n) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
-            let out = ok(h, &["register", n, "--server", &addr, "--server-cert", &cert]);
+            let out = ok(
+                h,
+                &["register", n, "--server", &addr, "--server-cert", &cert],
+            );
             assert!(out.contains(&format!("registered {n}")), "{out}");
         }
         let who = json_lines(&ok(&alice, &["--json", "whoami"]));
@@ -70,9 +75,15 @@ async fn readme_walkthrough() {
 
         ok(&bob, &["send", &gid, "hi!"]);
         let members = json_lines(&ok(&alice, &["--json", "group", "members", "friends"]));
-        assert_eq!(members[0]["members"], serde_json::json!(["alice", "bob", "carol"]));
+        assert_eq!(
+            members[0]["members"],
+            serde_json::json!(["alice", "bob", "carol"])
+        );
 
-        let removed = json_lines(&ok(&alice, &["--json", "group", "remove", "friends", "carol"]));
+        let removed = json_lines(&ok(
+            &alice,
+            &["--json", "group", "remove", "friends", "carol"],
+        ));
         assert_eq!(removed[0]["type"], "member_removed");
         assert_eq!(removed[0]["members"], serde_json::json!(["carol"]));
         ok(&alice, &["send", "friends", "carol cannot read this"]);
@@ -121,7 +132,14 @@ fn errors_are_one_clear_line() {
     // An unreachable server.
     let (success, _, stderr) = huddle(
         &h,
-        &["register", "zed", "--server", "127.0.0.1:9", "--server-cert", "/nonexistent.pem"],
+        &[
+            "register",
+            "zed",
+            "--server",
+            "127.0.0.1:9",
+            "--server-cert",
+            "/nonexistent.pem",
+        ],
     );
     assert!(!success);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
