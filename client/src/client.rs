@@ -38,6 +38,8 @@ use crate::home::{Home, Settings};
 use crate::identity::Identity;
 use crate::net::{self, Connection as Net, Trust};
 
+pub mod media;
+
 /// One-time key packages published at registration and kept topped up.
 pub const KEY_PACKAGE_BATCH: usize = 50;
 /// Top up when fewer than this many are left on the server.
@@ -1337,7 +1339,7 @@ impl Client {
                         e.size = Some(info.size);
                         e.mime = Some(info.mime.clone());
                         e.text = Some(info.caption.clone());
-                        crate::media::remember(provider.storage_conn(), id, &info)?;
+                        media::remember(provider.storage_conn(), id, &info)?;
                         events.push(e);
                     }
                 }

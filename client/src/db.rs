@@ -134,6 +134,12 @@ CREATE TABLE IF NOT EXISTS huddle_users (
     identity_key BLOB NOT NULL,
     first_seen_ms INTEGER NOT NULL
 );
+-- uploads not yet announced: key, salt and id, to resume them
+CREATE TABLE IF NOT EXISTS huddle_uploads (
+    upload_key TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS huddle_media (
     media_id BLOB PRIMARY KEY,
     group_id BLOB NOT NULL,

@@ -20,9 +20,10 @@ pub mod error;
 pub mod event;
 pub mod home;
 pub mod identity;
-pub mod media;
 pub mod net;
+pub mod preview;
 
+pub use client::media::{Progress, Quiet};
 pub use client::Client;
 pub use error::{ClientError, Result};
 pub use event::Event;

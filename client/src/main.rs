@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use huddle_client::{Client, ClientError, Event, Home};
+use huddle_client::{Client, ClientError, Event, Home, Progress};
 
 /// End-to-end encrypted group messaging and media sharing.
 #[derive(Debug, Parser)]
@@ -47,6 +47,28 @@ enum Command {
         group: String,
         /// The message.
         text: String,
+    },
+    /// Encrypt and upload a picture, video or any file; prints the media id.
+    SendFile {
+        /// Group id or name.
+        group: String,
+        /// The file.
+        path: PathBuf,
+        /// A caption.
+        #[arg(long, default_value = "")]
+        caption: String,
+    },
+    /// Fetch, verify and decrypt a media item (resumes if interrupted).
+    Download {
+        /// Media id (from `sync`, `listen` or `messages`).
+        media_id: String,
+        /// Where to write it (default: its file name here).
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        /// Only plaintext bytes START-END (END exclusive), e.g. to play a video
+        /// from the middle.
+        #[arg(long, value_name = "START-END")]
+        range: Option<String>,
     },
     /// Fetch and process everything pending, print what is new, exit.
     Sync,
@@ -234,6 +256,49 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             }
             client.close().await;
         }
+        Command::SendFile {
+            group,
+            path,
+            caption,
+        } => {
+            let mut client = Client::open(home)?;
+            let mut bar = Bar::new(out.json);
+            let e = client.send_file(&group, &path, &caption, &mut bar).await?;
+            if out.json {
+                out.json(&e);
+            } else {
+                println!("{}", e.media_id.as_deref().unwrap_or_default());
+            }
+            client.close().await;
+        }
+        Command::Download {
+            media_id,
+            output,
+            range,
+        } => {
+            let mut client = Client::open(home)?;
+            if let Some(r) = range {
+                let (a, b) = r
+                    .split_once('-')
+                    .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+                    .ok_or_else(|| {
+                        ClientError::Usage(format!("--range {r:?}: expected START-END"))
+                    })?;
+                let bytes = client.read_range(&media_id, a, b).await?;
+                let path = output.unwrap_or_else(|| PathBuf::from(format!("{media_id}.{a}-{b}")));
+                std::fs::write(&path, &bytes)
+                    .map_err(|e| ClientError::Io(format!("{}: {e}", path.display())))?;
+                report_download(&out, &media_id, &path, bytes.len() as u64);
+            } else {
+                let mut bar = Bar::new(out.json);
+                let path = client
+                    .download(&media_id, output.as_deref(), &mut bar)
+                    .await?;
+                let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                report_download(&out, &media_id, &path, size);
+            }
+            client.close().await;
+        }
         Command::Sync => {
             let mut client = Client::open(home)?;
             for e in client.sync().await? {
@@ -257,6 +322,62 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
     }
     Ok(())
+}
+
+fn report_download(out: &Out, media: &str, path: &std::path::Path, size: u64) {
+    if out.json {
+        out.json(&serde_json::json!({"type": "downloaded", "media_id": media, "path": path, "size": size}));
+    } else {
+        println!("{} ({size} bytes)", path.display());
+    }
+}
+
+/// A progress bar (bytes, rate, ETA) on a terminal; nothing otherwise.
+struct Bar {
+    bar: Option<indicatif::ProgressBar>,
+    enabled: bool,
+}
+
+impl Bar {
+    fn new(json: bool) -> Self {
+        use std::io::IsTerminal as _;
+        Self {
+            bar: None,
+            enabled: !json && std::io::stderr().is_terminal(),
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn start(&mut self, label: &str, total: u64, done: u64) {
+        if !self.enabled {
+            return;
+        }
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(label.to_owned());
+        bar.set_position(done);
+        self.bar = Some(bar);
+    }
+
+    fn advance(&mut self, n: u64) -> bool {
+        if let Some(b) = &self.bar {
+            b.inc(n);
+        }
+        true
+    }
+
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
 }
 
 async fn group(home: Home, out: &Out, cmd: GroupCommand) -> Result<(), ClientError> {

@@ -39,6 +39,16 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// How often acknowledged cursors are written and logs compacted.
     pub maintenance_interval: Duration,
+    /// Largest media item (ciphertext bytes) accepted.
+    pub max_media_item: u64,
+    /// Total bytes of media the DS stores (complete and in progress).
+    pub media_quota: u64,
+    /// Media items are deleted this long after their upload began.
+    pub media_retention: Duration,
+    /// Unfinished uploads with no progress for this long are deleted.
+    pub stale_upload: Duration,
+    /// How often expired and unreachable media are looked for.
+    pub media_sweep_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +68,11 @@ impl Default for ServerConfig {
             tail_entries: 1024,
             shutdown_grace: Duration::from_secs(10),
             maintenance_interval: Duration::from_secs(1),
+            max_media_item: 16 << 30,
+            media_quota: 256 << 30,
+            media_retention: Duration::from_secs(30 * 24 * 3600),
+            stale_upload: Duration::from_secs(24 * 3600),
+            media_sweep_interval: Duration::from_secs(60),
         }
     }
 }

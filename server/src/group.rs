@@ -153,6 +153,8 @@ enum Cmd {
     Compact {
         upto: u64,
     },
+    /// Finish what was received before, then end the task.
+    Stop,
 }
 
 /// Handle to a group's sequencer task.
@@ -162,6 +164,7 @@ pub struct GroupHandle {
     pub id: GroupId,
     tx: mpsc::Sender<Cmd>,
     view: RwLock<GroupView>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -171,6 +174,7 @@ impl std::fmt::Debug for Cmd {
             Cmd::Watch { sub, after, .. } => write!(f, "Watch({}, {after})", sub.id),
             Cmd::Unwatch { sub } => write!(f, "Unwatch({sub})"),
             Cmd::Compact { upto } => write!(f, "Compact({upto})"),
+            Cmd::Stop => f.write_str("Stop"),
         }
     }
 }
@@ -218,6 +222,15 @@ impl GroupHandle {
     /// has acknowledged them).
     pub fn compact(&self, upto: u64) {
         let _ = self.tx.try_send(Cmd::Compact { upto });
+    }
+
+    /// Ends the task after the commands already queued, and waits for it.
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Cmd::Stop).await;
+        let task = self.task.lock().expect("task lock").take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
     }
 
     /// Stops pushes to push stream `sub`.
@@ -388,6 +401,7 @@ pub fn spawn(
             compacted: meta.compacted,
             members: members.into_iter().collect(),
         }),
+        task: Mutex::new(None),
     });
     let actor = Actor {
         id,
@@ -399,7 +413,7 @@ pub fn spawn(
         tail: VecDeque::new(),
         subscribers: HashMap::new(),
     };
-    tokio::spawn(actor.run(rx));
+    *handle.task.lock().expect("task lock") = Some(tokio::spawn(actor.run(rx)));
     Ok(handle)
 }
 
@@ -438,7 +452,8 @@ struct Changes {
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut cmds = Vec::with_capacity(256);
-        while rx.recv_many(&mut cmds, 256).await > 0 {
+        let mut stopping = false;
+        while !stopping && rx.recv_many(&mut cmds, 256).await > 0 {
             let mut view = match self.handle.upgrade() {
                 Some(h) => h.view(),
                 None => return,
@@ -482,6 +497,7 @@ impl Actor {
                             changes.compact_upto = Some(upto);
                         }
                     }
+                    Cmd::Stop => stopping = true,
                 }
             }
             if accepted.is_empty() && changes.compact_upto.is_none() {

@@ -1,4 +1,4 @@
-//! The push stream of one connection ([`Request::Subscribe`]).
+//! The push stream of one connection ([`huddle_core::proto::Request::Subscribe`]).
 //!
 //! The server writes [`Event`] frames; the client writes [`Control`] frames
 //! (acks and watches) on the other half. Group tasks put pre-encoded frames

@@ -87,9 +87,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
         )
     })?;
     let config = Arc::new(config);
-    let blobs = media::BlobStore::open(&config)?;
     let service = Service::new(config.clone(), Arc::new(store))
         .map_err(|e| anyhow::anyhow!("loading state: {e}"))?;
+    let blobs = media::BlobStore::open(config.clone(), service.store().clone())?;
     let server_config = tls::quinn_config(&config, identity)?;
     let reset_key = tls::reset_key(&config.data_dir)?;
     // Connection ids are checked against a keyed hash before a stateless
@@ -192,7 +192,7 @@ async fn serve(
         warn!("in-flight requests did not finish within the grace period");
     }
     let _ = maintenance.await;
-    service.flush_acks().await;
+    service.close().await;
     endpoint.close(close::NORMAL.into(), b"server shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     info!("stopped");

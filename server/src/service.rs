@@ -727,6 +727,24 @@ impl Service {
         })
     }
 
+    /// Stops every group task (each finishes what it has received), flushes
+    /// acknowledgements and closes the store. Called once, at shutdown.
+    pub async fn close(&self) {
+        let groups: Vec<Arc<GroupHandle>> = self
+            .groups
+            .write()
+            .expect("groups lock")
+            .drain()
+            .map(|(_, h)| h)
+            .collect();
+        for g in groups {
+            g.stop().await;
+        }
+        self.flush_acks().await;
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    }
+
     /// Records that `user` processed `group` up to `seq` (flushed later by
     /// [`Service::flush_acks`]).
     pub fn ack(&self, user: &str, group: GroupId, seq: u64) {

@@ -12,29 +12,32 @@ pub struct TestServer {
     pub addr: String,
     pub data_dir: PathBuf,
     pub dir: tempfile::TempDir,
+    pub config: ServerConfig,
 }
 
 impl TestServer {
     pub async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().join("ds");
-        Self::start_in(dir, data_dir, 0).await
+        Self::start_with(|_| {}).await
     }
 
-    pub async fn start_in(dir: tempfile::TempDir, data_dir: PathBuf, port: u16) -> Self {
-        let config = ServerConfig {
-            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+    pub async fn start_with(tune: impl Fn(&mut ServerConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("ds");
+        let mut config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data_dir.clone(),
             maintenance_interval: std::time::Duration::from_millis(100),
             ..ServerConfig::default()
         };
-        let running = huddle_server::start(config).await.unwrap();
+        tune(&mut config);
+        let running = huddle_server::start(config.clone()).await.unwrap();
         let addr = running.addr.to_string();
         Self {
             running: Some(running),
             addr,
             data_dir,
             dir,
+            config,
         }
     }
 
@@ -57,12 +60,8 @@ impl TestServer {
     pub async fn restart(&mut self) {
         let port: u16 = self.addr.rsplit(':').next().unwrap().parse().unwrap();
         self.running.take().unwrap().shutdown().await;
-        let config = ServerConfig {
-            listen: format!("127.0.0.1:{port}").parse().unwrap(),
-            data_dir: self.data_dir.clone(),
-            maintenance_interval: std::time::Duration::from_millis(100),
-            ..ServerConfig::default()
-        };
+        let mut config = self.config.clone();
+        config.listen = format!("127.0.0.1:{port}").parse().unwrap();
         self.running = Some(huddle_server::start(config).await.unwrap());
     }
 }

@@ -17,7 +17,7 @@ mod tests;
 
 use bytes::Bytes;
 use huddle_core::proto::{InboxItem, LogEntry};
-use huddle_core::GroupId;
+use huddle_core::{GroupId, MediaId};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -126,6 +126,38 @@ pub struct StoredGroup {
     pub members: Vec<(String, MemberRecord)>,
 }
 
+/// Where a media item stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MediaState {
+    /// Bytes up to `offset` (a chunk boundary) are durable in the partial
+    /// file; the uploader resumes from there.
+    Uploading {
+        /// Durable bytes.
+        offset: u64,
+    },
+    /// Complete, hash-checked and fetchable.
+    Complete,
+}
+
+/// A media item (an encrypted blob) known to the DS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaRecord {
+    /// The group whose current members may fetch it.
+    pub group: GroupId,
+    /// Who uploads it (only they may resume the upload).
+    pub uploader: String,
+    /// Ciphertext length.
+    pub total_len: u64,
+    /// BLAKE3 of the whole ciphertext, as announced by the uploader.
+    pub hash: [u8; 32],
+    /// Upload progress.
+    pub state: MediaState,
+    /// When the upload began, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Last progress or completion, ms since the Unix epoch.
+    pub updated_ms: u64,
+}
+
 /// A Welcome to put in a user's inbox; the store assigns its sequence number.
 #[derive(Debug, Clone)]
 pub struct NewInboxItem {
@@ -167,6 +199,10 @@ pub struct GroupWrite {
 /// The storage interface of the delivery service. All methods block; call
 /// them from a blocking context.
 pub trait Store: Send + Sync + 'static {
+    /// Releases the backend (files, locks). Every later call fails. Called
+    /// once at shutdown, after the last write.
+    fn close(&self);
+
     /// Looks up a user.
     fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError>;
 
@@ -239,6 +275,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Acknowledged positions of a group's members.
     fn cursors(&self, group: &GroupId) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// A media record.
+    fn media(&self, id: &MediaId) -> Result<Option<MediaRecord>, StoreError>;
+
+    /// Inserts or replaces a media record.
+    fn put_media(&self, id: &MediaId, record: &MediaRecord) -> Result<(), StoreError>;
+
+    /// Deletes a media record.
+    fn delete_media(&self, id: &MediaId) -> Result<(), StoreError>;
+
+    /// Every media record.
+    fn all_media(&self) -> Result<Vec<(MediaId, MediaRecord)>, StoreError>;
 
     /// Records the hash of an epoch authenticator a member computed and
     /// returns every hash published for that epoch.

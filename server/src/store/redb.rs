@@ -10,7 +10,7 @@ use std::path::Path;
 use ::redb::{Database, Durability, ReadableTable, TableDefinition};
 use bytes::Bytes;
 use huddle_core::proto::{InboxItem, LogEntry, MAX_PAGE_BYTES};
-use huddle_core::GroupId;
+use huddle_core::{GroupId, MediaId};
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::*;
@@ -29,6 +29,7 @@ const CURSORS: TableDefinition<'_, (&[u8], &str), u64> = TableDefinition::new("c
 const EPOCH_AUTH: TableDefinition<'_, (&[u8], u64, &str), &[u8]> =
     TableDefinition::new("epoch_auth");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+const MEDIA: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("media");
 
 /// On-disk layout version; bumped on incompatible changes.
 const SCHEMA_VERSION: u64 = 1;
@@ -36,7 +37,12 @@ const SCHEMA_VERSION: u64 = 1;
 /// The redb-backed store.
 #[derive(Debug)]
 pub struct RedbStore {
-    db: Database,
+    /// `None` once closed.
+    db: std::sync::RwLock<Option<Database>>,
+}
+
+fn closed() -> StoreError {
+    StoreError::Io("the store is closed".into())
 }
 
 fn err<E: Into<::redb::Error>>(e: E) -> StoreError {
@@ -76,6 +82,7 @@ impl RedbStore {
             txn.open_table(TREES).map_err(err)?;
             txn.open_table(CURSORS).map_err(err)?;
             txn.open_table(EPOCH_AUTH).map_err(err)?;
+            txn.open_table(MEDIA).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
             let version = meta.get("schema_version").map_err(err)?.map(|v| v.value());
             match version {
@@ -91,13 +98,25 @@ impl RedbStore {
             }
         }
         txn.commit().map_err(err)?;
-        Ok(Self { db })
+        Ok(Self {
+            db: std::sync::RwLock::new(Some(db)),
+        })
     }
 
     fn write(&self) -> Result<::redb::WriteTransaction, StoreError> {
-        let mut txn = self.db.begin_write().map_err(err)?;
+        let guard = self.db.read().expect("db lock");
+        let mut txn = guard
+            .as_ref()
+            .ok_or_else(closed)?
+            .begin_write()
+            .map_err(err)?;
         txn.set_durability(Durability::Immediate);
         Ok(txn)
+    }
+
+    fn read(&self) -> Result<::redb::ReadTransaction, StoreError> {
+        let guard = self.db.read().expect("db lock");
+        guard.as_ref().ok_or_else(closed)?.begin_read().map_err(err)
     }
 
     fn apply_one(
@@ -214,8 +233,12 @@ impl RedbStore {
 }
 
 impl Store for RedbStore {
+    fn close(&self) {
+        self.db.write().expect("db lock").take();
+    }
+
     fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.read()?;
         let t = txn.open_table(USERS).map_err(err)?;
         match t.get(name).map_err(err)? {
             Some(v) => Ok(Some(dec(v.value(), "user")?)),
@@ -340,7 +363,7 @@ impl Store for RedbStore {
     }
 
     fn key_package_count(&self, user: &str) -> Result<(u32, bool), StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.read()?;
         let pool = txn.open_table(KP_POOL).map_err(err)?;
         let last = txn.open_table(KP_LAST).map_err(err)?;
         Ok((
@@ -350,7 +373,7 @@ impl Store for RedbStore {
     }
 
     fn groups(&self) -> Result<Vec<StoredGroup>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.read()?;
         let groups = txn.open_table(GROUPS).map_err(err)?;
         let states = txn.open_table(GROUP_STATE).map_err(err)?;
         let members = txn.open_table(MEMBERS).map_err(err)?;
@@ -386,7 +409,7 @@ impl Store for RedbStore {
     }
 
     fn user_groups(&self, user: &str) -> Result<Vec<GroupId>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.read()?;
         let t = txn.open_table(USER_GROUPS).map_err(err)?;
         let mut out = Vec::new();
         for row in t.range((user, [].as_slice())..).map_err(err)? {
@@ -420,7 +443,7 @@ impl Store for RedbStore {
         if after >= until {
             return Ok(Vec::new());
         }
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.read()?;
         let t = txn.open_table(LOG).map_err(err)?;
         let gid = group.as_bytes().as_slice();
         let mut out = Vec::new();
@@ -443,7 +466,7 @@ impl Store for RedbStore {
         after: u64,
         limit: u32,
     ) -> Result<(Vec<InboxItem>, u64), StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.read()?;
         let t = txn.open_table(INBOX).map_err(err)?;
         let head = t
             .range((user, 0)..=(user, u64::MAX))
@@ -470,7 +493,7 @@ impl Store for RedbStore {
     }
 
     fn tree(&self, group: &GroupId, seq: u64) -> Result<Option<Bytes>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.read()?;
         let t = txn.open_table(TREES).map_err(err)?;
         Ok(t.get((group.as_bytes().as_slice(), seq))
             .map_err(err)?
@@ -496,7 +519,7 @@ impl Store for RedbStore {
     }
 
     fn cursors(&self, group: &GroupId) -> Result<Vec<(String, u64)>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
+        let txn = self.read()?;
         let t = txn.open_table(CURSORS).map_err(err)?;
         let gid = group.as_bytes().as_slice();
         let mut out = Vec::new();
@@ -507,6 +530,47 @@ impl Store for RedbStore {
                 break;
             }
             out.push((user.to_owned(), v.value()));
+        }
+        Ok(out)
+    }
+
+    fn media(&self, id: &MediaId) -> Result<Option<MediaRecord>, StoreError> {
+        let txn = self.read()?;
+        let t = txn.open_table(MEDIA).map_err(err)?;
+        match t.get(id.as_bytes().as_slice()).map_err(err)? {
+            Some(v) => Ok(Some(dec(v.value(), "media record")?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_media(&self, id: &MediaId, record: &MediaRecord) -> Result<(), StoreError> {
+        let txn = self.write()?;
+        {
+            let mut t = txn.open_table(MEDIA).map_err(err)?;
+            t.insert(id.as_bytes().as_slice(), enc(record).as_slice())
+                .map_err(err)?;
+        }
+        txn.commit().map_err(err)
+    }
+
+    fn delete_media(&self, id: &MediaId) -> Result<(), StoreError> {
+        let txn = self.write()?;
+        {
+            let mut t = txn.open_table(MEDIA).map_err(err)?;
+            t.remove(id.as_bytes().as_slice()).map_err(err)?;
+        }
+        txn.commit().map_err(err)
+    }
+
+    fn all_media(&self) -> Result<Vec<(MediaId, MediaRecord)>, StoreError> {
+        let txn = self.read()?;
+        let t = txn.open_table(MEDIA).map_err(err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            let id = MediaId::from_slice(k.value())
+                .ok_or_else(|| StoreError::Corrupt("media id length".into()))?;
+            out.push((id, dec(v.value(), "media record")?));
         }
         Ok(out)
     }

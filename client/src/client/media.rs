@@ -1,0 +1,583 @@
+//! Sending and fetching media: encrypt on this device, upload once, announce
+//! the key to the group inside MLS, download and verify chunk by chunk.
+//!
+//! Uploads and downloads stream through one chunk-sized buffer, so memory
+//! does not grow with the file. Both resume: an upload's key, salt and id
+//! are kept in the database until it is announced, so running `send-file`
+//! again continues where the server stopped; a download keeps its verified
+//! plaintext in `HOME/partial/` and continues from the last whole chunk.
+
+use std::io::SeekFrom;
+use std::path::{Path, PathBuf};
+
+use huddle_core::media::{
+    BlobPosition, Header, ItemKey, Layout, Opener, Sealer, DEFAULT_CHUNK_SIZE, HEADER_LEN,
+};
+use huddle_core::proto::{Request, Response, UploadRequest};
+use huddle_core::{GroupId, MediaId};
+use rusqlite::{params, Connection, OptionalExtension as _};
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+
+use super::{load_row, now_ms, record_events, Client};
+use crate::app::{AppMessage, MediaInfo};
+use crate::error::{ClientError, Result};
+use crate::event::Event;
+use crate::preview;
+
+/// Progress of a long transfer. `advance` returning `false` aborts the
+/// transfer at once (its progress is kept for a later resume).
+pub trait Progress {
+    /// The transfer starts; `done` bytes of `total` are already there.
+    fn start(&mut self, label: &str, total: u64, done: u64);
+    /// `n` more bytes were transferred.
+    fn advance(&mut self, n: u64) -> bool;
+    /// The transfer ended (successfully or not).
+    fn finish(&mut self) {}
+}
+
+/// No progress reporting.
+#[derive(Debug, Default)]
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn start(&mut self, _: &str, _: u64, _: u64) {}
+    fn advance(&mut self, _: u64) -> bool {
+        true
+    }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+    b
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> ClientError {
+    ClientError::Io(format!("{}: {e}", path.display()))
+}
+
+fn integrity(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Integrity(e.to_string())
+}
+
+/// Records a media item announced in a group, so `download` can find its
+/// key later.
+pub fn remember(conn: &Connection, group: &GroupId, info: &MediaInfo) -> Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO huddle_media (media_id, group_id, info) VALUES (?1, ?2, ?3)",
+        params![
+            info.media_id.as_slice(),
+            group.as_bytes().as_slice(),
+            serde_json::to_string(info).expect("media info serialises")
+        ],
+    )?;
+    Ok(())
+}
+
+/// A pending upload, as kept in `huddle_uploads`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Pending {
+    info: MediaInfo,
+    salt: [u8; 32],
+}
+
+impl Client {
+    /// Encrypts `path`, uploads it to `group` (resuming an earlier attempt
+    /// for the same file), and announces it to the group. Returns the
+    /// `media` event.
+    pub async fn send_file(
+        &mut self,
+        group: &str,
+        path: &Path,
+        caption: &str,
+        progress: &mut dyn Progress,
+    ) -> Result<Event> {
+        let id = self.resolve_group(group)?;
+        self.sync_group(&id).await?;
+        self.active_group(&id)?;
+        let meta = std::fs::metadata(path).map_err(|e| file_err(path, e))?;
+        if !meta.is_file() {
+            return Err(ClientError::Usage(format!(
+                "{} is not a file",
+                path.display()
+            )));
+        }
+        let key = upload_key(&id, path, &meta);
+        let pending = match self.pending_upload(&key)? {
+            Some(p) => p,
+            None => {
+                let p = prepare(id, path, meta.len(), caption).await?;
+                self.db.execute(
+                    "INSERT OR REPLACE INTO huddle_uploads (upload_key, state, created_ms) VALUES (?1, ?2, ?3)",
+                    params![key, serde_json::to_string(&p).expect("serialises"), now_ms() as i64],
+                )?;
+                p
+            }
+        };
+        let info = &pending.info;
+        let media = MediaId(info.media_id);
+        let header =
+            Header::new(media, id, pending.salt, info.chunk_size, info.size).map_err(integrity)?;
+        let sealer = Sealer::new(&ItemKey::from_bytes(info.key), header);
+        let req = Request::BeginUpload(UploadRequest {
+            group: id,
+            media,
+            total_len: info.ciphertext_len,
+            hash: info.hash,
+        });
+        let (mut send, mut recv, first) = self.net().await?.open(&req).await?;
+        let Response::Upload { offset, complete } = first else {
+            return Err(ClientError::Protocol(format!("unexpected {first:?}")));
+        };
+        if !complete {
+            progress.start(&info.name, info.ciphertext_len, offset);
+            let r = stream_upload(&sealer, path, offset, &mut send, progress).await;
+            progress.finish();
+            if let Err(e) = r {
+                // Like a killed sender: the server keeps what arrived.
+                let _ = send.reset(0u32.into());
+                return Err(e);
+            }
+            let _ = send.finish();
+            match crate::net::read_message::<Response>(&mut recv).await? {
+                Response::Upload { complete: true, .. } => {}
+                Response::Error(e) => {
+                    if e.code == huddle_core::proto::ErrorCode::IntegrityError {
+                        // The server discarded it; start afresh next time.
+                        self.db
+                            .execute("DELETE FROM huddle_uploads WHERE upload_key = ?1", [&key])?;
+                    }
+                    return Err(ClientError::Server(e));
+                }
+                other => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+            }
+        }
+        let seq = self
+            .send_app(&id, &AppMessage::Media(Box::new(info.clone())))
+            .await?;
+        remember(&self.db, &id, info)?;
+        let mut e = Event::new("media", &id.to_string(), self.name(), seq, now_ms());
+        e.media_id = Some(media.to_string());
+        e.name = Some(info.name.clone());
+        e.size = Some(info.size);
+        e.mime = Some(info.mime.clone());
+        e.text = Some(info.caption.clone());
+        e.group_name = load_row(&self.db, &id)?.map(|r| r.name).unwrap_or_default();
+        record_events(&self.db, &id, std::slice::from_ref(&e))?;
+        self.db
+            .execute("DELETE FROM huddle_uploads WHERE upload_key = ?1", [&key])?;
+        Ok(e)
+    }
+
+    fn pending_upload(&self, key: &str) -> Result<Option<Pending>> {
+        let s: Option<String> = self
+            .db
+            .query_row(
+                "SELECT state FROM huddle_uploads WHERE upload_key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(s.and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    /// What this device knows of a media item (from the group message that
+    /// announced it).
+    pub fn media_info(&self, media: &str) -> Result<(GroupId, MediaInfo)> {
+        let id: MediaId = media
+            .parse()
+            .map_err(|_| ClientError::Usage(format!("{media:?} is not a media id")))?;
+        let row: Option<(Vec<u8>, String)> = self
+            .db
+            .query_row(
+                "SELECT group_id, info FROM huddle_media WHERE media_id = ?1",
+                [id.as_bytes().as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let (g, info) = row.ok_or_else(|| {
+            ClientError::Usage(format!(
+                "no media {media} on this device (run `huddle sync` to receive new messages)"
+            ))
+        })?;
+        let g =
+            GroupId::from_slice(&g).ok_or_else(|| ClientError::Io("corrupt media row".into()))?;
+        let info: MediaInfo = serde_json::from_str(&info)
+            .map_err(|e| ClientError::Io(format!("corrupt media row: {e}")))?;
+        Ok((g, info))
+    }
+
+    /// Downloads, verifies and decrypts a media item to `out` (default: its
+    /// file name in the current directory), resuming an earlier attempt.
+    /// Returns the path written.
+    pub async fn download(
+        &mut self,
+        media: &str,
+        out: Option<&Path>,
+        progress: &mut dyn Progress,
+    ) -> Result<PathBuf> {
+        let (group, info) = self.media_info(media)?;
+        let out = match out {
+            Some(p) => p.to_owned(),
+            None => PathBuf::from(safe_name(&info.name)),
+        };
+        if out.exists() {
+            return Err(ClientError::Usage(format!(
+                "{} exists; choose another path with -o",
+                out.display()
+            )));
+        }
+        let media_id = MediaId(info.media_id);
+        let layout = Layout::new(info.chunk_size, info.size).map_err(integrity)?;
+        let header = self.fetch_header(media_id, group, &info).await?;
+        let key = ItemKey::from_bytes(info.key);
+        let opener = Opener::new(&key, header);
+
+        let partial_dir = self.home.partial_dir();
+        std::fs::create_dir_all(&partial_dir).map_err(|e| file_err(&partial_dir, e))?;
+        let part = partial_dir.join(format!("{media_id}.part"));
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&part)
+            .await
+            .map_err(|e| file_err(&part, e))?;
+        // Keep whole verified chunks only.
+        let have = file.metadata().await.map_err(|e| file_err(&part, e))?.len();
+        let whole = (have / u64::from(info.chunk_size)).min(u64::from(layout.chunk_count()));
+        let mut have = (whole * u64::from(info.chunk_size)).min(info.size);
+        let mut first = whole as u32;
+        if first > layout.last_index() || have >= info.size && info.size > 0 {
+            // Everything is there already (a crash right before the rename).
+            first = layout.chunk_count();
+            have = info.size;
+        }
+        file.set_len(have).await.map_err(|e| file_err(&part, e))?;
+        // The hash covers the whole blob: recompute the prefix from the
+        // plaintext we already have (sealing is deterministic).
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&header.encode());
+        let sealer = Sealer::new(&key, header);
+        file.seek(SeekFrom::Start(0))
+            .await
+            .map_err(|e| file_err(&part, e))?;
+        let mut buf = Vec::with_capacity(info.chunk_size as usize + huddle_core::media::TAG_LEN);
+        for i in 0..first {
+            let n = layout.plaintext_len(i).map_err(integrity)?;
+            buf.resize(n, 0);
+            file.read_exact(&mut buf)
+                .await
+                .map_err(|e| file_err(&part, e))?;
+            sealer
+                .seal_chunk_in_place(i, i == layout.last_index(), &mut buf)
+                .map_err(integrity)?;
+            hasher.update(&buf);
+        }
+        file.seek(SeekFrom::Start(have))
+            .await
+            .map_err(|e| file_err(&part, e))?;
+
+        progress.start(&info.name, info.size, have);
+        if first < layout.chunk_count() {
+            let start = layout.chunk_offset(first).map_err(integrity)?;
+            let (_send, mut recv, resp) = self
+                .net()
+                .await?
+                .open(&Request::Download {
+                    media: media_id,
+                    offset: start,
+                    len: 0,
+                })
+                .await?;
+            let Response::Download {
+                total_len, hash, ..
+            } = resp
+            else {
+                return Err(ClientError::Protocol(format!("unexpected {resp:?}")));
+            };
+            if total_len != info.ciphertext_len || hash != info.hash {
+                return Err(integrity(
+                    "the server's copy is not the item the sender announced",
+                ));
+            }
+            for i in first..layout.chunk_count() {
+                let n = layout.sealed_len(i).map_err(integrity)?;
+                buf.resize(n, 0);
+                recv.read_exact(&mut buf).await.map_err(|e| match e {
+                    quinn::ReadExactError::FinishedEarly(_) => {
+                        integrity(format!("the blob ends inside chunk {i} (truncated)"))
+                    }
+                    other => ClientError::Connect {
+                        addr: self.settings.server.clone(),
+                        reason: other.to_string(),
+                    },
+                })?;
+                hasher.update(&buf);
+                opener.open_chunk_in_place(i, &mut buf).map_err(integrity)?;
+                file.write_all(&buf).await.map_err(|e| file_err(&part, e))?;
+                if !progress.advance(buf.len() as u64) {
+                    let _ = file.sync_data().await;
+                    progress.finish();
+                    return Err(ClientError::Usage("download interrupted".into()));
+                }
+            }
+            let mut extra = [0u8; 1];
+            if matches!(recv.read(&mut extra).await, Ok(Some(n)) if n > 0) {
+                return Err(integrity("the blob is longer than announced"));
+            }
+        }
+        progress.finish();
+        if *hasher.finalize().as_bytes() != info.hash {
+            // Every chunk authenticated, yet the whole does not match what
+            // the sender hashed: do not keep it.
+            drop(file);
+            let _ = std::fs::remove_file(&part);
+            return Err(integrity("the blob's hash differs from the announced one"));
+        }
+        file.sync_all().await.map_err(|e| file_err(&part, e))?;
+        drop(file);
+        if std::fs::rename(&part, &out).is_err() {
+            // Another file system: copy, then remove.
+            std::fs::copy(&part, &out).map_err(|e| file_err(&out, e))?;
+            let _ = std::fs::remove_file(&part);
+        }
+        Ok(out)
+    }
+
+    /// Reads plaintext bytes `start..end` of a media item without fetching
+    /// the rest (for example to play a video from the middle).
+    pub async fn read_range(&mut self, media: &str, start: u64, end: u64) -> Result<Vec<u8>> {
+        let (group, info) = self.media_info(media)?;
+        let media_id = MediaId(info.media_id);
+        let layout = Layout::new(info.chunk_size, info.size).map_err(integrity)?;
+        let span = layout
+            .span(start, end)
+            .map_err(|e| ClientError::Usage(e.to_string()))?;
+        let header = self.fetch_header(media_id, group, &info).await?;
+        let opener = Opener::new(&ItemKey::from_bytes(info.key), header);
+        let (_send, mut recv, resp) = self
+            .net()
+            .await?
+            .open(&Request::Download {
+                media: media_id,
+                offset: span.blob_start,
+                len: span.blob_len(),
+            })
+            .await?;
+        if !matches!(resp, Response::Download { .. }) {
+            return Err(ClientError::Protocol(format!("unexpected {resp:?}")));
+        }
+        let mut out = Vec::with_capacity((end - start) as usize);
+        let mut buf = Vec::new();
+        for i in span.chunks() {
+            buf.resize(layout.sealed_len(i).map_err(integrity)?, 0);
+            recv.read_exact(&mut buf)
+                .await
+                .map_err(|e| integrity(format!("chunk {i}: {e}")))?;
+            opener.open_chunk_in_place(i, &mut buf).map_err(integrity)?;
+            out.extend_from_slice(&buf);
+        }
+        let skip = span.skip;
+        out.drain(..skip);
+        out.truncate((end - start) as usize);
+        Ok(out)
+    }
+
+    /// Fetches the blob's header and checks it against what the sender
+    /// announced.
+    async fn fetch_header(
+        &mut self,
+        media: MediaId,
+        group: GroupId,
+        info: &MediaInfo,
+    ) -> Result<Header> {
+        let (_send, mut recv, resp) = self
+            .net()
+            .await?
+            .open(&Request::Download {
+                media,
+                offset: 0,
+                len: HEADER_LEN as u64,
+            })
+            .await?;
+        if !matches!(resp, Response::Download { .. }) {
+            return Err(ClientError::Protocol(format!("unexpected {resp:?}")));
+        }
+        let mut bytes = [0u8; HEADER_LEN];
+        recv.read_exact(&mut bytes)
+            .await
+            .map_err(|e| integrity(format!("header: {e}")))?;
+        let h = Header::decode(&bytes).map_err(integrity)?;
+        if h.media() != media
+            || h.group() != group
+            || h.chunk_size() != info.chunk_size
+            || h.total_len() != info.size
+        {
+            return Err(integrity(
+                "the blob's header does not match the announced item",
+            ));
+        }
+        Ok(h)
+    }
+}
+
+/// Identifies an upload of one version of one file to one group.
+fn upload_key(group: &GroupId, path: &Path, meta: &std::fs::Metadata) -> String {
+    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{group}:{}:{}:{mtime}", abs.display(), meta.len())
+}
+
+/// Chooses key, salt and id, detects the type, makes a preview, and hashes
+/// the ciphertext (a first pass over the file: the hash goes first in the
+/// upload request).
+async fn prepare(group: GroupId, path: &Path, size: u64, caption: &str) -> Result<Pending> {
+    let media = MediaId(random());
+    let key = random::<32>();
+    let salt = random::<32>();
+    let chunk_size = DEFAULT_CHUNK_SIZE;
+    let header = Header::new(media, group, salt, chunk_size, size).map_err(integrity)?;
+    let layout = header.layout();
+    let sealer = Sealer::new(&ItemKey::from_bytes(key), header);
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| file_err(path, e))?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&header.encode());
+    let mut buf = Vec::with_capacity(chunk_size as usize + huddle_core::media::TAG_LEN);
+    let mut sniff = Vec::new();
+    for i in 0..layout.chunk_count() {
+        let n = layout.plaintext_len(i).map_err(integrity)?;
+        buf.resize(n, 0);
+        file.read_exact(&mut buf)
+            .await
+            .map_err(|e| file_err(path, e))?;
+        if i == 0 {
+            sniff = buf[..buf.len().min(8192)].to_vec();
+        }
+        sealer
+            .seal_chunk_in_place(i, i == layout.last_index(), &mut buf)
+            .map_err(integrity)?;
+        hasher.update(&buf);
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let mime = preview::mime_of(&sniff, &name);
+    let preview = if mime.starts_with("image/") && size <= preview::MAX_SOURCE {
+        let p = path.to_owned();
+        tokio::task::spawn_blocking(move || preview::thumbnail(&p))
+            .await
+            .ok()
+            .flatten()
+    } else {
+        None
+    };
+    Ok(Pending {
+        info: MediaInfo {
+            media_id: media.0,
+            key,
+            size,
+            ciphertext_len: layout.blob_len(),
+            chunk_size,
+            hash: *hasher.finalize().as_bytes(),
+            mime,
+            name,
+            caption: caption.to_owned(),
+            preview,
+        },
+        salt,
+    })
+}
+
+/// Sends the blob from `offset` to the end, sealing chunk by chunk.
+async fn stream_upload(
+    sealer: &Sealer,
+    path: &Path,
+    offset: u64,
+    send: &mut quinn::SendStream,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    let header = *sealer.header();
+    let layout = header.layout();
+    let lost = |e: quinn::WriteError| ClientError::Io(format!("upload stream: {e}"));
+    let (first, mut skip) = match layout.locate(offset) {
+        Some(BlobPosition::Header { within }) => {
+            let head = header.encode();
+            send.write_all(&head[within..]).await.map_err(lost)?;
+            if !progress.advance((HEADER_LEN - within) as u64) {
+                return Err(ClientError::Usage("upload interrupted".into()));
+            }
+            (0, 0)
+        }
+        Some(BlobPosition::Chunk { index, within }) => (index, within),
+        Some(BlobPosition::End) => return Ok(()),
+        None => {
+            return Err(ClientError::Protocol(
+                "the server asked to resume past the end".into(),
+            ))
+        }
+    };
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| file_err(path, e))?;
+    file.seek(SeekFrom::Start(
+        u64::from(first) * u64::from(layout.chunk_size()),
+    ))
+    .await
+    .map_err(|e| file_err(path, e))?;
+    let mut buf = Vec::with_capacity(layout.chunk_size() as usize + huddle_core::media::TAG_LEN);
+    for i in first..layout.chunk_count() {
+        buf.resize(layout.plaintext_len(i).map_err(integrity)?, 0);
+        file.read_exact(&mut buf).await.map_err(|e| {
+            file_err(
+                path,
+                format!("{e} (the file changed since the upload began?)"),
+            )
+        })?;
+        sealer
+            .seal_chunk_in_place(i, i == layout.last_index(), &mut buf)
+            .map_err(integrity)?;
+        send.write_all(&buf[skip..]).await.map_err(lost)?;
+        if !progress.advance((buf.len() - skip) as u64) {
+            return Err(ClientError::Usage("upload interrupted".into()));
+        }
+        skip = 0;
+    }
+    Ok(())
+}
+
+/// A file name safe to create in the current directory.
+fn safe_name(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let clean: String = base
+        .chars()
+        .map(|c| if c.is_control() { '_' } else { c })
+        .collect();
+    if clean.is_empty() || clean == "." || clean == ".." {
+        "download".into()
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_cannot_escape_the_directory() {
+        assert_eq!(safe_name("../../etc/passwd"), "passwd");
+        assert_eq!(safe_name("a\\b"), "b");
+        assert_eq!(safe_name(".."), "download");
+        assert_eq!(safe_name("x\ny"), "x_y");
+        assert_eq!(safe_name("clip.mp4"), "clip.mp4");
+    }
+}

@@ -1,0 +1,389 @@
+//! Encrypted media end to end: round trips, resume, range reads, integrity,
+//! access control, limits.
+#![allow(clippy::unwrap_used)]
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use huddle_client::{Client, ClientError, Progress, Quiet};
+use huddle_core::proto::{ErrorCode, Request};
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    // Distinctive, incompressible-looking, reproducible.
+    let mut x = u32::from(seed) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 8) as u8
+        })
+        .collect()
+}
+
+fn write(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+async fn group_of(server: &TestServer, names: &[&str]) -> (Vec<Client>, String) {
+    let mut clients = Vec::new();
+    for n in names {
+        clients.push(server.register(n).await);
+    }
+    let g = clients[0].create_group("media").await.unwrap().to_string();
+    let others: Vec<String> = names[1..].iter().map(|s| s.to_string()).collect();
+    clients[0].add(&g, &others).await.unwrap();
+    for c in clients.iter_mut().skip(1) {
+        c.sync().await.unwrap();
+    }
+    (clients, g)
+}
+
+fn blob_path(server: &TestServer, media: &str) -> PathBuf {
+    server.data_dir.join("blobs").join(format!("{media}.blob"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20_mib_file_round_trips_between_three_members() {
+    let server = TestServer::start().await;
+    let (mut c, g) = group_of(&server, &["alice", "bob", "carol"]).await;
+    let data = pattern(20 << 20, 7);
+    let src = write(server.dir.path(), "video.bin", &data);
+    let sent = c[0]
+        .send_file(&g, &src, "a video", &mut Quiet)
+        .await
+        .unwrap();
+    let media = sent.media_id.clone().unwrap();
+    assert_eq!(sent.size, Some(20 << 20));
+    for (i, x) in c.iter_mut().enumerate().skip(1) {
+        let events = x.sync().await.unwrap();
+        let e = events.iter().find(|e| e.kind == "media").unwrap();
+        assert_eq!(e.media_id.as_deref(), Some(media.as_str()));
+        assert_eq!(e.text.as_deref(), Some("a video"));
+        assert_eq!(e.name.as_deref(), Some("video.bin"));
+        let out = server.dir.path().join(format!("out{i}.bin"));
+        x.download(&media, Some(&out), &mut Quiet).await.unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "member {i} got other bytes"
+        );
+    }
+    // The server's data dir holds none of the plaintext.
+    let needle = &data[5 << 20..(5 << 20) + 64];
+    for entry in walk(&server.data_dir) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "plaintext found in {}",
+            entry.display()
+        );
+    }
+    // A range from the middle, without fetching the rest.
+    let part = c[1].read_range(&media, 3_000_000, 3_000_100).await.unwrap();
+    assert_eq!(part, &data[3_000_000..3_000_100]);
+    let tail = c[2]
+        .read_range(&media, (20 << 20) - 10, 20 << 20)
+        .await
+        .unwrap();
+    assert_eq!(tail, &data[(20 << 20) - 10..]);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Aborts a transfer after `limit` bytes; counts what was transferred.
+struct Stopper {
+    limit: u64,
+    started_at: u64,
+    moved: u64,
+}
+
+impl Progress for Stopper {
+    fn start(&mut self, _: &str, _: u64, done: u64) {
+        self.started_at = done;
+    }
+    fn advance(&mut self, n: u64) -> bool {
+        self.moved += n;
+        self.moved < self.limit
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_upload_resumes_and_sends_only_the_rest() {
+    let server = TestServer::start().await;
+    let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
+    let data = pattern(24 << 20, 3);
+    let src = write(server.dir.path(), "big.bin", &data);
+    // Killed after about 10 MiB.
+    let mut first = Stopper {
+        limit: 10 << 20,
+        started_at: 0,
+        moved: 0,
+    };
+    assert!(c[0].send_file(&g, &src, "", &mut first).await.is_err());
+    assert_eq!(first.started_at, 0);
+    // Give the server a moment to notice the reset and record progress.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut second = Stopper {
+        limit: u64::MAX,
+        started_at: 0,
+        moved: 0,
+    };
+    let sent = c[0].send_file(&g, &src, "", &mut second).await.unwrap();
+    let total = sent.size.unwrap() + 82 + 16 * 96; // header + tags of 96 chunks
+                                                   // What had reached the server before the kill is kept (the client had
+                                                   // written more into its send buffer than was delivered).
+    assert!(
+        second.started_at >= 1 << 20,
+        "resumed from {}",
+        second.started_at
+    );
+    assert!(second.started_at < total);
+    assert_eq!(
+        second.started_at + second.moved,
+        total,
+        "only the rest was sent"
+    );
+    c[1].sync().await.unwrap();
+    let out = server.dir.path().join("big.out");
+    c[1].download(sent.media_id.as_deref().unwrap(), Some(&out), &mut Quiet)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&out).unwrap() == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_download_resumes() {
+    let server = TestServer::start().await;
+    let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
+    let data = pattern(3 << 20, 9);
+    let src = write(server.dir.path(), "clip.bin", &data);
+    let media = c[0]
+        .send_file(&g, &src, "", &mut Quiet)
+        .await
+        .unwrap()
+        .media_id
+        .unwrap();
+    c[1].sync().await.unwrap();
+    let out = server.dir.path().join("clip.out");
+    let mut stop = Stopper {
+        limit: 1 << 20,
+        started_at: 0,
+        moved: 0,
+    };
+    assert!(c[1].download(&media, Some(&out), &mut stop).await.is_err());
+    assert!(
+        !out.exists(),
+        "nothing is visible before it is complete and verified"
+    );
+    let mut rest = Stopper {
+        limit: u64::MAX,
+        started_at: 0,
+        moved: 0,
+    };
+    c[1].download(&media, Some(&out), &mut rest).await.unwrap();
+    assert!(rest.started_at >= 1 << 20);
+    assert_eq!(rest.started_at + rest.moved, 3 << 20);
+    assert!(std::fs::read(&out).unwrap() == data);
+}
+
+fn expect_integrity(r: Result<PathBuf, ClientError>) {
+    match r {
+        Err(ClientError::Integrity(_)) => {}
+        other => panic!("expected an integrity error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_truncated_and_reordered_blobs_are_refused() {
+    let server = TestServer::start().await;
+    let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
+    let data = pattern(1 << 20, 5); // four 256 KiB chunks
+    let src = write(server.dir.path(), "doc.bin", &data);
+    let media = c[0]
+        .send_file(&g, &src, "", &mut Quiet)
+        .await
+        .unwrap()
+        .media_id
+        .unwrap();
+    c[1].sync().await.unwrap();
+    let path = blob_path(&server, &media);
+    let original = std::fs::read(&path).unwrap();
+    let sealed = 256 * 1024 + 16;
+    let out = server.dir.path().join("doc.out");
+
+    // One flipped byte in the middle of chunk 2.
+    let mut t = original.clone();
+    t[82 + 2 * sealed + 1000] ^= 1;
+    std::fs::write(&path, &t).unwrap();
+    expect_integrity(c[1].download(&media, Some(&out), &mut Quiet).await);
+    assert!(!out.exists());
+
+    // Verified chunks of a failed attempt are kept for a resume; start each
+    // case afresh so every case reads the damaged part.
+    let fresh = |c: &Client| {
+        let _ = std::fs::remove_dir_all(c.home().partial_dir());
+    };
+    fresh(&c[1]);
+    // The last chunk cut off.
+    std::fs::write(&path, &original[..original.len() - 100]).unwrap();
+    expect_integrity(c[1].download(&media, Some(&out), &mut Quiet).await);
+
+    fresh(&c[1]);
+    // Chunks 1 and 2 swapped.
+    let mut s = original.clone();
+    let (a, b) = (82 + sealed, 82 + 2 * sealed);
+    let chunk1 = original[a..a + sealed].to_vec();
+    s.copy_within(b..b + sealed, a);
+    s[b..b + sealed].copy_from_slice(&chunk1);
+    std::fs::write(&path, &s).unwrap();
+    expect_integrity(c[1].download(&media, Some(&out), &mut Quiet).await);
+
+    // Restored, it downloads (the partial file of the failed attempts does
+    // not poison the result).
+    std::fs::write(&path, &original).unwrap();
+    let _ = std::fs::remove_dir_all(c[1].home().partial_dir());
+    c[1].download(&media, Some(&out), &mut Quiet).await.unwrap();
+    assert!(std::fs::read(&out).unwrap() == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_members_and_non_members_cannot_fetch() {
+    let server = TestServer::start().await;
+    let (mut c, g) = group_of(&server, &["alice", "bob", "carol"]).await;
+    let data = pattern(100_000, 1);
+    let src = write(server.dir.path(), "pic.bin", &data);
+    let media = c[0]
+        .send_file(&g, &src, "", &mut Quiet)
+        .await
+        .unwrap()
+        .media_id
+        .unwrap();
+    c[2].sync().await.unwrap();
+    c[0].remove(&g, &["carol".into()]).await.unwrap();
+    // Carol learned the id (and key) before her removal; the DS still refuses.
+    let out = server.dir.path().join("pic.out");
+    let r = c[2].download(&media, Some(&out), &mut Quiet).await;
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotMember));
+    // A non-member who knows the id.
+    let mut mallory = server.register("mallory").await;
+    let r = mallory
+        .net()
+        .await
+        .unwrap()
+        .open(&Request::Download {
+            media: media.parse().unwrap(),
+            offset: 0,
+            len: 0,
+        })
+        .await;
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotMember));
+    // Nor may a non-member upload to the group.
+    let mut other = server.register("other").await;
+    let og = other.create_group("o").await.unwrap().to_string();
+    let _ = og;
+    let r = other
+        .net()
+        .await
+        .unwrap()
+        .open(&Request::BeginUpload(huddle_core::proto::UploadRequest {
+            group: g.parse().unwrap(),
+            media: huddle_core::MediaId([9; 16]),
+            total_len: 1000,
+            hash: [0; 32],
+        }))
+        .await;
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotMember));
+    // Bob still can.
+    c[1].sync().await.unwrap();
+    c[1].download(&media, Some(&out), &mut Quiet).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pictures_carry_a_preview_and_a_detected_type() {
+    let server = TestServer::start().await;
+    let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
+    let img = image::RgbImage::from_fn(640, 480, |x, y| {
+        image::Rgb([(x % 200) as u8, (y % 200) as u8, 90])
+    });
+    let src = server.dir.path().join("holiday.dat");
+    img.save_with_format(&src, image::ImageFormat::Png).unwrap();
+    c[0].send_file(&g, &src, "beach", &mut Quiet).await.unwrap();
+    let ev = c[1].sync().await.unwrap();
+    let e = ev.iter().find(|e| e.kind == "media").unwrap();
+    assert_eq!(e.mime.as_deref(), Some("image/png"));
+    let (_, info) = c[1].media_info(e.media_id.as_deref().unwrap()).unwrap();
+    let preview = info.preview.unwrap();
+    assert!(preview.len() <= 8 * 1024);
+    assert!(image::load_from_memory(&preview).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_items_and_a_full_quota_are_refused_cleanly() {
+    let mut server = TestServer::start_with(|cfg| {
+        cfg.max_media_item = 2 << 20;
+        cfg.media_quota = 3 << 20;
+    })
+    .await;
+    let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
+    let big = write(server.dir.path(), "big.bin", &pattern(3 << 20, 2));
+    let r = c[0].send_file(&g, &big, "", &mut Quiet).await;
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::TooLarge));
+    let ok = write(server.dir.path(), "ok.bin", &pattern(3 << 19, 4));
+    c[0].send_file(&g, &ok, "", &mut Quiet).await.unwrap();
+    let more = write(server.dir.path(), "more.bin", &pattern(3 << 19, 6));
+    let r = c[0].send_file(&g, &more, "", &mut Quiet).await;
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::QuotaExceeded));
+    // Nothing half-stored is visible, and the server keeps serving.
+    let blobs: Vec<_> = walk(&server.data_dir.join("blobs"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "blob"))
+        .collect();
+    assert_eq!(blobs.len(), 1);
+    c[0].send_text(&g, "still fine").await.unwrap();
+    server.restart().await;
+    c[1].sync().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_media_is_deleted() {
+    let server = TestServer::start_with(|cfg| {
+        cfg.media_retention = std::time::Duration::ZERO;
+        cfg.media_sweep_interval = std::time::Duration::from_millis(50);
+    })
+    .await;
+    let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
+    let src = write(server.dir.path(), "f.bin", &pattern(1000, 8));
+    let media = c[0]
+        .send_file(&g, &src, "", &mut Quiet)
+        .await
+        .unwrap()
+        .media_id
+        .unwrap();
+    let path = blob_path(&server, &media);
+    for _ in 0..200 {
+        if !path.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(!path.exists(), "the expired blob is still on disk");
+    c[1].sync().await.unwrap();
+    let r = c[1]
+        .download(&media, Some(&server.dir.path().join("f.out")), &mut Quiet)
+        .await;
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotFound));
+}
