@@ -303,7 +303,6 @@ async fn removed_members_and_non_members_cannot_fetch() {
             group: g.parse().unwrap(),
             media: huddle_core::MediaId([9; 16]),
             total_len: 1000,
-            hash: [0; 32],
         }))
         .await;
     assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotMember));

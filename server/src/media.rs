@@ -20,8 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use huddle_core::frame;
 use huddle_core::media::{BlobPosition, Header, HEADER_LEN};
-use huddle_core::proto::{self, ErrorBody, ErrorCode, Response, UploadRequest};
+use huddle_core::proto::{self, ErrorBody, ErrorCode, Response, UploadRequest, UPLOAD_TRAILER_LEN};
 use huddle_core::MediaId;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 use tracing::{debug, info, warn};
@@ -286,7 +287,7 @@ async fn upload_inner(
         .map_err(store_err)?;
     let mut rec = match existing {
         Some(r) => {
-            if r.group != req.group || r.total_len != req.total_len || r.hash != req.hash {
+            if r.group != req.group || r.total_len != req.total_len {
                 return Err(err(
                     ErrorCode::BadRequest,
                     "this media id is taken by another item",
@@ -320,7 +321,7 @@ async fn upload_inner(
                 group: req.group,
                 uploader: user.clone(),
                 total_len: total,
-                hash: req.hash,
+                hash: [0; 32],
                 state: MediaState::Uploading { offset: 0 },
                 created_ms: now,
                 updated_ms: now,
@@ -399,11 +400,13 @@ async fn upload_inner(
     let mut buf = vec![0u8; BUF];
     let mut filled = 0usize;
     let mut ended = false;
-    loop {
-        // Fill the buffer from the stream, then write it out in one piece.
-        let mut gone = false;
-        while filled < BUF {
-            match recv.read(&mut buf[filled..]).await {
+    let mut gone = false;
+    while pos < req.total_len && !ended && !gone {
+        // Fill the buffer from the stream (never past the blob's end), then
+        // write it out in one piece.
+        let room = BUF.min((req.total_len - pos) as usize);
+        while filled < room {
+            match recv.read(&mut buf[filled..room]).await {
                 Ok(Some(n)) => filled += n,
                 Ok(None) => {
                     ended = true;
@@ -414,13 +417,6 @@ async fn upload_inner(
                     break;
                 }
             }
-        }
-        if pos + filled as u64 > req.total_len {
-            blobs.forget(id, &rec).await;
-            return Err(err(
-                ErrorCode::TooLarge,
-                "more bytes were sent than announced; the upload was discarded",
-            ));
         }
         if head_bytes.len() < HEADER_LEN {
             let take = (HEADER_LEN - head_bytes.len()).min(filled);
@@ -437,15 +433,12 @@ async fn upload_inner(
         }
         if filled > 0 {
             if let Err(e) = file.write_all(&buf[..filled]).await {
-                persist(blobs, &mut file, id, &mut rec, durable).await;
+                persist(blobs, id, &mut rec, durable).await;
                 return Err(io_err(e));
             }
             hasher.update(&buf[..filled]);
             pos += filled as u64;
             filled = 0;
-        }
-        if ended || gone {
-            break;
         }
         if pos - durable >= SYNC_EVERY {
             let boundary = boundary(header.as_ref(), pos);
@@ -453,15 +446,15 @@ async fn upload_inner(
                 return Err(io_err(e));
             }
             durable = boundary;
-            persist(blobs, &mut file, id, &mut rec, durable).await;
+            persist(blobs, id, &mut rec, durable).await;
         }
     }
     if pos < req.total_len {
         let boundary = boundary(header.as_ref(), pos);
         if file.sync_data().await.is_ok() {
-            persist(blobs, &mut file, id, &mut rec, boundary).await;
+            persist(blobs, id, &mut rec, boundary).await;
         }
-        if !ended {
+        if gone {
             return Ok(None);
         }
         return Err(err(
@@ -472,13 +465,41 @@ async fn upload_inner(
             ),
         ));
     }
-    if *hasher.finalize().as_bytes() != req.hash {
+    // Every byte is here and on disk; the trailer names the hash.
+    file.sync_data().await.map_err(io_err)?;
+    persist(blobs, id, &mut rec, pos).await;
+    let mut trailer = [0u8; frame::HEADER_LEN + UPLOAD_TRAILER_LEN];
+    match recv.read_exact(&mut trailer).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(_)) => {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "the upload ended without its hash trailer; send it to finish",
+            ))
+        }
+        Err(_) => return Ok(None),
+    }
+    let len_ok = frame::body_len(
+        trailer[..frame::HEADER_LEN].try_into().expect("4 bytes"),
+        UPLOAD_TRAILER_LEN,
+    )
+    .is_ok_and(|n| n == UPLOAD_TRAILER_LEN);
+    if !len_ok {
+        blobs.forget(id, &rec).await;
+        return Err(err(
+            ErrorCode::TooLarge,
+            "more bytes were sent than announced; the upload was discarded",
+        ));
+    }
+    let announced: [u8; 32] = trailer[frame::HEADER_LEN..].try_into().expect("32 bytes");
+    if *hasher.finalize().as_bytes() != announced {
         blobs.forget(id, &rec).await;
         return Err(err(
             ErrorCode::IntegrityError,
             "the uploaded bytes do not match the announced hash; the upload was discarded",
         ));
     }
+    rec.hash = announced;
     file.sync_all().await.map_err(io_err)?;
     drop(file);
     tokio::fs::rename(&path, blobs.blob_path(&id))
@@ -502,13 +523,7 @@ async fn upload_inner(
 }
 
 /// Records `offset` (already synced) as the resume point.
-async fn persist(
-    blobs: &BlobStore,
-    _file: &mut tokio::fs::File,
-    id: MediaId,
-    rec: &mut MediaRecord,
-    offset: u64,
-) {
+async fn persist(blobs: &BlobStore, id: MediaId, rec: &mut MediaRecord, offset: u64) {
     rec.state = MediaState::Uploading { offset };
     rec.updated_ms = now_ms();
     let r = rec.clone();

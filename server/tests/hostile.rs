@@ -370,3 +370,94 @@ async fn only_encrypted_application_messages_within_the_epoch_window_are_accepte
         .await;
     assert_eq!(code(r), ErrorCode::StaleEpoch);
 }
+
+/// Uploads `blob` for `media` in `group` with `trailer` as the announced hash.
+async fn raw_upload(
+    net: &Connection,
+    group: GroupId,
+    media: huddle_core::MediaId,
+    blob: &[u8],
+    trailer: [u8; 32],
+) -> huddle_client::Result<Response> {
+    let req = Request::BeginUpload(huddle_core::proto::UploadRequest {
+        group,
+        media,
+        total_len: blob.len() as u64,
+    });
+    let (mut send, mut recv, first) = net.open(&req).await?;
+    assert!(
+        matches!(
+            first,
+            Response::Upload {
+                offset: 0,
+                complete: false
+            }
+        ),
+        "{first:?}"
+    );
+    send.write_all(blob).await.unwrap();
+    send.write_all(&huddle_core::frame::encode(&trailer))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    match huddle_client::net::read_message::<Response>(&mut recv).await? {
+        Response::Error(e) => Err(huddle_client::ClientError::Server(e)),
+        r => Ok(r),
+    }
+}
+
+#[tokio::test]
+async fn uploads_must_match_their_header_and_hash() {
+    use huddle_core::media::{seal_blob, Header, ItemKey, MIN_CHUNK_SIZE};
+    let s = InProcess::start().await;
+    let (alice, _bob, gid, _ga, _gb) = alice_and_bob(&s).await;
+    let media = huddle_core::MediaId(rand_id());
+    let key = ItemKey::from_bytes([7; 32]);
+    let seal = |group: GroupId| {
+        let h = Header::new(media, group, [3; 32], MIN_CHUNK_SIZE, 100_000).unwrap();
+        seal_blob(&key, h, &vec![5u8; 100_000]).unwrap()
+    };
+    let blob = seal(gid);
+    let hash = *blake3::hash(&blob).as_bytes();
+    // A wrong hash: refused and discarded.
+    let r = raw_upload(&alice.net, gid, media, &blob, [0; 32]).await;
+    assert_eq!(code(r), ErrorCode::IntegrityError);
+    // A header that names another group: refused.
+    let other = seal(GroupId([1; 16]));
+    let r = raw_upload(
+        &alice.net,
+        gid,
+        media,
+        &other,
+        *blake3::hash(&other).as_bytes(),
+    )
+    .await;
+    assert_eq!(code(r), ErrorCode::BadRequest);
+    // Nothing of either is fetchable.
+    let r = alice
+        .net
+        .open(&Request::Download {
+            media,
+            offset: 0,
+            len: 0,
+        })
+        .await;
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotFound));
+    // The real thing is accepted, and can then be fetched whole.
+    let r = raw_upload(&alice.net, gid, media, &blob, hash)
+        .await
+        .unwrap();
+    assert!(matches!(r, Response::Upload { complete: true, .. }));
+    let (_s, mut recv, head) = alice
+        .net
+        .open(&Request::Download {
+            media,
+            offset: 0,
+            len: 0,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(head, Response::Download { hash: h, .. } if h == hash));
+    let got = recv.read_to_end(1 << 20).await.unwrap();
+    assert_eq!(got, blob);
+}

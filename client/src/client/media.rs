@@ -10,9 +10,7 @@
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 
-use huddle_core::media::{
-    BlobPosition, Header, ItemKey, Layout, Opener, Sealer, DEFAULT_CHUNK_SIZE, HEADER_LEN,
-};
+use huddle_core::media::{Header, ItemKey, Layout, Opener, Sealer, DEFAULT_CHUNK_SIZE, HEADER_LEN};
 use huddle_core::proto::{Request, Response, UploadRequest};
 use huddle_core::{GroupId, MediaId};
 use rusqlite::{params, Connection, OptionalExtension as _};
@@ -106,7 +104,7 @@ impl Client {
         let pending = match self.pending_upload(&key)? {
             Some(p) => p,
             None => {
-                let p = prepare(id, path, meta.len(), caption).await?;
+                let p = prepare(path, meta.len(), caption).await?;
                 self.db.execute(
                     "INSERT OR REPLACE INTO huddle_uploads (upload_key, state, created_ms) VALUES (?1, ?2, ?3)",
                     params![key, serde_json::to_string(&p).expect("serialises"), now_ms() as i64],
@@ -114,7 +112,7 @@ impl Client {
                 p
             }
         };
-        let info = &pending.info;
+        let mut info = pending.info.clone();
         let media = MediaId(info.media_id);
         let header =
             Header::new(media, id, pending.salt, info.chunk_size, info.size).map_err(integrity)?;
@@ -123,21 +121,30 @@ impl Client {
             group: id,
             media,
             total_len: info.ciphertext_len,
-            hash: info.hash,
         });
         let (mut send, mut recv, first) = self.net().await?.open(&req).await?;
         let Response::Upload { offset, complete } = first else {
             return Err(ClientError::Protocol(format!("unexpected {first:?}")));
         };
-        if !complete {
+        if complete {
+            // Stored by an earlier run whose announcement did not go out.
+            let _ = send.finish();
+            info.hash = seal_and_send(&sealer, path, info.ciphertext_len, None, &mut Quiet).await?;
+        } else {
             progress.start(&info.name, info.ciphertext_len, offset);
-            let r = stream_upload(&sealer, path, offset, &mut send, progress).await;
+            let r = seal_and_send(&sealer, path, offset, Some(&mut send), progress).await;
             progress.finish();
-            if let Err(e) = r {
-                // Like a killed sender: the server keeps what arrived.
-                let _ = send.reset(0u32.into());
-                return Err(e);
-            }
+            let hash = match r {
+                Ok(h) => h,
+                Err(e) => {
+                    // Like a killed sender: the server keeps what arrived.
+                    let _ = send.reset(0u32.into());
+                    return Err(e);
+                }
+            };
+            send.write_all(&huddle_core::frame::encode(&hash))
+                .await
+                .map_err(|e| ClientError::Io(format!("upload stream: {e}")))?;
             let _ = send.finish();
             match crate::net::read_message::<Response>(&mut recv).await? {
                 Response::Upload { complete: true, .. } => {}
@@ -151,7 +158,9 @@ impl Client {
                 }
                 other => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
             }
+            info.hash = hash;
         }
+        let info = &info;
         let seq = self
             .send_app(&id, &AppMessage::Media(Box::new(info.clone())))
             .await?;
@@ -434,38 +443,21 @@ fn upload_key(group: &GroupId, path: &Path, meta: &std::fs::Metadata) -> String 
     format!("{group}:{}:{}:{mtime}", abs.display(), meta.len())
 }
 
-/// Chooses key, salt and id, detects the type, makes a preview, and hashes
-/// the ciphertext (a first pass over the file: the hash goes first in the
-/// upload request).
-async fn prepare(group: GroupId, path: &Path, size: u64, caption: &str) -> Result<Pending> {
+/// Chooses key, salt and id, detects the type and makes a preview. The
+/// hash is computed while uploading.
+async fn prepare(path: &Path, size: u64, caption: &str) -> Result<Pending> {
     let media = MediaId(random());
     let key = random::<32>();
     let salt = random::<32>();
     let chunk_size = DEFAULT_CHUNK_SIZE;
-    let header = Header::new(media, group, salt, chunk_size, size).map_err(integrity)?;
-    let layout = header.layout();
-    let sealer = Sealer::new(&ItemKey::from_bytes(key), header);
+    let layout = Layout::new(chunk_size, size).map_err(integrity)?;
     let mut file = tokio::fs::File::open(path)
         .await
         .map_err(|e| file_err(path, e))?;
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&header.encode());
-    let mut buf = Vec::with_capacity(chunk_size as usize + huddle_core::media::TAG_LEN);
-    let mut sniff = Vec::new();
-    for i in 0..layout.chunk_count() {
-        let n = layout.plaintext_len(i).map_err(integrity)?;
-        buf.resize(n, 0);
-        file.read_exact(&mut buf)
-            .await
-            .map_err(|e| file_err(path, e))?;
-        if i == 0 {
-            sniff = buf[..buf.len().min(8192)].to_vec();
-        }
-        sealer
-            .seal_chunk_in_place(i, i == layout.last_index(), &mut buf)
-            .map_err(integrity)?;
-        hasher.update(&buf);
-    }
+    let mut sniff = vec![0u8; 8192.min(size as usize)];
+    file.read_exact(&mut sniff)
+        .await
+        .map_err(|e| file_err(path, e))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -487,7 +479,7 @@ async fn prepare(group: GroupId, path: &Path, size: u64, caption: &str) -> Resul
             size,
             ciphertext_len: layout.blob_len(),
             chunk_size,
-            hash: *hasher.finalize().as_bytes(),
+            hash: [0; 32],
             mime,
             name,
             caption: caption.to_owned(),
@@ -497,44 +489,42 @@ async fn prepare(group: GroupId, path: &Path, size: u64, caption: &str) -> Resul
     })
 }
 
-/// Sends the blob from `offset` to the end, sealing chunk by chunk.
-async fn stream_upload(
+/// Seals the whole file chunk by chunk, hashing the blob, and sends the
+/// part from `offset` on (nothing when `send` is `None`). Returns the BLAKE3
+/// hash of the whole blob. The part before `offset` is re-sealed only to
+/// hash it: sealing is deterministic for a given key, salt and header.
+async fn seal_and_send(
     sealer: &Sealer,
     path: &Path,
     offset: u64,
-    send: &mut quinn::SendStream,
+    mut send: Option<&mut quinn::SendStream>,
     progress: &mut dyn Progress,
-) -> Result<()> {
+) -> Result<[u8; 32]> {
     let header = *sealer.header();
     let layout = header.layout();
+    if offset > layout.blob_len() {
+        return Err(ClientError::Protocol(
+            "the server asked to resume past the end".into(),
+        ));
+    }
     let lost = |e: quinn::WriteError| ClientError::Io(format!("upload stream: {e}"));
-    let (first, mut skip) = match layout.locate(offset) {
-        Some(BlobPosition::Header { within }) => {
-            let head = header.encode();
-            send.write_all(&head[within..]).await.map_err(lost)?;
-            if !progress.advance((HEADER_LEN - within) as u64) {
-                return Err(ClientError::Usage("upload interrupted".into()));
+    let interrupted = || ClientError::Usage("upload interrupted".into());
+    let mut hasher = blake3::Hasher::new();
+    let head = header.encode();
+    hasher.update(&head);
+    if let Some(s) = send.as_deref_mut() {
+        if offset < HEADER_LEN as u64 {
+            s.write_all(&head[offset as usize..]).await.map_err(lost)?;
+            if !progress.advance(HEADER_LEN as u64 - offset) {
+                return Err(interrupted());
             }
-            (0, 0)
         }
-        Some(BlobPosition::Chunk { index, within }) => (index, within),
-        Some(BlobPosition::End) => return Ok(()),
-        None => {
-            return Err(ClientError::Protocol(
-                "the server asked to resume past the end".into(),
-            ))
-        }
-    };
+    }
     let mut file = tokio::fs::File::open(path)
         .await
         .map_err(|e| file_err(path, e))?;
-    file.seek(SeekFrom::Start(
-        u64::from(first) * u64::from(layout.chunk_size()),
-    ))
-    .await
-    .map_err(|e| file_err(path, e))?;
     let mut buf = Vec::with_capacity(layout.chunk_size() as usize + huddle_core::media::TAG_LEN);
-    for i in first..layout.chunk_count() {
+    for i in 0..layout.chunk_count() {
         buf.resize(layout.plaintext_len(i).map_err(integrity)?, 0);
         file.read_exact(&mut buf).await.map_err(|e| {
             file_err(
@@ -545,13 +535,20 @@ async fn stream_upload(
         sealer
             .seal_chunk_in_place(i, i == layout.last_index(), &mut buf)
             .map_err(integrity)?;
-        send.write_all(&buf[skip..]).await.map_err(lost)?;
-        if !progress.advance((buf.len() - skip) as u64) {
-            return Err(ClientError::Usage("upload interrupted".into()));
+        hasher.update(&buf);
+        let start = layout.chunk_offset(i).map_err(integrity)?;
+        let end = start + buf.len() as u64;
+        if let Some(s) = send.as_deref_mut() {
+            if end > offset {
+                let skip = offset.saturating_sub(start) as usize;
+                s.write_all(&buf[skip..]).await.map_err(lost)?;
+                if !progress.advance((buf.len() - skip) as u64) {
+                    return Err(interrupted());
+                }
+            }
         }
-        skip = 0;
     }
-    Ok(())
+    Ok(*hasher.finalize().as_bytes())
 }
 
 /// A file name safe to create in the current directory.

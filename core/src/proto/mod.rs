@@ -168,7 +168,12 @@ pub enum Request {
     /// Groups the caller is a current member of. Answer: [`Response::Groups`].
     ListGroups,
     /// Start or resume an upload of an encrypted media item.
-    /// Answer: [`Response::Upload`]. The rest of the stream is the upload body.
+    /// Answer: [`Response::Upload`] with the offset to continue from. The
+    /// client then sends the raw blob bytes from that offset to `total_len`,
+    /// followed by one trailer frame whose 32-byte body is the BLAKE3 hash
+    /// of the whole blob ([`UPLOAD_TRAILER_LEN`]), and finishes the stream.
+    /// The server answers a second time: [`Response::Upload`] with
+    /// `complete` set, or an error.
     BeginUpload(UploadRequest),
     /// Download a byte range of a stored media item.
     /// Answer: [`Response::Download`], then the raw bytes of the range.
@@ -202,9 +207,11 @@ pub struct UploadRequest {
     pub media: MediaId,
     /// Length of the whole ciphertext in bytes.
     pub total_len: u64,
-    /// BLAKE3 hash of the whole ciphertext.
-    pub hash: [u8; 32],
 }
+
+/// Body length of the trailer frame that ends an upload: the BLAKE3 hash of
+/// the whole blob. It comes last so the client can hash while it sends.
+pub const UPLOAD_TRAILER_LEN: usize = 32;
 
 /// A response from server to client.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -148,7 +148,7 @@ pub struct MediaRecord {
     pub uploader: String,
     /// Ciphertext length.
     pub total_len: u64,
-    /// BLAKE3 of the whole ciphertext, as announced by the uploader.
+    /// BLAKE3 of the whole ciphertext, checked at completion (zero before).
     pub hash: [u8; 32],
     /// Upload progress.
     pub state: MediaState,
