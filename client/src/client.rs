@@ -180,6 +180,39 @@ fn is_own(conn: &Connection, id: &GroupId, seq: u64) -> Result<bool> {
         .is_some())
 }
 
+/// Remembers identity keys first seen (trust on first use) and returns the
+/// users whose key differs from the one remembered.
+fn remember_keys(conn: &Connection, keys: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+    let mut changed = Vec::new();
+    for (name, key) in keys {
+        let known: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT identity_key FROM huddle_users WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match known {
+            Some(k) if &k != key => changed.push(name.clone()),
+            Some(_) => {}
+            None => {
+                conn.execute(
+                    "INSERT INTO huddle_users (name, identity_key, first_seen_ms) VALUES (?1, ?2, ?3)",
+                    params![name, key, now_ms() as i64],
+                )?;
+            }
+        }
+    }
+    Ok(changed)
+}
+
+fn member_keys(group: &MlsGroup) -> Vec<(String, Vec<u8>)> {
+    group
+        .members()
+        .filter_map(|m| user_of(&m.credential).map(|u| (u, m.signature_key.clone())))
+        .collect()
+}
+
 fn member_names(group: &MlsGroup) -> Vec<String> {
     let mut v: Vec<String> = group
         .members()
@@ -193,6 +226,22 @@ fn serialize(m: &MlsMessageOut) -> Result<Bytes> {
     m.tls_serialize_detached()
         .map(Bytes::from)
         .map_err(ClientError::mls)
+}
+
+/// Whether sending `req` twice has the same effect as sending it once.
+fn idempotent(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::KeyPackageCount
+            | Request::PublishKeyPackages { .. }
+            | Request::LookupUsers { .. }
+            | Request::FetchLog { .. }
+            | Request::FetchInbox { .. }
+            | Request::RatchetTree { .. }
+            | Request::GroupState { .. }
+            | Request::ListGroups
+            | Request::EpochAuthenticator { .. }
+    )
 }
 
 /// What a commit closure produces: the commit and, for adds, the Welcome.
@@ -324,10 +373,17 @@ impl Client {
     async fn request(&mut self, req: &Request) -> Result<Response> {
         let net = self.net().await?;
         match net.request(req).await {
-            Err(ClientError::Connect { .. }) => {
-                // One reconnect: the server may have restarted.
+            Err(e @ ClientError::Connect { .. }) => {
+                // The server may have restarted: reconnect next time. Only
+                // requests that are safe to repeat are sent again; a post
+                // whose answer was lost may have been appended, and the log
+                // (not a second copy) settles it.
                 self.net = None;
-                self.net().await?.request(req).await
+                if idempotent(req) {
+                    self.net().await?.request(req).await
+                } else {
+                    Err(e)
+                }
             }
             other => other,
         }
@@ -1133,6 +1189,10 @@ impl Client {
                 .unwrap_or_else(|| "?".into());
             let group = staged.into_group(&provider).map_err(ClientError::mls)?;
             let members = member_names(&group);
+            let changed = remember_keys(&tx, &member_keys(&group))?;
+            if !changed.is_empty() {
+                warn!(group = %item.group, users = ?changed, "identity keys differ from the ones first seen");
+            }
             tx.execute(
                 "INSERT OR REPLACE INTO huddle_groups (id, name, state, cursor, joined_ms) VALUES (?1, '', 'active', ?2, ?3)",
                 params![item.group.as_bytes().as_slice(), item.commit_seq as i64, now_ms() as i64],
@@ -1367,18 +1427,27 @@ impl Client {
                         removed.push(name);
                     }
                 }
-                let added: Vec<String> = staged
+                let added_keys: Vec<(String, Vec<u8>)> = staged
                     .add_proposals()
                     .filter_map(|a| {
-                        user_of(a.add_proposal().key_package().leaf_node().credential())
+                        let leaf = a.add_proposal().key_package().leaf_node();
+                        user_of(leaf.credential())
+                            .map(|u| (u, leaf.signature_key().as_slice().to_vec()))
                     })
                     .collect();
+                let added: Vec<String> = added_keys.iter().map(|(u, _)| u.clone()).collect();
+                let changed = remember_keys(provider.storage_conn(), &added_keys)?;
                 let self_removed = staged.self_removed();
                 group
                     .merge_staged_commit(provider, *staged)
                     .map_err(ClientError::mls)?;
                 row.proposals_since_ms = None;
                 let epoch = Some(group.epoch().as_u64());
+                if !changed.is_empty() {
+                    let mut e = ev("key_changed");
+                    e.members = Some(changed);
+                    events.push(e);
+                }
                 if !added.is_empty() {
                     let mut e = ev("member_added");
                     e.members = Some(added);
@@ -1471,20 +1540,24 @@ impl Client {
 
     async fn commit_pending_proposals(&mut self, id: &GroupId) -> Result<Vec<Event>> {
         let g = self.load_group(&self.db, id)?;
+        let mut all_self = true;
         let leaving: Vec<String> = g
             .pending_proposals()
             .filter_map(|p| match p.proposal() {
-                Proposal::Remove(r) => g
-                    .member_at(r.removed())
-                    .and_then(|m| user_of(&m.credential)),
+                Proposal::Remove(r) => {
+                    all_self &= matches!(p.sender(), Sender::Member(s) if *s == r.removed());
+                    g.member_at(r.removed())
+                        .and_then(|m| user_of(&m.credential))
+                }
                 _ => None,
             })
             .collect();
         if g.pending_proposals().next().is_none() {
             return Ok(Vec::new());
         }
+        let kind = if all_self { "left" } else { "member_removed" };
         let r = self
-            .commit_with_retry(id, "left", Some(leaving), |g, p, s| {
+            .commit_with_retry(id, kind, Some(leaving), |g, p, s| {
                 if g.pending_proposals().next().is_none() {
                     return Err(ClientError::Usage("nothing to commit".into()));
                 }

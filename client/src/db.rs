@@ -85,6 +85,11 @@ impl<'a> OpenMlsProvider for Provider<'a> {
 /// up to date.
 pub fn open(path: &Path) -> Result<Connection> {
     let mut conn = Connection::open(path)?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        // MLS secrets live here: readable by this user only.
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: a committed transaction survives power loss, not only a crash.
     conn.pragma_update(None, "synchronous", "FULL")?;

@@ -98,6 +98,9 @@ impl Event {
             "member_added" => format!("[{g}] {} added {members}", self.from),
             "member_removed" => format!("[{g}] {} removed {members}", self.from),
             "left" => format!("[{g}] {members} left"),
+            "key_changed" => format!(
+                "[{g}] WARNING: the identity key of {members} differs from the one first seen; compare fingerprints out of band"
+            ),
             other => format!("[{g}] {other} from {}", self.from),
         }
     }

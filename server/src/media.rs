@@ -119,6 +119,13 @@ impl BlobStore {
                 let _ = std::fs::remove_file(&path);
             }
         }
+        for (id, r) in &records {
+            let blob = dir.join(format!("{id}.blob"));
+            let part = partial.join(format!("{id}.part"));
+            if r.state == MediaState::Complete && !blob.exists() && part.exists() {
+                std::fs::rename(&part, &blob)?;
+            }
+        }
         let used = records.iter().map(|(_, r)| r.total_len).sum();
         Ok(Self {
             dir,
@@ -502,12 +509,9 @@ async fn upload_inner(
     rec.hash = announced;
     file.sync_all().await.map_err(io_err)?;
     drop(file);
-    tokio::fs::rename(&path, blobs.blob_path(&id))
-        .await
-        .map_err(io_err)?;
-    if let Ok(d) = tokio::fs::File::open(&blobs.dir).await {
-        let _ = d.sync_all().await;
-    }
+    // Record completion first, then move the file: a crash in between
+    // leaves a complete record and a complete partial file, which start-up
+    // moves into place.
     rec.state = MediaState::Complete;
     rec.updated_ms = now_ms();
     let r = rec.clone();
@@ -515,6 +519,12 @@ async fn upload_inner(
         .blocking(move |s| s.put_media(&id, &r))
         .await?
         .map_err(store_err)?;
+    tokio::fs::rename(&path, blobs.blob_path(&id))
+        .await
+        .map_err(io_err)?;
+    if let Ok(d) = tokio::fs::File::open(&blobs.dir).await {
+        let _ = d.sync_all().await;
+    }
     info!(media = %id, bytes = req.total_len, "media stored");
     Ok(Some(Response::Upload {
         offset: req.total_len,

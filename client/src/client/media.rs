@@ -62,7 +62,9 @@ fn integrity(e: impl std::fmt::Display) -> ClientError {
 /// key later.
 pub fn remember(conn: &Connection, group: &GroupId, info: &MediaInfo) -> Result<()> {
     conn.execute(
-        "INSERT OR REPLACE INTO huddle_media (media_id, group_id, info) VALUES (?1, ?2, ?3)",
+        // The first announcement of an id wins: a later one (from any group)
+        // cannot redirect this device to other bytes or another key.
+        "INSERT OR IGNORE INTO huddle_media (media_id, group_id, info) VALUES (?1, ?2, ?3)",
         params![
             info.media_id.as_slice(),
             group.as_bytes().as_slice(),
@@ -375,8 +377,16 @@ impl Client {
                 len: span.blob_len(),
             })
             .await?;
-        if !matches!(resp, Response::Download { .. }) {
+        let Response::Download {
+            total_len, hash, ..
+        } = resp
+        else {
             return Err(ClientError::Protocol(format!("unexpected {resp:?}")));
+        };
+        if total_len != info.ciphertext_len || hash != info.hash {
+            return Err(integrity(
+                "the server's copy is not the item the sender announced",
+            ));
         }
         let mut out = Vec::with_capacity((end - start) as usize);
         let mut buf = Vec::new();

@@ -1,0 +1,257 @@
+//! Raw quinn on this machine, with the delivery service's TLS and transport
+//! settings: the physical limit the other scenarios are compared with.
+//!
+//! The peer runs in a second process (`huddle-bench raw-server`), like the
+//! delivery service does. Each request is one bidirectional stream whose
+//! first byte says what to do:
+//! - `U`: the client sends bytes until FIN; the peer counts and drains them,
+//!   then answers with the count (u64, big-endian).
+//! - `D` + u64 length: the peer sends that many bytes, then FIN.
+//! - `P` + u32 frame size + u64 milliseconds: the peer writes frames of that
+//!   size as fast as it can for that long, then FIN.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+const ALPN: &[u8] = b"huddle-baseline";
+
+/// The same transport windows as the delivery service and client.
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("valid")));
+    t.max_concurrent_bidi_streams(128u32.into());
+    t.stream_receive_window((8u32 * 1024 * 1024).into());
+    t.receive_window((16u32 * 1024 * 1024).into());
+    t.send_window(16 * 1024 * 1024);
+    t
+}
+
+/// Runs the raw peer until killed: binds 127.0.0.1:0, writes its certificate
+/// to `cert_out`, prints its address.
+pub async fn serve(cert_out: &Path) -> anyhow::Result<()> {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
+    let der = certified.cert.der().to_vec();
+    std::fs::write(cert_out, &der)?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![CertificateDer::from(der)], key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    config.transport_config(Arc::new(transport()));
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse()?)?;
+    println!("raw peer listening on {}", endpoint.local_addr()?);
+    while let Some(inc) = endpoint.accept().await {
+        tokio::spawn(async move {
+            let Ok(conn) = inc.await else { return };
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(handle(send, recv));
+            }
+        });
+    }
+    Ok(())
+}
+
+async fn handle(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
+    let mut op = [0u8; 1];
+    recv.read_exact(&mut op).await?;
+    match op[0] {
+        b'U' => {
+            let mut n = 0u64;
+            while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
+                n += chunk.bytes.len() as u64;
+            }
+            send.write_all(&n.to_be_bytes()).await?;
+            send.finish()?;
+        }
+        b'D' => {
+            let mut len = [0u8; 8];
+            recv.read_exact(&mut len).await?;
+            let mut left = u64::from_be_bytes(len);
+            let buf = bytes::Bytes::from(vec![0x5a; 1 << 20]);
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                send.write_chunk(buf.slice(..n)).await?;
+                left -= n as u64;
+            }
+            send.finish()?;
+        }
+        b'P' => {
+            let mut p = [0u8; 12];
+            recv.read_exact(&mut p).await?;
+            let size = u32::from_be_bytes(p[..4].try_into()?) as usize;
+            let ms = u64::from_be_bytes(p[4..].try_into()?);
+            let frame = bytes::Bytes::from(vec![0x33; size]);
+            let end = Instant::now() + Duration::from_millis(ms);
+            while Instant::now() < end {
+                // A batch of frames per write, as a push loop would queue them.
+                let batch: Vec<bytes::Bytes> = (0..16).map(|_| frame.clone()).collect();
+                let mut batch = batch;
+                send.write_all_chunks(&mut batch).await?;
+            }
+            send.finish()?;
+        }
+        other => bail!("unknown op {other}"),
+    }
+    Ok(())
+}
+
+/// A running raw peer process and a client endpoint for it.
+#[derive(Debug)]
+pub struct RawPeer {
+    child: Child,
+    addr: SocketAddr,
+    client: quinn::ClientConfig,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for RawPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl RawPeer {
+    /// Starts the peer process.
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let cert_path = dir.path().join("raw.der");
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("raw-server")
+            .arg("--cert-out")
+            .arg(&cert_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the raw peer")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("peer stdout")?).read_line(&mut line)?;
+        let addr: SocketAddr = line
+            .split("listening on ")
+            .nth(1)
+            .context("peer address")?
+            .trim()
+            .parse()?;
+        let der = std::fs::read(&cert_path)?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(der))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+        client.transport_config(Arc::new(transport()));
+        Ok(Self {
+            child,
+            addr,
+            client,
+            _dir: dir,
+        })
+    }
+
+    /// A new connection from a new client endpoint.
+    pub async fn connect(&self) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        ep.set_default_client_config(self.client.clone());
+        let conn = ep.connect(self.addr, "localhost")?.await?;
+        Ok((ep, conn))
+    }
+
+    /// Sends `bytes` on one stream; returns MB/s (10^6 bytes per second).
+    pub async fn bulk_upload(&self, bytes: u64) -> anyhow::Result<f64> {
+        let (_ep, conn) = self.connect().await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let buf = bytes::Bytes::from(vec![0xa5; 1 << 20]);
+        let start = Instant::now();
+        send.write_all(b"U").await?;
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            send.write_chunk(buf.slice(..n)).await?;
+            left -= n as u64;
+        }
+        send.finish()?;
+        let mut got = [0u8; 8];
+        recv.read_exact(&mut got).await?;
+        let secs = start.elapsed().as_secs_f64();
+        if u64::from_be_bytes(got) != bytes {
+            bail!(
+                "raw peer received {} of {bytes} bytes",
+                u64::from_be_bytes(got)
+            );
+        }
+        Ok(bytes as f64 / secs / 1e6)
+    }
+
+    /// Receives `bytes` on one stream; returns MB/s.
+    pub async fn bulk_download(&self, bytes: u64) -> anyhow::Result<f64> {
+        let (_ep, conn) = self.connect().await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let start = Instant::now();
+        let mut req = vec![b'D'];
+        req.extend_from_slice(&bytes.to_be_bytes());
+        send.write_all(&req).await?;
+        send.finish()?;
+        let mut n = 0u64;
+        while let Some(c) = recv.read_chunk(1 << 20, true).await? {
+            n += c.bytes.len() as u64;
+        }
+        if n != bytes {
+            bail!("received {n} of {bytes} bytes");
+        }
+        Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e6)
+    }
+
+    /// Opens `conns` connections and has the peer push `frame`-byte frames on
+    /// each for `duration`; returns frames per second received in total.
+    pub async fn push(
+        &self,
+        conns: usize,
+        frame: usize,
+        duration: Duration,
+    ) -> anyhow::Result<f64> {
+        let mut links = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            links.push(self.connect().await?);
+        }
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for (_ep, conn) in &links {
+            let conn = conn.clone();
+            tasks.push(tokio::spawn(async move {
+                let (mut send, mut recv) = conn.open_bi().await?;
+                let mut req = vec![b'P'];
+                req.extend_from_slice(&(frame as u32).to_be_bytes());
+                req.extend_from_slice(&(duration.as_millis() as u64).to_be_bytes());
+                send.write_all(&req).await?;
+                send.finish()?;
+                let mut n = 0u64;
+                while let Some(c) = recv.read_chunk(1 << 20, true).await? {
+                    n += c.bytes.len() as u64;
+                }
+                anyhow::Ok(n)
+            }));
+        }
+        let mut total = 0u64;
+        for t in tasks {
+            total += t.await??;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        Ok((total / frame as u64) as f64 / secs)
+    }
+}

@@ -1,0 +1,172 @@
+//! The delivery service under test, and peak-memory readings of processes.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context as _};
+
+use crate::Target;
+
+/// A delivery service: started by the tool, or given.
+#[derive(Debug)]
+pub struct Ds {
+    /// Address.
+    pub addr: String,
+    /// Certificate (PEM).
+    pub cert: PathBuf,
+    child: Option<Child>,
+    /// Data dir of a started server.
+    pub data_dir: Option<PathBuf>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// A binary built next to this one (`cargo build --release --bins`).
+pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe
+        .parent()
+        .map(|d| d.join(name))
+        .context("locating the binary directory")?;
+    if !p.exists() {
+        bail!(
+            "{} not found next to huddle-bench; build it first: cargo build --release --bins",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+impl Ds {
+    /// The target of the command line: a fresh server, or the given one.
+    pub fn start(target: &Target) -> anyhow::Result<Self> {
+        match (&target.server, &target.server_cert) {
+            (Some(addr), Some(cert)) => Ok(Self {
+                addr: addr.clone(),
+                cert: cert.clone(),
+                child: None,
+                data_dir: None,
+                _dir: None,
+            }),
+            _ => Self::spawn(),
+        }
+    }
+
+    /// Starts `huddle-server` on 127.0.0.1 with a fresh data dir.
+    pub fn spawn() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("huddle-bench-").tempdir()?;
+        let data_dir = dir.path().join("ds");
+        let mut child = Command::new(sibling("huddle-server")?)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--max-connections",
+                "50000",
+                "--data-dir",
+            ])
+            .arg(&data_dir)
+            .env(
+                "RUST_LOG",
+                std::env::var("DS_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting huddle-server")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut line)?;
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .with_context(|| format!("unexpected server output {line:?}"))?
+            .to_owned();
+        Ok(Self {
+            addr,
+            cert: data_dir.join("cert.pem"),
+            child: Some(child),
+            data_dir: Some(data_dir),
+            _dir: Some(dir),
+        })
+    }
+
+    /// The server's process id, when the tool started it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Peak resident memory of the server so far, in MiB.
+    pub fn peak_rss_mb(&self) -> Option<f64> {
+        self.pid().and_then(peak_rss_mb)
+    }
+
+    /// Current resident memory of the server, in MiB.
+    pub fn rss_mb(&self) -> Option<f64> {
+        self.pid()
+            .and_then(|p| status_kb(p, "VmRSS:"))
+            .map(|k| k / 1024.0)
+    }
+
+    /// Bytes written to disk by the server so far (from /proc/PID/io).
+    pub fn bytes_written(&self) -> Option<u64> {
+        let pid = self.pid()?;
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+        io.lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+impl Drop for Ds {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn status_kb(pid: u32, key: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Peak resident memory (VmHWM) of a process, in MiB.
+pub fn peak_rss_mb(pid: u32) -> Option<f64> {
+    status_kb(pid, "VmHWM:").map(|k| k / 1024.0)
+}
+
+/// Peak resident memory of this process, in MiB.
+pub fn own_peak_rss_mb() -> Option<f64> {
+    peak_rss_mb(std::process::id())
+}
+
+/// Runs a child process to completion, sampling its peak RSS until it
+/// exits. Returns (success, stdout, peak RSS in MiB).
+pub async fn run_measured(cmd: &Path, args: &[String]) -> anyhow::Result<(bool, String, f64)> {
+    let child = tokio::process::Command::new(cmd)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", cmd.display()))?;
+    let pid = child.id().context("child pid")?;
+    let mut peak = 0.0f64;
+    let wait = child.wait_with_output();
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            out = &mut wait => {
+                let out = out?;
+                return Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), peak));
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {
+                if let Some(p) = peak_rss_mb(pid) {
+                    peak = peak.max(p);
+                }
+            }
+        }
+    }
+}

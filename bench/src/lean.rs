@@ -1,0 +1,253 @@
+//! Lean full members: real MLS group state kept in memory, used by the
+//! benchmark to create groups, commit changes and send encrypted messages
+//! as fast as the protocol allows.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use huddle_core::mls;
+use huddle_core::proto::{Request, Response};
+use huddle_core::GroupId;
+use openmls::prelude::{tls_codec::Deserialize as _, tls_codec::Serialize as _, *};
+use openmls_rust_crypto::OpenMlsRustCrypto;
+
+use crate::light::{now_ns, Light};
+
+/// Sizes and times of one commit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitStats {
+    /// Commit message bytes.
+    pub commit_bytes: usize,
+    /// Welcome message bytes (0 without adds).
+    pub welcome_bytes: usize,
+    /// Time to build the commit locally.
+    pub build_ms: f64,
+    /// Time from posting until the DS acknowledged it.
+    pub accept_ms: f64,
+    /// Log position.
+    pub seq: u64,
+    /// When it was posted (ns on the run clock).
+    pub posted_ns: u64,
+}
+
+/// A member with in-memory MLS state and a connection.
+pub struct Lean {
+    /// Identity and connection.
+    pub light: Light,
+    provider: OpenMlsRustCrypto,
+    /// Its group, once created or joined.
+    pub group: Option<(GroupId, MlsGroup)>,
+}
+
+impl std::fmt::Debug for Lean {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lean({})", self.light.id.name)
+    }
+}
+
+fn ser(m: &MlsMessageOut) -> Bytes {
+    m.tls_serialize_detached().expect("serialise").into()
+}
+
+impl Lean {
+    /// Wraps a registered user. Its key packages must come from this
+    /// provider to be joinable, so it publishes fresh ones.
+    pub async fn new(light: Light, key_packages: usize) -> anyhow::Result<Self> {
+        let me = Self {
+            light,
+            provider: OpenMlsRustCrypto::default(),
+            group: None,
+        };
+        if key_packages > 0 {
+            let kps = (0..key_packages)
+                .map(|_| crate::light::key_package(&me.provider, &me.light.id, false))
+                .collect();
+            me.light
+                .net
+                .request(&Request::PublishKeyPackages {
+                    key_packages: kps,
+                    last_resort: None,
+                })
+                .await?;
+        }
+        Ok(me)
+    }
+
+    fn group(&mut self) -> anyhow::Result<(GroupId, &mut MlsGroup)> {
+        match &mut self.group {
+            Some((id, g)) => Ok((*id, g)),
+            None => bail!("no group yet"),
+        }
+    }
+
+    /// Creates a group with this member alone.
+    pub async fn create(&mut self) -> anyhow::Result<GroupId> {
+        let mut raw = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
+        let id = GroupId(raw);
+        let g = MlsGroup::new_with_group_id(
+            &self.provider,
+            &self.light.id,
+            &mls::create_config(),
+            openmls::group::GroupId::from_slice(&raw),
+            self.light.id.credential(),
+        )?;
+        let info = g.export_group_info(self.provider.crypto(), &self.light.id, false)?;
+        self.light
+            .net
+            .request(&Request::CreateGroup {
+                group: id,
+                group_info: ser(&info),
+                ratchet_tree: g.export_ratchet_tree().tls_serialize_detached()?.into(),
+            })
+            .await?;
+        self.group = Some((id, g));
+        Ok(id)
+    }
+
+    async fn post_commit(
+        &mut self,
+        build: impl FnOnce(
+            &mut MlsGroup,
+            &OpenMlsRustCrypto,
+            &huddle_client::identity::Identity,
+        ) -> anyhow::Result<(MlsMessageOut, Option<MlsMessageOut>)>,
+    ) -> anyhow::Result<CommitStats> {
+        let t0 = Instant::now();
+        let (id, _) = self.group()?;
+        let (commit, welcome) = {
+            let Some((_, g)) = &mut self.group else {
+                bail!("no group")
+            };
+            build(g, &self.provider, &self.light.id)?
+        };
+        let build_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let commit = ser(&commit);
+        let welcome = welcome.as_ref().map(ser);
+        let stats = CommitStats {
+            commit_bytes: commit.len(),
+            welcome_bytes: welcome.as_ref().map_or(0, Bytes::len),
+            build_ms,
+            ..CommitStats::default()
+        };
+        let posted_ns = now_ns();
+        let t1 = Instant::now();
+        let r = self
+            .light
+            .net
+            .request(&Request::Commit {
+                group: id,
+                commit,
+                welcome,
+            })
+            .await?;
+        let accept_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let Response::Appended { seq, .. } = r else {
+            bail!("unexpected {r:?}")
+        };
+        let Some((_, g)) = &mut self.group else {
+            bail!("no group")
+        };
+        g.merge_pending_commit(&self.provider)?;
+        Ok(CommitStats {
+            accept_ms,
+            seq,
+            posted_ns,
+            ..stats
+        })
+    }
+
+    /// Adds members (one commit).
+    pub async fn add(&mut self, kps: Vec<KeyPackage>) -> anyhow::Result<CommitStats> {
+        self.post_commit(move |g, p, s| {
+            let (c, w, _) = g.add_members(p, s, &kps)?;
+            Ok((c, Some(w)))
+        })
+        .await
+    }
+
+    /// Removes members by name (one commit).
+    pub async fn remove(&mut self, names: &[String]) -> anyhow::Result<CommitStats> {
+        let names = names.to_vec();
+        self.post_commit(move |g, p, s| {
+            let leaves: Vec<LeafNodeIndex> = g
+                .members()
+                .filter(|m| mls::user_of(&m.credential).is_some_and(|u| names.contains(&u)))
+                .map(|m| m.index)
+                .collect();
+            let (c, w, _) = g.remove_members(p, s, &leaves)?;
+            Ok((c, w))
+        })
+        .await
+    }
+
+    /// Rotates this member's keys (one commit).
+    pub async fn self_update(&mut self) -> anyhow::Result<CommitStats> {
+        self.post_commit(|g, p, s| {
+            let b = g.self_update(p, s, LeafNodeParameters::default())?;
+            let (c, w, _) = b.into_messages();
+            Ok((c, w))
+        })
+        .await
+    }
+
+    /// Joins from the Welcome in this member's inbox.
+    pub async fn join(&mut self) -> anyhow::Result<(GroupId, u64)> {
+        let Response::Inbox { mut items, .. } = self
+            .light
+            .net
+            .request(&Request::FetchInbox {
+                after: 0,
+                limit: 10,
+            })
+            .await?
+        else {
+            bail!("unexpected inbox answer")
+        };
+        let item = items.pop().context("no Welcome in the inbox")?;
+        let Response::RatchetTree { tree } = self
+            .light
+            .net
+            .request(&Request::RatchetTree {
+                group: item.group,
+                seq: item.commit_seq,
+            })
+            .await?
+        else {
+            bail!("unexpected tree answer")
+        };
+        let MlsMessageBodyIn::Welcome(w) =
+            MlsMessageIn::tls_deserialize_exact(item.welcome.as_ref())?.extract()
+        else {
+            bail!("not a Welcome")
+        };
+        let tree = RatchetTreeIn::tls_deserialize_exact(tree.as_ref())?;
+        let g =
+            StagedWelcome::new_from_welcome(&self.provider, &mls::join_config(), w, Some(tree))?
+                .into_group(&self.provider)?;
+        self.group = Some((item.group, g));
+        Ok((item.group, item.commit_seq))
+    }
+
+    /// Encrypts a `len`-byte application message carrying the send time in
+    /// its authenticated data. Returns the request to post.
+    pub fn message(&mut self, len: usize) -> anyhow::Result<Request> {
+        let provider = &self.provider;
+        let signer = &self.light.id;
+        let Some((id, g)) = &mut self.group else {
+            bail!("no group")
+        };
+        g.set_aad(now_ns().to_be_bytes().to_vec());
+        // A real text message, so full members can decrypt and count it.
+        let payload = huddle_client::app::AppMessage::Text {
+            text: "x".repeat(len),
+        }
+        .encode();
+        let m = g.create_message(provider, signer, &payload)?;
+        Ok(Request::Message {
+            group: *id,
+            message: ser(&m),
+        })
+    }
+}

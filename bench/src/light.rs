@@ -1,0 +1,273 @@
+//! Light members: authenticated connections that take part in groups
+//! without decrypting anything. They receive pushed entries, read the
+//! sender's timestamp from the message's clear-text authenticated data,
+//! record latency, and acknowledge. They let one machine simulate hundreds
+//! of members while the measured cost stays the delivery service's.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use huddle_client::identity::Identity;
+use huddle_client::net::{read_message, Connection, Trust};
+use huddle_core::mls;
+use huddle_core::proto::{Control, EntryKind, Event, Request, Response};
+use huddle_core::GroupId;
+use openmls::prelude::{tls_codec::Serialize as _, *};
+use openmls_rust_crypto::OpenMlsRustCrypto;
+
+/// The clock every timestamp in a run is measured against.
+pub fn clock() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since [`clock`].
+pub fn now_ns() -> u64 {
+    clock().elapsed().as_nanos() as u64
+}
+
+/// A registered user with an authenticated connection.
+pub struct Light {
+    /// Identity.
+    pub id: Identity,
+    /// Connection.
+    pub net: Connection,
+}
+
+impl std::fmt::Debug for Light {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.id.name)
+    }
+}
+
+/// A key package of `id` (the private parts are not kept: light members
+/// never join for real).
+pub fn key_package(provider: &OpenMlsRustCrypto, id: &Identity, last_resort: bool) -> Bytes {
+    let mut b = KeyPackage::builder()
+        .key_package_lifetime(Lifetime::new(mls::KEY_PACKAGE_LIFETIME_SECS))
+        .leaf_node_capabilities(mls::capabilities());
+    if last_resort {
+        b = b.mark_as_last_resort();
+    }
+    b.build(mls::CIPHERSUITE, provider, id, id.credential())
+        .expect("key package")
+        .key_package()
+        .tls_serialize_detached()
+        .expect("serialise")
+        .into()
+}
+
+/// Registers `name`, publishes `kps` key packages, returns the connection.
+pub async fn register(addr: &str, trust: &Trust, name: &str, kps: usize) -> anyhow::Result<Light> {
+    let id = Identity::generate(name);
+    let net = Connection::connect(addr, trust.clone()).await?;
+    net.authenticate(&id, true).await?;
+    if kps > 0 {
+        let provider = OpenMlsRustCrypto::default();
+        let key_packages = (0..kps)
+            .map(|_| key_package(&provider, &id, false))
+            .collect();
+        net.request(&Request::PublishKeyPackages {
+            key_packages,
+            last_resort: Some(key_package(&provider, &id, true)),
+        })
+        .await?;
+    }
+    Ok(Light { id, net })
+}
+
+/// Registers `n` users named `{prefix}{i}`, `concurrency` at a time.
+pub async fn register_many(
+    addr: &str,
+    trust: &Trust,
+    prefix: &str,
+    n: usize,
+    kps: usize,
+) -> anyhow::Result<Vec<Light>> {
+    let mut out = Vec::with_capacity(n);
+    let mut i = 0;
+    while i < n {
+        let batch: Vec<_> = (i..(i + 32).min(n))
+            .map(|j| {
+                let addr = addr.to_owned();
+                let trust = trust.clone();
+                let name = format!("{prefix}{j}");
+                tokio::spawn(async move { register(&addr, &trust, &name, kps).await })
+            })
+            .collect();
+        for t in batch {
+            out.push(t.await??);
+        }
+        i += 32;
+    }
+    Ok(out)
+}
+
+/// Reads the sender timestamp a [`crate::lean::Lean`] member puts in the
+/// authenticated data of its application messages. The PrivateMessage
+/// header is in the clear: version (2), wire format (2), group id (MLS
+/// varint length + bytes), epoch (8), content type (1), authenticated data
+/// (MLS varint length + bytes).
+pub fn sent_at(mls_message: &[u8]) -> Option<u64> {
+    fn varint(b: &[u8]) -> Option<(usize, usize)> {
+        let first = *b.first()?;
+        match first >> 6 {
+            0 => Some(((first & 0x3f) as usize, 1)),
+            1 => Some(((((first & 0x3f) as usize) << 8) | *b.get(1)? as usize, 2)),
+            2 => {
+                let v = u32::from_be_bytes([first & 0x3f, *b.get(1)?, *b.get(2)?, *b.get(3)?]);
+                Some((v as usize, 4))
+            }
+            _ => None,
+        }
+    }
+    let mut p = 4;
+    let (gl, n) = varint(mls_message.get(p..)?)?;
+    p += n + gl + 8 + 1;
+    let (al, n) = varint(mls_message.get(p..)?)?;
+    p += n;
+    if al != 8 {
+        return None;
+    }
+    Some(u64::from_be_bytes(
+        mls_message.get(p..p + 8)?.try_into().ok()?,
+    ))
+}
+
+/// What all light receivers of a run record.
+#[derive(Debug)]
+pub struct Tally {
+    /// End-to-end latency of application messages, microseconds.
+    pub latency: Mutex<Histogram<u64>>,
+    /// Entries received.
+    pub deliveries: AtomicU64,
+    /// Push frame bytes received.
+    pub bytes: AtomicU64,
+    /// When the last entry arrived (ns on [`clock`]).
+    pub last_ns: AtomicU64,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Self {
+            latency: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")),
+            deliveries: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            last_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Arrival times of commits at each receiver, by sequence number.
+pub type Arrivals = Arc<Mutex<Vec<(GroupId, u64, u64)>>>;
+
+/// Opens the push stream of `light` for `group` after `after` and records
+/// every entry into `tally` until the stream ends. Commit arrivals go to
+/// `arrivals` when given.
+pub async fn receive(
+    light: Light,
+    groups: Vec<(GroupId, u64)>,
+    inbox_after: u64,
+    tally: Arc<Tally>,
+    arrivals: Option<Arrivals>,
+    inbox: Option<Arc<Mutex<Vec<u64>>>>,
+) -> anyhow::Result<Light> {
+    let (mut send, mut recv, _) = light
+        .net
+        .open(&Request::Subscribe {
+            groups,
+            inbox_after,
+        })
+        .await?;
+    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut since_ack = 0u32;
+    loop {
+        let ev = match read_message::<Event>(&mut recv).await {
+            Ok(e) => e,
+            Err(_) => break,
+        };
+        let now = now_ns();
+        match ev {
+            Event::Entry { group, entry } => {
+                tally.deliveries.fetch_add(1, Ordering::Relaxed);
+                tally
+                    .bytes
+                    .fetch_add(entry.data.len() as u64 + 60, Ordering::Relaxed);
+                tally.last_ns.fetch_max(now, Ordering::Relaxed);
+                match entry.kind {
+                    EntryKind::Application => {
+                        if let Some(t) = sent_at(&entry.data) {
+                            let _ = local.record((now.saturating_sub(t) / 1000).max(1));
+                        }
+                    }
+                    _ => {
+                        if let Some(a) = &arrivals {
+                            a.lock().expect("arrivals").push((group, entry.seq, now));
+                        }
+                    }
+                }
+                since_ack += 1;
+                if since_ack >= 64 {
+                    since_ack = 0;
+                    let ack = huddle_core::proto::encode_frame(&Control::Ack {
+                        group,
+                        seq: entry.seq,
+                    });
+                    if send.write_all(&ack).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Event::Inbox(item) => {
+                if let Some(i) = &inbox {
+                    i.lock().expect("inbox").push(now);
+                }
+                // Follow the group from the commit that added us.
+                let watch = huddle_core::proto::encode_frame(&Control::Watch {
+                    group: item.group,
+                    after: item.commit_seq,
+                });
+                if send.write_all(&watch).await.is_err() {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    tally
+        .latency
+        .lock()
+        .expect("latency")
+        .add(&local)
+        .expect("same bounds");
+    Ok(light)
+}
+
+/// Claims one key package for each of `users`, in pages the DS accepts.
+pub async fn claim(net: &Connection, users: &[String]) -> anyhow::Result<Vec<KeyPackage>> {
+    let provider = OpenMlsRustCrypto::default();
+    let mut out = Vec::with_capacity(users.len());
+    for page in users.chunks(huddle_core::proto::MAX_BATCH_USERS) {
+        let Response::KeyPackages { packages } = net
+            .request(&Request::ClaimKeyPackages {
+                users: page.to_vec(),
+            })
+            .await?
+        else {
+            anyhow::bail!("unexpected claim answer");
+        };
+        for p in packages {
+            use openmls::prelude::tls_codec::Deserialize as _;
+            out.push(
+                KeyPackageIn::tls_deserialize_exact(p.key_package.as_ref())?.validate(
+                    openmls_traits::OpenMlsProvider::crypto(&provider),
+                    ProtocolVersion::Mls10,
+                )?,
+            );
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,113 @@
+//! `huddle-bench`: load benchmarks against the Huddle delivery service.
+//!
+//! Every scenario runs against a delivery service the tool starts itself (a
+//! real `huddle-server` process on 127.0.0.1 with a fresh data dir, found
+//! next to this binary) or one given with `--server ADDR --server-cert PEM`,
+//! and measures the matching raw-quinn baseline in the same invocation, so
+//! results are reported as ratios as well as absolute figures.
+#![forbid(unsafe_code)]
+
+mod baseline;
+mod ds;
+mod lean;
+mod light;
+mod report;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Load benchmarks for the Huddle delivery service.
+#[derive(Debug, Parser)]
+#[command(name = "huddle-bench", version)]
+struct Cli {
+    /// Print one JSON object per scenario instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Draw the latency distribution (CDF) to this SVG file.
+    #[arg(long, global = true, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+/// Where the delivery service under test runs.
+#[derive(Debug, Args, Clone)]
+pub struct Target {
+    /// Use this delivery service instead of starting one.
+    #[arg(long, requires = "server_cert")]
+    pub server: Option<String>,
+    /// Its certificate (PEM).
+    #[arg(long)]
+    pub server_cert: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Groups of members, some sending application messages; deliveries per
+    /// second and end-to-end latency, against raw quinn push.
+    Fanout(scenarios::fanout::Params),
+    /// Create a group with one commit, then add-one, remove-one and
+    /// self-update: commit size, accept time, time until every member has it.
+    Membership(scenarios::membership::Params),
+    /// One member uploads a file, others download it concurrently: MB/s
+    /// against raw quinn bulk, peak RSS of every process.
+    Media(scenarios::media::Params),
+    /// Many authenticated idle connections: DS memory per connection and
+    /// time to connect them.
+    Connections(scenarios::connections::Params),
+    /// A member offline during N messages comes back: DS delivery rate and
+    /// the full client's processing rate.
+    Catchup(scenarios::catchup::Params),
+    /// Raw quinn between two processes: bulk throughput of one stream and
+    /// push throughput of frames to many connections.
+    Baseline(scenarios::baseline::Params),
+    /// Internal: the raw-quinn peer process of the baseline.
+    #[command(hide = true)]
+    RawServer {
+        /// Where to write the peer's certificate (DER).
+        #[arg(long)]
+        cert_out: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("huddle-bench: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        let out = report::Output::new(cli.json, cli.plot.clone());
+        match cli.scenario {
+            Scenario::Fanout(p) => scenarios::fanout::run(p, &out).await,
+            Scenario::Membership(p) => scenarios::membership::run(p, &out).await,
+            Scenario::Media(p) => scenarios::media::run(p, &out).await,
+            Scenario::Connections(p) => scenarios::connections::run(p, &out).await,
+            Scenario::Catchup(p) => scenarios::catchup::run(p, &out).await,
+            Scenario::Baseline(p) => scenarios::baseline::run(p, &out).await,
+            Scenario::RawServer { cert_out } => baseline::serve(&cert_out).await,
+        }
+    });
+    // Let background tasks wind down without blocking exit.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    if let Err(e) = result {
+        eprintln!("huddle-bench: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,338 @@
+//! `fanout`: G groups of M members; S members of each send application
+//! messages, closed-loop or at a fixed rate. Measures deliveries per second
+//! and end-to-end latency (send to receipt at each member), against raw
+//! quinn pushing frames of the same size to the same number of connections.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use huddle_client::{Client, Home};
+use huddle_core::proto::Response;
+
+use super::{entry_frame_len, request_on, trust};
+use crate::baseline::RawPeer;
+use crate::ds::{own_peak_rss_mb, Ds};
+use crate::lean::Lean;
+use crate::light::{claim, now_ns, receive, register, register_many, Tally};
+use crate::report::{Output, Report};
+use crate::Target;
+
+/// Parameters.
+#[derive(Debug, Args)]
+pub struct Params {
+    /// Groups.
+    #[arg(long, default_value_t = 1)]
+    pub groups: usize,
+    /// Members per group (up to 1,000).
+    #[arg(long, default_value_t = 200)]
+    pub members: usize,
+    /// Sending members per group.
+    #[arg(long, default_value_t = 2)]
+    pub senders: usize,
+    /// Full members per group: real clients that decrypt and check every
+    /// message (the rest are light: they receive and acknowledge only).
+    #[arg(long, default_value_t = 1)]
+    pub full: usize,
+    /// Application message size in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Total messages per second across all senders (default: closed loop).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Messages in flight per sender in closed loop.
+    #[arg(long, default_value_t = 16)]
+    pub inflight: usize,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+struct GroupSetup {
+    senders: Vec<Lean>,
+    full: Vec<(Home, String)>,
+    receivers: usize,
+}
+
+/// Runs it.
+pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        p.members >= p.senders + p.full && p.senders >= 1,
+        "members must cover senders and full members"
+    );
+    anyhow::ensure!(p.members <= 1000, "at most 1,000 members per group");
+    let ds = Ds::start(&p.target)?;
+    let trust = trust(&ds)?;
+    let homes = tempfile::tempdir()?;
+    let tally = Arc::new(Tally::default());
+    let mut setups = Vec::new();
+    let mut receiver_tasks = Vec::new();
+    let light_per_group = p.members - p.senders - p.full;
+    out.say(&format!(
+        "setting up {} group(s) of {} ({} senders, {} full, {} light members) ...",
+        p.groups, p.members, p.senders, p.full, light_per_group
+    ));
+    for g in 0..p.groups {
+        let mut creator =
+            Lean::new(register(&ds.addr, &trust, &format!("g{g}s0"), 0).await?, 0).await?;
+        let mut others = Vec::new();
+        for s in 1..p.senders {
+            others.push(
+                Lean::new(
+                    register(&ds.addr, &trust, &format!("g{g}s{s}"), 0).await?,
+                    1,
+                )
+                .await?,
+            );
+        }
+        let mut full = Vec::new();
+        for f in 0..p.full {
+            let name = format!("g{g}f{f}");
+            let home = Home::new(homes.path().join(&name));
+            Client::register(home.clone(), &name, &ds.addr, Some(&ds.cert))
+                .await?
+                .close()
+                .await;
+            full.push((home, name));
+        }
+        let lights = register_many(&ds.addr, &trust, &format!("g{g}l"), light_per_group, 1).await?;
+        let gid = creator.create().await?;
+        let mut names: Vec<String> = others.iter().map(|o| o.light.id.name.clone()).collect();
+        names.extend(full.iter().map(|(_, n)| n.clone()));
+        names.extend(lights.iter().map(|l| l.id.name.clone()));
+        let kps = claim(&creator.light.net, &names).await?;
+        let stats = creator.add(kps).await?;
+        for o in &mut others {
+            o.join().await?;
+        }
+        for l in lights {
+            receiver_tasks.push(tokio::spawn(receive(
+                l,
+                vec![(gid, stats.seq)],
+                u64::MAX - 1,
+                tally.clone(),
+                None,
+                None,
+            )));
+        }
+        let mut senders = vec![creator];
+        senders.extend(others);
+        setups.push(GroupSetup {
+            senders,
+            full,
+            receivers: light_per_group,
+        });
+    }
+    // Full members join and then listen, each on its own thread.
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut full_threads = Vec::new();
+    for (g, s) in setups.iter().enumerate() {
+        for (home, _) in &s.full {
+            let home = home.clone();
+            let stop = stop.clone();
+            full_threads.push((
+                g,
+                std::thread::spawn(move || -> anyhow::Result<usize> {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async move {
+                        let mut c = Client::open(home)?;
+                        c.sync().await?;
+                        let mut texts = 0usize;
+                        c.listen(|_| {}, async {
+                            stop.notified().await;
+                        })
+                        .await?;
+                        // Whatever arrived while listening is in the history.
+                        for g in c.groups()? {
+                            texts += c
+                                .messages(&g.group, usize::MAX)?
+                                .iter()
+                                .filter(|e| e.kind == "text")
+                                .count();
+                        }
+                        Ok(texts)
+                    })
+                }),
+            ));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    out.say(&format!("sending for {} s ...", p.duration));
+    let written_before = ds.bytes_written();
+    let first_send = now_ns();
+    let duration = Duration::from_secs_f64(p.duration);
+    let total_senders = p.groups * p.senders;
+    let per_sender_rate = p.rate.map(|r| r / total_senders as f64);
+    let mut sender_tasks = Vec::new();
+    let mut mls_len = 0usize;
+    for (g, s) in setups.iter_mut().enumerate() {
+        for lean in s.senders.drain(..) {
+            let size = p.size;
+            let inflight = p.inflight;
+            sender_tasks.push((
+                g,
+                tokio::spawn(send_loop(lean, size, duration, inflight, per_sender_rate)),
+            ));
+        }
+    }
+    let mut sent_per_group = vec![0u64; p.groups];
+    for (g, t) in sender_tasks {
+        let (n, len) = t.await??;
+        sent_per_group[g] += n;
+        mls_len = mls_len.max(len);
+    }
+    let sent: u64 = sent_per_group.iter().sum();
+    // Wait for the pushes to drain.
+    let expected: u64 = setups
+        .iter()
+        .zip(&sent_per_group)
+        .map(|(s, n)| s.receivers as u64 * n)
+        .sum();
+    let wait_start = Instant::now();
+    let mut last = u64::MAX;
+    while wait_start.elapsed() < Duration::from_secs(30) {
+        let d = tally.deliveries.load(Ordering::Relaxed);
+        if d >= expected || d == last {
+            break;
+        }
+        last = d;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.notify_waiters();
+    let mut full_ok = true;
+    let mut full_texts = Vec::new();
+    for (g, t) in full_threads {
+        match t.join() {
+            Ok(Ok(n)) => {
+                full_ok &= n as u64 == sent_per_group[g];
+                full_texts.push(n);
+            }
+            _ => full_ok = false,
+        }
+    }
+    let deliveries = tally.deliveries.load(Ordering::Relaxed);
+    let span_s = (tally
+        .last_ns
+        .load(Ordering::Relaxed)
+        .saturating_sub(first_send)) as f64
+        / 1e9;
+    let dps = deliveries as f64 / span_s.max(1e-9);
+    let written = match (written_before, ds.bytes_written()) {
+        (Some(a), Some(b)) => Some((b - a) as f64 / sent.max(1) as f64),
+        _ => None,
+    };
+    let server_rss = ds.peak_rss_mb();
+    for t in receiver_tasks {
+        t.abort();
+    }
+    drop(ds);
+
+    out.say("raw quinn push baseline ...");
+    let frame = entry_frame_len(mls_len);
+    let receivers: usize = setups.iter().map(|s| s.receivers).sum();
+    let peer = RawPeer::start()?;
+    let baseline = peer
+        .push(receivers.max(1), frame, Duration::from_secs(3))
+        .await?;
+    drop(peer);
+
+    let h = tally.latency.lock().expect("latency").clone();
+    let mut r = Report::new("fanout");
+    r.set("groups", p.groups as u64)
+        .set("members", p.members as u64)
+        .set("senders", p.senders as u64)
+        .set("light_members", light_per_group as u64)
+        .set("full_members", p.full as u64)
+        .set("message_size", p.size as u64)
+        .set(
+            "mode",
+            if p.rate.is_some() {
+                "fixed rate"
+            } else {
+                "closed loop"
+            },
+        )
+        .set_opt("rate", p.rate)
+        .set("duration_s", p.duration)
+        .set("messages_sent", sent)
+        .set("messages_per_sec", sent as f64 / p.duration)
+        .set("deliveries", deliveries)
+        .set("deliveries_expected", expected)
+        .set("deliveries_per_sec", dps)
+        .set("frame_bytes", frame as u64)
+        .set("baseline_push_per_sec", baseline)
+        .set("ratio", dps / baseline)
+        .latency("", &h)
+        .set_opt("server_peak_rss_mb", server_rss)
+        .set_opt("client_peak_rss_mb", own_peak_rss_mb())
+        .set_opt("bytes_written_per_msg", written);
+    r.set("full_members_verified", full_ok);
+    r.note(format!(
+        "{} light members receive, timestamp and acknowledge without decrypting; {} full member(s) decrypt and store every message (counted {:?} of {:?} sent per group)",
+        receivers, p.groups * p.full, full_texts, sent_per_group
+    ));
+    r.note("deliveries = messages x light receivers; the baseline pushes frames of the same size to as many raw quinn connections");
+    out.emit(&r);
+    out.plot(
+        &format!(
+            "fanout: {} x {} members, {} B messages",
+            p.groups, p.members, p.size
+        ),
+        &h,
+    )?;
+    Ok(())
+}
+
+/// Sends for `duration`, keeping `inflight` messages outstanding (or pacing
+/// to `rate` per second). Returns (messages acknowledged, MLS message size).
+async fn send_loop(
+    mut lean: Lean,
+    size: usize,
+    duration: Duration,
+    inflight: usize,
+    rate: Option<f64>,
+) -> anyhow::Result<(u64, usize)> {
+    let conn = lean.light.net.quic().clone();
+    let end = Instant::now() + duration;
+    let mut set = tokio::task::JoinSet::new();
+    let mut acked = 0u64;
+    let mut len = 0usize;
+    let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
+    let mut next = Instant::now();
+    while Instant::now() < end {
+        if let Some(iv) = interval {
+            tokio::time::sleep_until(next.into()).await;
+            next += iv;
+        } else if set.len() >= inflight {
+            if let Some(r) = set.join_next().await {
+                if matches!(r, Ok(Ok(Response::Appended { .. }))) {
+                    acked += 1;
+                }
+            }
+            continue;
+        }
+        let req = lean.message(size)?;
+        if let huddle_core::proto::Request::Message { message, .. } = &req {
+            len = message.len();
+        }
+        let conn = conn.clone();
+        set.spawn(async move { request_on(&conn, &req).await });
+        while let Some(r) = set.try_join_next() {
+            if matches!(r, Ok(Ok(Response::Appended { .. }))) {
+                acked += 1;
+            }
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        if matches!(r, Ok(Ok(Response::Appended { .. }))) {
+            acked += 1;
+        }
+    }
+    Ok((acked, len))
+}

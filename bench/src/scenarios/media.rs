@@ -1,0 +1,232 @@
+//! `media`: one member uploads a generated file, R members download it
+//! concurrently, all as separate `huddle` processes. MB/s each way against
+//! raw quinn bulk throughput, and peak RSS of the DS and of every client.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use huddle_client::{Client, Home};
+
+use crate::baseline::RawPeer;
+use crate::ds::{run_measured, sibling, Ds};
+use crate::report::{Output, Report};
+use crate::Target;
+
+/// Parameters.
+#[derive(Debug, Args)]
+pub struct Params {
+    /// File size in bytes (generated on disk, never held in memory).
+    #[arg(long, default_value_t = 256 << 20)]
+    pub size: u64,
+    /// Concurrent downloaders.
+    #[arg(long, default_value_t = 2)]
+    pub downloaders: usize,
+    /// Keep the generated file and downloads in this directory (default: a
+    /// temporary one).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// Writes `size` pseudo-random bytes to `path`, 1 MiB at a time; returns
+/// their BLAKE3 hash.
+fn generate(path: &Path, size: u64) -> anyhow::Result<[u8; 32]> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut h = blake3::Hasher::new();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for w in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = x.to_le_bytes();
+            w.copy_from_slice(&b[..w.len()]);
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(*h.finalize().as_bytes())
+}
+
+fn hash_file(path: &Path) -> anyhow::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(std::fs::File::open(path)?)?;
+    Ok(*h.finalize().as_bytes())
+}
+
+/// Runs it.
+pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
+    let huddle = sibling("huddle")?;
+    let ds = Ds::start(&p.target)?;
+    let tmp = tempfile::Builder::new().prefix("huddle-media-").tempdir()?;
+    let dir = p.dir.clone().unwrap_or_else(|| tmp.path().to_owned());
+    std::fs::create_dir_all(&dir)?;
+    let home = |n: &str| Home::new(dir.join(format!("home-{n}")));
+    let addr = ds.addr.clone();
+
+    out.say("setting up a group ...");
+    let mut up = Client::register(home("up"), "up", &addr, Some(&ds.cert)).await?;
+    let g = up.create_group("media").await?.to_string();
+    let mut names = Vec::new();
+    for i in 0..p.downloaders {
+        let n = format!("down{i}");
+        Client::register(home(&n), &n, &addr, Some(&ds.cert))
+            .await?
+            .close()
+            .await;
+        names.push(n);
+    }
+    up.add(&g, &names).await?;
+    up.close().await;
+
+    out.say(&format!("generating {} bytes ...", p.size));
+    let src = dir.join("source.bin");
+    let want = generate(&src, p.size)?;
+
+    out.say("uploading ...");
+    let args = |h: &str, rest: &[&str]| -> Vec<String> {
+        let mut v = vec![
+            "--home".to_string(),
+            home(h).dir().display().to_string(),
+            "--json".into(),
+        ];
+        v.extend(rest.iter().map(|s| s.to_string()));
+        v
+    };
+    let t = Instant::now();
+    let (ok, stdout, up_rss) = run_measured(
+        &huddle,
+        &args("up", &["send-file", &g, &src.display().to_string()]),
+    )
+    .await?;
+    let up_secs = t.elapsed().as_secs_f64();
+    if !ok {
+        bail!("send-file failed");
+    }
+    let event: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().context("send-file output")?)?;
+    let media = event["media_id"].as_str().context("media id")?.to_owned();
+    let blob =
+        huddle_core::media::Layout::new(huddle_core::media::DEFAULT_CHUNK_SIZE, p.size)?.blob_len();
+
+    out.say(&format!("{} concurrent downloads ...", p.downloaders));
+    for n in &names {
+        let (ok, _, _) = run_measured(&huddle, &args(n, &["sync"])).await?;
+        if !ok {
+            bail!("sync failed");
+        }
+    }
+    let t = Instant::now();
+    let mut downs = Vec::new();
+    for n in &names {
+        let outp = dir.join(format!("{n}.out"));
+        let a = args(n, &["download", &media, "-o", &outp.display().to_string()]);
+        let huddle = huddle.clone();
+        downs.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = run_measured(&huddle, &a).await;
+            (r, t.elapsed().as_secs_f64(), outp)
+        }));
+    }
+    let mut down_rates = Vec::new();
+    let mut down_rss: f64 = 0.0;
+    let mut intact = true;
+    for d in downs {
+        let (r, secs, outp) = d.await?;
+        let (ok, _, rss) = r?;
+        if !ok {
+            bail!("download failed");
+        }
+        down_rss = down_rss.max(rss);
+        down_rates.push(blob as f64 / secs / 1e6);
+        intact &= hash_file(&outp)? == want;
+        let _ = std::fs::remove_file(&outp);
+    }
+    let all_secs = t.elapsed().as_secs_f64();
+    let server_rss = ds.peak_rss_mb();
+    let plaintext_on_server = match &ds.data_dir {
+        Some(d) => contains_plaintext(d, &src)?,
+        None => false,
+    };
+    drop(ds);
+    let _ = std::fs::remove_file(&src);
+
+    out.say("raw quinn bulk baseline ...");
+    let peer = RawPeer::start()?;
+    let base_up = peer.bulk_upload(blob).await?;
+    let base_down = peer.bulk_download(blob).await?;
+    drop(peer);
+
+    let upload = blob as f64 / up_secs / 1e6;
+    let download = down_rates.iter().cloned().fold(f64::INFINITY, f64::min);
+    let mut r = Report::new("media");
+    r.set("size_bytes", p.size)
+        .set("ciphertext_bytes", blob)
+        .set("downloaders", p.downloaders as u64)
+        .set("upload_mb_s", upload)
+        .set("download_mb_s", download)
+        .set("download_aggregate_mb_s", blob as f64 * p.downloaders as f64 / all_secs / 1e6)
+        .set("baseline_upload_mb_s", base_up)
+        .set("baseline_download_mb_s", base_down)
+        .set("baseline_mb_s", base_up.min(base_down))
+        .set("upload_ratio", upload / base_up)
+        .set("download_ratio", download / base_down)
+        .set_opt("server_peak_rss_mb", server_rss)
+        .set("client_peak_rss_mb", up_rss.max(down_rss))
+        .set("uploader_peak_rss_mb", up_rss)
+        .set("downloader_peak_rss_mb", down_rss)
+        .set("byte_identical", intact)
+        .set("plaintext_in_server_data_dir", plaintext_on_server)
+        .note("upload and download run as separate `huddle` processes; times are whole commands (connect, authenticate, encrypt or verify, transfer)")
+        .note("download_mb_s is the slowest of the concurrent downloaders; the baseline is one raw quinn stream between two processes");
+    out.emit(&r);
+    Ok(())
+}
+
+/// Whether any file under `dir` contains a 64-byte sample of `src`'s
+/// plaintext (taken from its middle).
+fn contains_plaintext(dir: &Path, src: &Path) -> anyhow::Result<bool> {
+    use std::io::{Read as _, Seek as _};
+    let len = std::fs::metadata(src)?.len();
+    let mut f = std::fs::File::open(src)?;
+    f.seek(std::io::SeekFrom::Start(len / 2))?;
+    let mut needle = [0u8; 64];
+    if f.read_exact(&mut needle).is_err() {
+        return Ok(false);
+    }
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let mut file = std::fs::File::open(&p)?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut carry: Vec<u8> = Vec::new();
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                carry.extend_from_slice(&buf[..n]);
+                if carry.windows(64).any(|w| w == needle) {
+                    return Ok(true);
+                }
+                let keep = carry.len().saturating_sub(63);
+                carry.drain(..keep);
+            }
+        }
+    }
+    Ok(false)
+}

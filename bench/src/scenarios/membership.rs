@@ -1,0 +1,205 @@
+//! `membership`: in a group of M members, all online: the time to create
+//! the group with one commit (until every member has its Welcome), then
+//! rounds of add-one, remove-one and self-update: commit size, time until
+//! the DS accepted it, time until every online member received it, Welcome
+//! size.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use huddle_core::GroupId;
+
+use super::{entry_frame_len, quantile, trust};
+use crate::baseline::RawPeer;
+use crate::ds::Ds;
+use crate::lean::{CommitStats, Lean};
+use crate::light::{claim, clock, now_ns, receive, register, register_many, Arrivals, Tally};
+use crate::report::{Output, Report};
+use crate::Target;
+
+/// Parameters.
+#[derive(Debug, Args)]
+pub struct Params {
+    /// Members (up to 1,000).
+    #[arg(long, default_value_t = 1000)]
+    pub members: usize,
+    /// Rounds of add-one, remove-one, self-update.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// Waits until `n` arrivals of (group, seq) are recorded; returns the time
+/// of the last one (ns), or `None` after 30 s.
+async fn all_arrived(arrivals: &Arrivals, g: GroupId, seq: u64, n: usize) -> Option<u64> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        {
+            let a = arrivals.lock().expect("arrivals");
+            let hits: Vec<u64> = a
+                .iter()
+                .filter(|(gg, s, _)| *gg == g && *s == seq)
+                .map(|(_, _, t)| *t)
+                .collect();
+            if hits.len() >= n {
+                return hits.into_iter().max();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
+}
+
+#[derive(Default)]
+struct Kind {
+    accept: Vec<f64>,
+    received: Vec<f64>,
+    commit: Vec<f64>,
+    welcome: Vec<f64>,
+    build: Vec<f64>,
+}
+
+impl Kind {
+    fn add(&mut self, s: &CommitStats, received_ns: Option<u64>) {
+        self.accept.push(s.accept_ms);
+        self.build.push(s.build_ms);
+        self.commit.push(s.commit_bytes as f64);
+        self.welcome.push(s.welcome_bytes as f64);
+        if let Some(t) = received_ns {
+            self.received
+                .push(t.saturating_sub(s.posted_ns) as f64 / 1e6);
+        }
+    }
+}
+
+/// Runs it.
+pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (2..=1000).contains(&p.members),
+        "members must be between 2 and 1,000"
+    );
+    let _ = clock();
+    let ds = Ds::start(&p.target)?;
+    let trust = trust(&ds)?;
+    out.say(&format!("registering {} members ...", p.members + p.rounds));
+    let mut creator = Lean::new(register(&ds.addr, &trust, "creator", 0).await?, 0).await?;
+    let lights = register_many(&ds.addr, &trust, "m", p.members - 1, 1).await?;
+    let spares = register_many(&ds.addr, &trust, "spare", p.rounds, 2).await?;
+    let names: Vec<String> = lights.iter().map(|l| l.id.name.clone()).collect();
+    let tally = Arc::new(Tally::default());
+    let arrivals: Arrivals = Arc::new(Mutex::new(Vec::new()));
+    let inbox = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for l in lights {
+        tasks.push(tokio::spawn(receive(
+            l,
+            vec![],
+            0,
+            tally.clone(),
+            Some(arrivals.clone()),
+            Some(inbox.clone()),
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    out.say("creating the group with one commit ...");
+    let t0 = now_ns();
+    let g = creator.create().await?;
+    let kps = claim(&creator.light.net, &names).await?;
+    let create = creator.add(kps).await?;
+    let start = Instant::now();
+    while inbox.lock().expect("inbox").len() < p.members - 1
+        && start.elapsed() < Duration::from_secs(60)
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let welcomed = inbox.lock().expect("inbox").clone();
+    let all_welcomed = welcomed.len() >= p.members - 1;
+    let created_ms = welcomed
+        .iter()
+        .max()
+        .map(|t| t.saturating_sub(t0) as f64 / 1e6);
+    // Give the watches time to register before measuring pushes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let online = p.members - 1;
+    let mut kinds: HashMap<&str, Kind> = HashMap::new();
+    out.say(&format!(
+        "{} rounds of add-one, remove-one, self-update ...",
+        p.rounds
+    ));
+    for spare in &spares {
+        let name = spare.id.name.clone();
+        let kp = claim(&creator.light.net, std::slice::from_ref(&name)).await?;
+        let s = creator.add(kp).await?;
+        let t = all_arrived(&arrivals, g, s.seq, online).await;
+        kinds.entry("add").or_default().add(&s, t);
+        let s = creator.remove(std::slice::from_ref(&name)).await?;
+        let t = all_arrived(&arrivals, g, s.seq, online).await;
+        kinds.entry("remove").or_default().add(&s, t);
+        let s = creator.self_update().await?;
+        let t = all_arrived(&arrivals, g, s.seq, online).await;
+        kinds.entry("update").or_default().add(&s, t);
+    }
+    let server_rss = ds.peak_rss_mb();
+    for t in tasks {
+        t.abort();
+    }
+    drop(ds);
+
+    out.say("raw quinn baseline ...");
+    let update_commit = quantile(
+        &kinds
+            .get("update")
+            .map(|k| k.commit.clone())
+            .unwrap_or_default(),
+        0.5,
+    );
+    let peer = RawPeer::start()?;
+    let frame = entry_frame_len(update_commit as usize).max(64);
+    let push = peer
+        .push(online.min(1000), frame, Duration::from_secs(2))
+        .await?;
+    drop(peer);
+
+    let mut r = Report::new("membership");
+    r.set("members", p.members as u64)
+        .set("rounds", p.rounds as u64)
+        .set("light_members", online as u64)
+        .set("create_build_ms", create.build_ms)
+        .set("create_accept_ms", create.accept_ms)
+        .set("create_commit_bytes", create.commit_bytes as u64)
+        .set("create_welcome_bytes", create.welcome_bytes as u64)
+        .set_opt("create_all_welcomed_ms", created_ms)
+        .set("all_welcomed", all_welcomed);
+    let mut all_accept = Vec::new();
+    let mut all_received = Vec::new();
+    for k in ["add", "remove", "update"] {
+        let Some(v) = kinds.get(k) else { continue };
+        r.set(&format!("{k}_build_ms"), quantile(&v.build, 0.5))
+            .set(&format!("{k}_accept_ms"), quantile(&v.accept, 0.5))
+            .set(&format!("{k}_all_received_ms"), quantile(&v.received, 0.5))
+            .set(&format!("{k}_commit_bytes"), quantile(&v.commit, 0.5));
+        if k == "add" {
+            r.set("add_welcome_bytes", quantile(&v.welcome, 0.5));
+        }
+        all_accept.extend(&v.accept);
+        all_received.extend(&v.received);
+    }
+    r.set("accept_ms", quantile(&all_accept, 0.5))
+        .set("all_received_ms", quantile(&all_received, 0.5))
+        .set("baseline_push_per_sec", push)
+        .set("baseline_all_received_ms", online as f64 / push * 1e3)
+        .set_opt("server_peak_rss_mb", server_rss)
+        .note(format!(
+            "medians over {} rounds; the creator is a full MLS member, the {} others are light (they receive and acknowledge)",
+            p.rounds, online
+        ))
+        .note("accept = post until the DS acknowledged (durable); all_received = post until the last online member got it pushed")
+        .note("baseline_all_received_ms = time raw quinn needs to push one frame of the update commit's size to as many connections");
+    out.emit(&r);
+    Ok(())
+}
