@@ -1,6 +1,9 @@
 //! Raw quinn on this machine, with the delivery service's TLS and transport
 //! settings: the physical limit the other scenarios are compared with.
 //!
+//! Sockets get the same large buffers as the DS and client
+//! ([`huddle_client::net::udp_socket`]).
+//!
 //! The peer runs in a second process (`huddle-bench raw-server`), like the
 //! delivery service does. Each request is one bidirectional stream whose
 //! first byte says what to do:
@@ -51,7 +54,12 @@ pub async fn serve(cert_out: &Path) -> anyhow::Result<()> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
     config.transport_config(Arc::new(transport()));
-    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse()?)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        huddle_client::net::udp_socket("127.0.0.1:0".parse()?)?,
+        Arc::new(quinn::TokioRuntime),
+    )?;
     println!("raw peer listening on {}", endpoint.local_addr()?);
     while let Some(inc) = endpoint.accept().await {
         tokio::spawn(async move {
@@ -166,7 +174,12 @@ impl RawPeer {
 
     /// A new connection from a new client endpoint.
     pub async fn connect(&self) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let mut ep = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            huddle_client::net::udp_socket("127.0.0.1:0".parse()?)?,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         ep.set_default_client_config(self.client.clone());
         let conn = ep.connect(self.addr, "localhost")?.await?;
         Ok((ep, conn))

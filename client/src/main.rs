@@ -163,7 +163,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    // Two workers: QUIC's packet work runs beside the command's own work
+    // (sealing, hashing, file I/O) instead of taking turns with it.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {

@@ -24,7 +24,7 @@ use huddle_core::frame;
 use huddle_core::media::{BlobPosition, Header, HEADER_LEN};
 use huddle_core::proto::{self, ErrorBody, ErrorCode, Response, UploadRequest, UPLOAD_TRAILER_LEN};
 use huddle_core::MediaId;
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncSeekExt as _;
 use tracing::{debug, info, warn};
 
 use crate::config::ServerConfig;
@@ -345,51 +345,47 @@ async fn upload_inner(
         unreachable!("complete items returned above")
     };
     let path = blobs.partial_path(&id);
-    let mut file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .await
-        .map_err(io_err)?;
-    // Anything past the durable offset may be torn: drop it.
-    file.set_len(start).await.map_err(io_err)?;
-    let mut hasher = blake3::Hasher::new();
-    let mut header: Option<Header> = None;
-    let mut head_bytes = Vec::with_capacity(HEADER_LEN);
-    if start > 0 {
-        // Re-hash (and re-read the header of) what is already stored.
-        file.seek(std::io::SeekFrom::Start(0))
-            .await
-            .map_err(io_err)?;
+    // Open the partial file, drop anything past the durable offset (it may
+    // be torn), and re-hash (and re-read the header of) what is kept.
+    let p = path.clone();
+    let (file, hasher, head_bytes) = tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Seek as _};
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&p)?;
+        file.set_len(start)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut head = Vec::with_capacity(HEADER_LEN);
         let mut buf = vec![0u8; BUF];
         let mut left = start;
         while left > 0 {
-            let n = file
-                .read(&mut buf[..BUF.min(left as usize)])
-                .await
-                .map_err(io_err)?;
+            let n = file.read(&mut buf[..BUF.min(left as usize)])?;
             if n == 0 {
-                return Err(err(
-                    ErrorCode::Internal,
+                return Err(std::io::Error::other(
                     "stored upload is shorter than recorded",
                 ));
             }
-            if head_bytes.len() < HEADER_LEN {
-                let take = (HEADER_LEN - head_bytes.len()).min(n);
-                head_bytes.extend_from_slice(&buf[..take]);
+            if head.len() < HEADER_LEN {
+                let take = (HEADER_LEN - head.len()).min(n);
+                head.extend_from_slice(&buf[..take]);
             }
             hasher.update(&buf[..n]);
             left -= n as u64;
         }
-        if head_bytes.len() == HEADER_LEN {
-            header = Some(check_header(&head_bytes, req)?);
-        }
+        file.seek(std::io::SeekFrom::Start(start))?;
+        Ok((file, hasher, head))
+    })
+    .await
+    .map_err(|_| err(ErrorCode::Internal, "internal error"))?
+    .map_err(io_err)?;
+    let mut head_bytes = head_bytes;
+    let mut header: Option<Header> = None;
+    if head_bytes.len() == HEADER_LEN {
+        header = Some(check_header(&head_bytes, req)?);
     }
-    file.seek(std::io::SeekFrom::Start(start))
-        .await
-        .map_err(io_err)?;
     if !respond(
         send,
         &Response::Upload {
@@ -402,19 +398,25 @@ async fn upload_inner(
         return Ok(None);
     }
 
+    // The network side fills buffers; a writer thread writes, hashes and
+    // periodically syncs them, so disk work overlaps with receiving.
+    let writer = Writer::start(file, hasher, start);
     let mut pos = start;
     let mut durable = start;
-    let mut buf = vec![0u8; BUF];
-    let mut filled = 0usize;
     let mut ended = false;
     let mut gone = false;
     while pos < req.total_len && !ended && !gone {
-        // Fill the buffer from the stream (never past the blob's end), then
-        // write it out in one piece.
+        // Gather up to BUF bytes of received chunks (no copy), never past
+        // the blob's end, and hand them to the writer in one piece.
+        let mut batch: Vec<bytes::Bytes> = Vec::new();
+        let mut filled = 0usize;
         let room = BUF.min((req.total_len - pos) as usize);
         while filled < room {
-            match recv.read(&mut buf[filled..room]).await {
-                Ok(Some(n)) => filled += n,
+            match recv.read_chunk(room - filled, true).await {
+                Ok(Some(c)) => {
+                    filled += c.bytes.len();
+                    batch.push(c.bytes);
+                }
                 Ok(None) => {
                     ended = true;
                     break;
@@ -425,42 +427,48 @@ async fn upload_inner(
                 }
             }
         }
-        if head_bytes.len() < HEADER_LEN {
-            let take = (HEADER_LEN - head_bytes.len()).min(filled);
-            head_bytes.extend_from_slice(&buf[..take]);
+        for b in &batch {
+            if head_bytes.len() >= HEADER_LEN {
+                break;
+            }
+            let take = (HEADER_LEN - head_bytes.len()).min(b.len());
+            head_bytes.extend_from_slice(&b[..take]);
             if head_bytes.len() == HEADER_LEN {
                 match check_header(&head_bytes, req) {
                     Ok(h) => header = Some(h),
                     Err(e) => {
+                        drop(writer.finish().await);
                         blobs.forget(id, &rec).await;
                         return Err(e);
                     }
                 }
             }
         }
-        if filled > 0 {
-            if let Err(e) = file.write_all(&buf[..filled]).await {
-                persist(blobs, id, &mut rec, durable).await;
-                return Err(io_err(e));
-            }
-            hasher.update(&buf[..filled]);
-            pos += filled as u64;
-            filled = 0;
+        pos += filled as u64;
+        if filled > 0 && !writer.write(batch).await {
+            // The writer failed (for example: the disk is full).
+            break;
         }
-        if pos - durable >= SYNC_EVERY {
-            let boundary = boundary(header.as_ref(), pos);
-            if let Err(e) = file.sync_data().await {
-                return Err(io_err(e));
+        if let Some(synced) = writer.synced() {
+            let b = boundary(header.as_ref(), synced);
+            if b > durable {
+                durable = b;
+                persist(blobs, id, &mut rec, durable).await;
             }
-            durable = boundary;
-            persist(blobs, id, &mut rec, durable).await;
         }
     }
-    if pos < req.total_len {
-        let boundary = boundary(header.as_ref(), pos);
-        if file.sync_data().await.is_ok() {
-            persist(blobs, id, &mut rec, boundary).await;
+    let (result, synced) = writer.finish().await;
+    let (file, hasher) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            let b = boundary(header.as_ref(), synced);
+            persist(blobs, id, &mut rec, b.max(durable)).await;
+            return Err(io_err(e));
         }
+    };
+    if pos < req.total_len {
+        let boundary = boundary(header.as_ref(), synced);
+        persist(blobs, id, &mut rec, boundary).await;
         if gone {
             return Ok(None);
         }
@@ -473,7 +481,6 @@ async fn upload_inner(
         ));
     }
     // Every byte is here and on disk; the trailer names the hash.
-    file.sync_data().await.map_err(io_err)?;
     persist(blobs, id, &mut rec, pos).await;
     let mut trailer = [0u8; frame::HEADER_LEN + UPLOAD_TRAILER_LEN];
     match recv.read_exact(&mut trailer).await {
@@ -507,8 +514,10 @@ async fn upload_inner(
         ));
     }
     rec.hash = announced;
-    file.sync_all().await.map_err(io_err)?;
-    drop(file);
+    tokio::task::spawn_blocking(move || file.sync_all())
+        .await
+        .map_err(|_| err(ErrorCode::Internal, "internal error"))?
+        .map_err(io_err)?;
     // Record completion first, then move the file: a crash in between
     // leaves a complete record and a complete partial file, which start-up
     // moves into place.
@@ -530,6 +539,73 @@ async fn upload_inner(
         offset: req.total_len,
         complete: true,
     }))
+}
+
+/// A thread that writes received buffers to the partial file, hashes them,
+/// and syncs the file every [`SYNC_EVERY`] bytes. Two buffers circulate
+/// between it and the network task.
+struct Writer {
+    data: tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>,
+    synced: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<std::io::Result<(std::fs::File, blake3::Hasher)>>,
+}
+
+/// Batches the writer may hold while the network keeps receiving: enough to
+/// cover a sync of [`SYNC_EVERY`] bytes without stalling the sender.
+const WRITE_QUEUE: usize = 8;
+
+impl Writer {
+    fn start(mut file: std::fs::File, mut hasher: blake3::Hasher, start: u64) -> Self {
+        let (data, mut rx) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(WRITE_QUEUE);
+        let synced = Arc::new(AtomicU64::new(start));
+        let s2 = synced.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            use std::io::Write as _;
+            let mut pos = start;
+            let mut last_sync = start;
+            // Received chunks are packet-sized; BLAKE3 only reaches its SIMD
+            // speed on long contiguous input, so gather them first.
+            let mut buf = Vec::with_capacity(BUF);
+            while let Some(batch) = rx.blocking_recv() {
+                buf.clear();
+                for b in &batch {
+                    buf.extend_from_slice(b);
+                }
+                file.write_all(&buf)?;
+                hasher.update(&buf);
+                pos += buf.len() as u64;
+                if pos - last_sync >= SYNC_EVERY {
+                    file.sync_data()?;
+                    last_sync = pos;
+                    s2.store(pos, Ordering::Release);
+                }
+            }
+            file.sync_data()?;
+            s2.store(pos, Ordering::Release);
+            Ok((file, hasher))
+        });
+        Self { data, synced, task }
+    }
+
+    /// Hands a batch over; false if the writer has failed.
+    async fn write(&self, batch: Vec<bytes::Bytes>) -> bool {
+        self.data.send(batch).await.is_ok()
+    }
+
+    /// The newest synced position.
+    fn synced(&self) -> Option<u64> {
+        Some(self.synced.load(Ordering::Acquire))
+    }
+
+    /// Waits for everything handed over to be written and synced.
+    async fn finish(self) -> (std::io::Result<(std::fs::File, blake3::Hasher)>, u64) {
+        drop(self.data);
+        let r = match self.task.await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::other("writer thread failed")),
+        };
+        (r, self.synced.load(Ordering::Acquire))
+    }
 }
 
 /// Records `offset` (already synced) as the resume point.
@@ -584,33 +660,55 @@ pub async fn download(
                 let _ = send.finish();
             }
         }
-        Ok((resp, mut file, len)) => {
+        Ok((resp, file, len)) => {
             if !respond(&mut send, &resp).await {
                 return;
             }
-            let mut buf = vec![0u8; BUF];
-            let mut left = len;
-            while left > 0 {
-                let want = BUF.min(left as usize);
-                let n = match file.read(&mut buf[..want]).await {
-                    Ok(0) => {
-                        // Shorter than recorded: end the stream where the
-                        // data ends; the client's checks name the damage.
-                        warn!(media = %media, "stored blob is shorter than its record");
-                        let _ = send.finish();
+            // A reader thread keeps a few buffers ahead of the network.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+            let mut file = file.into_std().await;
+            tokio::task::spawn_blocking(move || {
+                use std::io::Read as _;
+                let mut left = len;
+                while left > 0 {
+                    let want = BUF.min(left as usize);
+                    let mut buf = Vec::with_capacity(want);
+                    let r = match (&mut file).take(want as u64).read_to_end(&mut buf) {
+                        Ok(n) => {
+                            left = if n == 0 { 0 } else { left - n as u64 };
+                            Ok(bytes::Bytes::from(buf))
+                        }
+                        Err(e) => {
+                            left = 0;
+                            Err(e)
+                        }
+                    };
+                    if tx.blocking_send(r).is_err() {
                         return;
+                    }
+                }
+            });
+            let mut sent = 0u64;
+            while let Some(r) = rx.recv().await {
+                match r {
+                    Ok(b) if b.is_empty() => break,
+                    Ok(b) => {
+                        sent += b.len() as u64;
+                        if send.write_chunk(b).await.is_err() {
+                            return;
+                        }
                     }
                     Err(e) => {
                         warn!(media = %media, error = %e, "reading a stored blob failed");
                         let _ = send.reset(1u32.into());
                         return;
                     }
-                    Ok(n) => n,
-                };
-                if send.write_all(&buf[..n]).await.is_err() {
-                    return;
                 }
-                left -= n as u64;
+            }
+            if sent < len {
+                // Shorter than recorded: end the stream where the data ends;
+                // the client's checks name the damage.
+                warn!(media = %media, "stored blob is shorter than its record");
             }
             let _ = send.finish();
         }

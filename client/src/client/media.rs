@@ -14,7 +14,7 @@ use huddle_core::media::{Header, ItemKey, Layout, Opener, Sealer, DEFAULT_CHUNK_
 use huddle_core::proto::{Request, Response, UploadRequest};
 use huddle_core::{GroupId, MediaId};
 use rusqlite::{params, Connection, OptionalExtension as _};
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+use std::io::{Read as _, Seek as _, Write as _};
 
 use super::{load_row, now_ms, record_events, Client};
 use crate::app::{AppMessage, MediaInfo};
@@ -247,16 +247,15 @@ impl Client {
         let partial_dir = self.home.partial_dir();
         std::fs::create_dir_all(&partial_dir).map_err(|e| file_err(&partial_dir, e))?;
         let part = partial_dir.join(format!("{media_id}.part"));
-        let mut file = tokio::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
             .open(&part)
-            .await
             .map_err(|e| file_err(&part, e))?;
         // Keep whole verified chunks only.
-        let have = file.metadata().await.map_err(|e| file_err(&part, e))?.len();
+        let have = file.metadata().map_err(|e| file_err(&part, e))?.len();
         let whole = (have / u64::from(info.chunk_size)).min(u64::from(layout.chunk_count()));
         let mut have = (whole * u64::from(info.chunk_size)).min(info.size);
         let mut first = whole as u32;
@@ -265,29 +264,25 @@ impl Client {
             first = layout.chunk_count();
             have = info.size;
         }
-        file.set_len(have).await.map_err(|e| file_err(&part, e))?;
+        file.set_len(have).map_err(|e| file_err(&part, e))?;
         // The hash covers the whole blob: recompute the prefix from the
         // plaintext we already have (sealing is deterministic).
         let mut hasher = blake3::Hasher::new();
         hasher.update(&header.encode());
         let sealer = Sealer::new(&key, header);
         file.seek(SeekFrom::Start(0))
-            .await
             .map_err(|e| file_err(&part, e))?;
         let mut buf = Vec::with_capacity(info.chunk_size as usize + huddle_core::media::TAG_LEN);
         for i in 0..first {
             let n = layout.plaintext_len(i).map_err(integrity)?;
             buf.resize(n, 0);
-            file.read_exact(&mut buf)
-                .await
-                .map_err(|e| file_err(&part, e))?;
+            file.read_exact(&mut buf).map_err(|e| file_err(&part, e))?;
             sealer
                 .seal_chunk_in_place(i, i == layout.last_index(), &mut buf)
                 .map_err(integrity)?;
             hasher.update(&buf);
         }
         file.seek(SeekFrom::Start(have))
-            .await
             .map_err(|e| file_err(&part, e))?;
 
         progress.start(&info.name, info.size, have);
@@ -313,10 +308,20 @@ impl Client {
                     "the server's copy is not the item the sender announced",
                 ));
             }
+            // Verified plaintext goes to a writer thread, so writing to disk
+            // overlaps with receiving and decrypting the next chunk.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+            let writer = std::thread::spawn(move || -> std::io::Result<std::fs::File> {
+                for chunk in rx {
+                    file.write_all(&chunk)?;
+                }
+                Ok(file)
+            });
+            let mut outcome: Result<()> = Ok(());
             for i in first..layout.chunk_count() {
                 let n = layout.sealed_len(i).map_err(integrity)?;
-                buf.resize(n, 0);
-                recv.read_exact(&mut buf).await.map_err(|e| match e {
+                let mut buf = vec![0u8; n];
+                let r = recv.read_exact(&mut buf).await.map_err(|e| match e {
                     quinn::ReadExactError::FinishedEarly(_) => {
                         integrity(format!("the blob ends inside chunk {i} (truncated)"))
                     }
@@ -324,15 +329,35 @@ impl Client {
                         addr: self.settings.server.clone(),
                         reason: other.to_string(),
                     },
-                })?;
-                hasher.update(&buf);
-                opener.open_chunk_in_place(i, &mut buf).map_err(integrity)?;
-                file.write_all(&buf).await.map_err(|e| file_err(&part, e))?;
-                if !progress.advance(buf.len() as u64) {
-                    let _ = file.sync_data().await;
-                    progress.finish();
-                    return Err(ClientError::Usage("download interrupted".into()));
+                });
+                if let Err(e) = r {
+                    outcome = Err(e);
+                    break;
                 }
+                hasher.update(&buf);
+                if let Err(e) = opener.open_chunk_in_place(i, &mut buf) {
+                    outcome = Err(integrity(e));
+                    break;
+                }
+                let len = buf.len() as u64;
+                if tx.send(buf).is_err() {
+                    break;
+                }
+                if !progress.advance(len) {
+                    outcome = Err(ClientError::Usage("download interrupted".into()));
+                    break;
+                }
+            }
+            drop(tx);
+            file = writer
+                .join()
+                .map_err(|_| ClientError::Io("the writer thread failed".into()))?
+                .map_err(|e| file_err(&part, e))?;
+            if let Err(e) = outcome {
+                // Keep what was verified for a later resume.
+                let _ = file.sync_data();
+                progress.finish();
+                return Err(e);
             }
             let mut extra = [0u8; 1];
             if matches!(recv.read(&mut extra).await, Ok(Some(n)) if n > 0) {
@@ -347,7 +372,7 @@ impl Client {
             let _ = std::fs::remove_file(&part);
             return Err(integrity("the blob's hash differs from the announced one"));
         }
-        file.sync_all().await.map_err(|e| file_err(&part, e))?;
+        file.sync_all().map_err(|e| file_err(&part, e))?;
         drop(file);
         if std::fs::rename(&part, &out).is_err() {
             // Another file system: copy, then remove.
@@ -461,13 +486,9 @@ async fn prepare(path: &Path, size: u64, caption: &str) -> Result<Pending> {
     let salt = random::<32>();
     let chunk_size = DEFAULT_CHUNK_SIZE;
     let layout = Layout::new(chunk_size, size).map_err(integrity)?;
-    let mut file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| file_err(path, e))?;
+    let mut file = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
     let mut sniff = vec![0u8; 8192.min(size as usize)];
-    file.read_exact(&mut sniff)
-        .await
-        .map_err(|e| file_err(path, e))?;
+    file.read_exact(&mut sniff).map_err(|e| file_err(path, e))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -530,18 +551,36 @@ async fn seal_and_send(
             }
         }
     }
-    let mut file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| file_err(path, e))?;
-    let mut buf = Vec::with_capacity(layout.chunk_size() as usize + huddle_core::media::TAG_LEN);
+    // A reader thread keeps a few chunks ahead, so reading the file
+    // overlaps with sealing, hashing and sending.
+    let mut file = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(4);
+    let sizes: Vec<usize> = (0..layout.chunk_count())
+        .map(|i| layout.plaintext_len(i))
+        .collect::<Result<_, _>>()
+        .map_err(integrity)?;
+    std::thread::spawn(move || {
+        for n in sizes {
+            // A fresh buffer per chunk: it is handed to QUIC without a copy.
+            let mut buf = Vec::with_capacity(n + huddle_core::media::TAG_LEN);
+            let r = match (&mut file).take(n as u64).read_to_end(&mut buf) {
+                Ok(got) if got == n => Ok(buf),
+                Ok(_) => Err(std::io::Error::other(
+                    "the file is shorter than when the upload began (it changed?)",
+                )),
+                Err(e) => Err(e),
+            };
+            let failed = r.is_err();
+            if tx.send(r).is_err() || failed {
+                return;
+            }
+        }
+    });
     for i in 0..layout.chunk_count() {
-        buf.resize(layout.plaintext_len(i).map_err(integrity)?, 0);
-        file.read_exact(&mut buf).await.map_err(|e| {
-            file_err(
-                path,
-                format!("{e} (the file changed since the upload began?)"),
-            )
-        })?;
+        let mut buf = rx
+            .recv()
+            .map_err(|_| file_err(path, "the reader stopped"))?
+            .map_err(|e| file_err(path, e))?;
         sealer
             .seal_chunk_in_place(i, i == layout.last_index(), &mut buf)
             .map_err(integrity)?;
@@ -551,8 +590,10 @@ async fn seal_and_send(
         if let Some(s) = send.as_deref_mut() {
             if end > offset {
                 let skip = offset.saturating_sub(start) as usize;
-                s.write_all(&buf[skip..]).await.map_err(lost)?;
-                if !progress.advance((buf.len() - skip) as u64) {
+                let sent = buf.len() - skip;
+                let chunk = bytes::Bytes::from(buf).slice(skip..);
+                s.write_chunk(chunk).await.map_err(lost)?;
+                if !progress.advance(sent as u64) {
                     return Err(interrupted());
                 }
             }
