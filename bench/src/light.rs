@@ -167,6 +167,7 @@ pub type Arrivals = Arc<Mutex<Vec<(GroupId, u64, u64)>>>;
 /// Opens the push stream of `light` for `group` after `after` and records
 /// every entry into `tally` until the stream ends. Commit arrivals go to
 /// `arrivals` when given.
+#[allow(clippy::too_many_arguments)]
 pub async fn receive(
     light: Light,
     groups: Vec<(GroupId, u64)>,
@@ -174,7 +175,9 @@ pub async fn receive(
     tally: Arc<Tally>,
     arrivals: Option<Arrivals>,
     inbox: Option<Arc<Mutex<Vec<u64>>>>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Light> {
+    let mut stop = stop;
     let (mut send, mut recv, _) = light
         .net
         .open(&Request::Subscribe {
@@ -185,9 +188,12 @@ pub async fn receive(
     let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
     let mut since_ack = 0u32;
     loop {
-        let ev = match read_message::<Event>(&mut recv).await {
-            Ok(e) => e,
-            Err(_) => break,
+        let ev = tokio::select! {
+            r = read_message::<Event>(&mut recv) => match r {
+                Ok(e) => e,
+                Err(_) => break,
+            },
+            _ = stop.changed() => break,
         };
         let now = now_ns();
         match ev {

@@ -1631,27 +1631,62 @@ impl Client {
             .await?;
         tokio::pin!(stop);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // Frames are reassembled here from cancel-safe chunk reads, so the
+        // timer branch below can never cut a frame in half.
+        let mut decoder = huddle_core::frame::Decoder::new(net::MAX_FRAME);
+        let mut ready: std::collections::VecDeque<Pushed> = std::collections::VecDeque::new();
         loop {
-            let pushed = tokio::select! {
-                _ = &mut stop => break,
-                _ = tick.tick() => {
-                    for (id, state) in self.group_ids()? {
-                        if state == "active" || state == "leaving" {
-                            for e in self.maybe_commit_proposals(&id, false).await? {
-                                on_event(&e);
+            let pushed = match ready.pop_front() {
+                Some(p) => p,
+                None => {
+                    tokio::select! {
+                        _ = &mut stop => break,
+                        _ = tick.tick() => {
+                            for (id, state) in self.group_ids()? {
+                                if state == "active" || state == "leaving" {
+                                    for e in self.maybe_commit_proposals(&id, false).await? {
+                                        on_event(&e);
+                                    }
+                                }
+                            }
+                        }
+                        chunk = recv.read_chunk(64 * 1024, true) => {
+                            let chunk = chunk
+                                .map_err(|e| ClientError::Io(format!("push stream: {e}")))?
+                                .ok_or_else(|| ClientError::Io("the server closed the push stream".into()))?;
+                            decoder.extend(&chunk.bytes);
+                            while let Some(body) = decoder
+                                .next_frame()
+                                .map_err(|e| ClientError::Protocol(e.to_string()))?
+                            {
+                                ready.push_back(
+                                    huddle_core::proto::decode(&body)
+                                        .map_err(|e| ClientError::Protocol(e.to_string()))?,
+                                );
                             }
                         }
                     }
                     continue;
                 }
-                f = net::read_message::<Pushed>(&mut recv) => f?,
             };
             let (id, events) = match pushed {
                 Pushed::Entry { group, entry } => {
+                    // Everything already here for this group goes into one
+                    // transaction.
+                    let mut batch = vec![entry];
+                    while let Some(Pushed::Entry { group: g, .. }) = ready.front() {
+                        if *g != group {
+                            break;
+                        }
+                        if let Some(Pushed::Entry { entry, .. }) = ready.pop_front() {
+                            batch.push(entry);
+                        }
+                    }
                     let cursor = load_row(&self.db, &group)?.map(|r| r.cursor).unwrap_or(0);
-                    let evs = if entry.seq == cursor + 1 {
-                        self.process_entries(&group, std::slice::from_ref(&entry))?
-                    } else if entry.seq > cursor + 1 {
+                    let first = batch[0].seq;
+                    let evs = if first <= cursor + 1 {
+                        self.process_entries(&group, &batch)?
+                    } else if first > cursor + 1 {
                         self.sync_group(&group).await?
                     } else {
                         Vec::new()

@@ -288,3 +288,51 @@ async fn a_client_restarted_mid_sync_resumes_where_it_stopped() {
     assert!(bob.process_entries(&gid, &entries).unwrap().is_empty());
     assert_eq!(texts(&bob.messages(&g, 100).unwrap()), expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_keeps_every_message_of_a_long_burst() {
+    // Long enough to span several of the listener's timer ticks, so a frame
+    // read interrupted by a tick would show up as a lost or garbled message.
+    let (_s, mut c, g) = setup(2).await;
+    let mut b = c.pop().unwrap();
+    let mut a = c.pop().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // Large messages span many packets, so the listener is often in the
+    // middle of a frame when its timer fires.
+    let n = 60;
+    let pad = "x".repeat(120_000);
+    let listener = async {
+        b.listen(
+            move |e| {
+                let _ = tx.send(e.clone());
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+        )
+        .await
+    };
+    let talker = async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        for i in 0..n {
+            a.send_text(&g, &format!("burst {i} {pad}")).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < n {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(20), rx.recv())
+                .await
+                .expect("all messages arrive")
+                .unwrap();
+            if e.kind == "text" {
+                got.push(e.text.unwrap());
+            }
+        }
+        stop_tx.send(()).unwrap();
+        got
+    };
+    let (r, got) = tokio::join!(listener, talker);
+    r.unwrap();
+    let expected: Vec<String> = (0..n).map(|i| format!("burst {i} {pad}")).collect();
+    assert_eq!(got, expected);
+}

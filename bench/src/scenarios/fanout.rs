@@ -68,6 +68,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let trust = trust(&ds)?;
     let homes = tempfile::tempdir()?;
     let tally = Arc::new(Tally::default());
+    let (stop_rx_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut setups = Vec::new();
     let mut receiver_tasks = Vec::new();
     let light_per_group = p.members - p.senders - p.full;
@@ -116,6 +117,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
                 tally.clone(),
                 None,
                 None,
+                stop_rx.clone(),
             )));
         }
         let mut senders = vec![creator];
@@ -147,7 +149,9 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
                             stop.notified().await;
                         })
                         .await?;
-                        // Whatever arrived while listening is in the history.
+                        // Catch up on what arrived but was not processed yet.
+                        c.sync().await?;
+                        // Everything is now in the history.
                         for g in c.groups()? {
                             texts += c
                                 .messages(&g.group, usize::MAX)?
@@ -207,14 +211,24 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     stop.notify_waiters();
     let mut full_ok = true;
     let mut full_texts = Vec::new();
+    let mut full_errors = Vec::new();
     for (g, t) in full_threads {
         match t.join() {
             Ok(Ok(n)) => {
                 full_ok &= n as u64 == sent_per_group[g];
                 full_texts.push(n);
             }
-            _ => full_ok = false,
+            Ok(Err(e)) => {
+                full_ok = false;
+                full_errors.push(e);
+            }
+            Err(_) => full_ok = false,
         }
+    }
+    // Stop the light receivers; they merge their latencies as they end.
+    let _ = stop_rx_tx.send(true);
+    for t in receiver_tasks {
+        let _ = t.await;
     }
     let deliveries = tally.deliveries.load(Ordering::Relaxed);
     let span_s = (tally
@@ -228,9 +242,6 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         _ => None,
     };
     let server_rss = ds.peak_rss_mb();
-    for t in receiver_tasks {
-        t.abort();
-    }
     drop(ds);
 
     out.say("raw quinn push baseline ...");
@@ -273,6 +284,9 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set_opt("client_peak_rss_mb", own_peak_rss_mb())
         .set_opt("bytes_written_per_msg", written);
     r.set("full_members_verified", full_ok);
+    for e in &full_errors {
+        r.note(format!("a full member failed: {e}"));
+    }
     r.note(format!(
         "{} light members receive, timestamp and acknowledge without decrypting; {} full member(s) decrypt and store every message (counted {:?} of {:?} sent per group)",
         receivers, p.groups * p.full, full_texts, sent_per_group

@@ -92,6 +92,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let tally = Arc::new(Tally::default());
     let arrivals: Arrivals = Arc::new(Mutex::new(Vec::new()));
     let inbox = Arc::new(Mutex::new(Vec::new()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for l in lights {
         tasks.push(tokio::spawn(receive(
@@ -101,6 +102,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             tally.clone(),
             Some(arrivals.clone()),
             Some(inbox.clone()),
+            stop_rx.clone(),
         )));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -145,8 +147,9 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         kinds.entry("update").or_default().add(&s, t);
     }
     let server_rss = ds.peak_rss_mb();
+    let _ = stop_tx.send(true);
     for t in tasks {
-        t.abort();
+        let _ = t.await;
     }
     drop(ds);
 
