@@ -10,8 +10,8 @@
 //! - `U`: the client sends bytes until FIN; the peer counts and drains them,
 //!   then answers with the count (u64, big-endian).
 //! - `D` + u64 length: the peer sends that many bytes, then FIN.
-//! - `P` + u32 frame size + u64 milliseconds: the peer writes frames of that
-//!   size as fast as it can for that long, then FIN.
+//! - `P` + u32 frame size + u64 count: the peer writes that many frames of
+//!   that size as fast as the connection takes them, then FIN.
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
@@ -100,14 +100,14 @@ async fn handle(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> any
             let mut p = [0u8; 12];
             recv.read_exact(&mut p).await?;
             let size = u32::from_be_bytes(p[..4].try_into()?) as usize;
-            let ms = u64::from_be_bytes(p[4..].try_into()?);
+            let mut left = u64::from_be_bytes(p[4..].try_into()?);
             let frame = bytes::Bytes::from(vec![0x33; size]);
-            let end = Instant::now() + Duration::from_millis(ms);
-            while Instant::now() < end {
+            while left > 0 {
                 // A batch of frames per write, as a push loop would queue them.
-                let batch: Vec<bytes::Bytes> = (0..16).map(|_| frame.clone()).collect();
-                let mut batch = batch;
+                let n = left.min(16);
+                let mut batch: Vec<bytes::Bytes> = (0..n).map(|_| frame.clone()).collect();
                 send.write_all_chunks(&mut batch).await?;
+                left -= n;
             }
             send.finish()?;
         }
@@ -238,6 +238,9 @@ impl RawPeer {
         frame: usize,
         duration: Duration,
     ) -> anyhow::Result<f64> {
+        // A fixed count per connection, sized for roughly 400,000 frames a
+        // second across all connections, so the peer never queues more.
+        let per_conn = ((400_000.0 * duration.as_secs_f64()) as u64 / conns.max(1) as u64).max(50);
         let mut links = Vec::with_capacity(conns);
         for _ in 0..conns {
             links.push(self.connect().await?);
@@ -250,7 +253,7 @@ impl RawPeer {
                 let (mut send, mut recv) = conn.open_bi().await?;
                 let mut req = vec![b'P'];
                 req.extend_from_slice(&(frame as u32).to_be_bytes());
-                req.extend_from_slice(&(duration.as_millis() as u64).to_be_bytes());
+                req.extend_from_slice(&per_conn.to_be_bytes());
                 send.write_all(&req).await?;
                 send.finish()?;
                 let mut n = 0u64;

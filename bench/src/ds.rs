@@ -56,10 +56,29 @@ impl Ds {
     pub fn spawn() -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("huddle-bench-").tempdir()?;
         let data_dir = dir.path().join("ds");
+        Self::spawn_at(dir, data_dir, "127.0.0.1:0")
+    }
+
+    /// Kills the server with SIGKILL (no chance to clean up) and starts it
+    /// again on the same address and data dir.
+    pub fn kill9_and_restart(mut self) -> anyhow::Result<Self> {
+        let mut child = self
+            .child
+            .take()
+            .context("only a started server can be killed")?;
+        child.kill()?;
+        child.wait()?;
+        let dir = self._dir.take().context("data dir")?;
+        let data_dir = self.data_dir.take().context("data dir")?;
+        let addr = self.addr.clone();
+        Self::spawn_at(dir, data_dir, &addr)
+    }
+
+    fn spawn_at(dir: tempfile::TempDir, data_dir: PathBuf, listen: &str) -> anyhow::Result<Self> {
         let mut child = Command::new(sibling("huddle-server")?)
             .args([
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--max-connections",
                 "50000",
                 "--data-dir",

@@ -61,6 +61,9 @@ enum Scenario {
     /// A member offline during N messages comes back: DS delivery rate and
     /// the full client's processing rate.
     Catchup(scenarios::catchup::Params),
+    /// Kill the DS with SIGKILL N times under text and media traffic; check
+    /// that nothing acknowledged is lost, duplicated or reordered.
+    Crash(scenarios::crash::Params),
     /// Raw quinn between two processes: bulk throughput of one stream and
     /// push throughput of frames to many connections.
     Baseline(scenarios::baseline::Params),
@@ -101,6 +104,7 @@ fn main() {
             Scenario::Connections(p) => scenarios::connections::run(p, &out).await,
             Scenario::Catchup(p) => scenarios::catchup::run(p, &out).await,
             Scenario::Baseline(p) => scenarios::baseline::run(p, &out).await,
+            Scenario::Crash(p) => scenarios::crash::run(p, &out).await,
             Scenario::RawServer { cert_out } => baseline::serve(&cert_out).await,
         }
     });

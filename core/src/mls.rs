@@ -19,7 +19,7 @@ pub const MAX_PAST_EPOCHS: usize = 5;
 /// How many out-of-order application messages per sender a client tolerates
 /// within an epoch (the DS orders messages, so only past-epoch stragglers
 /// arrive out of order).
-pub const OUT_OF_ORDER_TOLERANCE: u32 = 32;
+pub const OUT_OF_ORDER_TOLERANCE: u32 = 128;
 
 /// Lifetime of key packages: 60 days (openmls caps lifetimes at 84 days).
 pub const KEY_PACKAGE_LIFETIME_SECS: u64 = 60 * 24 * 3600;

@@ -294,6 +294,73 @@ impl MlsState {
     }
 }
 
+/// Splits a Welcome into one Welcome per new member, each holding only that
+/// member's encrypted group secrets (plus the shared encrypted GroupInfo).
+///
+/// A Welcome for N joiners carries N secrets entries (about 330 bytes each);
+/// every joiner needs only its own. Storing and sending each joiner its own
+/// entry keeps what a joiner downloads constant in the group size instead of
+/// linear. The result is keyed by the joiner's key package reference.
+///
+/// Encoding (RFC 9420): `MLSMessage = version(2) wire_format(2) Welcome`,
+/// `Welcome = cipher_suite(2) secrets<V> encrypted_group_info<V>`, where
+/// `<V>` is an MLS variable-length vector (varint length, then bytes).
+pub fn split_welcome(bytes: &[u8], w: &Welcome) -> Result<HashMap<Vec<u8>, Bytes>, String> {
+    fn varint(b: &[u8]) -> Result<(usize, usize), String> {
+        let first = *b.first().ok_or("truncated")?;
+        let (len, n) = match first >> 6 {
+            0 => (usize::from(first & 0x3f), 1),
+            1 => (
+                (usize::from(first & 0x3f) << 8) | usize::from(*b.get(1).ok_or("truncated")?),
+                2,
+            ),
+            2 => {
+                let v = b.get(..4).ok_or("truncated")?;
+                (
+                    (usize::from(v[0] & 0x3f) << 24)
+                        | (usize::from(v[1]) << 16)
+                        | (usize::from(v[2]) << 8)
+                        | usize::from(v[3]),
+                    4,
+                )
+            }
+            _ => return Err("invalid length".into()),
+        };
+        Ok((len, n))
+    }
+    fn put_varint(out: &mut Vec<u8>, len: usize) {
+        if len < 1 << 6 {
+            out.push(len as u8);
+        } else if len < 1 << 14 {
+            out.extend_from_slice(&((len as u16) | 0x4000).to_be_bytes());
+        } else {
+            out.extend_from_slice(&((len as u32) | 0x8000_0000).to_be_bytes());
+        }
+    }
+    // version, wire format, cipher suite
+    let head = bytes.get(..6).ok_or("truncated")?;
+    let (secrets_len, n) = varint(&bytes[6..])?;
+    let group_info = bytes.get(6 + n + secrets_len..).ok_or("truncated")?;
+    let mut out = HashMap::new();
+    for s in w.secrets() {
+        let entry = s.tls_serialize_detached().map_err(|e| e.to_string())?;
+        let mut one = Vec::with_capacity(head.len() + 4 + entry.len() + group_info.len());
+        one.extend_from_slice(head);
+        put_varint(&mut one, entry.len());
+        one.extend_from_slice(&entry);
+        one.extend_from_slice(group_info);
+        out.insert(s.new_member().as_slice().to_vec(), Bytes::from(one));
+    }
+    Ok(out)
+}
+
+/// Restores a group's public MLS state from snapshot bytes as read from
+/// the store, without starting its task: for fuzzing the decoder of stored
+/// state. Corrupt bytes give an error.
+pub fn restore_state_for_fuzzing(snapshot: &[u8]) -> Result<(), StoreError> {
+    MlsState::restore(&GroupId([0; 16]), snapshot).map(|_| ())
+}
+
 /// Why a group could not be created.
 #[derive(Debug)]
 pub struct CreateError(pub ErrorBody);
@@ -927,6 +994,7 @@ fn process_handshake(
             }
             let mut added = Vec::new();
             let mut added_refs = HashSet::new();
+            let mut ref_of: HashMap<String, Vec<u8>> = HashMap::new();
             for a in staged.add_proposals() {
                 let kp = a.add_proposal().key_package();
                 let name = user_of(kp.leaf_node().credential())
@@ -935,12 +1003,13 @@ fn process_handshake(
                 if !names.insert(name.clone()) {
                     return Err(invalid(format!("{name} is already a member")));
                 }
-                added_refs.insert(
-                    kp.hash_ref(&crypto)
-                        .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
-                        .as_slice()
-                        .to_vec(),
-                );
+                let r = kp
+                    .hash_ref(&crypto)
+                    .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?
+                    .as_slice()
+                    .to_vec();
+                added_refs.insert(r.clone());
+                ref_of.insert(name.clone(), r);
                 added.push(name);
             }
             // The Welcome goes with the adds, to exactly the added members.
@@ -957,8 +1026,9 @@ fn process_handshake(
                 }
                 _ => {}
             }
-            if let Some(w) = &welcome {
-                let msg = MlsMessageIn::tls_deserialize_exact(w.as_ref())
+            let mut per_member: HashMap<Vec<u8>, Bytes> = HashMap::new();
+            if let Some(bytes) = &welcome {
+                let msg = MlsMessageIn::tls_deserialize_exact(bytes.as_ref())
                     .map_err(|e| invalid(format!("Welcome does not parse: {e}")))?;
                 let MlsMessageBodyIn::Welcome(w) = msg.extract() else {
                     return Err(invalid("expected a Welcome message".into()));
@@ -968,11 +1038,13 @@ fn process_handshake(
                     .iter()
                     .map(|s| s.new_member().as_slice().to_vec())
                     .collect();
-                if targets != added_refs {
+                if targets != added_refs || targets.len() != w.secrets().len() {
                     return Err(invalid(
                         "the Welcome must be addressed to exactly the added members".into(),
                     ));
                 }
+                per_member =
+                    split_welcome(bytes, &w).map_err(|e| invalid(format!("Welcome: {e}")))?;
             }
             let old_epoch = mls.public.group_context().epoch().as_u64();
             mls.public
@@ -1006,11 +1078,16 @@ fn process_handshake(
                         removed_seq: None,
                     },
                 ));
+                let own = ref_of
+                    .get(name)
+                    .and_then(|r| per_member.get(r))
+                    .cloned()
+                    .ok_or_else(|| invalid(format!("no Welcome secrets for {name}")))?;
                 welcomes.push(NewInboxItem {
                     user: name.clone(),
                     commit_seq: seq,
                     timestamp_ms: now,
-                    welcome: welcome.clone().expect("checked above"),
+                    welcome: own,
                 });
             }
             let tree = if added.is_empty() {

@@ -86,7 +86,17 @@ pub async fn run(
                 _ = shutdown.cancelled() => break,
                 f = rx.recv() => {
                     let Some(f) = f else { break };
-                    write_or_stall(&mut send, &f, stall).await?;
+                    // Whatever else is already queued goes out in the same
+                    // write: under load that turns many one-frame packets
+                    // into few full ones.
+                    let mut batch = vec![f];
+                    while batch.len() < PUSH_BATCH {
+                        match rx.try_recv() {
+                            Ok(f) => batch.push(f),
+                            Err(_) => break,
+                        }
+                    }
+                    write_batch_or_stall(&mut send, &mut batch, stall).await?;
                 }
                 _ = signals.notified() => {
                     for e in signals.take() {
@@ -167,6 +177,23 @@ async fn watch(
         }
         WatchResult::CatchUp { head } => signals.raise(Event::Gap { group, head }),
         WatchResult::NotMember => signals.raise(not_member()),
+    }
+}
+
+/// Most queued frames written in one call.
+const PUSH_BATCH: usize = 64;
+
+async fn write_batch_or_stall(
+    send: &mut quinn::SendStream,
+    batch: &mut [Bytes],
+    stall: std::time::Duration,
+) -> Result<(), quinn::WriteError> {
+    match tokio::time::timeout(stall, send.write_all_chunks(batch)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let _ = send.reset(quinn::VarInt::from_u32(3));
+            Err(quinn::WriteError::Stopped(quinn::VarInt::from_u32(3)))
+        }
     }
 }
 

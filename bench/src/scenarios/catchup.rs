@@ -59,7 +59,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let mut mls_len = 0;
     let t = Instant::now();
     for _ in 0..p.messages {
-        while set.len() >= 32 {
+        while set.len() >= 16 {
             set.join_next().await.transpose()?.transpose()?;
         }
         let req = sender.message(p.size)?;

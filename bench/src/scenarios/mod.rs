@@ -3,6 +3,7 @@
 pub mod baseline;
 pub mod catchup;
 pub mod connections;
+pub mod crash;
 pub mod fanout;
 pub mod media;
 pub mod membership;

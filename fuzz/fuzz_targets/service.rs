@@ -1,0 +1,49 @@
+//! The DS request handler driven by an arbitrary sequence of frames on one
+//! connection, against a fresh store. Every request must get an answer and
+//! nothing may panic, whatever the order (authentication, groups, posts,
+//! reads).
+#![no_main]
+
+use std::sync::{Arc, OnceLock};
+
+use huddle_core::frame::Decoder;
+use huddle_core::proto::{decode, Request};
+use huddle_server::service::{Service, Session};
+use huddle_server::store::redb::RedbStore;
+use huddle_server::ServerConfig;
+use libfuzzer_sys::fuzz_target;
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&n, rest)) = data.split_first() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Arc::new(ServerConfig {
+        data_dir: dir.path().to_owned(),
+        ..ServerConfig::default()
+    });
+    runtime().block_on(async move {
+        let store = Arc::new(RedbStore::open(&dir.path().join("db.redb")).expect("store"));
+        let svc = Service::new(config, store).expect("service");
+        let session = Session::new(1, [n; 32]);
+        let mut d = Decoder::new(1 << 20);
+        d.extend(rest);
+        for _ in 0..64 {
+            let Ok(Some(body)) = d.next_frame() else { break };
+            if let Ok(req) = decode::<Request>(&body) {
+                let _ = svc.handle(&session, req).await;
+            }
+        }
+        svc.close().await;
+    });
+});
