@@ -230,6 +230,34 @@ impl RawPeer {
         Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e6)
     }
 
+    /// `n` connections each receive `bytes` at once; returns the aggregate
+    /// MB/s.
+    pub async fn bulk_download_concurrent(&self, n: usize, bytes: u64) -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            let (ep, conn) = self.connect().await?;
+            tasks.push(tokio::spawn(async move {
+                let _ep = ep;
+                let (mut send, mut recv) = conn.open_bi().await?;
+                let mut req = vec![b'D'];
+                req.extend_from_slice(&bytes.to_be_bytes());
+                send.write_all(&req).await?;
+                send.finish()?;
+                let mut got = 0u64;
+                while let Some(c) = recv.read_chunk(1 << 20, true).await? {
+                    got += c.bytes.len() as u64;
+                }
+                anyhow::Ok(got)
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await??;
+        }
+        Ok(total as f64 / start.elapsed().as_secs_f64() / 1e6)
+    }
+
     /// Opens `conns` connections and has the peer push `frame`-byte frames on
     /// each for `duration`; returns frames per second received in total.
     pub async fn push(

@@ -626,6 +626,16 @@ impl Client {
         ))
     }
 
+    /// This device's view of a group's public ratchet tree (TLS-encoded).
+    pub fn export_tree(&self, group: &str) -> Result<Bytes> {
+        let id = self.resolve_group(group)?;
+        let g = self.load_group(&self.db, &id)?;
+        g.export_ratchet_tree()
+            .tls_serialize_detached()
+            .map(Bytes::from)
+            .map_err(ClientError::mls)
+    }
+
     /// The group's state as a row (name, state, cursor).
     pub fn group_state(&self, group: &str) -> Result<(String, String, u64)> {
         let id = self.resolve_group(group)?;
@@ -1064,10 +1074,12 @@ impl Client {
                 "active" | "leaving" => {
                     events.extend(self.sync_group(&id).await?);
                     events.extend(self.maybe_commit_proposals(&id, false).await?);
+                    events.extend(self.check_fork(&id).await?);
                 }
                 _ => {}
             }
         }
+        events.extend(self.check_lost_groups().await?);
         let (n, lr) = self.key_package_count().await?;
         if n < KEY_PACKAGE_LOW || !lr {
             self.publish_key_packages(KEY_PACKAGE_BATCH, !lr).await?;
@@ -1141,21 +1153,42 @@ impl Client {
         if item.seq <= kv_get(&self.db, "inbox_cursor")? {
             return Ok(None);
         }
-        let tree = match self
-            .request(&Request::RatchetTree {
-                group: item.group,
-                seq: item.commit_seq,
-            })
-            .await
-        {
-            Ok(Response::RatchetTree { tree }) => Some(tree),
-            Ok(_) => None,
-            Err(ClientError::Server(e)) => {
-                warn!(group = %item.group, error = %e.message, "cannot fetch the ratchet tree for a Welcome");
-                None
-            }
-            Err(e) => return Err(e),
-        };
+        let tree = self.fetch_tree(item).await?;
+        self.join_with_tree(item, tree)
+    }
+
+    async fn fetch_tree(&mut self, item: &InboxItem) -> Result<Option<Bytes>> {
+        Ok(
+            match self
+                .request(&Request::RatchetTree {
+                    group: item.group,
+                    seq: item.commit_seq,
+                })
+                .await
+            {
+                Ok(Response::RatchetTree { tree }) => Some(tree),
+                Ok(_) => None,
+                Err(ClientError::Server(e)) => {
+                    warn!(group = %item.group, error = %e.message, "cannot fetch the ratchet tree for a Welcome");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        )
+    }
+
+    /// Joins from a Welcome with the given ratchet tree (as served by the
+    /// DS). A Welcome that does not fit the tree, or is not for this device,
+    /// is refused: nothing is joined, and the inbox cursor moves past it.
+    /// Returns the `joined` event, or `None` when refused or already handled.
+    pub fn join_with_tree(
+        &mut self,
+        item: &InboxItem,
+        tree: Option<Bytes>,
+    ) -> Result<Option<Event>> {
+        if item.seq <= kv_get(&self.db, "inbox_cursor")? {
+            return Ok(None);
+        }
         let tx = self.db.unchecked_transaction()?;
         let result = (|| -> Result<Event> {
             let tree = tree.ok_or_else(|| ClientError::Mls("no ratchet tree".into()))?;
@@ -1574,6 +1607,39 @@ impl Client {
         }
     }
 
+    /// Groups the DS counts this user a member of but this device has no
+    /// state for (for example after its database was lost): reported once
+    /// each as `fork_detected`.
+    async fn check_lost_groups(&mut self) -> Result<Vec<Event>> {
+        let Response::Groups { groups } = self.request(&Request::ListGroups).await? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for g in groups {
+            let id = g.group;
+            if load_row(&self.db, &id)?.is_some() {
+                continue;
+            }
+            let key = format!("lost_reported:{id}");
+            if kv_get(&self.db, &key)? == 1 {
+                continue;
+            }
+            kv_set(&self.db, &key, 1)?;
+            warn!(group = %id, "this device has no state for a group it is a member of");
+            let mut e = Event::new(
+                "fork_detected",
+                &id.to_string(),
+                self.name(),
+                g.head,
+                now_ms(),
+            );
+            e.epoch = Some(g.epoch);
+            e.text = Some("this device has no state for this group (lost or never joined); ask a member to remove and re-add you".into());
+            out.push(e);
+        }
+        Ok(out)
+    }
+
     /// Publishes this member's epoch authenticator (hashed) for the current
     /// epoch and returns what the other members published.
     pub async fn compare_epoch(
@@ -1594,6 +1660,56 @@ impl Client {
             Response::EpochAuthenticators { published } => Ok((epoch, hash, published)),
             other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
         }
+    }
+
+    /// Publishes this member's epoch authenticator (hashed) for the group's
+    /// current epoch and compares it with what other members published for
+    /// the same epoch. Members who computed another value have another view
+    /// of the group (a fork): reported as a `fork_detected` event naming
+    /// them, once per epoch.
+    pub async fn check_fork(&mut self, id: &GroupId) -> Result<Option<Event>> {
+        if !load_row(&self.db, id)?.is_some_and(|r| r.state == "active" || r.state == "leaving") {
+            return Ok(None);
+        }
+        let (epoch, hash, published) = self.compare_epoch(&id.to_string()).await?;
+        let key = format!("fork_checked:{id}");
+        let mut differ: Vec<String> = published
+            .into_iter()
+            .filter(|(u, h)| u != self.name() && *h != hash)
+            .map(|(u, _)| u)
+            .collect();
+        // A commit this device could not process leaves it behind the
+        // group's epoch even with the whole log read.
+        if let Response::GroupState {
+            epoch: ds_epoch,
+            head,
+            ..
+        } = self.request(&Request::GroupState { group: *id }).await?
+        {
+            let cursor = load_row(&self.db, id)?.map(|r| r.cursor).unwrap_or(0);
+            if cursor >= head && ds_epoch != epoch {
+                differ.push(format!("the group (epoch {ds_epoch})"));
+            }
+        }
+        if differ.is_empty() || kv_get(&self.db, &key)? == epoch + 1 {
+            return Ok(None);
+        }
+        kv_set(&self.db, &key, epoch + 1)?;
+        differ.sort();
+        warn!(group = %id, epoch, members = ?differ, "epoch authenticators differ: the group has forked");
+        let cursor = load_row(&self.db, id)?.map(|r| r.cursor).unwrap_or(0);
+        let mut e = Event::new(
+            "fork_detected",
+            &id.to_string(),
+            self.name(),
+            cursor,
+            now_ms(),
+        );
+        e.epoch = Some(epoch);
+        e.members = Some(differ);
+        e.group_name = load_row(&self.db, id)?.map(|r| r.name).unwrap_or_default();
+        record_events(&self.db, id, std::slice::from_ref(&e))?;
+        Ok(Some(e))
     }
 
     // ---- listen -------------------------------------------------------

@@ -98,6 +98,10 @@ impl Event {
             "member_added" => format!("[{g}] {} added {members}", self.from),
             "member_removed" => format!("[{g}] {} removed {members}", self.from),
             "left" => format!("[{g}] {members} left"),
+            "fork_detected" => format!(
+                "[{g}] WARNING: {members} computed another state of this group at epoch {}; messages between you may not decrypt",
+                self.epoch.unwrap_or(0)
+            ),
             "key_changed" => format!(
                 "[{g}] WARNING: the identity key of {members} differs from the one first seen; compare fingerprints out of band"
             ),

@@ -144,6 +144,8 @@ fn transport(config: &ServerConfig) -> anyhow::Result<quinn::TransportConfig> {
     t.max_concurrent_uni_streams(0u8.into());
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((16u32 * 1024 * 1024).into());
-    t.send_window(16 * 1024 * 1024);
+    // Bounds what one connection can hold queued in the DS, e.g. a push
+    // stream its client stopped reading (plus the 8 MiB the client accepts).
+    t.send_window(8 * 1024 * 1024);
     Ok(t)
 }

@@ -194,3 +194,62 @@ async fn malformed_mls_messages_are_refused() {
     // The group still works.
     alice.send_text("g", "still here").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_never_drains_its_push_stream_is_cut_off() {
+    let s = InProcess::start_with(|c| {
+        c.push_queue = 16;
+        c.push_stall_timeout = Duration::from_millis(800);
+    })
+    .await;
+    let mut alice = s.client("alice").await;
+    let mut bob = s.client("bob").await;
+    let mut slow = s.client("slow").await;
+    let g = alice.create_group("g").await.unwrap();
+    alice
+        .add(&g.to_string(), &["bob".into(), "slow".into()])
+        .await
+        .unwrap();
+    bob.sync().await.unwrap();
+    slow.sync().await.unwrap();
+    let (_, _, cursor) = slow.group_state(&g.to_string()).unwrap();
+    // Slow subscribes and then never reads a byte.
+    let (_send, _recv, _) = slow
+        .net()
+        .await
+        .unwrap()
+        .open(&Request::Subscribe {
+            groups: vec![(g, cursor)],
+            inbox_after: u64::MAX - 1,
+        })
+        .await
+        .unwrap();
+    let quic = slow.net().await.unwrap().quic().clone();
+    // Far more than the client's stream window (8 MiB) plus what the DS
+    // buffers per connection (8 MiB).
+    let pad = "x".repeat(100_000);
+    for i in 0..200 {
+        alice
+            .send_text(&g.to_string(), &format!("{i} {pad}"))
+            .await
+            .unwrap();
+    }
+    // The DS gives up on the slow reader...
+    let mut reason = None;
+    for _ in 0..200 {
+        if let Some(r) = quic.close_reason() {
+            reason = Some(r.to_string());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reason = reason.expect("the slow reader's connection is closed");
+    assert!(reason.contains("push stream not read"), "{reason}");
+    // ... while everyone else got everything.
+    let got = bob.sync().await.unwrap();
+    assert_eq!(got.iter().filter(|e| e.kind == "text").count(), 200);
+    // And the slow member can come back and catch up from the log.
+    let mut slow = huddle_client::Client::open(s.home("slow")).unwrap();
+    let caught = slow.sync().await.unwrap();
+    assert_eq!(caught.iter().filter(|e| e.kind == "text").count(), 200);
+}

@@ -125,6 +125,25 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             bail!("sync failed");
         }
     }
+    // First one downloader alone (the figure to compare with one raw
+    // stream), then all of them at once.
+    let mut down_rss: f64 = 0.0;
+    let mut intact = true;
+    let single = {
+        let n = &names[0];
+        let outp = dir.join(format!("{n}.single"));
+        let a = args(n, &["download", &media, "-o", &outp.display().to_string()]);
+        let t = Instant::now();
+        let (ok, _, rss) = run_measured(&huddle, &a).await?;
+        let secs = t.elapsed().as_secs_f64();
+        if !ok {
+            bail!("download failed");
+        }
+        down_rss = down_rss.max(rss);
+        intact &= hash_file(&outp)? == want;
+        let _ = std::fs::remove_file(&outp);
+        blob as f64 / secs / 1e6
+    };
     let t = Instant::now();
     let mut downs = Vec::new();
     for n in &names {
@@ -138,8 +157,6 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         }));
     }
     let mut down_rates = Vec::new();
-    let mut down_rss: f64 = 0.0;
-    let mut intact = true;
     for d in downs {
         let (r, secs, outp) = d.await?;
         let (ok, _, rss) = r?;
@@ -164,22 +181,28 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let peer = RawPeer::start()?;
     let base_up = peer.bulk_upload(blob).await?;
     let base_down = peer.bulk_download(blob).await?;
+    let base_concurrent = peer.bulk_download_concurrent(p.downloaders, blob).await?;
     drop(peer);
 
     let upload = blob as f64 / up_secs / 1e6;
-    let download = down_rates.iter().cloned().fold(f64::INFINITY, f64::min);
+    let download = single;
+    let slowest = down_rates.iter().cloned().fold(f64::INFINITY, f64::min);
+    let aggregate = blob as f64 * p.downloaders as f64 / all_secs / 1e6;
     let mut r = Report::new("media");
     r.set("size_bytes", p.size)
         .set("ciphertext_bytes", blob)
         .set("downloaders", p.downloaders as u64)
         .set("upload_mb_s", upload)
         .set("download_mb_s", download)
-        .set("download_aggregate_mb_s", blob as f64 * p.downloaders as f64 / all_secs / 1e6)
+        .set("concurrent_slowest_mb_s", slowest)
+        .set("concurrent_aggregate_mb_s", aggregate)
         .set("baseline_upload_mb_s", base_up)
         .set("baseline_download_mb_s", base_down)
+        .set("baseline_concurrent_aggregate_mb_s", base_concurrent)
         .set("baseline_mb_s", base_up.min(base_down))
         .set("upload_ratio", upload / base_up)
         .set("download_ratio", download / base_down)
+        .set("concurrent_ratio", aggregate / base_concurrent)
         .set_opt("server_peak_rss_mb", server_rss)
         .set("client_peak_rss_mb", up_rss.max(down_rss))
         .set("uploader_peak_rss_mb", up_rss)
@@ -187,7 +210,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set("byte_identical", intact)
         .set("plaintext_in_server_data_dir", plaintext_on_server)
         .note("upload and download run as separate `huddle` processes; times are whole commands (connect, authenticate, encrypt or verify, transfer)")
-        .note("download_mb_s is the slowest of the concurrent downloaders; the baseline is one raw quinn stream between two processes");
+        .note("download_mb_s: one downloader alone, against one raw quinn stream between two processes; concurrent_*: all downloaders at once, against as many raw streams at once");
     out.emit(&r);
     Ok(())
 }

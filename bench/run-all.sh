@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs the benchmark suite whose figures docs/BENCHMARKS.md reports, one
+# JSON object per line into OUT (default bench-results.jsonl), plus the
+# latency CDFs as SVG next to it. Build first:
+#   cargo build --release --bins
+# Takes about 15 minutes on 2 cores. Run it on an otherwise idle machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-bench-results.jsonl}"
+dir="$(dirname "$out")"
+b=./target/release/huddle-bench
+: > "$out"
+run() { echo "== $*" >&2; "$b" --json "$@" >> "$out"; }
+run baseline --size 1073741824 --connections 200
+run media --size 268435456 --downloaders 2
+run media --size 1073741824 --downloaders 2
+run media --size 2147483648 --downloaders 1
+run --plot "$dir/fanout-200.svg" fanout --members 200 --duration 5
+rate=$(tail -n 1 "$out" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["messages_per_sec"] / 2))')
+run --plot "$dir/fanout-200-half.svg" fanout --members 200 --duration 5 --rate "$rate"
+run fanout --members 10 --duration 5
+run fanout --members 1000 --duration 5
+rate=$(tail -n 1 "$out" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["messages_per_sec"] / 2))')
+run --plot "$dir/fanout-1000-half.svg" fanout --members 1000 --duration 5 --rate "$rate"
+run fanout --groups 10 --members 50 --senders 1 --duration 5
+run membership --members 1000 --rounds 5
+run membership --members 100 --rounds 5
+run connections --count 1000
+run connections --count 10000
+run catchup --messages 10000
+run catchup --messages 100000
+run crash --kills 20
+echo "results in $out" >&2

@@ -1,0 +1,247 @@
+//! A delivery service that misbehaves on purpose. The test plays the DS's
+//! part by handing the client log entries it crafted (tampered, replayed,
+//! reordered, dropped, forged) through the same entry point the client uses
+//! for what the real DS sends, and checks that the client refuses them with
+//! its state intact, and recovers from the real log afterwards.
+#![allow(clippy::unwrap_used)]
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use huddle_client::Client;
+use huddle_core::proto::{EntryKind, LogEntry, Request, Response};
+use huddle_core::GroupId;
+
+async fn two(server: &TestServer) -> (Client, Client, String, GroupId) {
+    let mut a = server.register("alice").await;
+    let mut b = server.register("bob").await;
+    let g = a.create_group("g").await.unwrap();
+    a.add(&g.to_string(), &["bob".into()]).await.unwrap();
+    b.sync().await.unwrap();
+    (a, b, g.to_string(), g)
+}
+
+/// The real log of `g` after `after`, as the DS would serve it.
+async fn log(c: &mut Client, g: GroupId, after: u64) -> Vec<LogEntry> {
+    match c
+        .net()
+        .await
+        .unwrap()
+        .request(&Request::FetchLog {
+            group: g,
+            after,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+    {
+        Response::Log { entries, .. } => entries,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn cursor(c: &Client, g: &str) -> u64 {
+    c.group_state(g).unwrap().2
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_ciphertext_is_refused_and_the_rest_still_opens() {
+    let s = TestServer::start().await;
+    let (mut a, mut b, g, gid) = two(&s).await;
+    a.send_text(&g, "one").await.unwrap();
+    a.send_text(&g, "two").await.unwrap();
+    let at = cursor(&b, &g);
+    let mut entries = log(&mut b, gid, at).await;
+    let mut bad = entries[0].data.to_vec();
+    let n = bad.len();
+    bad[n - 20] ^= 0x01;
+    entries[0].data = Bytes::from(bad);
+    let events = b.process_entries(&gid, &entries).unwrap();
+    assert_eq!(
+        texts(&events),
+        vec!["alice: two"],
+        "the tampered message is refused"
+    );
+    assert_eq!(cursor(&b, &g), at + 2);
+    // Later messages are still readable.
+    a.send_text(&g, "three").await.unwrap();
+    assert_eq!(texts(&b.sync().await.unwrap()), vec!["alice: three"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_message_is_not_shown_twice() {
+    let s = TestServer::start().await;
+    let (mut a, mut b, g, gid) = two(&s).await;
+    a.send_text(&g, "once").await.unwrap();
+    let at = cursor(&b, &g);
+    let entries = log(&mut b, gid, at).await;
+    assert_eq!(
+        texts(&b.process_entries(&gid, &entries).unwrap()),
+        vec!["alice: once"]
+    );
+    // The same ciphertext again, under the next sequence number.
+    let mut replay = entries[0].clone();
+    replay.seq = cursor(&b, &g) + 1;
+    let events = b.process_entries(&gid, &[replay]).unwrap();
+    assert!(
+        texts(&events).is_empty(),
+        "a replay must not show again: {events:?}"
+    );
+    assert_eq!(texts(&b.messages(&g, 10).unwrap()), vec!["alice: once"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_is_detected_and_filled_from_the_log() {
+    let s = TestServer::start().await;
+    let (mut a, mut b, g, gid) = two(&s).await;
+    for t in ["m1", "m2", "m3"] {
+        a.send_text(&g, t).await.unwrap();
+    }
+    let at = cursor(&b, &g);
+    let entries = log(&mut b, gid, at).await;
+    // The DS drops m2 and sends m3, then m1 after it.
+    let events = b
+        .process_entries(&gid, &[entries[0].clone(), entries[2].clone()])
+        .unwrap();
+    assert_eq!(texts(&events), vec!["alice: m1"]);
+    assert_eq!(cursor(&b, &g), at + 1, "processing stops at the gap");
+    assert!(b
+        .process_entries(&gid, &[entries[0].clone()])
+        .unwrap()
+        .is_empty());
+    // Re-fetching from the cursor fills the gap, in order.
+    assert_eq!(
+        texts(&b.sync().await.unwrap()),
+        vec!["alice: m2", "alice: m3"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_commit_is_refused_and_the_epoch_stays() {
+    let s = TestServer::start().await;
+    let (mut a, mut b, g, gid) = two(&s).await;
+    let (epoch, auth) = b.epoch_authenticator(&g).unwrap();
+    a.update(&g).await.unwrap();
+    let at = cursor(&b, &g);
+    let real = log(&mut b, gid, at).await;
+    assert_eq!(real[0].kind, EntryKind::Commit);
+    // One flipped byte in the commit's signature.
+    let mut forged = real[0].clone();
+    let mut bytes = forged.data.to_vec();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x40;
+    forged.data = Bytes::from(bytes);
+    let events = b.process_entries(&gid, &[forged]).unwrap();
+    assert!(events.is_empty());
+    assert_eq!(b.epoch_authenticator(&g).unwrap(), (epoch, auth));
+    // A commit that claims to be from a member who does not exist: the
+    // commit of another group entirely.
+    let mut other = server_other_group_commit(&s).await;
+    other.seq = cursor(&b, &g) + 1;
+    let events = b.process_entries(&gid, &[other]).unwrap();
+    assert!(events.is_empty());
+    assert_eq!(b.epoch_authenticator(&g).unwrap().0, epoch);
+}
+
+/// A valid commit of some other group (a DS trying to pass it off).
+async fn server_other_group_commit(s: &TestServer) -> LogEntry {
+    let mut c = s.register("carol").await;
+    let og = c.create_group("other").await.unwrap();
+    c.update(&og.to_string()).await.unwrap();
+    log(&mut c, og, 0).await.remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_that_does_not_match_the_tree_is_refused() {
+    let s = TestServer::start().await;
+    let mut a = s.register("alice").await;
+    let mut b = s.register("bob").await;
+    let g1 = a.create_group("one").await.unwrap();
+    let g2 = a.create_group("two").await.unwrap();
+    a.add(&g1.to_string(), &["bob".into()]).await.unwrap();
+    // The DS hands Bob his Welcome to group one with the tree of group two.
+    let Response::Inbox { items, .. } = b
+        .net()
+        .await
+        .unwrap()
+        .request(&Request::FetchInbox {
+            after: 0,
+            limit: 10,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let wrong_tree = {
+        let Response::GroupState { .. } = a
+            .net()
+            .await
+            .unwrap()
+            .request(&Request::GroupState { group: g2 })
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        // Alice's own view of group two's tree, as a DS could serve it.
+        a.export_tree(&g2.to_string()).unwrap()
+    };
+    assert!(b
+        .join_with_tree(&items[0], Some(wrong_tree))
+        .unwrap()
+        .is_none());
+    assert!(b.groups().unwrap().is_empty(), "nothing was joined");
+    // No tree at all is refused the same way.
+    let mut again = items[0].clone();
+    again.seq += 1;
+    assert!(b.join_with_tree(&again, None).unwrap().is_none());
+    assert!(b.groups().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diverged_and_lost_states_are_detected() {
+    let s = TestServer::start().await;
+    let (mut a, mut b, g, gid) = two(&s).await;
+    assert!(a
+        .sync()
+        .await
+        .unwrap()
+        .iter()
+        .all(|e| e.kind != "fork_detected"));
+    // Bob's device publishes an epoch authenticator Alice does not share.
+    let (epoch, _) = b.epoch_authenticator(&g).unwrap();
+    b.net()
+        .await
+        .unwrap()
+        .request(&Request::EpochAuthenticator {
+            group: gid,
+            epoch,
+            hash: [9; 32],
+        })
+        .await
+        .unwrap();
+    let ev = a.sync().await.unwrap();
+    let fork: Vec<_> = ev.iter().filter(|e| e.kind == "fork_detected").collect();
+    assert_eq!(fork.len(), 1, "{ev:?}");
+    assert_eq!(fork[0].members.as_deref(), Some(&["bob".to_string()][..]));
+    // Reported once per epoch, not on every sync.
+    assert!(a
+        .sync()
+        .await
+        .unwrap()
+        .iter()
+        .all(|e| e.kind != "fork_detected"));
+    // Bob loses his database: his next sync says so.
+    b.close().await;
+    let home = s.home("bob");
+    for f in ["huddle.db", "huddle.db-wal", "huddle.db-shm"] {
+        let _ = std::fs::remove_file(home.dir().join(f));
+    }
+    let mut b = Client::open(home).unwrap();
+    let ev = b.sync().await.unwrap();
+    assert!(
+        ev.iter().any(|e| e.kind == "fork_detected" && e.group == g),
+        "{ev:?}"
+    );
+}
