@@ -930,6 +930,7 @@ impl Client {
                     record_events(&tx, id, &events)?;
                     tx.commit()?;
                     debug!(group = %id, seq, epoch, attempt, "commit accepted");
+                    self.publish_group_info(id).await;
                     return Ok(events);
                 }
                 Ok(other) => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
@@ -1071,6 +1072,9 @@ impl Client {
         for (id, state) in self.group_ids()? {
             match state.as_str() {
                 "creating" => self.resume_creation(&id).await?,
+                "rejoining" => {
+                    events.extend(self.rejoin(&id, "an earlier rejoin did not finish").await?)
+                }
                 "active" | "leaving" => {
                     events.extend(self.sync_group(&id).await?);
                     events.extend(self.maybe_commit_proposals(&id, false).await?);
@@ -1448,6 +1452,7 @@ impl Client {
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let mut removed = Vec::new();
                 let mut left = Vec::new();
+                let mut rejoined = Vec::new();
                 for r in staged.remove_proposals() {
                     let leaf = r.remove_proposal().removed();
                     let Some(name) = group.member_at(leaf).and_then(|m| user_of(&m.credential))
@@ -1456,6 +1461,10 @@ impl Client {
                     };
                     if matches!(r.sender(), Sender::Member(s) if *s == leaf) {
                         left.push(name);
+                    } else if matches!(r.sender(), Sender::NewMemberCommit) && name == from {
+                        // An external commit replacing the sender's own
+                        // leaf: a member rejoining with new state.
+                        rejoined.push(name);
                     } else {
                         removed.push(name);
                     }
@@ -1490,6 +1499,12 @@ impl Client {
                 if !removed.is_empty() {
                     let mut e = ev("member_removed");
                     e.members = Some(removed);
+                    e.epoch = epoch;
+                    events.push(e);
+                }
+                if !rejoined.is_empty() {
+                    let mut e = ev("rejoined");
+                    e.members = Some(rejoined);
                     e.epoch = epoch;
                     events.push(e);
                 }
@@ -1620,22 +1635,36 @@ impl Client {
             if load_row(&self.db, &id)?.is_some() {
                 continue;
             }
-            let key = format!("lost_reported:{id}");
-            if kv_get(&self.db, &key)? == 1 {
-                continue;
+            warn!(group = %id, "this device has no state for a group it is a member of; rejoining");
+            match self
+                .rejoin(&id, "this device had no state for the group")
+                .await
+            {
+                Ok(evs) => {
+                    out.extend(evs);
+                    continue;
+                }
+                Err(err) => {
+                    warn!(group = %id, error = %err, "rejoin failed; trying again at the next sync");
+                    let key = format!("lost_reported:{id}");
+                    if kv_get(&self.db, &key)? == 1 {
+                        continue;
+                    }
+                    kv_set(&self.db, &key, 1)?;
+                    let mut e = Event::new(
+                        "fork_detected",
+                        &id.to_string(),
+                        self.name(),
+                        g.head,
+                        now_ms(),
+                    );
+                    e.epoch = Some(g.epoch);
+                    e.text = Some(format!(
+                        "this device has no state for this group; rejoining failed ({err}) and is retried at the next sync"
+                    ));
+                    out.push(e);
+                }
             }
-            kv_set(&self.db, &key, 1)?;
-            warn!(group = %id, "this device has no state for a group it is a member of");
-            let mut e = Event::new(
-                "fork_detected",
-                &id.to_string(),
-                self.name(),
-                g.head,
-                now_ms(),
-            );
-            e.epoch = Some(g.epoch);
-            e.text = Some("this device has no state for this group (lost or never joined); ask a member to remove and re-add you".into());
-            out.push(e);
         }
         Ok(out)
     }
@@ -1667,12 +1696,25 @@ impl Client {
     /// the same epoch. Members who computed another value have another view
     /// of the group (a fork): reported as a `fork_detected` event naming
     /// them, once per epoch.
-    pub async fn check_fork(&mut self, id: &GroupId) -> Result<Option<Event>> {
+    ///
+    /// When this device is the one that diverged it rejoins the group by an
+    /// external commit on its own: when it has read the whole log and is
+    /// still behind the group's epoch (a commit it could not process), or
+    /// when its value differs from one that more members share than its own.
+    /// Otherwise, if the DS holds no GroupInfo for the current epoch, this
+    /// member publishes one, so that others can rejoin.
+    pub async fn check_fork(&mut self, id: &GroupId) -> Result<Vec<Event>> {
         if !load_row(&self.db, id)?.is_some_and(|r| r.state == "active" || r.state == "leaving") {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let (epoch, hash, published) = self.compare_epoch(&id.to_string()).await?;
         let key = format!("fork_checked:{id}");
+        let mut counts: HashMap<[u8; 32], usize> = HashMap::new();
+        for (_, h) in &published {
+            *counts.entry(*h).or_default() += 1;
+        }
+        let mine = counts.get(&hash).copied().unwrap_or(1).max(1);
+        let outvoted = counts.iter().any(|(h, n)| *h != hash && *n > mine);
         let mut differ: Vec<String> = published
             .into_iter()
             .filter(|(u, h)| u != self.name() && *h != hash)
@@ -1680,19 +1722,57 @@ impl Client {
             .collect();
         // A commit this device could not process leaves it behind the
         // group's epoch even with the whole log read.
+        let mut behind = false;
+        let mut info_missing = false;
         if let Response::GroupState {
             epoch: ds_epoch,
             head,
+            group_info_epoch,
             ..
         } = self.request(&Request::GroupState { group: *id }).await?
         {
             let cursor = load_row(&self.db, id)?.map(|r| r.cursor).unwrap_or(0);
             if cursor >= head && ds_epoch != epoch {
                 differ.push(format!("the group (epoch {ds_epoch})"));
+                behind = true;
             }
+            info_missing = cursor >= head && ds_epoch == epoch && group_info_epoch != Some(epoch);
         }
-        if differ.is_empty() || kv_get(&self.db, &key)? == epoch + 1 {
-            return Ok(None);
+        if differ.is_empty() {
+            if info_missing {
+                self.publish_group_info(id).await;
+            }
+            return Ok(Vec::new());
+        }
+        if behind || outvoted {
+            warn!(group = %id, epoch, members = ?differ, "this device's state of the group diverged; rejoining");
+            let cursor = load_row(&self.db, id)?.map(|r| r.cursor).unwrap_or(0);
+            let mut e = Event::new(
+                "fork_detected",
+                &id.to_string(),
+                self.name(),
+                cursor,
+                now_ms(),
+            );
+            e.epoch = Some(epoch);
+            differ.sort();
+            e.members = Some(differ);
+            e.group_name = load_row(&self.db, id)?.map(|r| r.name).unwrap_or_default();
+            record_events(&self.db, id, std::slice::from_ref(&e))?;
+            let mut out = vec![e];
+            match self
+                .rejoin(id, "this device's state had diverged from the group's")
+                .await
+            {
+                Ok(evs) => out.extend(evs),
+                Err(err) => {
+                    warn!(group = %id, error = %err, "rejoin failed; trying again at the next sync")
+                }
+            }
+            return Ok(out);
+        }
+        if kv_get(&self.db, &key)? == epoch + 1 {
+            return Ok(Vec::new());
         }
         kv_set(&self.db, &key, epoch + 1)?;
         differ.sort();
@@ -1709,7 +1789,147 @@ impl Client {
         e.members = Some(differ);
         e.group_name = load_row(&self.db, id)?.map(|r| r.name).unwrap_or_default();
         record_events(&self.db, id, std::slice::from_ref(&e))?;
-        Ok(Some(e))
+        Ok(vec![e])
+    }
+
+    /// Publishes a GroupInfo for the group's current epoch (best effort: a
+    /// failure only means a rejoining member waits for the next one).
+    pub async fn publish_group_info(&mut self, id: &GroupId) {
+        let info = (|| -> Result<Bytes> {
+            let provider = Provider::new(&self.crypto, &self.db);
+            let g = self.load_group(&self.db, id)?;
+            let info = g
+                .export_group_info(provider.crypto(), &self.identity, false)
+                .map_err(ClientError::mls)?;
+            serialize(&info)
+        })();
+        let r = match info {
+            Ok(group_info) => {
+                self.request(&Request::PublishGroupInfo {
+                    group: *id,
+                    group_info,
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            debug!(group = %id, error = %e, "GroupInfo not published");
+        }
+    }
+
+    /// Rejoins a group this user is a member of but this device has no
+    /// usable state for (lost, or diverged): an external commit built from
+    /// the GroupInfo and ratchet tree the DS keeps for the current epoch. It
+    /// replaces this user's old leaf, so the group moves to a new epoch whose
+    /// secrets the old state never knew. Messages sent before it are not
+    /// readable by the new state; everything after is.
+    pub async fn rejoin(&mut self, id: &GroupId, why: &str) -> Result<Vec<Event>> {
+        for attempt in 0..COMMIT_ATTEMPTS {
+            let (epoch, info, tree) = match self.request(&Request::JoinInfo { group: *id }).await? {
+                Response::JoinInfo {
+                    epoch,
+                    group_info,
+                    tree,
+                    ..
+                } => (epoch, group_info, tree),
+                other => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+            };
+            let commit = {
+                let tx = self.db.unchecked_transaction()?;
+                let provider = Provider::new(&self.crypto, &tx);
+                if let Some(mut old) =
+                    MlsGroup::load(provider.storage(), &mls_gid(id)).map_err(ClientError::mls)?
+                {
+                    old.delete(provider.storage()).map_err(ClientError::mls)?;
+                }
+                let msg =
+                    MlsMessageIn::tls_deserialize_exact(info.as_ref()).map_err(ClientError::mls)?;
+                let MlsMessageBodyIn::GroupInfo(vgi) = msg.extract() else {
+                    return Err(ClientError::Protocol("the DS sent no GroupInfo".into()));
+                };
+                if vgi.group_id().as_slice() != id.as_bytes() || vgi.epoch().as_u64() != epoch {
+                    return Err(ClientError::Protocol(
+                        "the DS sent a GroupInfo for another group or epoch".into(),
+                    ));
+                }
+                let tree = RatchetTreeIn::tls_deserialize_exact(tree.as_ref())
+                    .map_err(ClientError::mls)?;
+                // Verifies the GroupInfo's signature against the tree and
+                // the tree against the group context's tree hash.
+                let (group, bundle) = MlsGroup::external_commit_builder()
+                    .with_ratchet_tree(tree)
+                    .with_config(mls::join_config())
+                    .build_group(&provider, vgi, self.identity.credential())
+                    .map_err(ClientError::mls)?
+                    .leaf_node_parameters(
+                        LeafNodeParameters::builder()
+                            .with_capabilities(mls::capabilities())
+                            .build(),
+                    )
+                    .load_psks(provider.storage())
+                    .map_err(ClientError::mls)?
+                    .build(provider.rand(), provider.crypto(), &self.identity, |_| true)
+                    .map_err(ClientError::mls)?
+                    .finalize(&provider)
+                    .map_err(ClientError::mls)?;
+                let commit = serialize(bundle.commit())?;
+                let changed = remember_keys(&tx, &member_keys(&group))?;
+                if !changed.is_empty() {
+                    warn!(group = %id, users = ?changed, "identity keys differ from the ones first seen");
+                }
+                tx.execute(
+                    "INSERT INTO huddle_groups (id, name, state, cursor, joined_ms) VALUES (?1, '', 'rejoining', 0, ?2)
+                     ON CONFLICT(id) DO UPDATE SET state = 'rejoining', pending_commit = NULL, proposals_since_ms = NULL",
+                    params![id.as_bytes().as_slice(), now_ms() as i64],
+                )?;
+                tx.commit()?;
+                commit
+            };
+            let r = self
+                .request(&Request::Commit {
+                    group: *id,
+                    commit,
+                    welcome: None,
+                })
+                .await;
+            match r {
+                Ok(Response::Appended { seq, epoch }) => {
+                    let tx = self.db.unchecked_transaction()?;
+                    tx.execute(
+                        "UPDATE huddle_groups SET state = 'active', cursor = ?2 WHERE id = ?1",
+                        params![id.as_bytes().as_slice(), seq as i64],
+                    )?;
+                    tx.execute(
+                        "INSERT OR IGNORE INTO huddle_own (group_id, seq) VALUES (?1, ?2)",
+                        params![id.as_bytes().as_slice(), seq as i64],
+                    )?;
+                    let mut e = Event::new("rejoined", &id.to_string(), self.name(), seq, now_ms());
+                    e.epoch = Some(epoch);
+                    e.text = Some(why.to_owned());
+                    e.members = Some(member_names(&self.load_group(&tx, id)?));
+                    e.group_name = load_row(&tx, id)?.map(|r| r.name).unwrap_or_default();
+                    record_events(&tx, id, std::slice::from_ref(&e))?;
+                    tx.commit()?;
+                    kv_set(&self.db, &format!("lost_reported:{id}"), 0)?;
+                    debug!(group = %id, seq, epoch, attempt, "rejoined by external commit");
+                    self.publish_group_info(id).await;
+                    return Ok(vec![e]);
+                }
+                Ok(other) => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+                // Someone committed first: the GroupInfo is stale. The state
+                // row stays 'rejoining'; try again with the new one.
+                Err(ClientError::Server(e)) if e.code == ErrorCode::StaleEpoch => {
+                    debug!(group = %id, attempt, "rejoin lost the epoch; retrying");
+                    tokio::time::sleep(Duration::from_millis(20 * (attempt as u64 + 1))).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Usage(
+            "other members kept committing first; the rejoin is retried at the next sync".into(),
+        ))
     }
 
     // ---- listen -------------------------------------------------------

@@ -102,6 +102,16 @@ impl Event {
                 "[{g}] WARNING: {members} computed another state of this group at epoch {}; messages between you may not decrypt",
                 self.epoch.unwrap_or(0)
             ),
+            "rejoined" if self.text.is_some() => format!(
+                "[{g}] this device rejoined the group at epoch {} ({}); earlier messages it had not read are lost to it",
+                self.epoch.unwrap_or(0),
+                self.text.as_deref().unwrap_or("")
+            ),
+            "rejoined" => format!(
+                "[{g}] {} rejoined (new device state) at epoch {}",
+                self.from,
+                self.epoch.unwrap_or(0)
+            ),
             "key_changed" => format!(
                 "[{g}] WARNING: the identity key of {members} differs from the one first seen; compare fingerprints out of band"
             ),

@@ -200,7 +200,7 @@ async fn a_welcome_that_does_not_match_the_tree_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn diverged_and_lost_states_are_detected() {
+async fn diverged_and_lost_states_are_detected_and_a_lost_state_rejoins() {
     let s = TestServer::start().await;
     let (mut a, mut b, g, gid) = two(&s).await;
     assert!(a
@@ -210,6 +210,8 @@ async fn diverged_and_lost_states_are_detected() {
         .iter()
         .all(|e| e.kind != "fork_detected"));
     // Bob's device publishes an epoch authenticator Alice does not share.
+    // With two members neither is outvoted: Alice reports it and keeps her
+    // state.
     let (epoch, _) = b.epoch_authenticator(&g).unwrap();
     b.net()
         .await
@@ -225,6 +227,7 @@ async fn diverged_and_lost_states_are_detected() {
     let fork: Vec<_> = ev.iter().filter(|e| e.kind == "fork_detected").collect();
     assert_eq!(fork.len(), 1, "{ev:?}");
     assert_eq!(fork[0].members.as_deref(), Some(&["bob".to_string()][..]));
+    assert!(ev.iter().all(|e| e.kind != "rejoined"), "{ev:?}");
     // Reported once per epoch, not on every sync.
     assert!(a
         .sync()
@@ -232,7 +235,8 @@ async fn diverged_and_lost_states_are_detected() {
         .unwrap()
         .iter()
         .all(|e| e.kind != "fork_detected"));
-    // Bob loses his database: his next sync says so.
+    // Bob loses his database (his identity key file survives): his next
+    // sync finds a group the DS counts him in and rejoins it on its own.
     b.close().await;
     let home = s.home("bob");
     for f in ["huddle.db", "huddle.db-wal", "huddle.db-shm"] {
@@ -240,8 +244,119 @@ async fn diverged_and_lost_states_are_detected() {
     }
     let mut b = Client::open(home).unwrap();
     let ev = b.sync().await.unwrap();
+    let rejoined: Vec<_> = ev.iter().filter(|e| e.kind == "rejoined").collect();
+    assert_eq!(rejoined.len(), 1, "{ev:?}");
+    assert_eq!(rejoined[0].group, g);
+    let epoch_after = rejoined[0].epoch.unwrap();
+    assert_eq!(epoch_after, epoch + 1, "the rejoin is one commit");
+    // Alice learns of it as a rejoin, not a removal, and both read what the
+    // other sends next.
+    let ev = a.sync().await.unwrap();
     assert!(
-        ev.iter().any(|e| e.kind == "fork_detected" && e.group == g),
+        ev.iter().any(|e| e.kind == "rejoined" && e.from == "bob"),
         "{ev:?}"
     );
+    assert!(ev.iter().all(|e| e.kind != "member_removed"), "{ev:?}");
+    assert_eq!(a.members(&g).unwrap(), vec!["alice", "bob"]);
+    a.send_text(&g, "welcome back").await.unwrap();
+    assert_eq!(texts(&b.sync().await.unwrap()), vec!["alice: welcome back"]);
+    b.send_text(&g, "thanks").await.unwrap();
+    assert_eq!(texts(&a.sync().await.unwrap()), vec!["bob: thanks"]);
+    // Both now compute the same epoch authenticator: no fork reported.
+    assert_eq!(
+        a.epoch_authenticator(&g).unwrap(),
+        b.epoch_authenticator(&g).unwrap()
+    );
+    assert!(b
+        .sync()
+        .await
+        .unwrap()
+        .iter()
+        .all(|e| e.kind != "fork_detected" && e.kind != "rejoined"));
+}
+
+/// A device restored from an old backup has missed its own commit: it
+/// cannot process it, ends up behind the group's epoch with the whole log
+/// read, and rejoins on its own; the others keep their state and everyone
+/// reads what is sent afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restored_from_an_old_backup_rejoins_on_its_own() {
+    let s = TestServer::start().await;
+    let mut a = s.register("alice").await;
+    let mut b = s.register("bob").await;
+    let c = s.register("carol").await;
+    let gid = a.create_group("g").await.unwrap();
+    let g = gid.to_string();
+    a.add(&g, &["bob".into(), "carol".into()]).await.unwrap();
+    b.sync().await.unwrap();
+    c.close().await;
+    let mut c = Client::open(s.home("carol")).unwrap();
+    c.sync().await.unwrap();
+    a.send_text(&g, "before the backup").await.unwrap();
+    assert_eq!(
+        texts(&c.sync().await.unwrap()),
+        vec!["alice: before the backup"]
+    );
+    // Back up Carol's database while her client is closed.
+    c.close().await;
+    let home = s.home("carol");
+    let backup = tempfile::tempdir().unwrap();
+    let files = ["huddle.db", "huddle.db-wal", "huddle.db-shm"];
+    for f in files {
+        if home.dir().join(f).exists() {
+            std::fs::copy(home.dir().join(f), backup.path().join(f)).unwrap();
+        }
+    }
+    let mut c = Client::open(s.home("carol")).unwrap();
+    c.update(&g).await.unwrap();
+    c.send_text(&g, "after my update").await.unwrap();
+    assert_eq!(
+        texts(&a.sync().await.unwrap()),
+        vec!["carol: after my update"]
+    );
+    b.sync().await.unwrap();
+    // Restore the backup: Carol's state is one epoch behind and does not
+    // know the commit in the log is her own.
+    c.close().await;
+    for f in files {
+        let _ = std::fs::remove_file(home.dir().join(f));
+        if backup.path().join(f).exists() {
+            std::fs::copy(backup.path().join(f), home.dir().join(f)).unwrap();
+        }
+    }
+    let mut c = Client::open(s.home("carol")).unwrap();
+    a.send_text(&g, "while carol was restored").await.unwrap();
+    let ev = c.sync().await.unwrap();
+    let kinds: Vec<&str> = ev.iter().map(|e| e.kind.as_str()).collect();
+    assert!(kinds.contains(&"fork_detected"), "{ev:?}");
+    assert!(kinds.contains(&"rejoined"), "{ev:?}");
+    // What was sent in epochs her restored state never had stays unread.
+    assert!(texts(&ev).is_empty(), "{ev:?}");
+    // From here on, everyone reads everyone.
+    let ev = a.sync().await.unwrap();
+    assert!(
+        ev.iter().any(|e| e.kind == "rejoined" && e.from == "carol"),
+        "{ev:?}"
+    );
+    assert!(b
+        .sync()
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| e.kind == "rejoined" && e.from == "carol"));
+    a.send_text(&g, "welcome back").await.unwrap();
+    assert_eq!(texts(&c.sync().await.unwrap()), vec!["alice: welcome back"]);
+    c.send_text(&g, "glad to be back").await.unwrap();
+    assert_eq!(
+        texts(&a.sync().await.unwrap()),
+        vec!["carol: glad to be back"]
+    );
+    assert_eq!(
+        texts(&b.sync().await.unwrap()),
+        vec!["alice: welcome back", "carol: glad to be back"]
+    );
+    let (ea, aa) = a.epoch_authenticator(&g).unwrap();
+    assert_eq!(c.epoch_authenticator(&g).unwrap(), (ea, aa.clone()));
+    assert_eq!(b.epoch_authenticator(&g).unwrap(), (ea, aa));
+    assert_eq!(c.members(&g).unwrap(), vec!["alice", "bob", "carol"]);
 }

@@ -42,6 +42,8 @@ pub struct GroupView {
     pub compacted: u64,
     /// Every member record, including removed members.
     pub members: HashMap<String, MemberRecord>,
+    /// Epoch of the newest published GroupInfo.
+    pub group_info_epoch: Option<u64>,
 }
 
 impl GroupView {
@@ -153,9 +155,37 @@ enum Cmd {
     Compact {
         upto: u64,
     },
+    /// Keep a GroupInfo for rejoining members.
+    PublishGroupInfo {
+        user: String,
+        info: Bytes,
+        reply: oneshot::Sender<PostResult>,
+    },
+    /// Hand out the GroupInfo and tree of the current epoch.
+    JoinInfo {
+        user: String,
+        reply: oneshot::Sender<JoinInfoResult>,
+    },
     /// Finish what was received before, then end the task.
     Stop,
 }
+
+/// What a rejoining member needs: the current epoch's GroupInfo and ratchet
+/// tree, and the log head.
+#[derive(Debug, Clone)]
+pub struct JoinInfo {
+    /// Epoch of both.
+    pub epoch: u64,
+    /// `MlsMessage` (GroupInfo) bytes.
+    pub group_info: Bytes,
+    /// TLS-serialised ratchet tree.
+    pub tree: Bytes,
+    /// Newest log sequence number.
+    pub head: u64,
+}
+
+/// Result of [`GroupHandle::join_info`].
+pub type JoinInfoResult = Result<JoinInfo, ErrorBody>;
 
 /// Handle to a group's sequencer task.
 #[derive(Debug)]
@@ -174,6 +204,8 @@ impl std::fmt::Debug for Cmd {
             Cmd::Watch { sub, after, .. } => write!(f, "Watch({}, {after})", sub.id),
             Cmd::Unwatch { sub } => write!(f, "Unwatch({sub})"),
             Cmd::Compact { upto } => write!(f, "Compact({upto})"),
+            Cmd::PublishGroupInfo { user, .. } => write!(f, "PublishGroupInfo({user})"),
+            Cmd::JoinInfo { user, .. } => write!(f, "JoinInfo({user})"),
             Cmd::Stop => f.write_str("Stop"),
         }
     }
@@ -199,6 +231,28 @@ impl GroupHandle {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Post { user, post, reply })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Keeps `info`, a GroupInfo signed by `user` for the current epoch, for
+    /// members who need to rejoin. Answers the group's (head, epoch).
+    pub async fn publish_group_info(&self, user: String, info: Bytes) -> PostResult {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::PublishGroupInfo { user, info, reply })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// The GroupInfo and ratchet tree of the current epoch, for `user`, a
+    /// current member who lost its group state.
+    pub async fn join_info(&self, user: String) -> JoinInfoResult {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::JoinInfo { user, reply })
             .await
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
@@ -284,12 +338,16 @@ impl MlsState {
             .write()
             .expect("mls storage lock")
             .extend(pairs);
-        let public = PublicGroup::load(
-            &storage,
-            &openmls::group::GroupId::from_slice(id.as_bytes()),
-        )
-        .map_err(|e| StoreError::Corrupt(format!("group state: {e:?}")))?
-        .ok_or_else(|| StoreError::Corrupt(format!("group {id} state is incomplete")))?;
+        // openmls' in-memory storage panics on values it cannot decode;
+        // a corrupt stored state must be an error, not a dead server.
+        let gid = openmls::group::GroupId::from_slice(id.as_bytes());
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            PublicGroup::load(&storage, &gid)
+        }))
+        .map_err(|_| StoreError::Corrupt(format!("group {id} state does not decode")))?;
+        let public = loaded
+            .map_err(|e| StoreError::Corrupt(format!("group state: {e:?}")))?
+            .ok_or_else(|| StoreError::Corrupt(format!("group {id} state is incomplete")))?;
         Ok(Self { public, storage })
     }
 }
@@ -384,7 +442,7 @@ pub fn validate_new_group(
     let tree = RatchetTreeIn::tls_deserialize_exact(ratchet_tree)
         .map_err(|e| bad(format!("ratchet tree does not parse: {e}")))?;
     let storage = MemoryStorage::default();
-    let (public, _info) = PublicGroup::from_external(
+    let (public, info) = PublicGroup::from_external(
         &RustCrypto::default(),
         &storage,
         tree,
@@ -422,6 +480,12 @@ pub fn validate_new_group(
             "the creator's signature key must be its registered identity key".into(),
         ));
     }
+    // export_group_info carries the external public key: kept for rejoins.
+    let info_epoch0 = info
+        .extensions()
+        .external_pub()
+        .is_some()
+        .then(|| (0, Bytes::copy_from_slice(group_info)));
     let state = MlsState { public, storage };
     let snapshot = state.snapshot();
     let write = GroupWrite {
@@ -445,6 +509,7 @@ pub fn validate_new_group(
         welcomes: vec![],
         trees: vec![],
         compact_upto: None,
+        group_info: info_epoch0,
     };
     Ok((write, snapshot))
 }
@@ -455,6 +520,7 @@ pub fn spawn(
     meta: GroupMeta,
     state: &[u8],
     members: Vec<(String, MemberRecord)>,
+    group_info: Option<(u64, Bytes)>,
     shared: Shared,
 ) -> Result<Arc<GroupHandle>, StoreError> {
     let mls = MlsState::restore(&id, state)?;
@@ -467,6 +533,7 @@ pub fn spawn(
             head: meta.head,
             compacted: meta.compacted,
             members: members.into_iter().collect(),
+            group_info_epoch: group_info.as_ref().map(|(e, _)| *e),
         }),
         task: Mutex::new(None),
     });
@@ -479,6 +546,7 @@ pub fn spawn(
         shared,
         tail: VecDeque::new(),
         subscribers: HashMap::new(),
+        group_info,
     };
     *handle.task.lock().expect("task lock") = Some(tokio::spawn(actor.run(rx)));
     Ok(handle)
@@ -496,6 +564,8 @@ struct Actor {
     /// (seq, pre-encoded Event::Entry frame) of the newest entries.
     tail: VecDeque<(u64, Bytes)>,
     subscribers: HashMap<u64, Subscriber>,
+    /// Newest durable GroupInfo: (epoch, bytes).
+    group_info: Option<(u64, Bytes)>,
 }
 
 /// An accepted post waiting for its write.
@@ -514,11 +584,15 @@ struct Changes {
     trees: Vec<(u64, Bytes)>,
     state_changed: bool,
     compact_upto: Option<u64>,
+    group_info: Option<(u64, Bytes)>,
+    /// Answered once the new GroupInfo is durable.
+    info_replies: Vec<oneshot::Sender<PostResult>>,
 }
 
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut cmds = Vec::with_capacity(256);
+        let mut joins = Vec::new();
         let mut stopping = false;
         while !stopping && rx.recv_many(&mut cmds, 256).await > 0 {
             let mut view = match self.handle.upgrade() {
@@ -564,14 +638,139 @@ impl Actor {
                             changes.compact_upto = Some(upto);
                         }
                     }
+                    Cmd::PublishGroupInfo { user, info, reply } => {
+                        match self.check_group_info(&view, &user, &info) {
+                            Ok(epoch) => {
+                                view.group_info_epoch = Some(epoch);
+                                changes.group_info = Some((epoch, info));
+                                changes.info_replies.push(reply);
+                            }
+                            Err(e) => {
+                                debug!(group = %self.id, %user, error = %e.message, "group info refused");
+                                let _ = reply.send(Err(e));
+                            }
+                        }
+                    }
+                    Cmd::JoinInfo { user, reply } => joins.push((user, reply)),
                     Cmd::Stop => stopping = true,
                 }
             }
-            if accepted.is_empty() && changes.compact_upto.is_none() {
-                continue;
+            if !accepted.is_empty()
+                || changes.compact_upto.is_some()
+                || changes.group_info.is_some()
+            {
+                self.commit(view, start_head, accepted, changes).await;
             }
-            self.commit(view, start_head, accepted, changes).await;
+            // Answered from durable state only.
+            for (user, reply) in joins.drain(..) {
+                let _ = reply.send(self.join_info(&user));
+            }
         }
+    }
+
+    /// Checks a GroupInfo published by `user`: it names this group and its
+    /// current epoch, carries the external public key a rejoining member
+    /// needs, is signed with `user`'s leaf key, and its group context is
+    /// exactly the one the DS tracks. (The DS cannot check the confirmation
+    /// tag or the external key, which derive from secrets it never has; a
+    /// member who publishes a bad one makes the rejoin fail, which the
+    /// rejoining member detects.) Returns the epoch.
+    fn check_group_info(
+        &self,
+        view: &GroupView,
+        user: &str,
+        bytes: &[u8],
+    ) -> Result<u64, ErrorBody> {
+        if !view.is_member(user) {
+            return Err(ErrorBody::new(
+                ErrorCode::NotMember,
+                format!("{user} is not a member of group {}", self.id),
+            ));
+        }
+        let invalid = |m: String| ErrorBody::new(ErrorCode::InvalidMessage, m);
+        let mls = self.mls.as_ref().expect("mls state present");
+        let msg = MlsMessageIn::tls_deserialize_exact(bytes)
+            .map_err(|e| invalid(format!("group info does not parse: {e}")))?;
+        let MlsMessageBodyIn::GroupInfo(vgi) = msg.extract() else {
+            return Err(invalid("expected a GroupInfo message".into()));
+        };
+        if vgi.group_id().as_slice() != self.id.as_bytes() {
+            return Err(invalid("the GroupInfo is for another group".into()));
+        }
+        let epoch = mls.public.group_context().epoch().as_u64();
+        if vgi.epoch().as_u64() != epoch {
+            return Err(ErrorBody {
+                code: ErrorCode::StaleEpoch,
+                message: format!(
+                    "the GroupInfo is for epoch {} but the group is at epoch {epoch}",
+                    vgi.epoch().as_u64()
+                ),
+                epoch: Some(epoch),
+            });
+        }
+        if vgi.extensions().external_pub().is_none() {
+            return Err(invalid("the GroupInfo has no external public key".into()));
+        }
+        let key = mls
+            .public
+            .members()
+            .find(|m| user_of(&m.credential).as_deref() == Some(user))
+            .map(|m| m.signature_key)
+            .ok_or_else(|| invalid(format!("{user} has no leaf in the group")))?;
+        let key = OpenMlsSignaturePublicKey::new(key.into(), SignatureScheme::ED25519)
+            .map_err(|e| invalid(format!("leaf key: {e:?}")))?;
+        let info: openmls::messages::group_info::GroupInfo = vgi
+            .verify(&RustCrypto::default(), &key)
+            .map_err(|_| invalid("the GroupInfo is not signed by the publishing member".into()))?;
+        if info.group_context() != mls.public.group_context() {
+            return Err(invalid(
+                "the GroupInfo's group context differs from the group's".into(),
+            ));
+        }
+        Ok(epoch)
+    }
+
+    /// The durable GroupInfo, if it is for the current epoch, with the tree.
+    fn join_info(&self, user: &str) -> JoinInfoResult {
+        let Some(handle) = self.handle.upgrade() else {
+            return Err(stopped());
+        };
+        let view = handle.view();
+        if !view.is_member(user) {
+            return Err(ErrorBody::new(
+                ErrorCode::NotMember,
+                format!("{user} is not a member of group {}", self.id),
+            ));
+        }
+        let mls = self.mls.as_ref().expect("mls state present");
+        let epoch = mls.public.group_context().epoch().as_u64();
+        let Some((info_epoch, info)) = &self.group_info else {
+            return Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                "no GroupInfo was published for this group yet",
+            ));
+        };
+        if *info_epoch != epoch {
+            return Err(ErrorBody {
+                code: ErrorCode::NotFound,
+                message: format!(
+                    "the newest GroupInfo is for epoch {info_epoch}, the group is at epoch {epoch}: \
+                     wait until a member publishes the current one"
+                ),
+                epoch: Some(epoch),
+            });
+        }
+        let tree = mls
+            .public
+            .export_ratchet_tree()
+            .tls_serialize_detached()
+            .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+        Ok(JoinInfo {
+            epoch,
+            group_info: info.clone(),
+            tree: Bytes::from(tree),
+            head: view.head,
+        })
     }
 
     /// Validates one post against the working view; on success returns the
@@ -781,6 +980,7 @@ impl Actor {
             welcomes: changes.welcomes,
             trees: changes.trees,
             compact_upto: changes.compact_upto,
+            group_info: changes.group_info.clone(),
         };
         debug_assert_eq!(start_head + accepted.len() as u64, view.head);
         match self.shared.writer.write(write).await {
@@ -793,6 +993,12 @@ impl Actor {
                     return;
                 };
                 *handle.view.write().expect("view lock") = view.clone();
+                if let Some(info) = changes.group_info {
+                    self.group_info = Some(info);
+                }
+                for r in changes.info_replies {
+                    let _ = r.send(Ok((view.head, view.epoch)));
+                }
                 for a in accepted {
                     let seq = a.entry.seq;
                     let frame = proto::encode_frame(&Event::Entry {
@@ -823,6 +1029,9 @@ impl Actor {
                 }
                 for a in accepted {
                     let _ = a.reply.send(Err(body.clone()));
+                }
+                for r in changes.info_replies {
+                    let _ = r.send(Err(body.clone()));
                 }
             }
         }
@@ -908,8 +1117,11 @@ fn process_handshake(
         .public
         .process_message(&crypto, pm)
         .map_err(|e| invalid(format!("handshake message refused: {e}")))?;
+    // `None`: an external commit, by which a member who lost its state
+    // rejoins (checked below: it must replace that member's own leaf).
     let sender_leaf = match processed.sender() {
-        Sender::Member(leaf) => *leaf,
+        Sender::Member(leaf) => Some(*leaf),
+        Sender::NewMemberCommit if kind == EntryKind::Commit => None,
         _ => return Err(invalid("only members may send handshake messages".into())),
     };
     if user_of(processed.credential()).as_deref() != Some(user) {
@@ -986,9 +1198,35 @@ fn process_handshake(
                 let sender = sender.ok_or_else(|| invalid("update from a non-member".into()))?;
                 check_leaf(u.update_proposal().leaf_node(), &sender)?;
             }
-            if let Some(leaf) = staged.update_path_leaf_node() {
-                let committer = by_leaf
-                    .get(&sender_leaf.u32())
+            if sender_leaf.is_none() {
+                // A rejoin: the external commit replaces the sender's own
+                // leaf and changes nothing else. Anyone else must be added.
+                let removed: Vec<&String> = staged
+                    .remove_proposals()
+                    .filter_map(|r| by_leaf.get(&r.remove_proposal().removed().u32()))
+                    .collect();
+                if removed != [user] || staged.remove_proposals().count() != 1 {
+                    return Err(invalid(
+                        "an external commit must replace the sender's own leaf and nothing else \
+                         (only a current member may rejoin this way)"
+                            .into(),
+                    ));
+                }
+                if staged.add_proposals().next().is_some()
+                    || staged.update_proposals().next().is_some()
+                    || welcome.is_some()
+                {
+                    return Err(invalid(
+                        "an external commit may not add or update members".into(),
+                    ));
+                }
+                let leaf = staged
+                    .update_path_leaf_node()
+                    .ok_or_else(|| invalid("an external commit needs a path".into()))?;
+                check_leaf(leaf, user)?;
+            } else if let Some(leaf) = staged.update_path_leaf_node() {
+                let committer = sender_leaf
+                    .and_then(|l| by_leaf.get(&l.u32()))
                     .ok_or_else(|| invalid("committer is not in the tree".into()))?;
                 check_leaf(leaf, committer)?;
             }
@@ -1108,5 +1346,22 @@ fn process_handshake(
             }))
         }
         _ => Err(invalid("unexpected handshake content".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `stored_records` fuzz target: stored state whose JSON
+    /// openmls' storage cannot decode made it panic.
+    #[test]
+    fn undecodable_stored_state_is_an_error_not_a_panic() {
+        let bytes = include_bytes!("../../fuzz/regressions/stored_records/undecodable-tree-json");
+        assert!(matches!(
+            restore_state_for_fuzzing(bytes),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(restore_state_for_fuzzing(&[]).is_err());
     }
 }

@@ -130,8 +130,20 @@ impl Service {
         };
         let mut groups = HashMap::new();
         for g in store.groups()? {
-            let handle = group::spawn(g.id, g.meta, &g.state, g.members, shared.clone())?;
-            groups.insert(g.id, handle);
+            let info = match store.group_info(&g.id) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(group = %g.id, error = %e, "stored GroupInfo unreadable");
+                    None
+                }
+            };
+            match group::spawn(g.id, g.meta, &g.state, g.members, info, shared.clone()) {
+                Ok(handle) => {
+                    groups.insert(g.id, handle);
+                }
+                // One damaged group must not keep the others offline.
+                Err(e) => tracing::error!(group = %g.id, error = %e, "group not loaded"),
+            }
         }
         info!(groups = groups.len(), "groups loaded");
         Ok(Arc::new(Self {
@@ -423,6 +435,21 @@ impl Service {
                     })?;
                 Ok(Response::RatchetTree { tree })
             }
+            Request::PublishGroupInfo { group, group_info } => {
+                let handle = self.group_or_err(&group)?;
+                let (seq, epoch) = handle.publish_group_info(user, group_info).await?;
+                Ok(Response::Appended { seq, epoch })
+            }
+            Request::JoinInfo { group } => {
+                let handle = self.group_or_err(&group)?;
+                let j = handle.join_info(user).await?;
+                Ok(Response::JoinInfo {
+                    epoch: j.epoch,
+                    group_info: j.group_info,
+                    tree: j.tree,
+                    head: j.head,
+                })
+            }
             Request::GroupState { group } => {
                 let handle = self.group_or_err(&group)?;
                 let view = handle.view();
@@ -433,6 +460,7 @@ impl Service {
                     epoch: view.epoch,
                     head: view.head,
                     members: view.current_members(),
+                    group_info_epoch: view.group_info_epoch,
                 })
             }
             Request::ListGroups => {
@@ -662,6 +690,7 @@ impl Service {
         .map_err(|_| ErrorBody::new(ErrorCode::Internal, "internal error"))??;
         let meta = write.meta.clone();
         let members = write.members.clone();
+        let info = write.group_info.clone();
         let _guard = self.create.lock().await;
         if self.group(&id).is_some() {
             return Err(ErrorBody::new(
@@ -675,8 +704,8 @@ impl Service {
             }
             other => store_error(other),
         })?;
-        let handle =
-            group::spawn(id, meta, &state, members, self.shared.clone()).map_err(store_error)?;
+        let handle = group::spawn(id, meta, &state, members, info, self.shared.clone())
+            .map_err(store_error)?;
         self.groups.write().expect("groups lock").insert(id, handle);
         info!(group = %id, creator = %user, "group created");
         Ok(Response::Appended { seq: 0, epoch: 0 })

@@ -461,3 +461,123 @@ async fn uploads_must_match_their_header_and_hash() {
     let got = recv.read_to_end(1 << 20).await.unwrap();
     assert_eq!(got, blob);
 }
+
+async fn publish(who: &Raw, gid: GroupId, info: Bytes) -> huddle_client::Result<Response> {
+    who.net
+        .request(&Request::PublishGroupInfo {
+            group: gid,
+            group_info: info,
+        })
+        .await
+}
+
+/// Builds an external commit (a rejoin) from what the DS serves.
+fn external_commit(id: &Identity, info: &Bytes, tree: &Bytes) -> Bytes {
+    let provider = OpenMlsRustCrypto::default();
+    let MlsMessageBodyIn::GroupInfo(vgi) = MlsMessageIn::tls_deserialize_exact(info.as_ref())
+        .unwrap()
+        .extract()
+    else {
+        panic!()
+    };
+    let (_, bundle) = MlsGroup::external_commit_builder()
+        .with_ratchet_tree(RatchetTreeIn::tls_deserialize_exact(tree.as_ref()).unwrap())
+        .with_config(mls::join_config())
+        .build_group(&provider, vgi, id.credential())
+        .unwrap()
+        .leaf_node_parameters(
+            LeafNodeParameters::builder()
+                .with_capabilities(mls::capabilities())
+                .build(),
+        )
+        .load_psks(provider.storage())
+        .unwrap()
+        .build(provider.rand(), provider.crypto(), id, |_| true)
+        .unwrap()
+        .finalize(&provider)
+        .unwrap();
+    bytes(bundle.commit())
+}
+
+#[tokio::test]
+async fn only_a_member_may_rejoin_and_only_with_a_group_info_it_signed() {
+    let s = InProcess::start().await;
+    let (alice, bob, gid, mut ga, _gb) = alice_and_bob(&s).await;
+    let mallory = Raw::new(&s, "mallory").await;
+    let alices = bytes(
+        &ga.export_group_info(alice.provider.crypto(), &alice.id, false)
+            .unwrap(),
+    );
+    // Only a member may publish, and only a GroupInfo it signed itself.
+    assert_eq!(
+        code(publish(&mallory, gid, alices.clone()).await),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(publish(&bob, gid, alices.clone()).await),
+        ErrorCode::InvalidMessage
+    );
+    publish(&alice, gid, alices.clone()).await.unwrap();
+    // Only a member may read it.
+    let join = Request::JoinInfo { group: gid };
+    assert_eq!(code(mallory.net.request(&join).await), ErrorCode::NotMember);
+    let Response::JoinInfo {
+        epoch,
+        group_info,
+        tree,
+        ..
+    } = bob.net.request(&join).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((epoch, &group_info), (1, &alices));
+    // A non-member who got hold of it (from a member) cannot join with it.
+    let r = mallory
+        .commit(gid, external_commit(&mallory.id, &group_info, &tree), None)
+        .await;
+    assert_eq!(code(r), ErrorCode::NotMember);
+    // Nor can a member add a second leaf for itself with another key: an
+    // external commit must replace the sender's own leaf.
+    let other_bob = Identity::generate("bob");
+    let r = bob
+        .commit(gid, external_commit(&other_bob, &group_info, &tree), None)
+        .await;
+    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    // Bob rejoining with his own key replaces his leaf: accepted, and Alice
+    // processes it. The membership is unchanged; the epoch moves on.
+    let Response::Appended { epoch: e2, seq } = bob
+        .commit(gid, external_commit(&bob.id, &group_info, &tree), None)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(e2, 2);
+    let Response::Log { entries, .. } = alice
+        .net
+        .request(&Request::FetchLog {
+            group: gid,
+            after: seq - 1,
+            limit: 1,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let pm = MlsMessageIn::tls_deserialize_exact(entries[0].data.as_ref())
+        .unwrap()
+        .try_into_protocol_message()
+        .unwrap();
+    let p = ga.process_message(&alice.provider, pm).unwrap();
+    let ProcessedMessageContent::StagedCommitMessage(staged) = p.into_content() else {
+        panic!()
+    };
+    ga.merge_staged_commit(&alice.provider, *staged).unwrap();
+    assert_eq!(ga.epoch().as_u64(), 2);
+    assert_eq!(ga.members().count(), 2);
+    // The epoch-1 GroupInfo is stale now: refused, and not handed out.
+    let r = publish(&alice, gid, alices).await;
+    assert_eq!(code(r), ErrorCode::StaleEpoch);
+    assert_eq!(code(bob.net.request(&join).await), ErrorCode::NotFound);
+}

@@ -196,6 +196,26 @@ pub enum Request {
         /// BLAKE3 hash of the member's epoch authenticator.
         hash: [u8; 32],
     },
+    /// Publish a signed GroupInfo (TLS-serialised `MlsMessage`, with the
+    /// external public key extension) for the group's current epoch, so a
+    /// member whose state was lost or diverged can rejoin by an external
+    /// commit. The DS checks that the caller signed it and that its group
+    /// context is the DS's own. Answer: [`Response::Appended`] with the
+    /// group's head and epoch (nothing is appended to the log).
+    PublishGroupInfo {
+        /// Group.
+        group: GroupId,
+        /// The GroupInfo.
+        group_info: Bytes,
+    },
+    /// What a member needs to rejoin by an external commit: the newest
+    /// published GroupInfo and the public ratchet tree of the same epoch.
+    /// Answer: [`Response::JoinInfo`], or `NotFound` when no GroupInfo for
+    /// the current epoch has been published yet.
+    JoinInfo {
+        /// Group.
+        group: GroupId,
+    },
 }
 
 /// Parameters of an upload.
@@ -279,6 +299,8 @@ pub enum Response {
         head: u64,
         /// User names of current members.
         members: Vec<String>,
+        /// Epoch of the newest published GroupInfo, if any.
+        group_info_epoch: Option<u64>,
     },
     /// The push stream is open.
     Subscribed,
@@ -311,6 +333,17 @@ pub enum Response {
     EpochAuthenticators {
         /// (user, hash) pairs, including the caller's.
         published: Vec<(String, [u8; 32])>,
+    },
+    /// A GroupInfo and the ratchet tree of the group's current epoch.
+    JoinInfo {
+        /// The epoch both belong to.
+        epoch: u64,
+        /// TLS-serialised `MlsMessage` (GroupInfo).
+        group_info: Bytes,
+        /// TLS-serialised `RatchetTree`.
+        tree: Bytes,
+        /// Newest log sequence number.
+        head: u64,
     },
 }
 
@@ -635,10 +668,10 @@ pub trait Message: Serialize + DeserializeOwned {
 }
 
 impl Message for Request {
-    const KNOWN_TYPES: u32 = 20;
+    const KNOWN_TYPES: u32 = 22;
 }
 impl Message for Response {
-    const KNOWN_TYPES: u32 = 16;
+    const KNOWN_TYPES: u32 = 17;
 }
 impl Message for Event {
     const KNOWN_TYPES: u32 = 5;
@@ -728,6 +761,10 @@ impl fmt::Debug for Request {
             Request::EpochAuthenticator { group, epoch, .. } => {
                 write!(f, "EpochAuthenticator({group}, {epoch})")
             }
+            Request::PublishGroupInfo { group, group_info } => {
+                write!(f, "PublishGroupInfo({group}, {} bytes)", group_info.len())
+            }
+            Request::JoinInfo { group } => write!(f, "JoinInfo({group})"),
         }
     }
 }
@@ -756,6 +793,7 @@ impl fmt::Debug for Response {
                 epoch,
                 head,
                 members,
+                ..
             } => write!(
                 f,
                 "GroupState(epoch {epoch}, head {head}, {} members)",
@@ -774,6 +812,9 @@ impl fmt::Debug for Response {
             } => write!(f, "Download({offset}+{len} of {total_len})"),
             Response::EpochAuthenticators { published } => {
                 write!(f, "EpochAuthenticators({})", published.len())
+            }
+            Response::JoinInfo { epoch, tree, .. } => {
+                write!(f, "JoinInfo(epoch {epoch}, tree {} bytes)", tree.len())
             }
         }
     }

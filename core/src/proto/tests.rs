@@ -122,6 +122,9 @@ fn request() -> impl Strategy<Value = Request> {
         (gid(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(group, epoch, hash)| {
             Request::EpochAuthenticator { group, epoch, hash }
         }),
+        (gid(), bytes_(60))
+            .prop_map(|(group, group_info)| Request::PublishGroupInfo { group, group_info }),
+        gid().prop_map(|group| Request::JoinInfo { group }),
     ]
 }
 
@@ -159,13 +162,20 @@ fn response() -> impl Strategy<Value = Response> {
         (vec(inbox_item(), 0..4), any::<u64>())
             .prop_map(|(items, head)| Response::Inbox { items, head }),
         bytes_(80).prop_map(|tree| Response::RatchetTree { tree }),
-        (any::<u64>(), any::<u64>(), vec(name(), 0..5)).prop_map(|(epoch, head, members)| {
-            Response::GroupState {
-                epoch,
-                head,
-                members,
-            }
-        }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            vec(name(), 0..5),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(epoch, head, members, group_info_epoch)| {
+                Response::GroupState {
+                    epoch,
+                    head,
+                    members,
+                    group_info_epoch,
+                }
+            }),
         Just(Response::Subscribed),
         vec(
             (gid(), any::<u64>(), any::<u64>()).prop_map(|(group, epoch, head)| GroupSummary {
@@ -194,6 +204,14 @@ fn response() -> impl Strategy<Value = Response> {
             }),
         vec((name(), any::<[u8; 32]>()), 0..4)
             .prop_map(|published| Response::EpochAuthenticators { published }),
+        (any::<u64>(), bytes_(60), bytes_(80), any::<u64>()).prop_map(
+            |(epoch, group_info, tree, head)| Response::JoinInfo {
+                epoch,
+                group_info,
+                tree,
+                head
+            }
+        ),
     ]
 }
 
@@ -257,8 +275,8 @@ proptest! {
 
 #[test]
 fn unknown_type_is_told_apart() {
-    // Index 20 is one past the last request this build knows.
-    assert_eq!(decode::<Request>(&[20]), Err(DecodeError::UnknownType(20)));
+    // Index 22 is one past the last request this build knows.
+    assert_eq!(decode::<Request>(&[22]), Err(DecodeError::UnknownType(22)));
     assert_eq!(
         decode::<Request>(&[0x80, 0x01]),
         Err(DecodeError::UnknownType(128))
@@ -280,16 +298,19 @@ fn unknown_type_is_told_apart() {
 /// one past it is unknown.
 #[test]
 fn known_type_counts_match_enums() {
-    let last_request = Request::EpochAuthenticator {
+    let last_request = Request::JoinInfo {
         group: GroupId([0; 16]),
-        epoch: 0,
-        hash: [0; 32],
     };
     assert_eq!(
         encode_body(&last_request)[0] as u32,
         Request::KNOWN_TYPES - 1
     );
-    let last_response = Response::EpochAuthenticators { published: vec![] };
+    let last_response = Response::JoinInfo {
+        epoch: 0,
+        group_info: Bytes::new(),
+        tree: Bytes::new(),
+        head: 0,
+    };
     assert_eq!(
         encode_body(&last_response)[0] as u32,
         Response::KNOWN_TYPES - 1

@@ -194,6 +194,9 @@ pub struct GroupWrite {
     /// Delete log entries up to here (and tree snapshots before it);
     /// `meta.compacted` must say the same.
     pub compact_upto: Option<u64>,
+    /// A new signed GroupInfo for rejoining members: (epoch, `MlsMessage`
+    /// bytes). Replaces the one kept before.
+    pub group_info: Option<(u64, Bytes)>,
 }
 
 /// The storage interface of the delivery service. All methods block; call
@@ -268,6 +271,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The ratchet tree kept for the commit at `seq` in `group`.
     fn tree(&self, group: &GroupId, seq: u64) -> Result<Option<Bytes>, StoreError>;
+
+    /// The newest GroupInfo published for `group`: (epoch, bytes).
+    fn group_info(&self, group: &GroupId) -> Result<Option<(u64, Bytes)>, StoreError>;
 
     /// Records acknowledged positions (group, user, seq); positions only move
     /// forward.

@@ -30,6 +30,8 @@ const EPOCH_AUTH: TableDefinition<'_, (&[u8], u64, &str), &[u8]> =
     TableDefinition::new("epoch_auth");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 const MEDIA: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("media");
+/// group id -> epoch (8 bytes, big endian) followed by the GroupInfo.
+const GROUP_INFO: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("group_info");
 
 /// On-disk layout version; bumped on incompatible changes.
 const SCHEMA_VERSION: u64 = 1;
@@ -83,6 +85,7 @@ impl RedbStore {
             txn.open_table(CURSORS).map_err(err)?;
             txn.open_table(EPOCH_AUTH).map_err(err)?;
             txn.open_table(MEDIA).map_err(err)?;
+            txn.open_table(GROUP_INFO).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
             let version = meta.get("schema_version").map_err(err)?.map(|v| v.value());
             match version {
@@ -184,6 +187,13 @@ impl RedbStore {
             for (seq, tree) in &w.trees {
                 t.insert((gid, *seq), tree.as_ref()).map_err(err)?;
             }
+        }
+        if let Some((epoch, info)) = &w.group_info {
+            let mut t = txn.open_table(GROUP_INFO).map_err(err)?;
+            let mut v = Vec::with_capacity(8 + info.len());
+            v.extend_from_slice(&epoch.to_be_bytes());
+            v.extend_from_slice(info);
+            t.insert(gid, v.as_slice()).map_err(err)?;
         }
         if let Some(upto) = w.compact_upto {
             let mut log = txn.open_table(LOG).map_err(err)?;
@@ -498,6 +508,22 @@ impl Store for RedbStore {
         Ok(t.get((group.as_bytes().as_slice(), seq))
             .map_err(err)?
             .map(|v| Bytes::copy_from_slice(v.value())))
+    }
+
+    fn group_info(&self, group: &GroupId) -> Result<Option<(u64, Bytes)>, StoreError> {
+        let txn = self.read()?;
+        let t = txn.open_table(GROUP_INFO).map_err(err)?;
+        let Some(v) = t.get(group.as_bytes().as_slice()).map_err(err)? else {
+            return Ok(None);
+        };
+        let v = v.value();
+        let (epoch, info) = v
+            .split_first_chunk::<8>()
+            .ok_or_else(|| StoreError::Corrupt("group info record is truncated".into()))?;
+        Ok(Some((
+            u64::from_be_bytes(*epoch),
+            Bytes::copy_from_slice(info),
+        )))
     }
 
     fn save_cursors(&self, cursors: &[(GroupId, String, u64)]) -> Result<(), StoreError> {

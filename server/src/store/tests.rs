@@ -59,6 +59,7 @@ fn write(group: GroupId, create: bool, head: u64, entries: Vec<LogEntry>) -> Gro
         welcomes: vec![],
         trees: vec![],
         compact_upto: None,
+        group_info: None,
     }
 }
 
