@@ -1744,8 +1744,12 @@ impl Client {
             }
             return Ok(Vec::new());
         }
-        if behind || outvoted {
-            warn!(group = %id, epoch, members = ?differ, "this device's state of the group diverged; rejoining");
+        differ.sort();
+        let mut out = Vec::new();
+        // Reported once per epoch, not on every sync.
+        if kv_get(&self.db, &key)? != epoch + 1 {
+            kv_set(&self.db, &key, epoch + 1)?;
+            warn!(group = %id, epoch, members = ?differ, "epoch authenticators differ: the group has forked");
             let cursor = load_row(&self.db, id)?.map(|r| r.cursor).unwrap_or(0);
             let mut e = Event::new(
                 "fork_detected",
@@ -1755,11 +1759,13 @@ impl Client {
                 now_ms(),
             );
             e.epoch = Some(epoch);
-            differ.sort();
             e.members = Some(differ);
             e.group_name = load_row(&self.db, id)?.map(|r| r.name).unwrap_or_default();
             record_events(&self.db, id, std::slice::from_ref(&e))?;
-            let mut out = vec![e];
+            out.push(e);
+        }
+        if behind || outvoted {
+            warn!(group = %id, epoch, "this device's state of the group diverged; rejoining");
             match self
                 .rejoin(id, "this device's state had diverged from the group's")
                 .await
@@ -1769,27 +1775,8 @@ impl Client {
                     warn!(group = %id, error = %err, "rejoin failed; trying again at the next sync")
                 }
             }
-            return Ok(out);
         }
-        if kv_get(&self.db, &key)? == epoch + 1 {
-            return Ok(Vec::new());
-        }
-        kv_set(&self.db, &key, epoch + 1)?;
-        differ.sort();
-        warn!(group = %id, epoch, members = ?differ, "epoch authenticators differ: the group has forked");
-        let cursor = load_row(&self.db, id)?.map(|r| r.cursor).unwrap_or(0);
-        let mut e = Event::new(
-            "fork_detected",
-            &id.to_string(),
-            self.name(),
-            cursor,
-            now_ms(),
-        );
-        e.epoch = Some(epoch);
-        e.members = Some(differ);
-        e.group_name = load_row(&self.db, id)?.map(|r| r.name).unwrap_or_default();
-        record_events(&self.db, id, std::slice::from_ref(&e))?;
-        Ok(vec![e])
+        Ok(out)
     }
 
     /// Publishes a GroupInfo for the group's current epoch (best effort: a
