@@ -266,9 +266,13 @@ impl RawPeer {
         frame: usize,
         duration: Duration,
     ) -> anyhow::Result<f64> {
-        // A fixed count per connection, sized for roughly 400,000 frames a
-        // second across all connections, so the peer never queues more.
-        let per_conn = ((400_000.0 * duration.as_secs_f64()) as u64 / conns.max(1) as u64).max(50);
+        // A fixed count per connection, sized for roughly `duration` at
+        // 400,000 frames or 400 MB a second across all connections,
+        // whichever is fewer frames (large frames, such as a commit in a
+        // big group, are bound by bytes), so the peer never queues more.
+        let secs = duration.as_secs_f64();
+        let frames = (400_000.0 * secs).min(400e6 * secs / frame.max(1) as f64);
+        let per_conn = (frames as u64 / conns.max(1) as u64).max(4);
         let mut links = Vec::with_capacity(conns);
         for _ in 0..conns {
             links.push(self.connect().await?);
