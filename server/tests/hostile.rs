@@ -202,6 +202,89 @@ async fn non_members_can_neither_post_nor_read() {
 }
 
 #[tokio::test]
+async fn a_removed_member_can_neither_post_nor_read_what_follows() {
+    let s = InProcess::start().await;
+    let (alice, bob, gid, mut ga, mut gb) = alice_and_bob(&s).await;
+    // Bob prepares a commit and a message while still a member.
+    let bobs_update = gb
+        .self_update(&bob.provider, &bob.id, LeafNodeParameters::default())
+        .unwrap();
+    let bobs_commit = bytes(bobs_update.commit());
+    gb.clear_pending_commit(bob.provider.storage()).unwrap();
+    let bobs_message = bytes(&gb.create_message(&bob.provider, &bob.id, b"late").unwrap());
+    // Alice removes him.
+    let bob_leaf = ga
+        .members()
+        .find(|m| mls::user_of(&m.credential).as_deref() == Some("bob"))
+        .unwrap()
+        .index;
+    let (c, _, _) = ga
+        .remove_members(&alice.provider, &alice.id, &[bob_leaf])
+        .unwrap();
+    let Response::Appended {
+        seq: removed_at, ..
+    } = alice.commit(gid, bytes(&c), None).await.unwrap()
+    else {
+        panic!()
+    };
+    ga.merge_pending_commit(&alice.provider).unwrap();
+    // His commit and message, built as a member, are refused now.
+    assert_eq!(
+        code(bob.commit(gid, bobs_commit, None).await),
+        ErrorCode::NotMember
+    );
+    let r = bob
+        .net
+        .request(&Request::Message {
+            group: gid,
+            message: bobs_message,
+        })
+        .await;
+    assert_eq!(code(r), ErrorCode::NotMember);
+    // He may still read up to his removal, and nothing after it.
+    let m = ga
+        .create_message(&alice.provider, &alice.id, b"after")
+        .unwrap();
+    alice
+        .net
+        .request(&Request::Message {
+            group: gid,
+            message: bytes(&m),
+        })
+        .await
+        .unwrap();
+    let Response::Log { entries, head } = bob
+        .net
+        .request(&Request::FetchLog {
+            group: gid,
+            after: 0,
+            limit: 100,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(head, removed_at);
+    assert_eq!(entries.last().map(|e| e.seq), Some(removed_at));
+    let r = bob
+        .net
+        .request(&Request::FetchLog {
+            group: gid,
+            after: removed_at,
+            limit: 100,
+        })
+        .await;
+    assert_eq!(code(r), ErrorCode::NotMember);
+    for req in [
+        Request::GroupState { group: gid },
+        Request::JoinInfo { group: gid },
+    ] {
+        assert_eq!(code(bob.net.request(&req).await), ErrorCode::NotMember);
+    }
+}
+
+#[tokio::test]
 async fn forged_and_stale_commits_are_refused_and_leave_state_unchanged() {
     let s = InProcess::start().await;
     let (alice, bob, gid, mut ga, mut gb) = alice_and_bob(&s).await;
