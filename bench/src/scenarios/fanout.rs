@@ -44,8 +44,11 @@ pub struct Params {
     /// Total messages per second across all senders (default: closed loop).
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Messages in flight per sender in closed loop.
-    #[arg(long, default_value_t = 16)]
+    /// Messages in flight per sender in closed loop (below 128: receivers
+    /// accept a sender's messages at most 128 generations out of order).
+    /// The default keeps the DS's batches full; 16 left it idle half the
+    /// time.
+    #[arg(long, default_value_t = 64)]
     pub inflight: usize,
     #[command(flatten)]
     pub target: Target,
@@ -64,6 +67,14 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         "members must cover senders and full members"
     );
     anyhow::ensure!(p.members <= 1000, "at most 1,000 members per group");
+    anyhow::ensure!(
+        p.inflight >= 1 && p.inflight < huddle_core::mls::OUT_OF_ORDER_TOLERANCE as usize,
+        "--inflight must be 1 to {}: with more messages of one sender in flight, the \
+         DS may order one of them more than {} generations after a later one, and \
+         receivers refuse it as too old",
+        huddle_core::mls::OUT_OF_ORDER_TOLERANCE - 1,
+        huddle_core::mls::OUT_OF_ORDER_TOLERANCE
+    );
     let ds = Ds::start(&p.target)?;
     let trust = trust(&ds)?;
     let homes = tempfile::tempdir()?;
