@@ -833,3 +833,51 @@ impl Service {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::redb::RedbStore;
+    use crate::store::{GroupMeta, GroupWrite, MemberRecord};
+
+    /// A group whose stored MLS state does not load (corrupted on disk) is
+    /// logged and left out; the DS still starts and serves the rest.
+    #[tokio::test]
+    async fn a_group_whose_state_does_not_load_does_not_stop_the_server() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(RedbStore::open(&dir.path().join("db.redb")).expect("store"));
+        let damaged = GroupId([7; 16]);
+        store
+            .apply(&[GroupWrite {
+                group: damaged,
+                create: true,
+                meta: GroupMeta {
+                    created_ms: 1,
+                    epoch: 0,
+                    head: 0,
+                    compacted: 0,
+                },
+                state: Some(b"not a group state".to_vec()),
+                entries: vec![],
+                members: vec![(
+                    "alice".into(),
+                    MemberRecord {
+                        joined_seq: 0,
+                        removed_seq: None,
+                    },
+                )],
+                welcomes: vec![],
+                trees: vec![],
+                compact_upto: None,
+                group_info: None,
+            }])
+            .expect("write");
+        let config = Arc::new(ServerConfig {
+            data_dir: dir.path().to_owned(),
+            ..ServerConfig::default()
+        });
+        let svc = Service::new(config, store).expect("the server starts");
+        assert!(svc.group(&damaged).is_none());
+        svc.close().await;
+    }
+}
