@@ -54,6 +54,23 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> ClientError {
     ClientError::Io(format!("{}: {e}", path.display()))
 }
 
+/// Checks that a download answer describes the item that was announced:
+/// its ciphertext length and hash.
+fn check_download_answer(resp: &Response, info: &MediaInfo) -> Result<()> {
+    let Response::Download {
+        total_len, hash, ..
+    } = resp
+    else {
+        return Err(ClientError::Protocol(format!("unexpected {resp:?}")));
+    };
+    if *total_len != info.ciphertext_len || *hash != info.hash {
+        return Err(integrity(
+            "the server's copy is not the item the sender announced",
+        ));
+    }
+    Ok(())
+}
+
 fn integrity(e: impl std::fmt::Display) -> ClientError {
     ClientError::Integrity(e.to_string())
 }
@@ -297,17 +314,7 @@ impl Client {
                     len: 0,
                 })
                 .await?;
-            let Response::Download {
-                total_len, hash, ..
-            } = resp
-            else {
-                return Err(ClientError::Protocol(format!("unexpected {resp:?}")));
-            };
-            if total_len != info.ciphertext_len || hash != info.hash {
-                return Err(integrity(
-                    "the server's copy is not the item the sender announced",
-                ));
-            }
+            check_download_answer(&resp, &info)?;
             // Verified plaintext goes to a writer thread, so writing to disk
             // overlaps with receiving and decrypting the next chunk.
             let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
@@ -402,17 +409,7 @@ impl Client {
                 len: span.blob_len(),
             })
             .await?;
-        let Response::Download {
-            total_len, hash, ..
-        } = resp
-        else {
-            return Err(ClientError::Protocol(format!("unexpected {resp:?}")));
-        };
-        if total_len != info.ciphertext_len || hash != info.hash {
-            return Err(integrity(
-                "the server's copy is not the item the sender announced",
-            ));
-        }
+        check_download_answer(&resp, &info)?;
         let mut out = Vec::with_capacity((end - start) as usize);
         let mut buf = Vec::new();
         for i in span.chunks() {
