@@ -161,7 +161,8 @@ impl Lean {
     /// Adds members (one commit).
     pub async fn add(&mut self, kps: Vec<KeyPackage>) -> anyhow::Result<CommitStats> {
         self.post_commit(move |g, p, s| {
-            let (c, w, _) = g.add_members(p, s, &kps)?;
+            // As the client does: add-only commits carry no path.
+            let (c, w, _) = g.add_members_without_update(p, s, &kps)?;
             Ok((c, Some(w)))
         })
         .await

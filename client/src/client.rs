@@ -725,7 +725,13 @@ impl Client {
         let added = wanted.clone();
         let events = self
             .commit_with_retry(&id, "member_added", Some(added), move |g, p, s| {
-                let (c, w, _) = g.add_members(p, s, &kps).map_err(ClientError::mls)?;
+                // No UpdatePath (RFC 9420 §12.4): an add-only commit still
+                // starts a new epoch the joiners cannot reach back from, and
+                // without a path it stays small in a large group (every
+                // member downloads it). See docs/SECURITY.md §3.
+                let (c, w, _) = g
+                    .add_members_without_update(p, s, &kps)
+                    .map_err(ClientError::mls)?;
                 Ok((c, Some(w)))
             })
             .await?;

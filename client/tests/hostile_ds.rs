@@ -360,3 +360,35 @@ async fn a_member_restored_from_an_old_backup_rejoins_on_its_own() {
     assert_eq!(b.epoch_authenticator(&g).unwrap(), (ea, aa));
     assert_eq!(c.members(&g).unwrap(), vec!["alice", "bob", "carol"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_cannot_open_what_was_sent_before_it_joined() {
+    let s = TestServer::start().await;
+    let (mut a, mut b, g, gid) = two(&s).await;
+    a.send_text(&g, "before carol").await.unwrap();
+    let at = cursor(&b, &g);
+    let before = log(&mut b, gid, at).await;
+    assert_eq!(before.len(), 1);
+    // Adding commits carry no update path; the new epoch must still be
+    // out of the joiner's reach backwards.
+    let mut c = s.register("carol").await;
+    a.add(&g, &["carol".into()]).await.unwrap();
+    let joined = c.sync().await.unwrap();
+    assert!(joined.iter().any(|e| e.kind == "joined"), "{joined:?}");
+    assert!(texts(&joined).is_empty(), "{joined:?}");
+    // What is sent after the add reaches the joiner.
+    b.send_text(&g, "after carol").await.unwrap();
+    assert_eq!(texts(&c.sync().await.unwrap()), vec!["bob: after carol"]);
+    // A DS hands the joiner the earlier ciphertext as if it were new.
+    let mut replay = before[0].clone();
+    replay.seq = cursor(&c, &g) + 1;
+    let events = c.process_entries(&gid, &[replay]).unwrap();
+    assert!(
+        texts(&events).is_empty(),
+        "an earlier epoch's message must not open: {events:?}"
+    );
+    assert_eq!(
+        texts(&c.messages(&g, 10).unwrap()),
+        vec!["bob: after carol"]
+    );
+}

@@ -140,7 +140,9 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         });
     }
     // Full members join and then listen, each on its own thread.
-    let stop = Arc::new(tokio::sync::Notify::new());
+    // A watch, not a Notify: a full member still catching up when the
+    // sending ends must see the stop whenever it starts waiting.
+    let (stop_full, stop) = tokio::sync::watch::channel(false);
     let mut full_threads = Vec::new();
     for (g, s) in setups.iter().enumerate() {
         for (home, _) in &s.full {
@@ -156,8 +158,9 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
                         let mut c = Client::open(home)?;
                         c.sync().await?;
                         let mut texts = 0usize;
-                        c.listen(|_| {}, async {
-                            stop.notified().await;
+                        let mut stop = stop;
+                        c.listen(|_| {}, async move {
+                            let _ = stop.wait_for(|s| *s).await;
                         })
                         .await?;
                         // Catch up on what arrived but was not processed yet.
@@ -219,7 +222,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         last = d;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    stop.notify_waiters();
+    let _ = stop_full.send(true);
     let mut full_ok = true;
     let mut full_texts = Vec::new();
     let mut full_errors = Vec::new();
