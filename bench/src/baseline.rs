@@ -125,6 +125,13 @@ pub struct RawPeer {
     _dir: tempfile::TempDir,
 }
 
+impl RawPeer {
+    /// The peer process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for RawPeer {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -162,6 +162,43 @@ pub fn own_peak_rss_mb() -> Option<f64> {
     peak_rss_mb(std::process::id())
 }
 
+/// The numeric fields of `/proc/PID/stat` from field 4 (ppid) on: the
+/// command name before them may contain spaces, so parsing starts after
+/// its closing parenthesis and the state letter. Index `i` is field `i + 4`.
+fn stat_fields(pid: &str) -> Option<Vec<u64>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    Some(
+        rest.split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// Clock ticks per second in `/proc` (USER_HZ, 100 on Linux).
+const TICKS: f64 = 100.0;
+
+/// CPU time (user + system, all threads) a process has used so far, in
+/// seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let f = stat_fields(&pid.to_string())?;
+    // utime and stime are fields 14 and 15 of the stat line.
+    Some((f.get(10)? + f.get(11)?) as f64 / TICKS)
+}
+
+/// CPU time of this process so far, in seconds.
+pub fn own_cpu_seconds() -> Option<f64> {
+    cpu_seconds(std::process::id())
+}
+
+/// CPU time of this process's children that have ended and been waited
+/// for, in seconds (fields 16 and 17: cutime, cstime).
+pub fn children_cpu_seconds() -> Option<f64> {
+    let f = stat_fields("self")?;
+    Some((f.get(12)? + f.get(13)?) as f64 / TICKS)
+}
+
 /// Runs a child process to completion, sampling its peak RSS until it
 /// exits. Returns (success, stdout, peak RSS in MiB).
 pub async fn run_measured(cmd: &Path, args: &[String]) -> anyhow::Result<(bool, String, f64)> {

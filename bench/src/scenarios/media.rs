@@ -11,7 +11,7 @@ use clap::Args;
 use huddle_client::{Client, Home};
 
 use crate::baseline::RawPeer;
-use crate::ds::{run_measured, sibling, Ds};
+use crate::ds::{children_cpu_seconds, cpu_seconds, own_cpu_seconds, run_measured, sibling, Ds};
 use crate::report::{Output, Report};
 use crate::Target;
 
@@ -102,6 +102,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         v.extend(rest.iter().map(|s| s.to_string()));
         v
     };
+    let cpu = Cpu::start(ds.pid());
     let t = Instant::now();
     let (ok, stdout, up_rss) = run_measured(
         &huddle,
@@ -109,6 +110,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     )
     .await?;
     let up_secs = t.elapsed().as_secs_f64();
+    let up_cpu = cpu.stop();
     if !ok {
         bail!("send-file failed");
     }
@@ -128,14 +130,17 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     // First one downloader alone (the figure to compare with one raw
     // stream), then all of them at once.
     let mut down_rss: f64 = 0.0;
+    let down_cpu;
     let mut intact = true;
     let single = {
         let n = &names[0];
         let outp = dir.join(format!("{n}.single"));
         let a = args(n, &["download", &media, "-o", &outp.display().to_string()]);
+        let cpu = Cpu::start(ds.pid());
         let t = Instant::now();
         let (ok, _, rss) = run_measured(&huddle, &a).await?;
         let secs = t.elapsed().as_secs_f64();
+        down_cpu = cpu.stop();
         if !ok {
             bail!("download failed");
         }
@@ -179,8 +184,12 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
 
     out.say("raw quinn bulk baseline ...");
     let peer = RawPeer::start()?;
+    let cpu = Cpu::start_raw(peer.pid());
     let base_up = peer.bulk_upload(blob).await?;
+    let base_up_cpu = cpu.stop_raw();
+    let cpu = Cpu::start_raw(peer.pid());
     let base_down = peer.bulk_download(blob).await?;
+    let base_down_cpu = cpu.stop_raw();
     let base_concurrent = peer.bulk_download_concurrent(p.downloaders, blob).await?;
     drop(peer);
 
@@ -203,6 +212,22 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set("upload_ratio", upload / base_up)
         .set("download_ratio", download / base_down)
         .set("concurrent_ratio", aggregate / base_concurrent)
+        .set("upload_cpu_s_client", up_cpu.0)
+        .set("upload_cpu_s_server", up_cpu.1)
+        .set("baseline_upload_cpu_s_sender", base_up_cpu.0)
+        .set("baseline_upload_cpu_s_receiver", base_up_cpu.1)
+        .set("download_cpu_s_client", down_cpu.0)
+        .set("download_cpu_s_server", down_cpu.1)
+        .set("baseline_download_cpu_s_receiver", base_down_cpu.0)
+        .set("baseline_download_cpu_s_sender", base_down_cpu.1)
+        .set(
+            "upload_cpu_ratio",
+            (base_up_cpu.0 + base_up_cpu.1) / (up_cpu.0 + up_cpu.1).max(1e-9),
+        )
+        .set(
+            "download_cpu_ratio",
+            (base_down_cpu.0 + base_down_cpu.1) / (down_cpu.0 + down_cpu.1).max(1e-9),
+        )
         .set_opt("server_peak_rss_mb", server_rss)
         .set("client_peak_rss_mb", up_rss.max(down_rss))
         .set("uploader_peak_rss_mb", up_rss)
@@ -210,9 +235,54 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set("byte_identical", intact)
         .set("plaintext_in_server_data_dir", plaintext_on_server)
         .note("upload and download run as separate `huddle` processes; times are whole commands (connect, authenticate, encrypt or verify, transfer)")
+        .note("*_cpu_s_*: CPU seconds (user + system, all threads) each side used for the transfer, from /proc; *_cpu_ratio: the raw transfer's CPU over Huddle's. Both sides share the machine's cores, so when they are busy the throughput ratio cannot exceed the CPU ratio")
         .note("download_mb_s: one downloader alone, against one raw quinn stream between two processes; concurrent_*: all downloaders at once, against as many raw streams at once");
     out.emit(&r);
     Ok(())
+}
+
+/// CPU seconds used during one transfer, read from /proc.
+struct Cpu {
+    server: Option<u32>,
+    at: (f64, f64),
+}
+
+impl Cpu {
+    /// Before a `huddle` child runs against the DS `server`: the child's
+    /// share is counted when it has been waited for.
+    fn start(server: Option<u32>) -> Self {
+        let s = server.and_then(cpu_seconds).unwrap_or(0.0);
+        Self {
+            server,
+            at: (children_cpu_seconds().unwrap_or(0.0), s),
+        }
+    }
+
+    /// (client, server) seconds since `start`.
+    fn stop(&self) -> (f64, f64) {
+        let s = self.server.and_then(cpu_seconds).unwrap_or(0.0);
+        (
+            children_cpu_seconds().unwrap_or(0.0) - self.at.0,
+            s - self.at.1,
+        )
+    }
+
+    /// Before a raw transfer between this process and the raw peer.
+    fn start_raw(peer: u32) -> Self {
+        Self {
+            server: Some(peer),
+            at: (
+                own_cpu_seconds().unwrap_or(0.0),
+                cpu_seconds(peer).unwrap_or(0.0),
+            ),
+        }
+    }
+
+    /// (this process, peer) seconds since `start_raw`.
+    fn stop_raw(&self) -> (f64, f64) {
+        let s = self.server.and_then(cpu_seconds).unwrap_or(0.0);
+        (own_cpu_seconds().unwrap_or(0.0) - self.at.0, s - self.at.1)
+    }
 }
 
 /// Whether any file under `dir` contains a 64-byte sample of `src`'s
