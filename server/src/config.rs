@@ -38,6 +38,10 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
     /// How often acknowledged cursors are written and logs compacted.
+    /// Cursors only decide when a log may be compacted, so writing them
+    /// rarely loses nothing: after a crash, compaction just waits for the
+    /// next acknowledgements. Writing them every second cost a 1,000-member
+    /// group about 6 KB of disk writes per message at 10 messages a second.
     pub maintenance_interval: Duration,
     /// Largest media item (ciphertext bytes) accepted.
     pub max_media_item: u64,
@@ -67,7 +71,7 @@ impl Default for ServerConfig {
             push_stall_timeout: Duration::from_secs(30),
             tail_entries: 1024,
             shutdown_grace: Duration::from_secs(10),
-            maintenance_interval: Duration::from_secs(1),
+            maintenance_interval: Duration::from_secs(10),
             max_media_item: 16 << 30,
             media_quota: 256 << 30,
             media_retention: Duration::from_secs(30 * 24 * 3600),
