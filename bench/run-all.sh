@@ -3,7 +3,7 @@
 # JSON object per line into OUT (default bench-results.jsonl), plus the
 # latency CDFs as SVG next to it. Build first:
 #   cargo build --release --bins
-# Takes about 15 minutes on 2 cores. Run it on an otherwise idle machine.
+# Takes about 20 minutes on 2 cores. Run it on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench-results.jsonl}"
@@ -23,6 +23,10 @@ run fanout --members 1000 --duration 5
 rate=$(tail -n 1 "$out" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["messages_per_sec"] / 2))')
 run --plot "$dir/fanout-1000-half.svg" fanout --members 1000 --duration 5 --rate "$rate"
 run fanout --groups 10 --members 50 --senders 1 --duration 5
+# Storage written per message against group size alone: the same low rate
+# (every message its own commit) at 10 and at 1,000 members.
+run fanout --members 10 --rate 10 --duration 20
+run fanout --members 1000 --rate 10 --duration 20
 run membership --members 1000 --rounds 5
 run membership --members 100 --rounds 5
 run connections --count 1000
