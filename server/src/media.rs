@@ -664,8 +664,10 @@ pub async fn download(
             if !respond(&mut send, &resp).await {
                 return;
             }
-            // A reader thread keeps a few buffers ahead of the network.
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+            // A reader thread keeps two buffers ahead of the network: with
+            // what QUIC holds unacknowledged (the send window) that bounds
+            // a download's memory whatever the item's size.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(2);
             let mut file = file.into_std().await;
             tokio::task::spawn_blocking(move || {
                 use std::io::Read as _;
