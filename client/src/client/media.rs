@@ -316,12 +316,24 @@ impl Client {
                 .await?;
             check_download_answer(&resp, &info)?;
             // Verified plaintext goes to a writer thread, so writing to disk
-            // overlaps with receiving and decrypting the next chunk.
+            // overlaps with receiving and decrypting the next chunk; a
+            // syncer thread flushes what was written every SYNC_EVERY bytes,
+            // so the disk works during the transfer rather than all at the
+            // final sync (with plenty of RAM the kernel would otherwise hold
+            // the whole file dirty until then).
+            let syncer = Syncer::start(file.try_clone().map_err(|e| file_err(&part, e))?);
             let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
             let writer = std::thread::spawn(move || -> std::io::Result<std::fs::File> {
+                let mut unsynced = 0usize;
                 for chunk in rx {
                     file.write_all(&chunk)?;
+                    unsynced += chunk.len();
+                    if unsynced >= SYNC_EVERY {
+                        syncer.request();
+                        unsynced = 0;
+                    }
                 }
+                syncer.finish()?;
                 Ok(file)
             });
             let mut outcome: Result<()> = Ok(());
@@ -461,6 +473,46 @@ impl Client {
             ));
         }
         Ok(h)
+    }
+}
+
+/// A download flushes its partial file in the background about this often
+/// (in bytes).
+const SYNC_EVERY: usize = 16 << 20;
+
+/// A thread that runs `sync_data` on a file when asked, without blocking
+/// the writer. Requests made while a sync runs fold into one.
+struct Syncer {
+    wake: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl Syncer {
+    fn start(file: std::fs::File) -> Self {
+        let (wake, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::spawn(move || {
+            for () in rx {
+                // The file description is shared with the writer: an error
+                // reported here is not reported again to its final sync, so
+                // it must end the download.
+                file.sync_data()?;
+            }
+            Ok(())
+        });
+        Self { wake, thread }
+    }
+
+    /// Asks for a sync of everything written so far.
+    fn request(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// Waits for the syncs asked for; the first error of any of them.
+    fn finish(self) -> std::io::Result<()> {
+        drop(self.wake);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the sync thread failed")))
     }
 }
 
