@@ -541,9 +541,9 @@ async fn upload_inner(
     }))
 }
 
-/// A thread that writes received buffers to the partial file, hashes them,
-/// and syncs the file every [`SYNC_EVERY`] bytes. Two buffers circulate
-/// between it and the network task.
+/// A thread that writes received buffers to the partial file and hashes
+/// them; every [`SYNC_EVERY`] bytes it asks a second thread to sync the
+/// file, so that writing goes on while the disk flushes.
 struct Writer {
     data: tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>,
     synced: Arc<AtomicU64>,
@@ -561,6 +561,7 @@ impl Writer {
         let s2 = synced.clone();
         let task = tokio::task::spawn_blocking(move || {
             use std::io::Write as _;
+            let syncer = Syncer::start(file.try_clone()?, s2.clone(), start);
             let mut pos = start;
             let mut last_sync = start;
             // Received chunks are packet-sized; BLAKE3 only reaches its SIMD
@@ -575,12 +576,13 @@ impl Writer {
                 hasher.update(&buf);
                 pos += buf.len() as u64;
                 if pos - last_sync >= SYNC_EVERY {
-                    file.sync_data()?;
+                    syncer.request(pos);
                     last_sync = pos;
-                    s2.store(pos, Ordering::Release);
                 }
             }
+            let background = syncer.finish();
             file.sync_data()?;
+            background?;
             s2.store(pos, Ordering::Release);
             Ok((file, hasher))
         });
@@ -605,6 +607,54 @@ impl Writer {
             Err(_) => Err(std::io::Error::other("writer thread failed")),
         };
         (r, self.synced.load(Ordering::Acquire))
+    }
+}
+
+/// Syncs a partial file in the background and publishes how far it is
+/// durable. Requests made while a sync runs fold into the next one.
+struct Syncer {
+    asked: Arc<AtomicU64>,
+    wake: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl Syncer {
+    fn start(file: std::fs::File, synced: Arc<AtomicU64>, start: u64) -> Self {
+        let asked = Arc::new(AtomicU64::new(start));
+        let (wake, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let a = asked.clone();
+        let thread = std::thread::spawn(move || {
+            for () in rx {
+                // Everything up to `upto` was written before it was asked
+                // for, so this sync covers it.
+                let upto = a.load(Ordering::Acquire);
+                // The file description is the writer's too: an error seen
+                // here is not reported again to its final sync, so it is
+                // returned and fails the upload.
+                file.sync_data()?;
+                synced.fetch_max(upto, Ordering::Release);
+            }
+            Ok(())
+        });
+        Self {
+            asked,
+            wake,
+            thread,
+        }
+    }
+
+    /// Asks for everything up to `pos` (already written) to become durable.
+    fn request(&self, pos: u64) {
+        self.asked.fetch_max(pos, Ordering::Release);
+        let _ = self.wake.try_send(());
+    }
+
+    /// Waits for the syncs asked for; the first error of any of them.
+    fn finish(self) -> std::io::Result<()> {
+        drop(self.wake);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the sync thread failed")))
     }
 }
 
