@@ -728,7 +728,7 @@ impl Client {
                 // No UpdatePath (RFC 9420 §12.4): an add-only commit still
                 // starts a new epoch the joiners cannot reach back from, and
                 // without a path it stays small in a large group (every
-                // member downloads it). See docs/SECURITY.md §3.
+                // member downloads it). See docs/SECURITY.md §6.6.
                 let (c, w, _) = g
                     .add_members_without_update(p, s, &kps)
                     .map_err(ClientError::mls)?;
