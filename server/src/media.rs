@@ -33,6 +33,9 @@ use crate::store::{MediaRecord, MediaState, Store, StoreError};
 
 /// Bytes moved per read or write.
 const BUF: usize = 1 << 20;
+/// How long a new upload of an item waits for an earlier stream of the same
+/// item to end before it is refused.
+const ACTIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Progress is made durable at least this often (in bytes).
 const SYNC_EVERY: u64 = 16 << 20;
 
@@ -280,11 +283,18 @@ async fn upload_inner(
         ));
     }
     let id = req.media;
-    if !blobs.active.lock().expect("active lock").insert(id) {
-        return Err(err(
-            ErrorCode::OutOfOrder,
-            "an upload of this item is already in progress",
-        ));
+    // A client resuming right after its stream broke can arrive while the
+    // DS is still winding the old stream up (writing, syncing and recording
+    // what arrived): wait for that rather than refuse it.
+    let deadline = Instant::now() + ACTIVE_WAIT;
+    while !blobs.active.lock().expect("active lock").insert(id) {
+        if Instant::now() >= deadline {
+            return Err(err(
+                ErrorCode::OutOfOrder,
+                "an upload of this item is already in progress",
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let _guard = ActiveGuard { blobs, id };
     let now = now_ms();
