@@ -489,27 +489,8 @@ pub fn validate_new_group(
     let state = MlsState { public, storage };
     let snapshot = state.snapshot();
     let write = GroupWrite {
-        group: id,
-        create: true,
-        meta: GroupMeta {
-            created_ms: now_ms,
-            epoch: 0,
-            head: 0,
-            compacted: 0,
-        },
-        state: Some(snapshot.clone()),
-        entries: vec![],
-        members: vec![(
-            user.to_owned(),
-            MemberRecord {
-                joined_seq: 0,
-                removed_seq: None,
-            },
-        )],
-        welcomes: vec![],
-        trees: vec![],
-        compact_upto: None,
         group_info: info_epoch0,
+        ..GroupWrite::create(id, user, now_ms, snapshot.clone())
     };
     Ok((write, snapshot))
 }

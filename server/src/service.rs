@@ -838,7 +838,7 @@ impl Service {
 mod tests {
     use super::*;
     use crate::store::redb::RedbStore;
-    use crate::store::{GroupMeta, GroupWrite, MemberRecord};
+    use crate::store::GroupWrite;
 
     /// A group whose stored MLS state does not load (corrupted on disk) is
     /// logged and left out; the DS still starts and serves the rest.
@@ -848,29 +848,12 @@ mod tests {
         let store = Arc::new(RedbStore::open(&dir.path().join("db.redb")).expect("store"));
         let damaged = GroupId([7; 16]);
         store
-            .apply(&[GroupWrite {
-                group: damaged,
-                create: true,
-                meta: GroupMeta {
-                    created_ms: 1,
-                    epoch: 0,
-                    head: 0,
-                    compacted: 0,
-                },
-                state: Some(b"not a group state".to_vec()),
-                entries: vec![],
-                members: vec![(
-                    "alice".into(),
-                    MemberRecord {
-                        joined_seq: 0,
-                        removed_seq: None,
-                    },
-                )],
-                welcomes: vec![],
-                trees: vec![],
-                compact_upto: None,
-                group_info: None,
-            }])
+            .apply(&[GroupWrite::create(
+                damaged,
+                "alice",
+                1,
+                b"not a group state".to_vec(),
+            )])
             .expect("write");
         let config = Arc::new(ServerConfig {
             data_dir: dir.path().to_owned(),

@@ -199,6 +199,36 @@ pub struct GroupWrite {
     pub group_info: Option<(u64, Bytes)>,
 }
 
+impl GroupWrite {
+    /// The write that creates `group` at epoch 0 with one member, its
+    /// creator `user`, and public MLS state `state`.
+    pub fn create(group: GroupId, user: &str, created_ms: u64, state: Vec<u8>) -> Self {
+        Self {
+            group,
+            create: true,
+            meta: GroupMeta {
+                created_ms,
+                epoch: 0,
+                head: 0,
+                compacted: 0,
+            },
+            state: Some(state),
+            entries: vec![],
+            members: vec![(
+                user.to_owned(),
+                MemberRecord {
+                    joined_seq: 0,
+                    removed_seq: None,
+                },
+            )],
+            welcomes: vec![],
+            trees: vec![],
+            compact_upto: None,
+            group_info: None,
+        }
+    }
+}
+
 /// The storage interface of the delivery service. All methods block; call
 /// them from a blocking context.
 pub trait Store: Send + Sync + 'static {

@@ -38,29 +38,11 @@ fn entry(seq: u64) -> LogEntry {
 }
 
 fn write(group: GroupId, create: bool, head: u64, entries: Vec<LogEntry>) -> GroupWrite {
-    GroupWrite {
-        group,
-        create,
-        meta: GroupMeta {
-            created_ms: 0,
-            epoch: 0,
-            head,
-            compacted: 0,
-        },
-        state: Some(vec![1, 2, 3]),
-        entries,
-        members: vec![(
-            "alice".into(),
-            MemberRecord {
-                joined_seq: 0,
-                removed_seq: None,
-            },
-        )],
-        welcomes: vec![],
-        trees: vec![],
-        compact_upto: None,
-        group_info: None,
-    }
+    let mut w = GroupWrite::create(group, "alice", 0, vec![1, 2, 3]);
+    w.create = create;
+    w.meta.head = head;
+    w.entries = entries;
+    w
 }
 
 #[test]
