@@ -156,14 +156,18 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         let a = args(n, &["download", &media, "-o", &outp.display().to_string()]);
         let huddle = huddle.clone();
         downs.push(tokio::spawn(async move {
-            let t = Instant::now();
+            let own = Instant::now();
             let r = run_measured(&huddle, &a).await;
-            (r, t.elapsed().as_secs_f64(), outp)
+            // Since all downloads started, for the aggregate rate.
+            (r, own.elapsed().as_secs_f64(), t.elapsed().as_secs_f64(), outp)
         }));
     }
     let mut down_rates = Vec::new();
+    // Until the last download ended (not counting the checks below).
+    let mut all_secs = 0f64;
     for d in downs {
-        let (r, secs, outp) = d.await?;
+        let (r, secs, since_start, outp) = d.await?;
+        all_secs = all_secs.max(since_start);
         let (ok, _, rss) = r?;
         if !ok {
             bail!("download failed");
@@ -173,7 +177,6 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         intact &= hash_file(&outp)? == want;
         let _ = std::fs::remove_file(&outp);
     }
-    let all_secs = t.elapsed().as_secs_f64();
     let server_rss = ds.peak_rss_mb();
     let plaintext_on_server = match &ds.data_dir {
         Some(d) => contains_plaintext(d, &src)?,
