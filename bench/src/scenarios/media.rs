@@ -159,7 +159,12 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             let own = Instant::now();
             let r = run_measured(&huddle, &a).await;
             // Since all downloads started, for the aggregate rate.
-            (r, own.elapsed().as_secs_f64(), t.elapsed().as_secs_f64(), outp)
+            (
+                r,
+                own.elapsed().as_secs_f64(),
+                t.elapsed().as_secs_f64(),
+                outp,
+            )
         }));
     }
     let mut down_rates = Vec::new();
