@@ -1555,6 +1555,13 @@ impl Client {
         if row.state != "active" {
             return Ok(Vec::new());
         }
+        // Every stored proposal sets proposals_since_ms in the transaction
+        // that stores it, and merging a commit clears both: without it there
+        // is nothing to commit, and no need to load the group's state (which
+        // grows with the group) after every batch and every tick.
+        if row.proposals_since_ms.is_none() {
+            return self.maybe_releave(id).await;
+        }
         let g = self.load_group(&self.db, id)?;
         let removing: HashSet<u32> = g
             .pending_proposals()
@@ -1984,6 +1991,22 @@ impl Client {
                                 .map_err(|e| ClientError::Io(format!("push stream: {e}")))?
                                 .ok_or_else(|| ClientError::Io("the server closed the push stream".into()))?;
                             decoder.extend(&chunk.bytes);
+                            // Take everything that has already arrived too
+                            // (each read returns about one packet's worth),
+                            // so entries that came in while the last batch
+                            // was processed go into one transaction.
+                            let mut taken = chunk.bytes.len();
+                            while taken < MAX_DRAIN {
+                                match now_or_never(recv.read_chunk(64 * 1024, true)) {
+                                    Some(Ok(Some(more))) => {
+                                        taken += more.bytes.len();
+                                        decoder.extend(&more.bytes);
+                                    }
+                                    // Errors and the end of the stream
+                                    // show up again at the next read.
+                                    _ => break,
+                                }
+                            }
                             while let Some(body) = decoder
                                 .next_frame()
                                 .map_err(|e| ClientError::Protocol(e.to_string()))?
@@ -2071,4 +2094,18 @@ async fn write_control(send: &mut quinn::SendStream, c: &Control) -> Result<()> 
     send.write_all(&huddle_core::proto::encode_frame(c))
         .await
         .map_err(|e| ClientError::Io(format!("push stream: {e}")))
+}
+
+/// Most pushed bytes taken in one go before processing them.
+const MAX_DRAIN: usize = 1 << 20;
+
+/// Polls `f` once: its output if it is ready now, `None` otherwise. Only
+/// for cancel-safe futures (the future is dropped when pending).
+fn now_or_never<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
 }
