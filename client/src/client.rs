@@ -1997,15 +1997,14 @@ impl Client {
                             // was processed go into one transaction.
                             let mut taken = chunk.bytes.len();
                             while taken < MAX_DRAIN {
-                                match now_or_never(recv.read_chunk(64 * 1024, true)) {
-                                    Some(Ok(Some(more))) => {
-                                        taken += more.bytes.len();
-                                        decoder.extend(&more.bytes);
-                                    }
-                                    // Errors and the end of the stream
-                                    // show up again at the next read.
-                                    _ => break,
-                                }
+                                let Some(more) = now_or_never(recv.read_chunk(64 * 1024, true)) else {
+                                    break;
+                                };
+                                let more = more
+                                    .map_err(|e| ClientError::Io(format!("push stream: {e}")))?
+                                    .ok_or_else(|| ClientError::Io("the server closed the push stream".into()))?;
+                                taken += more.bytes.len();
+                                decoder.extend(&more.bytes);
                             }
                             while let Some(body) = decoder
                                 .next_frame()
