@@ -107,7 +107,9 @@ pub struct GroupMeta {
     pub created_ms: u64,
     /// Current MLS epoch.
     pub epoch: u64,
-    /// Newest sequence number in the log.
+    /// Newest sequence number in the log. As stored with the group's row
+    /// it may lag (a backend need not rewrite the row for a write that only
+    /// appends); [`Store::groups`] returns the true head.
     pub head: u64,
     /// Entries up to this sequence number have been compacted away.
     pub compacted: u64,

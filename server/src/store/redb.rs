@@ -34,7 +34,11 @@ const MEDIA: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("media");
 const GROUP_INFO: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("group_info");
 
 /// On-disk layout version; bumped on incompatible changes.
-const SCHEMA_VERSION: u64 = 1;
+/// 2: a group's row keeps its head only as of its last change other than
+/// an append; the log's newest entry is the head. Version 1 data (the row
+/// always current) reads the same and is marked 2 on open; a build that
+/// reads only 1 refuses version 2 instead of trusting a stale head.
+const SCHEMA_VERSION: u64 = 2;
 
 /// The redb-backed store.
 #[derive(Debug)]
@@ -89,7 +93,7 @@ impl RedbStore {
             let mut meta = txn.open_table(META).map_err(err)?;
             let version = meta.get("schema_version").map_err(err)?.map(|v| v.value());
             match version {
-                None => {
+                None | Some(1) => {
                     meta.insert("schema_version", SCHEMA_VERSION).map_err(err)?;
                 }
                 Some(SCHEMA_VERSION) => {}
@@ -143,14 +147,20 @@ impl RedbStore {
                 }
                 _ => {}
             }
-            let old_head;
-            (old_head, old_compacted) = match &old {
-                Some(b) => {
-                    let m = dec::<GroupMeta>(b, "group meta")?;
-                    (m.head, m.compacted)
-                }
-                None => (0, 0),
+            let old_meta = old
+                .as_deref()
+                .map(|b| dec::<GroupMeta>(b, "group meta"))
+                .transpose()?;
+            // The group's row is rewritten only when more than its head
+            // changes (see below), so the log's newest entry may be ahead
+            // of the head it records.
+            let old_head = match &old_meta {
+                Some(m) => m
+                    .head
+                    .max(last_seq(&txn.open_table(LOG).map_err(err)?, gid)?),
+                None => 0,
             };
+            old_compacted = old_meta.as_ref().map_or(0, |m| m.compacted);
             // The log must grow without gaps: a write computed against stale
             // in-memory state must never land.
             for (i, e) in w.entries.iter().enumerate() {
@@ -161,7 +171,17 @@ impl RedbStore {
                     )));
                 }
             }
-            groups.insert(gid, enc(&w.meta).as_slice()).map_err(err)?;
+            // An application message only moves the head, which the log
+            // itself records: leaving the row alone saves a page write in
+            // every such commit.
+            let only_head = old_meta.as_ref().is_some_and(|m| {
+                m.created_ms == w.meta.created_ms
+                    && m.epoch == w.meta.epoch
+                    && m.compacted == w.meta.compacted
+            });
+            if !only_head {
+                groups.insert(gid, enc(&w.meta).as_slice()).map_err(err)?;
+            }
         }
         if let Some(state) = &w.state {
             let mut t = txn.open_table(GROUP_STATE).map_err(err)?;
@@ -387,13 +407,15 @@ impl Store for RedbStore {
         let groups = txn.open_table(GROUPS).map_err(err)?;
         let states = txn.open_table(GROUP_STATE).map_err(err)?;
         let members = txn.open_table(MEMBERS).map_err(err)?;
+        let log = txn.open_table(LOG).map_err(err)?;
         let mut out = Vec::new();
         for row in groups.iter().map_err(err)? {
             let (k, v) = row.map_err(err)?;
             let id = GroupId::from_slice(k.value())
                 .ok_or_else(|| StoreError::Corrupt("group id length".into()))?;
-            let meta: GroupMeta = dec(v.value(), "group meta")?;
+            let mut meta: GroupMeta = dec(v.value(), "group meta")?;
             let gid = id.as_bytes().as_slice();
+            meta.head = meta.head.max(last_seq(&log, gid)?);
             let state = states
                 .get(gid)
                 .map_err(err)?
@@ -633,6 +655,20 @@ impl Store for RedbStore {
     }
 }
 
+/// The sequence number of the newest log entry of `gid`, 0 if none.
+fn last_seq<T: ReadableTable<(&'static [u8], u64), &'static [u8]>>(
+    log: &T,
+    gid: &[u8],
+) -> Result<u64, StoreError> {
+    Ok(log
+        .range((gid, 0)..=(gid, u64::MAX))
+        .map_err(err)?
+        .next_back()
+        .transpose()
+        .map_err(err)?
+        .map_or(0, |(k, _)| k.value().1))
+}
+
 fn count_pool<T: ReadableTable<(&'static str, &'static [u8]), &'static [u8]>>(
     pool: &T,
     user: &str,
@@ -646,4 +682,43 @@ fn count_pool<T: ReadableTable<(&'static str, &'static [u8]), &'static [u8]>>(
         n += 1;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_version(path: &Path, v: u64) {
+        let db = Database::create(path).unwrap();
+        let t = db.begin_write().unwrap();
+        t.open_table(META)
+            .unwrap()
+            .insert("schema_version", v)
+            .unwrap();
+        t.commit().unwrap();
+    }
+
+    fn version(path: &Path) -> Option<u64> {
+        let db = Database::create(path).unwrap();
+        let t = db.begin_read().unwrap();
+        let meta = t.open_table(META).unwrap();
+        let v = meta.get("schema_version").unwrap().map(|v| v.value());
+        v
+    }
+
+    #[test]
+    fn a_version_1_data_dir_is_upgraded_and_an_unknown_version_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        drop(RedbStore::open(&path).unwrap());
+        assert_eq!(version(&path), Some(SCHEMA_VERSION));
+        set_version(&path, 1);
+        drop(RedbStore::open(&path).unwrap());
+        assert_eq!(version(&path), Some(2));
+        set_version(&path, 3);
+        assert!(matches!(
+            RedbStore::open(&path),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
 }

@@ -223,3 +223,43 @@ fn epoch_authenticators_are_collected_per_epoch() {
     let all = s.publish_epoch_authenticator(&g, 1, "b", [1; 32]).unwrap();
     assert_eq!(all, vec![("a".into(), [1; 32]), ("b".into(), [1; 32])]);
 }
+
+#[test]
+fn the_head_follows_the_log_when_only_messages_were_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let g = GroupId([5; 16]);
+    {
+        let s = RedbStore::open(&path).unwrap();
+        s.apply(&[write(g, true, 0, vec![])]).unwrap();
+        // Same epoch, nothing compacted: only the head moves.
+        for seq in 1..=3 {
+            s.apply(&[write(g, false, seq, vec![entry(seq)])]).unwrap();
+        }
+        assert!(matches!(
+            s.apply(&[write(g, false, 3, vec![entry(3)])]),
+            Err(StoreError::Conflict(_))
+        ));
+    }
+    let s = RedbStore::open(&path).unwrap();
+    assert_eq!(s.groups().unwrap()[0].meta.head, 3);
+    s.apply(&[write(g, false, 4, vec![entry(4)])]).unwrap();
+    // Everything compacted: the head is still known.
+    let mut w = write(g, false, 4, vec![]);
+    w.meta.compacted = 4;
+    w.compact_upto = Some(4);
+    s.apply(&[w]).unwrap();
+    drop(s);
+    let s = RedbStore::open(&path).unwrap();
+    let meta = &s.groups().unwrap()[0].meta;
+    assert_eq!((meta.head, meta.compacted), (4, 4));
+    assert!(s.read_log(&g, 0, 10, 10).unwrap().is_empty());
+    assert!(matches!(
+        s.apply(&[write(g, false, 5, vec![entry(4)])]),
+        Err(StoreError::Conflict(_))
+    ));
+    let mut next = write(g, false, 5, vec![entry(5)]);
+    next.meta.compacted = 4;
+    s.apply(&[next]).unwrap();
+    assert_eq!(s.groups().unwrap()[0].meta.head, 5);
+}
