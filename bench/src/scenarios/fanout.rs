@@ -69,9 +69,9 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     anyhow::ensure!(p.members <= 1000, "at most 1,000 members per group");
     anyhow::ensure!(
         p.inflight >= 1 && p.inflight < huddle_core::mls::OUT_OF_ORDER_TOLERANCE as usize,
-        "--inflight must be 1 to {}: with more messages of one sender in flight, the \
-         DS may order one of them more than {} generations after a later one, and \
-         receivers refuse it as too old",
+        "--inflight must be 1 to {}: a receiver refuses a message processed more \
+         than {} generations after a later one of the same sender, so no sender may \
+         run that far ahead of its oldest outstanding message",
         huddle_core::mls::OUT_OF_ORDER_TOLERANCE - 1,
         huddle_core::mls::OUT_OF_ORDER_TOLERANCE
     );
@@ -326,22 +326,41 @@ async fn send_loop(
     inflight: usize,
     rate: Option<f64>,
 ) -> anyhow::Result<(u64, usize)> {
+    // Receivers open a message only if fewer than OUT_OF_ORDER_TOLERANCE
+    // later ones of the same sender were processed before it. `inflight`
+    // bounds how many are outstanding, not how far one slow request can
+    // fall behind the others, so also never run that far ahead of the
+    // oldest outstanding message.
+    let max_gap = u64::from(huddle_core::mls::OUT_OF_ORDER_TOLERANCE) - 1;
     let conn = lean.light.net.quic().clone();
     let end = Instant::now() + duration;
     let mut set = tokio::task::JoinSet::new();
+    let mut outstanding = std::collections::BTreeSet::new();
     let mut acked = 0u64;
     let mut len = 0usize;
+    let mut next_index = 0u64;
+    let mut settle = |r: Result<(u64, anyhow::Result<Response>), tokio::task::JoinError>,
+                      outstanding: &mut std::collections::BTreeSet<u64>| {
+        if let Ok((i, r)) = r {
+            outstanding.remove(&i);
+            if matches!(r, Ok(Response::Appended { .. })) {
+                acked += 1;
+            }
+        }
+    };
     let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
     let mut next = Instant::now();
     while Instant::now() < end {
         if let Some(iv) = interval {
             tokio::time::sleep_until(next.into()).await;
             next += iv;
-        } else if set.len() >= inflight {
+        }
+        let behind = outstanding
+            .first()
+            .is_some_and(|&oldest| next_index - oldest >= max_gap);
+        if behind || (interval.is_none() && set.len() >= inflight) {
             if let Some(r) = set.join_next().await {
-                if matches!(r, Ok(Ok(Response::Appended { .. }))) {
-                    acked += 1;
-                }
+                settle(r, &mut outstanding);
             }
             continue;
         }
@@ -350,17 +369,16 @@ async fn send_loop(
             len = message.len();
         }
         let conn = conn.clone();
-        set.spawn(async move { request_on(&conn, &req).await });
+        let i = next_index;
+        next_index += 1;
+        outstanding.insert(i);
+        set.spawn(async move { (i, request_on(&conn, &req).await) });
         while let Some(r) = set.try_join_next() {
-            if matches!(r, Ok(Ok(Response::Appended { .. }))) {
-                acked += 1;
-            }
+            settle(r, &mut outstanding);
         }
     }
     while let Some(r) = set.join_next().await {
-        if matches!(r, Ok(Ok(Response::Appended { .. }))) {
-            acked += 1;
-        }
+        settle(r, &mut outstanding);
     }
     Ok((acked, len))
 }
