@@ -26,20 +26,36 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 const ALPN: &[u8] = b"huddle-baseline";
 
-/// The same transport windows as the delivery service and client.
-fn transport() -> quinn::TransportConfig {
+/// quinn's default largest UDP payload (and MTU discovery bound): the
+/// datagram size a raw quinn user gets without tuning.
+pub const QUINN_DEFAULT_UDP_PAYLOAD: u16 = 1_452;
+
+/// The same transport windows as the delivery service and client; datagrams
+/// up to `max_payload` bytes (the DS's [`huddle_core::proto::MAX_UDP_PAYLOAD`]
+/// unless a scenario asks for quinn's default too).
+fn transport(max_payload: u16) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("valid")));
     t.max_concurrent_bidi_streams(128u32.into());
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((16u32 * 1024 * 1024).into());
     t.send_window(16 * 1024 * 1024);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(max_payload);
+    t.mtu_discovery_config(Some(mtu));
     t
+}
+
+/// Accepts datagrams up to `max_payload` bytes.
+fn endpoint_config(max_payload: u16) -> anyhow::Result<quinn::EndpointConfig> {
+    let mut e = quinn::EndpointConfig::default();
+    e.max_udp_payload_size(max_payload)?;
+    Ok(e)
 }
 
 /// Runs the raw peer until killed: binds 127.0.0.1:0, writes its certificate
 /// to `cert_out`, prints its address.
-pub async fn serve(cert_out: &Path) -> anyhow::Result<()> {
+pub async fn serve(cert_out: &Path, max_payload: u16) -> anyhow::Result<()> {
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
     let der = certified.cert.der().to_vec();
     std::fs::write(cert_out, &der)?;
@@ -53,9 +69,9 @@ pub async fn serve(cert_out: &Path) -> anyhow::Result<()> {
         .with_single_cert(vec![CertificateDer::from(der)], key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    config.transport_config(Arc::new(transport()));
+    config.transport_config(Arc::new(transport(max_payload)));
     let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config(max_payload)?,
         Some(config),
         huddle_client::net::udp_socket("127.0.0.1:0".parse()?)?,
         Arc::new(quinn::TokioRuntime),
@@ -119,6 +135,7 @@ async fn handle(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> any
 /// A running raw peer process and a client endpoint for it.
 #[derive(Debug)]
 pub struct RawPeer {
+    max_payload: u16,
     child: Child,
     addr: SocketAddr,
     client: quinn::ClientConfig,
@@ -140,14 +157,23 @@ impl Drop for RawPeer {
 }
 
 impl RawPeer {
-    /// Starts the peer process.
+    /// Starts the peer process with the delivery service's datagram size.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(huddle_core::proto::MAX_UDP_PAYLOAD)
+    }
+
+    /// Starts the peer process; both ends accept and probe for datagrams up
+    /// to `max_payload` bytes.
+    pub fn start_with(max_payload: u16) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let cert_path = dir.path().join("raw.der");
         let mut child = Command::new(std::env::current_exe()?)
+            .env_remove(crate::MALLOC_THRESHOLD_ENV)
             .arg("raw-server")
             .arg("--cert-out")
             .arg(&cert_path)
+            .arg("--max-udp-payload")
+            .arg(max_payload.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -170,8 +196,9 @@ impl RawPeer {
             .with_no_client_auth();
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-        client.transport_config(Arc::new(transport()));
+        client.transport_config(Arc::new(transport(max_payload)));
         Ok(Self {
+            max_payload,
             child,
             addr,
             client,
@@ -182,7 +209,7 @@ impl RawPeer {
     /// A new connection from a new client endpoint.
     pub async fn connect(&self) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
         let mut ep = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config(self.max_payload)?,
             None,
             huddle_client::net::udp_socket("127.0.0.1:0".parse()?)?,
             Arc::new(quinn::TokioRuntime),

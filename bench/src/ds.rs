@@ -76,6 +76,7 @@ impl Ds {
 
     fn spawn_at(dir: tempfile::TempDir, data_dir: PathBuf, listen: &str) -> anyhow::Result<Self> {
         let mut child = Command::new(sibling("huddle-server")?)
+            .env_remove(crate::MALLOC_THRESHOLD_ENV)
             .args([
                 "--listen",
                 listen,
@@ -203,6 +204,7 @@ pub fn children_cpu_seconds() -> Option<f64> {
 /// exits. Returns (success, stdout, peak RSS in MiB).
 pub async fn run_measured(cmd: &Path, args: &[String]) -> anyhow::Result<(bool, String, f64)> {
     let child = tokio::process::Command::new(cmd)
+        .env_remove(crate::MALLOC_THRESHOLD_ENV)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -200,6 +200,9 @@ impl Connection {
         transport.stream_receive_window((8u32 * 1024 * 1024).into());
         transport.receive_window((16u32 * 1024 * 1024).into());
         transport.send_window(16 * 1024 * 1024);
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(proto::MAX_UDP_PAYLOAD);
+        transport.mtu_discovery_config(Some(mtu));
         config.transport_config(Arc::new(transport));
         let bind: SocketAddr = if sock.is_ipv6() {
             "[::]:0".parse().expect("valid address")
@@ -207,13 +210,13 @@ impl Connection {
             "0.0.0.0:0".parse().expect("valid address")
         };
         let socket = udp_socket(bind).map_err(|e| fail(format!("cannot open a socket: {e}")))?;
-        let mut endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            None,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|e| fail(format!("cannot open a socket: {e}")))?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(proto::MAX_UDP_PAYLOAD)
+            .expect("within quinn's bounds");
+        let mut endpoint =
+            quinn::Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime))
+                .map_err(|e| fail(format!("cannot open a socket: {e}")))?;
         endpoint.set_default_client_config(config);
         let connecting = endpoint
             .connect(sock, host)

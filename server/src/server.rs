@@ -113,6 +113,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
     let tag = ring::hmac::sign(&reset_key, b"huddle connection id key");
     let cid_key = u64::from_le_bytes(tag.as_ref()[..8].try_into().expect("8 bytes"));
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.max_udp_payload_size(huddle_core::proto::MAX_UDP_PAYLOAD)?;
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });

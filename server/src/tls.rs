@@ -149,5 +149,8 @@ fn transport(config: &ServerConfig) -> anyhow::Result<quinn::TransportConfig> {
     // download in flight. 4 MiB covers 40 MB/s at 100 ms of round trip;
     // with 8 MiB, two concurrent 1 GiB downloads took the DS to 64.7 MiB.
     t.send_window(4 * 1024 * 1024);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(huddle_core::proto::MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     Ok(t)
 }

@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 use huddle_client::{Client, Home};
 
-use crate::baseline::RawPeer;
+use crate::baseline::{RawPeer, QUINN_DEFAULT_UDP_PAYLOAD};
 use crate::ds::{children_cpu_seconds, cpu_seconds, own_cpu_seconds, run_measured, sibling, Ds};
 use crate::report::{Output, Report};
 use crate::Target;
@@ -200,6 +200,12 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let base_down_cpu = cpu.stop_raw();
     let base_concurrent = peer.bulk_download_concurrent(p.downloaders, blob).await?;
     drop(peer);
+    // The same with quinn's default datagram size, for comparison with
+    // what an untuned raw quinn moves.
+    let peer = RawPeer::start_with(QUINN_DEFAULT_UDP_PAYLOAD)?;
+    let small_up = peer.bulk_upload(blob).await?;
+    let small_down = peer.bulk_download(blob).await?;
+    drop(peer);
 
     let upload = blob as f64 / up_secs / 1e6;
     let download = single;
@@ -220,6 +226,10 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set("upload_ratio", upload / base_up)
         .set("download_ratio", download / base_down)
         .set("concurrent_ratio", aggregate / base_concurrent)
+        .set("baseline_1452_upload_mb_s", small_up)
+        .set("baseline_1452_download_mb_s", small_down)
+        .set("upload_ratio_1452", upload / small_up)
+        .set("download_ratio_1452", download / small_down)
         .set("upload_cpu_s_client", up_cpu.0)
         .set("upload_cpu_s_server", up_cpu.1)
         .set("baseline_upload_cpu_s_sender", base_up_cpu.0)
@@ -244,6 +254,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set("plaintext_in_server_data_dir", plaintext_on_server)
         .note("upload and download run as separate `huddle` processes; times are whole commands (connect, authenticate, encrypt or verify, transfer)")
         .note("*_cpu_s_*: CPU seconds (user + system, all threads) each side used for the transfer, from /proc; *_cpu_ratio: the raw transfer's CPU over Huddle's. Both sides share the machine's cores, so when they are busy the throughput ratio cannot exceed the CPU ratio")
+        .note(format!("baseline_*: raw quinn with the DS's transport settings, datagrams up to {} bytes where the path allows (loopback does); baseline_1452_*: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD))
         .note("download_mb_s: one downloader alone, against one raw quinn stream between two processes; concurrent_*: all downloaders at once, against as many raw streams at once");
     out.emit(&r);
     Ok(())
