@@ -12,7 +12,7 @@ use huddle_client::{Client, Home};
 use huddle_core::proto::Response;
 
 use super::{entry_frame_len, request_on, trust};
-use crate::baseline::RawPeer;
+use crate::baseline::{RawPeer, QUINN_DEFAULT_UDP_PAYLOAD};
 use crate::ds::{own_peak_rss_mb, Ds};
 use crate::lean::Lean;
 use crate::light::{claim, now_ns, receive, register, register_many, Tally};
@@ -266,6 +266,13 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .push(receivers.max(1), frame, Duration::from_secs(3))
         .await?;
     drop(peer);
+    // The same with quinn's default datagram size: what an untuned raw
+    // quinn pushes.
+    let peer = RawPeer::start_with(QUINN_DEFAULT_UDP_PAYLOAD)?;
+    let baseline_small = peer
+        .push(receivers.max(1), frame, Duration::from_secs(3))
+        .await?;
+    drop(peer);
 
     let h = tally.latency.lock().expect("latency").clone();
     let mut r = Report::new("fanout");
@@ -293,6 +300,8 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set("frame_bytes", frame as u64)
         .set("baseline_push_per_sec", baseline)
         .set("ratio", dps / baseline)
+        .set("baseline_1452_push_per_sec", baseline_small)
+        .set("ratio_1452", dps / baseline_small)
         .latency("", &h)
         .set_opt("server_peak_rss_mb", server_rss)
         .set_opt("client_peak_rss_mb", own_peak_rss_mb())
@@ -305,7 +314,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         "{} light members receive, timestamp and acknowledge without decrypting; {} full member(s) decrypt and store every message (counted {:?} of {:?} sent per group)",
         receivers, p.groups * p.full, full_texts, sent_per_group
     ));
-    r.note("deliveries = messages x light receivers; the baseline pushes frames of the same size to as many raw quinn connections");
+    r.note(format!("deliveries = messages x light receivers; the baseline pushes frames of the same size to as many raw quinn connections, with the DS's transport settings (datagrams up to {} bytes); baseline_1452: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD));
     out.emit(&r);
     out.plot(
         &format!(
