@@ -26,8 +26,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 const ALPN: &[u8] = b"huddle-baseline";
 
-/// quinn's default largest UDP payload (and MTU discovery bound): the
-/// datagram size a raw quinn user gets without tuning.
+/// quinn's default MTU discovery bound: the largest datagram an untuned
+/// quinn connection sends (its endpoints accept up to 1,472 bytes, but
+/// never probe past this).
 pub const QUINN_DEFAULT_UDP_PAYLOAD: u16 = 1_452;
 
 /// The same transport windows as the delivery service and client; datagrams
