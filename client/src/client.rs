@@ -1937,11 +1937,64 @@ impl Client {
     /// Stays connected and reports events as they arrive until `stop`
     /// completes. New entries are pushed by the DS; gaps are filled from the
     /// log.
+    ///
+    /// A connection lost after listening began (the server restarted, the
+    /// network went away) is retried with a growing pause, from
+    /// [`RECONNECT_MIN`] up to [`RECONNECT_MAX`], and a warning for each
+    /// attempt; each new session starts with a sync, so nothing pushed in
+    /// between is missed. Failing to reach the server the first time is an
+    /// error, as is anything other than a lost connection.
     pub async fn listen<F, S>(&mut self, mut on_event: F, stop: S) -> Result<()>
     where
         F: FnMut(&Event),
         S: std::future::Future<Output = ()>,
     {
+        tokio::pin!(stop);
+        let mut listened = false;
+        let mut pause = RECONNECT_MIN;
+        loop {
+            let started = tokio::time::Instant::now();
+            let mut subscribed = false;
+            let err = match self
+                .listen_session(&mut on_event, stop.as_mut(), &mut subscribed)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e @ ClientError::Connect { .. }) if listened || subscribed => e,
+                Err(e) => return Err(e),
+            };
+            listened = true;
+            self.net = None;
+            if started.elapsed() > RECONNECT_MAX {
+                // That session lasted: this is a new outage.
+                pause = RECONNECT_MIN;
+            }
+            tracing::warn!("{err}; reconnecting in {} s", pause.as_secs());
+            tokio::select! {
+                _ = stop.as_mut() => return Ok(()),
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(RECONNECT_MAX);
+        }
+    }
+
+    /// One connection's worth of [`Client::listen`]: returns `Ok` when
+    /// `stop` completes; sets `subscribed` once the push stream is open.
+    async fn listen_session<F, S>(
+        &mut self,
+        on_event: &mut F,
+        mut stop: std::pin::Pin<&mut S>,
+        subscribed: &mut bool,
+    ) -> Result<()>
+    where
+        F: FnMut(&Event),
+        S: std::future::Future<Output = ()>,
+    {
+        let lost = |what: String, server: &str| ClientError::Connect {
+            addr: server.to_owned(),
+            reason: format!("push stream: {what}"),
+        };
+        let server = self.settings.server.clone();
         for e in self.sync().await? {
             on_event(&e);
         }
@@ -1965,7 +2018,7 @@ impl Client {
                 inbox_after,
             })
             .await?;
-        tokio::pin!(stop);
+        *subscribed = true;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         // Frames are reassembled here from cancel-safe chunk reads, so the
         // timer branch below can never cut a frame in half.
@@ -1976,7 +2029,7 @@ impl Client {
                 Some(p) => p,
                 None => {
                     tokio::select! {
-                        _ = &mut stop => break,
+                        _ = stop.as_mut() => break,
                         _ = tick.tick() => {
                             for (id, state) in self.group_ids()? {
                                 if state == "active" || state == "leaving" {
@@ -1988,8 +2041,8 @@ impl Client {
                         }
                         chunk = recv.read_chunk(64 * 1024, true) => {
                             let chunk = chunk
-                                .map_err(|e| ClientError::Io(format!("push stream: {e}")))?
-                                .ok_or_else(|| ClientError::Io("the server closed the push stream".into()))?;
+                                .map_err(|e| lost(e.to_string(), &server))?
+                                .ok_or_else(|| lost("closed by the server".into(), &server))?;
                             decoder.extend(&chunk.bytes);
                             // Take everything that has already arrived too
                             // (each read returns about one packet's worth),
@@ -2001,8 +2054,8 @@ impl Client {
                                     break;
                                 };
                                 let more = more
-                                    .map_err(|e| ClientError::Io(format!("push stream: {e}")))?
-                                    .ok_or_else(|| ClientError::Io("the server closed the push stream".into()))?;
+                                    .map_err(|e| lost(e.to_string(), &server))?
+                                    .ok_or_else(|| lost("closed by the server".into(), &server))?;
                                 taken += more.bytes.len();
                                 decoder.extend(&more.bytes);
                             }
@@ -2050,8 +2103,12 @@ impl Client {
                         if e.kind == "joined" {
                             if let Ok(g) = e.group.parse::<GroupId>() {
                                 let after = load_row(&self.db, &g)?.map(|r| r.cursor).unwrap_or(0);
-                                write_control(&mut send, &Control::Watch { group: g, after })
-                                    .await?;
+                                write_control(
+                                    &mut send,
+                                    &server,
+                                    &Control::Watch { group: g, after },
+                                )
+                                .await?;
                             }
                         }
                     }
@@ -2060,7 +2117,7 @@ impl Client {
                 Pushed::Gap { group, .. } => {
                     let evs = self.sync_group(&group).await?;
                     let after = load_row(&self.db, &group)?.map(|r| r.cursor).unwrap_or(0);
-                    write_control(&mut send, &Control::Watch { group, after }).await?;
+                    write_control(&mut send, &server, &Control::Watch { group, after }).await?;
                     (Some(group), evs)
                 }
                 Pushed::Unwatched { group, .. } => (Some(group), self.sync_group(&group).await?),
@@ -2075,6 +2132,7 @@ impl Client {
                 if let Some(r) = load_row(&self.db, &g)? {
                     write_control(
                         &mut send,
+                        &server,
                         &Control::Ack {
                             group: g,
                             seq: r.cursor,
@@ -2089,11 +2147,20 @@ impl Client {
     }
 }
 
-async fn write_control(send: &mut quinn::SendStream, c: &Control) -> Result<()> {
+async fn write_control(send: &mut quinn::SendStream, server: &str, c: &Control) -> Result<()> {
     send.write_all(&huddle_core::proto::encode_frame(c))
         .await
-        .map_err(|e| ClientError::Io(format!("push stream: {e}")))
+        .map_err(|e| ClientError::Connect {
+            addr: server.to_owned(),
+            reason: format!("push stream: {e}"),
+        })
 }
+
+/// First pause before `listen` reconnects after losing its connection.
+pub const RECONNECT_MIN: Duration = Duration::from_secs(1);
+
+/// Longest pause between `listen`'s reconnection attempts.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
 /// Most pushed bytes taken in one go before processing them.
 const MAX_DRAIN: usize = 1 << 20;

@@ -251,6 +251,54 @@ async fn listen_shows_messages_as_they_arrive() {
     assert_eq!(got, vec!["live 0", "live 1", "live 2"]);
 }
 
+/// The next text event's text (bounded wait).
+async fn next_text(rx: &mut tokio::sync::mpsc::UnboundedReceiver<huddle_client::Event>) -> String {
+    loop {
+        let e = tokio::time::timeout(std::time::Duration::from_secs(20), rx.recv())
+            .await
+            .expect("a message within 20 s")
+            .unwrap();
+        if e.kind == "text" {
+            return e.text.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_reconnects_after_the_server_restarts() {
+    let (mut s, mut c, g) = setup(2).await;
+    let mut b = c.pop().unwrap();
+    let mut a = c.pop().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let listener = async {
+        b.listen(
+            move |e| {
+                let _ = tx.send(e.clone());
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+        )
+        .await
+        .unwrap();
+    };
+    let talker = async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        a.send_text(&g, "before").await.unwrap();
+        let first = next_text(&mut rx).await;
+        // The restart closes every connection, the listener's push stream
+        // among them; it must come back by itself.
+        s.restart().await;
+        a.send_text(&g, "after").await.unwrap();
+        let second = next_text(&mut rx).await;
+        stop_tx.send(()).unwrap();
+        (first, second)
+    };
+    let ((), got) = tokio::join!(listener, talker);
+    assert_eq!(got, ("before".to_string(), "after".to_string()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_restarted_mid_sync_resumes_where_it_stopped() {
     let (s, mut c, g) = setup(2).await;
