@@ -208,47 +208,31 @@ async fn leaving_is_committed_by_a_remaining_member() {
     assert_eq!(texts(&c[0].sync().await.unwrap()), vec!["user1: just us"]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listen_shows_messages_as_they_arrive() {
-    let (_s, mut c, g) = setup(2).await;
-    let mut b = c.pop().unwrap();
-    let mut a = c.pop().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+/// `client.listen` as a future that ends when the returned sender fires,
+/// and a receiver of every event it reports.
+fn listening(
+    client: &mut Client,
+) -> (
+    impl std::future::Future<Output = ()> + '_,
+    tokio::sync::mpsc::UnboundedReceiver<huddle_client::Event>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let listener = async {
-        b.listen(
-            move |e| {
-                let _ = tx.send(e.clone());
-            },
-            async {
-                let _ = stop_rx.await;
-            },
-        )
-        .await
-        .unwrap();
+    let listener = async move {
+        client
+            .listen(
+                move |e| {
+                    let _ = tx.send(e.clone());
+                },
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+            .unwrap();
     };
-    let talker = async {
-        // Give the listener time to subscribe; it would still get the
-        // message from the log otherwise, but here we test the push path.
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        for i in 0..3 {
-            a.send_text(&g, &format!("live {i}")).await.unwrap();
-        }
-        let mut got = Vec::new();
-        while got.len() < 3 {
-            let e = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
-                .await
-                .expect("a pushed message")
-                .unwrap();
-            if e.kind == "text" {
-                got.push(e.text.unwrap());
-            }
-        }
-        stop_tx.send(()).unwrap();
-        got
-    };
-    let ((), got) = tokio::join!(listener, talker);
-    assert_eq!(got, vec!["live 0", "live 1", "live 2"]);
+    (listener, rx, stop_tx)
 }
 
 /// The next text event's text (bounded wait).
@@ -265,24 +249,35 @@ async fn next_text(rx: &mut tokio::sync::mpsc::UnboundedReceiver<huddle_client::
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_shows_messages_as_they_arrive() {
+    let (_s, mut c, g) = setup(2).await;
+    let mut b = c.pop().unwrap();
+    let mut a = c.pop().unwrap();
+    let (listener, mut rx, stop_tx) = listening(&mut b);
+    let talker = async {
+        // Give the listener time to subscribe; it would still get the
+        // message from the log otherwise, but here we test the push path.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        for i in 0..3 {
+            a.send_text(&g, &format!("live {i}")).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.push(next_text(&mut rx).await);
+        }
+        stop_tx.send(()).unwrap();
+        got
+    };
+    let ((), got) = tokio::join!(listener, talker);
+    assert_eq!(got, vec!["live 0", "live 1", "live 2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_reconnects_after_the_server_restarts() {
     let (mut s, mut c, g) = setup(2).await;
     let mut b = c.pop().unwrap();
     let mut a = c.pop().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let listener = async {
-        b.listen(
-            move |e| {
-                let _ = tx.send(e.clone());
-            },
-            async {
-                let _ = stop_rx.await;
-            },
-        )
-        .await
-        .unwrap();
-    };
+    let (listener, mut rx, stop_tx) = listening(&mut b);
     let talker = async {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         a.send_text(&g, "before").await.unwrap();
@@ -344,23 +339,11 @@ async fn listen_keeps_every_message_of_a_long_burst() {
     let (_s, mut c, g) = setup(2).await;
     let mut b = c.pop().unwrap();
     let mut a = c.pop().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // Large messages span many packets, so the listener is often in the
     // middle of a frame when its timer fires.
     let n = 60;
     let pad = "x".repeat(120_000);
-    let listener = async {
-        b.listen(
-            move |e| {
-                let _ = tx.send(e.clone());
-            },
-            async {
-                let _ = stop_rx.await;
-            },
-        )
-        .await
-    };
+    let (listener, mut rx, stop_tx) = listening(&mut b);
     let talker = async {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         for i in 0..n {
@@ -368,19 +351,12 @@ async fn listen_keeps_every_message_of_a_long_burst() {
         }
         let mut got = Vec::new();
         while got.len() < n {
-            let e = tokio::time::timeout(std::time::Duration::from_secs(20), rx.recv())
-                .await
-                .expect("all messages arrive")
-                .unwrap();
-            if e.kind == "text" {
-                got.push(e.text.unwrap());
-            }
+            got.push(next_text(&mut rx).await);
         }
         stop_tx.send(()).unwrap();
         got
     };
-    let (r, got) = tokio::join!(listener, talker);
-    r.unwrap();
+    let ((), got) = tokio::join!(listener, talker);
     let expected: Vec<String> = (0..n).map(|i| format!("burst {i} {pad}")).collect();
     assert_eq!(got, expected);
 }
