@@ -255,6 +255,8 @@ pub struct Client {
     db: Connection,
     crypto: RustCrypto,
     net: Option<Net>,
+    /// The QUIC endpoint of the first connection, reused by later ones.
+    endpoint: Option<quinn::Endpoint>,
 }
 
 impl std::fmt::Debug for Client {
@@ -302,6 +304,7 @@ impl Client {
             identity,
             db,
             crypto: RustCrypto::default(),
+            endpoint: Some(net.endpoint().clone()),
             net: Some(net),
         };
         client.publish_key_packages(KEY_PACKAGE_BATCH, true).await?;
@@ -319,6 +322,7 @@ impl Client {
             db,
             crypto: RustCrypto::default(),
             net: None,
+            endpoint: None,
         })
     }
 
@@ -356,7 +360,13 @@ impl Client {
             let pins = self.home.pinned_certs()?.ok_or_else(|| {
                 ClientError::Usage("no pinned server certificate in this home".into())
             })?;
-            let net = Net::connect(&self.settings.server, Trust::Pinned(pins)).await?;
+            let net = Net::connect_on(
+                self.endpoint.as_ref(),
+                &self.settings.server,
+                Trust::Pinned(pins),
+            )
+            .await?;
+            self.endpoint = Some(net.endpoint().clone());
             net.authenticate(&self.identity, false).await?;
             self.net = Some(net);
         }

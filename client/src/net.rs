@@ -143,8 +143,21 @@ async fn resolve(addr: &str) -> Result<SocketAddr> {
 }
 
 impl Connection {
-    /// Connects to `addr` ("host:port") and checks its certificate.
+    /// Connects to `addr` ("host:port") from a new endpoint of its own and
+    /// checks the server's certificate.
     pub async fn connect(addr: &str, trust: Trust) -> Result<Self> {
+        Self::connect_on(None, addr, trust).await
+    }
+
+    /// Like [`Connection::connect`], from `endpoint` if given (one made by
+    /// [`Connection::endpoint`] of an earlier connection to the same
+    /// address family), so a process that reconnects keeps one socket and
+    /// one receive buffer instead of making new ones each time.
+    pub async fn connect_on(
+        endpoint: Option<&quinn::Endpoint>,
+        addr: &str,
+        trust: Trust,
+    ) -> Result<Self> {
         let fail = |reason: String| ClientError::Connect {
             addr: addr.to_owned(),
             reason,
@@ -204,22 +217,28 @@ impl Connection {
         mtu.upper_bound(proto::MAX_UDP_PAYLOAD);
         transport.mtu_discovery_config(Some(mtu));
         config.transport_config(Arc::new(transport));
-        let bind: SocketAddr = if sock.is_ipv6() {
-            "[::]:0".parse().expect("valid address")
-        } else {
-            "0.0.0.0:0".parse().expect("valid address")
+        let endpoint = match endpoint {
+            Some(e) if e.local_addr().is_ok_and(|a| a.is_ipv6() == sock.is_ipv6()) => e.clone(),
+            _ => {
+                let bind: SocketAddr = if sock.is_ipv6() {
+                    "[::]:0".parse().expect("valid address")
+                } else {
+                    "0.0.0.0:0".parse().expect("valid address")
+                };
+                let socket =
+                    udp_socket(bind).map_err(|e| fail(format!("cannot open a socket: {e}")))?;
+                let mut endpoint_config = quinn::EndpointConfig::default();
+                endpoint_config
+                    .max_udp_payload_size(proto::MAX_UDP_PAYLOAD)
+                    .expect("within quinn's bounds");
+                quinn::Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime))
+                    .map_err(|e| fail(format!("cannot open a socket: {e}")))?
+            }
         };
-        let socket = udp_socket(bind).map_err(|e| fail(format!("cannot open a socket: {e}")))?;
-        let mut endpoint_config = quinn::EndpointConfig::default();
-        endpoint_config
-            .max_udp_payload_size(proto::MAX_UDP_PAYLOAD)
-            .expect("within quinn's bounds");
-        let mut endpoint =
-            quinn::Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime))
-                .map_err(|e| fail(format!("cannot open a socket: {e}")))?;
-        endpoint.set_default_client_config(config);
+        // The configuration is per connection: its verifier records what
+        // this server presented.
         let connecting = endpoint
-            .connect(sock, host)
+            .connect_with(config, sock, host)
             .map_err(|e| fail(e.to_string()))?;
         let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
             Err(_) => {
@@ -258,6 +277,11 @@ impl Connection {
     /// The server address.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The endpoint this connection runs on, for [`Connection::connect_on`].
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
     }
 
     /// The underlying QUIC connection.
