@@ -28,8 +28,9 @@ pub struct ServerConfig {
     pub max_key_packages_per_user: u32,
     /// Key packages one user may claim per minute (bursts up to this many).
     pub claims_per_minute: u32,
-    /// Pushed frames queued per connection before the DS stops pushing to it
-    /// and tells it to catch up from the log instead.
+    /// Pushes queued per connection (each one group's entries of one commit
+    /// round, or one event) before the DS stops pushing to it and tells it
+    /// to catch up from the log instead.
     pub push_queue: usize,
     /// A push stream whose client reads nothing for this long is closed.
     pub push_stall_timeout: Duration,

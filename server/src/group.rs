@@ -980,14 +980,22 @@ impl Actor {
                 for r in changes.info_replies {
                     let _ = r.send(Ok((view.head, view.epoch)));
                 }
+                let mut frames = Vec::with_capacity(accepted.len());
+                let mut replies = Vec::with_capacity(accepted.len());
                 for a in accepted {
                     let seq = a.entry.seq;
-                    let frame = proto::encode_frame(&Event::Entry {
-                        group: self.id,
-                        entry: a.entry,
-                    });
-                    self.push(&view, seq, frame);
-                    let _ = a.reply.send(Ok((seq, a.epoch)));
+                    frames.push((
+                        seq,
+                        proto::encode_frame(&Event::Entry {
+                            group: self.id,
+                            entry: a.entry,
+                        }),
+                    ));
+                    replies.push((a.reply, seq, a.epoch));
+                }
+                self.push(&view, frames);
+                for (reply, seq, epoch) in replies {
+                    let _ = reply.send(Ok((seq, epoch)));
                 }
                 for (user, item) in inbox_items {
                     self.shared.inboxes.deliver(&user, item);
@@ -1018,42 +1026,55 @@ impl Actor {
         }
     }
 
-    /// Pushes a durable entry to every subscriber allowed to read it.
-    fn push(&mut self, view: &GroupView, seq: u64, frame: Bytes) {
-        self.tail.push_back((seq, frame.clone()));
+    /// Pushes the entries one round made durable (consecutive sequence
+    /// numbers) to every subscriber allowed to read them. A subscriber gets
+    /// all of its entries of the round as one queue item, so its push loop
+    /// writes them in one call, and under load a round of many messages
+    /// costs each member one packet rather than one per message.
+    fn push(&mut self, view: &GroupView, entries: Vec<(u64, Bytes)>) {
+        let (Some(&(first, _)), Some(&(last, _))) = (entries.first(), entries.last()) else {
+            return;
+        };
+        for e in &entries {
+            self.tail.push_back(e.clone());
+        }
         while self.tail.len() > self.shared.tail_entries {
             self.tail.pop_front();
         }
+        let all = concat(&entries);
         let mut drop_subs = Vec::new();
         for (id, sub) in &self.subscribers {
             let Some(m) = view.members.get(&sub.user) else {
                 drop_subs.push(*id);
                 continue;
             };
-            if seq <= m.joined_seq {
-                continue;
+            let share = RoundShare::of(m, view.head, first, last);
+            if let Some(range) = &share.entries {
+                let frames = if *range == (first..=last) {
+                    all.clone()
+                } else {
+                    concat(
+                        &entries[(range.start() - first) as usize..=(range.end() - first) as usize],
+                    )
+                };
+                if sub.frames.try_send(frames).is_err() {
+                    // Too slow (or gone): stop pushing; it catches up from the log.
+                    sub.signals.raise(Event::Gap {
+                        group: self.id,
+                        head: view.head,
+                    });
+                    drop_subs.push(*id);
+                    continue;
+                }
             }
-            if seq > m.readable_until(view.head) {
-                drop_subs.push(*id);
-                continue;
-            }
-            if sub.frames.try_send(frame.clone()).is_err() {
-                // Too slow (or gone): stop pushing; it catches up from the log.
-                sub.signals.raise(Event::Gap {
-                    group: self.id,
-                    head: view.head,
-                });
-                drop_subs.push(*id);
-                continue;
-            }
-            if m.removed_seq == Some(seq) {
+            if let Some(removed) = share.removed {
                 // Behind the removing commit in the same queue, so the
                 // client sees the commit first.
                 let unwatched = Event::Unwatched {
                     group: self.id,
                     reason: ErrorBody::new(
                         ErrorCode::NotMember,
-                        format!("removed from group {} by the commit at {seq}", self.id),
+                        format!("removed from group {} by the commit at {removed}", self.id),
                     ),
                 };
                 if sub
@@ -1063,11 +1084,55 @@ impl Actor {
                 {
                     sub.signals.raise(unwatched);
                 }
+            }
+            if share.stop {
                 drop_subs.push(*id);
             }
         }
         for c in drop_subs {
             self.subscribers.remove(&c);
+        }
+    }
+}
+
+/// What a subscribed member gets of a round's entries `first..=last`.
+#[derive(Debug, PartialEq, Eq)]
+struct RoundShare {
+    /// The entries it may read, if any: after the commit that added it, up
+    /// to the one that removed it.
+    entries: Option<std::ops::RangeInclusive<u64>>,
+    /// The removing commit, when it is among them: the member is told it
+    /// was removed, after that commit.
+    removed: Option<u64>,
+    /// Whether pushing to it ends with this round (removed now or before).
+    stop: bool,
+}
+
+impl RoundShare {
+    fn of(m: &MemberRecord, head: u64, first: u64, last: u64) -> Self {
+        let until = m.readable_until(head);
+        let lo = (m.joined_seq + 1).max(first);
+        let hi = until.min(last);
+        let entries = (lo <= hi).then_some(lo..=hi);
+        let removed = m.removed_seq.filter(|r| (lo..=hi).contains(r));
+        Self {
+            entries,
+            removed,
+            stop: removed.is_some() || last > until,
+        }
+    }
+}
+
+/// `frames` back to back in one buffer (the frame itself when alone).
+fn concat(frames: &[(u64, Bytes)]) -> Bytes {
+    match frames {
+        [(_, one)] => one.clone(),
+        _ => {
+            let mut out = bytes::BytesMut::with_capacity(frames.iter().map(|(_, f)| f.len()).sum());
+            for (_, f) in frames {
+                out.extend_from_slice(f);
+            }
+            out.freeze()
         }
     }
 }
@@ -1333,6 +1398,66 @@ fn process_handshake(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn member(joined_seq: u64, removed_seq: Option<u64>) -> MemberRecord {
+        MemberRecord {
+            joined_seq,
+            removed_seq,
+        }
+    }
+
+    /// A round of entries 11..=15 (head 15), as each kind of member sees it.
+    #[test]
+    fn a_round_is_shared_only_within_membership() {
+        let share = |m: MemberRecord| RoundShare::of(&m, 15, 11, 15);
+        // A member throughout: all of it, and it stays subscribed.
+        let all = RoundShare {
+            entries: Some(11..=15),
+            removed: None,
+            stop: false,
+        };
+        assert_eq!(share(member(3, None)), all);
+        // Added by the commit at 12: what follows that commit.
+        let added = RoundShare {
+            entries: Some(13..=15),
+            ..all
+        };
+        assert_eq!(share(member(12, None)), added);
+        // Added by the round's last entry: nothing yet.
+        let none = RoundShare {
+            entries: None,
+            ..added
+        };
+        assert_eq!(share(member(15, None)), none);
+        // Removed by the commit at 13: up to it, told so, and no more.
+        let removed = RoundShare {
+            entries: Some(11..=13),
+            removed: Some(13),
+            stop: true,
+        };
+        assert_eq!(share(member(3, Some(13))), removed);
+        // Removed by the round's last entry.
+        let last = RoundShare {
+            entries: Some(11..=15),
+            removed: Some(15),
+            stop: true,
+        };
+        assert_eq!(share(member(3, Some(15))), last);
+        // Removed earlier (its Unwatched already went out): nothing.
+        let gone = RoundShare {
+            entries: None,
+            removed: None,
+            stop: true,
+        };
+        assert_eq!(share(member(3, Some(9))), gone);
+        // Added and removed within the round.
+        let brief = RoundShare {
+            entries: Some(13..=14),
+            removed: Some(14),
+            stop: true,
+        };
+        assert_eq!(share(member(12, Some(14))), brief);
+    }
 
     /// Found by the `stored_records` fuzz target: stored state whose JSON
     /// openmls' storage cannot decode made it panic.
