@@ -29,6 +29,19 @@ pub fn now_ns() -> u64 {
     clock().elapsed().as_nanos() as u64
 }
 
+/// `base` made unique to this run of the tool (`r` + 8 hex digits + `.` +
+/// `base`), so that runs against the same delivery service (`--server`)
+/// never collide on user names.
+pub fn run_name(base: &str) -> String {
+    static RUN: OnceLock<String> = OnceLock::new();
+    let run = RUN.get_or_init(|| {
+        let mut b = [0u8; 4];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+        format!("r{:08x}", u32::from_be_bytes(b))
+    });
+    format!("{run}.{base}")
+}
+
 /// A registered user with an authenticated connection.
 pub struct Light {
     /// Identity.

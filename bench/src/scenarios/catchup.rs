@@ -12,7 +12,7 @@ use super::{entry_frame_len, request_on, trust};
 use crate::baseline::RawPeer;
 use crate::ds::Ds;
 use crate::lean::Lean;
-use crate::light::{claim, register};
+use crate::light::{claim, register, run_name};
 use crate::report::{Output, Report};
 use crate::Target;
 
@@ -34,15 +34,21 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let ds = Ds::start(&p.target)?;
     let trust = trust(&ds)?;
     let homes = tempfile::tempdir()?;
-    let mut sender = Lean::new(register(&ds.addr, &trust, "sender", 0).await?, 0).await?;
-    let fetcher = register(&ds.addr, &trust, "fetcher", 1).await?;
+    let (fetcher_name, offline_name) = (run_name("fetcher"), run_name("offline"));
+    let mut sender =
+        Lean::new(register(&ds.addr, &trust, &run_name("sender"), 0).await?, 0).await?;
+    let fetcher = register(&ds.addr, &trust, &fetcher_name, 1).await?;
     let home = Home::new(homes.path().join("offline"));
-    Client::register(home.clone(), "offline", &ds.addr, Some(&ds.cert))
+    Client::register(home.clone(), &offline_name, &ds.addr, Some(&ds.cert))
         .await?
         .close()
         .await;
     let g = sender.create().await?;
-    let kps = claim(&sender.light.net, &["fetcher".into(), "offline".into()]).await?;
+    let kps = claim(
+        &sender.light.net,
+        &[fetcher_name.clone(), offline_name.clone()],
+    )
+    .await?;
     let add = sender.add(kps).await?;
     {
         let mut c = Client::open(home.clone())?;

@@ -9,7 +9,7 @@ use huddle_client::net::Connection;
 
 use super::trust;
 use crate::ds::Ds;
-use crate::light::register_many;
+use crate::light::{register_many, run_name};
 use crate::report::{Output, Report};
 use crate::Target;
 
@@ -31,7 +31,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let ds = Ds::start(&p.target)?;
     let trust = trust(&ds)?;
     out.say(&format!("registering {} users ...", p.users));
-    let users: Vec<Identity> = register_many(&ds.addr, &trust, "c", p.users.max(1), 0)
+    let users: Vec<Identity> = register_many(&ds.addr, &trust, &run_name("c"), p.users.max(1), 0)
         .await?
         .into_iter()
         .map(|l| l.id)

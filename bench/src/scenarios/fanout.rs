@@ -15,7 +15,7 @@ use super::{entry_frame_len, request_on, trust};
 use crate::baseline::{RawPeer, QUINN_DEFAULT_UDP_PAYLOAD};
 use crate::ds::{own_peak_rss_mb, Ds};
 use crate::lean::Lean;
-use crate::light::{claim, now_ns, receive, register, register_many, Tally};
+use crate::light::{claim, now_ns, receive, register, register_many, run_name, Tally};
 use crate::report::{Output, Report};
 use crate::Target;
 
@@ -88,13 +88,16 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         p.groups, p.members, p.senders, p.full, light_per_group
     ));
     for g in 0..p.groups {
-        let mut creator =
-            Lean::new(register(&ds.addr, &trust, &format!("g{g}s0"), 0).await?, 0).await?;
+        let mut creator = Lean::new(
+            register(&ds.addr, &trust, &run_name(&format!("g{g}s0")), 0).await?,
+            0,
+        )
+        .await?;
         let mut others = Vec::new();
         for s in 1..p.senders {
             others.push(
                 Lean::new(
-                    register(&ds.addr, &trust, &format!("g{g}s{s}"), 0).await?,
+                    register(&ds.addr, &trust, &run_name(&format!("g{g}s{s}")), 0).await?,
                     1,
                 )
                 .await?,
@@ -102,7 +105,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         }
         let mut full = Vec::new();
         for f in 0..p.full {
-            let name = format!("g{g}f{f}");
+            let name = run_name(&format!("g{g}f{f}"));
             let home = Home::new(homes.path().join(&name));
             Client::register(home.clone(), &name, &ds.addr, Some(&ds.cert))
                 .await?
@@ -110,7 +113,14 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
                 .await;
             full.push((home, name));
         }
-        let lights = register_many(&ds.addr, &trust, &format!("g{g}l"), light_per_group, 1).await?;
+        let lights = register_many(
+            &ds.addr,
+            &trust,
+            &run_name(&format!("g{g}l")),
+            light_per_group,
+            1,
+        )
+        .await?;
         let gid = creator.create().await?;
         let mut names: Vec<String> = others.iter().map(|o| o.light.id.name.clone()).collect();
         names.extend(full.iter().map(|(_, n)| n.clone()));

@@ -12,6 +12,7 @@ use huddle_client::{Client, Home};
 
 use crate::baseline::{RawPeer, QUINN_DEFAULT_UDP_PAYLOAD};
 use crate::ds::{children_cpu_seconds, cpu_seconds, own_cpu_seconds, run_measured, sibling, Ds};
+use crate::light::run_name;
 use crate::report::{Output, Report};
 use crate::Target;
 
@@ -74,18 +75,19 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let addr = ds.addr.clone();
 
     out.say("setting up a group ...");
-    let mut up = Client::register(home("up"), "up", &addr, Some(&ds.cert)).await?;
+    let mut up = Client::register(home("up"), &run_name("up"), &addr, Some(&ds.cert)).await?;
     let g = up.create_group("media").await?.to_string();
     let mut names = Vec::new();
     for i in 0..p.downloaders {
         let n = format!("down{i}");
-        Client::register(home(&n), &n, &addr, Some(&ds.cert))
+        Client::register(home(&n), &run_name(&n), &addr, Some(&ds.cert))
             .await?
             .close()
             .await;
         names.push(n);
     }
-    up.add(&g, &names).await?;
+    let users: Vec<String> = names.iter().map(|n| run_name(n)).collect();
+    up.add(&g, &users).await?;
     up.close().await;
 
     out.say(&format!("generating {} bytes ...", p.size));

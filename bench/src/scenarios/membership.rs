@@ -15,7 +15,9 @@ use super::{entry_frame_len, quantile, trust};
 use crate::baseline::RawPeer;
 use crate::ds::Ds;
 use crate::lean::{CommitStats, Lean};
-use crate::light::{claim, clock, now_ns, receive, register, register_many, Arrivals, Tally};
+use crate::light::{
+    claim, clock, now_ns, receive, register, register_many, run_name, Arrivals, Tally,
+};
 use crate::report::{Output, Report};
 use crate::Target;
 
@@ -85,9 +87,13 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let ds = Ds::start(&p.target)?;
     let trust = trust(&ds)?;
     out.say(&format!("registering {} members ...", p.members + p.rounds));
-    let mut creator = Lean::new(register(&ds.addr, &trust, "creator", 0).await?, 0).await?;
-    let lights = register_many(&ds.addr, &trust, "m", p.members - 1, 1).await?;
-    let spares = register_many(&ds.addr, &trust, "spare", p.rounds, 2).await?;
+    let mut creator = Lean::new(
+        register(&ds.addr, &trust, &run_name("creator"), 0).await?,
+        0,
+    )
+    .await?;
+    let lights = register_many(&ds.addr, &trust, &run_name("m"), p.members - 1, 1).await?;
+    let spares = register_many(&ds.addr, &trust, &run_name("spare"), p.rounds, 2).await?;
     let names: Vec<String> = lights.iter().map(|l| l.id.name.clone()).collect();
     let tally = Arc::new(Tally::default());
     let arrivals: Arrivals = Arc::new(Mutex::new(Vec::new()));
