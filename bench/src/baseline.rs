@@ -12,17 +12,31 @@
 //! - `D` + u64 length: the peer sends that many bytes, then FIN.
 //! - `P` + u32 frame size + u64 count: the peer writes that many frames of
 //!   that size as fast as the connection takes them, then FIN.
+//! - `S`: subscribe to the relay; the peer answers one byte once
+//!   subscribed, then writes every relayed frame on this stream, the way the
+//!   delivery service's push loop does (a bounded queue per subscriber,
+//!   whatever is queued goes out in one write).
+//! - `R` + u32 frame size: the client sends frames of that size; the peer
+//!   forwards them to every subscriber. One forwarding task takes whatever
+//!   the senders' streams delivered since it last ran and queues it to each
+//!   subscriber as one item, as the DS's sequencer does with a round of
+//!   messages. Neither stored, nor checked, nor ordered: a fan-out with
+//!   nothing but quinn in it.
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use hdrhistogram::Histogram;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::mpsc;
+
+use crate::light::now_ns;
 
 const ALPN: &[u8] = b"huddle-baseline";
 
@@ -78,18 +92,70 @@ pub async fn serve(cert_out: &Path, max_payload: u16) -> anyhow::Result<()> {
         Arc::new(quinn::TokioRuntime),
     )?;
     println!("raw peer listening on {}", endpoint.local_addr()?);
+    let relay = Relay::start();
     while let Some(inc) = endpoint.accept().await {
+        let relay = relay.clone();
         tokio::spawn(async move {
             let Ok(conn) = inc.await else { return };
             while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(handle(send, recv));
+                tokio::spawn(handle(send, recv, relay.clone()));
             }
         });
     }
     Ok(())
 }
 
-async fn handle(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
+/// The raw peer's fan-out: subscribers (one bounded queue each) and the
+/// queue into the forwarding task.
+#[derive(Clone)]
+struct Relay {
+    subscribers: Arc<Mutex<Vec<mpsc::Sender<bytes::Bytes>>>>,
+    incoming: mpsc::UnboundedSender<bytes::Bytes>,
+}
+
+impl Relay {
+    fn start() -> Self {
+        let subscribers: Arc<Mutex<Vec<mpsc::Sender<bytes::Bytes>>>> = Arc::default();
+        let (incoming, mut rx) = mpsc::unbounded_channel::<bytes::Bytes>();
+        let subs = subscribers.clone();
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            while rx.recv_many(&mut got, 256).await > 0 {
+                let f = if got.len() == 1 {
+                    got.pop().expect("one")
+                } else {
+                    let mut all = bytes::BytesMut::new();
+                    for f in got.drain(..) {
+                        all.extend_from_slice(&f);
+                    }
+                    all.freeze()
+                };
+                // A full or closed queue drops the frames for that
+                // subscriber; the client counts what arrives.
+                subs.lock().expect("relay").retain(|tx| {
+                    !matches!(
+                        tx.try_send(f.clone()),
+                        Err(mpsc::error::TrySendError::Closed(_))
+                    )
+                });
+            }
+        });
+        Self {
+            subscribers,
+            incoming,
+        }
+    }
+}
+
+/// Frames queued per subscriber, and written per call: the DS's defaults.
+const RELAY_QUEUE: usize = 1024;
+const RELAY_BATCH: usize = 64;
+
+async fn handle(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    relay: Relay,
+) -> anyhow::Result<()> {
     let mut op = [0u8; 1];
     recv.read_exact(&mut op).await?;
     match op[0] {
@@ -125,6 +191,36 @@ async fn handle(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> any
                 let mut batch: Vec<bytes::Bytes> = (0..n).map(|_| frame.clone()).collect();
                 send.write_all_chunks(&mut batch).await?;
                 left -= n;
+            }
+            send.finish()?;
+        }
+        b'S' => {
+            let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(RELAY_QUEUE);
+            relay.subscribers.lock().expect("relay").push(tx);
+            send.write_all(b"k").await?;
+            while let Some(f) = rx.recv().await {
+                let mut batch = vec![f];
+                while batch.len() < RELAY_BATCH {
+                    match rx.try_recv() {
+                        Ok(f) => batch.push(f),
+                        Err(_) => break,
+                    }
+                }
+                send.write_all_chunks(&mut batch).await?;
+            }
+        }
+        b'R' => {
+            let mut p = [0u8; 4];
+            recv.read_exact(&mut p).await?;
+            let size = u32::from_be_bytes(p) as usize;
+            let mut pending = bytes::BytesMut::new();
+            while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
+                pending.extend_from_slice(&chunk.bytes);
+                let whole = pending.len() / size.max(1) * size.max(1);
+                if whole == 0 {
+                    continue;
+                }
+                let _ = relay.incoming.send(pending.split_to(whole).freeze());
             }
             send.finish()?;
         }
@@ -337,4 +433,112 @@ impl RawPeer {
         let secs = start.elapsed().as_secs_f64();
         Ok((total / frame as u64) as f64 / secs)
     }
+
+    /// Opens `conns` subscriber connections and `senders` sender
+    /// connections; the senders together send `rate` frames a second of
+    /// `frame` bytes for `duration`, each stamped with [`now_ns`], and the
+    /// peer relays every one to every subscriber. Returns the latency from
+    /// stamp to receipt over all deliveries.
+    pub async fn relay(
+        &self,
+        conns: usize,
+        senders: usize,
+        frame: usize,
+        rate: f64,
+        duration: Duration,
+    ) -> anyhow::Result<RelayResult> {
+        let frame = frame.max(8);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut links = Vec::with_capacity(conns);
+        let mut receivers = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            let (ep, conn) = self.connect().await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(b"S").await?;
+            let mut ok = [0u8; 1];
+            recv.read_exact(&mut ok).await?;
+            let mut stop = stop_rx.clone();
+            let delivered = delivered.clone();
+            receivers.push(tokio::spawn(async move {
+                let _send = send;
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+                let mut buf = vec![0u8; frame];
+                loop {
+                    tokio::select! {
+                        r = recv.read_exact(&mut buf) => if r.is_err() { break },
+                        _ = stop.changed() => break,
+                    }
+                    let sent = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
+                    let _ = h.record((now_ns().saturating_sub(sent) / 1000).max(1));
+                    delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                h
+            }));
+            links.push((ep, conn));
+        }
+        let interval = Duration::from_secs_f64(senders.max(1) as f64 / rate.max(0.001));
+        let mut sender_tasks = Vec::new();
+        for _ in 0..senders.max(1) {
+            let (ep, conn) = self.connect().await?;
+            sender_tasks.push(tokio::spawn(async move {
+                let _ep = ep;
+                let (mut send, mut recv) = conn.open_bi().await?;
+                let mut req = vec![b'R'];
+                req.extend_from_slice(&(frame as u32).to_be_bytes());
+                send.write_all(&req).await?;
+                let mut buf = vec![0u8; frame];
+                let end = Instant::now() + duration;
+                let mut next = Instant::now();
+                let mut n = 0u64;
+                while Instant::now() < end {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += interval;
+                    buf[..8].copy_from_slice(&now_ns().to_be_bytes());
+                    send.write_all(&buf).await?;
+                    n += 1;
+                }
+                send.finish()?;
+                let _ = recv.read_to_end(0).await;
+                anyhow::Ok(n)
+            }));
+        }
+        let mut sent = 0;
+        for t in sender_tasks {
+            sent += t.await??;
+        }
+        let expected = sent * conns as u64;
+        // Wait for the relay to drain, as the fan-out scenario does.
+        let wait_start = Instant::now();
+        let mut last = u64::MAX;
+        while wait_start.elapsed() < Duration::from_secs(30) {
+            let d = delivered.load(std::sync::atomic::Ordering::Relaxed);
+            if d >= expected || d == last {
+                break;
+            }
+            last = d;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let _ = stop_tx.send(true);
+        let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+        for t in receivers {
+            latency.add(t.await?).expect("same bounds");
+        }
+        Ok(RelayResult {
+            latency,
+            delivered: delivered.load(std::sync::atomic::Ordering::Relaxed),
+            expected,
+        })
+    }
+}
+
+/// What [`RawPeer::relay`] measured.
+#[derive(Debug)]
+pub struct RelayResult {
+    /// Stamp-to-receipt latency of every delivery, microseconds.
+    pub latency: Histogram<u64>,
+    /// Frames the subscribers received.
+    pub delivered: u64,
+    /// `sent` times subscribers.
+    pub expected: u64,
 }

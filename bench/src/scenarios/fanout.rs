@@ -42,6 +42,8 @@ pub struct Params {
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
     /// Total messages per second across all senders (default: closed loop).
+    /// At a fixed rate the baseline also relays frames of the same size at
+    /// the same rate through raw quinn, for its latency (baseline_p*_ms).
     #[arg(long)]
     pub rate: Option<f64>,
     /// Messages in flight per sender in closed loop (below 128: receivers
@@ -275,6 +277,18 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let baseline = peer
         .push(receivers.max(1), frame, Duration::from_secs(3))
         .await?;
+    // At a fixed rate, also the latency of raw quinn relaying the same
+    // frames at the same rate from as many senders to as many connections.
+    let relay = match p.rate {
+        Some(rate) => {
+            out.say("raw quinn relay at the same rate ...");
+            Some(
+                peer.relay(receivers.max(1), total_senders, frame, rate, duration)
+                    .await?,
+            )
+        }
+        None => None,
+    };
     drop(peer);
     // The same with quinn's default datagram size: what an untuned raw
     // quinn pushes.
@@ -312,8 +326,20 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set("ratio", dps / baseline)
         .set("baseline_1452_push_per_sec", baseline_small)
         .set("ratio_1452", dps / baseline_small)
-        .latency("", &h)
-        .set_opt("server_peak_rss_mb", server_rss)
+        .latency("", &h);
+    if let Some(relay) = &relay {
+        r.latency("baseline_", &relay.latency)
+            .set(
+                "baseline_relay_delivered_share",
+                relay.delivered as f64 / relay.expected.max(1) as f64,
+            )
+            .set(
+                "p99_ratio",
+                h.value_at_quantile(0.99) as f64
+                    / relay.latency.value_at_quantile(0.99).max(1) as f64,
+            );
+    }
+    r.set_opt("server_peak_rss_mb", server_rss)
         .set_opt("client_peak_rss_mb", own_peak_rss_mb())
         .set_opt("bytes_written_per_msg", written);
     r.set("full_members_verified", full_ok);
@@ -325,6 +351,9 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         receivers, p.groups * p.full, full_texts, sent_per_group
     ));
     r.note(format!("deliveries = messages x light receivers; the baseline pushes frames of the same size to as many raw quinn connections, with the DS's transport settings (datagrams up to {} bytes); baseline_1452: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD));
+    if relay.is_some() {
+        r.note("baseline_p*: raw quinn relaying frames of the same size at the same rate from as many senders to as many connections (one process forwarding each frame as it arrives: no storage, no ordering, no checks); p99_ratio = p99 / baseline_p99");
+    }
     out.emit(&r);
     out.plot(
         &format!(
