@@ -3,7 +3,7 @@
 # JSON object per line into OUT (default bench-results.jsonl), plus the
 # latency CDFs as SVG next to it. Build first:
 #   cargo build --release --bins
-# Takes about 8 minutes on 2 cores (runs D, F, G on 2026-11-26). Run it on
+# Takes about 10 minutes on 2 cores (runs K, L on 2026-11-27). Run it on
 # an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
