@@ -33,6 +33,46 @@ pub struct Params {
     pub target: Target,
 }
 
+/// Writes `size` bytes to a new file at `path`, 1 MiB at a time, and makes
+/// them durable, as the DS must before it acknowledges an upload and the
+/// client before it renames a download into place: like both, a second
+/// thread flushes (`sync_data`) after every 16 MiB so the disk works while
+/// the writing goes on, and a last flush ends it. Returns MB/s over the
+/// whole; removes the file.
+fn disk_write(path: &Path, size: u64) -> anyhow::Result<f64> {
+    const SYNC_EVERY: u64 = 16 << 20;
+    let buf = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    let mut f = std::fs::File::create(path)?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let syncing = f.try_clone()?;
+    let syncer = std::thread::spawn(move || -> std::io::Result<()> {
+        while rx.recv().is_ok() {
+            syncing.sync_data()?;
+        }
+        Ok(())
+    });
+    let mut written = 0u64;
+    while written < size {
+        let n = (size - written).min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        written += n as u64;
+        if written.is_multiple_of(SYNC_EVERY) {
+            // Skip if the syncer is still busy with the previous one.
+            let _ = tx.try_send(());
+        }
+    }
+    drop(tx);
+    syncer
+        .join()
+        .map_err(|_| anyhow::anyhow!("syncer panicked"))??;
+    f.sync_data()?;
+    let secs = t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(path)?;
+    Ok(size as f64 / secs / 1e6)
+}
+
 /// Writes `size` pseudo-random bytes to `path`, 1 MiB at a time; returns
 /// their BLAKE3 hash.
 fn generate(path: &Path, size: u64) -> anyhow::Result<[u8; 32]> {
@@ -189,6 +229,14 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         Some(d) => contains_plaintext(d, &src)?,
         None => false,
     };
+    // Beside the data dir of a DS this tool started (idle by now).
+    let disk = match &ds.data_dir {
+        Some(d) => {
+            out.say("disk baseline ...");
+            Some(disk_write(&d.with_file_name("disk-baseline.bin"), blob)?)
+        }
+        None => None,
+    };
     drop(ds);
     let _ = std::fs::remove_file(&src);
 
@@ -232,6 +280,12 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set("baseline_1452_download_mb_s", small_down)
         .set("upload_ratio_1452", upload / small_up)
         .set("download_ratio_1452", download / small_down)
+        .set_opt("baseline_disk_write_mb_s", disk)
+        .set_opt("upload_ratio_to_limit", disk.map(|d| upload / base_up.min(d)))
+        .set_opt(
+            "download_ratio_to_limit",
+            disk.map(|d| download / base_down.min(d)),
+        )
         .set("upload_cpu_s_client", up_cpu.0)
         .set("upload_cpu_s_server", up_cpu.1)
         .set("baseline_upload_cpu_s_sender", base_up_cpu.0)
@@ -257,6 +311,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .note("upload and download run as separate `huddle` processes; times are whole commands (connect, authenticate, encrypt or verify, transfer)")
         .note("*_cpu_s_*: CPU seconds (user + system, all threads) each side used for the transfer, from /proc; *_cpu_ratio: the raw transfer's CPU over Huddle's. Both sides share the machine's cores, so when they are busy the throughput ratio cannot exceed the CPU ratio")
         .note(format!("baseline_*: raw quinn with the DS's transport settings, datagrams up to {} bytes where the path allows (loopback does); baseline_1452_*: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD))
+        .note("baseline_disk_write_mb_s: writing as many bytes to a new file on the data dir's file system and flushing them; an upload is durable on the DS, and a download on the client, before either completes, so neither can be faster than the slower of raw quinn and this: *_ratio_to_limit")
         .note("download_mb_s: one downloader alone, against one raw quinn stream between two processes; concurrent_*: all downloaders at once, against as many raw streams at once");
     out.emit(&r);
     Ok(())
