@@ -31,5 +31,8 @@ pub mod store;
 pub mod tls;
 pub mod writer;
 
+#[cfg(test)]
+mod fault_tests;
+
 pub use config::ServerConfig;
 pub use server::{start, Running};

@@ -22,6 +22,7 @@ use tracing::{debug, info, info_span, warn, Instrument as _};
 use crate::config::ServerConfig;
 use crate::service::{Service, Session};
 use crate::store::redb::RedbStore;
+use crate::store::Store;
 use crate::{media, push, tls};
 
 /// QUIC application close codes.
@@ -90,6 +91,15 @@ impl Running {
 
 /// Opens the data dir and store, binds the endpoint and starts serving.
 pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
+    start_with_store(config, |store| store).await
+}
+
+/// Like [`start`], with the opened store passed through `wrap` (tests put
+/// a store that fails on demand around it).
+pub(crate) async fn start_with_store(
+    config: ServerConfig,
+    wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let identity = tls::load_identity(&config)?;
@@ -103,7 +113,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
         )
     })?;
     let config = Arc::new(config);
-    let service = Service::new(config.clone(), Arc::new(store))
+    let service = Service::new(config.clone(), wrap(Arc::new(store)))
         .map_err(|e| anyhow::anyhow!("loading state: {e}"))?;
     let blobs = media::BlobStore::open(config.clone(), service.store().clone())?;
     let server_config = tls::quinn_config(&config, identity)?;

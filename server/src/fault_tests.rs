@@ -1,0 +1,188 @@
+//! The disk fills up under a running delivery service: writes are refused
+//! with a clear error, nothing acknowledged before is lost, reads go on,
+//! and once there is room again the group carries on from where its
+//! durable state was (the sequencer rolls its MLS view back).
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use huddle_client::{Client, Event, Home};
+use huddle_core::proto::{ErrorCode, InboxItem, LogEntry};
+use huddle_core::{GroupId, MediaId};
+
+use crate::server::start_with_store;
+use crate::store::{
+    Claimed, GroupWrite, MediaRecord, RegisterOutcome, Store, StoreError, StoredGroup,
+    StoredKeyPackage, UserRecord,
+};
+use crate::ServerConfig;
+
+/// A store whose group writes fail with [`StoreError::Full`] while `full`
+/// is set, as the redb backend reports a full disk.
+struct FillingDisk {
+    inner: Arc<dyn Store>,
+    full: Arc<AtomicBool>,
+}
+
+impl Store for FillingDisk {
+    fn close(&self) {
+        self.inner.close()
+    }
+    fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.inner.user(name)
+    }
+    fn register_user(
+        &self,
+        name: &str,
+        record: &UserRecord,
+    ) -> Result<RegisterOutcome, StoreError> {
+        self.inner.register_user(name, record)
+    }
+    fn add_key_packages(
+        &self,
+        user: &str,
+        packages: &[(Vec<u8>, StoredKeyPackage)],
+        last_resort: Option<&StoredKeyPackage>,
+        max: u32,
+    ) -> Result<u32, StoreError> {
+        self.inner
+            .add_key_packages(user, packages, last_resort, max)
+    }
+    fn claim_key_packages(
+        &self,
+        users: &[String],
+        now: u64,
+    ) -> Result<Vec<Option<Claimed>>, StoreError> {
+        self.inner.claim_key_packages(users, now)
+    }
+    fn key_package_count(&self, user: &str) -> Result<(u32, bool), StoreError> {
+        self.inner.key_package_count(user)
+    }
+    fn groups(&self) -> Result<Vec<StoredGroup>, StoreError> {
+        self.inner.groups()
+    }
+    fn user_groups(&self, user: &str) -> Result<Vec<GroupId>, StoreError> {
+        self.inner.user_groups(user)
+    }
+    fn apply(&self, writes: &[GroupWrite]) -> Result<Vec<Vec<(String, InboxItem)>>, StoreError> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(StoreError::Full);
+        }
+        self.inner.apply(writes)
+    }
+    fn read_log(
+        &self,
+        group: &GroupId,
+        after: u64,
+        until: u64,
+        limit: u32,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        self.inner.read_log(group, after, until, limit)
+    }
+    fn read_inbox(
+        &self,
+        user: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<InboxItem>, u64), StoreError> {
+        self.inner.read_inbox(user, after, limit)
+    }
+    fn tree(&self, group: &GroupId, seq: u64) -> Result<Option<Bytes>, StoreError> {
+        self.inner.tree(group, seq)
+    }
+    fn group_info(&self, group: &GroupId) -> Result<Option<(u64, Bytes)>, StoreError> {
+        self.inner.group_info(group)
+    }
+    fn save_cursors(&self, cursors: &[(GroupId, String, u64)]) -> Result<(), StoreError> {
+        self.inner.save_cursors(cursors)
+    }
+    fn cursors(&self, group: &GroupId) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.cursors(group)
+    }
+    fn media(&self, id: &MediaId) -> Result<Option<MediaRecord>, StoreError> {
+        self.inner.media(id)
+    }
+    fn put_media(&self, id: &MediaId, record: &MediaRecord) -> Result<(), StoreError> {
+        self.inner.put_media(id, record)
+    }
+    fn delete_media(&self, id: &MediaId) -> Result<(), StoreError> {
+        self.inner.delete_media(id)
+    }
+    fn all_media(&self) -> Result<Vec<(MediaId, MediaRecord)>, StoreError> {
+        self.inner.all_media()
+    }
+    fn publish_epoch_authenticator(
+        &self,
+        group: &GroupId,
+        epoch: u64,
+        user: &str,
+        hash: [u8; 32],
+    ) -> Result<Vec<(String, [u8; 32])>, StoreError> {
+        self.inner
+            .publish_epoch_authenticator(group, epoch, user, hash)
+    }
+}
+
+fn texts(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.kind == "text")
+        .map(|e| format!("{}: {}", e.from, e.text.as_deref().unwrap_or("")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_clearly_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = Arc::new(AtomicBool::new(false));
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("ds"),
+        ..ServerConfig::default()
+    };
+    let filling = full.clone();
+    let running = start_with_store(config, move |inner| {
+        Arc::new(FillingDisk {
+            inner,
+            full: filling,
+        })
+    })
+    .await
+    .unwrap();
+    let addr = running.addr.to_string();
+    let cert = dir.path().join("ds").join("cert.pem");
+    let home = |n: &str| Home::new(dir.path().join(n));
+    let mut alice = Client::register(home("a"), "alice", &addr, Some(&cert))
+        .await
+        .unwrap();
+    let mut bob = Client::register(home("b"), "bob", &addr, Some(&cert))
+        .await
+        .unwrap();
+    alice.create_group("g").await.unwrap();
+    alice.add("g", &["bob".into()]).await.unwrap();
+    alice.send_text("g", "one").await.unwrap();
+
+    full.store(true, Ordering::SeqCst);
+    let e = alice.send_text("g", "two").await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::QuotaExceeded), "{e}");
+    assert!(e.to_string().contains("storage is full"), "{e}");
+    // A refused commit: the sequencer must not keep its epoch.
+    let e = alice.update("g").await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::QuotaExceeded), "{e}");
+    // Reading goes on: Bob joins and reads what was acknowledged.
+    assert_eq!(texts(&bob.sync().await.unwrap()), vec!["alice: one"]);
+
+    full.store(false, Ordering::SeqCst);
+    alice.send_text("g", "three").await.unwrap();
+    alice.update("g").await.unwrap();
+    alice.send_text("g", "four").await.unwrap();
+    assert_eq!(
+        texts(&bob.sync().await.unwrap()),
+        vec!["alice: three", "alice: four"]
+    );
+    bob.send_text("g", "five").await.unwrap();
+    assert_eq!(texts(&alice.sync().await.unwrap()), vec!["bob: five"]);
+    drop(running);
+}
