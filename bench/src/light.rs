@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use huddle_client::identity::Identity;
-use huddle_client::net::{read_message, Connection, Trust};
+use huddle_client::net::{Connection, Trust};
 use huddle_core::mls;
 use huddle_core::proto::{Control, EntryKind, Event, Request, Response};
 use huddle_core::GroupId;
@@ -200,62 +200,90 @@ pub async fn receive(
         .await?;
     let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
     let mut since_ack = 0u32;
-    loop {
-        let ev = tokio::select! {
-            r = read_message::<Event>(&mut recv) => match r {
-                Ok(e) => e,
-                Err(_) => break,
+    // Counts kept here and added to the shared tally every so often: one
+    // shared atomic per delivery made the receivers' threads contend.
+    let (mut deliveries, mut bytes, mut last_ns) = (0u64, 0u64, 0u64);
+    let flush = |deliveries: &mut u64, bytes: &mut u64, last_ns: u64| {
+        tally.deliveries.fetch_add(*deliveries, Ordering::Relaxed);
+        tally.bytes.fetch_add(*bytes, Ordering::Relaxed);
+        tally.last_ns.fetch_max(last_ns, Ordering::Relaxed);
+        (*deliveries, *bytes) = (0, 0);
+    };
+    // Everything already received is read at once and split into frames
+    // here, rather than two reads per frame.
+    let mut decoder = huddle_core::frame::Decoder::new(huddle_client::net::MAX_FRAME);
+    'stream: loop {
+        let chunk = tokio::select! {
+            r = recv.read_chunk(1 << 16, true) => match r {
+                Ok(Some(c)) => c.bytes,
+                _ => break,
             },
             _ = stop.changed() => break,
         };
+        decoder.extend(&chunk);
         let now = now_ns();
-        match ev {
-            Event::Entry { group, entry } => {
-                tally.deliveries.fetch_add(1, Ordering::Relaxed);
-                tally
-                    .bytes
-                    .fetch_add(entry.data.len() as u64 + 60, Ordering::Relaxed);
-                tally.last_ns.fetch_max(now, Ordering::Relaxed);
-                match entry.kind {
-                    EntryKind::Application => {
-                        if let Some(t) = sent_at(&entry.data) {
-                            let _ = local.record((now.saturating_sub(t) / 1000).max(1));
+        loop {
+            let body = match decoder.next_frame() {
+                Ok(Some(body)) => body,
+                Ok(None) => break,
+                Err(_) => break 'stream,
+            };
+            let Ok(ev) = huddle_core::proto::decode::<Event>(&body) else {
+                break 'stream;
+            };
+            match ev {
+                Event::Entry { group, entry } => {
+                    deliveries += 1;
+                    bytes += entry.data.len() as u64 + 60;
+                    last_ns = now;
+                    match entry.kind {
+                        EntryKind::Application => {
+                            if let Some(t) = sent_at(&entry.data) {
+                                let _ = local.record((now.saturating_sub(t) / 1000).max(1));
+                            }
+                        }
+                        _ => {
+                            if let Some(a) = &arrivals {
+                                a.lock().expect("arrivals").push((group, entry.seq, now));
+                            }
                         }
                     }
-                    _ => {
-                        if let Some(a) = &arrivals {
-                            a.lock().expect("arrivals").push((group, entry.seq, now));
+                    since_ack += 1;
+                    if since_ack >= 64 {
+                        since_ack = 0;
+                        flush(&mut deliveries, &mut bytes, last_ns);
+                        let ack = huddle_core::proto::encode_frame(&Control::Ack {
+                            group,
+                            seq: entry.seq,
+                        });
+                        if send.write_all(&ack).await.is_err() {
+                            break 'stream;
                         }
                     }
                 }
-                since_ack += 1;
-                if since_ack >= 64 {
-                    since_ack = 0;
-                    let ack = huddle_core::proto::encode_frame(&Control::Ack {
-                        group,
-                        seq: entry.seq,
+                Event::Inbox(item) => {
+                    if let Some(i) = &inbox {
+                        i.lock().expect("inbox").push(now);
+                    }
+                    // Follow the group from the commit that added us.
+                    let watch = huddle_core::proto::encode_frame(&Control::Watch {
+                        group: item.group,
+                        after: item.commit_seq,
                     });
-                    if send.write_all(&ack).await.is_err() {
-                        break;
+                    if send.write_all(&watch).await.is_err() {
+                        break 'stream;
                     }
                 }
+                _ => {}
             }
-            Event::Inbox(item) => {
-                if let Some(i) = &inbox {
-                    i.lock().expect("inbox").push(now);
-                }
-                // Follow the group from the commit that added us.
-                let watch = huddle_core::proto::encode_frame(&Control::Watch {
-                    group: item.group,
-                    after: item.commit_seq,
-                });
-                if send.write_all(&watch).await.is_err() {
-                    break;
-                }
-            }
-            _ => {}
+        }
+        // What arrived is counted before waiting for more, so a run's
+        // drain check sees it.
+        if deliveries > 0 {
+            flush(&mut deliveries, &mut bytes, last_ns);
         }
     }
+    flush(&mut deliveries, &mut bytes, last_ns);
     tally
         .latency
         .lock()
