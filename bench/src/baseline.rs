@@ -148,7 +148,7 @@ impl Relay {
 }
 
 /// Frames queued per subscriber, and written per call: the DS's defaults.
-const RELAY_QUEUE: usize = 1024;
+const RELAY_QUEUE: usize = 4096;
 const RELAY_BATCH: usize = 64;
 
 async fn handle(
