@@ -478,6 +478,14 @@ impl RawPeer {
             links.push((ep, conn));
         }
         let interval = Duration::from_secs_f64(senders.max(1) as f64 / rate.max(0.001));
+        let datagrams = |links: &[(quinn::Endpoint, quinn::Connection)]| -> u64 {
+            links.iter().map(|(_, c)| c.stats().udp_rx.datagrams).sum()
+        };
+        let start = (
+            Instant::now(),
+            crate::ds::cpu_seconds(self.pid()),
+            datagrams(&links),
+        );
         let mut sender_tasks = Vec::new();
         for _ in 0..senders.max(1) {
             let (ep, conn) = self.connect().await?;
@@ -519,6 +527,11 @@ impl RawPeer {
             last = d;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        let wall_s = start.0.elapsed().as_secs_f64().max(1e-9);
+        let cpu_s = crate::ds::cpu_seconds(self.pid())
+            .zip(start.1)
+            .map(|(b, a)| b - a);
+        let datagrams = datagrams(&links) - start.2;
         let _ = stop_tx.send(true);
         let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
         for t in receivers {
@@ -528,6 +541,9 @@ impl RawPeer {
             latency,
             delivered: delivered.load(std::sync::atomic::Ordering::Relaxed),
             expected,
+            wall_s,
+            cpu_s,
+            datagrams,
         })
     }
 }
@@ -541,4 +557,10 @@ pub struct RelayResult {
     pub delivered: u64,
     /// `sent` times subscribers.
     pub expected: u64,
+    /// Seconds from the first send until the subscribers drained.
+    pub wall_s: f64,
+    /// The relay process's CPU seconds in that time.
+    pub cpu_s: Option<f64>,
+    /// UDP datagrams the subscribers received in that time.
+    pub datagrams: u64,
 }

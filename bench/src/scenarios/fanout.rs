@@ -84,6 +84,8 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let (stop_rx_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut setups = Vec::new();
     let mut receiver_tasks = Vec::new();
+    // The light members' QUIC connections, for the datagrams they received.
+    let mut light_conns: Vec<quinn::Connection> = Vec::new();
     let light_per_group = p.members - p.senders - p.full;
     out.say(&format!(
         "setting up {} group(s) of {} ({} senders, {} full, {} light members) ...",
@@ -133,6 +135,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             o.join().await?;
         }
         for l in lights {
+            light_conns.push(l.net.quic().clone());
             receiver_tasks.push(tokio::spawn(receive(
                 l,
                 vec![(gid, stats.seq)],
@@ -195,6 +198,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
 
     out.say(&format!("sending for {} s ...", p.duration));
     let written_before = ds.bytes_written();
+    let load_before = Load::now(&ds, &light_conns);
     let first_send = now_ns();
     let duration = Duration::from_secs_f64(p.duration);
     let total_senders = p.groups * p.senders;
@@ -234,6 +238,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         last = d;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let load = Load::now(&ds, &light_conns).since(&load_before);
     let _ = stop_full.send(true);
     let mut full_ok = true;
     let mut full_texts = Vec::new();
@@ -333,12 +338,52 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
                 "baseline_relay_delivered_share",
                 relay.delivered as f64 / relay.expected.max(1) as f64,
             )
+            .set_opt(
+                "baseline_relay_cpu_cores",
+                relay.cpu_s.map(|c| c / relay.wall_s),
+            )
+            .set_opt(
+                "baseline_relay_cpu_us_per_delivery",
+                relay.cpu_s.map(|c| c * 1e6 / relay.delivered.max(1) as f64),
+            )
+            .set(
+                "baseline_relay_datagrams_per_sec",
+                relay.datagrams as f64 / relay.wall_s,
+            )
+            .set_opt(
+                "server_cpu_ratio_to_relay",
+                load.server_cpu_s
+                    .zip(relay.cpu_s)
+                    .filter(|(_, r)| *r > 0.0)
+                    .map(|(s, r)| {
+                        (s / deliveries.max(1) as f64) / (r / relay.delivered.max(1) as f64)
+                    }),
+            )
             .set(
                 "p99_ratio",
                 h.value_at_quantile(0.99) as f64
                     / relay.latency.value_at_quantile(0.99).max(1) as f64,
             );
     }
+    r.set_opt(
+        "server_cpu_cores",
+        load.server_cpu_s.map(|c| c / load.wall_s),
+    )
+    .set_opt(
+        "server_cpu_us_per_delivery",
+        load.server_cpu_s
+            .map(|c| c * 1e6 / deliveries.max(1) as f64),
+    )
+    .set_opt("machine_busy_share", load.machine_busy_share)
+    .set(
+        "push_datagrams_per_sec",
+        load.datagrams as f64 / load.wall_s,
+    )
+    .set("member_datagrams_per_sec", load.sent as f64 / load.wall_s)
+    .set(
+        "deliveries_per_push_datagram",
+        deliveries as f64 / load.datagrams.max(1) as f64,
+    );
     r.set_opt("server_peak_rss_mb", server_rss)
         .set_opt("client_peak_rss_mb", own_peak_rss_mb())
         .set_opt("bytes_written_per_msg", written);
@@ -351,8 +396,9 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         receivers, p.groups * p.full, full_texts, sent_per_group
     ));
     r.note(format!("deliveries = messages x light receivers; the baseline pushes frames of the same size to as many raw quinn connections, with the DS's transport settings (datagrams up to {} bytes); baseline_1452: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD));
+    r.note("server_cpu_cores, machine_busy_share, push_datagrams_per_sec: from the first send until the pushes drained; push datagrams are the UDP datagrams the light members received, member datagrams those they sent (QUIC ACKs, acks); so DS cost per datagram = server_cpu_cores / push_datagrams_per_sec");
     if relay.is_some() {
-        r.note("baseline_p*: raw quinn relaying frames of the same size at the same rate from as many senders to as many connections (one process forwarding each frame as it arrives: no storage, no ordering, no checks); p99_ratio = p99 / baseline_p99");
+        r.note("baseline_p*: raw quinn relaying frames of the same size at the same rate from as many senders to as many connections (one process forwarding each frame as it arrives: no storage, no ordering, no checks); p99_ratio = p99 / baseline_p99; server_cpu_ratio_to_relay = the DS's CPU per delivery / the relay's");
     }
     out.emit(&r);
     out.plot(
@@ -363,6 +409,73 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         &h,
     )?;
     Ok(())
+}
+
+/// Counters read at the start and the end of the sending window.
+struct Load {
+    at: Instant,
+    /// The DS's CPU seconds, when the benchmark started it.
+    server_cpu_s: Option<f64>,
+    /// (busy, total) jiffies of the whole machine.
+    machine: Option<(u64, u64)>,
+    /// UDP datagrams received by the light members.
+    datagrams: u64,
+    /// UDP datagrams sent by the light members (QUIC ACKs, their acks).
+    sent: u64,
+}
+
+/// What happened between two [`Load`] readings.
+struct LoadDelta {
+    wall_s: f64,
+    server_cpu_s: Option<f64>,
+    machine_busy_share: Option<f64>,
+    datagrams: u64,
+    sent: u64,
+}
+
+impl Load {
+    fn now(ds: &Ds, conns: &[quinn::Connection]) -> Self {
+        Self {
+            at: Instant::now(),
+            server_cpu_s: ds.pid().and_then(crate::ds::cpu_seconds),
+            machine: machine_jiffies(),
+            datagrams: conns.iter().map(|c| c.stats().udp_rx.datagrams).sum(),
+            sent: conns.iter().map(|c| c.stats().udp_tx.datagrams).sum(),
+        }
+    }
+
+    fn since(&self, before: &Load) -> LoadDelta {
+        LoadDelta {
+            wall_s: self.at.duration_since(before.at).as_secs_f64().max(1e-9),
+            server_cpu_s: self
+                .server_cpu_s
+                .zip(before.server_cpu_s)
+                .map(|(a, b)| a - b),
+            machine_busy_share: self.machine.zip(before.machine).and_then(
+                |((busy, total), (busy0, total0))| {
+                    (total > total0).then(|| (busy - busy0) as f64 / (total - total0) as f64)
+                },
+            ),
+            datagrams: self.datagrams.saturating_sub(before.datagrams),
+            sent: self.sent.saturating_sub(before.sent),
+        }
+    }
+}
+
+/// (busy, total) jiffies of all CPUs from the first line of `/proc/stat`;
+/// idle and iowait count as not busy.
+fn machine_jiffies() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3)? + f.get(4)?;
+    Some((total - idle, total))
 }
 
 /// Sends for `duration`, keeping `inflight` messages outstanding (or pacing
