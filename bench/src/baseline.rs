@@ -47,9 +47,7 @@ pub const QUINN_DEFAULT_UDP_PAYLOAD: u16 = 1_452;
 
 /// The same transport windows as the delivery service and client; datagrams
 /// up to `max_payload` bytes (the DS's [`huddle_core::proto::MAX_UDP_PAYLOAD`]
-/// unless a scenario asks for quinn's default too). Tuned like the DS (at
-/// its datagram size) also in asking for an ACK every tenth packet; the
-/// quinn-default variant keeps quinn's ACK every other packet.
+/// unless a scenario asks for quinn's default too).
 fn transport(max_payload: u16) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("valid")));
@@ -60,11 +58,6 @@ fn transport(max_payload: u16) -> quinn::TransportConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(max_payload);
     t.mtu_discovery_config(Some(mtu));
-    if max_payload != QUINN_DEFAULT_UDP_PAYLOAD {
-        let mut ack = quinn::AckFrequencyConfig::default();
-        ack.ack_eliciting_threshold(huddle_core::proto::ACK_ELICITING_THRESHOLD.into());
-        t.ack_frequency_config(Some(ack));
-    }
     t
 }
 

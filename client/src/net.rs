@@ -216,9 +216,6 @@ impl Connection {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(proto::MAX_UDP_PAYLOAD);
         transport.mtu_discovery_config(Some(mtu));
-        let mut ack = quinn::AckFrequencyConfig::default();
-        ack.ack_eliciting_threshold(proto::ACK_ELICITING_THRESHOLD.into());
-        transport.ack_frequency_config(Some(ack));
         config.transport_config(Arc::new(transport));
         let endpoint = match endpoint {
             Some(e) if e.local_addr().is_ok_and(|a| a.is_ipv6() == sock.is_ipv6()) => e.clone(),

@@ -152,10 +152,5 @@ fn transport(config: &ServerConfig) -> anyhow::Result<quinn::TransportConfig> {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(huddle_core::proto::MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
-    // Members the DS pushes to acknowledge every tenth packet rather than
-    // every other one (see ACK_ELICITING_THRESHOLD).
-    let mut ack = quinn::AckFrequencyConfig::default();
-    ack.ack_eliciting_threshold(huddle_core::proto::ACK_ELICITING_THRESHOLD.into());
-    t.ack_frequency_config(Some(ack));
     Ok(t)
 }

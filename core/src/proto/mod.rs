@@ -38,17 +38,6 @@ pub const ALPN: &[u8] = b"huddle/1";
 /// transfer on loopback stalled.
 pub const MAX_UDP_PAYLOAD: u16 = 6_000;
 
-/// Ack-eliciting packets a peer may receive before it must acknowledge
-/// (QUIC ACK frequency extension, draft-ietf-quic-ack-frequency; quinn's
-/// default without it is 1: an ACK for every other packet). Each side asks
-/// the other for this, so a receiver acknowledges every tenth packet, or
-/// after its max_ack_delay (25 ms), or at once on reordering. The DS pushes
-/// to hundreds of connections: with a 200-member group at 760 msg/s the
-/// members sent it 9,600-10,700 datagrams a second, mostly ACKs, and
-/// 4,700-5,300 with this; latency p50 24-47 ms became 15-29 ms, p99
-/// 56-237 ms became 44-72 ms (docs/BENCHMARKS.md).
-pub const ACK_ELICITING_THRESHOLD: u32 = 9;
-
 /// Label for the TLS exporter that binds an authentication proof to one
 /// connection (RFC 8446 §7.5).
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-huddle-auth";
