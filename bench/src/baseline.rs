@@ -463,15 +463,27 @@ impl RawPeer {
             receivers.push(tokio::spawn(async move {
                 let _send = send;
                 let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-                let mut buf = vec![0u8; frame];
+                // Whatever has arrived is read at once and split into
+                // frames here, as the fan-out's light members do.
+                let mut pending = Vec::new();
                 loop {
-                    tokio::select! {
-                        r = recv.read_exact(&mut buf) => if r.is_err() { break },
+                    let chunk = tokio::select! {
+                        r = recv.read_chunk(usize::MAX, true) => match r {
+                            Ok(Some(c)) => c.bytes,
+                            _ => break,
+                        },
                         _ = stop.changed() => break,
+                    };
+                    pending.extend_from_slice(&chunk);
+                    let now = now_ns();
+                    let whole = pending.len() / frame * frame;
+                    for f in pending[..whole].chunks_exact(frame) {
+                        let sent = u64::from_be_bytes(f[..8].try_into().expect("8 bytes"));
+                        let _ = h.record((now.saturating_sub(sent) / 1000).max(1));
                     }
-                    let sent = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
-                    let _ = h.record((now_ns().saturating_sub(sent) / 1000).max(1));
-                    delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    delivered
+                        .fetch_add((whole / frame) as u64, std::sync::atomic::Ordering::Relaxed);
+                    pending.drain(..whole);
                 }
                 h
             }));
