@@ -5,17 +5,21 @@
 //! into this connection's bounded queue; when it is full they stop pushing
 //! that group and raise a gap, which the client fills by reading the log.
 //! A client that stops reading entirely is disconnected after
-//! `push_stall_timeout`, so it cannot pin server memory.
+//! `push_stall_timeout`, so it cannot pin server memory. Writes are spaced
+//! at least `push_interval` apart ([`Pacer`]), so rounds that arrive in
+//! between go out together.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use huddle_core::frame;
 use huddle_core::proto::{self, Control, ErrorBody, ErrorCode, Event, Response, MAX_PAGE};
 use huddle_core::GroupId;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -81,11 +85,16 @@ pub async fn run(
         let stall = svc.config().push_stall_timeout;
         let mut decoder = frame::Decoder::new(svc.config().max_frame);
         let mut buf = vec![0u8; 4096];
+        let mut pacer = Pacer::new(svc.config().push_interval);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 f = rx.recv() => {
                     let Some(f) = f else { break };
+                    if let Some(at) = pacer.next_write().filter(|at| *at > Instant::now()) {
+                        tokio::time::sleep_until(at).await;
+                    }
+                    let started = Instant::now();
                     // Whatever else is already queued goes out in the same
                     // write: under load that turns many one-frame packets
                     // into few full ones.
@@ -96,7 +105,9 @@ pub async fn run(
                             Err(_) => break,
                         }
                     }
+                    let full = batch.len() == PUSH_BATCH;
                     write_batch_or_stall(&mut send, &mut batch, stall).await?;
+                    pacer.wrote(started, full);
                 }
                 _ = signals.notified() => {
                     for e in signals.take() {
@@ -183,10 +194,50 @@ async fn watch(
 /// Most queued frames written in one call.
 const PUSH_BATCH: usize = 64;
 
+/// When a push stream may be written next. Each write takes everything
+/// queued (up to [`PUSH_BATCH`] items), so spacing the writes turns one
+/// small packet per member per commit round into fewer, fuller ones: the
+/// DS and every member pay per datagram, and at a steady rate below the
+/// DS's maximum the rounds are small. A stream that has not been written
+/// for `interval` is written at once, and one whose last write left items
+/// queued (a full batch) is not held back, so the spacing never makes a
+/// member fall behind its queue.
+#[derive(Debug)]
+struct Pacer {
+    interval: Duration,
+    last: Option<Instant>,
+    behind: bool,
+}
+
+impl Pacer {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: None,
+            behind: false,
+        }
+    }
+
+    /// The earliest time the next write may start; `None`: at once.
+    fn next_write(&self) -> Option<Instant> {
+        match self.last {
+            Some(last) if !self.behind && !self.interval.is_zero() => Some(last + self.interval),
+            _ => None,
+        }
+    }
+
+    /// A write began at `at`; `full`: it took a whole batch, so more may be
+    /// queued.
+    fn wrote(&mut self, at: Instant, full: bool) {
+        self.last = Some(at);
+        self.behind = full;
+    }
+}
+
 async fn write_batch_or_stall(
     send: &mut quinn::SendStream,
     batch: &mut [Bytes],
-    stall: std::time::Duration,
+    stall: Duration,
 ) -> Result<(), quinn::WriteError> {
     match tokio::time::timeout(stall, send.write_all_chunks(batch)).await {
         Ok(r) => r,
@@ -200,7 +251,7 @@ async fn write_batch_or_stall(
 async fn write_or_stall(
     send: &mut quinn::SendStream,
     frame: &[u8],
-    stall: std::time::Duration,
+    stall: Duration,
 ) -> Result<(), quinn::WriteError> {
     match tokio::time::timeout(stall, send.write_all(frame)).await {
         Ok(r) => r,
@@ -208,5 +259,44 @@ async fn write_or_stall(
             let _ = send.reset(quinn::VarInt::from_u32(3));
             Err(quinn::WriteError::Stopped(quinn::VarInt::from_u32(3)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_stream_never_written_is_written_at_once() {
+        assert_eq!(Pacer::new(25 * MS).next_write(), None);
+    }
+
+    #[test]
+    fn the_next_write_waits_out_the_interval_from_the_last_one() {
+        let mut p = Pacer::new(25 * MS);
+        let t = Instant::now();
+        p.wrote(t, false);
+        assert_eq!(p.next_write(), Some(t + 25 * MS));
+        p.wrote(t + 40 * MS, false);
+        assert_eq!(p.next_write(), Some(t + 65 * MS));
+    }
+
+    #[test]
+    fn a_write_that_left_items_queued_is_followed_at_once() {
+        let mut p = Pacer::new(25 * MS);
+        let t = Instant::now();
+        p.wrote(t, true);
+        assert_eq!(p.next_write(), None, "a full batch: more may be queued");
+        p.wrote(t + MS, false);
+        assert_eq!(p.next_write(), Some(t + 26 * MS));
+    }
+
+    #[test]
+    fn a_zero_interval_never_waits() {
+        let mut p = Pacer::new(Duration::ZERO);
+        p.wrote(Instant::now(), false);
+        assert_eq!(p.next_write(), None);
     }
 }
