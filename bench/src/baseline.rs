@@ -15,7 +15,8 @@
 //! - `S`: subscribe to the relay; the peer answers one byte once
 //!   subscribed, then writes every relayed frame on this stream, the way the
 //!   delivery service's push loop does (a bounded queue per subscriber,
-//!   whatever is queued goes out in one write).
+//!   whatever is queued goes out in one write, writes at least 25 ms
+//!   apart).
 //! - `R` + u32 frame size: the client sends frames of that size; the peer
 //!   forwards them to every subscriber. One forwarding task takes whatever
 //!   the senders' streams delivered since it last ran and queues it to each
@@ -147,9 +148,12 @@ impl Relay {
     }
 }
 
-/// Frames queued per subscriber, and written per call: the DS's defaults.
+/// Frames queued per subscriber, written per call, and the least time
+/// between two writes to one subscriber: the DS's defaults (`push_queue`,
+/// its push batch, `push_interval`).
 const RELAY_QUEUE: usize = 4096;
 const RELAY_BATCH: usize = 64;
+const RELAY_PUSH_INTERVAL: Duration = Duration::from_millis(25);
 
 async fn handle(
     mut send: quinn::SendStream,
@@ -198,7 +202,13 @@ async fn handle(
             let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(RELAY_QUEUE);
             relay.subscribers.lock().expect("relay").push(tx);
             send.write_all(b"k").await?;
+            // When the next write may start: spaced like the DS's.
+            let mut next: Option<tokio::time::Instant> = None;
             while let Some(f) = rx.recv().await {
+                if let Some(at) = next {
+                    tokio::time::sleep_until(at).await;
+                }
+                let started = tokio::time::Instant::now();
                 let mut batch = vec![f];
                 while batch.len() < RELAY_BATCH {
                     match rx.try_recv() {
@@ -206,7 +216,9 @@ async fn handle(
                         Err(_) => break,
                     }
                 }
+                let full = batch.len() == RELAY_BATCH;
                 send.write_all_chunks(&mut batch).await?;
+                next = (!full).then_some(started + RELAY_PUSH_INTERVAL);
             }
         }
         b'R' => {
