@@ -212,18 +212,8 @@ async fn a_reader_that_never_drains_its_push_stream_is_cut_off() {
         .unwrap();
     bob.sync().await.unwrap();
     slow.sync().await.unwrap();
-    let (_, _, cursor) = slow.group_state(&g.to_string()).unwrap();
     // Slow subscribes and then never reads a byte.
-    let (_send, _recv, _) = slow
-        .net()
-        .await
-        .unwrap()
-        .open(&Request::Subscribe {
-            groups: vec![(g, cursor)],
-            inbox_after: u64::MAX - 1,
-        })
-        .await
-        .unwrap();
+    let (_send, _recv) = subscribe_raw(&mut slow, g).await;
     let quic = slow.net().await.unwrap().quic().clone();
     // Far more than the client's stream window (8 MiB) plus what the DS
     // buffers per connection (8 MiB).

@@ -92,17 +92,7 @@ async fn pushes_to_a_busy_member_are_spaced_and_an_idle_one_is_not_held_back() {
     let g = alice.create_group("g").await.unwrap();
     alice.add(&g.to_string(), &["bob".into()]).await.unwrap();
     bob.sync().await.unwrap();
-    let (_, _, cursor) = bob.group_state(&g.to_string()).unwrap();
-    let (_send, mut recv, _) = bob
-        .net()
-        .await
-        .unwrap()
-        .open(&Request::Subscribe {
-            groups: vec![(g, cursor)],
-            inbox_after: u64::MAX - 1,
-        })
-        .await
-        .unwrap();
+    let (_send, mut recv) = subscribe_raw(&mut bob, g).await;
     let arrivals = tokio::spawn(async move { application_arrivals(&mut recv, 3).await });
     // Three messages, each its own commit round: each send waits until the
     // DS made it durable.

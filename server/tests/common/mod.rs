@@ -147,6 +147,26 @@ impl Drop for Process {
 }
 
 /// The error code of a failed request.
+/// Opens a raw push stream for `client`'s group `group` from the client's
+/// cursor, without the inbox: what the DS pushes can be read and timed.
+pub async fn subscribe_raw(
+    client: &mut Client,
+    group: huddle_core::GroupId,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (_, _, cursor) = client.group_state(&group.to_string()).unwrap();
+    let (send, recv, _) = client
+        .net()
+        .await
+        .unwrap()
+        .open(&Request::Subscribe {
+            groups: vec![(group, cursor)],
+            inbox_after: u64::MAX - 1,
+        })
+        .await
+        .unwrap();
+    (send, recv)
+}
+
 pub fn code(r: huddle_client::Result<Response>) -> huddle_core::proto::ErrorCode {
     match r {
         Err(huddle_client::ClientError::Server(e)) => e.code,
