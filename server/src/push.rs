@@ -6,7 +6,7 @@
 //! that group and raise a gap, which the client fills by reading the log.
 //! A client that stops reading entirely is disconnected after
 //! `push_stall_timeout`, so it cannot pin server memory. Writes are spaced
-//! at least `push_interval` apart ([`Pacer`]), so rounds that arrive in
+//! at least `push_interval` apart (`Pacer`), so rounds that arrive in
 //! between go out together.
 
 use std::collections::HashSet;
