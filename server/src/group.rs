@@ -40,8 +40,10 @@ pub struct GroupView {
     pub head: u64,
     /// Entries up to here were compacted away.
     pub compacted: u64,
-    /// Every member record, including removed members.
-    pub members: HashMap<String, MemberRecord>,
+    /// Every member record, including removed members. Shared between
+    /// copies of the view: the group task takes a copy each round and only
+    /// a commit changes the members (then the map is copied once).
+    pub members: Arc<HashMap<String, MemberRecord>>,
     /// Epoch of the newest published GroupInfo.
     pub group_info_epoch: Option<u64>,
 }
@@ -513,7 +515,7 @@ pub fn spawn(
             epoch: meta.epoch,
             head: meta.head,
             compacted: meta.compacted,
-            members: members.into_iter().collect(),
+            members: Arc::new(members.into_iter().collect()),
             group_info_epoch: group_info.as_ref().map(|(e, _)| *e),
         }),
         task: Mutex::new(None),
@@ -895,8 +897,9 @@ impl Actor {
         self.mls = Some(mls);
         let outcome = result?;
         if let Some(o) = outcome {
+            let members = Arc::make_mut(&mut view.members);
             for (name, rec) in &o.members {
-                view.members.insert(name.clone(), *rec);
+                members.insert(name.clone(), *rec);
             }
             view.epoch = o.epoch;
             changes.members.extend(o.members);
