@@ -39,9 +39,9 @@ pub struct ServerConfig {
     /// a member gets a few full packets instead of one small packet per
     /// commit round; an idle member's first push goes out at once. Zero
     /// writes each round as soon as it is durable. With 25 ms, a
-    /// 200-member group at 760 messages a second cost the members 14,300
-    /// datagrams a second instead of 22,300-24,400, and latency p99 fell
-    /// from 67-107 ms to 39-42 ms (docs/BENCHMARKS.md).
+    /// 200-member group at 760 messages a second cost the members about
+    /// 14,400 datagrams a second instead of 21,300-22,300, and latency p99
+    /// fell from 92-109 ms to 33-46 ms (docs/BENCHMARKS.md).
     pub push_interval: Duration,
     /// Newest entries per group kept in memory for pushing.
     pub tail_entries: usize,
