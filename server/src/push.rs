@@ -205,32 +205,26 @@ const PUSH_BATCH: usize = 64;
 #[derive(Debug)]
 struct Pacer {
     interval: Duration,
-    last: Option<Instant>,
-    behind: bool,
+    next: Option<Instant>,
 }
 
 impl Pacer {
     fn new(interval: Duration) -> Self {
         Self {
             interval,
-            last: None,
-            behind: false,
+            next: None,
         }
     }
 
     /// The earliest time the next write may start; `None`: at once.
     fn next_write(&self) -> Option<Instant> {
-        match self.last {
-            Some(last) if !self.behind && !self.interval.is_zero() => Some(last + self.interval),
-            _ => None,
-        }
+        self.next
     }
 
     /// A write began at `at`; `full`: it took a whole batch, so more may be
     /// queued.
     fn wrote(&mut self, at: Instant, full: bool) {
-        self.last = Some(at);
-        self.behind = full;
+        self.next = (!full && !self.interval.is_zero()).then(|| at + self.interval);
     }
 }
 

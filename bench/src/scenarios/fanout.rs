@@ -435,12 +435,18 @@ struct LoadDelta {
 
 impl Load {
     fn now(ds: &Ds, conns: &[quinn::Connection]) -> Self {
+        let (mut datagrams, mut sent) = (0, 0);
+        for c in conns {
+            let s = c.stats();
+            datagrams += s.udp_rx.datagrams;
+            sent += s.udp_tx.datagrams;
+        }
         Self {
             at: Instant::now(),
             server_cpu_s: ds.pid().and_then(crate::ds::cpu_seconds),
             machine: machine_jiffies(),
-            datagrams: conns.iter().map(|c| c.stats().udp_rx.datagrams).sum(),
-            sent: conns.iter().map(|c| c.stats().udp_tx.datagrams).sum(),
+            datagrams,
+            sent,
         }
     }
 
