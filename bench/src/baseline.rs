@@ -474,7 +474,7 @@ impl RawPeer {
             let delivered = delivered.clone();
             receivers.push(tokio::spawn(async move {
                 let _send = send;
-                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+                let mut h = crate::light::latency_histogram();
                 // Whatever has arrived is read at once and split into
                 // frames here, as the fan-out's light members do.
                 let mut pending = Vec::new();
@@ -557,7 +557,7 @@ impl RawPeer {
             .map(|(b, a)| b - a);
         let datagrams = datagrams(&links) - start.2;
         let _ = stop_tx.send(true);
-        let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+        let mut latency = crate::light::latency_histogram();
         for t in receivers {
             latency.add(t.await?).expect("same bounds");
         }

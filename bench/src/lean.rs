@@ -231,15 +231,16 @@ impl Lean {
         Ok((item.group, item.commit_seq))
     }
 
-    /// Encrypts a `len`-byte application message carrying the send time in
-    /// its authenticated data. Returns the request to post.
-    pub fn message(&mut self, len: usize) -> anyhow::Result<Request> {
+    /// Encrypts a `len`-byte application message carrying `stamp` in its
+    /// authenticated data: the send time ([`now_ns`]) or a ticket
+    /// ([`crate::light::TICKET`]). Returns the request to post.
+    pub fn message(&mut self, len: usize, stamp: u64) -> anyhow::Result<Request> {
         let provider = &self.provider;
         let signer = &self.light.id;
         let Some((id, g)) = &mut self.group else {
             bail!("no group")
         };
-        g.set_aad(now_ns().to_be_bytes().to_vec());
+        g.set_aad(stamp.to_be_bytes().to_vec());
         // A real text message, so full members can decrypt and count it.
         let payload = huddle_client::app::AppMessage::Text {
             text: "x".repeat(len),

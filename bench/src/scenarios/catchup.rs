@@ -68,7 +68,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         while set.len() >= 16 {
             set.join_next().await.transpose()?.transpose()?;
         }
-        let req = sender.message(p.size)?;
+        let req = sender.message(p.size, crate::light::now_ns())?;
         if let Request::Message { message, .. } = &req {
             mls_len = message.len();
         }

@@ -15,7 +15,7 @@ use super::{entry_frame_len, request_on, trust};
 use crate::baseline::{RawPeer, QUINN_DEFAULT_UDP_PAYLOAD};
 use crate::ds::{own_peak_rss_mb, Ds};
 use crate::lean::Lean;
-use crate::light::{claim, now_ns, receive, register, register_many, run_name, Tally};
+use crate::light::{claim, now_ns, receive, register, register_many, run_name, Tally, TICKET};
 use crate::report::{Output, Report};
 use crate::Target;
 
@@ -42,8 +42,9 @@ pub struct Params {
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
     /// Total messages per second across all senders (default: closed loop).
-    /// At a fixed rate the baseline also relays frames of the same size at
-    /// the same rate through raw quinn, for its latency (baseline_p*_ms).
+    /// At a fixed rate senders encrypt all their messages before the clock
+    /// starts, and the baseline also relays frames of the same size at the
+    /// same rate through raw quinn, for its latency (baseline_p*_ms).
     #[arg(long)]
     pub rate: Option<f64>,
     /// Messages in flight per sender in closed loop (below 128: receivers
@@ -196,23 +197,55 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    let total_senders = p.groups * p.senders;
+    let per_sender_rate = p.rate.map(|r| r / total_senders as f64);
+    // At a fixed rate every sender encrypts what it will send before the
+    // clock starts, so that the members' encryption (done on their own
+    // devices in real use) does not take the DS's CPU during the run. Each
+    // message carries a ticket; its sender records the send time under it.
+    let ahead = per_sender_rate.map_or(0, |r| (r * p.duration).ceil() as usize + 1);
+    let mut prepared: Vec<Vec<(u64, huddle_core::proto::Request)>> = Vec::new();
+    if ahead > 0 {
+        out.say(&format!(
+            "encrypting {ahead} messages for each of {total_senders} senders ..."
+        ));
+        let times: Box<[std::sync::atomic::AtomicU64]> = (0..ahead * total_senders)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
+        let _ = tally.send_times.set(times);
+        let mut k = 0u64;
+        for s in &mut setups {
+            for lean in &mut s.senders {
+                let mut mine = Vec::with_capacity(ahead);
+                for _ in 0..ahead {
+                    let ticket = TICKET | k;
+                    k += 1;
+                    mine.push((ticket, lean.message(p.size, ticket)?));
+                }
+                prepared.push(mine);
+            }
+        }
+    }
+    let mut prepared = prepared.into_iter();
+
     out.say(&format!("sending for {} s ...", p.duration));
     let written_before = ds.bytes_written();
     let load_before = Load::now(&ds, &light_conns);
     let first_send = now_ns();
     let duration = Duration::from_secs_f64(p.duration);
-    let total_senders = p.groups * p.senders;
-    let per_sender_rate = p.rate.map(|r| r / total_senders as f64);
     let mut sender_tasks = Vec::new();
     let mut mls_len = 0usize;
     for (g, s) in setups.iter_mut().enumerate() {
         for lean in s.senders.drain(..) {
-            let size = p.size;
-            let inflight = p.inflight;
-            sender_tasks.push((
-                g,
-                tokio::spawn(send_loop(lean, size, duration, inflight, per_sender_rate)),
-            ));
+            let sending = Sending {
+                size: p.size,
+                duration,
+                inflight: p.inflight,
+                rate: per_sender_rate,
+                prepared: prepared.next().unwrap_or_default(),
+                tally: tally.clone(),
+            };
+            sender_tasks.push((g, tokio::spawn(send_loop(lean, sending))));
         }
     }
     let mut sent_per_group = vec![0u64; p.groups];
@@ -322,6 +355,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set_opt("rate", p.rate)
         .set("duration_s", p.duration)
         .set("messages_sent", sent)
+        .set("encrypted_ahead_per_sender", ahead as u64)
         .set("messages_per_sec", sent as f64 / p.duration)
         .set("deliveries", deliveries)
         .set("deliveries_expected", expected)
@@ -395,6 +429,9 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         "{} light members receive, timestamp and acknowledge without decrypting; {} full member(s) decrypt and store every message (counted {:?} of {:?} sent per group)",
         receivers, p.groups * p.full, full_texts, sent_per_group
     ));
+    if ahead > 0 {
+        r.note(format!("at a fixed rate each sender encrypts its {ahead} messages before the clock starts (members encrypt on their own devices; here that would take the DS's CPU); latency runs from handing a message to QUIC to its receipt. In closed loop senders encrypt as they go"));
+    }
     r.note(format!("deliveries = messages x light receivers; the baseline pushes frames of the same size to as many raw quinn connections, with the DS's transport settings (datagrams up to {} bytes); baseline_1452: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD));
     r.note("server_cpu_cores, machine_busy_share, push_datagrams_per_sec: from the first send until the pushes drained; push datagrams are the UDP datagrams the light members received, member datagrams those they sent (QUIC ACKs, acks); so DS cost per datagram = server_cpu_cores / push_datagrams_per_sec");
     if relay.is_some() {
@@ -484,15 +521,33 @@ fn machine_jiffies() -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
-/// Sends for `duration`, keeping `inflight` messages outstanding (or pacing
-/// to `rate` per second). Returns (messages acknowledged, MLS message size).
-async fn send_loop(
-    mut lean: Lean,
+/// What one sender sends.
+struct Sending {
+    /// Application message size.
     size: usize,
     duration: Duration,
+    /// Messages outstanding in closed loop.
     inflight: usize,
+    /// Messages per second (None: closed loop).
     rate: Option<f64>,
-) -> anyhow::Result<(u64, usize)> {
+    /// Messages encrypted ahead, with their tickets; sent first.
+    prepared: Vec<(u64, huddle_core::proto::Request)>,
+    /// Where prepared messages' send times go.
+    tally: Arc<Tally>,
+}
+
+/// Sends for `duration`, keeping `inflight` messages outstanding (or pacing
+/// to `rate` per second). Returns (messages acknowledged, MLS message size).
+async fn send_loop(mut lean: Lean, sending: Sending) -> anyhow::Result<(u64, usize)> {
+    let Sending {
+        size,
+        duration,
+        inflight,
+        rate,
+        prepared,
+        tally,
+    } = sending;
+    let mut prepared = prepared.into_iter();
     // Receivers open a message only if fewer than OUT_OF_ORDER_TOLERANCE
     // later ones of the same sender were processed before it. `inflight`
     // bounds how many are outstanding, not how far one slow request can
@@ -531,7 +586,13 @@ async fn send_loop(
             }
             continue;
         }
-        let req = lean.message(size)?;
+        let req = match prepared.next() {
+            Some((ticket, req)) => {
+                tally.mark_sent(ticket);
+                req
+            }
+            None => lean.message(size, now_ns())?,
+        };
         if let huddle_core::proto::Request::Message { message, .. } = &req {
             len = message.len();
         }
