@@ -1349,6 +1349,9 @@ impl Client {
             return Ok(Vec::new());
         };
         let provider = Provider::new(&self.crypto, &tx);
+        // openmls stores the message secrets after every message; one
+        // write per batch is enough inside one transaction.
+        provider.storage().hold_message_secrets();
         let mut group = MlsGroup::load(provider.storage(), &mls_gid(id))
             .map_err(ClientError::mls)?
             .ok_or_else(|| ClientError::Mls(format!("no MLS state for group {id}")))?;
@@ -1390,6 +1393,7 @@ impl Client {
                 }
             }
         }
+        provider.storage().flush()?;
         if row.releave {
             kv_set(&tx, &format!("releave:{id}"), 1)?;
         }

@@ -11,6 +11,7 @@ use openmls_traits::OpenMlsProvider;
 use rusqlite::Connection;
 
 use crate::error::{ClientError, Result};
+use crate::storage::Storage;
 
 /// Codec for openmls' stored values.
 ///
@@ -106,15 +107,12 @@ impl Codec for LegacyJsonCodec {
     }
 }
 
-/// openmls storage over a borrowed connection (or transaction).
-pub type Storage<'a> = SqliteStorageProvider<StateCodec, &'a Connection>;
-
 /// An openmls provider whose storage writes go to `conn`. Build it over a
 /// transaction to make MLS changes and Huddle's own rows atomic.
 pub struct Provider<'a, C: Codec = StateCodec> {
     crypto: &'a RustCrypto,
     conn: &'a Connection,
-    storage: SqliteStorageProvider<C, &'a Connection>,
+    storage: Storage<'a, C>,
 }
 
 impl<C: Codec> std::fmt::Debug for Provider<'_, C> {
@@ -137,7 +135,7 @@ impl<'a, C: Codec> Provider<'a, C> {
         Self {
             crypto,
             conn,
-            storage: SqliteStorageProvider::new(conn),
+            storage: Storage::new(conn),
         }
     }
 
@@ -150,7 +148,7 @@ impl<'a, C: Codec> Provider<'a, C> {
 impl<'a, C: Codec> OpenMlsProvider for Provider<'a, C> {
     type CryptoProvider = RustCrypto;
     type RandProvider = RustCrypto;
-    type StorageProvider = SqliteStorageProvider<C, &'a Connection>;
+    type StorageProvider = Storage<'a, C>;
 
     fn storage(&self) -> &Self::StorageProvider {
         &self.storage

@@ -22,6 +22,7 @@ pub mod home;
 pub mod identity;
 pub mod net;
 pub mod preview;
+pub mod storage;
 
 pub use client::media::{Progress, Quiet};
 pub use client::Client;
