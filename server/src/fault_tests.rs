@@ -186,3 +186,83 @@ async fn a_full_disk_refuses_writes_clearly_and_loses_nothing_acknowledged() {
     assert_eq!(texts(&alice.sync().await.unwrap()), vec!["bob: five"]);
     drop(running);
 }
+
+/// Notes where a transfer started.
+struct StartedAt(Option<u64>);
+
+impl huddle_client::Progress for StartedAt {
+    fn start(&mut self, _: &str, _: u64, done: u64) {
+        self.0 = Some(done);
+    }
+    fn advance(&mut self, _: u64) -> bool {
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_filling_up_during_an_upload_refuses_it_clearly_and_keeps_what_was_stored() {
+    use huddle_client::Quiet;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("ds"),
+        ..ServerConfig::default()
+    };
+    let running = start_with_store(config, |inner| inner).await.unwrap();
+    let addr = running.addr.to_string();
+    let cert = dir.path().join("ds").join("cert.pem");
+    let home = |n: &str| Home::new(dir.path().join(n));
+    let mut alice = Client::register(home("a"), "alice", &addr, Some(&cert))
+        .await
+        .unwrap();
+    let mut bob = Client::register(home("b"), "bob", &addr, Some(&cert))
+        .await
+        .unwrap();
+    alice.create_group("g").await.unwrap();
+    alice.add("g", &["bob".into()]).await.unwrap();
+    let file = |name: &str, len: usize, seed: u8| {
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        let path = dir.path().join(name);
+        std::fs::write(&path, &data).unwrap();
+        (path, data)
+    };
+    let (small, small_data) = file("small.bin", 300_000, 1);
+    let stored = alice.send_file("g", &small, "", &mut Quiet).await.unwrap();
+
+    // 2 MiB of room left; the next item is 24 MiB, more than the DS reads
+    // ahead (stream window and write queue), so the client is still
+    // sending when the DS stops reading.
+    *running.blob_room.0.lock().unwrap() = Some(2 << 20);
+    let (big, big_data) = file("big.bin", 24 << 20, 2);
+    let e = alice
+        .send_file("g", &big, "", &mut Quiet)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::QuotaExceeded), "{e}");
+    assert!(e.to_string().contains("disk is full"), "{e}");
+
+    // The item stored before is whole, and the group goes on.
+    bob.sync().await.unwrap();
+    let out = dir.path().join("small.out");
+    bob.download(stored.media_id.as_deref().unwrap(), Some(&out), &mut Quiet)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&out).unwrap() == small_data);
+    alice.send_text("g", "still here").await.unwrap();
+    assert_eq!(texts(&bob.sync().await.unwrap()), vec!["alice: still here"]);
+
+    // Room again: the same upload finishes, from no further than what fit.
+    *running.blob_room.0.lock().unwrap() = None;
+    let mut resumed = StartedAt(None);
+    let sent = alice.send_file("g", &big, "", &mut resumed).await.unwrap();
+    assert!(resumed.0.is_some_and(|at| at <= 2 << 20), "{:?}", resumed.0);
+    bob.sync().await.unwrap();
+    let out = dir.path().join("big.out");
+    bob.download(sent.media_id.as_deref().unwrap(), Some(&out), &mut Quiet)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&out).unwrap() == big_data);
+    drop(running);
+}

@@ -39,6 +39,24 @@ const ACTIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Progress is made durable at least this often (in bytes).
 const SYNC_EVERY: u64 = 16 << 20;
 
+/// How many more bytes the blob disk takes before it reports itself full:
+/// no limit but the disk's own, except in fault tests, which set one.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Room(#[cfg(test)] pub(crate) Arc<std::sync::Mutex<Option<u64>>>);
+
+impl Room {
+    /// How much of `n` bytes may be written (less: the disk is full after).
+    fn take(&self, n: usize) -> usize {
+        #[cfg(test)]
+        if let Some(left) = self.0.lock().expect("room lock").as_mut() {
+            let k = n.min(usize::try_from(*left).unwrap_or(usize::MAX));
+            *left -= k as u64;
+            return k;
+        }
+        n
+    }
+}
+
 /// The blob directory and its accounting.
 pub struct BlobStore {
     dir: PathBuf,
@@ -50,6 +68,7 @@ pub struct BlobStore {
     /// Bytes reserved by every known item (complete or not).
     used: AtomicU64,
     last_sweep: Mutex<Option<Instant>>,
+    pub(crate) room: Room,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -138,6 +157,7 @@ impl BlobStore {
             active: Mutex::new(HashSet::new()),
             used: AtomicU64::new(used),
             last_sweep: Mutex::new(None),
+            room: Room::default(),
         })
     }
 
@@ -410,7 +430,7 @@ async fn upload_inner(
 
     // The network side fills buffers; a writer thread writes, hashes and
     // periodically syncs them, so disk work overlaps with receiving.
-    let writer = Writer::start(file, hasher, start);
+    let writer = Writer::start(file, hasher, start, blobs.room.clone());
     let mut pos = start;
     let mut durable = start;
     let mut ended = false;
@@ -565,7 +585,7 @@ struct Writer {
 const WRITE_QUEUE: usize = 8;
 
 impl Writer {
-    fn start(mut file: std::fs::File, mut hasher: blake3::Hasher, start: u64) -> Self {
+    fn start(mut file: std::fs::File, mut hasher: blake3::Hasher, start: u64, room: Room) -> Self {
         let (data, mut rx) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(WRITE_QUEUE);
         let synced = Arc::new(AtomicU64::new(start));
         let s2 = synced.clone();
@@ -582,7 +602,11 @@ impl Writer {
                 for b in &batch {
                     buf.extend_from_slice(b);
                 }
-                file.write_all(&buf)?;
+                let n = room.take(buf.len());
+                file.write_all(&buf[..n])?;
+                if n < buf.len() {
+                    return Err(std::io::Error::from_raw_os_error(28));
+                }
                 hasher.update(&buf);
                 pos += buf.len() as u64;
                 if pos - last_sync >= SYNC_EVERY {

@@ -67,6 +67,9 @@ pub struct Running {
     pub cert_der: Vec<u8>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
+    /// What the blob disk still takes (fault tests set a limit).
+    #[cfg(test)]
+    pub(crate) blob_room: media::Room,
 }
 
 impl Running {
@@ -137,6 +140,8 @@ pub(crate) async fn start_with_store(
     .with_context(|| format!("binding {}", config.listen))?;
     let addr = endpoint.local_addr()?;
     let shutdown = CancellationToken::new();
+    #[cfg(test)]
+    let blob_room = blobs.room.clone();
     let task = tokio::spawn(serve(endpoint, service, Arc::new(blobs), shutdown.clone()));
     Ok(Running {
         addr,
@@ -144,6 +149,8 @@ pub(crate) async fn start_with_store(
         cert_der,
         shutdown,
         task,
+        #[cfg(test)]
+        blob_room,
     })
 }
 

@@ -156,6 +156,11 @@ impl Client {
             let hash = match r {
                 Ok(h) => h,
                 Err(e) => {
+                    // A server that refuses the rest (its disk is full, say)
+                    // says why on the stream and stops reading it.
+                    if let Some(reason) = refusal(&mut send, &mut recv).await {
+                        return Err(ClientError::Server(reason));
+                    }
                     // Like a killed sender: the server keeps what arrived.
                     let _ = send.reset(0u32.into());
                     return Err(e);
@@ -567,6 +572,29 @@ async fn prepare(path: &Path, size: u64, caption: &str) -> Result<Pending> {
         },
         salt,
     })
+}
+
+/// Why the server stopped reading an upload, if it did: the error it
+/// answered with before stopping. None at once if the stream was not
+/// stopped (the upload failed on this side).
+async fn refusal(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Option<huddle_core::proto::ErrorBody> {
+    // Polled once: a stopped stream has resolved already.
+    let stopped = tokio::time::timeout(std::time::Duration::ZERO, send.stopped()).await;
+    if !matches!(stopped, Ok(Ok(Some(_)))) {
+        return None;
+    }
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        crate::net::read_message::<Response>(recv),
+    )
+    .await;
+    match answer {
+        Ok(Ok(Response::Error(e))) => Some(e),
+        _ => None,
+    }
 }
 
 /// Seals the whole file chunk by chunk, hashing the blob, and sends the
