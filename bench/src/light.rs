@@ -204,7 +204,8 @@ impl Tally {
             .get()
             .and_then(|v| v.get(usize::try_from(ticket & !TICKET).ok()?))
         {
-            t.store(now_ns(), Ordering::Release);
+            // 0 means "not sent".
+            t.store(now_ns().max(1), Ordering::Release);
         }
     }
 }

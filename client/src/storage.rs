@@ -36,8 +36,9 @@ type WriteFn<C> =
     fn(&SqliteStorageProvider<C, &Connection>, &RawKey, &[u8]) -> Result<(), rusqlite::Error>;
 
 /// A lookup key kept as the JSON the codec made of it, and written back
-/// verbatim: keys are always JSON in [`StateCodec`] (rows are found by
-/// comparing encoded keys), so re-encoding this gives the same bytes.
+/// verbatim: [`StateCodec`] encodes keys as JSON (rows are found by
+/// comparing encoded keys), so re-encoding this gives the same bytes
+/// ([`Storage::flush`] checks).
 #[derive(Debug, Serialize)]
 struct RawKey(Box<serde_json::value::RawValue>);
 
@@ -48,6 +49,7 @@ impl traits::GroupId<CURRENT_VERSION> for RawKey {}
 /// back message-secrets writes on request.
 pub struct Storage<'a, C: Codec = StateCodec> {
     inner: SqliteStorageProvider<C, &'a Connection>,
+    conn: &'a Connection,
     /// Held writes by encoded group id; None: writing through.
     held: RefCell<Option<HashMap<Vec<u8>, Held<C>>>>,
 }
@@ -67,9 +69,10 @@ fn decode_err<E: std::error::Error + Send + Sync + 'static>(e: E) -> rusqlite::E
 }
 
 /// Encodes a group id as the key the wrapped storage matches rows on.
-fn key_of<G: Key<CURRENT_VERSION>>(group_id: &G) -> Result<Vec<u8>, rusqlite::Error> {
-    serde_json::to_vec(group_id).map_err(encode_err)
-}
+/// Why a held value cannot be written back under its key.
+#[derive(Debug, thiserror::Error)]
+#[error("a held MLS value's key is not encoded as JSON by this codec")]
+struct KeyNotJson;
 
 fn write_held<C: Codec, M: traits::MessageSecrets<CURRENT_VERSION>>(
     inner: &SqliteStorageProvider<C, &Connection>,
@@ -85,13 +88,20 @@ impl<'a, C: Codec> Storage<'a, C> {
     pub fn new(conn: &'a Connection) -> Self {
         Self {
             inner: SqliteStorageProvider::new(conn),
+            conn,
             held: RefCell::new(None),
         }
     }
 
     /// From now until [`Self::flush`], keeps message secrets in memory and
-    /// writes only the last value per group.
+    /// writes only the last value per group. Only inside a transaction,
+    /// flushed before it commits: otherwise the stored ratchet state would
+    /// fall behind the keys already used.
     pub fn hold_message_secrets(&self) {
+        debug_assert!(
+            !self.conn.is_autocommit(),
+            "message secrets held outside a transaction"
+        );
         let mut held = self.held.borrow_mut();
         if held.is_none() {
             *held = Some(HashMap::new());
@@ -104,9 +114,16 @@ impl<'a, C: Codec> Storage<'a, C> {
             return Ok(());
         };
         for (key, h) in held {
-            let text = String::from_utf8(key).map_err(encode_err)?;
-            let raw = serde_json::value::RawValue::from_string(text).map_err(encode_err)?;
-            (h.write)(&self.inner, &RawKey(raw), &h.value)?;
+            // The key as the codec encoded it, rebuilt so that the codec
+            // encodes it to the same bytes; refused (not written under
+            // another key) if the codec does not encode keys as JSON.
+            let raw = String::from_utf8(key.clone())
+                .ok()
+                .and_then(|t| serde_json::value::RawValue::from_string(t).ok())
+                .map(RawKey)
+                .filter(|k| C::to_vec(k).is_ok_and(|b| b == key))
+                .ok_or_else(|| encode_err(KeyNotJson))?;
+            (h.write)(&self.inner, &raw, &h.value)?;
         }
         Ok(())
     }
@@ -129,7 +146,7 @@ impl<C: Codec> StorageProvider<CURRENT_VERSION> for Storage<'_, C> {
         };
         let value = C::to_vec(message_secrets).map_err(encode_err)?;
         held.insert(
-            key_of(group_id)?,
+            C::to_vec(group_id).map_err(encode_err)?,
             Held {
                 value,
                 write: write_held::<C, MessageSecrets>,
@@ -146,7 +163,7 @@ impl<C: Codec> StorageProvider<CURRENT_VERSION> for Storage<'_, C> {
         group_id: &GroupId,
     ) -> Result<Option<MessageSecrets>, Self::Error> {
         if let Some(held) = self.held.borrow().as_ref() {
-            if let Some(h) = held.get(&key_of(group_id)?) {
+            if let Some(h) = held.get(&C::to_vec(group_id).map_err(encode_err)?) {
                 return C::from_slice(&h.value).map(Some).map_err(decode_err);
             }
         }
@@ -158,7 +175,7 @@ impl<C: Codec> StorageProvider<CURRENT_VERSION> for Storage<'_, C> {
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
         if let Some(held) = self.held.borrow_mut().as_mut() {
-            held.remove(&key_of(group_id)?);
+            held.remove(&C::to_vec(group_id).map_err(encode_err)?);
         }
         self.inner.delete_message_secrets(group_id)
     }
@@ -815,12 +832,47 @@ mod tests {
         let (alice_db, bob_db) = (open_in_memory(), open_in_memory());
         let (gid, sent) = pair(&alice_db, &bob_db, 1);
         let crypto = RustCrypto::default();
-        let p = Provider::new(&crypto, &bob_db);
+        let tx = bob_db.unchecked_transaction().unwrap();
+        let p = Provider::new(&crypto, &tx);
         p.storage().hold_message_secrets();
         let mut g = MlsGroup::load(p.storage(), &gid).unwrap().unwrap();
         g.process_message(&p, protocol(&sent[0])).unwrap();
         p.storage().delete_message_secrets(&gid).unwrap();
         p.storage().flush().unwrap();
+        drop(p);
+        tx.commit().unwrap();
         assert_eq!(secrets_row(&bob_db), None);
+    }
+
+    /// Everything in postcard, keys too.
+    #[derive(Debug, Default)]
+    struct BinaryKeys;
+
+    impl Codec for BinaryKeys {
+        type Error = postcard::Error;
+        fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
+            postcard::to_allocvec(value)
+        }
+        fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
+            postcard::from_bytes(slice)
+        }
+    }
+
+    #[test]
+    fn a_codec_without_json_keys_fails_the_flush_instead_of_writing_elsewhere() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        SqliteStorageProvider::<BinaryKeys, &mut Connection>::new(&mut conn)
+            .run_migrations()
+            .unwrap();
+        let crypto = RustCrypto::default();
+        let alice = Identity::generate("alice");
+        let tx = conn.unchecked_transaction().unwrap();
+        let p = Provider::<BinaryKeys>::with_codec(&crypto, &tx);
+        let mut g = MlsGroup::new(&p, &alice, &mls::create_config(), alice.credential()).unwrap();
+        p.storage().hold_message_secrets();
+        // Sending advances the ratchet, so openmls writes its secrets.
+        g.create_message(&p, &alice, b"hi").unwrap();
+        let e = p.storage().flush().unwrap_err();
+        assert!(e.to_string().contains("not encoded as JSON"), "{e}");
     }
 }

@@ -603,9 +603,22 @@ impl Writer {
                     buf.extend_from_slice(b);
                 }
                 let n = room.take(buf.len());
-                file.write_all(&buf[..n])?;
-                if n < buf.len() {
-                    return Err(std::io::Error::from_raw_os_error(28));
+                let written = file.write_all(&buf[..n]).and_then(|()| {
+                    if n < buf.len() {
+                        Err(std::io::Error::from_raw_os_error(28))
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(e) = written {
+                    // What was written before this buffer is whole: make it
+                    // durable, so that the upload resumes from there (a full
+                    // disk usually still flushes what it took).
+                    let _ = syncer.finish();
+                    if file.sync_data().is_ok() {
+                        s2.fetch_max(pos, Ordering::Release);
+                    }
+                    return Err(e);
                 }
                 hasher.update(&buf);
                 pos += buf.len() as u64;

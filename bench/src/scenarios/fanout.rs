@@ -430,7 +430,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         receivers, p.groups * p.full, full_texts, sent_per_group
     ));
     if ahead > 0 {
-        r.note(format!("at a fixed rate each sender encrypts its {ahead} messages before the clock starts (members encrypt on their own devices; here that would take the DS's CPU); latency runs from handing a message to QUIC to its receipt. In closed loop senders encrypt as they go"));
+        r.note(format!("at a fixed rate each sender encrypts its {ahead} messages before the clock starts (members encrypt on their own devices; here that would take the DS's CPU); latency runs from a sender starting to send a message (before opening its stream) to its receipt. In closed loop senders encrypt as they go"));
     }
     r.note(format!("deliveries = messages x light receivers; the baseline pushes frames of the same size to as many raw quinn connections, with the DS's transport settings (datagrams up to {} bytes); baseline_1452: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD));
     r.note("server_cpu_cores, machine_busy_share, push_datagrams_per_sec: from the first send until the pushes drained; push datagrams are the UDP datagrams the light members received, member datagrams those they sent (QUIC ACKs, acks); so DS cost per datagram = server_cpu_cores / push_datagrams_per_sec");

@@ -159,7 +159,7 @@ impl Client {
                     // A server that refuses the rest (its disk is full, say)
                     // says why on the stream and stops reading it.
                     if let Some(reason) = refusal(&mut send, &mut recv).await {
-                        return Err(ClientError::Server(reason));
+                        return Err(self.upload_refused(&key, reason));
                     }
                     // Like a killed sender: the server keeps what arrived.
                     let _ = send.reset(0u32.into());
@@ -172,14 +172,7 @@ impl Client {
             let _ = send.finish();
             match crate::net::read_message::<Response>(&mut recv).await? {
                 Response::Upload { complete: true, .. } => {}
-                Response::Error(e) => {
-                    if e.code == huddle_core::proto::ErrorCode::IntegrityError {
-                        // The server discarded it; start afresh next time.
-                        self.db
-                            .execute("DELETE FROM huddle_uploads WHERE upload_key = ?1", [&key])?;
-                    }
-                    return Err(ClientError::Server(e));
-                }
+                Response::Error(e) => return Err(self.upload_refused(&key, e)),
                 other => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
             }
             info.hash = hash;
@@ -200,6 +193,20 @@ impl Client {
         self.db
             .execute("DELETE FROM huddle_uploads WHERE upload_key = ?1", [&key])?;
         Ok(e)
+    }
+
+    /// The server refused the upload under `key` with `e`.
+    fn upload_refused(&self, key: &str, e: huddle_core::proto::ErrorBody) -> ClientError {
+        if e.code == huddle_core::proto::ErrorCode::IntegrityError {
+            // The server discarded it; start afresh next time.
+            if let Err(db) = self
+                .db
+                .execute("DELETE FROM huddle_uploads WHERE upload_key = ?1", [key])
+            {
+                return db.into();
+            }
+        }
+        ClientError::Server(e)
     }
 
     fn pending_upload(&self, key: &str) -> Result<Option<Pending>> {
