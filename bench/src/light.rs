@@ -24,6 +24,14 @@ pub fn clock() -> Instant {
     *START.get_or_init(Instant::now)
 }
 
+/// Microseconds since the Unix epoch (wall clock, as the DS stamps
+/// entries).
+pub fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Nanoseconds since [`clock`].
 pub fn now_ns() -> u64 {
     clock().elapsed().as_nanos() as u64
@@ -171,6 +179,10 @@ pub fn latency_histogram() -> Histogram<u64> {
 pub struct Tally {
     /// End-to-end latency of application messages, microseconds.
     pub latency: Mutex<Histogram<u64>>,
+    /// From the DS's timestamp of an application entry (when its
+    /// sequencer accepted it; wall clock, milliseconds) to its receipt,
+    /// microseconds (so within about a millisecond).
+    pub from_ds: Mutex<Histogram<u64>>,
     /// Entries received.
     pub deliveries: AtomicU64,
     /// Push frame bytes received.
@@ -214,6 +226,7 @@ impl Default for Tally {
     fn default() -> Self {
         Self {
             latency: Mutex::new(latency_histogram()),
+            from_ds: Mutex::new(latency_histogram()),
             deliveries: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             last_ns: AtomicU64::new(0),
@@ -247,6 +260,7 @@ pub async fn receive(
         })
         .await?;
     let mut local = latency_histogram();
+    let mut local_from_ds = latency_histogram();
     let mut since_ack = 0u32;
     // Counts kept here and added to the shared tally every so often: one
     // shared atomic per delivery made the receivers' threads contend.
@@ -289,6 +303,9 @@ pub async fn receive(
                             if let Some(t) = stamp_of(&entry.data).and_then(|s| tally.send_time(s))
                             {
                                 let _ = local.record((now.saturating_sub(t) / 1000).max(1));
+                                let _ = local_from_ds.record(
+                                    wall_us().saturating_sub(entry.timestamp_ms * 1000).max(1),
+                                );
                             }
                         }
                         _ => {
@@ -338,6 +355,12 @@ pub async fn receive(
         .lock()
         .expect("latency")
         .add(&local)
+        .expect("same bounds");
+    tally
+        .from_ds
+        .lock()
+        .expect("from_ds")
+        .add(&local_from_ds)
         .expect("same bounds");
     Ok(light)
 }

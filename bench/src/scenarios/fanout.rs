@@ -337,6 +337,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     drop(peer);
 
     let h = tally.latency.lock().expect("latency").clone();
+    let from_ds = tally.from_ds.lock().expect("from_ds").clone();
     let mut r = Report::new("fanout");
     r.set("groups", p.groups as u64)
         .set("members", p.members as u64)
@@ -366,6 +367,14 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set("baseline_1452_push_per_sec", baseline_small)
         .set("ratio_1452", dps / baseline_small)
         .latency("", &h);
+    if !from_ds.is_empty() {
+        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+            r.set(
+                &format!("from_ds_{name}_ms"),
+                from_ds.value_at_quantile(q) as f64 / 1000.0,
+            );
+        }
+    }
     if let Some(relay) = &relay {
         r.latency("baseline_", &relay.latency)
             .set(
@@ -409,6 +418,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             .map(|c| c * 1e6 / deliveries.max(1) as f64),
     )
     .set_opt("machine_busy_share", load.machine_busy_share)
+    .set_opt("machine_steal_share", load.machine_steal_share)
     .set(
         "push_datagrams_per_sec",
         load.datagrams as f64 / load.wall_s,
@@ -433,7 +443,8 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         r.note(format!("at a fixed rate each sender encrypts its {ahead} messages before the clock starts (members encrypt on their own devices; here that would take the DS's CPU); latency runs from a sender starting to send a message (before opening its stream) to its receipt. In closed loop senders encrypt as they go"));
     }
     r.note(format!("deliveries = messages x light receivers; the baseline pushes frames of the same size to as many raw quinn connections, with the DS's transport settings (datagrams up to {} bytes); baseline_1452: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD));
-    r.note("server_cpu_cores, machine_busy_share, push_datagrams_per_sec: from the first send until the pushes drained; push datagrams are the UDP datagrams the light members received, member datagrams those they sent (QUIC ACKs, acks); so DS cost per datagram = server_cpu_cores / push_datagrams_per_sec");
+    r.note("from_ds_p*: from the DS's timestamp of an entry (its sequencer accepted it; wall clock, ms) to receipt: the durable commit, push spacing, transport and receiving; the rest of the latency is the sender's request reaching the sequencer");
+    r.note("server_cpu_cores, machine_busy_share, machine_steal_share, push_datagrams_per_sec: from the first send until the pushes drained; push datagrams are the UDP datagrams the light members received, member datagrams those they sent (QUIC ACKs, acks); so DS cost per datagram = server_cpu_cores / push_datagrams_per_sec");
     if relay.is_some() {
         r.note("baseline_p*: raw quinn relaying frames of the same size at the same rate from as many senders to as many connections (one process forwarding each frame as it arrives: no storage, no ordering, no checks); p99_ratio = p99 / baseline_p99; server_cpu_ratio_to_relay = the DS's CPU per delivery / the relay's");
     }
@@ -453,8 +464,8 @@ struct Load {
     at: Instant,
     /// The DS's CPU seconds, when the benchmark started it.
     server_cpu_s: Option<f64>,
-    /// (busy, total) jiffies of the whole machine.
-    machine: Option<(u64, u64)>,
+    /// (busy, total, steal) jiffies of the whole machine.
+    machine: Option<(u64, u64, u64)>,
     /// UDP datagrams received by the light members.
     datagrams: u64,
     /// UDP datagrams sent by the light members (QUIC ACKs, their acks).
@@ -466,6 +477,7 @@ struct LoadDelta {
     wall_s: f64,
     server_cpu_s: Option<f64>,
     machine_busy_share: Option<f64>,
+    machine_steal_share: Option<f64>,
     datagrams: u64,
     sent: u64,
 }
@@ -495,8 +507,13 @@ impl Load {
                 .zip(before.server_cpu_s)
                 .map(|(a, b)| a - b),
             machine_busy_share: self.machine.zip(before.machine).and_then(
-                |((busy, total), (busy0, total0))| {
+                |((busy, total, _), (busy0, total0, _))| {
                     (total > total0).then(|| (busy - busy0) as f64 / (total - total0) as f64)
+                },
+            ),
+            machine_steal_share: self.machine.zip(before.machine).and_then(
+                |((_, total, steal), (_, total0, steal0))| {
+                    (total > total0).then(|| (steal - steal0) as f64 / (total - total0) as f64)
                 },
             ),
             datagrams: self.datagrams.saturating_sub(before.datagrams),
@@ -505,9 +522,10 @@ impl Load {
     }
 }
 
-/// (busy, total) jiffies of all CPUs from the first line of `/proc/stat`;
-/// idle and iowait count as not busy.
-fn machine_jiffies() -> Option<(u64, u64)> {
+/// (busy, total, steal) jiffies of all CPUs from the first line of
+/// `/proc/stat`; idle and iowait count as not busy, steal (time the
+/// hypervisor gave to other guests) as busy.
+fn machine_jiffies() -> Option<(u64, u64, u64)> {
     let s = std::fs::read_to_string("/proc/stat").ok()?;
     let f: Vec<u64> = s
         .lines()
@@ -518,7 +536,7 @@ fn machine_jiffies() -> Option<(u64, u64)> {
         .collect();
     let total: u64 = f.iter().take(8).sum();
     let idle = f.get(3)? + f.get(4)?;
-    Some((total - idle, total))
+    Some((total - idle, total, f.get(7).copied().unwrap_or(0)))
 }
 
 /// What one sender sends.
