@@ -125,6 +125,32 @@ impl Store for FillingDisk {
     }
 }
 
+/// A DS over `dir` with its store passed through `wrap`, and Alice and
+/// Bob registered, both in Alice's group "g".
+async fn alice_and_bob(
+    dir: &std::path::Path,
+    wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+) -> (crate::server::Running, Client, Client) {
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("ds"),
+        ..ServerConfig::default()
+    };
+    let running = start_with_store(config, wrap).await.unwrap();
+    let addr = running.addr.to_string();
+    let cert = dir.join("ds").join("cert.pem");
+    let home = |n: &str| Home::new(dir.join(n));
+    let mut alice = Client::register(home("a"), "alice", &addr, Some(&cert))
+        .await
+        .unwrap();
+    let bob = Client::register(home("b"), "bob", &addr, Some(&cert))
+        .await
+        .unwrap();
+    alice.create_group("g").await.unwrap();
+    alice.add("g", &["bob".into()]).await.unwrap();
+    (running, alice, bob)
+}
+
 fn texts(events: &[Event]) -> Vec<String> {
     events
         .iter()
@@ -137,31 +163,14 @@ fn texts(events: &[Event]) -> Vec<String> {
 async fn a_full_disk_refuses_writes_clearly_and_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let full = Arc::new(AtomicBool::new(false));
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("ds"),
-        ..ServerConfig::default()
-    };
     let filling = full.clone();
-    let running = start_with_store(config, move |inner| {
+    let (running, mut alice, mut bob) = alice_and_bob(dir.path(), move |inner| {
         Arc::new(FillingDisk {
             inner,
             full: filling,
         })
     })
-    .await
-    .unwrap();
-    let addr = running.addr.to_string();
-    let cert = dir.path().join("ds").join("cert.pem");
-    let home = |n: &str| Home::new(dir.path().join(n));
-    let mut alice = Client::register(home("a"), "alice", &addr, Some(&cert))
-        .await
-        .unwrap();
-    let mut bob = Client::register(home("b"), "bob", &addr, Some(&cert))
-        .await
-        .unwrap();
-    alice.create_group("g").await.unwrap();
-    alice.add("g", &["bob".into()]).await.unwrap();
+    .await;
     alice.send_text("g", "one").await.unwrap();
 
     full.store(true, Ordering::SeqCst);
@@ -203,23 +212,7 @@ impl huddle_client::Progress for StartedAt {
 async fn a_disk_filling_up_during_an_upload_refuses_it_clearly_and_keeps_what_was_stored() {
     use huddle_client::Quiet;
     let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("ds"),
-        ..ServerConfig::default()
-    };
-    let running = start_with_store(config, |inner| inner).await.unwrap();
-    let addr = running.addr.to_string();
-    let cert = dir.path().join("ds").join("cert.pem");
-    let home = |n: &str| Home::new(dir.path().join(n));
-    let mut alice = Client::register(home("a"), "alice", &addr, Some(&cert))
-        .await
-        .unwrap();
-    let mut bob = Client::register(home("b"), "bob", &addr, Some(&cert))
-        .await
-        .unwrap();
-    alice.create_group("g").await.unwrap();
-    alice.add("g", &["bob".into()]).await.unwrap();
+    let (running, mut alice, mut bob) = alice_and_bob(dir.path(), |inner| inner).await;
     let file = |name: &str, len: usize, seed: u8| {
         let data: Vec<u8> = (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
