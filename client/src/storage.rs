@@ -68,7 +68,6 @@ fn decode_err<E: std::error::Error + Send + Sync + 'static>(e: E) -> rusqlite::E
     rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
 }
 
-/// Encodes a group id as the key the wrapped storage matches rows on.
 /// Why a held value cannot be written back under its key.
 #[derive(Debug, thiserror::Error)]
 #[error("a held MLS value's key is not encoded as JSON by this codec")]
