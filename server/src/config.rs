@@ -53,12 +53,21 @@ pub struct ServerConfig {
     /// next acknowledgements. Writing them every second cost a 1,000-member
     /// group about 6 KB of disk writes per message at 10 messages a second.
     pub maintenance_interval: Duration,
+    /// How long the log keeps, for a member who was removed (or left), what
+    /// it may still read up to its removal, counted from the removal: long
+    /// enough for a device that is offline for a while to come back, read
+    /// it and learn that it was removed. After that, compaction goes on
+    /// without it and it is told that those entries are gone.
+    pub departed_retention: Duration,
     /// Largest media item (ciphertext bytes) accepted.
     pub max_media_item: u64,
     /// Total bytes of media the DS stores (complete and in progress).
     pub media_quota: u64,
     /// Media items are deleted this long after their upload began.
     pub media_retention: Duration,
+    /// A transfer stream (upload or download) that moves no byte for this
+    /// long is ended; an upload keeps its durable progress.
+    pub transfer_stall_timeout: Duration,
     /// Unfinished uploads with no progress for this long are deleted.
     pub stale_upload: Duration,
     /// How often expired and unreachable media are looked for.
@@ -83,10 +92,12 @@ impl Default for ServerConfig {
             tail_entries: 1024,
             shutdown_grace: Duration::from_secs(10),
             maintenance_interval: Duration::from_secs(10),
+            departed_retention: Duration::from_secs(30 * 24 * 3600),
             max_media_item: 16 << 30,
             media_quota: 256 << 30,
             media_retention: Duration::from_secs(30 * 24 * 3600),
             stale_upload: Duration::from_secs(24 * 3600),
+            transfer_stall_timeout: Duration::from_secs(30),
             media_sweep_interval: Duration::from_secs(60),
         }
     }

@@ -1352,6 +1352,7 @@ fn process_handshake(
                         MemberRecord {
                             joined_seq: view.members[&name].joined_seq,
                             removed_seq: Some(seq),
+                            removed_ms: Some(now),
                         },
                     ));
                 }
@@ -1363,6 +1364,7 @@ fn process_handshake(
                     MemberRecord {
                         joined_seq: seq,
                         removed_seq: None,
+                        removed_ms: None,
                     },
                 ));
                 let own = ref_of
@@ -1406,6 +1408,7 @@ mod tests {
         MemberRecord {
             joined_seq,
             removed_seq,
+            removed_ms: removed_seq.map(|_| 1),
         }
     }
 

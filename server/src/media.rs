@@ -14,7 +14,7 @@
 //! `blobs/ID.blob`. Both directions stream through fixed buffers, so memory
 //! does not grow with the item's size.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,7 @@ use huddle_core::media::{BlobPosition, Header, HEADER_LEN};
 use huddle_core::proto::{self, ErrorBody, ErrorCode, Response, UploadRequest, UPLOAD_TRAILER_LEN};
 use huddle_core::MediaId;
 use tokio::io::AsyncSeekExt as _;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::ServerConfig;
@@ -34,8 +35,16 @@ use crate::store::{MediaRecord, MediaState, Store, StoreError};
 /// Bytes moved per read or write.
 const BUF: usize = 1 << 20;
 /// How long a new upload of an item waits for an earlier stream of the same
-/// item to end before it is refused.
+/// item, which it asked to stop, to wind up before it is refused.
 const ACTIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An upload in progress on some stream.
+#[derive(Debug)]
+struct Active {
+    uploader: String,
+    /// Asks that stream to stop, keeping its durable progress.
+    stop: CancellationToken,
+}
 /// Progress is made durable at least this often (in bytes).
 const SYNC_EVERY: u64 = 16 << 20;
 
@@ -64,7 +73,7 @@ pub struct BlobStore {
     store: Arc<dyn Store>,
     config: Arc<ServerConfig>,
     /// Items with an upload in progress on some stream.
-    active: Mutex<HashSet<MediaId>>,
+    active: Mutex<HashMap<MediaId, Active>>,
     /// Bytes reserved by every known item (complete or not).
     used: AtomicU64,
     last_sweep: Mutex<Option<Instant>>,
@@ -154,7 +163,7 @@ impl BlobStore {
             partial,
             store,
             config,
-            active: Mutex::new(HashSet::new()),
+            active: Mutex::new(HashMap::new()),
             used: AtomicU64::new(used),
             last_sweep: Mutex::new(None),
             room: Room::default(),
@@ -217,7 +226,7 @@ impl BlobStore {
         let stale = self.config.stale_upload.as_millis() as u64;
         let mut deleted = 0;
         for (id, rec) in records {
-            if self.active.lock().expect("active lock").contains(&id) {
+            if self.active.lock().expect("active lock").contains_key(&id) {
                 continue;
             }
             let expired = now.saturating_sub(rec.created_ms) >= retention;
@@ -303,18 +312,42 @@ async fn upload_inner(
         ));
     }
     let id = req.media;
-    // A client resuming right after its stream broke can arrive while the
-    // DS is still winding the old stream up (writing, syncing and recording
-    // what arrived): wait for that rather than refuse it.
+    // The uploader resuming takes the upload over: its earlier stream may
+    // belong to a process that was killed, on a connection the DS has not
+    // yet seen die. That stream is asked to stop; it keeps what is durable
+    // and ends, and this one goes on from there.
+    let stop = CancellationToken::new();
     let deadline = Instant::now() + ACTIVE_WAIT;
-    while !blobs.active.lock().expect("active lock").insert(id) {
+    loop {
+        {
+            let mut active = blobs.active.lock().expect("active lock");
+            match active.get(&id) {
+                None => {
+                    active.insert(
+                        id,
+                        Active {
+                            uploader: user.clone(),
+                            stop: stop.clone(),
+                        },
+                    );
+                    break;
+                }
+                Some(a) if a.uploader == user => a.stop.cancel(),
+                Some(_) => {
+                    return Err(err(
+                        ErrorCode::NotMember,
+                        "only the uploader may resume an upload",
+                    ))
+                }
+            }
+        }
         if Instant::now() >= deadline {
             return Err(err(
                 ErrorCode::OutOfOrder,
-                "an upload of this item is already in progress",
+                "an earlier upload of this item did not stop in time; try again",
             ));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let _guard = ActiveGuard { blobs, id };
     let now = now_ms();
@@ -442,7 +475,20 @@ async fn upload_inner(
         let mut filled = 0usize;
         let room = BUF.min((req.total_len - pos) as usize);
         while filled < room {
-            match recv.read_chunk(room - filled, true).await {
+            let chunk = tokio::select! {
+                c = tokio::time::timeout(blobs.config.transfer_stall_timeout, recv.read_chunk(room - filled, true)) => c,
+                () = stop.cancelled() => {
+                    debug!(media = %id, "upload taken over by a newer stream");
+                    gone = true;
+                    break;
+                }
+            };
+            let Ok(chunk) = chunk else {
+                debug!(media = %id, "upload stalled; its progress is kept");
+                gone = true;
+                break;
+            };
+            match chunk {
                 Ok(Some(c)) => {
                     filled += c.bytes.len();
                     batch.push(c.bytes);
@@ -513,7 +559,14 @@ async fn upload_inner(
     // Every byte is here and on disk; the trailer names the hash.
     persist(blobs, id, &mut rec, pos).await;
     let mut trailer = [0u8; frame::HEADER_LEN + UPLOAD_TRAILER_LEN];
-    match recv.read_exact(&mut trailer).await {
+    let trailer_read = tokio::select! {
+        r = tokio::time::timeout(blobs.config.transfer_stall_timeout, recv.read_exact(&mut trailer)) => r,
+        () = stop.cancelled() => return Ok(None),
+    };
+    let Ok(trailer_read) = trailer_read else {
+        return Ok(None);
+    };
+    match trailer_read {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(_)) => {
             return Err(err(

@@ -732,6 +732,9 @@ impl Service {
         };
         let until = member.readable_until(head);
         if !member.is_current() && after >= until {
+            // It has read everything it may: compaction need not wait for
+            // it any longer.
+            self.ack(&user, group, until);
             return Err(ErrorBody::new(
                 ErrorCode::NotMember,
                 format!("{user} was removed from group {group} at {until}"),
@@ -740,7 +743,7 @@ impl Service {
         let after = after.max(member.joined_seq);
         if after < compacted {
             return Err(ErrorBody::new(
-                ErrorCode::NotFound,
+                ErrorCode::Compacted,
                 format!("entries up to {compacted} of group {group} were compacted"),
             ));
         }
@@ -778,10 +781,11 @@ impl Service {
     /// [`Service::flush_acks`]).
     pub fn ack(&self, user: &str, group: GroupId, seq: u64) {
         let Some(h) = self.group(&group) else { return };
+        // A departed member acknowledges what it read up to its removal.
         let allowed = h.with_view(|v| {
             v.members
                 .get(user)
-                .is_some_and(|m| m.is_current() && seq <= v.head)
+                .is_some_and(|m| seq <= m.readable_until(v.head))
         });
         if !allowed {
             return;
@@ -807,6 +811,8 @@ impl Service {
             warn!(error = %e, "saving cursors failed");
             return;
         }
+        let now = now_ms();
+        let retention = self.config.departed_retention.as_millis() as u64;
         for g in touched {
             let Some(h) = self.group(&g) else { continue };
             let view = h.view();
@@ -819,10 +825,12 @@ impl Service {
                     let c: HashMap<String, u64> = cursors.into_iter().collect();
                     view.members
                         .iter()
-                        .filter(|(_, m)| m.is_current())
-                        .map(|(u, m)| c.get(u).copied().unwrap_or(0).max(m.joined_seq))
+                        .filter_map(|(u, m)| {
+                            let cursor = c.get(u).copied().unwrap_or(0).max(m.joined_seq);
+                            m.holds_log(cursor, now, retention).then_some(cursor)
+                        })
                         .min()
-                        .unwrap_or(0)
+                        .unwrap_or(view.head)
                         .min(view.head)
                 });
             if let Some(floor) = floor {

@@ -561,6 +561,10 @@ pub enum ErrorCode {
     NotFound,
     /// The upload's data does not match its announced hash or length.
     IntegrityError,
+    /// The log entries asked for were compacted away: every member that may
+    /// read them did, or the departed member asking was away longer than
+    /// the DS keeps them.
+    Compacted,
     /// The server is shutting down.
     Unavailable,
     /// The server failed; the request may be retried.
@@ -593,6 +597,7 @@ impl From<u16> for ErrorCode {
             51 => TooLarge,
             52 => NotFound,
             53 => IntegrityError,
+            54 => Compacted,
             90 => Unavailable,
             99 => Internal,
             other => Other(other),
@@ -624,6 +629,7 @@ impl From<ErrorCode> for u16 {
             TooLarge => 51,
             NotFound => 52,
             IntegrityError => 53,
+            Compacted => 54,
             Unavailable => 90,
             Internal => 99,
             Other(v) => v,

@@ -86,6 +86,29 @@ pub struct MemberRecord {
     /// Log position of the commit that removed the member, if any. The
     /// member may read entries up to and including it, and nothing after.
     pub removed_seq: Option<u64>,
+    /// When that commit was appended (ms since the Unix epoch): a departed
+    /// member holds back compaction of what it may still read for
+    /// [`crate::ServerConfig::departed_retention`] from then. `None` for
+    /// current members, and for removals recorded before this was kept
+    /// (those hold it back until read).
+    pub removed_ms: Option<u64>,
+}
+
+/// [`MemberRecord`] as stored before `removed_ms` existed.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub(crate) struct MemberRecordV1 {
+    joined_seq: u64,
+    removed_seq: Option<u64>,
+}
+
+impl From<MemberRecordV1> for MemberRecord {
+    fn from(m: MemberRecordV1) -> Self {
+        Self {
+            joined_seq: m.joined_seq,
+            removed_seq: m.removed_seq,
+            removed_ms: None,
+        }
+    }
 }
 
 impl MemberRecord {
@@ -97,6 +120,19 @@ impl MemberRecord {
     /// Highest sequence number this member may read, given the log head.
     pub fn readable_until(&self, head: u64) -> u64 {
         self.removed_seq.map_or(head, |r| r.min(head))
+    }
+
+    /// Whether compaction must keep what this member, acknowledged up to
+    /// `cursor`, may still read: a current member always, a departed one
+    /// until it read up to its removal or `retention_ms` passed since.
+    pub fn holds_log(&self, cursor: u64, now_ms: u64, retention_ms: u64) -> bool {
+        match (self.removed_seq, self.removed_ms) {
+            (None, _) => true,
+            (Some(r), at) => {
+                cursor.max(self.joined_seq) < r
+                    && at.is_none_or(|t| now_ms.saturating_sub(t) < retention_ms)
+            }
+        }
     }
 }
 
@@ -221,6 +257,7 @@ impl GroupWrite {
                 MemberRecord {
                     joined_seq: 0,
                     removed_seq: None,
+                    removed_ms: None,
                 },
             )],
             welcomes: vec![],

@@ -69,6 +69,16 @@ fn dec<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
+/// A member record in either stored form.
+pub(crate) fn dec_member(bytes: &[u8]) -> Result<MemberRecord, StoreError> {
+    // The current form has one more field at the end: the older one ends
+    // early and fails to decode as the current one.
+    match postcard::from_bytes::<MemberRecord>(bytes) {
+        Ok(m) => Ok(m),
+        Err(_) => dec::<MemberRecordV1>(bytes, "member").map(MemberRecord::from),
+    }
+}
+
 impl RedbStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -428,7 +438,7 @@ impl Store for RedbStore {
                 if g != gid {
                     break;
                 }
-                list.push((user.to_owned(), dec(mv.value(), "member")?));
+                list.push((user.to_owned(), dec_member(mv.value())?));
             }
             out.push(StoredGroup {
                 id,

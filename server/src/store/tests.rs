@@ -263,3 +263,64 @@ fn the_head_follows_the_log_when_only_messages_were_appended() {
     s.apply(&[next]).unwrap();
     assert_eq!(s.groups().unwrap()[0].meta.head, 5);
 }
+
+#[test]
+fn member_records_written_before_removal_times_were_kept_still_load() {
+    #[derive(Serialize)]
+    struct Old {
+        joined_seq: u64,
+        removed_seq: Option<u64>,
+    }
+    let old = postcard::to_allocvec(&Old {
+        joined_seq: 3,
+        removed_seq: Some(9),
+    })
+    .unwrap();
+    let m = super::redb::dec_member(&old).unwrap();
+    assert_eq!(
+        (m.joined_seq, m.removed_seq, m.removed_ms),
+        (3, Some(9), None)
+    );
+    let new = MemberRecord {
+        joined_seq: 3,
+        removed_seq: Some(9),
+        removed_ms: Some(77),
+    };
+    let bytes = postcard::to_allocvec(&new).unwrap();
+    assert_eq!(super::redb::dec_member(&bytes).unwrap(), new);
+    assert!(super::redb::dec_member(&[0xff]).is_err());
+}
+
+#[test]
+fn a_departed_member_holds_the_log_until_it_read_up_to_its_removal_or_retention_passed() {
+    let current = MemberRecord {
+        joined_seq: 2,
+        removed_seq: None,
+        removed_ms: None,
+    };
+    assert!(current.holds_log(0, u64::MAX, 0));
+    let removed = MemberRecord {
+        joined_seq: 2,
+        removed_seq: Some(10),
+        removed_ms: Some(1_000),
+    };
+    // Has not read up to its removal, within retention.
+    assert!(removed.holds_log(5, 1_500, 1_000));
+    // Read up to it.
+    assert!(!removed.holds_log(10, 1_500, 1_000));
+    // Retention passed.
+    assert!(!removed.holds_log(5, 2_000, 1_000));
+    // Its join counts as read.
+    assert!(!MemberRecord {
+        joined_seq: 10,
+        ..removed
+    }
+    .holds_log(0, 1_500, 1_000));
+    // A removal from before removal times were kept: until read.
+    let legacy = MemberRecord {
+        removed_ms: None,
+        ..removed
+    };
+    assert!(legacy.holds_log(5, u64::MAX, 0));
+    assert!(!legacy.holds_log(10, u64::MAX, 0));
+}
