@@ -36,9 +36,11 @@ use crate::error::{ClientError, Result};
 use crate::event::Event;
 use crate::home::{Home, Settings};
 use crate::identity::Identity;
+use crate::lock::Locks;
 use crate::net::{self, Connection as Net, Trust};
 
 pub mod media;
+pub mod trust;
 
 /// One-time key packages published at registration and kept topped up.
 pub const KEY_PACKAGE_BATCH: usize = 50;
@@ -47,6 +49,8 @@ pub const KEY_PACKAGE_LOW: u32 = 20;
 /// After this long, any member commits a pending proposal, not only the
 /// designated one.
 pub const PROPOSAL_GRACE: Duration = Duration::from_secs(3);
+/// Longest text message, in bytes.
+pub const MAX_TEXT: usize = 64 * 1024;
 /// Attempts of a commit that keeps losing races to other commits.
 const COMMIT_ATTEMPTS: usize = 20;
 
@@ -55,6 +59,33 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The short form of a group id shown to people: its first 8 hex digits,
+/// which `resolve_group` accepts back as a prefix.
+pub fn short_id(id: &GroupId) -> String {
+    id.to_string()[..8].to_owned()
+}
+
+/// Longest group name, in bytes.
+pub const MAX_GROUP_NAME: usize = 100;
+
+/// A group name must say something, fit on a line and stay short.
+fn check_group_name(name: &str) -> Result<()> {
+    if name.trim().is_empty() {
+        return Err(ClientError::Usage("a group needs a name".into()));
+    }
+    if name.len() > MAX_GROUP_NAME {
+        return Err(ClientError::Usage(format!(
+            "a group name is at most {MAX_GROUP_NAME} bytes"
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ClientError::Usage(
+            "a group name cannot hold control characters or line breaks".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn mls_gid(id: &GroupId) -> openmls::group::GroupId {
@@ -182,6 +213,78 @@ fn is_own(conn: &Connection, id: &GroupId, seq: u64) -> Result<bool> {
         .is_some())
 }
 
+/// Records an event that is not one of a log entry's (a warning, a note)
+/// after those of its position, without replacing any.
+fn record_note(conn: &Connection, id: &GroupId, e: &Event) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO huddle_events (group_id, seq, idx, event) VALUES (?1, ?2, \
+         (SELECT COALESCE(MAX(idx) + 1, 0) FROM huddle_events WHERE group_id = ?1 AND seq = ?2), ?3)",
+    )?
+    .execute(params![
+        id.as_bytes().as_slice(),
+        e.seq as i64,
+        serde_json::to_string(e).expect("events serialise")
+    ])?;
+    Ok(())
+}
+
+/// Records that the entry at `seq` is this device's own (it cannot decrypt
+/// its own messages).
+fn mark_own(conn: &Connection, id: &GroupId, seq: u64) -> Result<()> {
+    conn.prepare_cached("INSERT OR IGNORE INTO huddle_own (group_id, seq) VALUES (?1, ?2)")?
+        .execute(params![id.as_bytes().as_slice(), seq as i64])?;
+    Ok(())
+}
+
+/// Takes a posted message out of the outbox: `Some(event)` (itself optional)
+/// if it was there.
+fn take_outbox(
+    conn: &Connection,
+    id: &GroupId,
+    digest: &[u8; 32],
+) -> Result<Option<Option<Event>>> {
+    let row: Option<Option<String>> = conn
+        .prepare_cached(
+            "DELETE FROM huddle_outbox WHERE group_id = ?1 AND digest = ?2 RETURNING event",
+        )?
+        .query_row(params![id.as_bytes().as_slice(), digest.as_slice()], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(row.map(|e| e.and_then(|e| serde_json::from_str(&e).ok())))
+}
+
+/// Whether the outbox holds anything for the group.
+fn outbox_pending(conn: &Connection, id: &GroupId) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM huddle_outbox WHERE group_id = ?1 LIMIT 1")?
+        .query_row(params![id.as_bytes().as_slice()], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// What an application message shows as: `text` and `media` events; a
+/// group's name shows as nothing.
+fn app_event(msg: &AppMessage, id: &GroupId, from: &str, seq: u64, ts: u64) -> Option<Event> {
+    let mut e = Event::new("", &id.to_string(), from, seq, ts);
+    match msg {
+        AppMessage::Text { text } => {
+            e.kind = "text".into();
+            e.text = Some(text.clone());
+        }
+        AppMessage::Media(info) => {
+            e.kind = "media".into();
+            e.media_id = Some(hex::encode(info.media_id));
+            e.name = Some(info.name.clone());
+            e.size = Some(info.size);
+            e.mime = Some(info.mime.clone());
+            e.text = Some(info.caption.clone());
+        }
+        AppMessage::GroupName { .. } => return None,
+    }
+    Some(e)
+}
+
 /// Remembers identity keys first seen (trust on first use) and returns the
 /// users whose key differs from the one remembered.
 fn remember_keys(conn: &Connection, keys: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
@@ -259,6 +362,8 @@ pub struct Client {
     net: Option<Net>,
     /// The QUIC endpoint of the first connection, reused by later ones.
     endpoint: Option<quinn::Endpoint>,
+    /// Group locks shared with the home's other processes.
+    locks: std::sync::Arc<Locks>,
 }
 
 impl std::fmt::Debug for Client {
@@ -289,17 +394,28 @@ impl Client {
             Some(p) => Trust::Pinned(crate::home::read_pem_certs(p)?),
             None => Trust::FirstUse,
         };
-        let identity = Identity::generate(name);
+        // Everything local first: a home that cannot be written fails here,
+        // before the name is claimed on the DS. The key is kept from then
+        // on, so a registration interrupted after the DS bound the name is
+        // finished by running it again.
+        let identity = match home.unfinished_identity(name)? {
+            Some(id) => id,
+            None => {
+                let id = Identity::generate(name);
+                home.save_identity(&id)?;
+                id
+            }
+        };
+        let db = db::open(&home.db_path())?;
+        let home_locks = home.locks_dir();
         let net = Net::connect(server, trust).await?;
         net.authenticate(&identity, true).await?;
-        home.create()?;
         home.pin_cert(&net.server_cert)?;
         let settings = Settings {
             name: name.to_owned(),
             server: server.to_owned(),
         };
-        home.save(&settings, &identity)?;
-        let db = db::open(&home.db_path())?;
+        home.save_settings(&settings)?;
         let mut client = Client {
             home,
             settings,
@@ -308,6 +424,7 @@ impl Client {
             crypto: RustCrypto::default(),
             endpoint: Some(net.endpoint().clone()),
             net: Some(net),
+            locks: Locks::new(home_locks),
         };
         client.publish_key_packages(KEY_PACKAGE_BATCH, true).await?;
         Ok(client)
@@ -318,6 +435,7 @@ impl Client {
         let (settings, identity) = home.load()?;
         let db = db::open(&home.db_path())?;
         Ok(Client {
+            locks: Locks::new(home.locks_dir()),
             home,
             settings,
             identity,
@@ -484,31 +602,75 @@ impl Client {
 
     // ---- groups -------------------------------------------------------
 
-    /// Finds a group by id (hex) or by unambiguous name.
+    /// Finds a group on this device by id, by name, or by a unique prefix
+    /// of its id (as the 8-digit short ids in the output), in any state
+    /// (a group one was removed from keeps its history). A name that
+    /// several groups share resolves to the one this device is still in,
+    /// if only one is.
     pub fn resolve_group(&self, s: &str) -> Result<GroupId> {
+        if s.is_empty() {
+            return Err(ClientError::Usage("name a group (its name or id)".into()));
+        }
         if let Ok(id) = s.parse::<GroupId>() {
             if load_row(&self.db, &id)?.is_some() {
                 return Ok(id);
             }
         }
-        let mut stmt = self
+        let rows: Vec<(Vec<u8>, String, String)> = self
             .db
-            .prepare("SELECT id FROM huddle_groups WHERE name = ?1 AND state IN ('active', 'leaving', 'creating')")?;
-        let ids: Vec<Vec<u8>> = stmt
-            .query_map([s], |r| r.get(0))?
+            .prepare("SELECT id, name, state FROM huddle_groups ORDER BY joined_ms")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<rusqlite::Result<_>>()?;
-        match ids.as_slice() {
-            [one] => GroupId::from_slice(one)
-                .ok_or_else(|| ClientError::Io("corrupt group id in the database".into())),
+        let rows: Vec<(GroupId, String, String)> = rows
+            .into_iter()
+            .filter_map(|(id, n, st)| GroupId::from_slice(&id).map(|g| (g, n, st)))
+            .collect();
+        let named: Vec<&(GroupId, String, String)> = rows.iter().filter(|r| r.1 == s).collect();
+        let current = |r: &&&(GroupId, String, String)| {
+            matches!(r.2.as_str(), "active" | "leaving" | "creating")
+        };
+        let candidates: Vec<&(GroupId, String, String)> = match named.as_slice() {
+            [] => {
+                let prefix = s.to_ascii_lowercase();
+                if prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    rows.iter()
+                        .filter(|r| r.0.to_string().starts_with(&prefix))
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            [_] => named,
+            _ if named.iter().filter(current).count() == 1 => {
+                named.into_iter().filter(|r| current(&r)).collect()
+            }
+            _ => named,
+        };
+        match candidates.as_slice() {
+            [one] => Ok(one.0),
             [] => Err(ClientError::Usage(format!(
                 "no group {s:?} on this device (see `huddle group list`)"
             ))),
             many => Err(ClientError::Usage(format!(
-                "{} groups are named {s:?}; use the id: {}",
+                "{} groups match {s:?}; use more of the id: {}",
                 many.len(),
-                many.iter().map(hex::encode).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|r| format!("{} ({}, {})", short_id(&r.0), r.1, r.2))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         }
+    }
+
+    /// Ids of the groups on this device named `name` (to warn before
+    /// creating another).
+    pub fn groups_named(&self, name: &str) -> Result<Vec<GroupId>> {
+        let ids: Vec<Vec<u8>> = self
+            .db
+            .prepare("SELECT id FROM huddle_groups WHERE name = ?1 AND state IN ('active', 'leaving', 'creating')")?
+            .query_map([name], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(ids.iter().filter_map(|i| GroupId::from_slice(i)).collect())
     }
 
     fn load_group(&self, conn: &Connection, id: &GroupId) -> Result<MlsGroup> {
@@ -536,6 +698,7 @@ impl Client {
 
     /// Creates a group with this device as its only member.
     pub async fn create_group(&mut self, name: &str) -> Result<GroupId> {
+        check_group_name(name)?;
         let mut raw = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
         let id = GroupId(raw);
@@ -847,6 +1010,7 @@ impl Client {
     }
 
     async fn propose_leave(&mut self, id: &GroupId) -> Result<()> {
+        let _lock = self.locks.lock(id).await?;
         for _ in 0..COMMIT_ATTEMPTS {
             let proposal = {
                 let tx = self.db.unchecked_transaction()?;
@@ -896,6 +1060,9 @@ impl Client {
     where
         F: Fn(&mut MlsGroup, &Provider<'_>, &Identity) -> Result<CommitOut>,
     {
+        // No other process of the home may replace our pending commit
+        // before it is merged or discarded.
+        let _lock = self.locks.lock(id).await?;
         for attempt in 0..COMMIT_ATTEMPTS {
             let (commit, welcome) = {
                 let tx = self.db.unchecked_transaction()?;
@@ -988,12 +1155,18 @@ impl Client {
 
     // ---- messages -----------------------------------------------------
 
-    /// Sends a text message.
+    /// Sends a text message (at most [`MAX_TEXT`] bytes).
     pub async fn send_text(&mut self, group: &str, text: &str) -> Result<Event> {
+        if text.len() > MAX_TEXT {
+            return Err(ClientError::Usage(format!(
+                "a text message is at most {} KiB; send longer text as a file (`huddle send-file`)",
+                MAX_TEXT / 1024
+            )));
+        }
         let id = self.resolve_group(group)?;
         self.sync_group(&id).await?;
         self.active_group(&id)?;
-        let seq = self
+        let (_, event) = self
             .send_app(
                 &id,
                 &AppMessage::Text {
@@ -1001,15 +1174,21 @@ impl Client {
                 },
             )
             .await?;
-        let mut e = Event::new("text", &id.to_string(), self.name(), seq, now_ms());
-        e.text = Some(text.to_owned());
-        e.group_name = load_row(&self.db, &id)?.map(|r| r.name).unwrap_or_default();
-        record_events(&self.db, &id, std::slice::from_ref(&e))?;
-        Ok(e)
+        event.ok_or_else(|| ClientError::Protocol("a text message shows as an event".into()))
     }
 
-    /// Encrypts and posts an application message; returns its sequence number.
-    pub(crate) async fn send_app(&mut self, id: &GroupId, msg: &AppMessage) -> Result<u64> {
+    /// Encrypts and posts an application message. Returns its sequence
+    /// number and the event it shows as (recorded in the history).
+    ///
+    /// The message is put in the outbox, by its digest, in the transaction
+    /// that advances the ratchet: whichever process of the home meets it
+    /// first (this one, told its position by the DS, or a `listen` beside
+    /// it, which receives it pushed) records it as this device's own.
+    pub(crate) async fn send_app(
+        &mut self,
+        id: &GroupId,
+        msg: &AppMessage,
+    ) -> Result<(u64, Option<Event>)> {
         for _ in 0..COMMIT_ATTEMPTS {
             // Pending proposals block sending: commit them first.
             if self
@@ -1022,7 +1201,7 @@ impl Client {
                 self.active_group(id)?;
                 continue;
             }
-            let data = {
+            let (data, digest) = {
                 let tx = self.db.unchecked_transaction()?;
                 let provider = Provider::new(&self.crypto, &tx);
                 let mut g = self.load_group(&tx, id)?;
@@ -1030,30 +1209,51 @@ impl Client {
                     .create_message(&provider, &self.identity, &msg.encode())
                     .map_err(ClientError::mls)?;
                 let b = serialize(&out)?;
+                let digest = *blake3::hash(&b).as_bytes();
+                let event = app_event(msg, id, self.name(), 0, now_ms())
+                    .map(|e| serde_json::to_string(&e).expect("events serialise"));
+                tx.execute(
+                    "INSERT OR REPLACE INTO huddle_outbox (group_id, digest, event, created_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![id.as_bytes().as_slice(), digest.as_slice(), event, now_ms() as i64],
+                )?;
                 // The ratchet advanced: persist it even if sending fails, so
                 // no key is ever used twice.
                 tx.commit()?;
-                b
+                (b, digest)
             };
-            match self
+            let r = self
                 .request(&Request::Message {
                     group: *id,
                     message: data,
                 })
-                .await
-            {
+                .await;
+            match r {
                 Ok(Response::Appended { seq, .. }) => {
-                    self.db.execute(
-                        "INSERT OR IGNORE INTO huddle_own (group_id, seq) VALUES (?1, ?2)",
-                        params![id.as_bytes().as_slice(), seq as i64],
-                    )?;
-                    return Ok(seq);
+                    let tx = self.db.unchecked_transaction()?;
+                    let mut event = app_event(msg, id, self.name(), seq, now_ms());
+                    if let Some(e) = &mut event {
+                        e.group_name = load_row(&tx, id)?.map(|r| r.name).unwrap_or_default();
+                    }
+                    // Unless another process of the home placed it already.
+                    if take_outbox(&tx, id, &digest)?.is_some() {
+                        mark_own(&tx, id, seq)?;
+                        record_events(&tx, id, event.as_slice())?;
+                    }
+                    tx.commit()?;
+                    return Ok((seq, event));
                 }
                 Ok(other) => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
-                Err(ClientError::Server(e)) if e.code == ErrorCode::StaleEpoch => {
+                Err(ClientError::Server(e)) => {
+                    // Refused: it is not in the log and never will be.
+                    take_outbox(&self.db, id, &digest)?;
+                    if e.code != ErrorCode::StaleEpoch {
+                        return Err(ClientError::Server(e));
+                    }
                     self.sync_group(id).await?;
                     self.active_group(id)?;
                 }
+                // Lost on the way, or not: the outbox entry settles it when
+                // the log is read.
                 Err(e) => return Err(e),
             }
         }
@@ -1085,20 +1285,18 @@ impl Client {
 
     /// Fetches and processes everything pending: Welcomes, then every
     /// group's log. Returns what is new.
+    ///
+    /// A group that fails (its state cannot be processed, the DS refuses
+    /// something of it) does not hold up the others: it shows as an
+    /// `error` event and the rest goes on. Losing the connection ends the
+    /// whole sync.
     pub async fn sync(&mut self) -> Result<Vec<Event>> {
         let mut events = self.sync_inbox().await?;
         for (id, state) in self.group_ids()? {
-            match state.as_str() {
-                "creating" => self.resume_creation(&id).await?,
-                "rejoining" => {
-                    events.extend(self.rejoin(&id, "an earlier rejoin did not finish").await?)
-                }
-                "active" | "leaving" => {
-                    events.extend(self.sync_group(&id).await?);
-                    events.extend(self.maybe_commit_proposals(&id, false).await?);
-                    events.extend(self.check_fork(&id).await?);
-                }
-                _ => {}
+            match self.sync_one(&id, &state).await {
+                Ok(evs) => events.extend(evs),
+                Err(e) if e.is_connection() => return Err(e),
+                Err(e) => events.push(self.failure(&id, &e)),
             }
         }
         events.extend(self.check_lost_groups().await?);
@@ -1107,6 +1305,40 @@ impl Client {
             self.publish_key_packages(KEY_PACKAGE_BATCH, !lr).await?;
         }
         Ok(events)
+    }
+
+    async fn sync_one(&mut self, id: &GroupId, state: &str) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        match state {
+            "creating" => self.resume_creation(id).await?,
+            "rejoining" => {
+                events.extend(self.rejoin(id, "an earlier rejoin did not finish").await?)
+            }
+            "active" | "leaving" => {
+                events.extend(self.sync_group(id).await?);
+                events.extend(self.maybe_commit_proposals(id, false).await?);
+                events.extend(self.check_fork(id).await?);
+            }
+            _ => {}
+        }
+        Ok(events)
+    }
+
+    /// The `error` event reporting that `id` could not be brought up to
+    /// date (not recorded in the history).
+    fn failure(&self, id: &GroupId, err: &ClientError) -> Event {
+        warn!(group = %id, error = %err, "this group could not be synced; the others go on");
+        let cursor = load_row(&self.db, id).ok().flatten();
+        let mut e = Event::new(
+            "error",
+            &id.to_string(),
+            "",
+            cursor.as_ref().map_or(0, |r| r.cursor),
+            now_ms(),
+        );
+        e.group_name = cursor.map(|r| r.name).unwrap_or_default();
+        e.text = Some(err.to_string());
+        e
     }
 
     fn group_ids(&self) -> Result<Vec<(GroupId, String)>> {
@@ -1156,10 +1388,18 @@ impl Client {
                 break;
             }
             for item in items {
-                if let Some(e) = self.join(&item).await? {
+                if let Some(mut e) = self.join(&item).await? {
                     let id = item.group;
+                    // The group's name arrives in its log, right after the
+                    // commit that added us.
+                    let r = self.sync_group(&id).await;
+                    let later = self.isolate(&id, r)?;
+                    if let Some(row) = load_row(&self.db, &id)?.filter(|r| !r.name.is_empty()) {
+                        e.group_name = row.name;
+                        record_events(&self.db, &id, std::slice::from_ref(&e))?;
+                    }
                     events.push(e);
-                    events.extend(self.sync_group(&id).await?);
+                    events.extend(later);
                 }
             }
             if kv_get(&self.db, "inbox_cursor")? >= head {
@@ -1172,6 +1412,12 @@ impl Client {
     /// Joins a group from a Welcome in the inbox. Returns the `joined` event,
     /// or `None` when the item was already handled or cannot be used.
     async fn join(&mut self, item: &InboxItem) -> Result<Option<Event>> {
+        if item.seq <= kv_get(&self.db, "inbox_cursor")? {
+            return Ok(None);
+        }
+        // Another process of the home may be joining from the same Welcome
+        // (or rejoining the group): one of them does it.
+        let _lock = self.locks.lock(&item.group).await?;
         if item.seq <= kv_get(&self.db, "inbox_cursor")? {
             return Ok(None);
         }
@@ -1208,10 +1454,12 @@ impl Client {
         item: &InboxItem,
         tree: Option<Bytes>,
     ) -> Result<Option<Event>> {
-        if item.seq <= kv_get(&self.db, "inbox_cursor")? {
+        let tx = self.db.unchecked_transaction()?;
+        // Checked inside the (write) transaction: another process of the
+        // home may have used this Welcome a moment ago.
+        if item.seq <= kv_get(&tx, "inbox_cursor")? {
             return Ok(None);
         }
-        let tx = self.db.unchecked_transaction()?;
         let result = (|| -> Result<Event> {
             let tree = tree.ok_or_else(|| ClientError::Mls("no ratchet tree".into()))?;
             let tree =
@@ -1310,6 +1558,10 @@ impl Client {
                     )?;
                     break;
                 }
+                Err(ClientError::Server(e)) if e.code == ErrorCode::Compacted => {
+                    events.extend(self.lost_to_compaction(id, &row).await?);
+                    break;
+                }
                 Err(e) => return Err(e),
             };
             if entries.is_empty() {
@@ -1322,7 +1574,24 @@ impl Client {
             let n = entries.len();
             let first = entries[0].seq;
             events.extend(self.process_entries(id, &entries)?);
-            let cursor = load_row(&self.db, id)?.map(|r| r.cursor).unwrap_or(0);
+            let now = load_row(&self.db, id)?;
+            if let Some(r) = now
+                .as_ref()
+                .filter(|r| matches!(r.state.as_str(), "removed" | "left"))
+            {
+                // Tell the DS this device has read up to its removal, so the
+                // log need not be kept for it (best effort: the DS stops
+                // keeping it after a while anyway).
+                let _ = self
+                    .request(&Request::FetchLog {
+                        group: *id,
+                        after: r.cursor,
+                        limit: 1,
+                    })
+                    .await;
+                break;
+            }
+            let cursor = now.map(|r| r.cursor).unwrap_or(0);
             if cursor == row.cursor {
                 return Err(ClientError::Protocol(format!(
                     "the log of group {id} continues at {first}, but this device is at {cursor}: entries are missing"
@@ -1340,6 +1609,44 @@ impl Client {
         Ok(events)
     }
 
+    /// The DS compacted entries this device had not read. A current member
+    /// (a device restored from an old backup, say) rejoins; a departed one
+    /// (removed, or left, while this device was away for longer than the
+    /// DS keeps what it may read) marks the group and moves on.
+    async fn lost_to_compaction(&mut self, id: &GroupId, row: &GroupRow) -> Result<Vec<Event>> {
+        match self.request(&Request::GroupState { group: *id }).await {
+            Ok(_) => {
+                return self
+                    .rejoin(
+                        id,
+                        "the server no longer keeps messages this device had not read",
+                    )
+                    .await
+            }
+            Err(ClientError::Server(e))
+                if matches!(e.code, ErrorCode::NotMember | ErrorCode::UnknownGroup) => {}
+            Err(e) => return Err(e),
+        }
+        let (state, kind) = if row.state == "leaving" {
+            ("left", "left")
+        } else {
+            ("removed", "member_removed")
+        };
+        self.db.execute(
+            "UPDATE huddle_groups SET state = ?2 WHERE id = ?1",
+            params![id.as_bytes().as_slice(), state],
+        )?;
+        warn!(group = %id, "no longer a member, and the server compacted what this device had not read");
+        let mut e = Event::new(kind, &id.to_string(), "", row.cursor, now_ms());
+        e.members = Some(vec![self.name().to_owned()]);
+        e.group_name = row.name.clone();
+        e.text = Some(
+            "this device was away when it was removed, longer than the server keeps messages; what was sent before the removal is lost to it".into(),
+        );
+        record_note(&self.db, id, &e)?;
+        Ok(vec![e])
+    }
+
     /// Processes consecutive log entries of a group in one transaction.
     /// Entries at or below the cursor are skipped; processing stops at a gap.
     pub fn process_entries(&mut self, id: &GroupId, entries: &[LogEntry]) -> Result<Vec<Event>> {
@@ -1355,7 +1662,12 @@ impl Client {
         let mut group = MlsGroup::load(provider.storage(), &mls_gid(id))
             .map_err(ClientError::mls)?
             .ok_or_else(|| ClientError::Mls(format!("no MLS state for group {id}")))?;
+        // New events, recorded in the history below; and what is reported
+        // (what others did: this user's own messages were reported when
+        // sent).
         let mut events = Vec::new();
+        let mut shown = Vec::new();
+        let outbox = outbox_pending(&tx, id)?;
         for entry in entries {
             if entry.seq <= row.cursor {
                 continue;
@@ -1369,6 +1681,21 @@ impl Client {
             }
             if is_own(&tx, id, entry.seq)? {
                 continue;
+            }
+            if outbox && entry.kind == EntryKind::Application {
+                let digest = blake3::hash(&entry.data);
+                if let Some(event) = take_outbox(&tx, id, digest.as_bytes())? {
+                    // Sent by another process of this home, which has not
+                    // learnt its position yet.
+                    mark_own(&tx, id, entry.seq)?;
+                    if let Some(mut e) = event {
+                        e.seq = entry.seq;
+                        e.timestamp_ms = entry.timestamp_ms;
+                        e.group_name = row.name.clone();
+                        events.push(e);
+                    }
+                    continue;
+                }
             }
             if entry.kind == EntryKind::Commit
                 && row.pending_commit.as_deref() == Some(entry.data.as_ref())
@@ -1386,6 +1713,7 @@ impl Client {
                     for e in &mut evs {
                         e.group_name = row.name.clone();
                     }
+                    shown.extend(evs.iter().cloned());
                     events.extend(evs);
                 }
                 Err(e) => {
@@ -1410,7 +1738,7 @@ impl Client {
         ])?;
         record_events(&tx, id, &events)?;
         tx.commit()?;
-        Ok(events)
+        Ok(shown)
     }
 
     fn process_one(
@@ -1442,26 +1770,13 @@ impl Client {
         let ev = |kind: &str| Event::new(kind, gid, &from, entry.seq, entry.timestamp_ms);
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => {
-                match AppMessage::decode(&app.into_bytes()).map_err(ClientError::Mls)? {
-                    AppMessage::Text { text } => {
-                        let mut e = ev("text");
-                        e.text = Some(text);
-                        events.push(e);
-                    }
-                    AppMessage::GroupName { name } => {
-                        row.name = name;
-                    }
-                    AppMessage::Media(info) => {
-                        let mut e = ev("media");
-                        e.media_id = Some(hex::encode(info.media_id));
-                        e.name = Some(info.name.clone());
-                        e.size = Some(info.size);
-                        e.mime = Some(info.mime.clone());
-                        e.text = Some(info.caption.clone());
-                        media::remember(provider.storage_conn(), id, &info)?;
-                        events.push(e);
-                    }
+                let msg = AppMessage::decode(&app.into_bytes()).map_err(ClientError::Mls)?;
+                match &msg {
+                    AppMessage::GroupName { name } => row.name = name.clone(),
+                    AppMessage::Media(info) => media::remember(provider.storage_conn(), id, info)?,
+                    AppMessage::Text { .. } => {}
                 }
+                events.extend(app_event(&msg, id, &from, entry.seq, entry.timestamp_ms));
             }
             ProcessedMessageContent::ProposalMessage(p) => {
                 group
@@ -1664,6 +1979,11 @@ impl Client {
             if load_row(&self.db, &id)?.is_some() {
                 continue;
             }
+            // Another process of the home may be joining it right now.
+            let _lock = self.locks.lock(&id).await?;
+            if load_row(&self.db, &id)?.is_some() {
+                continue;
+            }
             warn!(group = %id, "this device has no state for a group it is a member of; rejoining");
             match self
                 .rejoin(&id, "this device had no state for the group")
@@ -1691,6 +2011,7 @@ impl Client {
                     e.text = Some(format!(
                         "this device has no state for this group; rejoining failed ({err}) and is retried at the next sync"
                     ));
+                    record_note(&self.db, &id, &e)?;
                     out.push(e);
                 }
             }
@@ -1790,7 +2111,7 @@ impl Client {
             e.epoch = Some(epoch);
             e.members = Some(differ);
             e.group_name = load_row(&self.db, id)?.map(|r| r.name).unwrap_or_default();
-            record_events(&self.db, id, std::slice::from_ref(&e))?;
+            record_note(&self.db, id, &e)?;
             out.push(e);
         }
         if behind || outvoted {
@@ -1841,6 +2162,7 @@ impl Client {
     /// secrets the old state never knew. Messages sent before it are not
     /// readable by the new state; everything after is.
     pub async fn rejoin(&mut self, id: &GroupId, why: &str) -> Result<Vec<Event>> {
+        let _lock = self.locks.lock(id).await?;
         for attempt in 0..COMMIT_ATTEMPTS {
             let (epoch, info, tree) = match self.request(&Request::JoinInfo { group: *id }).await? {
                 Response::JoinInfo {
@@ -1952,7 +2274,9 @@ impl Client {
 
     /// Stays connected and reports events as they arrive until `stop`
     /// completes. New entries are pushed by the DS; gaps are filled from the
-    /// log.
+    /// log. This user's own messages are reported too (sent from another
+    /// process of the home, they arrive like anyone's). Once the push
+    /// stream is open the first time, a `listening` event says so.
     ///
     /// A connection lost after listening began (the server restarted, the
     /// network went away) is retried with a growing pause, from
@@ -1966,13 +2290,20 @@ impl Client {
         S: std::future::Future<Output = ()>,
     {
         tokio::pin!(stop);
+        let mut shown = self.history_mark()?;
         let mut listened = false;
         let mut pause = RECONNECT_MIN;
         loop {
             let started = tokio::time::Instant::now();
             let mut subscribed = false;
             let err = match self
-                .listen_session(&mut on_event, stop.as_mut(), &mut subscribed)
+                .listen_session(
+                    &mut on_event,
+                    stop.as_mut(),
+                    &mut subscribed,
+                    !listened,
+                    &mut shown,
+                )
                 .await
             {
                 Ok(()) => return Ok(()),
@@ -1995,12 +2326,15 @@ impl Client {
     }
 
     /// One connection's worth of [`Client::listen`]: returns `Ok` when
-    /// `stop` completes; sets `subscribed` once the push stream is open.
+    /// `stop` completes; sets `subscribed` once the push stream is open
+    /// (and reports `listening` then if `first`).
     async fn listen_session<F, S>(
         &mut self,
         on_event: &mut F,
         mut stop: std::pin::Pin<&mut S>,
         subscribed: &mut bool,
+        first: bool,
+        shown: &mut i64,
     ) -> Result<()>
     where
         F: FnMut(&Event),
@@ -2011,9 +2345,12 @@ impl Client {
             reason: format!("push stream: {what}"),
         };
         let server = self.settings.server.clone();
-        for e in self.sync().await? {
+        // What the history does not hold (failures) is reported as it
+        // comes; the rest is reported from the history.
+        for e in self.sync().await?.into_iter().filter(|e| !e.recorded()) {
             on_event(&e);
         }
+        self.show_history(shown, on_event)?;
         let groups: Vec<(GroupId, u64)> = self
             .group_ids()?
             .into_iter()
@@ -2035,6 +2372,11 @@ impl Client {
             })
             .await?;
         *subscribed = true;
+        if first {
+            let mut e = Event::new("listening", "", self.name(), 0, now_ms());
+            e.text = Some(server.clone());
+            on_event(&e);
+        }
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         // Frames are reassembled here from cancel-safe chunk reads, so the
         // timer branch below can never cut a frame in half.
@@ -2049,11 +2391,14 @@ impl Client {
                         _ = tick.tick() => {
                             for (id, state) in self.group_ids()? {
                                 if state == "active" || state == "leaving" {
-                                    for e in self.maybe_commit_proposals(&id, false).await? {
+                                    let r = self.maybe_commit_proposals(&id, false).await;
+                                    for e in self.isolate(&id, r)?.into_iter().filter(|e| !e.recorded()) {
                                         on_event(&e);
                                     }
                                 }
                             }
+                            // What other processes of the home did.
+                            self.show_history(shown, on_event)?;
                         }
                         chunk = recv.read_chunk(64 * 1024, true) => {
                             let chunk = chunk
@@ -2089,62 +2434,42 @@ impl Client {
                     continue;
                 }
             };
-            let (id, events) = match pushed {
-                Pushed::Entry { group, entry } => {
-                    // Everything already here for this group goes into one
-                    // transaction.
-                    let mut batch = vec![entry];
-                    while let Some(Pushed::Entry { group: g, .. }) = ready.front() {
-                        if *g != group {
-                            break;
-                        }
-                        if let Some(Pushed::Entry { entry, .. }) = ready.pop_front() {
-                            batch.push(entry);
-                        }
+            let mut batch = Vec::new();
+            if let Pushed::Entry { group, .. } = &pushed {
+                // Everything already here for this group goes into one
+                // transaction.
+                let group = *group;
+                while let Some(Pushed::Entry { group: g, .. }) = ready.front() {
+                    if *g != group {
+                        break;
                     }
-                    let cursor = load_row(&self.db, &group)?.map(|r| r.cursor).unwrap_or(0);
-                    let first = batch[0].seq;
-                    let evs = if first <= cursor + 1 {
-                        self.process_entries(&group, &batch)?
-                    } else if first > cursor + 1 {
-                        self.sync_group(&group).await?
-                    } else {
-                        Vec::new()
-                    };
-                    (Some(group), evs)
-                }
-                Pushed::Inbox(_) | Pushed::InboxGap { .. } => {
-                    let evs = self.sync_inbox().await?;
-                    for e in &evs {
-                        if e.kind == "joined" {
-                            if let Ok(g) = e.group.parse::<GroupId>() {
-                                let after = load_row(&self.db, &g)?.map(|r| r.cursor).unwrap_or(0);
-                                write_control(
-                                    &mut send,
-                                    &server,
-                                    &Control::Watch { group: g, after },
-                                )
-                                .await?;
-                            }
-                        }
+                    if let Some(Pushed::Entry { entry, .. }) = ready.pop_front() {
+                        batch.push(entry);
                     }
-                    (None, evs)
                 }
-                Pushed::Gap { group, .. } => {
-                    let evs = self.sync_group(&group).await?;
-                    let after = load_row(&self.db, &group)?.map(|r| r.cursor).unwrap_or(0);
-                    write_control(&mut send, &server, &Control::Watch { group, after }).await?;
-                    (Some(group), evs)
-                }
-                Pushed::Unwatched { group, .. } => (Some(group), self.sync_group(&group).await?),
+            }
+            let group = match &pushed {
+                Pushed::Entry { group, .. }
+                | Pushed::Gap { group, .. }
+                | Pushed::Unwatched { group, .. } => Some(*group),
+                Pushed::Inbox(_) | Pushed::InboxGap { .. } => None,
             };
-            for e in &events {
+            let r = self.on_pushed(pushed, batch, &mut send, &server).await;
+            let events = match group {
+                Some(g) => self.isolate(&g, r)?,
+                None => r?,
+            };
+            for e in events.iter().filter(|e| !e.recorded()) {
                 on_event(e);
             }
-            if let Some(g) = id {
-                for e in self.maybe_commit_proposals(&g, false).await? {
+            if let Some(g) = group {
+                let r = self.maybe_commit_proposals(&g, false).await;
+                for e in self.isolate(&g, r)?.into_iter().filter(|e| !e.recorded()) {
                     on_event(&e);
                 }
+            }
+            self.show_history(shown, on_event)?;
+            if let Some(g) = group {
                 if let Some(r) = load_row(&self.db, &g)? {
                     write_control(
                         &mut send,
@@ -2160,6 +2485,87 @@ impl Client {
         }
         let _ = send.finish();
         Ok(())
+    }
+
+    /// Handles one pushed event (with `batch`, the entries of the same
+    /// group that followed it) and returns what it shows.
+    async fn on_pushed(
+        &mut self,
+        pushed: Pushed,
+        mut batch: Vec<LogEntry>,
+        send: &mut quinn::SendStream,
+        server: &str,
+    ) -> Result<Vec<Event>> {
+        Ok(match pushed {
+            Pushed::Entry { group, entry } => {
+                batch.insert(0, entry);
+                let cursor = load_row(&self.db, &group)?.map(|r| r.cursor).unwrap_or(0);
+                if batch[0].seq <= cursor + 1 {
+                    self.process_entries(&group, &batch)?
+                } else {
+                    self.sync_group(&group).await?
+                }
+            }
+            Pushed::Inbox(_) | Pushed::InboxGap { .. } => {
+                let evs = self.sync_inbox().await?;
+                for e in &evs {
+                    if e.kind == "joined" {
+                        if let Ok(g) = e.group.parse::<GroupId>() {
+                            let after = load_row(&self.db, &g)?.map(|r| r.cursor).unwrap_or(0);
+                            write_control(send, server, &Control::Watch { group: g, after })
+                                .await?;
+                        }
+                    }
+                }
+                evs
+            }
+            Pushed::Gap { group, .. } => {
+                let evs = self.sync_group(&group).await?;
+                let after = load_row(&self.db, &group)?.map(|r| r.cursor).unwrap_or(0);
+                write_control(send, server, &Control::Watch { group, after }).await?;
+                evs
+            }
+            Pushed::Unwatched { group, .. } => self.sync_group(&group).await?,
+        })
+    }
+
+    /// The newest position in the history, from which `listen` reports.
+    fn history_mark(&self) -> Result<i64> {
+        Ok(self.db.query_row(
+            "SELECT COALESCE(MAX(rowid), 0) FROM huddle_events",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Reports what was recorded in the history after `mark`, by this
+    /// process or another of the home (a `send` in another terminal, a
+    /// `sync` that processed entries first), in the order it was recorded,
+    /// and moves `mark` past it.
+    fn show_history<F: FnMut(&Event)>(&self, mark: &mut i64, on_event: &mut F) -> Result<()> {
+        let rows: Vec<(i64, String)> = self
+            .db
+            .prepare_cached(
+                "SELECT rowid, event FROM huddle_events WHERE rowid > ?1 ORDER BY rowid",
+            )?
+            .query_map([*mark], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (rowid, json) in rows {
+            *mark = rowid;
+            if let Ok(e) = serde_json::from_str::<Event>(&json) {
+                on_event(&e);
+            }
+        }
+        Ok(())
+    }
+
+    /// A group's result, with a failure that concerns only that group
+    /// turned into an `error` event; a lost connection stays an error.
+    fn isolate(&self, id: &GroupId, r: Result<Vec<Event>>) -> Result<Vec<Event>> {
+        match r {
+            Err(e) if !e.is_connection() => Ok(vec![self.failure(id, &e)]),
+            other => other,
+        }
     }
 }
 

@@ -163,6 +163,10 @@ impl<'a, C: Codec> OpenMlsProvider for Provider<'a, C> {
     }
 }
 
+/// How long a statement waits for another process of the home to finish
+/// its transaction before failing with "database is locked".
+pub const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Opens (creating if needed) the database at `path` and brings its schema
 /// up to date.
 pub fn open(path: &Path) -> Result<Connection> {
@@ -176,7 +180,14 @@ pub fn open(path: &Path) -> Result<Connection> {
     // FULL: a committed transaction survives power loss, not only a crash.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // Several processes of one home (`listen` beside `send`) share this
+    // file. A write transaction takes the write lock when it begins
+    // (IMMEDIATE): a deferred one that read first and then writes fails at
+    // once with SQLITE_BUSY when another process wrote in between, whatever
+    // the busy timeout. Waiting for another process's transaction is
+    // bounded by the timeout; transactions never span a network round trip.
+    conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     SqliteStorageProvider::<StateCodec, &mut Connection>::new(&mut conn)
         .run_migrations()
         .map_err(|e| ClientError::Io(format!("migrating the MLS tables: {e}")))?;
@@ -210,6 +221,17 @@ CREATE TABLE IF NOT EXISTS huddle_own (
     group_id BLOB NOT NULL,
     seq INTEGER NOT NULL,
     PRIMARY KEY (group_id, seq)
+);
+-- application messages this device posted whose log position it has not
+-- learnt yet (another process of the home may process them first), by the
+-- BLAKE3 of the posted message: the event to record once placed (NULL for
+-- messages that show nothing)
+CREATE TABLE IF NOT EXISTS huddle_outbox (
+    group_id BLOB NOT NULL,
+    digest BLOB NOT NULL,
+    event TEXT,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (group_id, digest)
 );
 CREATE TABLE IF NOT EXISTS huddle_kv (
     key TEXT PRIMARY KEY,

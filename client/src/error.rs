@@ -16,11 +16,14 @@ pub enum ClientError {
     /// Bad input from the user.
     #[error("{0}")]
     Usage(String),
+    /// Another process of this home holds what the operation needs.
+    #[error("{0}")]
+    Busy(String),
     /// The server refused a request.
     #[error("server refused: {}", .0.message)]
     Server(ErrorBody),
     /// The server presented another certificate than the pinned one.
-    #[error("the server presented certificate {presented}, but this home pinned {pinned}: refusing to talk to it (if the server's certificate really changed, register again in a new home)")]
+    #[error("the server's certificate changed (pinned {}, presented {}); if you trust the new one, run `huddle server trust`", short_fp(.pinned), short_fp(.presented))]
     CertificateMismatch {
         /// Fingerprint of the pinned certificate.
         pinned: String,
@@ -47,6 +50,10 @@ pub enum ClientError {
     /// A file operation failed.
     #[error("{0}")]
     Io(String),
+    /// The user interrupted the operation (Ctrl-C); what it did so far is
+    /// kept, and the message says how to go on.
+    #[error("{0}")]
+    Interrupted(String),
     /// Local media verification or decryption failed.
     #[error("integrity error: {0}")]
     Integrity(String),
@@ -61,12 +68,32 @@ impl ClientError {
         }
     }
 
+    /// Whether the connection to the server failed (rather than one
+    /// request or one group): the whole operation stops then.
+    pub fn is_connection(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::CertificateMismatch { .. }
+        )
+    }
+
     pub(crate) fn mls(e: impl std::fmt::Display) -> Self {
         ClientError::Mls(e.to_string())
     }
 
     pub(crate) fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Self {
         ClientError::Io(format!("{what}: {e}"))
+    }
+}
+
+/// The first 8 bytes of a colon-separated fingerprint, enough to tell two
+/// apart at a glance.
+fn short_fp(fp: &str) -> String {
+    let head: Vec<&str> = fp.split(':').take(8).collect();
+    if head.len() < 8 {
+        fp.to_owned()
+    } else {
+        format!("{}…", head.join(":"))
     }
 }
 

@@ -64,58 +64,154 @@ impl Event {
         }
     }
 
-    /// One line for a terminal.
+    /// Whether events of this kind are kept in the history (all but
+    /// reports of the moment: a failure, the start of `listen`).
+    pub fn recorded(&self) -> bool {
+        !matches!(self.kind.as_str(), "error" | "listening")
+    }
+
+    /// One line for a terminal. Everything that came from other people
+    /// (text, names, types) is shown with control characters escaped, so a
+    /// message cannot forge lines or drive the terminal.
     pub fn human(&self) -> String {
         let g = if self.group_name.is_empty() {
-            &self.group[..8.min(self.group.len())]
+            clean(&self.group[..8.min(self.group.len())])
         } else {
-            &self.group_name
+            clean(&self.group_name)
         };
+        let from = clean(&self.from);
         let members = self.members.as_deref().unwrap_or_default().join(", ");
+        let members = clean(&members);
+        let text = clean(self.text.as_deref().unwrap_or(""));
         match self.kind.as_str() {
-            "text" => format!(
-                "[{g}] {}: {}",
-                self.from,
-                self.text.as_deref().unwrap_or("")
-            ),
+            "text" => format!("[{g}] {from}: {text}"),
             "media" => {
-                let caption = self
-                    .text
-                    .as_deref()
-                    .filter(|c| !c.is_empty())
-                    .map(|c| format!(" \"{c}\""))
-                    .unwrap_or_default();
+                let caption = if text.is_empty() {
+                    String::new()
+                } else {
+                    format!(" \"{text}\"")
+                };
                 format!(
-                    "[{g}] {} sent {} ({}, {} bytes){caption} media {}",
-                    self.from,
-                    self.name.as_deref().unwrap_or("file"),
-                    self.mime.as_deref().unwrap_or("application/octet-stream"),
-                    self.size.unwrap_or(0),
-                    self.media_id.as_deref().unwrap_or("?")
+                    "[{g}] {from} sent {} ({}, {}){caption} media {}",
+                    clean(self.name.as_deref().unwrap_or("file")),
+                    clean(self.mime.as_deref().unwrap_or("application/octet-stream")),
+                    human_size(self.size.unwrap_or(0)),
+                    clean(self.media_id.as_deref().unwrap_or("?"))
                 )
             }
-            "joined" => format!("[{g}] joined, added by {}; members: {members}", self.from),
-            "member_added" => format!("[{g}] {} added {members}", self.from),
-            "member_removed" => format!("[{g}] {} removed {members}", self.from),
+            "joined" => format!("[{g}] joined, added by {from}; members: {members}"),
+            "member_added" => format!("[{g}] {from} added {members}"),
+            "member_removed" if self.from.is_empty() => format!("[{g}] {members} removed: {text}"),
+            "member_removed" => format!("[{g}] {from} removed {members}"),
+            "left" if self.from.is_empty() => format!("[{g}] {members} left: {text}"),
             "left" => format!("[{g}] {members} left"),
             "fork_detected" => format!(
                 "[{g}] WARNING: {members} computed another state of this group at epoch {}; messages between you may not decrypt",
                 self.epoch.unwrap_or(0)
             ),
             "rejoined" if self.text.is_some() => format!(
-                "[{g}] this device rejoined the group at epoch {} ({}); earlier messages it had not read are lost to it",
+                "[{g}] this device rejoined the group at epoch {} ({text}); earlier messages it had not read are lost to it",
                 self.epoch.unwrap_or(0),
-                self.text.as_deref().unwrap_or("")
             ),
             "rejoined" => format!(
-                "[{g}] {} rejoined (new device state) at epoch {}",
-                self.from,
+                "[{g}] {from} rejoined (new device state) at epoch {}",
                 self.epoch.unwrap_or(0)
             ),
             "key_changed" => format!(
                 "[{g}] WARNING: the identity key of {members} differs from the one first seen; compare fingerprints out of band"
             ),
-            other => format!("[{g}] {other} from {}", self.from),
+            "error" => format!("[{g}] ERROR: this group could not be brought up to date: {text}"),
+            "listening" => format!("listening as {from} on {text}; Ctrl-C to stop"),
+            other => format!("[{g}] {} from {from}", clean(other)),
         }
+    }
+
+    /// [`Event::human`] behind the local date and time it happened.
+    pub fn human_at(&self) -> String {
+        format!("{} {}", local_time(self.timestamp_ms), self.human())
+    }
+}
+
+/// `ms` since the Unix epoch as local `YYYY-MM-DD HH:MM`.
+pub fn local_time(ms: u64) -> String {
+    let Ok(ts) = jiff::Timestamp::from_millisecond(i64::try_from(ms).unwrap_or(i64::MAX)) else {
+        return "????-??-?? ??:??".into();
+    };
+    ts.to_zoned(jiff::tz::TimeZone::system())
+        .strftime("%Y-%m-%d %H:%M")
+        .to_string()
+}
+
+/// Bytes as a person reads them: `512 B`, `6.2 KiB`, `286.1 MiB`.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// `s` with every control character (newlines, escapes, C1 controls) and
+/// every bidirectional override escaped, as `\n`, `\u{1b}` and so on.
+pub fn clean(s: &str) -> std::borrow::Cow<'_, str> {
+    let risky = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(risky) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if risky(c) {
+            out.extend(c.escape_debug());
+            if !c.is_control() {
+                // escape_debug leaves printable format characters alone.
+                out.truncate(out.len() - c.len_utf8());
+                out.push_str(&format!("\\u{{{:x}}}", c as u32));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_a_person_would() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(1023), "1023 B");
+        assert_eq!(human_size(6321), "6.2 KiB");
+        assert_eq!(human_size(300_000_000), "286.1 MiB");
+        assert_eq!(human_size(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn other_peoples_text_cannot_forge_lines_or_drive_the_terminal() {
+        let mut e = Event::new("text", "00112233445566778899aabbccddeeff", "mallory", 1, 0);
+        e.text = Some("ok\n[g] carol: my new key is X\u{1b}[2J\u{202e}".into());
+        let line = e.human();
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(
+            !line.contains('\u{1b}') && !line.contains('\u{202e}'),
+            "{line:?}"
+        );
+        assert!(line.contains("ok\\n[g] carol"), "{line}");
+        assert!(line.contains("\\u{202e}"), "{line}");
+        e.group_name = "a\rb".into();
+        e.from = "x\u{7}".into();
+        let line = e.human();
+        assert!(!line.contains('\r') && !line.contains('\u{7}'), "{line:?}");
+        assert_eq!(clean("plain"), "plain");
     }
 }

@@ -6,7 +6,13 @@
 //! HOME/identity.key     Ed25519 secret seed, hex (mode 0600)
 //! HOME/server-cert.pem  the pinned server certificate
 //! HOME/huddle.db        SQLite: MLS state, groups, cursors, history
+//! HOME/locks/GROUP      advisory locks shared by the home's processes
 //! ```
+//!
+//! Registration writes `identity.key` before it asks the DS for the name
+//! and `client.json` after the DS bound the name to the key: a home with a
+//! key but no settings is a registration that did not finish, and a retry
+//! uses the same key (which the DS accepts again).
 
 use std::fs;
 use std::io::Write as _;
@@ -54,6 +60,11 @@ impl Home {
         self.dir.join("server-cert.pem")
     }
 
+    /// Directory of the group locks ([`crate::lock`]).
+    pub fn locks_dir(&self) -> PathBuf {
+        self.dir.join("locks")
+    }
+
     /// Directory for downloads in progress.
     pub fn partial_dir(&self) -> PathBuf {
         self.dir.join("partial")
@@ -95,15 +106,40 @@ impl Home {
 
     /// Saves settings and identity (the key file with mode 0600).
     pub fn save(&self, settings: &Settings, identity: &Identity) -> Result<()> {
+        self.save_identity(identity)?;
+        self.save_settings(settings)
+    }
+
+    /// Saves the identity key (mode 0600), creating the home.
+    pub fn save_identity(&self, identity: &Identity) -> Result<()> {
         self.create()?;
         write_file(
             &self.dir.join("identity.key"),
             format!("{}\n", hex::encode(identity.seed())).as_bytes(),
             0o600,
-        )?;
+        )
+    }
+
+    /// Saves the settings: the home is registered from then on.
+    pub fn save_settings(&self, settings: &Settings) -> Result<()> {
         let json =
             serde_json::to_vec_pretty(settings).map_err(|e| ClientError::io("settings", e))?;
         write_file(&self.dir.join("client.json"), &json, 0o600)
+    }
+
+    /// The key of a registration that did not finish (a key saved, no
+    /// settings yet), as the identity of `name`.
+    pub fn unfinished_identity(&self, name: &str) -> Result<Option<Identity>> {
+        let path = self.dir.join("identity.key");
+        if self.is_registered() || !path.exists() {
+            return Ok(None);
+        }
+        let hex_seed =
+            fs::read_to_string(&path).map_err(|e| ClientError::io("reading identity.key", e))?;
+        let mut seed = [0u8; 32];
+        hex::decode_to_slice(hex_seed.trim(), &mut seed)
+            .map_err(|_| ClientError::Io("identity.key is corrupt".into()))?;
+        Ok(Some(Identity::from_seed(name, seed)))
     }
 
     /// The pinned certificates (DER), if any.

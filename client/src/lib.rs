@@ -20,6 +20,7 @@ pub mod error;
 pub mod event;
 pub mod home;
 pub mod identity;
+pub mod lock;
 pub mod net;
 pub mod preview;
 pub mod storage;

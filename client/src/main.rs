@@ -1,10 +1,17 @@
 //! `huddle`: the Huddle command line.
+//!
+//! Output goes through [`Out`]: a closed pipe (`huddle listen | head`)
+//! ends the process quietly, as it ends other Unix tools, instead of a
+//! panic. Ctrl-C during a transfer keeps its progress and says how to
+//! resume.
 #![forbid(unsafe_code)]
 
+use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use huddle_client::event::human_size;
 use huddle_client::{Client, ClientError, Event, Home, Progress};
 
 /// End-to-end encrypted group messaging and media sharing.
@@ -45,7 +52,7 @@ enum Command {
     Send {
         /// Group id or name.
         group: String,
-        /// The message.
+        /// The message (`-` reads it from standard input).
         text: String,
     },
     /// Encrypt and upload a picture, video or any file; prints the media id.
@@ -62,9 +69,12 @@ enum Command {
     Download {
         /// Media id (from `sync`, `listen` or `messages`).
         media_id: String,
-        /// Where to write it (default: its file name here).
+        /// Where to write it (default: its file name here; `-`: standard output).
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
+        /// Replace the file at the output path if there is one.
+        #[arg(long)]
+        force: bool,
         /// Only plaintext bytes START-END (END exclusive), e.g. to play a video
         /// from the middle.
         #[arg(long, value_name = "START-END")]
@@ -74,6 +84,9 @@ enum Command {
     Sync,
     /// Stay connected and print events as they arrive, until interrupted.
     Listen,
+    /// The server's certificate.
+    #[command(subcommand)]
+    Server(ServerCommand),
     /// Show the local history of a group.
     Messages {
         /// Group id or name.
@@ -81,6 +94,17 @@ enum Command {
         /// Show at most this many (the newest).
         #[arg(long, default_value_t = 50)]
         limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServerCommand {
+    /// Show the pinned and the presented certificate fingerprints, ask, and
+    /// pin the presented one (after the server's certificate changed).
+    Trust {
+        /// Pin it without asking.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -136,20 +160,39 @@ fn expand_home(s: &str) -> PathBuf {
     }
 }
 
+/// Standard output, one line at a time.
 struct Out {
     json: bool,
 }
 
+/// Exit status after the reader of standard output went away: what the
+/// shell reports for a process ended by SIGPIPE, as other tools end.
+const EXIT_PIPE: u8 = 141;
+/// Exit status after Ctrl-C.
+const EXIT_INTERRUPTED: u8 = 130;
+
 impl Out {
+    /// Writes one line. A closed pipe ends the process quietly.
+    fn line(&self, s: &str) {
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, "{s}").and_then(|()| out.flush()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(EXIT_PIPE.into());
+            }
+            eprintln!("huddle: writing the output: {e}");
+            std::process::exit(1);
+        }
+    }
+
     fn json(&self, v: &impl serde::Serialize) {
-        println!("{}", serde_json::to_string(v).expect("output serialises"));
+        self.line(&serde_json::to_string(v).expect("output serialises"));
     }
 
     fn event(&self, e: &Event) {
         if self.json {
             self.json(e);
         } else {
-            println!("{}", e.human());
+            self.line(&e.human());
         }
     }
 }
@@ -162,6 +205,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person's terminal, not in log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     // Two workers: QUIC's packet work runs beside the command's own work
     // (sealing, hashing, file I/O) instead of taking turns with it.
@@ -178,11 +223,58 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ ClientError::Interrupted(_)) => {
+            eprintln!("huddle: {e}");
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
         Err(e) => {
             eprintln!("huddle: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs `work` (a transfer) until it ends or Ctrl-C: then `bar` is cleared
+/// and the error says how to go on.
+async fn interruptible<T>(
+    work: impl std::future::Future<Output = Result<T, ClientError>>,
+    bar: &std::sync::Mutex<Option<indicatif::ProgressBar>>,
+    how_to_resume: &str,
+) -> Result<T, ClientError> {
+    tokio::select! {
+        r = work => r,
+        _ = tokio::signal::ctrl_c() => {
+            if let Some(b) = bar.lock().expect("bar lock").take() {
+                b.abandon();
+            }
+            Err(ClientError::Interrupted(format!("interrupted; {how_to_resume}")))
+        }
+    }
+}
+
+/// The message: the argument, or standard input for `-`.
+fn message_text(text: String) -> Result<String, ClientError> {
+    if text != "-" {
+        return Ok(text);
+    }
+    let limit = huddle_client::client::MAX_TEXT;
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| ClientError::Io(format!("reading standard input: {e}")))?;
+    if buf.len() > limit {
+        return Err(ClientError::Usage(format!(
+            "a text message is at most {} KiB; send longer text as a file (`huddle send-file`)",
+            limit / 1024
+        )));
+    }
+    let text = String::from_utf8(buf).map_err(|_| {
+        ClientError::Usage("the message on standard input is not UTF-8 text".into())
+    })?;
+    // A trailing newline from `echo` is not part of the message.
+    Ok(text.strip_suffix('\n').unwrap_or(&text).to_owned())
 }
 
 async fn run(cli: Cli) -> Result<(), ClientError> {
@@ -209,9 +301,9 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     "fingerprint": who.fingerprint,
                 }));
             } else {
-                println!("registered {} at {}", who.name, who.server);
-                println!("server certificate SHA-256 {server_fp} (pinned)");
-                println!("your key fingerprint: {}", who.fingerprint);
+                out.line(&format!("registered {} at {}", who.name, who.server));
+                out.line(&format!("server certificate SHA-256 {server_fp} (pinned)"));
+                out.line(&format!("your key fingerprint: {}", who.fingerprint));
             }
             client.close().await;
         }
@@ -221,10 +313,10 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             if out.json {
                 out.json(&who);
             } else {
-                println!("name: {}", who.name);
-                println!("device: {}", who.device);
-                println!("fingerprint: {}", who.fingerprint);
-                println!("server: {}", who.server);
+                out.line(&format!("name: {}", who.name));
+                out.line(&format!("device: {}", who.device));
+                out.line(&format!("fingerprint: {}", who.fingerprint));
+                out.line(&format!("server: {}", who.server));
             }
         }
         Command::Status => {
@@ -233,10 +325,10 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             if out.json {
                 out.json(&st);
             } else {
-                println!("server: {}", st.server);
-                println!("certificate SHA-256: {}", st.server_fingerprint);
-                println!("authenticated as: {}", st.name);
-                println!(
+                out.line(&format!("server: {}", st.server));
+                out.line(&format!("certificate SHA-256: {}", st.server_fingerprint));
+                out.line(&format!("authenticated as: {}", st.name));
+                out.line(&format!(
                     "key packages on server: {}{}",
                     st.key_packages,
                     if st.last_resort {
@@ -244,18 +336,19 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     } else {
                         ""
                     }
-                );
+                ));
             }
             client.close().await;
         }
         Command::Group(g) => group(home, &out, g).await?,
         Command::Send { group, text } => {
             let mut client = Client::open(home)?;
+            let text = message_text(text)?;
             let e = client.send_text(&group, &text).await?;
             if out.json {
                 out.json(&e);
             } else {
-                println!("sent ({} bytes, position {})", text.len(), e.seq);
+                out.line(&format!("sent ({} bytes, position {})", text.len(), e.seq));
             }
             client.close().await;
         }
@@ -266,48 +359,45 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         } => {
             let mut client = Client::open(home)?;
             let mut bar = Bar::new(out.json);
-            let e = client.send_file(&group, &path, &caption, &mut bar).await?;
+            let shown = bar.shown.clone();
+            let r = interruptible(
+                client.send_file(&group, &path, &caption, &mut bar),
+                &shown,
+                "what was uploaded is kept: run the same command again to resume",
+            )
+            .await;
+            client.close().await;
+            let e = r?;
             if out.json {
                 out.json(&e);
             } else {
-                println!("{}", e.media_id.as_deref().unwrap_or_default());
+                out.line(e.media_id.as_deref().unwrap_or_default());
             }
-            client.close().await;
         }
         Command::Download {
             media_id,
             output,
+            force,
             range,
         } => {
             let mut client = Client::open(home)?;
-            if let Some(r) = range {
-                let (a, b) = r
-                    .split_once('-')
-                    .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
-                    .ok_or_else(|| {
-                        ClientError::Usage(format!("--range {r:?}: expected START-END"))
-                    })?;
-                let bytes = client.read_range(&media_id, a, b).await?;
-                let path = output.unwrap_or_else(|| PathBuf::from(format!("{media_id}.{a}-{b}")));
-                std::fs::write(&path, &bytes)
-                    .map_err(|e| ClientError::Io(format!("{}: {e}", path.display())))?;
-                report_download(&out, &media_id, &path, bytes.len() as u64);
-            } else {
-                let mut bar = Bar::new(out.json);
-                let path = client
-                    .download(&media_id, output.as_deref(), &mut bar)
-                    .await?;
-                let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                report_download(&out, &media_id, &path, size);
-            }
+            let r = download(&mut client, &out, &media_id, output, force, range).await;
             client.close().await;
+            r?;
         }
         Command::Sync => {
             let mut client = Client::open(home)?;
-            for e in client.sync().await? {
-                out.event(&e);
+            let events = client.sync().await?;
+            for e in &events {
+                out.event(e);
             }
             client.close().await;
+            let failed = events.iter().filter(|e| e.kind == "error").count();
+            if failed > 0 {
+                return Err(ClientError::Usage(format!(
+                    "{failed} group(s) could not be brought up to date (see above); the others were"
+                )));
+            }
         }
         Command::Listen => {
             let mut client = Client::open(home)?;
@@ -320,34 +410,184 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Messages { group, limit } => {
             let client = Client::open(home)?;
             for e in client.messages(&group, limit)? {
-                out.event(&e);
+                if out.json {
+                    out.json(&e);
+                } else {
+                    out.line(&e.human_at());
+                }
             }
+        }
+        Command::Server(ServerCommand::Trust { yes }) => {
+            let mut client = Client::open(home)?;
+            server_trust(&mut client, &out, yes).await?;
         }
     }
     Ok(())
+}
+
+/// `huddle server trust`.
+async fn server_trust(client: &mut Client, out: &Out, yes: bool) -> Result<(), ClientError> {
+    use huddle_core::auth::cert_fingerprint;
+    let p = client.presented_certificate().await?;
+    let pinned = p.pinned.as_deref().map(cert_fingerprint);
+    let presented = cert_fingerprint(&p.presented);
+    let report = |trusted: bool| {
+        if out.json {
+            out.json(&serde_json::json!({
+                "pinned": pinned, "presented": presented, "trusted": trusted,
+            }));
+        }
+    };
+    if p.matches() {
+        report(true);
+        if !out.json {
+            out.line(&format!(
+                "the server presents the pinned certificate {presented}; nothing to change"
+            ));
+        }
+        return Ok(());
+    }
+    if !out.json {
+        out.line(&format!(
+            "pinned:    {}",
+            pinned.as_deref().unwrap_or("(none)")
+        ));
+        out.line(&format!("presented: {presented}"));
+    }
+    let agreed = yes
+        || {
+            eprint!("Compare the presented fingerprint with the one the server printed. Trust it from now on? [y/N] ");
+            let mut answer = String::new();
+            std::io::stdin()
+                .read_line(&mut answer)
+                .map_err(|e| ClientError::Io(format!("reading the answer: {e}")))?;
+            matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+        };
+    if !agreed {
+        report(false);
+        return Err(ClientError::Usage(
+            "the pinned certificate is unchanged".into(),
+        ));
+    }
+    client.pin_certificate(&p.presented)?;
+    report(true);
+    if !out.json {
+        out.line(&format!("pinned {presented}"));
+    }
+    Ok(())
+}
+
+/// `huddle download`.
+async fn download(
+    client: &mut Client,
+    out: &Out,
+    media_id: &str,
+    output: Option<PathBuf>,
+    force: bool,
+    range: Option<String>,
+) -> Result<(), ClientError> {
+    let to_stdout = output.as_deref() == Some(std::path::Path::new("-"));
+    if let Some(r) = range {
+        let (a, b) = r
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+            .ok_or_else(|| ClientError::Usage(format!("--range {r:?}: expected START-END")))?;
+        let bytes = client.read_range(media_id, a, b).await?;
+        if to_stdout {
+            return write_stdout(&mut &bytes[..]);
+        }
+        let path = output.unwrap_or_else(|| PathBuf::from(format!("{media_id}.{a}-{b}")));
+        if !force && path.symlink_metadata().is_ok() {
+            return Err(ClientError::Usage(format!(
+                "{} exists; choose another path with -o, or replace it with --force",
+                path.display()
+            )));
+        }
+        std::fs::write(&path, &bytes)
+            .map_err(|e| ClientError::Io(format!("{}: {e}", path.display())))?;
+        report_download(out, media_id, &path, bytes.len() as u64);
+        return Ok(());
+    }
+    let mut bar = Bar::new(out.json);
+    let shown = bar.shown.clone();
+    let resume = "what was downloaded and verified is kept: run the same command again to resume";
+    if to_stdout {
+        // Verified whole into the home first (resumable), then written out.
+        let tmp = client
+            .home()
+            .partial_dir()
+            .join(format!("stdout-{}", std::process::id()));
+        let r = interruptible(
+            client.download_file(media_id, Some(&tmp), true, &mut bar),
+            &shown,
+            resume,
+        )
+        .await;
+        let r = r.and_then(|path| {
+            let mut f = std::fs::File::open(&path)
+                .map_err(|e| ClientError::Io(format!("{}: {e}", path.display())))?;
+            write_stdout(&mut f)
+        });
+        let _ = std::fs::remove_file(&tmp);
+        return r;
+    }
+    let path = interruptible(
+        client.download_file(media_id, output.as_deref(), force, &mut bar),
+        &shown,
+        resume,
+    )
+    .await?;
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    report_download(out, media_id, &path, size);
+    Ok(())
+}
+
+/// Copies `from` to standard output; a closed pipe ends quietly.
+fn write_stdout(from: &mut dyn std::io::Read) -> Result<(), ClientError> {
+    let mut stdout = std::io::stdout().lock();
+    match std::io::copy(from, &mut stdout).and_then(|_| stdout.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            std::process::exit(EXIT_PIPE.into())
+        }
+        Err(e) => Err(ClientError::Io(format!("writing to standard output: {e}"))),
+    }
 }
 
 fn report_download(out: &Out, media: &str, path: &std::path::Path, size: u64) {
     if out.json {
         out.json(&serde_json::json!({"type": "downloaded", "media_id": media, "path": path, "size": size}));
     } else {
-        println!("{} ({size} bytes)", path.display());
+        out.line(&format!("{} ({})", path.display(), human_size(size)));
     }
 }
 
 /// A progress bar (bytes, rate, ETA) on a terminal; nothing otherwise.
+///
+/// The rate and the time left count only the bytes moved by this run: a
+/// resumed transfer that starts at 90 % is not credited with them.
 struct Bar {
-    bar: Option<indicatif::ProgressBar>,
+    /// The bar on screen, shared with the Ctrl-C handler that clears it.
+    shown: std::sync::Arc<std::sync::Mutex<Option<indicatif::ProgressBar>>>,
     enabled: bool,
 }
 
 impl Bar {
     fn new(json: bool) -> Self {
-        use std::io::IsTerminal as _;
         Self {
-            bar: None,
+            shown: Default::default(),
             enabled: !json && std::io::stderr().is_terminal(),
         }
+    }
+}
+
+/// Bytes per second moved since a run started at `start` (now at `pos`,
+/// `secs` later).
+fn rate(pos: u64, start: u64, secs: f64) -> f64 {
+    if secs <= 0.0 {
+        0.0
+    } else {
+        pos.saturating_sub(start) as f64 / secs
     }
 }
 
@@ -356,28 +596,48 @@ impl Progress for Bar {
         if !self.enabled {
             return;
         }
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_message(label.to_owned());
-        bar.set_position(done);
-        self.bar = Some(bar);
+        let speed =
+            move |s: &indicatif::ProgressState| rate(s.pos(), done, s.elapsed().as_secs_f64());
+        let style = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {speed} ETA {left}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .with_key(
+            "speed",
+            move |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{}/s", human_size(speed(s) as u64));
+            },
+        )
+        .with_key(
+            "left",
+            move |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let r = speed(s);
+                let left = s.len().unwrap_or(0).saturating_sub(s.pos());
+                if r >= 1.0 {
+                    let secs = (left as f64 / r) as u64;
+                    let _ = write!(w, "{}:{:02}", secs / 60, secs % 60);
+                } else {
+                    let _ = write!(w, "-");
+                }
+            },
+        )
+        .progress_chars("=> ");
+        let bar = indicatif::ProgressBar::new(total)
+            .with_position(done)
+            .with_style(style)
+            .with_message(label.to_owned());
+        *self.shown.lock().expect("bar lock") = Some(bar);
     }
 
     fn advance(&mut self, n: u64) -> bool {
-        if let Some(b) = &self.bar {
+        if let Some(b) = self.shown.lock().expect("bar lock").as_ref() {
             b.inc(n);
         }
         true
     }
 
     fn finish(&mut self) {
-        if let Some(b) = self.bar.take() {
+        if let Some(b) = self.shown.lock().expect("bar lock").take() {
             b.finish_and_clear();
         }
     }
@@ -387,11 +647,19 @@ async fn group(home: Home, out: &Out, cmd: GroupCommand) -> Result<(), ClientErr
     let mut client = Client::open(home)?;
     match cmd {
         GroupCommand::Create { name } => {
+            let same = client.groups_named(&name)?;
+            if !same.is_empty() {
+                eprintln!(
+                    "huddle: note: you are already in {} group(s) named {name:?} ({}); name this one by its id or its first digits",
+                    same.len(),
+                    same.iter().map(huddle_client::client::short_id).collect::<Vec<_>>().join(", ")
+                );
+            }
             let id = client.create_group(&name).await?;
             if out.json {
                 out.json(&serde_json::json!({"group": id.to_string(), "name": name}));
             } else {
-                println!("{id}");
+                out.line(&format!("{id}"));
             }
         }
         GroupCommand::Add { group, users } => {
@@ -409,7 +677,9 @@ async fn group(home: Home, out: &Out, cmd: GroupCommand) -> Result<(), ClientErr
             if out.json {
                 out.json(&serde_json::json!({"type": "leaving", "group": group}));
             } else {
-                println!("asked to leave {group}; a remaining member will commit it");
+                out.line(&format!(
+                    "asked to leave {group}; a remaining member will commit it"
+                ));
             }
         }
         GroupCommand::Update { group } => {
@@ -420,7 +690,7 @@ async fn group(home: Home, out: &Out, cmd: GroupCommand) -> Result<(), ClientErr
                     &serde_json::json!({"type": "key_update", "group": group, "epoch": epoch}),
                 );
             } else {
-                println!("keys rotated; {group} is at epoch {epoch}");
+                out.line(&format!("keys rotated; {group} is at epoch {epoch}"));
             }
         }
         GroupCommand::List => {
@@ -428,24 +698,44 @@ async fn group(home: Home, out: &Out, cmd: GroupCommand) -> Result<(), ClientErr
                 if out.json {
                     out.json(&g);
                 } else {
-                    println!(
+                    out.line(&format!(
                         "{}  {:<20} {:<8} epoch {:<4} {} members",
-                        g.group, g.name, g.state, g.epoch, g.members
-                    );
+                        g.group,
+                        huddle_client::event::clean(&g.name),
+                        g.state,
+                        g.epoch,
+                        g.members
+                    ));
                 }
             }
         }
         GroupCommand::Members { group } => {
-            let members = client.members(&group)?;
+            let id = client.resolve_group(&group)?;
+            let members = client.members(&id.to_string())?;
             if out.json {
-                out.json(&serde_json::json!({"group": group, "members": members}));
+                let (name, _, _) = client.group_state(&id.to_string())?;
+                out.json(
+                    &serde_json::json!({"group": id.to_string(), "name": name, "members": members}),
+                );
             } else {
                 for m in members {
-                    println!("{m}");
+                    out.line(&huddle_client::event::clean(&m));
                 }
             }
         }
     }
     client.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_transfer_is_not_credited_with_what_it_resumed_from() {
+        // 900 MB were there before; 10 MB moved in 2 s: 5 MB/s, not 455.
+        assert_eq!(rate(910_000_000, 900_000_000, 2.0), 5_000_000.0);
+        assert_eq!(rate(10, 0, 0.0), 0.0);
+    }
 }

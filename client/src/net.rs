@@ -39,6 +39,40 @@ pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 /// How long one request may take before the connection is considered lost.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a connection attempt waits for the server to answer.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Completes when the host at `addr` says nothing listens on that port.
+///
+/// QUIC ignores ICMP errors, so a connection to a closed port would wait
+/// for [`CONNECT_TIMEOUT`]. A connected UDP socket does hear them: one
+/// byte (which no QUIC server takes for a packet) sent from one, and the
+/// "port unreachable" comes back as `ECONNREFUSED`, at once on the same
+/// machine. Never completes otherwise: silence is left to the timeout.
+async fn refused(addr: SocketAddr) {
+    let probe = async {
+        let any: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = tokio::net::UdpSocket::bind(any).await.ok()?;
+        sock.connect(addr).await.ok()?;
+        sock.send(&[0]).await.ok()?;
+        let mut buf = [0u8; 64];
+        loop {
+            match sock.recv(&mut buf).await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Some(()),
+                Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    };
+    if probe.await.is_none() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// How the server's certificate is checked.
 #[derive(Debug, Clone)]
 pub enum Trust {
@@ -240,11 +274,21 @@ impl Connection {
         let connecting = endpoint
             .connect_with(config, sock, host)
             .map_err(|e| fail(e.to_string()))?;
-        let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
-            Err(_) => {
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, connecting);
+        let answered = tokio::select! {
+            a = attempt => a,
+            () = refused(sock) => {
                 return Err(fail(
-                    "no answer within 10 s (is the server running?)".into(),
+                    "connection refused: nothing is listening there (is the server running?)".into(),
                 ))
+            }
+        };
+        let conn = match answered {
+            Err(_) => {
+                return Err(fail(format!(
+                    "no answer within {} s (is the server running?)",
+                    CONNECT_TIMEOUT.as_secs()
+                )))
             }
             Ok(Err(e)) => {
                 let got = presented.lock().expect("presented lock").clone();

@@ -3,36 +3,7 @@
 #![allow(clippy::unwrap_used)]
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::*;
-
-fn huddle(home: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_huddle"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(home: &Path, args: &[&str]) -> String {
-    let (success, stdout, stderr) = huddle(home, args);
-    assert!(success, "huddle {args:?} failed: {stderr}");
-    stdout
-}
-
-fn json_lines(s: &str) -> Vec<serde_json::Value> {
-    s.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_walkthrough() {
@@ -65,6 +36,8 @@ async fn readme_walkthrough() {
         assert_eq!(ev[0]["type"], "joined");
         assert_eq!(ev[0]["group"], gid.as_str());
         assert_eq!(ev[0]["from"], "alice");
+        // The joined event names the group (its name arrives in the log).
+        assert_eq!(ev[0]["group_name"], "friends");
         let text: Vec<_> = ev.iter().filter(|e| e["type"] == "text").collect();
         assert_eq!(text.len(), 1);
         assert_eq!(text[0]["text"], "hello both");
@@ -79,6 +52,8 @@ async fn readme_walkthrough() {
             members[0]["members"],
             serde_json::json!(["alice", "bob", "carol"])
         );
+        assert_eq!(members[0]["group"], gid.as_str());
+        assert_eq!(members[0]["name"], "friends");
 
         let removed = json_lines(&ok(
             &alice,

@@ -16,7 +16,7 @@ use huddle_core::{GroupId, MediaId};
 use rusqlite::{params, Connection, OptionalExtension as _};
 use std::io::{Read as _, Seek as _, Write as _};
 
-use super::{load_row, now_ms, record_events, Client};
+use super::{now_ms, Client};
 use crate::app::{AppMessage, MediaInfo};
 use crate::error::{ClientError, Result};
 use crate::event::Event;
@@ -177,22 +177,13 @@ impl Client {
             }
             info.hash = hash;
         }
-        let info = &info;
-        let seq = self
+        let (_, e) = self
             .send_app(&id, &AppMessage::Media(Box::new(info.clone())))
             .await?;
-        remember(&self.db, &id, info)?;
-        let mut e = Event::new("media", &id.to_string(), self.name(), seq, now_ms());
-        e.media_id = Some(media.to_string());
-        e.name = Some(info.name.clone());
-        e.size = Some(info.size);
-        e.mime = Some(info.mime.clone());
-        e.text = Some(info.caption.clone());
-        e.group_name = load_row(&self.db, &id)?.map(|r| r.name).unwrap_or_default();
-        record_events(&self.db, &id, std::slice::from_ref(&e))?;
+        remember(&self.db, &id, &info)?;
         self.db
             .execute("DELETE FROM huddle_uploads WHERE upload_key = ?1", [&key])?;
-        Ok(e)
+        e.ok_or_else(|| ClientError::Protocol("a media message shows as an event".into()))
     }
 
     /// The server refused the upload under `key` with `e`.
@@ -223,23 +214,36 @@ impl Client {
 
     /// What this device knows of a media item (from the group message that
     /// announced it).
+    ///
+    /// `media` is the id or any unique prefix of it.
     pub fn media_info(&self, media: &str) -> Result<(GroupId, MediaInfo)> {
-        let id: MediaId = media
-            .parse()
-            .map_err(|_| ClientError::Usage(format!("{media:?} is not a media id")))?;
-        let row: Option<(Vec<u8>, String)> = self
+        if media.is_empty() || !media.bytes().all(|b| b.is_ascii_hexdigit()) || media.len() > 32 {
+            return Err(ClientError::Usage(format!("{media:?} is not a media id")));
+        }
+        // hex() is upper case; the prefix has only hex digits (checked).
+        let rows: Vec<(Vec<u8>, String)> = self
             .db
-            .query_row(
-                "SELECT group_id, info FROM huddle_media WHERE media_id = ?1",
-                [id.as_bytes().as_slice()],
+            .prepare(
+                "SELECT group_id, info FROM huddle_media WHERE substr(hex(media_id), 1, ?2) = ?1 LIMIT 2",
+            )?
+            .query_map(
+                params![media.to_ascii_uppercase(), media.len() as i64],
                 |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let (g, info) = row.ok_or_else(|| {
-            ClientError::Usage(format!(
-                "no media {media} on this device (run `huddle sync` to receive new messages)"
-            ))
-        })?;
+            )?
+            .collect::<rusqlite::Result<_>>()?;
+        let (g, info) = match <[_; 1]>::try_from(rows) {
+            Ok([one]) => one,
+            Err(rows) if rows.is_empty() => {
+                return Err(ClientError::Usage(format!(
+                    "no media {media} on this device (run `huddle sync` to receive new messages)"
+                )))
+            }
+            Err(_) => {
+                return Err(ClientError::Usage(format!(
+                    "several media items start with {media}; give more of the id"
+                )))
+            }
+        };
         let g =
             GroupId::from_slice(&g).ok_or_else(|| ClientError::Io("corrupt media row".into()))?;
         let info: MediaInfo = serde_json::from_str(&info)
@@ -249,11 +253,23 @@ impl Client {
 
     /// Downloads, verifies and decrypts a media item to `out` (default: its
     /// file name in the current directory), resuming an earlier attempt.
-    /// Returns the path written.
+    /// Refuses to replace an existing file. Returns the path written.
     pub async fn download(
         &mut self,
         media: &str,
         out: Option<&Path>,
+        progress: &mut dyn Progress,
+    ) -> Result<PathBuf> {
+        self.download_file(media, out, false, progress).await
+    }
+
+    /// [`Client::download`], replacing an existing file at `out` when
+    /// `overwrite` (a symbolic link there is replaced, never followed).
+    pub async fn download_file(
+        &mut self,
+        media: &str,
+        out: Option<&Path>,
+        overwrite: bool,
         progress: &mut dyn Progress,
     ) -> Result<PathBuf> {
         let (group, info) = self.media_info(media)?;
@@ -261,9 +277,9 @@ impl Client {
             Some(p) => p.to_owned(),
             None => PathBuf::from(safe_name(&info.name)),
         };
-        if out.exists() {
+        if !overwrite && out.symlink_metadata().is_ok() {
             return Err(ClientError::Usage(format!(
-                "{} exists; choose another path with -o",
+                "{} exists; choose another path with -o, or replace it with --force",
                 out.display()
             )));
         }
@@ -405,11 +421,7 @@ impl Client {
         }
         file.sync_all().map_err(|e| file_err(&part, e))?;
         drop(file);
-        if std::fs::rename(&part, &out).is_err() {
-            // Another file system: copy, then remove.
-            std::fs::copy(&part, &out).map_err(|e| file_err(&out, e))?;
-            let _ = std::fs::remove_file(&part);
-        }
+        place(&part, &out, overwrite)?;
         Ok(out)
     }
 
@@ -686,17 +698,59 @@ async fn seal_and_send(
     Ok(*hasher.finalize().as_bytes())
 }
 
-/// A file name safe to create in the current directory.
+/// Moves the verified `part` to `out`. Across file systems it is copied
+/// into a file created anew (never through a link that is already there),
+/// then removed.
+fn place(part: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    if !overwrite && out.symlink_metadata().is_ok() {
+        return Err(ClientError::Usage(format!(
+            "{} exists; choose another path with -o, or replace it with --force",
+            out.display()
+        )));
+    }
+    match std::fs::rename(part, out) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.raw_os_error() != Some(EXDEV) => return Err(file_err(out, e)),
+        Err(_) => {}
+    }
+    if overwrite {
+        match std::fs::remove_file(out) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(file_err(out, e)),
+            _ => {}
+        }
+    }
+    let mut from = std::fs::File::open(part).map_err(|e| file_err(part, e))?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .map_err(|e| file_err(out, e))?;
+    std::io::copy(&mut from, &mut to)
+        .and_then(|_| to.sync_all())
+        .map_err(|e| file_err(out, e))?;
+    let _ = std::fs::remove_file(part);
+    Ok(())
+}
+
+/// errno of a rename across file systems.
+const EXDEV: i32 = 18;
+
+/// A file name safe to create in the current directory: no directories,
+/// no control characters, and no leading dot (a sender could otherwise
+/// name it `.bashrc` or `.ssh`, or hide it).
 fn safe_name(name: &str) -> String {
     let base = name.rsplit(['/', '\\']).next().unwrap_or("");
     let clean: String = base
         .chars()
         .map(|c| if c.is_control() { '_' } else { c })
         .collect();
-    if clean.is_empty() || clean == "." || clean == ".." {
+    let clean = clean.trim_start_matches('.');
+    if clean.is_empty() {
         "download".into()
+    } else if clean.len() < base.len() && base.starts_with('.') {
+        format!("_{clean}")
     } else {
-        clean
+        clean.to_owned()
     }
 }
 
@@ -709,6 +763,9 @@ mod tests {
         assert_eq!(safe_name("../../etc/passwd"), "passwd");
         assert_eq!(safe_name("a\\b"), "b");
         assert_eq!(safe_name(".."), "download");
+        assert_eq!(safe_name(".bash_login"), "_bash_login");
+        assert_eq!(safe_name("..hidden"), "_hidden");
+        assert_eq!(safe_name("a.b"), "a.b");
         assert_eq!(safe_name("x\ny"), "x_y");
         assert_eq!(safe_name("clip.mp4"), "clip.mp4");
     }

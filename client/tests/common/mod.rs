@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use huddle_client::{Client, Event, Home};
 use huddle_server::{Running, ServerConfig};
@@ -76,4 +77,33 @@ pub fn texts(events: &[Event]) -> Vec<String> {
 
 pub fn cert_of(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
+}
+
+/// Runs `huddle --home HOME ARGS...`: (success, stdout, stderr).
+pub fn huddle(home: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_huddle"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `huddle`, which must succeed; its standard output.
+pub fn ok(home: &Path, args: &[&str]) -> String {
+    let (success, stdout, stderr) = huddle(home, args);
+    assert!(success, "huddle {args:?} failed: {stderr}");
+    stdout
+}
+
+/// JSON Lines.
+pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect()
 }
