@@ -186,18 +186,33 @@ fn kv_set(conn: &Connection, key: &str, value: u64) -> Result<()> {
     Ok(())
 }
 
+/// Whether an event in the history is of something this device did itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// What others did, or what this device noticed: reported by `sync`.
+    Others,
+    /// A message or change this user made, reported by the command that
+    /// made it (and by `listen`), not again by `sync`.
+    Own,
+}
+
 fn record_events(conn: &Connection, id: &GroupId, events: &[Event]) -> Result<()> {
+    record(conn, id, events, Origin::Others)
+}
+
+fn record(conn: &Connection, id: &GroupId, events: &[Event], origin: Origin) -> Result<()> {
     let mut idx: HashMap<u64, i64> = HashMap::new();
     for e in events {
         let i = idx.entry(e.seq).or_insert(0);
         conn.prepare_cached(
-            "INSERT OR REPLACE INTO huddle_events (group_id, seq, idx, event) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR REPLACE INTO huddle_events (group_id, seq, idx, event, own) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
         .execute(params![
                 id.as_bytes().as_slice(),
                 e.seq as i64,
                 *i,
-                serde_json::to_string(e).expect("events serialise")
+                serde_json::to_string(e).expect("events serialise"),
+                origin == Origin::Own
             ],
         )?;
         *i += 1;
@@ -629,23 +644,31 @@ impl Client {
         let current = |r: &&&(GroupId, String, String)| {
             matches!(r.2.as_str(), "active" | "leaving" | "creating")
         };
-        let candidates: Vec<&(GroupId, String, String)> = match named.as_slice() {
-            [] => {
-                let prefix = s.to_ascii_lowercase();
-                if prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    rows.iter()
-                        .filter(|r| r.0.to_string().starts_with(&prefix))
-                        .collect()
-                } else {
-                    Vec::new()
-                }
-            }
-            [_] => named,
+        let by_name: Vec<&(GroupId, String, String)> = match named.as_slice() {
             _ if named.iter().filter(current).count() == 1 => {
                 named.into_iter().filter(|r| current(&r)).collect()
             }
             _ => named,
         };
+        // An id prefix (the short ids output shows). A name that looks
+        // like another group's id prefix matches both, and is refused as
+        // ambiguous rather than silently picking one: a member could name
+        // its group after the short id of another.
+        let prefix = s.to_ascii_lowercase();
+        let by_id: Vec<&(GroupId, String, String)> =
+            if prefix.len() >= 4 && prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+                rows.iter()
+                    .filter(|r| r.0.to_string().starts_with(&prefix))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+        let mut candidates = by_name;
+        for r in by_id {
+            if !candidates.iter().any(|c| c.0 == r.0) {
+                candidates.push(r);
+            }
+        }
         match candidates.as_slice() {
             [one] => Ok(one.0),
             [] => Err(ClientError::Usage(format!(
@@ -899,16 +922,22 @@ impl Client {
         let kps = self.check_claimed(&packages, &infos)?;
         let added = wanted.clone();
         let events = self
-            .commit_with_retry(&id, "member_added", Some(added), move |g, p, s| {
-                // No UpdatePath (RFC 9420 §12.4): an add-only commit still
-                // starts a new epoch the joiners cannot reach back from, and
-                // without a path it stays small in a large group (every
-                // member downloads it). See docs/SECURITY.md §6.6.
-                let (c, w, _) = g
-                    .add_members_without_update(p, s, &kps)
-                    .map_err(ClientError::mls)?;
-                Ok((c, Some(w)))
-            })
+            .commit_with_retry(
+                &id,
+                "member_added",
+                Some(added),
+                Origin::Own,
+                move |g, p, s| {
+                    // No UpdatePath (RFC 9420 §12.4): an add-only commit still
+                    // starts a new epoch the joiners cannot reach back from, and
+                    // without a path it stays small in a large group (every
+                    // member downloads it). See docs/SECURITY.md §6.6.
+                    let (c, w, _) = g
+                        .add_members_without_update(p, s, &kps)
+                        .map_err(ClientError::mls)?;
+                    Ok((c, Some(w)))
+                },
+            )
             .await?;
         // Tell everyone (joiners included) the group's name.
         let name = load_row(&self.db, &id)?.map(|r| r.name).unwrap_or_default();
@@ -962,18 +991,24 @@ impl Client {
         }
         let users = users.to_vec();
         let removed = users.clone();
-        self.commit_with_retry(&id, "member_removed", Some(removed), move |g, p, s| {
-            let mut leaves = Vec::new();
-            for u in &users {
-                let m = g
-                    .members()
-                    .find(|m| user_of(&m.credential).as_deref() == Some(u.as_str()))
-                    .ok_or_else(|| ClientError::Usage(format!("{u} is not a member")))?;
-                leaves.push(m.index);
-            }
-            let (c, w, _) = g.remove_members(p, s, &leaves).map_err(ClientError::mls)?;
-            Ok((c, w))
-        })
+        self.commit_with_retry(
+            &id,
+            "member_removed",
+            Some(removed),
+            Origin::Own,
+            move |g, p, s| {
+                let mut leaves = Vec::new();
+                for u in &users {
+                    let m = g
+                        .members()
+                        .find(|m| user_of(&m.credential).as_deref() == Some(u.as_str()))
+                        .ok_or_else(|| ClientError::Usage(format!("{u} is not a member")))?;
+                    leaves.push(m.index);
+                }
+                let (c, w, _) = g.remove_members(p, s, &leaves).map_err(ClientError::mls)?;
+                Ok((c, w))
+            },
+        )
         .await
     }
 
@@ -982,7 +1017,7 @@ impl Client {
         let id = self.resolve_group(group)?;
         self.sync_group(&id).await?;
         self.active_group(&id)?;
-        self.commit_with_retry(&id, "key_update", None, |g, p, s| {
+        self.commit_with_retry(&id, "key_update", None, Origin::Own, |g, p, s| {
             let bundle = g
                 .self_update(p, s, LeafNodeParameters::default())
                 .map_err(ClientError::mls)?;
@@ -1055,6 +1090,7 @@ impl Client {
         id: &GroupId,
         kind: &str,
         members: Option<Vec<String>>,
+        origin: Origin,
         make: F,
     ) -> Result<Vec<Event>>
     where
@@ -1112,7 +1148,7 @@ impl Client {
                         e.group_name = load_row(&tx, id)?.map(|r| r.name).unwrap_or_default();
                         events.push(e);
                     }
-                    record_events(&tx, id, &events)?;
+                    record(&tx, id, &events, origin)?;
                     tx.commit()?;
                     debug!(group = %id, seq, epoch, attempt, "commit accepted");
                     self.publish_group_info(id).await;
@@ -1139,6 +1175,17 @@ impl Client {
         ))
     }
 
+    /// A pending commit that is not in the log read up to its head: the DS
+    /// never took it, unless the process that made it is still waiting for
+    /// the answer. Only when no process of the home holds the group's lock
+    /// is it abandoned, and discarded.
+    fn discard_abandoned_commit(&mut self, id: &GroupId) -> Result<()> {
+        let Some(_lock) = self.locks.try_lock(id)? else {
+            return Ok(());
+        };
+        self.discard_pending_commit(id)
+    }
+
     fn discard_pending_commit(&mut self, id: &GroupId) -> Result<()> {
         let tx = self.db.unchecked_transaction()?;
         let provider = Provider::new(&self.crypto, &tx);
@@ -1157,6 +1204,11 @@ impl Client {
 
     /// Sends a text message (at most [`MAX_TEXT`] bytes).
     pub async fn send_text(&mut self, group: &str, text: &str) -> Result<Event> {
+        if text.trim().is_empty() {
+            return Err(ClientError::Usage(
+                "nothing to send: the message is empty".into(),
+            ));
+        }
         if text.len() > MAX_TEXT {
             return Err(ClientError::Usage(format!(
                 "a text message is at most {} KiB; send longer text as a file (`huddle send-file`)",
@@ -1237,7 +1289,7 @@ impl Client {
                     // Unless another process of the home placed it already.
                     if take_outbox(&tx, id, &digest)?.is_some() {
                         mark_own(&tx, id, seq)?;
-                        record_events(&tx, id, event.as_slice())?;
+                        record(&tx, id, event.as_slice(), Origin::Own)?;
                     }
                     tx.commit()?;
                     return Ok((seq, event));
@@ -1290,20 +1342,33 @@ impl Client {
     /// something of it) does not hold up the others: it shows as an
     /// `error` event and the rest goes on. Losing the connection ends the
     /// whole sync.
+    ///
+    /// What is new is read from the history: everything recorded since it
+    /// was last reported (by `sync` or `listen`), whichever process of the
+    /// home recorded it — a `send` that processed others' messages before
+    /// sending, say — except this user's own messages and changes, which
+    /// the commands that made them reported.
     pub async fn sync(&mut self) -> Result<Vec<Event>> {
-        let mut events = self.sync_inbox().await?;
+        let mut failures: Vec<Event> = self
+            .sync_inbox()
+            .await?
+            .into_iter()
+            .filter(|e| !e.recorded())
+            .collect();
         for (id, state) in self.group_ids()? {
             match self.sync_one(&id, &state).await {
-                Ok(evs) => events.extend(evs),
+                Ok(_) => {}
                 Err(e) if e.is_connection() => return Err(e),
-                Err(e) => events.push(self.failure(&id, &e)),
+                Err(e) => failures.push(self.failure(&id, &e)),
             }
         }
-        events.extend(self.check_lost_groups().await?);
+        self.check_lost_groups().await?;
         let (n, lr) = self.key_package_count().await?;
         if n < KEY_PACKAGE_LOW || !lr {
             self.publish_key_packages(KEY_PACKAGE_BATCH, !lr).await?;
         }
+        let mut events = self.unreported(Origin::Others)?;
+        events.extend(failures);
         Ok(events)
     }
 
@@ -1396,7 +1461,15 @@ impl Client {
                     let later = self.isolate(&id, r)?;
                     if let Some(row) = load_row(&self.db, &id)?.filter(|r| !r.name.is_empty()) {
                         e.group_name = row.name;
-                        record_events(&self.db, &id, std::slice::from_ref(&e))?;
+                        // In place: it stays before the messages it precedes.
+                        self.db.execute(
+                            "UPDATE huddle_events SET event = ?3 WHERE group_id = ?1 AND seq = ?2 AND idx = 0",
+                            params![
+                                id.as_bytes().as_slice(),
+                                e.seq as i64,
+                                serde_json::to_string(&e).expect("events serialise")
+                            ],
+                        )?;
                     }
                     events.push(e);
                     events.extend(later);
@@ -1566,8 +1639,7 @@ impl Client {
             };
             if entries.is_empty() {
                 if row.pending_commit.is_some() && row.cursor >= head {
-                    // Our commit is not in the log: the DS never took it.
-                    self.discard_pending_commit(id)?;
+                    self.discard_abandoned_commit(id)?;
                 }
                 break;
             }
@@ -1600,7 +1672,7 @@ impl Client {
             if cursor >= head || n == 0 {
                 if let Some(r) = load_row(&self.db, id)? {
                     if r.pending_commit.is_some() && r.cursor >= head {
-                        self.discard_pending_commit(id)?;
+                        self.discard_abandoned_commit(id)?;
                     }
                 }
                 break;
@@ -1692,7 +1764,7 @@ impl Client {
                         e.seq = entry.seq;
                         e.timestamp_ms = entry.timestamp_ms;
                         e.group_name = row.name.clone();
-                        events.push(e);
+                        record(&tx, id, &[e], Origin::Own)?;
                     }
                     continue;
                 }
@@ -1772,7 +1844,13 @@ impl Client {
             ProcessedMessageContent::ApplicationMessage(app) => {
                 let msg = AppMessage::decode(&app.into_bytes()).map_err(ClientError::Mls)?;
                 match &msg {
-                    AppMessage::GroupName { name } => row.name = name.clone(),
+                    // The name the group had when this device joined stays:
+                    // a member cannot rename it under the others (or give it
+                    // a name that shadows another group's id).
+                    AppMessage::GroupName { name } if row.name.is_empty() => {
+                        row.name = name.clone()
+                    }
+                    AppMessage::GroupName { .. } => {}
                     AppMessage::Media(info) => media::remember(provider.storage_conn(), id, info)?,
                     AppMessage::Text { .. } => {}
                 }
@@ -1949,7 +2027,7 @@ impl Client {
         }
         let kind = if all_self { "left" } else { "member_removed" };
         let r = self
-            .commit_with_retry(id, kind, Some(leaving), |g, p, s| {
+            .commit_with_retry(id, kind, Some(leaving), Origin::Others, |g, p, s| {
                 if g.pending_proposals().next().is_none() {
                     return Err(ClientError::Usage("nothing to commit".into()));
                 }
@@ -2290,20 +2368,13 @@ impl Client {
         S: std::future::Future<Output = ()>,
     {
         tokio::pin!(stop);
-        let mut shown = self.history_mark()?;
         let mut listened = false;
         let mut pause = RECONNECT_MIN;
         loop {
             let started = tokio::time::Instant::now();
             let mut subscribed = false;
             let err = match self
-                .listen_session(
-                    &mut on_event,
-                    stop.as_mut(),
-                    &mut subscribed,
-                    !listened,
-                    &mut shown,
-                )
+                .listen_session(&mut on_event, stop.as_mut(), &mut subscribed, !listened)
                 .await
             {
                 Ok(()) => return Ok(()),
@@ -2334,7 +2405,6 @@ impl Client {
         mut stop: std::pin::Pin<&mut S>,
         subscribed: &mut bool,
         first: bool,
-        shown: &mut i64,
     ) -> Result<()>
     where
         F: FnMut(&Event),
@@ -2345,12 +2415,11 @@ impl Client {
             reason: format!("push stream: {what}"),
         };
         let server = self.settings.server.clone();
-        // What the history does not hold (failures) is reported as it
-        // comes; the rest is reported from the history.
-        for e in self.sync().await?.into_iter().filter(|e| !e.recorded()) {
+        // What it missed, as `sync` reports it; from then on, everything
+        // recorded, its user's own messages too, as it is recorded.
+        for e in self.sync().await? {
             on_event(&e);
         }
-        self.show_history(shown, on_event)?;
         let groups: Vec<(GroupId, u64)> = self
             .group_ids()?
             .into_iter()
@@ -2398,7 +2467,9 @@ impl Client {
                                 }
                             }
                             // What other processes of the home did.
-                            self.show_history(shown, on_event)?;
+                            for e in self.unreported(Origin::Own)? {
+                                on_event(&e);
+                            }
                         }
                         chunk = recv.read_chunk(64 * 1024, true) => {
                             let chunk = chunk
@@ -2468,7 +2539,9 @@ impl Client {
                     on_event(&e);
                 }
             }
-            self.show_history(shown, on_event)?;
+            for e in self.unreported(Origin::Own)? {
+                on_event(&e);
+            }
             if let Some(g) = group {
                 if let Some(r) = load_row(&self.db, &g)? {
                     write_control(
@@ -2529,34 +2602,29 @@ impl Client {
         })
     }
 
-    /// The newest position in the history, from which `listen` reports.
-    fn history_mark(&self) -> Result<i64> {
-        Ok(self.db.query_row(
-            "SELECT COALESCE(MAX(rowid), 0) FROM huddle_events",
-            [],
-            |r| r.get(0),
-        )?)
-    }
-
-    /// Reports what was recorded in the history after `mark`, by this
-    /// process or another of the home (a `send` in another terminal, a
-    /// `sync` that processed entries first), in the order it was recorded,
-    /// and moves `mark` past it.
-    fn show_history<F: FnMut(&Event)>(&self, mark: &mut i64, on_event: &mut F) -> Result<()> {
-        let rows: Vec<(i64, String)> = self
-            .db
+    /// What the history holds that was not reported yet, in the order it
+    /// was recorded (by this process or another of the home), and marks it
+    /// reported. With [`Origin::Own`], this user's own messages and changes
+    /// too; with [`Origin::Others`], only the rest.
+    fn unreported(&self, upto: Origin) -> Result<Vec<Event>> {
+        let tx = self.db.unchecked_transaction()?;
+        let mark = kv_get(&tx, "shown_upto")? as i64;
+        let rows: Vec<(i64, String, bool)> = tx
             .prepare_cached(
-                "SELECT rowid, event FROM huddle_events WHERE rowid > ?1 ORDER BY rowid",
+                "SELECT rowid, event, own FROM huddle_events WHERE rowid > ?1 ORDER BY rowid",
             )?
-            .query_map([*mark], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .query_map([mark], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<rusqlite::Result<_>>()?;
-        for (rowid, json) in rows {
-            *mark = rowid;
-            if let Ok(e) = serde_json::from_str::<Event>(&json) {
-                on_event(&e);
-            }
-        }
-        Ok(())
+        let Some(last) = rows.last().map(|r| r.0) else {
+            return Ok(Vec::new());
+        };
+        kv_set(&tx, "shown_upto", last as u64)?;
+        tx.commit()?;
+        Ok(rows
+            .into_iter()
+            .filter(|(_, _, own)| !own || upto == Origin::Own)
+            .filter_map(|(_, json, _)| serde_json::from_str(&json).ok())
+            .collect())
     }
 
     /// A group's result, with a failure that concerns only that group

@@ -192,7 +192,34 @@ pub fn open(path: &Path) -> Result<Connection> {
         .run_migrations()
         .map_err(|e| ClientError::Io(format!("migrating the MLS tables: {e}")))?;
     conn.execute_batch(SCHEMA)?;
+    migrate(&conn)?;
     Ok(conn)
+}
+
+/// Brings a database written by an earlier version up to date.
+fn migrate(conn: &Connection) -> Result<()> {
+    let has_own = |c: &Connection| -> rusqlite::Result<bool> {
+        c.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('huddle_events') WHERE name = 'own'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+    };
+    if has_own(conn)? {
+        return Ok(());
+    }
+    // Another process of the home may be doing the same.
+    let tx = conn.unchecked_transaction()?;
+    if !has_own(&tx)? {
+        tx.execute_batch(
+            "ALTER TABLE huddle_events ADD COLUMN own INTEGER NOT NULL DEFAULT 0;
+             INSERT OR REPLACE INTO huddle_kv (key, value)
+                 SELECT 'shown_upto', COALESCE(MAX(rowid), 0) FROM huddle_events;",
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 const SCHEMA: &str = "
@@ -209,11 +236,15 @@ CREATE TABLE IF NOT EXISTS huddle_groups (
     proposals_since_ms INTEGER,
     joined_ms INTEGER NOT NULL
 );
+-- the history; `own` marks what this device did itself (shown by the
+-- command that did it, and by `listen`, but not again by `sync`); rows are
+-- reported in rowid order, up to the `shown_upto` setting
 CREATE TABLE IF NOT EXISTS huddle_events (
     group_id BLOB NOT NULL,
     seq INTEGER NOT NULL,
     idx INTEGER NOT NULL,
     event TEXT NOT NULL,
+    own INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (group_id, seq, idx)
 );
 -- log positions of entries this device sent (it cannot decrypt its own)

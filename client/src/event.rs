@@ -169,15 +169,12 @@ pub fn clean(s: &str) -> std::borrow::Cow<'_, str> {
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
-        if risky(c) {
-            out.extend(c.escape_debug());
-            if !c.is_control() {
-                // escape_debug leaves printable format characters alone.
-                out.truncate(out.len() - c.len_utf8());
-                out.push_str(&format!("\\u{{{:x}}}", c as u32));
-            }
-        } else {
-            out.push(c);
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if risky(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
         }
     }
     std::borrow::Cow::Owned(out)
@@ -201,13 +198,10 @@ mod tests {
         let mut e = Event::new("text", "00112233445566778899aabbccddeeff", "mallory", 1, 0);
         e.text = Some("ok\n[g] carol: my new key is X\u{1b}[2J\u{202e}".into());
         let line = e.human();
-        assert_eq!(line.lines().count(), 1, "{line}");
-        assert!(
-            !line.contains('\u{1b}') && !line.contains('\u{202e}'),
-            "{line:?}"
+        assert_eq!(
+            line,
+            "[00112233] mallory: ok\\n[g] carol: my new key is X\\u{1b}[2J\\u{202e}"
         );
-        assert!(line.contains("ok\\n[g] carol"), "{line}");
-        assert!(line.contains("\\u{202e}"), "{line}");
         e.group_name = "a\rb".into();
         e.from = "x\u{7}".into();
         let line = e.human();

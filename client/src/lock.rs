@@ -119,6 +119,45 @@ impl Locks {
         Ok(guard())
     }
 
+    /// Takes `group`'s lock if no other process holds it; `None` if one
+    /// does.
+    pub fn try_lock(self: &Arc<Self>, group: &GroupId) -> Result<Option<GroupGuard>> {
+        match self.lock_within_now(group) {
+            Ok(g) => Ok(Some(g)),
+            Err(ClientError::Busy(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn lock_within_now(self: &Arc<Self>, group: &GroupId) -> Result<GroupGuard> {
+        let guard = || GroupGuard {
+            locks: self.clone(),
+            group: *group,
+        };
+        if let Some((_, n)) = self.held.lock().expect("locks mutex").get_mut(group) {
+            *n += 1;
+            return Ok(guard());
+        }
+        let file = self.open(group)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(ClientError::Busy(format!("group {group} is locked")))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(ClientError::io(
+                    format!("locking {}", self.path(group).display()),
+                    e,
+                ))
+            }
+        }
+        self.held
+            .lock()
+            .expect("locks mutex")
+            .insert(*group, (file, 1));
+        Ok(guard())
+    }
+
     fn path(&self, group: &GroupId) -> PathBuf {
         self.dir.join(group.to_string())
     }

@@ -202,7 +202,10 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // openmls logs at error level what a member meets in
+                // normal use (a message of an epoch it has left); Huddle
+                // says what matters itself.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openmls=off")),
         )
         .with_writer(std::io::stderr)
         // Colour codes only for a person's terminal, not in log files.
@@ -481,77 +484,79 @@ async fn server_trust(client: &mut Client, out: &Out, yes: bool) -> Result<(), C
 async fn download(
     client: &mut Client,
     out: &Out,
-    media_id: &str,
+    media: &str,
     output: Option<PathBuf>,
     force: bool,
     range: Option<String>,
 ) -> Result<(), ClientError> {
     let to_stdout = output.as_deref() == Some(std::path::Path::new("-"));
+    // The full id, for output and file names, whatever prefix was typed.
+    let media_id = hex::encode(client.media_info(media)?.1.media_id);
     if let Some(r) = range {
         let (a, b) = r
             .split_once('-')
             .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
             .ok_or_else(|| ClientError::Usage(format!("--range {r:?}: expected START-END")))?;
-        let bytes = client.read_range(media_id, a, b).await?;
+        let bytes = client.read_range(&media_id, a, b).await?;
         if to_stdout {
             return write_stdout(&mut &bytes[..]);
         }
         let path = output.unwrap_or_else(|| PathBuf::from(format!("{media_id}.{a}-{b}")));
-        if !force && path.symlink_metadata().is_ok() {
-            return Err(ClientError::Usage(format!(
-                "{} exists; choose another path with -o, or replace it with --force",
-                path.display()
-            )));
-        }
+        huddle_client::client::media::check_target(&path, force)?;
         std::fs::write(&path, &bytes)
             .map_err(|e| ClientError::Io(format!("{}: {e}", path.display())))?;
-        report_download(out, media_id, &path, bytes.len() as u64);
+        report_download(out, &media_id, &path, bytes.len() as u64);
         return Ok(());
     }
     let mut bar = Bar::new(out.json);
     let shown = bar.shown.clone();
-    let resume = "what was downloaded and verified is kept: run the same command again to resume";
     if to_stdout {
-        // Verified whole into the home first (resumable), then written out.
-        let tmp = client
-            .home()
-            .partial_dir()
-            .join(format!("stdout-{}", std::process::id()));
-        let r = interruptible(
-            client.download_file(media_id, Some(&tmp), true, &mut bar),
+        // Streamed: each chunk is verified, then written.
+        return interruptible(
+            client.download_to(&media_id, &mut Stdout, &mut bar),
             &shown,
-            resume,
+            "the download to standard output stopped",
         )
-        .await;
-        let r = r.and_then(|path| {
-            let mut f = std::fs::File::open(&path)
-                .map_err(|e| ClientError::Io(format!("{}: {e}", path.display())))?;
-            write_stdout(&mut f)
-        });
-        let _ = std::fs::remove_file(&tmp);
-        return r;
+        .await
+        .map(|_| ());
     }
     let path = interruptible(
-        client.download_file(media_id, output.as_deref(), force, &mut bar),
+        client.download_file(&media_id, output.as_deref(), force, &mut bar),
         &shown,
-        resume,
+        "what was downloaded and verified is kept: run the same command again to resume",
     )
     .await?;
     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    report_download(out, media_id, &path, size);
+    report_download(out, &media_id, &path, size);
     Ok(())
 }
 
 /// Copies `from` to standard output; a closed pipe ends quietly.
 fn write_stdout(from: &mut dyn std::io::Read) -> Result<(), ClientError> {
-    let mut stdout = std::io::stdout().lock();
-    match std::io::copy(from, &mut stdout).and_then(|_| stdout.flush()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            std::process::exit(EXIT_PIPE.into())
-        }
-        Err(e) => Err(ClientError::Io(format!("writing to standard output: {e}"))),
+    std::io::copy(from, &mut Stdout)
+        .and_then(|_| Stdout.flush())
+        .map(|_| ())
+        .map_err(|e| ClientError::Io(format!("writing to standard output: {e}")))
+}
+
+/// Standard output for bytes; a closed pipe ends the process quietly.
+struct Stdout;
+
+impl std::io::Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        quiet_on_pipe(std::io::stdout().lock().write(buf))
     }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        quiet_on_pipe(std::io::stdout().lock().flush())
+    }
+}
+
+fn quiet_on_pipe<T>(r: std::io::Result<T>) -> std::io::Result<T> {
+    if matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe) {
+        std::process::exit(EXIT_PIPE.into());
+    }
+    r
 }
 
 fn report_download(out: &Out, media: &str, path: &std::path::Path, size: u64) {
@@ -650,8 +655,8 @@ async fn group(home: Home, out: &Out, cmd: GroupCommand) -> Result<(), ClientErr
             let same = client.groups_named(&name)?;
             if !same.is_empty() {
                 eprintln!(
-                    "huddle: note: you are already in {} group(s) named {name:?} ({}); name this one by its id or its first digits",
-                    same.len(),
+                    "huddle: note: you are already in {} named {name:?} ({}); name this one by its id or its first digits",
+                    if same.len() == 1 { "a group".to_owned() } else { format!("{} groups", same.len()) },
                     same.iter().map(huddle_client::client::short_id).collect::<Vec<_>>().join(", ")
                 );
             }
@@ -673,9 +678,10 @@ async fn group(home: Home, out: &Out, cmd: GroupCommand) -> Result<(), ClientErr
             }
         }
         GroupCommand::Leave { group } => {
-            client.leave(&group).await?;
+            let id = client.resolve_group(&group)?.to_string();
+            client.leave(&id).await?;
             if out.json {
-                out.json(&serde_json::json!({"type": "leaving", "group": group}));
+                out.json(&serde_json::json!({"type": "leaving", "group": id}));
             } else {
                 out.line(&format!(
                     "asked to leave {group}; a remaining member will commit it"
@@ -683,12 +689,11 @@ async fn group(home: Home, out: &Out, cmd: GroupCommand) -> Result<(), ClientErr
             }
         }
         GroupCommand::Update { group } => {
-            client.update(&group).await?;
-            let (epoch, _) = client.epoch_authenticator(&group)?;
+            let id = client.resolve_group(&group)?.to_string();
+            client.update(&id).await?;
+            let (epoch, _) = client.epoch_authenticator(&id)?;
             if out.json {
-                out.json(
-                    &serde_json::json!({"type": "key_update", "group": group, "epoch": epoch}),
-                );
+                out.json(&serde_json::json!({"type": "key_update", "group": id, "epoch": epoch}));
             } else {
                 out.line(&format!("keys rotated; {group} is at epoch {epoch}"));
             }
@@ -699,12 +704,13 @@ async fn group(home: Home, out: &Out, cmd: GroupCommand) -> Result<(), ClientErr
                     out.json(&g);
                 } else {
                     out.line(&format!(
-                        "{}  {:<20} {:<8} epoch {:<4} {} members",
+                        "{}  {:<20} {:<8} epoch {:<4} {} member{}",
                         g.group,
                         huddle_client::event::clean(&g.name),
                         g.state,
                         g.epoch,
-                        g.members
+                        g.members,
+                        if g.members == 1 { "" } else { "s" }
                     ));
                 }
             }

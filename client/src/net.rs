@@ -171,7 +171,16 @@ async fn resolve(addr: &str) -> Result<SocketAddr> {
     };
     tokio::net::lookup_host(addr)
         .await
-        .map_err(|e| fail(format!("cannot resolve: {e}")))?
+        .map_err(|e| {
+            if addr
+                .rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+            {
+                fail("expected HOST:PORT, such as 127.0.0.1:4433".into())
+            } else {
+                fail(format!("cannot resolve: {e}"))
+            }
+        })?
         .next()
         .ok_or_else(|| fail("cannot resolve".into()))
 }

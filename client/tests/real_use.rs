@@ -587,7 +587,7 @@ async fn groups_are_found_by_name_short_id_and_prefix() {
         let (success, _, stderr) = huddle(&alice, &["group", "create", "friends"]);
         assert!(success, "{stderr}");
         assert!(
-            stderr.contains("already in 1 group(s) named \"friends\""),
+            stderr.contains("already in a group named \"friends\""),
             "{stderr}"
         );
         // Logs to a file (not a terminal) carry no colour codes.
@@ -779,6 +779,157 @@ async fn pipes_in_and_out() {
         let said = ok(&bob, &["download", &media, "-o", t, "--force"]);
         assert!(said.contains("(293.0 KiB)"), "{said}");
         assert!(std::fs::read(&target).unwrap() == data);
+    })
+    .await
+    .unwrap();
+}
+
+/// Commits from several processes of one home at once (three `group
+/// update`s while `send`s go on): each either lands or says it lost, and
+/// the home's state stays the group's: the other member reads what this
+/// home sends next, and this home reads what the other sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_from_one_home_keep_the_group_whole() {
+    let server = TestServer::start().await;
+    let (addr, cert) = (server.addr.clone(), server.cert());
+    let dir = server.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let alice = dir.join("alice");
+        let bob = dir.join("bob");
+        register(&alice, "alice", &addr, &cert);
+        register(&bob, "bob", &addr, &cert);
+        ok(&alice, &["group", "create", "m"]);
+        ok(&alice, &["group", "add", "m", "bob"]);
+        ok(&bob, &["sync"]);
+        for round in 0..3 {
+            std::thread::scope(|s| {
+                for _ in 0..3 {
+                    s.spawn(|| {
+                        let (success, _, stderr) = huddle(&alice, &["group", "update", "m"]);
+                        assert!(
+                            success || stderr.contains("try again"),
+                            "round {round}: {stderr}"
+                        );
+                    });
+                }
+                s.spawn(|| ok(&alice, &["send", "m", &format!("during {round}")]));
+            });
+            ok(&alice, &["send", "m", &format!("after {round}")]);
+            let got = ok(&bob, &["sync"]);
+            assert!(
+                got.contains(&format!("alice: after {round}")),
+                "round {round}: {got}"
+            );
+            ok(&bob, &["send", "m", &format!("reply {round}")]);
+            let got = ok(&alice, &["sync"]);
+            assert!(
+                got.contains(&format!("bob: reply {round}")),
+                "round {round}: {got}"
+            );
+        }
+        let epoch = |h: &Path| json_lines(&ok(h, &["--json", "group", "list"]))[0]["epoch"].clone();
+        assert_eq!(epoch(&alice), epoch(&bob));
+        // A later update from one process works.
+        ok(&alice, &["group", "update", "m"]);
+    })
+    .await
+    .unwrap();
+}
+
+/// A command that processes others' messages on its way (a `send` syncs
+/// first) records them; the next `sync` reports them, as it reports
+/// everything not shown yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_read_by_another_command_are_reported_by_the_next_sync() {
+    let server = TestServer::start().await;
+    let (addr, cert) = (server.addr.clone(), server.cert());
+    let dir = server.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let alice = dir.join("alice");
+        let bob = dir.join("bob");
+        register(&alice, "alice", &addr, &cert);
+        register(&bob, "bob", &addr, &cert);
+        ok(&alice, &["group", "create", "q"]);
+        ok(&alice, &["group", "add", "q", "bob"]);
+        ok(&bob, &["sync"]);
+        ok(&bob, &["send", "q", "did you see this?"]);
+        // Alice's send reads bob's message before sending hers.
+        ok(&alice, &["send", "q", "unrelated"]);
+        let got = ok(&alice, &["sync"]);
+        assert!(got.contains("bob: did you see this?"), "{got}");
+        // Her own message is not reported back to her, and nothing twice.
+        assert!(!got.contains("unrelated"), "{got}");
+        assert_eq!(ok(&alice, &["sync"]), "");
+        // An empty message is refused.
+        let (success, _, stderr) = huddle(&alice, &["send", "q", "  "]);
+        assert!(!success);
+        assert!(stderr.contains("empty"), "{stderr}");
+    })
+    .await
+    .unwrap();
+}
+
+/// A download never replaces what is not a regular file, saves into a
+/// directory it is given, and a group named like another's short id is
+/// refused as ambiguous rather than taken for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_and_paths_cannot_be_turned_against_the_user() {
+    let server = TestServer::start().await;
+    let (addr, cert) = (server.addr.clone(), server.cert());
+    let dir = server.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let alice = dir.join("alice");
+        let bob = dir.join("bob");
+        register(&alice, "alice", &addr, &cert);
+        register(&bob, "bob", &addr, &cert);
+        ok(&alice, &["group", "create", "friends"]);
+        let friends = group_id(&alice, "friends");
+        // Bob names a group after the short id of Alice's and adds her.
+        ok(&bob, &["group", "create", &friends[..8]]);
+        ok(&bob, &["group", "add", &friends[..8], "alice"]);
+        ok(&alice, &["sync"]);
+        let (success, _, stderr) = huddle(&alice, &["send", &friends[..8], "secret"]);
+        assert!(!success, "sent to one of two groups that match");
+        assert!(stderr.contains("2 groups match"), "{stderr}");
+        ok(&alice, &["send", &friends, "by full id"]);
+
+        let file = dir.join("pic.bin");
+        std::fs::write(&file, b"not a picture").unwrap();
+        ok(&bob, &["send-file", &friends[..8], file.to_str().unwrap()]);
+        ok(&alice, &["sync"]);
+        let ev = json_lines(&ok(
+            &alice,
+            &[
+                "--json",
+                "messages",
+                "--limit",
+                "5",
+                &group_id(&alice, &friends[..8]),
+            ],
+        ));
+        let media = ev.iter().find(|e| e["type"] == "media").unwrap()["media_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let fifo = dir.join("fifo");
+        assert!(Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let (success, _, stderr) = huddle(
+            &alice,
+            &["download", &media, "-o", fifo.to_str().unwrap(), "--force"],
+        );
+        assert!(!success);
+        assert!(stderr.contains("not a regular file"), "{stderr}");
+        let into = dir.join("downloads");
+        std::fs::create_dir(&into).unwrap();
+        ok(&alice, &["download", &media, "-o", into.to_str().unwrap()]);
+        assert_eq!(
+            std::fs::read(into.join("pic.bin")).unwrap(),
+            b"not a picture"
+        );
     })
     .await
     .unwrap();

@@ -274,15 +274,12 @@ impl Client {
     ) -> Result<PathBuf> {
         let (group, info) = self.media_info(media)?;
         let out = match out {
+            // Into an existing directory, under the item's name.
+            Some(p) if p.is_dir() => p.join(safe_name(&info.name)),
             Some(p) => p.to_owned(),
             None => PathBuf::from(safe_name(&info.name)),
         };
-        if !overwrite && out.symlink_metadata().is_ok() {
-            return Err(ClientError::Usage(format!(
-                "{} exists; choose another path with -o, or replace it with --force",
-                out.display()
-            )));
-        }
+        check_target(&out, overwrite)?;
         let media_id = MediaId(info.media_id);
         let layout = Layout::new(info.chunk_size, info.size).map_err(integrity)?;
         let header = self.fetch_header(media_id, group, &info).await?;
@@ -423,6 +420,74 @@ impl Client {
         drop(file);
         place(&part, &out, overwrite)?;
         Ok(out)
+    }
+
+    /// Fetches a media item and writes its plaintext to `out` as it
+    /// arrives, chunk by chunk, each verified before it is written (for
+    /// `download -o -`: into a pipe, a player). Nothing is kept, so it does
+    /// not resume; the whole blob's hash is checked at the end, and a
+    /// mismatch is an error after the fact. Returns the bytes written.
+    pub async fn download_to(
+        &mut self,
+        media: &str,
+        out: &mut dyn std::io::Write,
+        progress: &mut dyn Progress,
+    ) -> Result<u64> {
+        let (group, info) = self.media_info(media)?;
+        let media_id = MediaId(info.media_id);
+        let layout = Layout::new(info.chunk_size, info.size).map_err(integrity)?;
+        let header = self.fetch_header(media_id, group, &info).await?;
+        let opener = Opener::new(&ItemKey::from_bytes(info.key), header);
+        let (_send, mut recv, resp) = self
+            .net()
+            .await?
+            .open(&Request::Download {
+                media: media_id,
+                offset: 0,
+                len: 0,
+            })
+            .await?;
+        check_download_answer(&resp, &info)?;
+        let mut head = [0u8; HEADER_LEN];
+        recv.read_exact(&mut head)
+            .await
+            .map_err(|e| integrity(format!("header: {e}")))?;
+        if head != header.encode() {
+            return Err(integrity("the blob's header changed between two reads"));
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&head);
+        progress.start(&info.name, info.size, 0);
+        let mut buf = Vec::new();
+        let mut written = 0u64;
+        for i in 0..layout.chunk_count() {
+            buf.resize(layout.sealed_len(i).map_err(integrity)?, 0);
+            recv.read_exact(&mut buf).await.map_err(|e| match e {
+                quinn::ReadExactError::FinishedEarly(_) => {
+                    integrity(format!("the blob ends inside chunk {i} (truncated)"))
+                }
+                other => ClientError::Connect {
+                    addr: self.settings.server.clone(),
+                    reason: other.to_string(),
+                },
+            })?;
+            hasher.update(&buf);
+            opener.open_chunk_in_place(i, &mut buf).map_err(integrity)?;
+            out.write_all(&buf)
+                .map_err(|e| ClientError::io("writing the download", e))?;
+            written += buf.len() as u64;
+            if !progress.advance(buf.len() as u64) {
+                progress.finish();
+                return Err(ClientError::Usage("download interrupted".into()));
+            }
+        }
+        progress.finish();
+        out.flush()
+            .map_err(|e| ClientError::io("writing the download", e))?;
+        if *hasher.finalize().as_bytes() != info.hash {
+            return Err(integrity("the blob's hash differs from the announced one"));
+        }
+        Ok(written)
     }
 
     /// Reads plaintext bytes `start..end` of a media item without fetching
@@ -702,12 +767,7 @@ async fn seal_and_send(
 /// into a file created anew (never through a link that is already there),
 /// then removed.
 fn place(part: &Path, out: &Path, overwrite: bool) -> Result<()> {
-    if !overwrite && out.symlink_metadata().is_ok() {
-        return Err(ClientError::Usage(format!(
-            "{} exists; choose another path with -o, or replace it with --force",
-            out.display()
-        )));
-    }
+    check_target(out, overwrite)?;
     match std::fs::rename(part, out) {
         Ok(()) => return Ok(()),
         Err(e) if e.raw_os_error() != Some(EXDEV) => return Err(file_err(out, e)),
@@ -729,6 +789,29 @@ fn place(part: &Path, out: &Path, overwrite: bool) -> Result<()> {
         .and_then(|_| to.sync_all())
         .map_err(|e| file_err(out, e))?;
     let _ = std::fs::remove_file(part);
+    Ok(())
+}
+
+/// Whether a download may be written at `out`: nothing there, or (with
+/// `overwrite`) a regular file or a link, which is replaced, never
+/// followed. A device, a directory or a pipe is never replaced.
+pub fn check_target(out: &Path, overwrite: bool) -> Result<()> {
+    let Ok(meta) = out.symlink_metadata() else {
+        return Ok(());
+    };
+    let t = meta.file_type();
+    if !(t.is_file() || t.is_symlink()) {
+        return Err(ClientError::Usage(format!(
+            "{} is not a regular file; not replacing it",
+            out.display()
+        )));
+    }
+    if !overwrite {
+        return Err(ClientError::Usage(format!(
+            "{} exists; choose another path with -o, or replace it with --force",
+            out.display()
+        )));
+    }
     Ok(())
 }
 
