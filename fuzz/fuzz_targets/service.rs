@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let w = world();
-    let session = Session::new(u64::from(n), [n; 32]);
+    let session = Session::new(u64::from(n), [n; 32], w.svc.budgets.connection());
     let mut d = Decoder::new(1 << 20);
     d.extend(rest);
     w.rt.block_on(async {

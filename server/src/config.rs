@@ -19,13 +19,47 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Most connections served at once; more are refused with a reason.
     pub max_connections: usize,
+    /// Most connections at once that have not authenticated yet (they are
+    /// cheap to open: without this, keep-alives alone could hold every
+    /// connection slot).
+    pub max_unauthenticated: usize,
+    /// A connection that has not authenticated this long after its
+    /// handshake is closed.
+    pub auth_timeout: Duration,
+    /// Most authenticated connections of one user at once; one more is
+    /// refused (`QuotaExceeded`) at authentication.
+    pub max_connections_per_user: usize,
     /// Most concurrent bidirectional streams a client may open on one
     /// connection (QUIC flow control holds the rest back).
     pub max_streams_per_connection: u32,
     /// Largest control frame body accepted, in bytes.
     pub max_frame: usize,
+    /// Largest application message (MLS PrivateMessage) accepted, in
+    /// bytes: well below the frame limit, which commits (and the Welcomes
+    /// of large adds) need.
+    pub max_application_message: usize,
+    /// Largest leaf node a member may put in the group's tree (in a key
+    /// package, an update or a commit's path), in bytes: every joiner
+    /// downloads every leaf.
+    pub max_leaf_node: usize,
+    /// Most proposals pending in one epoch of a group.
+    pub max_pending_proposals: usize,
+    /// Most groups one push stream may watch.
+    pub max_subscribe_groups: usize,
     /// Most one-time key packages stored per user.
     pub max_key_packages_per_user: u32,
+    /// Largest key package accepted, in bytes (an ordinary one is a few
+    /// hundred).
+    pub max_key_package_bytes: usize,
+    /// A key package valid for less than this is not counted as available
+    /// (it is still handed out while valid), so clients replace it in time.
+    pub key_package_min_validity: Duration,
+    /// Most Welcomes waiting in one user's inbox; a commit adding a user
+    /// whose inbox is full is refused (`QuotaExceeded`).
+    pub max_inbox_items: usize,
+    /// Welcomes are deleted this long after they were delivered to the
+    /// inbox (and at once when their recipient acknowledges them).
+    pub inbox_retention: Duration,
     /// Key packages one user may claim per minute (bursts up to this many).
     pub claims_per_minute: u32,
     /// Pushes queued per connection (each one group's entries of one commit
@@ -45,6 +79,24 @@ pub struct ServerConfig {
     pub push_interval: Duration,
     /// Newest entries per group kept in memory for pushing.
     pub tail_entries: usize,
+    /// Bytes of those entries per group, at most.
+    pub tail_bytes: usize,
+    /// Bytes of entries kept in memory over all groups; beyond it, groups
+    /// keep only their newest entry and watchers catch up from the log.
+    pub tail_bytes_total: usize,
+    /// Bytes of answers one connection may have built and not yet had
+    /// read (see [`crate::budget`]); a request that would go beyond waits,
+    /// then is refused with `QuotaExceeded`.
+    pub answer_budget_per_connection: usize,
+    /// The same over all connections of one user.
+    pub answer_budget_per_user: usize,
+    /// The same over the whole DS.
+    pub answer_budget_total: usize,
+    /// How long a request waits for room in those budgets.
+    pub answer_budget_wait: Duration,
+    /// An answer its client has not read after this long is dropped (its
+    /// stream reset), and its memory freed.
+    pub answer_write_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
     /// How often acknowledged cursors are written and logs compacted.
@@ -68,6 +120,10 @@ pub struct ServerConfig {
     /// A transfer stream (upload or download) that moves no byte for this
     /// long is ended; an upload keeps its durable progress.
     pub transfer_stall_timeout: Duration,
+    /// Most transfers (uploads and downloads) one user may run at once.
+    pub max_transfers_per_user: usize,
+    /// Most transfers the DS runs at once.
+    pub max_transfers_total: usize,
     /// Unfinished uploads with no progress for this long are deleted.
     pub stale_upload: Duration,
     /// How often expired and unreachable media are looked for.
@@ -82,14 +138,32 @@ impl Default for ServerConfig {
             cert: None,
             idle_timeout: Duration::from_secs(60),
             max_connections: 20_000,
+            max_unauthenticated: 1_000,
+            auth_timeout: Duration::from_secs(10),
+            max_connections_per_user: 32,
             max_streams_per_connection: 128,
             max_frame: huddle_core::frame::DEFAULT_MAX_FRAME,
+            max_application_message: 256 << 10,
+            max_leaf_node: 4 << 10,
+            max_pending_proposals: 100,
+            max_subscribe_groups: 10_000,
             max_key_packages_per_user: 1000,
+            max_key_package_bytes: 4 << 10,
+            key_package_min_validity: Duration::from_secs(7 * 24 * 3600),
+            max_inbox_items: 10_000,
+            inbox_retention: Duration::from_secs(30 * 24 * 3600),
             claims_per_minute: 3000,
             push_queue: 4096,
             push_stall_timeout: Duration::from_secs(30),
             push_interval: Duration::from_millis(25),
             tail_entries: 1024,
+            tail_bytes: 4 << 20,
+            tail_bytes_total: 512 << 20,
+            answer_budget_per_connection: 16 << 20,
+            answer_budget_per_user: 32 << 20,
+            answer_budget_total: 256 << 20,
+            answer_budget_wait: Duration::from_secs(10),
+            answer_write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             maintenance_interval: Duration::from_secs(10),
             departed_retention: Duration::from_secs(30 * 24 * 3600),
@@ -98,7 +172,189 @@ impl Default for ServerConfig {
             media_retention: Duration::from_secs(30 * 24 * 3600),
             stale_upload: Duration::from_secs(24 * 3600),
             transfer_stall_timeout: Duration::from_secs(30),
+            max_transfers_per_user: 16,
+            max_transfers_total: 1024,
             media_sweep_interval: Duration::from_secs(60),
         }
+    }
+}
+
+/// The limits an operator can set by name (`huddle-server --limit
+/// NAME=VALUE`): every size, time and count bound of the DS. Sizes take
+/// `KiB`, `MiB`, `GiB` suffixes, times `ms`, `s`, `min`, `h`, `d`.
+macro_rules! limits {
+    ($($name:ident: $kind:ident),* $(,)?) => {
+        impl ServerConfig {
+            /// Sets the limit `name` from its text form.
+            pub fn set_limit(&mut self, name: &str, value: &str) -> Result<(), String> {
+                match name {
+                    $(stringify!($name) => {
+                        self.$name = parse::$kind(value)
+                            .map_err(|e| format!("{name}={value}: {e}"))?
+                    })*
+                    other => return Err(format!(
+                        "no limit named {other:?} (`huddle-server --list-limits` lists them)"
+                    )),
+                }
+                Ok(())
+            }
+
+            /// Every limit with its value, in text form.
+            pub fn limits(&self) -> Vec<(&'static str, String)> {
+                vec![$((stringify!($name), show::$kind(&self.$name))),*]
+            }
+        }
+    };
+}
+
+limits! {
+    idle_timeout: time,
+    max_connections: count,
+    max_unauthenticated: count,
+    auth_timeout: time,
+    max_connections_per_user: count,
+    max_streams_per_connection: count,
+    max_frame: size,
+    max_application_message: size,
+    max_leaf_node: size,
+    max_pending_proposals: count,
+    max_subscribe_groups: count,
+    max_key_packages_per_user: count,
+    max_key_package_bytes: size,
+    key_package_min_validity: time,
+    claims_per_minute: count,
+    max_inbox_items: count,
+    inbox_retention: time,
+    push_queue: count,
+    push_stall_timeout: time,
+    push_interval: time,
+    tail_entries: count,
+    tail_bytes: size,
+    tail_bytes_total: size,
+    answer_budget_per_connection: size,
+    answer_budget_per_user: size,
+    answer_budget_total: size,
+    answer_budget_wait: time,
+    answer_write_timeout: time,
+    shutdown_grace: time,
+    maintenance_interval: time,
+    departed_retention: time,
+    max_media_item: size,
+    media_quota: size,
+    media_retention: time,
+    transfer_stall_timeout: time,
+    max_transfers_per_user: count,
+    max_transfers_total: count,
+    stale_upload: time,
+    media_sweep_interval: time,
+}
+
+mod parse {
+    use std::time::Duration;
+
+    pub fn count<T: TryFrom<u64>>(s: &str) -> Result<T, String> {
+        let n: u64 = s
+            .replace('_', "")
+            .parse()
+            .map_err(|_| "expected a whole number".to_owned())?;
+        T::try_from(n).map_err(|_| "too large".to_owned())
+    }
+
+    pub fn size<T: TryFrom<u64>>(s: &str) -> Result<T, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit() && c != '_')
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = count(num)?;
+        let mul: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            other => return Err(format!("unknown unit {other:?} (B, KiB, MiB, GiB, TiB)")),
+        };
+        let bytes = n.checked_mul(mul).ok_or_else(|| "too large".to_owned())?;
+        T::try_from(bytes).map_err(|_| "too large".to_owned())
+    }
+
+    pub fn time(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit() && c != '_')
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = count(num)?;
+        let ms: u64 = match unit.trim() {
+            "ms" => 1,
+            "s" => 1_000,
+            "min" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            other => return Err(format!("unknown unit {other:?} (ms, s, min, h, d)")),
+        };
+        Ok(Duration::from_millis(
+            n.checked_mul(ms).ok_or_else(|| "too large".to_owned())?,
+        ))
+    }
+}
+
+mod show {
+    use std::time::Duration;
+
+    pub fn count<T: std::fmt::Display>(v: &T) -> String {
+        v.to_string()
+    }
+
+    pub fn size<T: Copy + TryInto<u64>>(v: &T) -> String {
+        let n: u64 = (*v).try_into().unwrap_or(u64::MAX);
+        for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+            if n >= 1 << shift && n.is_multiple_of(1 << shift) {
+                return format!("{}{unit}", n >> shift);
+            }
+        }
+        n.to_string()
+    }
+
+    pub fn time(v: &Duration) -> String {
+        let ms = v.as_millis() as u64;
+        for (unit, per) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("min", 60_000),
+            ("s", 1_000),
+        ] {
+            if ms >= per && ms.is_multiple_of(per) {
+                return format!("{}{unit}", ms / per);
+            }
+        }
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_limit_is_set_by_name_and_shown_as_it_is_read() {
+        let mut c = ServerConfig::default();
+        for (name, value) in c.clone().limits() {
+            c.set_limit(name, &value).unwrap();
+        }
+        assert_eq!(format!("{:?}", c), format!("{:?}", ServerConfig::default()));
+        c.set_limit("answer_budget_total", "64MiB").unwrap();
+        assert_eq!(c.answer_budget_total, 64 << 20);
+        c.set_limit("auth_timeout", "1500ms").unwrap();
+        assert_eq!(c.auth_timeout, Duration::from_millis(1500));
+        c.set_limit("max_connections_per_user", "3").unwrap();
+        assert_eq!(c.max_connections_per_user, 3);
+        assert!(c.set_limit("max_frame", "12 parsecs").is_err());
+        assert!(c.set_limit("auth_timeout", "5").is_err());
+        assert!(c.set_limit("no_such_limit", "5").is_err());
+        assert!(c
+            .set_limit("max_streams_per_connection", "99999999999")
+            .is_err());
     }
 }

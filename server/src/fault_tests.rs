@@ -46,9 +46,10 @@ impl Store for FillingDisk {
         packages: &[(Vec<u8>, StoredKeyPackage)],
         last_resort: Option<&StoredKeyPackage>,
         max: u32,
-    ) -> Result<u32, StoreError> {
+        now: u64,
+    ) -> Result<(), StoreError> {
         self.inner
-            .add_key_packages(user, packages, last_resort, max)
+            .add_key_packages(user, packages, last_resort, max, now)
     }
     fn claim_key_packages(
         &self,
@@ -57,8 +58,8 @@ impl Store for FillingDisk {
     ) -> Result<Vec<Option<Claimed>>, StoreError> {
         self.inner.claim_key_packages(users, now)
     }
-    fn key_package_count(&self, user: &str) -> Result<(u32, bool), StoreError> {
-        self.inner.key_package_count(user)
+    fn key_package_count(&self, user: &str, valid_until: u64) -> Result<(u32, bool), StoreError> {
+        self.inner.key_package_count(user, valid_until)
     }
     fn groups(&self) -> Result<Vec<StoredGroup>, StoreError> {
         self.inner.groups()
@@ -66,7 +67,13 @@ impl Store for FillingDisk {
     fn user_groups(&self, user: &str) -> Result<Vec<GroupId>, StoreError> {
         self.inner.user_groups(user)
     }
-    fn apply(&self, writes: &[GroupWrite]) -> Result<Vec<Vec<(String, InboxItem)>>, StoreError> {
+    fn delete_inbox(&self, user: &str, upto: u64) -> Result<(), StoreError> {
+        self.inner.delete_inbox(user, upto)
+    }
+    fn expire_inbox(&self, before_ms: u64) -> Result<usize, StoreError> {
+        self.inner.expire_inbox(before_ms)
+    }
+    fn apply(&self, writes: &[GroupWrite]) -> Result<Vec<Vec<u64>>, StoreError> {
         if self.full.load(Ordering::SeqCst) {
             return Err(StoreError::Full);
         }

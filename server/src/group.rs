@@ -27,7 +27,10 @@ use openmls_rust_crypto::RustCrypto;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, info, warn};
 
-use crate::store::{GroupMeta, GroupWrite, MemberRecord, NewInboxItem, Store, StoreError};
+use crate::config::ServerConfig;
+use crate::store::{
+    GroupMeta, GroupWrite, MemberRecord, NewInboxItem, Store, StoreError, WELCOME_HEAD,
+};
 use crate::writer::Writer;
 
 /// What readers (fetches, subscriptions) may know of a group without asking
@@ -304,8 +307,8 @@ pub struct Shared {
     pub writer: Writer,
     /// Where to announce Welcomes to online users.
     pub inboxes: Arc<crate::hub::Hub>,
-    /// Entries kept in memory per group.
-    pub tail_entries: usize,
+    /// The limits in force.
+    pub config: Arc<ServerConfig>,
     /// Clock (ms since the Unix epoch).
     pub now_ms: fn() -> u64,
 }
@@ -354,18 +357,14 @@ impl MlsState {
     }
 }
 
-/// Splits a Welcome into one Welcome per new member, each holding only that
-/// member's encrypted group secrets (plus the shared encrypted GroupInfo).
-///
-/// A Welcome for N joiners carries N secrets entries (about 330 bytes each);
-/// every joiner needs only its own. Storing and sending each joiner its own
-/// entry keeps what a joiner downloads constant in the group size instead of
-/// linear. The result is keyed by the joiner's key package reference.
-///
-/// Encoding (RFC 9420): `MLSMessage = version(2) wire_format(2) Welcome`,
-/// `Welcome = cipher_suite(2) secrets<V> encrypted_group_info<V>`, where
-/// `<V>` is an MLS variable-length vector (varint length, then bytes).
-pub fn split_welcome(bytes: &[u8], w: &Welcome) -> Result<HashMap<Vec<u8>, Bytes>, String> {
+/// Cuts a Welcome `MLSMessage` into the part all joiners share (header and
+/// encrypted GroupInfo, see [`crate::store::join_welcome`]) and each
+/// joiner's encrypted group secrets, by key-package reference. `w` is the
+/// same Welcome, parsed.
+pub fn split_welcome(
+    bytes: &[u8],
+    w: &Welcome,
+) -> Result<(Bytes, HashMap<Vec<u8>, Bytes>), String> {
     fn varint(b: &[u8]) -> Result<(usize, usize), String> {
         let first = *b.first().ok_or("truncated")?;
         let (len, n) = match first >> 6 {
@@ -388,30 +387,20 @@ pub fn split_welcome(bytes: &[u8], w: &Welcome) -> Result<HashMap<Vec<u8>, Bytes
         };
         Ok((len, n))
     }
-    fn put_varint(out: &mut Vec<u8>, len: usize) {
-        if len < 1 << 6 {
-            out.push(len as u8);
-        } else if len < 1 << 14 {
-            out.extend_from_slice(&((len as u16) | 0x4000).to_be_bytes());
-        } else {
-            out.extend_from_slice(&((len as u32) | 0x8000_0000).to_be_bytes());
-        }
-    }
-    // version, wire format, cipher suite
-    let head = bytes.get(..6).ok_or("truncated")?;
-    let (secrets_len, n) = varint(&bytes[6..])?;
-    let group_info = bytes.get(6 + n + secrets_len..).ok_or("truncated")?;
-    let mut out = HashMap::new();
+    let head = bytes.get(..WELCOME_HEAD).ok_or("truncated")?;
+    let (secrets_len, n) = varint(&bytes[WELCOME_HEAD..])?;
+    let group_info = bytes
+        .get(WELCOME_HEAD + n + secrets_len..)
+        .ok_or("truncated")?;
+    let mut shared = Vec::with_capacity(head.len() + group_info.len());
+    shared.extend_from_slice(head);
+    shared.extend_from_slice(group_info);
+    let mut own = HashMap::new();
     for s in w.secrets() {
         let entry = s.tls_serialize_detached().map_err(|e| e.to_string())?;
-        let mut one = Vec::with_capacity(head.len() + 4 + entry.len() + group_info.len());
-        one.extend_from_slice(head);
-        put_varint(&mut one, entry.len());
-        one.extend_from_slice(&entry);
-        one.extend_from_slice(group_info);
-        out.insert(s.new_member().as_slice().to_vec(), Bytes::from(one));
+        own.insert(s.new_member().as_slice().to_vec(), Bytes::from(entry));
     }
-    Ok(out)
+    Ok((Bytes::from(shared), own))
 }
 
 /// Restores a group's public MLS state from snapshot bytes as read from
@@ -961,7 +950,8 @@ impl Actor {
             state: state.clone(),
             entries: accepted.iter().map(|a| a.entry.clone()).collect(),
             members: changes.members.clone(),
-            welcomes: changes.welcomes,
+            welcomes: changes.welcomes.clone(),
+            inbox_cap: self.shared.config.max_inbox_items,
             trees: changes.trees,
             compact_upto: changes.compact_upto,
             group_info: changes.group_info.clone(),
@@ -1000,8 +990,8 @@ impl Actor {
                 for (reply, seq, epoch) in replies {
                     let _ = reply.send(Ok((seq, epoch)));
                 }
-                for (user, item) in inbox_items {
-                    self.shared.inboxes.deliver(&user, item);
+                for (w, seq) in changes.welcomes.into_iter().zip(inbox_items) {
+                    self.shared.inboxes.deliver(self.id, w, seq);
                 }
                 if !changes.members.is_empty() {
                     info!(group = %self.id, epoch = view.epoch, members = view.current_members().len(), "membership changed");
@@ -1041,7 +1031,7 @@ impl Actor {
         for e in &entries {
             self.tail.push_back(e.clone());
         }
-        while self.tail.len() > self.shared.tail_entries {
+        while self.tail.len() > self.shared.config.tail_entries {
             self.tail.pop_front();
         }
         let all = concat(&entries);
@@ -1314,6 +1304,7 @@ fn process_handshake(
                 _ => {}
             }
             let mut per_member: HashMap<Vec<u8>, Bytes> = HashMap::new();
+            let mut shared_part = Bytes::new();
             if let Some(bytes) = &welcome {
                 let msg = MlsMessageIn::tls_deserialize_exact(bytes.as_ref())
                     .map_err(|e| invalid(format!("Welcome does not parse: {e}")))?;
@@ -1330,7 +1321,7 @@ fn process_handshake(
                         "the Welcome must be addressed to exactly the added members".into(),
                     ));
                 }
-                per_member =
+                (shared_part, per_member) =
                     split_welcome(bytes, &w).map_err(|e| invalid(format!("Welcome: {e}")))?;
             }
             let old_epoch = mls.public.group_context().epoch().as_u64();
@@ -1376,7 +1367,8 @@ fn process_handshake(
                     user: name.clone(),
                     commit_seq: seq,
                     timestamp_ms: now,
-                    welcome: own,
+                    shared: shared_part.clone(),
+                    own,
                 });
             }
             let tree = if added.is_empty() {

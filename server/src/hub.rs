@@ -4,8 +4,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use huddle_core::proto::{self, Event, InboxItem};
+use huddle_core::GroupId;
 
 use crate::group::{Signals, Subscriber};
+use crate::store::{join_welcome, NewInboxItem};
+
+/// A Welcome larger than this is announced (`InboxGap`) rather than
+/// pushed: the client fetches it, and the DS never holds one copy of it per
+/// online joiner.
+pub const PUSH_WELCOME_MAX: usize = 64 << 10;
 
 /// Connections of online users that asked for pushes.
 #[derive(Debug, Default)]
@@ -35,17 +42,29 @@ impl Hub {
         }
     }
 
-    /// Pushes a new inbox item to its user's online connections.
-    pub fn deliver(&self, user: &str, item: InboxItem) {
+    /// Pushes a new inbox item (`w`, numbered `seq` in its recipient's
+    /// inbox) to its user's online connections.
+    pub fn deliver(&self, group: GroupId, w: NewInboxItem, seq: u64) {
         let users = self.users.lock().expect("hub lock");
-        let Some(list) = users.get(user) else {
+        let Some(list) = users.get(&w.user) else {
             return;
         };
-        let head = item.seq;
-        let frame = proto::encode_frame(&Event::Inbox(item));
+        if w.shared.len() + w.own.len() > PUSH_WELCOME_MAX {
+            for sub in list {
+                gap(&sub.signals, seq);
+            }
+            return;
+        }
+        let frame = proto::encode_frame(&Event::Inbox(InboxItem {
+            seq,
+            group,
+            commit_seq: w.commit_seq,
+            timestamp_ms: w.timestamp_ms,
+            welcome: join_welcome(&w.shared, &w.own),
+        }));
         for sub in list {
             if sub.frames.try_send(frame.clone()).is_err() {
-                gap(&sub.signals, head);
+                gap(&sub.signals, seq);
             }
         }
     }

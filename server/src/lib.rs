@@ -20,6 +20,7 @@
 //! message or media, and it never links the client's MLS group code.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod config;
 pub mod group;
 pub mod hub;

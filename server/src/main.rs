@@ -35,6 +35,13 @@ struct Args {
     /// Most concurrent request streams per connection.
     #[arg(long, default_value_t = 128)]
     max_streams: u32,
+    /// Set any limit by name, e.g. `--limit answer_budget_total=128MiB`
+    /// (repeatable; `--list-limits` shows them all with their values).
+    #[arg(long = "limit", value_name = "NAME=VALUE")]
+    limits: Vec<String>,
+    /// Print every limit with the value it would have, and exit.
+    #[arg(long)]
+    list_limits: bool,
 }
 
 fn main() {
@@ -44,8 +51,10 @@ fn main() {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         listen: args.listen,
         data_dir: args.data_dir,
         cert: args.cert.zip(args.key),
@@ -54,6 +63,22 @@ fn main() {
         max_streams_per_connection: args.max_streams,
         ..ServerConfig::default()
     };
+    for l in &args.limits {
+        let set = l
+            .split_once('=')
+            .ok_or_else(|| format!("--limit {l}: expected NAME=VALUE"))
+            .and_then(|(name, value)| config.set_limit(name.trim(), value.trim()));
+        if let Err(e) = set {
+            eprintln!("huddle-server: {e}");
+            std::process::exit(2);
+        }
+    }
+    if args.list_limits {
+        for (name, value) in config.limits() {
+            println!("{name}={value}");
+        }
+        return;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -44,6 +44,17 @@ pub async fn run(
         let _ = send.finish();
         return Ok(());
     };
+    let max_groups = svc.config().max_subscribe_groups;
+    if groups.len() > max_groups {
+        let e = ErrorBody::new(
+            ErrorCode::TooLarge,
+            format!("a push stream watches at most {max_groups} groups"),
+        );
+        send.write_all(&proto::encode_frame(&Response::Error(e)))
+            .await?;
+        let _ = send.finish();
+        return Ok(());
+    }
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     let sub_id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Bytes>(svc.config().push_queue);
@@ -60,6 +71,7 @@ pub async fn run(
     // then arrive twice, never not at all (clients skip what they have).
     svc.hub.register(sub.clone());
     let mut watched = HashSet::new();
+    let stall = svc.config().push_stall_timeout;
     let result = async {
         let u = user.clone();
         let store = svc.store().clone();
@@ -71,18 +83,20 @@ pub async fn run(
         if let Some((items, head)) = backlog {
             let more = items.last().is_some_and(|i| i.seq < head);
             for item in items {
-                send.write_all(&proto::encode_frame(&Event::Inbox(item)))
-                    .await?;
+                write_or_stall(&mut send, &proto::encode_frame(&Event::Inbox(item)), stall).await?;
             }
             if more {
-                send.write_all(&proto::encode_frame(&Event::InboxGap { head }))
-                    .await?;
+                write_or_stall(
+                    &mut send,
+                    &proto::encode_frame(&Event::InboxGap { head }),
+                    stall,
+                )
+                .await?;
             }
         }
         for (g, after) in groups {
             watch(&svc, &sub, &mut watched, &signals, g, after).await;
         }
-        let stall = svc.config().push_stall_timeout;
         let mut decoder = frame::Decoder::new(svc.config().max_frame);
         let mut buf = vec![0u8; 4096];
         let mut pacer = Pacer::new(svc.config().push_interval);
@@ -127,7 +141,14 @@ pub async fn run(
                         match decoder.next_frame() {
                             Ok(Some(body)) => match proto::decode::<Control>(&body) {
                                 Ok(Control::Ack { group, seq }) => svc.ack(&user, group, seq),
-                                Ok(Control::AckInbox { .. }) => {}
+                                Ok(Control::AckInbox { seq }) => {
+                                    // Processed: delete them.
+                                    let (u, store) = (user.clone(), svc.store().clone());
+                                    let _ = tokio::task::spawn_blocking(move || {
+                                        store.delete_inbox(&u, seq.min(u64::MAX - 2))
+                                    })
+                                    .await;
+                                }
                                 Ok(Control::Watch { group, after }) => {
                                     watch(&svc, &sub, &mut watched, &signals, group, after).await;
                                 }

@@ -20,10 +20,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument as _};
 
 use crate::config::ServerConfig;
-use crate::service::{Service, Session};
+use crate::service::{Service, Session, Uncounted};
 use crate::store::redb::RedbStore;
 use crate::store::Store;
-use crate::{media, push, tls};
+use crate::{budget, media, push, tls};
 
 /// QUIC application close codes.
 pub mod close {
@@ -35,6 +35,8 @@ pub mod close {
     pub const BUSY: u32 = 2;
     /// The peer stopped reading its push stream.
     pub const STALLED: u32 = 3;
+    /// The peer did not authenticate in time.
+    pub const AUTH_TIMEOUT: u32 = 4;
 }
 
 /// UDP socket buffer size asked for (the kernel caps it at
@@ -163,6 +165,7 @@ async fn serve(
     let config = service.config().clone();
     let connections = TaskTracker::new();
     let active = Arc::new(AtomicUsize::new(0));
+    let unauthenticated = Arc::new(AtomicUsize::new(0));
     let next_id = AtomicU64::new(1);
     let maintenance = {
         let svc = service.clone();
@@ -170,12 +173,18 @@ async fn serve(
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(svc.config().maintenance_interval);
+            let mut last_sweep: Option<std::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {
                         svc.flush_acks().await;
                         blobs.maintenance(&svc).await;
+                        svc.budgets.prune();
+                        if last_sweep.is_none_or(|t| t.elapsed() >= svc.config().media_sweep_interval) {
+                            last_sweep = Some(std::time::Instant::now());
+                            svc.expire_inboxes().await;
+                        }
                     }
                 }
             }
@@ -199,6 +208,19 @@ async fn serve(
             });
             continue;
         }
+        if unauthenticated.load(Ordering::Relaxed) >= config.max_unauthenticated {
+            warn!(remote = %incoming.remote_address(), "too many unauthenticated connections; refusing");
+            tokio::spawn(async move {
+                if let Ok(c) = incoming.await {
+                    c.close(
+                        close::BUSY.into(),
+                        b"too many connections are authenticating; try again",
+                    );
+                }
+            });
+            continue;
+        }
+        let pending = Uncounted::new(unauthenticated.clone());
         active.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", id, remote = %incoming.remote_address());
         let (svc, blobs, stop, active) = (
@@ -209,7 +231,7 @@ async fn serve(
         );
         connections.spawn(
             async move {
-                handle_connection(incoming, id, svc, blobs, stop).await;
+                handle_connection(incoming, id, svc, blobs, stop, pending).await;
                 active.fetch_sub(1, Ordering::Relaxed);
             }
             .instrument(span),
@@ -237,6 +259,7 @@ async fn handle_connection(
     svc: Arc<Service>,
     blobs: Arc<media::BlobStore>,
     shutdown: CancellationToken,
+    pending: Uncounted,
 ) {
     let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
         Ok(Ok(c)) => c,
@@ -258,7 +281,23 @@ async fn handle_connection(
         return;
     }
     debug!("connected");
-    let session = Arc::new(Session::new(id, exporter));
+    let session = Arc::new(Session::new(id, exporter, svc.budgets.connection()));
+    session.count_until_authenticated(pending);
+    // Authenticate in time, or go: an open connection costs a slot.
+    let deadline = {
+        let (session, conn) = (session.clone(), conn.clone());
+        let wait = svc.config().auth_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            if session.user().is_none() {
+                debug!("not authenticated in time; closing");
+                conn.close(
+                    close::AUTH_TIMEOUT.into(),
+                    format!("authenticate within {} s of connecting", wait.as_secs()).as_bytes(),
+                );
+            }
+        })
+    };
     let streams = TaskTracker::new();
     loop {
         let (send, recv) = tokio::select! {
@@ -285,6 +324,7 @@ async fn handle_connection(
             .instrument(info_span!("stream")),
         );
     }
+    deadline.abort();
     streams.close();
     streams.wait().await;
     if shutdown.is_cancelled() {
@@ -324,6 +364,21 @@ pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Byte
 async fn respond(send: &mut quinn::SendStream, resp: &Response) {
     if send.write_all(&proto::encode_frame(resp)).await.is_ok() {
         let _ = send.finish();
+    }
+}
+
+/// Writes an answer, giving up (and resetting the stream, which frees the
+/// answer) if the client has not taken it within `deadline`.
+async fn respond_within(send: &mut quinn::SendStream, frame: Bytes, deadline: Duration) {
+    match tokio::time::timeout(deadline, send.write_all(&frame)).await {
+        Ok(Ok(())) => {
+            let _ = send.finish();
+        }
+        Ok(Err(_)) => {}
+        Err(_) => {
+            debug!(bytes = frame.len(), "answer not read in time; dropped");
+            let _ = send.reset(close::STALLED.into());
+        }
     }
 }
 
@@ -398,11 +453,35 @@ async fn handle_stream(
             media::download(&svc, &blobs, &session, media, offset, len, send).await
         }
         other => {
+            let deadline = svc.config().answer_write_timeout;
+            // An answer that can be large is paid for before it is built.
+            let mut lease = None;
+            if let Some(n) = budget::reserve_for(&other, svc.config().max_frame) {
+                match svc
+                    .budgets
+                    .reserve(&session.answers, session.user().as_deref(), n)
+                    .await
+                {
+                    Ok(l) => lease = Some(l),
+                    Err(e) => {
+                        debug!(error = %e.message, "answer budget used up");
+                        let frame = proto::encode_frame(&Response::Error(e));
+                        respond_within(&mut send, frame, deadline).await;
+                        return;
+                    }
+                }
+            }
             let resp = svc.handle(&session, other).await;
             if let Response::Error(e) = &resp {
                 debug!(code = ?e.code, error = %e.message, "request refused");
             }
-            respond(&mut send, &resp).await;
+            let frame = proto::encode_frame(&resp);
+            drop(resp);
+            if let Some(l) = lease.as_mut() {
+                l.shrink(frame.len());
+            }
+            respond_within(&mut send, frame, deadline).await;
+            drop(lease);
         }
     }
 }

@@ -22,6 +22,7 @@ use openmls_rust_crypto::RustCrypto;
 use rand::RngCore as _;
 use tracing::{info, warn};
 
+use crate::budget::Budgets;
 use crate::config::ServerConfig;
 use crate::group::{self, GroupHandle, Post, Shared};
 use crate::hub::Hub;
@@ -44,6 +45,8 @@ pub struct Session {
     /// TLS exporter keying material of the connection (see
     /// [`huddle_core::auth`]).
     pub exporter: [u8; EXPORTER_LEN],
+    /// The connection's budget for answers in flight ([`crate::budget`]).
+    pub answers: Arc<tokio::sync::Semaphore>,
     state: Mutex<SessionState>,
 }
 
@@ -51,16 +54,71 @@ pub struct Session {
 struct SessionState {
     nonce: Option<[u8; 32]>,
     user: Option<String>,
+    /// Counts this connection among its user's while it lives.
+    _counted: Option<Counted>,
+    /// Counts it among the unauthenticated ones until it authenticates.
+    unauthenticated: Option<Uncounted>,
+}
+
+/// Counts one connection in a shared counter until dropped.
+#[derive(Debug)]
+pub struct Uncounted(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Uncounted {
+    /// Counts one more in `counter`.
+    pub fn new(counter: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Uncounted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Connections per user, shared by the sessions that count in it.
+type UserCounts = Arc<Mutex<HashMap<String, usize>>>;
+
+/// One connection counted for its user; uncounted on drop.
+#[derive(Debug)]
+struct Counted {
+    counts: UserCounts,
+    user: String,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().expect("user connections lock");
+        if let Some(n) = c.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.user);
+            }
+        }
+    }
 }
 
 impl Session {
-    /// A new, unauthenticated session.
-    pub fn new(conn: u64, exporter: [u8; EXPORTER_LEN]) -> Self {
+    /// A new, unauthenticated session, with `answers` as its budget for
+    /// answers in flight.
+    pub fn new(
+        conn: u64,
+        exporter: [u8; EXPORTER_LEN],
+        answers: Arc<tokio::sync::Semaphore>,
+    ) -> Self {
         Self {
             conn,
             exporter,
+            answers,
             state: Mutex::new(SessionState::default()),
         }
+    }
+
+    /// Counts the session in `counter` until it authenticates.
+    pub fn count_until_authenticated(&self, counter: Uncounted) {
+        self.state.lock().expect("session lock").unauthenticated = Some(counter);
     }
 
     /// The authenticated user, if any.
@@ -91,6 +149,10 @@ pub struct Service {
     groups: RwLock<HashMap<GroupId, Arc<GroupHandle>>>,
     /// Online users' inbox pushes.
     pub hub: Arc<Hub>,
+    /// Memory for answers in flight.
+    pub budgets: Budgets,
+    /// Authenticated connections per user.
+    user_connections: UserCounts,
     claims: Mutex<HashMap<String, Bucket>>,
     acks: Mutex<HashMap<(GroupId, String), u64>>,
     /// Serialises group creation so two creations of one id cannot race.
@@ -125,7 +187,7 @@ impl Service {
             store: store.clone(),
             writer: Writer::start(store.clone()),
             inboxes: hub.clone(),
-            tail_entries: config.tail_entries,
+            config: config.clone(),
             now_ms,
         };
         let mut groups = HashMap::new();
@@ -147,6 +209,8 @@ impl Service {
         }
         info!(groups = groups.len(), "groups loaded");
         Ok(Arc::new(Self {
+            budgets: Budgets::new(&config),
+            user_connections: Arc::default(),
             config,
             store,
             shared,
@@ -261,7 +325,7 @@ impl Service {
                 if outcome == RegisterOutcome::Created {
                     info!(user = %name, "registered");
                 }
-                session.state.lock().expect("session lock").user = Some(name.clone());
+                self.authenticated_as(session, &name)?;
                 Ok(Response::Authenticated { name })
             }
             RegisterOutcome::Taken => Err(ErrorBody::new(
@@ -304,8 +368,44 @@ impl Service {
                 format!("authentication as {name} refused: {e}"),
             )
         })?;
-        session.state.lock().expect("session lock").user = Some(name.clone());
+        self.authenticated_as(session, &name)?;
         Ok(Response::Authenticated { name })
+    }
+
+    /// Marks the session as `name`'s, within the user's connection limit.
+    fn authenticated_as(&self, session: &Session, name: &str) -> Result<(), ErrorBody> {
+        let max = self.config.max_connections_per_user;
+        {
+            let mut counts = self.user_connections.lock().expect("user connections lock");
+            let n = counts.entry(name.to_owned()).or_insert(0);
+            if *n >= max {
+                return Err(ErrorBody::new(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "{name} has {max} connections open, the most this server allows per user"
+                    ),
+                ));
+            }
+            *n += 1;
+        }
+        let mut st = session.state.lock().expect("session lock");
+        st.user = Some(name.to_owned());
+        st.unauthenticated = None;
+        st._counted = Some(Counted {
+            counts: self.user_connections.clone(),
+            user: name.to_owned(),
+        });
+        Ok(())
+    }
+
+    /// Open authenticated connections of `user`.
+    pub fn connections_of(&self, user: &str) -> usize {
+        self.user_connections
+            .lock()
+            .expect("user connections lock")
+            .get(user)
+            .copied()
+            .unwrap_or(0)
     }
 
     async fn identity_key(&self, user: &str) -> Result<[u8; 32], ErrorBody> {
@@ -344,8 +444,9 @@ impl Service {
                     .await
             }
             Request::KeyPackageCount => {
+                let valid_until = self.key_packages_valid_until();
                 let (available, last_resort) = self
-                    .blocking(move |s| s.key_package_count(&user))
+                    .blocking(move |s| s.key_package_count(&user, valid_until))
                     .await?
                     .map_err(store_error)?;
                 Ok(Response::KeyPackageCount {
@@ -407,8 +508,13 @@ impl Service {
             } => self.fetch_log(user, group, after, limit).await,
             Request::FetchInbox { after, limit } => {
                 let limit = limit.clamp(1, MAX_PAGE);
+                // Asking for what follows `after` acknowledges the items up
+                // to it: they are deleted.
                 let (items, head) = self
-                    .blocking(move |s| s.read_inbox(&user, after, limit))
+                    .blocking(move |s| {
+                        s.delete_inbox(&user, after.min(u64::MAX - 2))?;
+                        s.read_inbox(&user, after, limit)
+                    })
                     .await?
                     .map_err(store_error)?;
                 Ok(Response::Inbox { items, head })
@@ -528,8 +634,23 @@ impl Service {
                 format!("at most {MAX_KEY_PACKAGE_BATCH} key packages per upload"),
             ));
         }
+        let max_bytes = self.config.max_key_package_bytes;
+        if let Some(big) = key_packages
+            .iter()
+            .chain(last_resort.iter())
+            .find(|kp| kp.len() > max_bytes)
+        {
+            return Err(ErrorBody::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "a key package of {} bytes; this server takes at most {max_bytes}",
+                    big.len()
+                ),
+            ));
+        }
         let identity = self.identity_key(&user).await?;
         let max = self.config.max_key_packages_per_user;
+        let valid_until = self.key_packages_valid_until();
         self.blocking(move |s| -> Result<Response, ErrorBody> {
             let crypto = RustCrypto::default();
             let now = now_ms() / 1000;
@@ -577,19 +698,26 @@ impl Service {
                 }
                 None => None,
             };
-            let available = s
-                .add_key_packages(&user, &checked, last_resort.as_ref(), max)
+            s.add_key_packages(&user, &checked, last_resort.as_ref(), max, now)
                 .map_err(|e| match e {
                     StoreError::Conflict(m) => ErrorBody::new(ErrorCode::QuotaExceeded, m),
                     other => store_error(other),
                 })?;
-            let (_, has_last_resort) = s.key_package_count(&user).map_err(store_error)?;
+            let (available, has_last_resort) = s
+                .key_package_count(&user, valid_until)
+                .map_err(store_error)?;
             Ok(Response::KeyPackageCount {
                 available,
                 last_resort: has_last_resort,
             })
         })
         .await?
+    }
+
+    /// Key packages count as available only if valid until then (seconds):
+    /// a client tops up and replaces its last resort before they expire.
+    fn key_packages_valid_until(&self) -> u64 {
+        (now_ms() / 1000).saturating_add(self.config.key_package_min_validity.as_secs())
     }
 
     fn take_claim_tokens(&self, user: &str, n: usize) -> Result<(), ErrorBody> {
@@ -757,6 +885,17 @@ impl Service {
             entries,
             head: until,
         })
+    }
+
+    /// Deletes Welcomes older than the inbox retention.
+    pub async fn expire_inboxes(&self) {
+        let before = now_ms().saturating_sub(self.config.inbox_retention.as_millis() as u64);
+        match self.blocking(move |s| s.expire_inbox(before)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(items = n, "expired Welcomes deleted"),
+            Ok(Err(e)) => warn!(error = %e, "expiring Welcomes failed"),
+            Err(_) => {}
+        }
     }
 
     /// Stops every group task (each finishes what it has received), flushes

@@ -9,12 +9,11 @@
 
 use std::sync::Arc;
 
-use huddle_core::proto::InboxItem;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{GroupWrite, Store, StoreError};
 
-type Reply = oneshot::Sender<Result<Vec<(String, InboxItem)>, StoreError>>;
+type Reply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
 
 /// Most writes combined into one transaction.
 const MAX_BATCH: usize = 1024;
@@ -49,7 +48,7 @@ impl Writer {
     }
 
     /// Applies `write` durably, together with whatever else is waiting.
-    pub async fn write(&self, write: GroupWrite) -> Result<Vec<(String, InboxItem)>, StoreError> {
+    pub async fn write(&self, write: GroupWrite) -> Result<Vec<u64>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send((write, reply))

@@ -13,11 +13,17 @@ use huddle_core::proto::{ErrorCode, Request, Response};
 use openmls::prelude::{tls_codec::Serialize as _, *};
 use openmls_rust_crypto::OpenMlsRustCrypto;
 
-/// A key package for `identity`, whose credential names `name`.
+/// A key package for `identity`, whose credential names `name`, valid as
+/// long as a client makes them.
 fn kp(identity: &Identity, name: &str, last_resort: bool) -> Bytes {
+    kp_valid_for(identity, name, last_resort, mls::KEY_PACKAGE_LIFETIME_SECS)
+}
+
+/// The same, valid for `secs`.
+fn kp_valid_for(identity: &Identity, name: &str, last_resort: bool, secs: u64) -> Bytes {
     let provider = OpenMlsRustCrypto::default();
     let mut b = KeyPackage::builder()
-        .key_package_lifetime(Lifetime::new(3600))
+        .key_package_lifetime(Lifetime::new(secs))
         .leaf_node_capabilities(mls::capabilities());
     if last_resort {
         b = b.mark_as_last_resort();
@@ -192,4 +198,43 @@ async fn claims_are_refused_for_unknown_users_and_rate_limited() {
     // Another claimer is not affected.
     let (other, _) = s.user("other").await;
     other.request(&claim("alice")).await.unwrap();
+}
+
+/// A package about to expire does not count as available (so its owner
+/// replaces it in time) though it is still handed out; one far larger than
+/// a key package is refused before anything is parsed.
+#[tokio::test]
+async fn packages_count_only_while_valid_long_enough_and_have_a_size_limit() {
+    let s = InProcess::start().await;
+    let (c, alice) = s.user("alice").await;
+    let (bob_c, _bob) = s.user("bob").await;
+    // Valid for an hour: stored, not counted; nor is such a last resort.
+    c.request(&publish(
+        vec![kp_valid_for(&alice, "alice", false, 3600)],
+        Some(kp_valid_for(&alice, "alice", true, 3600)),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(kp_count(&c).await, (0, false));
+    let got = bob_c
+        .request(&Request::ClaimKeyPackages {
+            users: vec!["alice".into()],
+        })
+        .await
+        .unwrap();
+    assert!(matches!(got, Response::KeyPackages { ref packages } if packages.len() == 1));
+    // Replaced with packages valid for long: counted.
+    c.request(&publish(
+        vec![kp(&alice, "alice", false)],
+        Some(kp(&alice, "alice", true)),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(kp_count(&c).await, (1, true));
+    // Size.
+    let big = Bytes::from(vec![0u8; 64 * 1024]);
+    let r = c.request(&publish(vec![big.clone()], None)).await;
+    assert_eq!(code(r), ErrorCode::TooLarge);
+    let r = c.request(&publish(vec![], Some(big))).await;
+    assert_eq!(code(r), ErrorCode::TooLarge);
 }

@@ -54,7 +54,7 @@ pub const MAX_PAGE: u32 = 1000;
 /// A page of log entries or inbox items stops growing once it holds this
 /// many bytes of messages (it always holds at least one), so every page fits
 /// in a frame.
-pub const MAX_PAGE_BYTES: usize = 8 * 1024 * 1024;
+pub const MAX_PAGE_BYTES: usize = 1024 * 1024;
 
 /// A request from client to server. One per stream, except [`Request::Subscribe`].
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -197,6 +197,10 @@ pub struct MediaRecord {
 }
 
 /// A Welcome to put in a user's inbox; the store assigns its sequence number.
+///
+/// A Welcome is one part per joiner (its encrypted group secrets) and one
+/// part for all of them (the encrypted GroupInfo, up to a frame): the
+/// shared part is stored once per commit, however many joiners it has.
 #[derive(Debug, Clone)]
 pub struct NewInboxItem {
     /// Recipient.
@@ -205,8 +209,41 @@ pub struct NewInboxItem {
     pub commit_seq: u64,
     /// When, ms since the Unix epoch.
     pub timestamp_ms: u64,
-    /// The Welcome message.
-    pub welcome: Bytes,
+    /// The part of the Welcome all joiners of the commit share
+    /// ([`join_welcome`]).
+    pub shared: Bytes,
+    /// The recipient's own `EncryptedGroupSecrets`.
+    pub own: Bytes,
+}
+
+/// The Welcome for one joiner (RFC 9420 §12.4.3.1: `Welcome {
+/// cipher_suite, secrets<V>, encrypted_group_info<V> }` inside an
+/// `MLSMessage`): the header of `shared` (version, wire format, cipher
+/// suite), a `secrets` vector holding only `own`, and the rest of `shared`
+/// (the encrypted GroupInfo).
+pub fn join_welcome(shared: &[u8], own: &[u8]) -> Bytes {
+    let (head, rest) = shared.split_at(WELCOME_HEAD.min(shared.len()));
+    let mut out = Vec::with_capacity(shared.len() + own.len() + 4);
+    out.extend_from_slice(head);
+    put_varint(&mut out, own.len());
+    out.extend_from_slice(own);
+    out.extend_from_slice(rest);
+    Bytes::from(out)
+}
+
+/// Bytes before the `secrets` vector of a Welcome `MLSMessage`: version,
+/// wire format, cipher suite (two each).
+pub const WELCOME_HEAD: usize = 6;
+
+/// Appends an MLS variable-length integer (RFC 9000 §16, at most 30 bits).
+pub fn put_varint(out: &mut Vec<u8>, len: usize) {
+    if len < 1 << 6 {
+        out.push(len as u8);
+    } else if len < 1 << 14 {
+        out.extend_from_slice(&((len as u16) | 0x4000).to_be_bytes());
+    } else {
+        out.extend_from_slice(&((len as u32) | 0x8000_0000).to_be_bytes());
+    }
 }
 
 /// Everything one sequencer step changes in one group. Applied atomically.
@@ -227,6 +264,9 @@ pub struct GroupWrite {
     pub members: Vec<(String, MemberRecord)>,
     /// Welcomes to deliver.
     pub welcomes: Vec<NewInboxItem>,
+    /// Most Welcomes one inbox holds; delivering one more drops the oldest
+    /// (its recipient, a member without a Welcome, rejoins on its own).
+    pub inbox_cap: usize,
     /// Ratchet-tree snapshots to keep for joiners: (commit seq, tree).
     pub trees: Vec<(u64, Bytes)>,
     /// Delete log entries up to here (and tree snapshots before it);
@@ -261,6 +301,7 @@ impl GroupWrite {
                 },
             )],
             welcomes: vec![],
+            inbox_cap: usize::MAX,
             trees: vec![],
             compact_upto: None,
             group_info: None,
@@ -284,15 +325,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Adds one-time key packages (keyed by hash reference, so a repeated
     /// upload is harmless) and optionally replaces the last-resort package.
+    /// Packages of the user expired at `now` (seconds) are dropped first.
     /// Refuses with [`StoreError::Conflict`] if the pool would exceed `max`.
-    /// Returns the number of one-time packages now available.
     fn add_key_packages(
         &self,
         user: &str,
         packages: &[(Vec<u8>, StoredKeyPackage)],
         last_resort: Option<&StoredKeyPackage>,
         max: u32,
-    ) -> Result<u32, StoreError>;
+        now: u64,
+    ) -> Result<(), StoreError>;
 
     /// Claims one key package for each user, atomically: each one-time
     /// package is removed as it is handed out, so it is never handed out
@@ -306,9 +348,9 @@ pub trait Store: Send + Sync + 'static {
         now: u64,
     ) -> Result<Vec<Option<Claimed>>, StoreError>;
 
-    /// One-time packages left for `user`, and whether a last-resort package
-    /// is stored.
-    fn key_package_count(&self, user: &str) -> Result<(u32, bool), StoreError>;
+    /// One-time packages of `user` still valid at `valid_until` (seconds),
+    /// and whether a last-resort package valid then is stored.
+    fn key_package_count(&self, user: &str, valid_until: u64) -> Result<(u32, bool), StoreError>;
 
     /// Every group, for loading at start-up.
     fn groups(&self) -> Result<Vec<StoredGroup>, StoreError>;
@@ -317,9 +359,9 @@ pub trait Store: Send + Sync + 'static {
     fn user_groups(&self, user: &str) -> Result<Vec<GroupId>, StoreError>;
 
     /// Applies many group writes in one atomic, durable transaction. Returns,
-    /// per write, the inbox items created (recipient, item with its
-    /// sequence number).
-    fn apply(&self, writes: &[GroupWrite]) -> Result<Vec<Vec<(String, InboxItem)>>, StoreError>;
+    /// per write, the inbox sequence number given to each of its Welcomes,
+    /// in order.
+    fn apply(&self, writes: &[GroupWrite]) -> Result<Vec<Vec<u64>>, StoreError>;
 
     /// Log entries of `group` with `after < seq <= until`, at most `limit`.
     fn read_log(
@@ -329,6 +371,13 @@ pub trait Store: Send + Sync + 'static {
         until: u64,
         limit: u32,
     ) -> Result<Vec<LogEntry>, StoreError>;
+
+    /// Deletes `user`'s inbox items up to `upto` (they were processed).
+    fn delete_inbox(&self, user: &str, upto: u64) -> Result<(), StoreError>;
+
+    /// Deletes every inbox item delivered before `before_ms`; returns how
+    /// many.
+    fn expire_inbox(&self, before_ms: u64) -> Result<usize, StoreError>;
 
     /// Inbox items of `user` after `after`, at most `limit`, and the inbox head.
     fn read_inbox(

@@ -23,7 +23,18 @@ const GROUP_STATE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("gro
 const LOG: TableDefinition<'_, (&[u8], u64), &[u8]> = TableDefinition::new("log");
 const MEMBERS: TableDefinition<'_, (&[u8], &str), &[u8]> = TableDefinition::new("members");
 const USER_GROUPS: TableDefinition<'_, (&str, &[u8]), ()> = TableDefinition::new("user_groups");
+/// Inbox items as stored before Welcomes were split (whole Welcomes); read
+/// and deleted, never written.
 const INBOX: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("inbox");
+/// Inbox items: the recipient's own part of the Welcome.
+const INBOX_ITEMS: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("inbox_items");
+/// The newest inbox sequence number of each user (items are deleted, the
+/// numbering goes on).
+const INBOX_HEAD: TableDefinition<'_, &str, u64> = TableDefinition::new("inbox_head");
+/// The shared part of each commit's Welcome, (group, commit seq) →
+/// references (u32, big-endian) followed by the bytes.
+pub(crate) const WELCOME_SHARED: TableDefinition<'_, (&[u8], u64), &[u8]> =
+    TableDefinition::new("welcome_shared");
 const TREES: TableDefinition<'_, (&[u8], u64), &[u8]> = TableDefinition::new("trees");
 const CURSORS: TableDefinition<'_, (&[u8], &str), u64> = TableDefinition::new("cursors");
 const EPOCH_AUTH: TableDefinition<'_, (&[u8], u64, &str), &[u8]> =
@@ -79,6 +90,110 @@ pub(crate) fn dec_member(bytes: &[u8]) -> Result<MemberRecord, StoreError> {
     }
 }
 
+/// An inbox item as stored: the recipient's own part of the Welcome.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct StoredInboxItem {
+    group: GroupId,
+    commit_seq: u64,
+    timestamp_ms: u64,
+    own: Vec<u8>,
+}
+
+/// The inbox tables of one write transaction.
+struct InboxTables<'t> {
+    legacy: ::redb::Table<'t, (&'static str, u64), &'static [u8]>,
+    items: ::redb::Table<'t, (&'static str, u64), &'static [u8]>,
+    heads: ::redb::Table<'t, &'static str, u64>,
+    shared: ::redb::Table<'t, (&'static [u8], u64), &'static [u8]>,
+}
+
+impl<'t> InboxTables<'t> {
+    fn open(txn: &'t ::redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            legacy: txn.open_table(INBOX).map_err(err)?,
+            items: txn.open_table(INBOX_ITEMS).map_err(err)?,
+            heads: txn.open_table(INBOX_HEAD).map_err(err)?,
+            shared: txn.open_table(WELCOME_SHARED).map_err(err)?,
+        })
+    }
+
+    fn head(&self, user: &str) -> Result<u64, StoreError> {
+        inbox_head(&self.heads, &self.legacy, user)
+    }
+
+    /// The oldest item of `user` still stored.
+    fn first(&self, user: &str) -> Result<Option<u64>, StoreError> {
+        let first = |t: &::redb::Table<'t, (&'static str, u64), &'static [u8]>| {
+            t.range((user, 0)..=(user, u64::MAX))
+                .map_err(err)?
+                .next()
+                .transpose()
+                .map_err(err)
+                .map(|r| r.map(|(k, _)| k.value().1))
+        };
+        Ok(match (first(&self.legacy)?, first(&self.items)?) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+
+    fn add_shared(&mut self, gid: &[u8], seq: u64, n: u32, bytes: &[u8]) -> Result<(), StoreError> {
+        let old = self
+            .shared
+            .get((gid, seq))
+            .map_err(err)?
+            .map(|v| u32::from_be_bytes(v.value()[..4].try_into().expect("4 bytes")));
+        let mut v = Vec::with_capacity(4 + bytes.len());
+        v.extend_from_slice(&(old.unwrap_or(0) + n).to_be_bytes());
+        v.extend_from_slice(bytes);
+        self.shared.insert((gid, seq), v.as_slice()).map_err(err)?;
+        Ok(())
+    }
+
+    /// Deletes one item, and the shared part it referenced once nothing
+    /// else does.
+    fn drop_item(&mut self, user: &str, seq: u64) -> Result<(), StoreError> {
+        if self.legacy.remove((user, seq)).map_err(err)?.is_some() {
+            return Ok(());
+        }
+        let Some(v) = self.items.remove((user, seq)).map_err(err)? else {
+            return Ok(());
+        };
+        let item: StoredInboxItem = dec(v.value(), "inbox item")?;
+        drop(v);
+        let key = (item.group.as_bytes().as_slice(), item.commit_seq);
+        let Some(s) = self.shared.get(key).map_err(err)? else {
+            return Ok(());
+        };
+        let mut bytes = s.value().to_vec();
+        drop(s);
+        let refs = u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes"));
+        if refs <= 1 {
+            self.shared.remove(key).map_err(err)?;
+        } else {
+            bytes[..4].copy_from_slice(&(refs - 1).to_be_bytes());
+            self.shared.insert(key, bytes.as_slice()).map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+fn inbox_head<H, L>(heads: &H, legacy: &L, user: &str) -> Result<u64, StoreError>
+where
+    H: ReadableTable<&'static str, u64>,
+    L: ReadableTable<(&'static str, u64), &'static [u8]>,
+{
+    let recorded = heads.get(user).map_err(err)?.map_or(0, |v| v.value());
+    let old = legacy
+        .range((user, 0)..=(user, u64::MAX))
+        .map_err(err)?
+        .next_back()
+        .transpose()
+        .map_err(err)?
+        .map_or(0, |(k, _)| k.value().1);
+    Ok(recorded.max(old))
+}
+
 impl RedbStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -95,6 +210,9 @@ impl RedbStore {
             txn.open_table(MEMBERS).map_err(err)?;
             txn.open_table(USER_GROUPS).map_err(err)?;
             txn.open_table(INBOX).map_err(err)?;
+            txn.open_table(INBOX_ITEMS).map_err(err)?;
+            txn.open_table(INBOX_HEAD).map_err(err)?;
+            txn.open_table(WELCOME_SHARED).map_err(err)?;
             txn.open_table(TREES).map_err(err)?;
             txn.open_table(CURSORS).map_err(err)?;
             txn.open_table(EPOCH_AUTH).map_err(err)?;
@@ -131,15 +249,18 @@ impl RedbStore {
         Ok(txn)
     }
 
+    /// A read transaction, for tests that look at tables directly.
+    #[cfg(test)]
+    pub(crate) fn read_for_tests(&self) -> ::redb::ReadTransaction {
+        self.read().expect("a read transaction")
+    }
+
     fn read(&self) -> Result<::redb::ReadTransaction, StoreError> {
         let guard = self.db.read().expect("db lock");
         guard.as_ref().ok_or_else(closed)?.begin_read().map_err(err)
     }
 
-    fn apply_one(
-        txn: &::redb::WriteTransaction,
-        w: &GroupWrite,
-    ) -> Result<Vec<(String, InboxItem)>, StoreError> {
+    fn apply_one(txn: &::redb::WriteTransaction, w: &GroupWrite) -> Result<Vec<u64>, StoreError> {
         let gid = w.group.as_bytes().as_slice();
         let old_compacted;
         {
@@ -244,28 +365,36 @@ impl RedbStore {
         }
         let mut created = Vec::with_capacity(w.welcomes.len());
         if !w.welcomes.is_empty() {
-            let mut inbox = txn.open_table(INBOX).map_err(err)?;
+            let mut t = InboxTables::open(txn)?;
+            // Each commit's shared part once, referenced by its joiners.
+            let mut refs: std::collections::BTreeMap<u64, (u32, &Bytes)> = Default::default();
+            for item in &w.welcomes {
+                refs.entry(item.commit_seq).or_insert((0, &item.shared)).0 += 1;
+            }
+            for (seq, (n, shared)) in refs {
+                t.add_shared(gid, seq, n, shared)?;
+            }
             for item in &w.welcomes {
                 let user = item.user.as_str();
-                let last = inbox
-                    .range((user, 0)..=(user, u64::MAX))
-                    .map_err(err)?
-                    .next_back()
-                    .transpose()
-                    .map_err(err)?
-                    .map(|(k, _)| k.value().1)
-                    .unwrap_or(0);
-                let stored = InboxItem {
-                    seq: last + 1,
+                let seq = t.head(user)? + 1;
+                let stored = StoredInboxItem {
                     group: w.group,
                     commit_seq: item.commit_seq,
                     timestamp_ms: item.timestamp_ms,
-                    welcome: item.welcome.clone(),
+                    own: item.own.to_vec(),
                 };
-                inbox
-                    .insert((user, stored.seq), enc(&stored).as_slice())
+                t.items
+                    .insert((user, seq), enc(&stored).as_slice())
                     .map_err(err)?;
-                created.push((item.user.clone(), stored));
+                t.heads.insert(user, seq).map_err(err)?;
+                // Over the cap: the oldest go.
+                while let Some(first) = t.first(user)? {
+                    if seq - first < w.inbox_cap as u64 {
+                        break;
+                    }
+                    t.drop_item(user, first)?;
+                }
+                created.push(seq);
             }
         }
         Ok(created)
@@ -321,16 +450,30 @@ impl Store for RedbStore {
         packages: &[(Vec<u8>, StoredKeyPackage)],
         last_resort: Option<&StoredKeyPackage>,
         max: u32,
-    ) -> Result<u32, StoreError> {
+        now: u64,
+    ) -> Result<(), StoreError> {
         let txn = self.write()?;
-        let count = {
+        {
             let mut pool = txn.open_table(KP_POOL).map_err(err)?;
+            let mut expired = Vec::new();
+            for row in pool.range((user, [].as_slice())..).map_err(err)? {
+                let (k, v) = row.map_err(err)?;
+                if k.value().0 != user {
+                    break;
+                }
+                let kp: StoredKeyPackage = dec(v.value(), "key package")?;
+                if kp.not_after < now {
+                    expired.push(k.value().1.to_vec());
+                }
+            }
+            for hash in expired {
+                pool.remove((user, hash.as_slice())).map_err(err)?;
+            }
             for (hash, kp) in packages {
                 pool.insert((user, hash.as_slice()), enc(kp).as_slice())
                     .map_err(err)?;
             }
-            let count = count_pool(&pool, user)?;
-            if count > max {
+            if count_pool(&pool, user, 0)? > max {
                 return Err(StoreError::Conflict(format!(
                     "at most {max} key packages may be stored per user"
                 )));
@@ -339,10 +482,9 @@ impl Store for RedbStore {
                 let mut t = txn.open_table(KP_LAST).map_err(err)?;
                 t.insert(user, enc(lr).as_slice()).map_err(err)?;
             }
-            count
-        };
+        }
         txn.commit().map_err(err)?;
-        Ok(count)
+        Ok(())
     }
 
     fn claim_key_packages(
@@ -402,14 +544,15 @@ impl Store for RedbStore {
         Ok(out)
     }
 
-    fn key_package_count(&self, user: &str) -> Result<(u32, bool), StoreError> {
+    fn key_package_count(&self, user: &str, valid_until: u64) -> Result<(u32, bool), StoreError> {
         let txn = self.read()?;
         let pool = txn.open_table(KP_POOL).map_err(err)?;
         let last = txn.open_table(KP_LAST).map_err(err)?;
-        Ok((
-            count_pool(&pool, user)?,
-            last.get(user).map_err(err)?.is_some(),
-        ))
+        let last_resort = match last.get(user).map_err(err)? {
+            Some(v) => dec::<StoredKeyPackage>(v.value(), "key package")?.not_after >= valid_until,
+            None => false,
+        };
+        Ok((count_pool(&pool, user, valid_until)?, last_resort))
     }
 
     fn groups(&self) -> Result<Vec<StoredGroup>, StoreError> {
@@ -465,7 +608,7 @@ impl Store for RedbStore {
         Ok(out)
     }
 
-    fn apply(&self, writes: &[GroupWrite]) -> Result<Vec<Vec<(String, InboxItem)>>, StoreError> {
+    fn apply(&self, writes: &[GroupWrite]) -> Result<Vec<Vec<u64>>, StoreError> {
         let txn = self.write()?;
         let mut out = Vec::with_capacity(writes.len());
         for w in writes {
@@ -502,6 +645,65 @@ impl Store for RedbStore {
         Ok(out)
     }
 
+    fn delete_inbox(&self, user: &str, upto: u64) -> Result<(), StoreError> {
+        // Most calls find nothing to delete: look before taking a write
+        // transaction (and a disk flush).
+        {
+            let txn = self.read()?;
+            let first = |t: ::redb::ReadOnlyTable<(&'static str, u64), &'static [u8]>| {
+                t.range((user, 0)..=(user, upto))
+                    .map_err(err)
+                    .map(|mut r| r.next().is_some())
+            };
+            if !first(txn.open_table(INBOX).map_err(err)?)?
+                && !first(txn.open_table(INBOX_ITEMS).map_err(err)?)?
+            {
+                return Ok(());
+            }
+        }
+        let txn = self.write()?;
+        {
+            let mut t = InboxTables::open(&txn)?;
+            while let Some(first) = t.first(user)? {
+                if first > upto {
+                    break;
+                }
+                t.drop_item(user, first)?;
+            }
+        }
+        txn.commit().map_err(err)?;
+        Ok(())
+    }
+
+    fn expire_inbox(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let txn = self.write()?;
+        let mut n = 0;
+        {
+            let mut t = InboxTables::open(&txn)?;
+            let mut old: Vec<(String, u64)> = Vec::new();
+            for row in t.legacy.iter().map_err(err)? {
+                let (k, v) = row.map_err(err)?;
+                let item: InboxItem = dec(v.value(), "inbox item")?;
+                if item.timestamp_ms < before_ms {
+                    old.push((k.value().0.to_owned(), k.value().1));
+                }
+            }
+            for row in t.items.iter().map_err(err)? {
+                let (k, v) = row.map_err(err)?;
+                let item: StoredInboxItem = dec(v.value(), "inbox item")?;
+                if item.timestamp_ms < before_ms {
+                    old.push((k.value().0.to_owned(), k.value().1));
+                }
+            }
+            for (user, seq) in old {
+                t.drop_item(&user, seq)?;
+                n += 1;
+            }
+        }
+        txn.commit().map_err(err)?;
+        Ok(n)
+    }
+
     fn read_inbox(
         &self,
         user: &str,
@@ -509,27 +711,55 @@ impl Store for RedbStore {
         limit: u32,
     ) -> Result<(Vec<InboxItem>, u64), StoreError> {
         let txn = self.read()?;
-        let t = txn.open_table(INBOX).map_err(err)?;
-        let head = t
-            .range((user, 0)..=(user, u64::MAX))
-            .map_err(err)?
-            .next_back()
-            .transpose()
-            .map_err(err)?
-            .map(|(k, _)| k.value().1)
-            .unwrap_or(0);
+        let legacy = txn.open_table(INBOX).map_err(err)?;
+        let items = txn.open_table(INBOX_ITEMS).map_err(err)?;
+        let heads = txn.open_table(INBOX_HEAD).map_err(err)?;
+        let shared = txn.open_table(WELCOME_SHARED).map_err(err)?;
+        let head = inbox_head(&heads, &legacy, user)?;
         let mut out = Vec::new();
-        if after < u64::MAX {
-            let mut bytes = 0;
-            for row in t.range((user, after + 1)..=(user, u64::MAX)).map_err(err)? {
-                if out.len() >= limit as usize || bytes >= MAX_PAGE_BYTES {
-                    break;
-                }
-                let (_, v) = row.map_err(err)?;
-                let item: InboxItem = dec(v.value(), "inbox item")?;
-                bytes += item.welcome.len();
-                out.push(item);
+        if after >= u64::MAX - 1 {
+            return Ok((out, head));
+        }
+        let mut bytes = 0;
+        let full = |out: &Vec<InboxItem>, bytes: usize| {
+            out.len() >= limit as usize || bytes >= MAX_PAGE_BYTES
+        };
+        // Items written before Welcomes were split come first (their
+        // numbers are lower).
+        for row in legacy
+            .range((user, after + 1)..=(user, u64::MAX))
+            .map_err(err)?
+        {
+            if full(&out, bytes) {
+                return Ok((out, head));
             }
+            let (_, v) = row.map_err(err)?;
+            let item: InboxItem = dec(v.value(), "inbox item")?;
+            bytes += item.welcome.len();
+            out.push(item);
+        }
+        for row in items
+            .range((user, after + 1)..=(user, u64::MAX))
+            .map_err(err)?
+        {
+            if full(&out, bytes) {
+                break;
+            }
+            let (k, v) = row.map_err(err)?;
+            let item: StoredInboxItem = dec(v.value(), "inbox item")?;
+            let part = shared
+                .get((item.group.as_bytes().as_slice(), item.commit_seq))
+                .map_err(err)?
+                .ok_or_else(|| StoreError::Corrupt("an inbox item lost its Welcome".into()))?;
+            let welcome = join_welcome(&part.value()[4..], &item.own);
+            bytes += welcome.len();
+            out.push(InboxItem {
+                seq: k.value().1,
+                group: item.group,
+                commit_seq: item.commit_seq,
+                timestamp_ms: item.timestamp_ms,
+                welcome,
+            });
         }
         Ok((out, head))
     }
@@ -679,17 +909,24 @@ fn last_seq<T: ReadableTable<(&'static [u8], u64), &'static [u8]>>(
         .map_or(0, |(k, _)| k.value().1))
 }
 
+/// `user`'s one-time packages valid at `valid_until` (seconds; 0 counts
+/// them all).
 fn count_pool<T: ReadableTable<(&'static str, &'static [u8]), &'static [u8]>>(
     pool: &T,
     user: &str,
+    valid_until: u64,
 ) -> Result<u32, StoreError> {
     let mut n = 0u32;
     for row in pool.range((user, [].as_slice())..).map_err(err)? {
-        let (k, _) = row.map_err(err)?;
+        let (k, v) = row.map_err(err)?;
         if k.value().0 != user {
             break;
         }
-        n += 1;
+        if valid_until == 0
+            || dec::<StoredKeyPackage>(v.value(), "key package")?.not_after >= valid_until
+        {
+            n += 1;
+        }
     }
     Ok(n)
 }

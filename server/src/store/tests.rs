@@ -2,6 +2,7 @@
 
 use super::redb::RedbStore;
 use super::*;
+use ::redb::ReadableTableMetadata as _;
 use huddle_core::proto::EntryKind;
 
 fn store() -> (tempfile::TempDir, RedbStore) {
@@ -67,20 +68,22 @@ fn names_are_unique_per_key() {
 #[test]
 fn key_packages_are_handed_out_once_then_last_resort() {
     let (_d, s) = store();
-    let n = s
-        .add_key_packages(
-            "bob",
-            &[kp(1, 100), kp(2, 100), kp(3, 5)],
-            Some(&kp(9, 100).1),
-            10,
-        )
-        .unwrap();
-    assert_eq!(n, 3);
+    s.add_key_packages(
+        "bob",
+        &[kp(1, 100), kp(2, 100), kp(3, 5)],
+        Some(&kp(9, 100).1),
+        10,
+        1,
+    )
+    .unwrap();
+    assert_eq!(s.key_package_count("bob", 1).unwrap(), (3, true));
+    // Only two stay valid until 50; the last resort until 100, not 101.
+    assert_eq!(s.key_package_count("bob", 50).unwrap(), (2, true));
+    assert_eq!(s.key_package_count("bob", 101).unwrap(), (0, false));
     // Repeated upload of the same package does not double it.
-    assert_eq!(
-        s.add_key_packages("bob", &[kp(1, 100)], None, 10).unwrap(),
-        3
-    );
+    s.add_key_packages("bob", &[kp(1, 100)], None, 10, 1)
+        .unwrap();
+    assert_eq!(s.key_package_count("bob", 1).unwrap(), (3, true));
     let users = vec!["bob".to_string()];
     let mut seen = Vec::new();
     for _ in 0..2 {
@@ -103,25 +106,36 @@ fn key_packages_are_handed_out_once_then_last_resort() {
         .unwrap();
     assert!(c.last_resort);
     assert_eq!(&c.bytes[..], &[9; 20]);
-    assert_eq!(s.key_package_count("bob").unwrap(), (0, true));
+    assert_eq!(s.key_package_count("bob", 50).unwrap(), (0, true));
     // An expired last-resort package is not handed out.
     assert_eq!(s.claim_key_packages(&users, 101).unwrap(), vec![None]);
     // All or nothing: with one user lacking a package, nobody's is taken.
-    s.add_key_packages("carol", &[kp(4, 100)], None, 10)
+    s.add_key_packages("carol", &[kp(4, 100)], None, 10, 1)
         .unwrap();
     let both = vec!["carol".to_string(), "nobody".to_string()];
     assert_eq!(s.claim_key_packages(&both, 50).unwrap()[1], None);
-    assert_eq!(s.key_package_count("carol").unwrap(), (1, false));
+    assert_eq!(s.key_package_count("carol", 50).unwrap(), (1, false));
+}
+
+#[test]
+fn expired_key_packages_leave_the_pool_when_new_ones_come() {
+    let (_d, s) = store();
+    s.add_key_packages("bob", &[kp(1, 10), kp(2, 10)], None, 3, 1)
+        .unwrap();
+    // At 20 both have expired: they do not count against the cap.
+    s.add_key_packages("bob", &[kp(3, 100), kp(4, 100), kp(5, 100)], None, 3, 20)
+        .unwrap();
+    assert_eq!(s.key_package_count("bob", 0).unwrap(), (3, false));
 }
 
 #[test]
 fn key_package_pool_is_capped() {
     let (_d, s) = store();
     let err = s
-        .add_key_packages("bob", &[kp(1, 9), kp(2, 9), kp(3, 9)], None, 2)
+        .add_key_packages("bob", &[kp(1, 9), kp(2, 9), kp(3, 9)], None, 2, 1)
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)));
-    assert_eq!(s.key_package_count("bob").unwrap(), (0, false));
+    assert_eq!(s.key_package_count("bob", 0).unwrap(), (0, false));
 }
 
 #[test]
@@ -157,23 +171,91 @@ fn inbox_numbers_items_per_user() {
     let g = GroupId([1; 16]);
     let mut w = write(g, true, 0, vec![]);
     for u in ["bob", "carol", "bob"] {
-        w.welcomes.push(NewInboxItem {
-            user: u.into(),
-            commit_seq: 0,
-            timestamp_ms: 0,
-            welcome: Bytes::from_static(b"w"),
-        });
+        w.welcomes.push(welcome(u, 0, 0));
     }
     let created = s.apply(&[w]).unwrap();
-    let seqs: Vec<_> = created[0]
-        .iter()
-        .map(|(u, i)| (u.as_str(), i.seq))
-        .collect();
-    assert_eq!(seqs, vec![("bob", 1), ("carol", 1), ("bob", 2)]);
+    assert_eq!(created[0], vec![1, 1, 2]);
     let (items, head) = s.read_inbox("bob", 0, 10).unwrap();
     assert_eq!((items.len(), head), (2, 2));
     let (items, head) = s.read_inbox("bob", 1, 10).unwrap();
     assert_eq!((items.len(), head), (1, 2));
+}
+
+/// A Welcome whose shared part is `SHARED` and own part names `user`.
+fn welcome(user: &str, commit_seq: u64, timestamp_ms: u64) -> NewInboxItem {
+    NewInboxItem {
+        user: user.into(),
+        commit_seq,
+        timestamp_ms,
+        shared: Bytes::from_static(SHARED),
+        own: Bytes::from(format!("secrets of {user}").into_bytes()),
+    }
+}
+
+/// Header (6 bytes) and an encrypted GroupInfo standing in for a big one.
+const SHARED: &[u8] = b"HEAD..the encrypted group info, the same for every joiner";
+
+#[test]
+fn a_welcome_shared_by_many_joiners_is_stored_once_and_rebuilt_per_joiner() {
+    let (_d, s) = store();
+    let g = GroupId([1; 16]);
+    let mut w = write(g, true, 0, vec![]);
+    for i in 0..50 {
+        w.welcomes.push(welcome(&format!("u{i}"), 7, 1));
+    }
+    s.apply(&[w]).unwrap();
+    let (items, _) = s.read_inbox("u3", 0, 10).unwrap();
+    let own = b"secrets of u3";
+    let mut want = SHARED[..6].to_vec();
+    want.push(own.len() as u8);
+    want.extend_from_slice(own);
+    want.extend_from_slice(&SHARED[6..]);
+    assert_eq!(items[0].welcome.as_ref(), want.as_slice());
+    assert_eq!(items[0].commit_seq, 7);
+    // Stored once: one shared row, with 50 references.
+    let txn = s.read_for_tests();
+    let t = txn.open_table(super::redb::WELCOME_SHARED).unwrap();
+    assert_eq!(t.len().unwrap(), 1);
+    drop((t, txn));
+    // Deleted with its last reference.
+    for i in 0..50 {
+        s.delete_inbox(&format!("u{i}"), 1).unwrap();
+    }
+    let txn = s.read_for_tests();
+    let t = txn.open_table(super::redb::WELCOME_SHARED).unwrap();
+    assert_eq!(t.len().unwrap(), 0);
+}
+
+#[test]
+fn inboxes_are_capped_acknowledged_and_expired_and_keep_their_numbering() {
+    let (_d, s) = store();
+    let g = GroupId([1; 16]);
+    let mut w = write(g, true, 0, vec![]);
+    w.inbox_cap = 3;
+    for t in 0..5 {
+        w.welcomes.push(welcome("bob", t, 100 + t));
+    }
+    assert_eq!(s.apply(&[w]).unwrap()[0], vec![1, 2, 3, 4, 5]);
+    // The two oldest made room.
+    let seqs = |s: &RedbStore| -> Vec<u64> {
+        s.read_inbox("bob", 0, 10)
+            .unwrap()
+            .0
+            .iter()
+            .map(|i| i.seq)
+            .collect()
+    };
+    assert_eq!(seqs(&s), vec![3, 4, 5]);
+    s.delete_inbox("bob", 3).unwrap();
+    assert_eq!(seqs(&s), vec![4, 5]);
+    assert_eq!(s.expire_inbox(104).unwrap(), 1);
+    assert_eq!(seqs(&s), vec![5]);
+    s.delete_inbox("bob", 5).unwrap();
+    // Empty, and the next one is still number 6.
+    assert_eq!(s.read_inbox("bob", 0, 10).unwrap(), (vec![], 5));
+    let mut w = write(g, false, 0, vec![]);
+    w.welcomes.push(welcome("bob", 9, 200));
+    assert_eq!(s.apply(&[w]).unwrap()[0], vec![6]);
 }
 
 #[test]
