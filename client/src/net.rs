@@ -39,6 +39,25 @@ pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 /// How long one request may take before the connection is considered lost.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The client's transport settings: windows sized for bulk media, MTU
+/// discovery, keep-alives.
+pub fn transport() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(60)
+            .try_into()
+            .expect("60 s is a valid idle timeout"),
+    ));
+    transport.stream_receive_window((8u32 * 1024 * 1024).into());
+    transport.receive_window((16u32 * 1024 * 1024).into());
+    transport.send_window(16 * 1024 * 1024);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(proto::MAX_UDP_PAYLOAD);
+    transport.mtu_discovery_config(Some(mtu));
+    transport
+}
+
 /// How long a connection attempt waits for the server to answer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -201,6 +220,17 @@ impl Connection {
         addr: &str,
         trust: Trust,
     ) -> Result<Self> {
+        Self::connect_with(endpoint, addr, trust, transport()).await
+    }
+
+    /// Like [`Connection::connect_on`] with the given transport settings
+    /// (tests use it to play clients that behave unlike this one).
+    pub async fn connect_with(
+        endpoint: Option<&quinn::Endpoint>,
+        addr: &str,
+        trust: Trust,
+        transport: quinn::TransportConfig,
+    ) -> Result<Self> {
         let fail = |reason: String| ClientError::Connect {
             addr: addr.to_owned(),
             reason,
@@ -246,19 +276,6 @@ impl Connection {
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = QuicClientConfig::try_from(tls).map_err(|e| fail(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(10)));
-        transport.max_idle_timeout(Some(
-            Duration::from_secs(60)
-                .try_into()
-                .expect("60 s is a valid idle timeout"),
-        ));
-        transport.stream_receive_window((8u32 * 1024 * 1024).into());
-        transport.receive_window((16u32 * 1024 * 1024).into());
-        transport.send_window(16 * 1024 * 1024);
-        let mut mtu = quinn::MtuDiscoveryConfig::default();
-        mtu.upper_bound(proto::MAX_UDP_PAYLOAD);
-        transport.mtu_discovery_config(Some(mtu));
         config.transport_config(Arc::new(transport));
         let endpoint = match endpoint {
             Some(e) if e.local_addr().is_ok_and(|a| a.is_ipv6() == sock.is_ipv6()) => e.clone(),

@@ -309,6 +309,8 @@ pub struct Shared {
     pub inboxes: Arc<crate::hub::Hub>,
     /// The limits in force.
     pub config: Arc<ServerConfig>,
+    /// Bytes held in the tails of all groups.
+    pub tail_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Clock (ms since the Unix epoch).
     pub now_ms: fn() -> u64,
 }
@@ -515,8 +517,8 @@ pub fn spawn(
         mls: Some(mls),
         durable_state: state.to_vec(),
         handle: Arc::downgrade(&handle),
+        tail: Tail::new(shared.tail_bytes.clone()),
         shared,
-        tail: VecDeque::new(),
         subscribers: HashMap::new(),
         group_info,
     };
@@ -533,11 +535,57 @@ struct Actor {
     durable_state: Vec<u8>,
     handle: std::sync::Weak<GroupHandle>,
     shared: Shared,
-    /// (seq, pre-encoded Event::Entry frame) of the newest entries.
-    tail: VecDeque<(u64, Bytes)>,
+    /// The newest entries, for watchers that are only a little behind.
+    tail: Tail,
     subscribers: HashMap<u64, Subscriber>,
     /// Newest durable GroupInfo: (epoch, bytes).
     group_info: Option<(u64, Bytes)>,
+}
+
+/// (seq, pre-encoded `Event::Entry` frame) of a group's newest entries,
+/// bounded by count and bytes, and by the bytes of all groups' tails
+/// together (`total`): past that, each group keeps only its newest entry,
+/// and watchers further behind catch up from the log.
+struct Tail {
+    entries: VecDeque<(u64, Bytes)>,
+    bytes: usize,
+    total: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Tail {
+    fn new(total: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            bytes: 0,
+            total,
+        }
+    }
+
+    fn extend(&mut self, new: &[(u64, Bytes)], max: usize, max_bytes: usize, max_total: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for e in new {
+            self.bytes += e.1.len();
+            self.total.fetch_add(e.1.len(), Relaxed);
+            self.entries.push_back(e.clone());
+        }
+        while self.entries.len() > 1
+            && (self.entries.len() > max
+                || self.bytes > max_bytes
+                || self.total.load(Relaxed) > max_total)
+        {
+            if let Some((_, f)) = self.entries.pop_front() {
+                self.bytes -= f.len();
+                self.total.fetch_sub(f.len(), Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.total
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// An accepted post waiting for its write.
@@ -786,6 +834,16 @@ impl Actor {
         };
         match kind {
             EntryKind::Application => {
+                let max = self.shared.config.max_application_message;
+                if data.len() > max {
+                    return Err(ErrorBody::new(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "an application message of {} bytes; this server takes at most {max}",
+                            data.len()
+                        ),
+                    ));
+                }
                 if pm.wire_format() != WireFormat::PrivateMessage
                     || pm.content_type() != ContentType::Application
                 {
@@ -854,6 +912,10 @@ impl Actor {
         let user_owned = user.to_owned();
         let current = view.clone();
         let now = (self.shared.now_ms)();
+        let limits = HandshakeLimits {
+            max_leaf_node: self.shared.config.max_leaf_node,
+            max_pending_proposals: self.shared.config.max_pending_proposals,
+        };
         let result = tokio::task::spawn_blocking(move || {
             let mut mls = mls;
             let r = process_handshake(
@@ -866,6 +928,7 @@ impl Actor {
                 welcome,
                 seq,
                 now,
+                &limits,
             );
             (mls, r)
         })
@@ -909,11 +972,11 @@ impl Actor {
         }
         let after = after.max(member.joined_seq);
         if after < until {
-            let tail_start = self.tail.front().map_or(u64::MAX, |(s, _)| *s);
+            let tail_start = self.tail.entries.front().map_or(u64::MAX, |(s, _)| *s);
             if after + 1 < tail_start {
                 return WatchResult::CatchUp { head: until };
             }
-            for (seq, frame) in &self.tail {
+            for (seq, frame) in &self.tail.entries {
                 if *seq > after && *seq <= until && sub.frames.try_send(frame.clone()).is_err() {
                     return WatchResult::CatchUp { head: until };
                 }
@@ -1028,12 +1091,9 @@ impl Actor {
         let (Some(&(first, _)), Some(&(last, _))) = (entries.first(), entries.last()) else {
             return;
         };
-        for e in &entries {
-            self.tail.push_back(e.clone());
-        }
-        while self.tail.len() > self.shared.config.tail_entries {
-            self.tail.pop_front();
-        }
+        let c = &self.shared.config;
+        self.tail
+            .extend(&entries, c.tail_entries, c.tail_bytes, c.tail_bytes_total);
         let all = concat(&entries);
         let mut drop_subs = Vec::new();
         for (id, sub) in &self.subscribers {
@@ -1138,6 +1198,13 @@ struct HandshakeOutcome {
     tree: Option<(u64, Bytes)>,
 }
 
+/// The limits a handshake is checked against.
+#[derive(Debug, Clone, Copy)]
+struct HandshakeLimits {
+    max_leaf_node: usize,
+    max_pending_proposals: usize,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn process_handshake(
     mls: &mut MlsState,
@@ -1149,6 +1216,7 @@ fn process_handshake(
     welcome: Option<Bytes>,
     seq: u64,
     now: u64,
+    limits: &HandshakeLimits,
 ) -> Result<Option<HandshakeOutcome>, ErrorBody> {
     let invalid = |m: String| ErrorBody::new(ErrorCode::InvalidMessage, m);
     let crypto = RustCrypto::default();
@@ -1179,6 +1247,18 @@ fn process_handshake(
         }
     };
     let check_leaf = |leaf: &LeafNode, expect: &str| -> Result<(), ErrorBody> {
+        // Every joiner downloads every leaf: a member may not grow the
+        // tree with a leaf of its own making.
+        let size = leaf.tls_serialized_len();
+        if size > limits.max_leaf_node {
+            return Err(ErrorBody::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "a leaf node of {size} bytes; this server takes at most {}",
+                    limits.max_leaf_node
+                ),
+            ));
+        }
         if user_of(leaf.credential()).as_deref() != Some(expect) {
             return Err(invalid(format!(
                 "a leaf must keep the credential of {expect}"
@@ -1207,6 +1287,19 @@ fn process_handshake(
             }
             if let Proposal::Update(u) = queued.proposal() {
                 check_leaf(u.leaf_node(), user)?;
+            }
+            let pending = mls
+                .public
+                .queued_proposals(&mls.storage)
+                .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("{e:?}")))?
+                .len();
+            if pending >= limits.max_pending_proposals {
+                return Err(ErrorBody::new(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "{pending} proposals are waiting in this epoch, the most this server keeps; commit them first"
+                    ),
+                ));
             }
             mls.public
                 .add_proposal(&mls.storage, *queued)

@@ -36,4 +36,4 @@ pub mod writer;
 mod fault_tests;
 
 pub use config::ServerConfig;
-pub use server::{start, Running};
+pub use server::{start, Running, Stats};

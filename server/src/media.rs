@@ -74,6 +74,8 @@ pub struct BlobStore {
     config: Arc<ServerConfig>,
     /// Items with an upload in progress on some stream.
     active: Mutex<HashMap<MediaId, Active>>,
+    /// Transfers (uploads and downloads) running, per user and in all.
+    transfers: Arc<Mutex<(HashMap<String, usize>, usize)>>,
     /// Bytes reserved by every known item (complete or not).
     used: AtomicU64,
     last_sweep: Mutex<Option<Instant>>,
@@ -91,6 +93,62 @@ impl std::fmt::Debug for BlobStore {
 struct ActiveGuard<'a> {
     blobs: &'a BlobStore,
     id: MediaId,
+}
+
+/// One running transfer, counted until dropped.
+struct Transfer {
+    counts: Arc<Mutex<(HashMap<String, usize>, usize)>>,
+    user: String,
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().expect("transfers lock");
+        c.1 -= 1;
+        if let Some(n) = c.0.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                c.0.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl BlobStore {
+    /// Counts a transfer of `user`, within the per-user and DS-wide limits.
+    fn transfer(&self, user: &str) -> Result<Transfer, ErrorBody> {
+        let mut c = self.transfers.lock().expect("transfers lock");
+        let (per_user, total) = (
+            self.config.max_transfers_per_user,
+            self.config.max_transfers_total,
+        );
+        let mine = c.0.get(user).copied().unwrap_or(0);
+        if mine >= per_user {
+            return Err(err(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "{user} has {per_user} transfers running, the most this server allows per user"
+                ),
+            ));
+        }
+        if c.1 >= total {
+            return Err(err(
+                ErrorCode::QuotaExceeded,
+                "the server is running as many transfers as it takes; try again soon",
+            ));
+        }
+        c.1 += 1;
+        *c.0.entry(user.to_owned()).or_insert(0) += 1;
+        Ok(Transfer {
+            counts: self.transfers.clone(),
+            user: user.to_owned(),
+        })
+    }
+
+    /// Transfers running now.
+    pub fn transfers(&self) -> usize {
+        self.transfers.lock().expect("transfers lock").1
+    }
 }
 
 impl Drop for ActiveGuard<'_> {
@@ -118,7 +176,7 @@ fn store_err(e: StoreError) -> ErrorBody {
 }
 
 fn io_err(e: std::io::Error) -> ErrorBody {
-    if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
+    if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(ENOSPC) {
         err(
             ErrorCode::QuotaExceeded,
             "the server's disk is full; the upload keeps its progress and can resume later",
@@ -164,6 +222,7 @@ impl BlobStore {
             store,
             config,
             active: Mutex::new(HashMap::new()),
+            transfers: Arc::default(),
             used: AtomicU64::new(used),
             last_sweep: Mutex::new(None),
             room: Room::default(),
@@ -287,6 +346,7 @@ async fn upload_inner(
     let user = session
         .user()
         .ok_or_else(|| err(ErrorCode::NotAuthenticated, "authenticate first"))?;
+    let _transfer = blobs.transfer(&user)?;
     let group = svc
         .group(&req.group)
         .ok_or_else(|| err(ErrorCode::UnknownGroup, format!("no group {}", req.group)))?;
@@ -624,9 +684,11 @@ async fn upload_inner(
     }))
 }
 
-/// A thread that writes received buffers to the partial file and hashes
-/// them; every [`SYNC_EVERY`] bytes it asks a second thread to sync the
-/// file, so that writing goes on while the disk flushes.
+/// Writes received buffers to the partial file and hashes them, each in a
+/// short blocking task, while the network side receives the next; every
+/// [`SYNC_EVERY`] bytes it starts a sync of the file in another blocking
+/// task, so writing goes on while the disk flushes. No thread waits for
+/// the network: the task that drives them is async.
 struct Writer {
     data: tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>,
     synced: Arc<AtomicU64>,
@@ -637,52 +699,88 @@ struct Writer {
 /// cover a sync of [`SYNC_EVERY`] bytes without stalling the sender.
 const WRITE_QUEUE: usize = 8;
 
+/// A sync in flight and the position it makes durable.
+type Syncing = (tokio::task::JoinHandle<std::io::Result<()>>, u64);
+
 impl Writer {
-    fn start(mut file: std::fs::File, mut hasher: blake3::Hasher, start: u64, room: Room) -> Self {
+    fn start(file: std::fs::File, hasher: blake3::Hasher, start: u64, room: Room) -> Self {
         let (data, mut rx) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(WRITE_QUEUE);
         let synced = Arc::new(AtomicU64::new(start));
         let s2 = synced.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            use std::io::Write as _;
-            let syncer = Syncer::start(file.try_clone()?, s2.clone(), start);
+        let task = tokio::spawn(async move {
+            let syncer = file.try_clone()?;
+            let mut state = Some((file, hasher, Vec::with_capacity(BUF)));
             let mut pos = start;
             let mut last_sync = start;
-            // Received chunks are packet-sized; BLAKE3 only reaches its SIMD
-            // speed on long contiguous input, so gather them first.
-            let mut buf = Vec::with_capacity(BUF);
-            while let Some(batch) = rx.blocking_recv() {
-                buf.clear();
-                for b in &batch {
-                    buf.extend_from_slice(b);
-                }
-                let n = room.take(buf.len());
-                let written = file.write_all(&buf[..n]).and_then(|()| {
-                    if n < buf.len() {
-                        Err(std::io::Error::from_raw_os_error(28))
-                    } else {
-                        Ok(())
+            let mut syncing: Option<Syncing> = None;
+            while let Some(batch) = rx.recv().await {
+                let (mut file, mut hasher, mut buf) = state.take().expect("writer state");
+                let room = room.clone();
+                let (back, written) = tokio::task::spawn_blocking(move || {
+                    use std::io::Write as _;
+                    // Received chunks are packet-sized; BLAKE3 only reaches
+                    // its SIMD speed on long contiguous input.
+                    buf.clear();
+                    for b in &batch {
+                        buf.extend_from_slice(b);
                     }
-                });
-                if let Err(e) = written {
-                    // What was written before this buffer is whole: make it
-                    // durable, so that the upload resumes from there (a full
-                    // disk usually still flushes what it took).
-                    let _ = syncer.finish();
-                    if file.sync_data().is_ok() {
-                        s2.fetch_max(pos, Ordering::Release);
+                    let n = room.take(buf.len());
+                    let r = file.write_all(&buf[..n]).and_then(|()| {
+                        if n < buf.len() {
+                            Err(std::io::Error::from_raw_os_error(ENOSPC))
+                        } else {
+                            hasher.update(&buf);
+                            Ok(buf.len())
+                        }
+                    });
+                    ((file, hasher, buf), r)
+                })
+                .await
+                .map_err(|_| std::io::Error::other("writer task failed"))?;
+                let n = match written {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // What was written before this buffer is whole: make
+                        // it durable, so the upload resumes from there (a
+                        // full disk usually still flushes what it took).
+                        if let Some((t, _)) = syncing.take() {
+                            let _ = t.await;
+                        }
+                        let file = back.0;
+                        let ok = tokio::task::spawn_blocking(move || file.sync_data())
+                            .await
+                            .is_ok_and(|r| r.is_ok());
+                        if ok {
+                            s2.fetch_max(pos, Ordering::Release);
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
+                };
+                state = Some(back);
+                pos += n as u64;
+                // A finished sync publishes its position; a new one starts
+                // if due (requests made while one runs fold into the next).
+                if let Some((t, at)) = syncing.take_if(|(t, _)| t.is_finished()) {
+                    t.await
+                        .map_err(|_| std::io::Error::other("sync task failed"))??;
+                    s2.fetch_max(at, Ordering::Release);
                 }
-                hasher.update(&buf);
-                pos += buf.len() as u64;
-                if pos - last_sync >= SYNC_EVERY {
-                    syncer.request(pos);
+                if syncing.is_none() && pos - last_sync >= SYNC_EVERY {
+                    let f = syncer.try_clone()?;
+                    syncing = Some((tokio::task::spawn_blocking(move || f.sync_data()), pos));
                     last_sync = pos;
                 }
             }
-            let background = syncer.finish();
-            file.sync_data()?;
-            background?;
+            if let Some((t, _)) = syncing.take() {
+                // The file description is shared: an error seen there is not
+                // reported again to the final sync, so it fails the upload.
+                t.await
+                    .map_err(|_| std::io::Error::other("sync task failed"))??;
+            }
+            let (file, hasher, _) = state.take().expect("writer state");
+            let file = tokio::task::spawn_blocking(move || file.sync_data().map(|()| file))
+                .await
+                .map_err(|_| std::io::Error::other("sync task failed"))??;
             s2.store(pos, Ordering::Release);
             Ok((file, hasher))
         });
@@ -704,59 +802,14 @@ impl Writer {
         drop(self.data);
         let r = match self.task.await {
             Ok(r) => r,
-            Err(_) => Err(std::io::Error::other("writer thread failed")),
+            Err(_) => Err(std::io::Error::other("writer task failed")),
         };
         (r, self.synced.load(Ordering::Acquire))
     }
 }
 
-/// Syncs a partial file in the background and publishes how far it is
-/// durable. Requests made while a sync runs fold into the next one.
-struct Syncer {
-    asked: Arc<AtomicU64>,
-    wake: std::sync::mpsc::SyncSender<()>,
-    thread: std::thread::JoinHandle<std::io::Result<()>>,
-}
-
-impl Syncer {
-    fn start(file: std::fs::File, synced: Arc<AtomicU64>, start: u64) -> Self {
-        let asked = Arc::new(AtomicU64::new(start));
-        let (wake, rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let a = asked.clone();
-        let thread = std::thread::spawn(move || {
-            for () in rx {
-                // Everything up to `upto` was written before it was asked
-                // for, so this sync covers it.
-                let upto = a.load(Ordering::Acquire);
-                // The file description is the writer's too: an error seen
-                // here is not reported again to its final sync, so it is
-                // returned and fails the upload.
-                file.sync_data()?;
-                synced.fetch_max(upto, Ordering::Release);
-            }
-            Ok(())
-        });
-        Self {
-            asked,
-            wake,
-            thread,
-        }
-    }
-
-    /// Asks for everything up to `pos` (already written) to become durable.
-    fn request(&self, pos: u64) {
-        self.asked.fetch_max(pos, Ordering::Release);
-        let _ = self.wake.try_send(());
-    }
-
-    /// Waits for the syncs asked for; the first error of any of them.
-    fn finish(self) -> std::io::Result<()> {
-        drop(self.wake);
-        self.thread
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the sync thread failed")))
-    }
-}
+/// `errno` of a full disk.
+const ENOSPC: i32 = 28;
 
 /// Records `offset` (already synced) as the resume point.
 async fn persist(blobs: &BlobStore, id: MediaId, rec: &mut MediaRecord, offset: u64) {
@@ -810,48 +863,52 @@ pub async fn download(
                 let _ = send.finish();
             }
         }
-        Ok((resp, file, len)) => {
+        Ok((resp, file, len, _transfer)) => {
             if !respond(&mut send, &resp).await {
                 return;
             }
-            // A reader thread keeps two buffers ahead of the network: with
-            // what QUIC holds unacknowledged (the send window) that bounds
-            // a download's memory whatever the item's size.
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(2);
-            let mut file = file.into_std().await;
-            tokio::task::spawn_blocking(move || {
-                use std::io::Read as _;
-                let mut left = len;
-                while left > 0 {
-                    let want = BUF.min(left as usize);
+            // Each buffer is read from disk in a short blocking task while
+            // the one before is sent: disk and network overlap, and no
+            // thread waits for a slow reader. With what QUIC holds
+            // unacknowledged (the send window) that bounds a download's
+            // memory whatever the item's size.
+            let stall = blobs.config.transfer_stall_timeout;
+            let file = file.into_std().await;
+            let read = |mut file: std::fs::File, want: usize| {
+                tokio::task::spawn_blocking(move || {
+                    use std::io::Read as _;
                     let mut buf = Vec::with_capacity(want);
-                    let r = match (&mut file).take(want as u64).read_to_end(&mut buf) {
-                        Ok(n) => {
-                            left = if n == 0 { 0 } else { left - n as u64 };
-                            Ok(bytes::Bytes::from(buf))
-                        }
-                        Err(e) => {
-                            left = 0;
-                            Err(e)
-                        }
-                    };
-                    if tx.blocking_send(r).is_err() {
-                        return;
-                    }
-                }
-            });
+                    let r = (&mut file).take(want as u64).read_to_end(&mut buf);
+                    (file, r.map(|_| bytes::Bytes::from(buf)))
+                })
+            };
+            let mut left = len;
             let mut sent = 0u64;
-            while let Some(r) = rx.recv().await {
-                match r {
+            let mut next = (left > 0).then(|| read(file, BUF.min(left as usize)));
+            while let Some(reading) = next.take() {
+                let Ok((file, r)) = reading.await else {
+                    let _ = send.reset(1u32.into());
+                    return;
+                };
+                let b = match r {
                     Ok(b) if b.is_empty() => break,
-                    Ok(b) => {
-                        sent += b.len() as u64;
-                        if send.write_chunk(b).await.is_err() {
-                            return;
-                        }
-                    }
+                    Ok(b) => b,
                     Err(e) => {
                         warn!(media = %media, error = %e, "reading a stored blob failed");
+                        let _ = send.reset(1u32.into());
+                        return;
+                    }
+                };
+                left -= (b.len() as u64).min(left);
+                sent += b.len() as u64;
+                if left > 0 {
+                    next = Some(read(file, BUF.min(left as usize)));
+                }
+                match tokio::time::timeout(stall, send.write_chunk(b)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        debug!(media = %media, "download not read; stream ended");
                         let _ = send.reset(1u32.into());
                         return;
                     }
@@ -874,10 +931,11 @@ async fn download_head(
     media: MediaId,
     offset: u64,
     len: u64,
-) -> Result<(Response, tokio::fs::File, u64), ErrorBody> {
+) -> Result<(Response, tokio::fs::File, u64, Transfer), ErrorBody> {
     let user = session
         .user()
         .ok_or_else(|| err(ErrorCode::NotAuthenticated, "authenticate first"))?;
+    let transfer = blobs.transfer(&user)?;
     let rec = blobs
         .blocking(move |s| s.media(&media))
         .await?
@@ -923,5 +981,6 @@ async fn download_head(
         },
         file,
         len,
+        transfer,
     ))
 }

@@ -69,6 +69,8 @@ pub struct Running {
     pub cert_der: Vec<u8>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
+    service: Arc<Service>,
+    blobs: Arc<media::BlobStore>,
     /// What the blob disk still takes (fault tests set a limit).
     #[cfg(test)]
     pub(crate) blob_room: media::Room,
@@ -92,6 +94,27 @@ impl Running {
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
+
+    /// What the DS holds right now against its budgets.
+    pub fn stats(&self) -> Stats {
+        let c = self.service.config();
+        Stats {
+            answers_in_flight: self.service.budgets.in_flight(c.answer_budget_total),
+            tail_bytes: self.service.tail_bytes(),
+            transfers: self.blobs.transfers(),
+        }
+    }
+}
+
+/// What the DS holds against its budgets ([`Running::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes reserved for answers not yet read by their clients.
+    pub answers_in_flight: usize,
+    /// Bytes of entries kept in memory by all groups.
+    pub tail_bytes: usize,
+    /// Uploads and downloads running.
+    pub transfers: usize,
 }
 
 /// Opens the data dir and store, binds the endpoint and starts serving.
@@ -144,13 +167,21 @@ pub(crate) async fn start_with_store(
     let shutdown = CancellationToken::new();
     #[cfg(test)]
     let blob_room = blobs.room.clone();
-    let task = tokio::spawn(serve(endpoint, service, Arc::new(blobs), shutdown.clone()));
+    let blobs = Arc::new(blobs);
+    let task = tokio::spawn(serve(
+        endpoint,
+        service.clone(),
+        blobs.clone(),
+        shutdown.clone(),
+    ));
     Ok(Running {
         addr,
         fingerprint,
         cert_der,
         shutdown,
         task,
+        service,
+        blobs,
         #[cfg(test)]
         blob_room,
     })

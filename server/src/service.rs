@@ -188,6 +188,7 @@ impl Service {
             writer: Writer::start(store.clone()),
             inboxes: hub.clone(),
             config: config.clone(),
+            tail_bytes: Arc::default(),
             now_ms,
         };
         let mut groups = HashMap::new();
@@ -220,6 +221,13 @@ impl Service {
             acks: Mutex::new(HashMap::new()),
             create: tokio::sync::Mutex::new(()),
         }))
+    }
+
+    /// Bytes of entries kept in memory by all groups.
+    pub fn tail_bytes(&self) -> usize {
+        self.shared
+            .tail_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The configuration in force.

@@ -3,6 +3,8 @@
 //! fresh data dir; raw connections and full clients against it.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod raw;
+
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -88,9 +90,15 @@ impl Process {
     /// Starts the binary on `listen` (use port 0 for any) with `data_dir`,
     /// and waits for its "listening on" line.
     pub fn start(data_dir: &Path, listen: &str) -> Self {
+        Self::start_with(data_dir, listen, &[])
+    }
+
+    /// Like [`Process::start`], with limits set (`NAME=VALUE`).
+    pub fn start_with(data_dir: &Path, listen: &str, limits: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_huddle-server"))
             .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
+            .args(limits.iter().flat_map(|l| ["--limit", l]))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -136,6 +144,28 @@ impl Process {
 
     pub fn cert_path(&self) -> PathBuf {
         self.data_dir.join("cert.pem")
+    }
+
+    pub fn trust(&self) -> Trust {
+        Trust::Pinned(huddle_client::home::read_pem_certs(&self.cert_path()).unwrap())
+    }
+
+    /// A field of /proc/PID/status, in KiB (VmRSS, VmHWM) or a count
+    /// (Threads).
+    pub fn status(&self, field: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+
+    /// A raw connection authenticated as a freshly registered user.
+    pub async fn user(&self, name: &str) -> (Connection, Identity) {
+        let c = Connection::connect(&self.addr, self.trust()).await.unwrap();
+        let id = Identity::generate(name);
+        c.authenticate(&id, true).await.unwrap();
+        (c, id)
     }
 }
 

@@ -1,0 +1,431 @@
+//! One registered member trying to exhaust the DS: each test plays an
+//! attack a hostile client made against an earlier version, and checks
+//! that the DS stays within its budget (its own accounting, or the real
+//! process's memory and threads read from /proc) and keeps serving an
+//! honest user meanwhile. Longer versions (thousands of streams,
+//! gigabytes) are `huddle-bench abuse`.
+#![allow(clippy::unwrap_used)]
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::raw::*;
+use common::*;
+use huddle_client::identity::Identity;
+use huddle_client::net::{self, Connection};
+use huddle_client::{Client, ClientError, Home};
+use huddle_core::proto::{self, ErrorCode, Request, Response, UploadRequest};
+use huddle_core::{GroupId, MediaId};
+use openmls::prelude::{tls_codec::Deserialize as _, *};
+
+/// A full client of `p`, registered as `name`.
+async fn client(p: &Process, dir: &std::path::Path, name: &str) -> Client {
+    Client::register(
+        Home::new(dir.join(name)),
+        name,
+        &p.addr,
+        Some(&p.cert_path()),
+    )
+    .await
+    .unwrap()
+}
+
+/// An honest user is served: a fresh connection authenticates and a
+/// message goes through.
+async fn still_served(dir: &std::path::Path, name: &str, group: &str) {
+    let mut c = Client::open(Home::new(dir.join(name))).unwrap();
+    c.send_text(group, "still served").await.unwrap();
+    c.close().await;
+}
+
+/// A connection as `id` whose client grants (almost) no flow-control
+/// credit: the DS can build answers for it but not send them.
+async fn never_reading(p: &Process, id: &Identity) -> Connection {
+    let mut t = net::transport();
+    t.stream_receive_window(1024u32.into());
+    t.receive_window((32u32 * 1024).into());
+    let c = Connection::connect_with(None, &p.addr, p.trust(), t)
+        .await
+        .unwrap();
+    c.authenticate(id, false).await.unwrap();
+    c
+}
+
+/// A hundred log pages asked for on a connection that reads none of them
+/// took an earlier DS from 165 MB to 2.59 GB. Now answers are paid for
+/// from the connection's budget before they are built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_client_never_reads_stay_within_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Process::start_with(
+        &dir.path().join("ds"),
+        "127.0.0.1:0",
+        &["answer_budget_wait=500ms", "answer_write_timeout=5s"],
+    );
+    let mut alice = client(&p, dir.path(), "alice").await;
+    let mut mallory = client(&p, dir.path(), "mallory").await;
+    let g = alice.create_group("big").await.unwrap().to_string();
+    alice.add(&g, &["mallory".into()]).await.unwrap();
+    mallory.sync().await.unwrap();
+    // About 2 MB of log: every page is full (1 MiB).
+    for i in 0..32 {
+        alice
+            .send_text(&g, &format!("{i} {}", "x".repeat(60_000)))
+            .await
+            .unwrap();
+    }
+    let (_, id) = Home::new(dir.path().join("mallory")).load().unwrap();
+    let conn = never_reading(&p, &id).await;
+    let before = p.status("VmRSS");
+    let gid: GroupId = g.parse().unwrap();
+    let ask = proto::encode_frame(&Request::FetchLog {
+        group: gid,
+        after: 0,
+        limit: 1000,
+    });
+    let mut unread = Vec::new();
+    for _ in 0..100 {
+        let (mut send, recv) = conn.quic().open_bi().await.unwrap();
+        send.write_all(&ask).await.unwrap();
+        let _ = send.finish();
+        unread.push((send, recv));
+    }
+    // The DS has had every request for a while; an honest user is served.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    still_served(dir.path(), "alice", &g).await;
+    let grown = p.status("VmHWM").saturating_sub(before) / 1024;
+    assert!(
+        grown < 48,
+        "the DS grew by {grown} MiB holding answers nobody reads"
+    );
+    drop(unread);
+}
+
+/// A Welcome's shared part (the encrypted GroupInfo, up to a frame) was
+/// copied into every joiner's inbox item: one commit adding a hundred
+/// users with it padded to 3.9 MB grew the store by 650 MB. Now it is
+/// stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_for_many_joiners_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Process::start(&dir.path().join("ds"), "127.0.0.1:0");
+    let (net, id) = p.user("mallory").await;
+    let mallory = Raw::with(net, id).await;
+    let mut kps = Vec::new();
+    let mut joiners = Vec::new();
+    for i in 0..60 {
+        let (net, id) = p.user(&format!("u{i}")).await;
+        joiners.push(Raw::with(net, id).await);
+        kps.push(mallory.claim(&format!("u{i}")).await);
+    }
+    let (gid, mut g) = mallory.create().await;
+    let (commit, welcome, _) = g
+        .add_members_without_update(&mallory.provider, &mallory.id, &kps)
+        .unwrap();
+    let welcome = pad_group_info(&bytes(&welcome), 2 << 20);
+    let db = dir.path().join("ds/huddle.redb");
+    let size = || std::fs::metadata(&db).unwrap().len() >> 20;
+    let (before, rss) = (size(), p.status("VmRSS"));
+    mallory
+        .commit(gid, bytes(&commit), Some(welcome))
+        .await
+        .unwrap();
+    let grown = size().saturating_sub(before);
+    assert!(grown < 24, "the store grew by {grown} MiB for one commit");
+    let rss_grown = p.status("VmHWM").saturating_sub(rss) / 1024;
+    assert!(rss_grown < 64, "the DS grew by {rss_grown} MiB");
+    // Every joiner still gets its own, whole Welcome.
+    for j in [&joiners[0], &joiners[59]] {
+        let Response::Inbox { items, .. } = j
+            .net
+            .request(&Request::FetchInbox {
+                after: 0,
+                limit: 10,
+            })
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(items.len(), 1);
+        assert!(items[0].welcome.len() > 2 << 20);
+        let MlsMessageBodyIn::Welcome(w) =
+            MlsMessageIn::tls_deserialize_exact(items[0].welcome.as_ref())
+                .unwrap()
+                .extract()
+        else {
+            panic!("not a Welcome")
+        };
+        assert_eq!(w.secrets().len(), 1, "a joiner gets its own secrets only");
+    }
+}
+
+/// The Welcome `MLSMessage` bytes with its encrypted GroupInfo replaced by
+/// `len` bytes of padding (still a well-formed Welcome: the DS cannot
+/// decrypt that part, nor tell).
+fn pad_group_info(welcome: &[u8], len: usize) -> Bytes {
+    let varint = |b: &[u8]| -> (usize, usize) {
+        match b[0] >> 6 {
+            0 => (usize::from(b[0] & 0x3f), 1),
+            1 => ((usize::from(b[0] & 0x3f) << 8) | usize::from(b[1]), 2),
+            _ => (
+                (usize::from(b[0] & 0x3f) << 24)
+                    | (usize::from(b[1]) << 16)
+                    | (usize::from(b[2]) << 8)
+                    | usize::from(b[3]),
+                4,
+            ),
+        }
+    };
+    let (secrets, n) = varint(&welcome[6..]);
+    let mut out = welcome[..6 + n + secrets].to_vec();
+    out.extend_from_slice(&((len as u32) | 0x8000_0000).to_be_bytes());
+    out.resize(out.len() + len, 0xab);
+    Bytes::from(out)
+}
+
+/// 535 uploads that then sent nothing took an earlier DS to 1,028 threads
+/// (each held a blocking thread) until Authenticate timed out. Now a user
+/// runs a bounded number of transfers, none holds a thread while it waits,
+/// and a silent one ends after the stall timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_uploads_hold_no_thread_and_are_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Process::start_with(
+        &dir.path().join("ds"),
+        "127.0.0.1:0",
+        &["transfer_stall_timeout=2s"],
+    );
+    let mut alice = client(&p, dir.path(), "alice").await;
+    let mut mallory = client(&p, dir.path(), "mallory").await;
+    let g = alice.create_group("g").await.unwrap().to_string();
+    alice.add(&g, &["mallory".into()]).await.unwrap();
+    mallory.sync().await.unwrap();
+    let gid: GroupId = g.parse().unwrap();
+    let (_, id) = Home::new(dir.path().join("mallory")).load().unwrap();
+    let mut refused = 0;
+    let mut held = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let c = Connection::connect(&p.addr, p.trust()).await.unwrap();
+        c.authenticate(&id, false).await.unwrap();
+        for _ in 0..50 {
+            let mut media = [0u8; 16];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut media);
+            let req = Request::BeginUpload(UploadRequest {
+                group: gid,
+                media: MediaId(media),
+                total_len: 1 << 20,
+            });
+            match c.open(&req).await {
+                Ok(streams) => held.push(streams),
+                Err(ClientError::Server(e)) if e.code == ErrorCode::QuotaExceeded => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        conns.push(c);
+    }
+    assert!(refused >= 200 - 16, "only {refused} of 200 uploads refused");
+    let threads = p.status("Threads");
+    assert!(threads < 64, "the DS runs {threads} threads");
+    still_served(dir.path(), "alice", &g).await;
+    // Silent uploads end: a new one is taken again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c = Connection::connect(&p.addr, p.trust()).await.unwrap();
+    c.authenticate(&id, false).await.unwrap();
+    let r = c
+        .open(&Request::BeginUpload(UploadRequest {
+            group: gid,
+            media: MediaId([9; 16]),
+            total_len: 1 << 20,
+        }))
+        .await;
+    assert!(matches!(r, Ok((_, _, Response::Upload { .. }))), "{r:?}");
+    drop((held, conns));
+}
+
+/// A connection that never authenticates is closed after the deadline,
+/// and connections still authenticating are counted apart, so they cannot
+/// take every slot; a user's own connections are bounded too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_surplus_connections_are_refused_or_closed() {
+    let s = InProcess::start_with(|c| {
+        c.auth_timeout = Duration::from_millis(500);
+        c.max_unauthenticated = 4;
+        c.max_connections_per_user = 3;
+    })
+    .await;
+    let idle = s.connect().await;
+    let mut more = Vec::new();
+    for _ in 0..3 {
+        more.push(s.connect().await);
+    }
+    // A fifth, while four wait to authenticate: refused.
+    let fifth = s.connect().await;
+    let reason = closed(&fifth).await;
+    assert!(
+        reason.contains("too many connections are authenticating"),
+        "{reason}"
+    );
+    // The idle ones are closed at the deadline.
+    let reason = closed(&idle).await;
+    assert!(reason.contains("authenticate within"), "{reason}");
+    drop(more);
+    // A user may hold three authenticated connections, not four.
+    let (first, id) = s.user("alice").await;
+    let mut held = vec![first];
+    for _ in 0..2 {
+        let c = s.connect().await;
+        c.authenticate(&id, false).await.unwrap();
+        held.push(c);
+    }
+    let c = s.connect().await;
+    let e = c.authenticate(&id, false).await.unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Server(b) if b.code == ErrorCode::QuotaExceeded),
+        "{e}"
+    );
+    // Another user is served meanwhile, and one closed slot is free again.
+    s.user("bob").await;
+    held.pop().unwrap().close().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = s.connect().await;
+    c.authenticate(&id, false).await.unwrap();
+}
+
+/// Waits for the DS to close `c`; its reason.
+async fn closed(c: &Connection) -> String {
+    for _ in 0..100 {
+        if let Some(r) = c.quic().close_reason() {
+            return r.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the DS kept the connection open");
+}
+
+/// 150 posts of 4 MB each stayed in a group's memory on an earlier DS.
+/// Messages are now at most 256 KiB, and the entries kept in memory are
+/// bounded in bytes per group and over all groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_groups_keep_in_memory_is_bounded_in_bytes() {
+    let s = InProcess::start_with(|c| {
+        c.tail_bytes = 1 << 20;
+        c.tail_bytes_total = 2 << 20;
+    })
+    .await;
+    let mut alice = s.client("alice").await;
+    let mut groups = Vec::new();
+    for n in 0..3 {
+        groups.push(
+            alice
+                .create_group(&format!("g{n}"))
+                .await
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let pad = "y".repeat(60_000);
+    for i in 0..40 {
+        for g in &groups {
+            alice.send_text(g, &format!("{i} {pad}")).await.unwrap();
+        }
+    }
+    let held = s.running.as_ref().unwrap().stats().tail_bytes;
+    // The bound, plus the newest entry each group always keeps.
+    assert!(
+        held <= (2 << 20) + 3 * 70_000,
+        "groups keep {held} bytes in memory"
+    );
+    // Too large a message is refused before it is stored.
+    let (alice_raw, _bob, gid, mut ga, _gb) = raw_pair(&s).await;
+    let big = ga
+        .create_message(&alice_raw.provider, &alice_raw.id, &vec![7u8; 300_000])
+        .unwrap();
+    let r = alice_raw
+        .net
+        .request(&Request::Message {
+            group: gid,
+            message: bytes(&big),
+        })
+        .await;
+    assert_eq!(code(r), ErrorCode::TooLarge);
+}
+
+/// Two raw members in a group of their own.
+async fn raw_pair(s: &InProcess) -> (Raw, Raw, GroupId, MlsGroup, ()) {
+    let a = Raw::new(s, "ra").await;
+    let b = Raw::new(s, "rb").await;
+    let (gid, mut g) = a.create().await;
+    let kp = a.claim("rb").await;
+    let (c, w, _) = g.add_members(&a.provider, &a.id, &[kp]).unwrap();
+    a.commit(gid, bytes(&c), Some(bytes(&w))).await.unwrap();
+    g.merge_pending_commit(&a.provider).unwrap();
+    (a, b, gid, g, ())
+}
+
+/// One member could queue update proposals without end, and make its leaf
+/// as large as a frame, which every joiner downloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposals_per_epoch_and_leaf_sizes_are_bounded() {
+    let s = InProcess::start_with(|c| c.max_pending_proposals = 5).await;
+    let (a, _b, gid, mut g, ()) = raw_pair(&s).await;
+    let mut codes = Vec::new();
+    for _ in 0..7 {
+        let p = g
+            .propose_self_update(&a.provider, &a.id, LeafNodeParameters::default())
+            .unwrap();
+        let r = a
+            .net
+            .request(&Request::Proposal {
+                group: gid,
+                proposal: bytes(&p.0),
+            })
+            .await;
+        codes.push(r.map(|_| ()).map_err(|e| e.code()));
+    }
+    assert_eq!(codes[..5], [Ok(()); 5]);
+    assert_eq!(codes[5], Err(Some(ErrorCode::QuotaExceeded)));
+    g.clear_pending_proposals(a.provider.storage()).unwrap();
+    // A commit whose new leaf carries 10 KiB of extension.
+    let ext = ExtensionType::Unknown(0xff00);
+    let params = LeafNodeParameters::builder()
+        .with_capabilities(Capabilities::new(None, None, Some(&[ext]), None, None))
+        .with_extensions(
+            Extensions::single(Extension::Unknown(
+                0xff00,
+                UnknownExtension(vec![1; 10 * 1024]),
+            ))
+            .unwrap(),
+        )
+        .build();
+    let c = g.self_update(&a.provider, &a.id, params).unwrap();
+    let r = a.commit(gid, bytes(c.commit()), None).await;
+    assert_eq!(code(r), ErrorCode::TooLarge);
+}
+
+/// A push stream naming a quarter of a million groups queued an event per
+/// id before writing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_stream_watches_a_bounded_number_of_groups() {
+    let s = InProcess::start_with(|c| c.max_subscribe_groups = 100).await;
+    let (c, _) = s.user("alice").await;
+    let groups = (0..101u32)
+        .map(|i| {
+            let mut g = [0u8; 16];
+            g[..4].copy_from_slice(&i.to_be_bytes());
+            (GroupId(g), 0)
+        })
+        .collect();
+    let r = c
+        .open(&Request::Subscribe {
+            groups,
+            inbox_after: 0,
+        })
+        .await;
+    assert!(
+        matches!(&r, Err(ClientError::Server(e)) if e.code == ErrorCode::TooLarge),
+        "{r:?}"
+    );
+}
