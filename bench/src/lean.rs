@@ -106,6 +106,28 @@ impl Lean {
         Ok(id)
     }
 
+    /// Adds members with the Welcome's encrypted GroupInfo replaced by
+    /// `pad` bytes: an attack (the DS cannot decrypt that part, nor tell;
+    /// the joiners cannot join). Only the DS's cost matters here.
+    pub async fn add_padded(&mut self, kps: &[KeyPackage], pad: usize) -> anyhow::Result<()> {
+        let Some((id, g)) = &mut self.group else {
+            bail!("no group yet")
+        };
+        let (commit, welcome, _) =
+            g.add_members_without_update(&self.provider, &self.light.id, kps)?;
+        let welcome = pad_group_info(&ser(&welcome), pad);
+        self.light
+            .net
+            .request(&Request::Commit {
+                group: *id,
+                commit: ser(&commit),
+                welcome: Some(welcome),
+            })
+            .await?;
+        g.merge_pending_commit(&self.provider)?;
+        Ok(())
+    }
+
     async fn post_commit(
         &mut self,
         build: impl FnOnce(
@@ -252,4 +274,27 @@ impl Lean {
             message: ser(&m),
         })
     }
+}
+
+/// Welcome `MLSMessage` bytes with the `encrypted_group_info` replaced by
+/// `len` bytes (version, wire format and cipher suite, then the `secrets`
+/// vector, then the encrypted GroupInfo, each vector with an MLS varint
+/// length).
+fn pad_group_info(welcome: &[u8], len: usize) -> Bytes {
+    let b = &welcome[6..];
+    let (secrets, n) = match b[0] >> 6 {
+        0 => (usize::from(b[0] & 0x3f), 1),
+        1 => ((usize::from(b[0] & 0x3f) << 8) | usize::from(b[1]), 2),
+        _ => (
+            (usize::from(b[0] & 0x3f) << 24)
+                | (usize::from(b[1]) << 16)
+                | (usize::from(b[2]) << 8)
+                | usize::from(b[3]),
+            4,
+        ),
+    };
+    let mut out = welcome[..6 + n + secrets].to_vec();
+    out.extend_from_slice(&((len as u32) | 0x8000_0000).to_be_bytes());
+    out.resize(out.len() + len, 0xab);
+    Bytes::from(out)
 }

@@ -64,6 +64,10 @@ enum Scenario {
     /// Kill the DS with SIGKILL N times under text and media traffic; check
     /// that nothing acknowledged is lost, duplicated or reordered.
     Crash(scenarios::crash::Params),
+    /// What one hostile member can cost the DS: each attack of the security
+    /// review held in turn while an honest user probes; DS memory, threads
+    /// and the honest user's latency.
+    Abuse(scenarios::abuse::Params),
     /// Raw quinn between two processes: bulk throughput of one stream and
     /// push throughput of frames to many connections.
     Baseline(scenarios::baseline::Params),
@@ -140,6 +144,7 @@ fn main() {
             Scenario::Catchup(p) => scenarios::catchup::run(p, &out).await,
             Scenario::Baseline(p) => scenarios::baseline::run(p, &out).await,
             Scenario::Crash(p) => scenarios::crash::run(p, &out).await,
+            Scenario::Abuse(p) => scenarios::abuse::run(p, &out).await,
             Scenario::RawServer {
                 cert_out,
                 max_udp_payload,

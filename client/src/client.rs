@@ -49,6 +49,11 @@ pub const KEY_PACKAGE_LOW: u32 = 20;
 /// After this long, any member commits a pending proposal, not only the
 /// designated one.
 pub const PROPOSAL_GRACE: Duration = Duration::from_secs(3);
+/// Least time between two rejoins of one group on this device: a member
+/// whose rejoins keep failing to stick does not move the whole group to a
+/// new epoch over and over.
+pub const REJOIN_PAUSE: Duration = Duration::from_secs(600);
+
 /// Longest text message, in bytes.
 pub const MAX_TEXT: usize = 64 * 1024;
 /// Attempts of a commit that keeps losing races to other commits.
@@ -1475,7 +1480,10 @@ impl Client {
                     events.extend(later);
                 }
             }
-            if kv_get(&self.db, "inbox_cursor")? >= head {
+            let now = kv_get(&self.db, "inbox_cursor")?;
+            // A page that moved nothing on (only items already handled,
+            // from a DS that keeps announcing a higher head) ends it.
+            if now >= head || now == after {
                 break;
             }
         }
@@ -2126,23 +2134,22 @@ impl Client {
     /// them, once per epoch.
     ///
     /// When this device is the one that diverged it rejoins the group by an
-    /// external commit on its own: when it has read the whole log and is
-    /// still behind the group's epoch (a commit it could not process), or
-    /// when its value differs from one that more members share than its own.
-    /// Otherwise, if the DS holds no GroupInfo for the current epoch, this
-    /// member publishes one, so that others can rejoin.
+    /// external commit on its own, on evidence other members cannot forge:
+    /// it has read the whole log and is still behind the group's epoch (a
+    /// commit it could not process), or the GroupInfo the DS keeps for its
+    /// epoch (whose group context the DS checked against the commits it
+    /// accepted) carries another transcript than its own. What others
+    /// publish only makes it look: a few members publishing false values
+    /// cannot push it into rejoining. It rejoins at most once per
+    /// [`REJOIN_PAUSE`] per group. Otherwise, if the DS holds no GroupInfo
+    /// for the current epoch, this member publishes one, so that others can
+    /// rejoin.
     pub async fn check_fork(&mut self, id: &GroupId) -> Result<Vec<Event>> {
         if !load_row(&self.db, id)?.is_some_and(|r| r.state == "active" || r.state == "leaving") {
             return Ok(Vec::new());
         }
         let (epoch, hash, published) = self.compare_epoch(&id.to_string()).await?;
         let key = format!("fork_checked:{id}");
-        let mut counts: HashMap<[u8; 32], usize> = HashMap::new();
-        for (_, h) in &published {
-            *counts.entry(*h).or_default() += 1;
-        }
-        let mine = counts.get(&hash).copied().unwrap_or(1).max(1);
-        let outvoted = counts.iter().any(|(h, n)| *h != hash && *n > mine);
         let mut differ: Vec<String> = published
             .into_iter()
             .filter(|(u, h)| u != self.name() && *h != hash)
@@ -2192,7 +2199,13 @@ impl Client {
             record_note(&self.db, id, &e)?;
             out.push(e);
         }
-        if behind || outvoted {
+        let diverged = behind || self.differs_from_ds_group_info(id, epoch).await?;
+        let last = kv_get(&self.db, &format!("rejoined_at:{id}"))?;
+        let paused = now_ms().saturating_sub(last) < REJOIN_PAUSE.as_millis() as u64;
+        if diverged && paused {
+            warn!(group = %id, epoch, "this device's state of the group diverged; it rejoined a moment ago, so it waits before it rejoins again");
+        }
+        if diverged && !paused {
             warn!(group = %id, epoch, "this device's state of the group diverged; rejoining");
             match self
                 .rejoin(id, "this device's state had diverged from the group's")
@@ -2205,6 +2218,42 @@ impl Client {
             }
         }
         Ok(out)
+    }
+
+    /// Whether the GroupInfo the DS keeps for `epoch` of the group carries
+    /// another confirmed transcript than this device's state: its group
+    /// context is the one the DS computed from the commits it accepted
+    /// (checked when the GroupInfo was published), so no member alone can
+    /// make it differ. `false` when the DS keeps none for this epoch.
+    async fn differs_from_ds_group_info(&mut self, id: &GroupId, epoch: u64) -> Result<bool> {
+        let info = match self.request(&Request::JoinInfo { group: *id }).await {
+            Ok(Response::JoinInfo {
+                epoch: e,
+                group_info,
+                ..
+            }) if e == epoch => group_info,
+            Ok(_) | Err(ClientError::Server(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let Ok(msg) = MlsMessageIn::tls_deserialize_exact(info.as_ref()) else {
+            return Ok(false);
+        };
+        let MlsMessageBodyIn::GroupInfo(vgi) = msg.extract() else {
+            return Ok(false);
+        };
+        // This device's own context, read the same way.
+        let g = self.load_group(&self.db, id)?;
+        let mine = g
+            .export_group_info(&self.crypto, &self.identity, false)
+            .map_err(ClientError::mls)?;
+        let mine = MlsMessageIn::tls_deserialize_exact(serialize(&mine)?.as_ref())
+            .map_err(ClientError::mls)?;
+        let MlsMessageBodyIn::GroupInfo(mine) = mine.extract() else {
+            return Ok(false);
+        };
+        Ok(vgi.epoch().as_u64() == epoch
+            && vgi.group_context().confirmed_transcript_hash()
+                != mine.group_context().confirmed_transcript_hash())
     }
 
     /// Publishes a GroupInfo for the group's current epoch (best effort: a
@@ -2328,6 +2377,7 @@ impl Client {
                     record_events(&tx, id, std::slice::from_ref(&e))?;
                     tx.commit()?;
                     kv_set(&self.db, &format!("lost_reported:{id}"), 0)?;
+                    kv_set(&self.db, &format!("rejoined_at:{id}"), now_ms())?;
                     debug!(group = %id, seq, epoch, attempt, "rejoined by external commit");
                     self.publish_group_info(id).await;
                     return Ok(vec![e]);

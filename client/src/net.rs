@@ -39,6 +39,10 @@ pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 /// How long one request may take before the connection is considered lost.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a transfer may go without moving a byte before it is given up
+/// (its progress is kept for a resume).
+pub const TRANSFER_STALL: Duration = Duration::from_secs(60);
+
 /// The client's transport settings: windows sized for bulk media, MTU
 /// discovery, keep-alives.
 pub fn transport() -> quinn::TransportConfig {
@@ -404,15 +408,25 @@ impl Connection {
 
     /// Opens a stream for a request whose answer is followed by more data
     /// (subscriptions, media).
+    /// Gives up after [`REQUEST_TIMEOUT`] without the first answer; what
+    /// follows it is the caller's to bound.
     pub async fn open(
         &self,
         req: &Request,
     ) -> Result<(quinn::SendStream, quinn::RecvStream, Response)> {
-        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
-        send.write_all(&proto::encode_frame(req))
+        let opened = async {
+            let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
+            send.write_all(&proto::encode_frame(req))
+                .await
+                .map_err(|e| self.lost(e))?;
+            let resp: Response = read_message(&mut recv).await?;
+            Ok::<_, ClientError>((send, recv, resp))
+        };
+        let (send, recv, resp) = tokio::time::timeout(REQUEST_TIMEOUT, opened)
             .await
-            .map_err(|e| self.lost(e))?;
-        let resp: Response = read_message(&mut recv).await?;
+            .map_err(|_| {
+                self.lost(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))
+            })??;
         match resp {
             Response::Error(e) => Err(ClientError::Server(e)),
             r => Ok((send, recv, r)),

@@ -397,3 +397,46 @@ async fn a_joiner_cannot_open_what_was_sent_before_it_joined() {
         vec!["bob: after carol"]
     );
 }
+
+/// Members publishing a false epoch authenticator, more of them than share
+/// the honest value, cannot push an honest member into rejoining (each
+/// rejoin moves the whole group to a new epoch): what members publish only
+/// makes it look, and the GroupInfo the DS checked agrees with its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_publishing_false_authenticators_cannot_force_a_rejoin() {
+    let s = TestServer::start().await;
+    let mut a = s.register("alice").await;
+    let g = a.create_group("g").await.unwrap().to_string();
+    let gid: huddle_core::GroupId = g.parse().unwrap();
+    let names: Vec<String> = (0..3).map(|i| format!("liar{i}")).collect();
+    let mut liars = Vec::new();
+    for n in &names {
+        liars.push(s.register(n).await);
+    }
+    a.add(&g, &names).await.unwrap();
+    for l in &mut liars {
+        l.sync().await.unwrap();
+    }
+    // A GroupInfo of the current epoch is on the DS (Alice published one).
+    a.sync().await.unwrap();
+    let (epoch, _) = a.epoch_authenticator(&g).unwrap();
+    for l in &mut liars {
+        l.net()
+            .await
+            .unwrap()
+            .request(&Request::EpochAuthenticator {
+                group: gid,
+                epoch,
+                hash: [7; 32],
+            })
+            .await
+            .unwrap();
+    }
+    let ev = a.sync().await.unwrap();
+    assert!(ev.iter().any(|e| e.kind == "fork_detected"), "{ev:?}");
+    assert!(ev.iter().all(|e| e.kind != "rejoined"), "{ev:?}");
+    assert_eq!(a.epoch_authenticator(&g).unwrap().0, epoch, "no new epoch");
+    // The liars' own messages still reach her: nobody's state moved.
+    liars[0].send_text(&g, "hi").await.unwrap();
+    assert_eq!(texts(&a.sync().await.unwrap()), vec!["liar0: hi"]);
+}

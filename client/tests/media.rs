@@ -165,6 +165,49 @@ async fn an_interrupted_upload_resumes_and_sends_only_the_rest() {
     assert!(std::fs::read(&out).unwrap() == data);
 }
 
+/// A file changed in place between an interrupted upload and its resume,
+/// keeping its size and modification time: resuming under the same key
+/// would seal other bytes with nonces already used. The client notices
+/// (each chunk's tag differs from the one sealed before) before it sends
+/// the changed chunk, and uploads the file afresh under a new key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_changed_before_its_upload_resumes_is_sent_afresh() {
+    let server = TestServer::start().await;
+    let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
+    let data = pattern(24 << 20, 5);
+    let src = write(server.dir.path(), "edited.bin", &data);
+    let mtime = std::fs::metadata(&src).unwrap().modified().unwrap();
+    let mut first = Stopper {
+        limit: 10 << 20,
+        started_at: 0,
+        moved: 0,
+    };
+    assert!(c[0].send_file(&g, &src, "", &mut first).await.is_err());
+    // Changed near the start, same size, same time.
+    let mut changed = data.clone();
+    changed[1000] ^= 0xff;
+    std::fs::write(&src, &changed).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let mut second = Stopper {
+        limit: u64::MAX,
+        started_at: 0,
+        moved: 0,
+    };
+    let sent = c[0].send_file(&g, &src, "", &mut second).await.unwrap();
+    assert_eq!(second.started_at, 0, "sent afresh, not resumed");
+    c[1].sync().await.unwrap();
+    let out = server.dir.path().join("edited.out");
+    c[1].download(sent.media_id.as_deref().unwrap(), Some(&out), &mut Quiet)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&out).unwrap() == changed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_download_resumes() {
     let server = TestServer::start().await;

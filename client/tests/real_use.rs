@@ -923,6 +923,17 @@ async fn names_and_paths_cannot_be_turned_against_the_user() {
         );
         assert!(!success);
         assert!(stderr.contains("not a regular file"), "{stderr}");
+        // A link at the target is replaced, never followed.
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        ok(
+            &alice,
+            &["download", &media, "-o", link.to_str().unwrap(), "--force"],
+        );
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(link.symlink_metadata().unwrap().is_file());
         let into = dir.join("downloads");
         std::fs::create_dir(&into).unwrap();
         ok(&alice, &["download", &media, "-o", into.to_str().unwrap()]);

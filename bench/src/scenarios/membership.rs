@@ -62,6 +62,9 @@ struct Kind {
     commit: Vec<f64>,
     welcome: Vec<f64>,
     build: Vec<f64>,
+    /// Bytes the DS wrote to storage for the commit (its log entry, the
+    /// group's public state, the tree kept for joiners, Welcomes).
+    written: Vec<f64>,
 }
 
 impl Kind {
@@ -139,16 +142,26 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         "{} rounds of add-one, remove-one, self-update ...",
         p.rounds
     ));
+    let written = || ds.bytes_written().map(|b| b as f64);
     for spare in &spares {
         let name = spare.id.name.clone();
         let kp = claim(&creator.light.net, std::slice::from_ref(&name)).await?;
+        let w0 = written();
         let s = creator.add(kp).await?;
+        let k = kinds.entry("add").or_default();
+        k.written.extend(written().zip(w0).map(|(a, b)| a - b));
         let t = all_arrived(&arrivals, g, s.seq, online).await;
         kinds.entry("add").or_default().add(&s, t);
+        let w0 = written();
         let s = creator.remove(std::slice::from_ref(&name)).await?;
+        let k = kinds.entry("remove").or_default();
+        k.written.extend(written().zip(w0).map(|(a, b)| a - b));
         let t = all_arrived(&arrivals, g, s.seq, online).await;
         kinds.entry("remove").or_default().add(&s, t);
+        let w0 = written();
         let s = creator.self_update().await?;
+        let k = kinds.entry("update").or_default();
+        k.written.extend(written().zip(w0).map(|(a, b)| a - b));
         let t = all_arrived(&arrivals, g, s.seq, online).await;
         kinds.entry("update").or_default().add(&s, t);
     }
@@ -192,6 +205,9 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             .set(&format!("{k}_accept_ms"), quantile(&v.accept, 0.5))
             .set(&format!("{k}_all_received_ms"), quantile(&v.received, 0.5))
             .set(&format!("{k}_commit_bytes"), quantile(&v.commit, 0.5));
+        if !v.written.is_empty() {
+            r.set(&format!("{k}_ds_bytes_written"), quantile(&v.written, 0.5));
+        }
         if k == "add" {
             r.set("add_welcome_bytes", quantile(&v.welcome, 0.5));
         }
@@ -208,6 +224,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             p.rounds, online
         ))
         .note("accept = post until the DS acknowledged (durable); all_received = post until the last online member got it pushed")
+        .note("ds_bytes_written = what the DS process sent to storage (/proc/PID/io write_bytes) between posting the commit and its acknowledgement: one round of that commit")
         .note("baseline_all_received_ms = time raw quinn needs to push one frame of the update commit's size to as many connections");
     out.emit(&r);
     Ok(())

@@ -1,5 +1,6 @@
 //! The benchmark scenarios, and what they share.
 
+pub mod abuse;
 pub mod baseline;
 pub mod catchup;
 pub mod connections;

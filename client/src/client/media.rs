@@ -71,6 +71,20 @@ fn check_download_answer(resp: &Response, info: &MediaInfo) -> Result<()> {
     Ok(())
 }
 
+/// `f`, or an error if the transfer moves nothing for
+/// [`crate::net::TRANSFER_STALL`] (a DS that stops sending must not hang a
+/// download or an upload).
+async fn stalled<T>(f: impl std::future::Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(crate::net::TRANSFER_STALL, f)
+        .await
+        .map_err(|_| {
+            ClientError::Io(format!(
+                "the transfer moved nothing for {} s; run the command again to resume",
+                crate::net::TRANSFER_STALL.as_secs()
+            ))
+        })
+}
+
 fn integrity(e: impl std::fmt::Display) -> ClientError {
     ClientError::Integrity(e.to_string())
 }
@@ -109,6 +123,28 @@ impl Client {
         caption: &str,
         progress: &mut dyn Progress,
     ) -> Result<Event> {
+        match self.send_file_once(group, path, caption, progress).await? {
+            Some(e) => Ok(e),
+            // The file changed since an earlier attempt: it was dropped, and
+            // this one starts afresh, with a new key.
+            None => self
+                .send_file_once(group, path, caption, progress)
+                .await?
+                .ok_or_else(|| {
+                    ClientError::Usage(format!("{} keeps changing; try again", path.display()))
+                }),
+        }
+    }
+
+    /// One attempt of [`Client::send_file`]; `None` if the file turned out
+    /// to differ from what an earlier attempt under the same key sealed.
+    async fn send_file_once(
+        &mut self,
+        group: &str,
+        path: &Path,
+        caption: &str,
+        progress: &mut dyn Progress,
+    ) -> Result<Option<Event>> {
         let id = self.resolve_group(group)?;
         self.sync_group(&id).await?;
         self.active_group(&id)?;
@@ -133,6 +169,12 @@ impl Client {
         };
         let mut info = pending.info.clone();
         let media = MediaId(info.media_id);
+        let tags_path = self
+            .home
+            .dir()
+            .join("uploads")
+            .join(format!("{media}.tags"));
+        let mut tags = Tags::open(&tags_path)?;
         let header =
             Header::new(media, id, pending.salt, info.chunk_size, info.size).map_err(integrity)?;
         let sealer = Sealer::new(&ItemKey::from_bytes(info.key), header);
@@ -148,13 +190,32 @@ impl Client {
         if complete {
             // Stored by an earlier run whose announcement did not go out.
             let _ = send.finish();
-            info.hash = seal_and_send(&sealer, path, info.ciphertext_len, None, &mut Quiet).await?;
+            let sealed = seal_and_send(
+                &sealer,
+                path,
+                info.ciphertext_len,
+                None,
+                &mut tags,
+                &mut Quiet,
+            )
+            .await?;
+            let Sealed::Whole(hash) = sealed else {
+                self.drop_upload(&key, &tags_path)?;
+                return Ok(None);
+            };
+            info.hash = hash;
         } else {
             progress.start(&info.name, info.ciphertext_len, offset);
-            let r = seal_and_send(&sealer, path, offset, Some(&mut send), progress).await;
+            let r =
+                seal_and_send(&sealer, path, offset, Some(&mut send), &mut tags, progress).await;
             progress.finish();
             let hash = match r {
-                Ok(h) => h,
+                Ok(Sealed::Whole(h)) => h,
+                Ok(Sealed::Changed) => {
+                    let _ = send.reset(0u32.into());
+                    self.drop_upload(&key, &tags_path)?;
+                    return Ok(None);
+                }
                 Err(e) => {
                     // A server that refuses the rest (its disk is full, say)
                     // says why on the stream and stops reading it.
@@ -166,11 +227,12 @@ impl Client {
                     return Err(e);
                 }
             };
-            send.write_all(&huddle_core::frame::encode(&hash))
-                .await
+            stalled(send.write_all(&huddle_core::frame::encode(&hash)))
+                .await?
                 .map_err(|e| ClientError::Io(format!("upload stream: {e}")))?;
             let _ = send.finish();
-            match crate::net::read_message::<Response>(&mut recv).await? {
+            // The DS checks the whole blob's hash before it answers.
+            match stalled(crate::net::read_message::<Response>(&mut recv)).await?? {
                 Response::Upload { complete: true, .. } => {}
                 Response::Error(e) => return Err(self.upload_refused(&key, e)),
                 other => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
@@ -181,9 +243,18 @@ impl Client {
             .send_app(&id, &AppMessage::Media(Box::new(info.clone())))
             .await?;
         remember(&self.db, &id, &info)?;
+        self.drop_upload(&key, &tags_path)?;
+        e.map(Some)
+            .ok_or_else(|| ClientError::Protocol("a media message shows as an event".into()))
+    }
+
+    /// Forgets a pending upload (announced, or made void by a change of
+    /// its file).
+    fn drop_upload(&self, key: &str, tags: &Path) -> Result<()> {
         self.db
-            .execute("DELETE FROM huddle_uploads WHERE upload_key = ?1", [&key])?;
-        e.ok_or_else(|| ClientError::Protocol("a media message shows as an event".into()))
+            .execute("DELETE FROM huddle_uploads WHERE upload_key = ?1", [key])?;
+        let _ = std::fs::remove_file(tags);
+        Ok(())
     }
 
     /// The server refused the upload under `key` with `e`.
@@ -365,15 +436,17 @@ impl Client {
             for i in first..layout.chunk_count() {
                 let n = layout.sealed_len(i).map_err(integrity)?;
                 let mut buf = vec![0u8; n];
-                let r = recv.read_exact(&mut buf).await.map_err(|e| match e {
-                    quinn::ReadExactError::FinishedEarly(_) => {
-                        integrity(format!("the blob ends inside chunk {i} (truncated)"))
-                    }
-                    other => ClientError::Connect {
-                        addr: self.settings.server.clone(),
-                        reason: other.to_string(),
-                    },
-                });
+                let r = stalled(recv.read_exact(&mut buf))
+                    .await?
+                    .map_err(|e| match e {
+                        quinn::ReadExactError::FinishedEarly(_) => {
+                            integrity(format!("the blob ends inside chunk {i} (truncated)"))
+                        }
+                        other => ClientError::Connect {
+                            addr: self.settings.server.clone(),
+                            reason: other.to_string(),
+                        },
+                    });
                 if let Err(e) = r {
                     outcome = Err(e);
                     break;
@@ -449,8 +522,8 @@ impl Client {
             .await?;
         check_download_answer(&resp, &info)?;
         let mut head = [0u8; HEADER_LEN];
-        recv.read_exact(&mut head)
-            .await
+        stalled(recv.read_exact(&mut head))
+            .await?
             .map_err(|e| integrity(format!("header: {e}")))?;
         if head != header.encode() {
             return Err(integrity("the blob's header changed between two reads"));
@@ -462,15 +535,17 @@ impl Client {
         let mut written = 0u64;
         for i in 0..layout.chunk_count() {
             buf.resize(layout.sealed_len(i).map_err(integrity)?, 0);
-            recv.read_exact(&mut buf).await.map_err(|e| match e {
-                quinn::ReadExactError::FinishedEarly(_) => {
-                    integrity(format!("the blob ends inside chunk {i} (truncated)"))
-                }
-                other => ClientError::Connect {
-                    addr: self.settings.server.clone(),
-                    reason: other.to_string(),
-                },
-            })?;
+            stalled(recv.read_exact(&mut buf))
+                .await?
+                .map_err(|e| match e {
+                    quinn::ReadExactError::FinishedEarly(_) => {
+                        integrity(format!("the blob ends inside chunk {i} (truncated)"))
+                    }
+                    other => ClientError::Connect {
+                        addr: self.settings.server.clone(),
+                        reason: other.to_string(),
+                    },
+                })?;
             hasher.update(&buf);
             opener.open_chunk_in_place(i, &mut buf).map_err(integrity)?;
             out.write_all(&buf)
@@ -515,8 +590,8 @@ impl Client {
         let mut buf = Vec::new();
         for i in span.chunks() {
             buf.resize(layout.sealed_len(i).map_err(integrity)?, 0);
-            recv.read_exact(&mut buf)
-                .await
+            stalled(recv.read_exact(&mut buf))
+                .await?
                 .map_err(|e| integrity(format!("chunk {i}: {e}")))?;
             opener.open_chunk_in_place(i, &mut buf).map_err(integrity)?;
             out.extend_from_slice(&buf);
@@ -548,8 +623,8 @@ impl Client {
             return Err(ClientError::Protocol(format!("unexpected {resp:?}")));
         }
         let mut bytes = [0u8; HEADER_LEN];
-        recv.read_exact(&mut bytes)
-            .await
+        stalled(recv.read_exact(&mut bytes))
+            .await?
             .map_err(|e| integrity(format!("header: {e}")))?;
         let h = Header::decode(&bytes).map_err(integrity)?;
         if h.media() != media
@@ -690,8 +765,9 @@ async fn seal_and_send(
     path: &Path,
     offset: u64,
     mut send: Option<&mut quinn::SendStream>,
+    tags: &mut Tags,
     progress: &mut dyn Progress,
-) -> Result<[u8; 32]> {
+) -> Result<Sealed> {
     let header = *sealer.header();
     let layout = header.layout();
     if offset > layout.blob_len() {
@@ -706,7 +782,9 @@ async fn seal_and_send(
     hasher.update(&head);
     if let Some(s) = send.as_deref_mut() {
         if offset < HEADER_LEN as u64 {
-            s.write_all(&head[offset as usize..]).await.map_err(lost)?;
+            stalled(s.write_all(&head[offset as usize..]))
+                .await?
+                .map_err(lost)?;
             if !progress.advance(HEADER_LEN as u64 - offset) {
                 return Err(interrupted());
             }
@@ -745,6 +823,11 @@ async fn seal_and_send(
         sealer
             .seal_chunk_in_place(i, i == layout.last_index(), &mut buf)
             .map_err(integrity)?;
+        // Before anything of it is sent: the same key and nonce must never
+        // seal other plaintext.
+        if !tags.check(i, &buf[buf.len() - huddle_core::media::TAG_LEN..])? {
+            return Ok(Sealed::Changed);
+        }
         hasher.update(&buf);
         let start = layout.chunk_offset(i).map_err(integrity)?;
         let end = start + buf.len() as u64;
@@ -753,14 +836,79 @@ async fn seal_and_send(
                 let skip = offset.saturating_sub(start) as usize;
                 let sent = buf.len() - skip;
                 let chunk = bytes::Bytes::from(buf).slice(skip..);
-                s.write_chunk(chunk).await.map_err(lost)?;
+                stalled(s.write_chunk(chunk)).await?.map_err(lost)?;
                 if !progress.advance(sent as u64) {
                     return Err(interrupted());
                 }
             }
         }
     }
-    Ok(*hasher.finalize().as_bytes())
+    Ok(Sealed::Whole(*hasher.finalize().as_bytes()))
+}
+
+/// What sealing a file for an upload came to.
+enum Sealed {
+    /// Every chunk sealed (and sent from the offset on): the blob's hash.
+    Whole([u8; 32]),
+    /// A chunk sealed to other bytes than under this key before: the file
+    /// changed, and nothing of the changed chunk was sent.
+    Changed,
+}
+
+/// The AEAD tag of each chunk a pending upload has sealed, in order
+/// (`HOME/uploads/MEDIA.tags`), each recorded before its chunk is sent.
+///
+/// A resumed upload seals again under the same key and nonces (that is
+/// what lets it continue where the DS stopped). If the file was changed in
+/// place since, a chunk would be sealed to other plaintext under a nonce
+/// already used, which breaks AES-GCM. A chunk with other plaintext gets
+/// another tag: the first mismatch ends the attempt before the chunk goes
+/// out, and the upload starts afresh under a new key.
+struct Tags {
+    file: std::fs::File,
+    known: Vec<[u8; huddle_core::media::TAG_LEN]>,
+}
+
+impl Tags {
+    fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| file_err(path, e))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| file_err(path, e))?;
+        let known = bytes
+            .chunks_exact(huddle_core::media::TAG_LEN)
+            .map(|c| c.try_into().expect("whole records"))
+            .collect::<Vec<_>>();
+        // A torn last record is dropped.
+        file.set_len((known.len() * huddle_core::media::TAG_LEN) as u64)
+            .map_err(|e| file_err(path, e))?;
+        Ok(Self { file, known })
+    }
+
+    /// Whether chunk `i`'s tag is the one sealed before (recording it if it
+    /// is new).
+    fn check(&mut self, i: u32, tag: &[u8]) -> Result<bool> {
+        let i = i as usize;
+        if let Some(known) = self.known.get(i) {
+            return Ok(known.as_slice() == tag);
+        }
+        if i == self.known.len() {
+            self.file
+                .write_all(tag)
+                .map_err(|e| ClientError::io("recording an upload's progress", e))?;
+            self.known.push(tag.try_into().expect("a tag"));
+        }
+        Ok(true)
+    }
 }
 
 /// Moves the verified `part` to `out`. Across file systems it is copied
