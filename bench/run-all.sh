@@ -37,4 +37,5 @@ run connections --count 10000
 run catchup --messages 10000
 run catchup --messages 100000
 run crash --kills 20
+run abuse --seconds 5
 echo "results in $out" >&2

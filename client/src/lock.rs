@@ -83,26 +83,10 @@ impl Locks {
         group: &GroupId,
         wait: Duration,
     ) -> Result<GroupGuard> {
-        let guard = || GroupGuard {
-            locks: self.clone(),
-            group: *group,
-        };
-        if let Some((_, n)) = self.held.lock().expect("locks mutex").get_mut(group) {
-            *n += 1;
-            return Ok(guard());
-        }
-        let file = self.open(group)?;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            match file.try_lock() {
-                Ok(()) => break,
-                Err(std::fs::TryLockError::WouldBlock) => {}
-                Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(ClientError::io(
-                        format!("locking {}", self.path(group).display()),
-                        e,
-                    ))
-                }
+            if let Some(g) = self.try_lock(group)? {
+                return Ok(g);
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(ClientError::Busy(format!(
@@ -112,38 +96,23 @@ impl Locks {
             }
             tokio::time::sleep(RETRY).await;
         }
-        self.held
-            .lock()
-            .expect("locks mutex")
-            .insert(*group, (file, 1));
-        Ok(guard())
     }
 
     /// Takes `group`'s lock if no other process holds it; `None` if one
     /// does.
     pub fn try_lock(self: &Arc<Self>, group: &GroupId) -> Result<Option<GroupGuard>> {
-        match self.lock_within_now(group) {
-            Ok(g) => Ok(Some(g)),
-            Err(ClientError::Busy(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn lock_within_now(self: &Arc<Self>, group: &GroupId) -> Result<GroupGuard> {
         let guard = || GroupGuard {
             locks: self.clone(),
             group: *group,
         };
         if let Some((_, n)) = self.held.lock().expect("locks mutex").get_mut(group) {
             *n += 1;
-            return Ok(guard());
+            return Ok(Some(guard()));
         }
         let file = self.open(group)?;
         match file.try_lock() {
             Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(ClientError::Busy(format!("group {group} is locked")))
-            }
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
             Err(std::fs::TryLockError::Error(e)) => {
                 return Err(ClientError::io(
                     format!("locking {}", self.path(group).display()),
@@ -155,7 +124,7 @@ impl Locks {
             .lock()
             .expect("locks mutex")
             .insert(*group, (file, 1));
-        Ok(guard())
+        Ok(Some(guard()))
     }
 
     fn path(&self, group: &GroupId) -> PathBuf {

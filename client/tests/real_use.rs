@@ -42,6 +42,17 @@ fn group_id(home: &Path, name: &str) -> String {
         .to_owned()
 }
 
+/// Alice and Bob registered through the binary, Bob added to the group
+/// `group` Alice made; their homes.
+fn pair(dir: &Path, addr: &str, cert: &Path, group: &str) -> (PathBuf, PathBuf) {
+    let (alice, bob) = (dir.join("alice"), dir.join("bob"));
+    register(&alice, "alice", addr, cert);
+    register(&bob, "bob", addr, cert);
+    ok(&alice, &["group", "create", group]);
+    ok(&alice, &["group", "add", group, "bob"]);
+    (alice, bob)
+}
+
 /// `huddle --json listen` running in the background, its lines collected.
 struct Listener {
     child: Child,
@@ -389,12 +400,7 @@ async fn an_interrupted_upload_resumes_at_once() {
     let (addr, cert, data_dir) = (server.addr.clone(), server.cert(), server.data_dir.clone());
     let dir = server.dir.path().to_owned();
     tokio::task::spawn_blocking(move || {
-        let alice = dir.join("alice");
-        let bob = dir.join("bob");
-        register(&alice, "alice", &addr, &cert);
-        register(&bob, "bob", &addr, &cert);
-        ok(&alice, &["group", "create", "films"]);
-        ok(&alice, &["group", "add", "films", "bob"]);
+        let (alice, bob) = pair(&dir, &addr, &cert, "films");
         let file = big_file(&dir, 96);
         let send = |home: &Path| {
             Command::new(env!("CARGO_BIN_EXE_huddle"))
@@ -720,12 +726,7 @@ async fn pipes_in_and_out() {
     let (addr, cert) = (server.addr.clone(), server.cert());
     let dir = server.dir.path().to_owned();
     tokio::task::spawn_blocking(move || {
-        let alice = dir.join("alice");
-        let bob = dir.join("bob");
-        register(&alice, "alice", &addr, &cert);
-        register(&bob, "bob", &addr, &cert);
-        ok(&alice, &["group", "create", "g"]);
-        ok(&alice, &["group", "add", "g", "bob"]);
+        let (alice, bob) = pair(&dir, &addr, &cert, "g");
         let sent = Command::new(env!("CARGO_BIN_EXE_huddle"))
             .arg("--home")
             .arg(&alice)
@@ -794,12 +795,7 @@ async fn concurrent_commits_from_one_home_keep_the_group_whole() {
     let (addr, cert) = (server.addr.clone(), server.cert());
     let dir = server.dir.path().to_owned();
     tokio::task::spawn_blocking(move || {
-        let alice = dir.join("alice");
-        let bob = dir.join("bob");
-        register(&alice, "alice", &addr, &cert);
-        register(&bob, "bob", &addr, &cert);
-        ok(&alice, &["group", "create", "m"]);
-        ok(&alice, &["group", "add", "m", "bob"]);
+        let (alice, bob) = pair(&dir, &addr, &cert, "m");
         ok(&bob, &["sync"]);
         for round in 0..3 {
             std::thread::scope(|s| {
@@ -845,12 +841,7 @@ async fn messages_read_by_another_command_are_reported_by_the_next_sync() {
     let (addr, cert) = (server.addr.clone(), server.cert());
     let dir = server.dir.path().to_owned();
     tokio::task::spawn_blocking(move || {
-        let alice = dir.join("alice");
-        let bob = dir.join("bob");
-        register(&alice, "alice", &addr, &cert);
-        register(&bob, "bob", &addr, &cert);
-        ok(&alice, &["group", "create", "q"]);
-        ok(&alice, &["group", "add", "q", "bob"]);
+        let (alice, bob) = pair(&dir, &addr, &cert, "q");
         ok(&bob, &["sync"]);
         ok(&bob, &["send", "q", "did you see this?"]);
         // Alice's send reads bob's message before sending hers.

@@ -19,19 +19,25 @@ pub struct Params {
     /// Connections (up to 10,000).
     #[arg(long, default_value_t = 1000)]
     pub count: usize,
-    /// Users the connections authenticate as (round robin).
+    /// Users the connections authenticate as (round robin); raised so that
+    /// no user holds more connections than the DS allows one user
+    /// (`max_connections_per_user`, 32 by default).
     #[arg(long, default_value_t = 100)]
     pub users: usize,
     #[command(flatten)]
     pub target: Target,
 }
 
+/// Connections one user may hold on a DS with default limits.
+const PER_USER: usize = 32;
+
 /// Runs it.
 pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let ds = Ds::start(&p.target)?;
     let trust = trust(&ds)?;
-    out.say(&format!("registering {} users ...", p.users));
-    let users: Vec<Identity> = register_many(&ds.addr, &trust, &run_name("c"), p.users.max(1), 0)
+    let n_users = p.users.max(p.count.div_ceil(PER_USER)).max(1);
+    out.say(&format!("registering {n_users} users ..."));
+    let users: Vec<Identity> = register_many(&ds.addr, &trust, &run_name("c"), n_users, 0)
         .await?
         .into_iter()
         .map(|l| l.id)
@@ -91,7 +97,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     };
     let mut r = Report::new("connections");
     r.set("connections", p.count as u64)
-        .set("users", p.users as u64)
+        .set("users", n_users as u64)
         .set("connect_all_s", connect_s)
         .set("connections_per_sec", p.count as f64 / connect_s)
         .set("baseline_connections_per_sec", raw_rate)

@@ -85,6 +85,24 @@ async fn stalled<T>(f: impl std::future::Future<Output = T>) -> Result<T> {
         })
 }
 
+/// Reads sealed chunk `i` of a download into `buf` (its length).
+async fn read_sealed(
+    recv: &mut quinn::RecvStream,
+    buf: &mut [u8],
+    i: u32,
+    server: &str,
+) -> Result<()> {
+    stalled(recv.read_exact(buf)).await?.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => {
+            integrity(format!("the blob ends inside chunk {i} (truncated)"))
+        }
+        other => ClientError::Connect {
+            addr: server.to_owned(),
+            reason: other.to_string(),
+        },
+    })
+}
+
 fn integrity(e: impl std::fmt::Display) -> ClientError {
     ClientError::Integrity(e.to_string())
 }
@@ -436,17 +454,7 @@ impl Client {
             for i in first..layout.chunk_count() {
                 let n = layout.sealed_len(i).map_err(integrity)?;
                 let mut buf = vec![0u8; n];
-                let r = stalled(recv.read_exact(&mut buf))
-                    .await?
-                    .map_err(|e| match e {
-                        quinn::ReadExactError::FinishedEarly(_) => {
-                            integrity(format!("the blob ends inside chunk {i} (truncated)"))
-                        }
-                        other => ClientError::Connect {
-                            addr: self.settings.server.clone(),
-                            reason: other.to_string(),
-                        },
-                    });
+                let r = read_sealed(&mut recv, &mut buf, i, &self.settings.server).await;
                 if let Err(e) = r {
                     outcome = Err(e);
                     break;
@@ -535,17 +543,7 @@ impl Client {
         let mut written = 0u64;
         for i in 0..layout.chunk_count() {
             buf.resize(layout.sealed_len(i).map_err(integrity)?, 0);
-            stalled(recv.read_exact(&mut buf))
-                .await?
-                .map_err(|e| match e {
-                    quinn::ReadExactError::FinishedEarly(_) => {
-                        integrity(format!("the blob ends inside chunk {i} (truncated)"))
-                    }
-                    other => ClientError::Connect {
-                        addr: self.settings.server.clone(),
-                        reason: other.to_string(),
-                    },
-                })?;
+            read_sealed(&mut recv, &mut buf, i, &self.settings.server).await?;
             hasher.update(&buf);
             opener.open_chunk_in_place(i, &mut buf).map_err(integrity)?;
             out.write_all(&buf)
