@@ -97,6 +97,11 @@ pub struct ServerConfig {
     /// An answer its client has not read after this long is dropped (its
     /// stream reset), and its memory freed.
     pub answer_write_timeout: Duration,
+    /// Memory the store may use to cache its pages.
+    pub store_cache: usize,
+    /// Threads for blocking work (store access, disk I/O, MLS validation);
+    /// beyond it such work queues. None of it waits on the network.
+    pub blocking_threads: usize,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
     /// How often acknowledged cursors are written and logs compacted.
@@ -164,6 +169,8 @@ impl Default for ServerConfig {
             answer_budget_total: 256 << 20,
             answer_budget_wait: Duration::from_secs(10),
             answer_write_timeout: Duration::from_secs(30),
+            store_cache: crate::store::redb::DEFAULT_CACHE,
+            blocking_threads: 64,
             shutdown_grace: Duration::from_secs(10),
             maintenance_interval: Duration::from_secs(10),
             departed_retention: Duration::from_secs(30 * 24 * 3600),
@@ -236,6 +243,8 @@ limits! {
     answer_budget_total: size,
     answer_budget_wait: time,
     answer_write_timeout: time,
+    store_cache: size,
+    blocking_threads: count,
     shutdown_grace: time,
     maintenance_interval: time,
     departed_retention: time,

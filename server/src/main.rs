@@ -79,7 +79,11 @@ fn main() {
         }
         return;
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(config.blocking_threads.max(1))
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("huddle-server: cannot start the runtime: {e}");

@@ -134,7 +134,7 @@ pub(crate) async fn start_with_store(
     let fingerprint = identity.fingerprint();
     let cert_der = identity.chain[0].to_vec();
     let db_path = config.data_dir.join("huddle.redb");
-    let store = RedbStore::open(&db_path).map_err(|e| {
+    let store = RedbStore::open_with_cache(&db_path, config.store_cache).map_err(|e| {
         anyhow::anyhow!(
             "opening {}: {e} (is another huddle-server using this data dir?)",
             db_path.display()
@@ -197,6 +197,11 @@ async fn serve(
     let connections = TaskTracker::new();
     let active = Arc::new(AtomicUsize::new(0));
     let unauthenticated = Arc::new(AtomicUsize::new(0));
+    // Connections past their handshake and not yet authenticated, oldest
+    // first: when too many wait, the oldest goes, so that one who holds
+    // many open only delays honest clients (who authenticate within a
+    // round trip) rather than shutting them out.
+    let waiting: Waiting = Arc::default();
     let next_id = AtomicU64::new(1);
     let maintenance = {
         let svc = service.clone();
@@ -239,7 +244,9 @@ async fn serve(
             });
             continue;
         }
-        if unauthenticated.load(Ordering::Relaxed) >= config.max_unauthenticated {
+        if unauthenticated.load(Ordering::Relaxed) >= config.max_unauthenticated
+            && !evict_oldest(&waiting)
+        {
             warn!(remote = %incoming.remote_address(), "too many unauthenticated connections; refusing");
             tokio::spawn(async move {
                 if let Ok(c) = incoming.await {
@@ -254,15 +261,16 @@ async fn serve(
         let pending = Uncounted::new(unauthenticated.clone());
         active.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", id, remote = %incoming.remote_address());
-        let (svc, blobs, stop, active) = (
+        let (svc, blobs, stop, active, waiting) = (
             service.clone(),
             blobs.clone(),
             shutdown.clone(),
             active.clone(),
+            waiting.clone(),
         );
         connections.spawn(
             async move {
-                handle_connection(incoming, id, svc, blobs, stop, pending).await;
+                handle_connection(incoming, id, svc, blobs, stop, pending, waiting).await;
                 active.fetch_sub(1, Ordering::Relaxed);
             }
             .instrument(span),
@@ -291,6 +299,7 @@ async fn handle_connection(
     blobs: Arc<media::BlobStore>,
     shutdown: CancellationToken,
     pending: Uncounted,
+    waiting: Waiting,
 ) {
     let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
         Ok(Ok(c)) => c,
@@ -313,7 +322,13 @@ async fn handle_connection(
     }
     debug!("connected");
     let session = Arc::new(Session::new(id, exporter, svc.budgets.connection()));
-    session.count_until_authenticated(pending);
+    waiting
+        .lock()
+        .expect("waiting lock")
+        .insert(id, conn.clone());
+    session.count_until_authenticated(pending.and_then(move || {
+        waiting.lock().expect("waiting lock").remove(&id);
+    }));
     // Authenticate in time, or go: an open connection costs a slot.
     let deadline = {
         let (session, conn) = (session.clone(), conn.clone());
@@ -324,7 +339,7 @@ async fn handle_connection(
                 debug!("not authenticated in time; closing");
                 conn.close(
                     close::AUTH_TIMEOUT.into(),
-                    format!("authenticate within {} s of connecting", wait.as_secs()).as_bytes(),
+                    format!("authenticate within {wait:?} of connecting").as_bytes(),
                 );
             }
         })
@@ -360,6 +375,24 @@ async fn handle_connection(
     streams.wait().await;
     if shutdown.is_cancelled() {
         conn.close(close::NORMAL.into(), b"server shutting down");
+    }
+}
+
+/// Connections waiting to authenticate, by connection id (oldest first).
+type Waiting = Arc<std::sync::Mutex<std::collections::BTreeMap<u64, quinn::Connection>>>;
+
+/// Closes the connection that has waited longest to authenticate, if any.
+fn evict_oldest(waiting: &Waiting) -> bool {
+    let oldest = waiting.lock().expect("waiting lock").pop_first();
+    match oldest {
+        Some((_, conn)) => {
+            conn.close(
+                close::BUSY.into(),
+                b"too many connections are authenticating; this one waited longest",
+            );
+            true
+        }
+        None => false,
     }
 }
 

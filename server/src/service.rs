@@ -60,21 +60,43 @@ struct SessionState {
     unauthenticated: Option<Uncounted>,
 }
 
-/// Counts one connection in a shared counter until dropped.
-#[derive(Debug)]
-pub struct Uncounted(Arc<std::sync::atomic::AtomicUsize>);
+/// Counts one connection in a shared counter until dropped (and runs a
+/// clean-up then, if one was given).
+pub struct Uncounted {
+    counter: Arc<std::sync::atomic::AtomicUsize>,
+    then: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Uncounted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Uncounted")
+    }
+}
 
 impl Uncounted {
     /// Counts one more in `counter`.
     pub fn new(counter: Arc<std::sync::atomic::AtomicUsize>) -> Self {
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(counter)
+        Self {
+            counter,
+            then: None,
+        }
+    }
+
+    /// Runs `f` too when it is dropped.
+    pub fn and_then(mut self, f: impl FnOnce() + Send + Sync + 'static) -> Self {
+        self.then = Some(Box::new(f));
+        self
     }
 }
 
 impl Drop for Uncounted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.counter
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(f) = self.then.take() {
+            f();
+        }
     }
 }
 

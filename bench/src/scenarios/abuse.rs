@@ -71,6 +71,19 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let mallory = Identity::from_seed(&attacker.light.id.name, attacker.light.id.seed());
     let mut reports = Vec::new();
 
+    // 0. No attack: what the honest user's probe costs on its own.
+    let seen = during(
+        pid,
+        &ds.addr,
+        &trust,
+        &honest_id,
+        &mut honest,
+        hold,
+        async { Ok(Held::default()) },
+    )
+    .await?;
+    reports.push(("no_attack", seen));
+
     // 1. Answers nobody reads: a log of about 8 MiB, asked for page after
     // page on connections that grant no flow-control credit.
     out.say("unread answers ...");
@@ -331,12 +344,13 @@ async fn probe(
         c.authenticate(id, false).await?;
         let m = honest.message(256, 0)?;
         c.request(&m).await?;
+        let took = t.elapsed();
         c.close().await;
-        anyhow::Ok(())
+        anyhow::Ok(took)
     })
     .await;
     match r {
-        Ok(Ok(())) => ms.push(t.elapsed().as_secs_f64() * 1e3),
+        Ok(Ok(took)) => ms.push(took.as_secs_f64() * 1e3),
         _ => *failures += 1,
     }
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -194,10 +194,39 @@ where
     Ok(recorded.max(old))
 }
 
+/// How long opening waits for another process to release the store.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Page cache of a store opened with [`RedbStore::open`].
+pub const DEFAULT_CACHE: usize = 256 << 20;
+
 impl RedbStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(err)?;
+        Self::open_with_cache(path, DEFAULT_CACHE)
+    }
+
+    /// Opens the store at `path` with a page cache of at most
+    /// `cache_bytes` (redb's own default is 1 GiB).
+    ///
+    /// A DS restarted right after the previous one stopped may find the
+    /// file still locked by the old process while it exits: it waits up to
+    /// [`LOCK_WAIT`] for it.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match ::redb::Builder::new()
+                .set_cache_size(cache_bytes)
+                .create(path)
+            {
+                Err(::redb::DatabaseError::DatabaseAlreadyOpen)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                r => break r.map_err(err)?,
+            }
+        };
         let txn = db.begin_write().map_err(err)?;
         {
             // Create every table so that readers never meet a missing one.
@@ -951,6 +980,21 @@ mod tests {
         let meta = t.open_table(META).unwrap();
         let v = meta.get("schema_version").unwrap().map(|v| v.value());
         v
+    }
+
+    /// A DS restarted while the old one is still exiting waits for the
+    /// file rather than failing at once.
+    #[test]
+    fn opening_waits_for_a_store_being_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let first = RedbStore::open(&path).unwrap();
+        let p2 = path.clone();
+        let second = std::thread::spawn(move || RedbStore::open(&p2).map(|_| ()));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        first.close();
+        drop(first);
+        second.join().unwrap().unwrap();
     }
 
     #[test]
