@@ -77,6 +77,9 @@ pub struct ServerConfig {
     /// 14,400 datagrams a second instead of 21,300-22,300, and latency p99
     /// fell from 92-109 ms to 33-46 ms (docs/BENCHMARKS.md).
     pub push_interval: Duration,
+    /// A group nobody watched or asked for during this long is unloaded
+    /// from memory (it is loaded again when next asked for).
+    pub group_idle: Duration,
     /// Newest entries per group kept in memory for pushing.
     pub tail_entries: usize,
     /// Bytes of those entries per group, at most.
@@ -161,6 +164,7 @@ impl Default for ServerConfig {
             push_queue: 4096,
             push_stall_timeout: Duration::from_secs(30),
             push_interval: Duration::from_millis(25),
+            group_idle: Duration::from_secs(600),
             tail_entries: 1024,
             tail_bytes: 4 << 20,
             tail_bytes_total: 512 << 20,
@@ -235,6 +239,7 @@ limits! {
     push_queue: count,
     push_stall_timeout: time,
     push_interval: time,
+    group_idle: time,
     tail_entries: count,
     tail_bytes: size,
     tail_bytes_total: size,

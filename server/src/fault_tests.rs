@@ -64,6 +64,9 @@ impl Store for FillingDisk {
     fn groups(&self) -> Result<Vec<StoredGroup>, StoreError> {
         self.inner.groups()
     }
+    fn group(&self, id: &GroupId) -> Result<Option<StoredGroup>, StoreError> {
+        self.inner.group(id)
+    }
     fn user_groups(&self, user: &str) -> Result<Vec<GroupId>, StoreError> {
         self.inner.user_groups(user)
     }

@@ -110,7 +110,7 @@ pub struct Subscriber {
 }
 
 /// What a poster wants appended.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Post {
     /// A commit, with the Welcome for the members it adds.
     Commit {
@@ -200,6 +200,11 @@ pub struct GroupHandle {
     tx: mpsc::Sender<Cmd>,
     view: RwLock<GroupView>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// When the group was last asked for (ms since the Unix epoch): an
+    /// idle group is unloaded from memory.
+    last_used: std::sync::atomic::AtomicU64,
+    /// Push streams watching it (a watched group stays loaded).
+    watchers: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -217,10 +222,33 @@ impl std::fmt::Debug for Cmd {
 }
 
 fn stopped() -> ErrorBody {
-    ErrorBody::new(ErrorCode::Unavailable, "the server is shutting down")
+    ErrorBody::new(ErrorCode::Unavailable, STOPPED)
 }
 
+/// The message of a command that reached a group task that had stopped
+/// (the server shuts down, or the group was unloaded while idle: then the
+/// command is sent again to the group loaded anew).
+pub const STOPPED: &str = "the group's task has stopped";
+
 impl GroupHandle {
+    /// Notes that the group is in use now (`now_ms`).
+    pub fn touch(&self, now_ms: u64) {
+        self.last_used
+            .store(now_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the group has been idle, with nobody watching it, since
+    /// before `before_ms`.
+    pub fn idle_since(&self, before_ms: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.watchers.load(Relaxed) == 0 && self.last_used.load(Relaxed) < before_ms
+    }
+
+    /// Whether its task has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// A snapshot of the durable view.
     pub fn view(&self) -> GroupView {
         self.view.read().expect("view lock").clone()
@@ -510,6 +538,8 @@ pub fn spawn(
             group_info_epoch: group_info.as_ref().map(|(e, _)| *e),
         }),
         task: Mutex::new(None),
+        last_used: std::sync::atomic::AtomicU64::new((shared.now_ms)()),
+        watchers: std::sync::atomic::AtomicUsize::new(0),
     });
     let actor = Actor {
         id,
@@ -684,6 +714,10 @@ impl Actor {
             // Answered from durable state only.
             for (user, reply) in joins.drain(..) {
                 let _ = reply.send(self.join_info(&user));
+            }
+            if let Some(h) = self.handle.upgrade() {
+                h.watchers
+                    .store(self.subscribers.len(), std::sync::atomic::Ordering::Relaxed);
             }
         }
     }

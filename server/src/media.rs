@@ -291,9 +291,11 @@ impl BlobStore {
             let expired = now.saturating_sub(rec.created_ms) >= retention;
             let abandoned = matches!(rec.state, MediaState::Uploading { .. })
                 && now.saturating_sub(rec.updated_ms) >= stale;
-            let unreachable = svc
-                .group(&rec.group)
-                .is_none_or(|g| g.with_view(|v| v.current_members().is_empty()));
+            let unreachable = match svc.load_group(&rec.group).await {
+                Ok(g) => g.is_none_or(|g| g.with_view(|v| v.current_members().is_empty())),
+                // Not now: the group could not be read.
+                Err(_) => false,
+            };
             if expired || abandoned || unreachable {
                 info!(media = %id, expired, abandoned, unreachable, "deleting media");
                 self.forget(id, &rec).await;
@@ -348,7 +350,8 @@ async fn upload_inner(
         .ok_or_else(|| err(ErrorCode::NotAuthenticated, "authenticate first"))?;
     let _transfer = blobs.transfer(&user)?;
     let group = svc
-        .group(&req.group)
+        .load_group(&req.group)
+        .await?
         .ok_or_else(|| err(ErrorCode::UnknownGroup, format!("no group {}", req.group)))?;
     if !group.with_view(|v| v.is_member(&user)) {
         return Err(err(
@@ -943,7 +946,8 @@ async fn download_head(
         .filter(|r| r.state == MediaState::Complete)
         .ok_or_else(|| err(ErrorCode::NotFound, format!("no media item {media}")))?;
     let member = svc
-        .group(&rec.group)
+        .load_group(&rec.group)
+        .await?
         .is_some_and(|g| g.with_view(|v| v.is_member(&user)));
     if !member {
         return Err(err(

@@ -199,11 +199,22 @@ async fn watch(
             format!("{} is not a member of group {group}", sub.user),
         ),
     };
-    let Some(h) = svc.group(&group) else {
+    let Ok(Some(mut h)) = svc.load_group(&group).await else {
         signals.raise(not_member());
         return;
     };
-    match h.watch(sub.clone(), after).await {
+    let mut r = h.watch(sub.clone(), after).await;
+    if r == WatchResult::NotMember && h.is_stopped() {
+        // Unloaded in between: once more, on the group loaded anew.
+        let Ok(Some(again)) = svc.load_group(&group).await else {
+            signals.raise(not_member());
+            return;
+        };
+        h = again;
+        r = h.watch(sub.clone(), after).await;
+    }
+    let _ = &h;
+    match r {
         WatchResult::Watching => {
             watched.insert(group);
         }

@@ -100,6 +100,7 @@ impl Running {
         let c = self.service.config();
         Stats {
             answers_in_flight: self.service.budgets.in_flight(c.answer_budget_total),
+            groups_loaded: self.service.loaded_groups(),
             tail_bytes: self.service.tail_bytes(),
             transfers: self.blobs.transfers(),
         }
@@ -115,6 +116,8 @@ pub struct Stats {
     pub tail_bytes: usize,
     /// Uploads and downloads running.
     pub transfers: usize,
+    /// Groups in memory.
+    pub groups_loaded: usize,
 }
 
 /// Opens the data dir and store, binds the endpoint and starts serving.
@@ -217,6 +220,7 @@ async fn serve(
                         svc.flush_acks().await;
                         blobs.maintenance(&svc).await;
                         svc.budgets.prune();
+                        svc.unload_idle().await;
                         if last_sweep.is_none_or(|t| t.elapsed() >= svc.config().media_sweep_interval) {
                             last_sweep = Some(std::time::Instant::now());
                             svc.expire_inboxes().await;

@@ -179,6 +179,11 @@ pub struct Service {
     acks: Mutex<HashMap<(GroupId, String), u64>>,
     /// Serialises group creation so two creations of one id cannot race.
     create: tokio::sync::Mutex<()>,
+    /// Serialises loading and unloading groups, so a group never has two
+    /// tasks.
+    loading: tokio::sync::Mutex<()>,
+    /// Set at shutdown: groups are no longer loaded.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Service {
@@ -213,24 +218,10 @@ impl Service {
             tail_bytes: Arc::default(),
             now_ms,
         };
-        let mut groups = HashMap::new();
-        for g in store.groups()? {
-            let info = match store.group_info(&g.id) {
-                Ok(i) => i,
-                Err(e) => {
-                    tracing::warn!(group = %g.id, error = %e, "stored GroupInfo unreadable");
-                    None
-                }
-            };
-            match group::spawn(g.id, g.meta, &g.state, g.members, info, shared.clone()) {
-                Ok(handle) => {
-                    groups.insert(g.id, handle);
-                }
-                // One damaged group must not keep the others offline.
-                Err(e) => tracing::error!(group = %g.id, error = %e, "group not loaded"),
-            }
-        }
-        info!(groups = groups.len(), "groups loaded");
+        // Groups are loaded when first asked for, and unloaded when idle
+        // (`unload_idle`): a DS holds in memory the groups in use, not
+        // every group it stores.
+        let groups = HashMap::new();
         Ok(Arc::new(Self {
             budgets: Budgets::new(&config),
             user_connections: Arc::default(),
@@ -242,6 +233,8 @@ impl Service {
             claims: Mutex::new(HashMap::new()),
             acks: Mutex::new(HashMap::new()),
             create: tokio::sync::Mutex::new(()),
+            loading: tokio::sync::Mutex::new(()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -262,9 +255,99 @@ impl Service {
         &self.store
     }
 
-    /// The task of group `id`.
+    /// The task of group `id` if the group is in memory (see
+    /// [`Service::load_group`]).
     pub fn group(&self, id: &GroupId) -> Option<Arc<GroupHandle>> {
-        self.groups.read().expect("groups lock").get(id).cloned()
+        let h = self.groups.read().expect("groups lock").get(id).cloned();
+        if let Some(h) = &h {
+            h.touch(now_ms());
+        }
+        h
+    }
+
+    /// The task of group `id`, loading the group from the store if it is
+    /// not in memory; `None` if there is no such group.
+    pub async fn load_group(&self, id: &GroupId) -> Result<Option<Arc<GroupHandle>>, ErrorBody> {
+        let loaded = || self.group(id).filter(|h| !h.is_stopped());
+        if let Some(h) = loaded() {
+            return Ok(Some(h));
+        }
+        let _loading = self.loading.lock().await;
+        if let Some(h) = loaded() {
+            return Ok(Some(h));
+        }
+        if self.closing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                "the server is shutting down",
+            ));
+        }
+        let gid = *id;
+        let Some(g) = self
+            .blocking(move |s| s.group(&gid))
+            .await?
+            .map_err(store_error)?
+        else {
+            return Ok(None);
+        };
+        let info = match self.blocking(move |s| s.group_info(&gid)).await? {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(group = %gid, error = %e, "stored GroupInfo unreadable");
+                None
+            }
+        };
+        let handle = group::spawn(g.id, g.meta, &g.state, g.members, info, self.shared.clone())
+            .map_err(|e| {
+                tracing::error!(group = %gid, error = %e, "group not loaded");
+                ErrorBody::new(
+                    ErrorCode::Internal,
+                    "the group's stored state does not load",
+                )
+            })?;
+        self.groups
+            .write()
+            .expect("groups lock")
+            .insert(gid, handle.clone());
+        Ok(Some(handle))
+    }
+
+    /// Unloads the groups nobody watched or asked for during
+    /// `group_idle`; they are loaded again when next asked for.
+    pub async fn unload_idle(&self) {
+        let before = now_ms().saturating_sub(self.config.group_idle.as_millis() as u64);
+        let idle: Vec<(GroupId, Arc<GroupHandle>)> = self
+            .groups
+            .read()
+            .expect("groups lock")
+            .iter()
+            .filter(|(_, h)| h.idle_since(before))
+            .map(|(id, h)| (*id, h.clone()))
+            .collect();
+        for (id, h) in idle {
+            let _loading = self.loading.lock().await;
+            if !h.idle_since(before) {
+                continue;
+            }
+            self.groups.write().expect("groups lock").remove(&id);
+            // Finishes what it was given; a command that comes later finds
+            // it stopped and goes to the group loaded anew.
+            h.stop().await;
+        }
+    }
+
+    /// Groups in memory now.
+    pub fn loaded_groups(&self) -> usize {
+        self.groups.read().expect("groups lock").len()
+    }
+
+    /// Whether `e` says a group's task stopped under a command while the
+    /// server goes on (the group was unloaded): the command may be sent
+    /// again.
+    fn retry_after(&self, e: &ErrorBody) -> bool {
+        e.code == ErrorCode::Unavailable
+            && e.message == group::STOPPED
+            && !self.closing.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn blocking<R: Send + 'static>(
@@ -447,8 +530,9 @@ impl Service {
             .ok_or_else(|| ErrorBody::new(ErrorCode::UnknownUser, format!("unknown user {user}")))
     }
 
-    fn group_or_err(&self, id: &GroupId) -> Result<Arc<GroupHandle>, ErrorBody> {
-        self.group(id)
+    async fn group_or_err(&self, id: &GroupId) -> Result<Arc<GroupHandle>, ErrorBody> {
+        self.load_group(id)
+            .await?
             .ok_or_else(|| ErrorBody::new(ErrorCode::UnknownGroup, format!("no group {id}")))
     }
 
@@ -550,7 +634,7 @@ impl Service {
                 Ok(Response::Inbox { items, head })
             }
             Request::RatchetTree { group, seq } => {
-                let handle = self.group_or_err(&group)?;
+                let handle = self.group_or_err(&group).await?;
                 let allowed = handle.with_view(|v| {
                     v.members
                         .get(&user)
@@ -572,13 +656,31 @@ impl Service {
                 Ok(Response::RatchetTree { tree })
             }
             Request::PublishGroupInfo { group, group_info } => {
-                let handle = self.group_or_err(&group)?;
-                let (seq, epoch) = handle.publish_group_info(user, group_info).await?;
+                let mut r = self
+                    .group_or_err(&group)
+                    .await?
+                    .publish_group_info(user.clone(), group_info.clone())
+                    .await;
+                if r.as_ref().is_err_and(|e| self.retry_after(e)) {
+                    r = self
+                        .group_or_err(&group)
+                        .await?
+                        .publish_group_info(user, group_info)
+                        .await;
+                }
+                let (seq, epoch) = r?;
                 Ok(Response::Appended { seq, epoch })
             }
             Request::JoinInfo { group } => {
-                let handle = self.group_or_err(&group)?;
-                let j = handle.join_info(user).await?;
+                let mut j = self
+                    .group_or_err(&group)
+                    .await?
+                    .join_info(user.clone())
+                    .await;
+                if j.as_ref().is_err_and(|e| self.retry_after(e)) {
+                    j = self.group_or_err(&group).await?.join_info(user).await;
+                }
+                let j = j?;
                 Ok(Response::JoinInfo {
                     epoch: j.epoch,
                     group_info: j.group_info,
@@ -587,7 +689,7 @@ impl Service {
                 })
             }
             Request::GroupState { group } => {
-                let handle = self.group_or_err(&group)?;
+                let handle = self.group_or_err(&group).await?;
                 let view = handle.view();
                 if !view.is_member(&user) {
                     return Err(Self::not_member(&user, &group));
@@ -607,7 +709,7 @@ impl Service {
                     .map_err(store_error)?;
                 let mut groups = Vec::new();
                 for id in ids {
-                    if let Some(h) = self.group(&id) {
+                    if let Some(h) = self.load_group(&id).await? {
                         h.with_view(|v| {
                             if v.is_member(&user) {
                                 groups.push(GroupSummary {
@@ -622,7 +724,7 @@ impl Service {
                 Ok(Response::Groups { groups })
             }
             Request::EpochAuthenticator { group, epoch, hash } => {
-                let handle = self.group_or_err(&group)?;
+                let handle = self.group_or_err(&group).await?;
                 let (member, current) = handle.with_view(|v| (v.is_member(&user), v.epoch));
                 if !member {
                     return Err(Self::not_member(&user, &group));
@@ -870,8 +972,17 @@ impl Service {
     }
 
     async fn post(&self, user: String, group: GroupId, post: Post) -> Result<Response, ErrorBody> {
-        let handle = self.group_or_err(&group)?;
-        let (seq, epoch) = handle.post(user, post).await?;
+        let mut r = self
+            .group_or_err(&group)
+            .await?
+            .post(user.clone(), post.clone())
+            .await;
+        // A post that reached a task being unloaded was not taken: it goes
+        // to the group loaded anew.
+        if r.as_ref().is_err_and(|e| self.retry_after(e)) {
+            r = self.group_or_err(&group).await?.post(user, post).await;
+        }
+        let (seq, epoch) = r?;
         Ok(Response::Appended { seq, epoch })
     }
 
@@ -882,7 +993,7 @@ impl Service {
         after: u64,
         limit: u32,
     ) -> Result<Response, ErrorBody> {
-        let handle = self.group_or_err(&group)?;
+        let handle = self.group_or_err(&group).await?;
         let (member, head, compacted) =
             handle.with_view(|v| (v.members.get(&user).copied(), v.head, v.compacted));
         let Some(member) = member else {
@@ -931,6 +1042,9 @@ impl Service {
     /// Stops every group task (each finishes what it has received), flushes
     /// acknowledgements and closes the store. Called once, at shutdown.
     pub async fn close(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _loading = self.loading.lock().await;
         let groups: Vec<Arc<GroupHandle>> = self
             .groups
             .write()

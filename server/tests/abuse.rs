@@ -432,3 +432,47 @@ async fn a_push_stream_watches_a_bounded_number_of_groups() {
         "{r:?}"
     );
 }
+
+/// Groups nobody watches or uses are unloaded from memory, and loaded
+/// again when asked for: a DS holds the groups in use, not every group it
+/// stores (an earlier one loaded them all at start and kept them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_groups_are_unloaded_and_loaded_again_when_used() {
+    let s = InProcess::start_with(|c| c.group_idle = Duration::from_millis(300)).await;
+    let loaded = || s.running.as_ref().unwrap().stats().groups_loaded;
+    let wait_loaded = |n: usize| async move {
+        for _ in 0..200 {
+            if loaded() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} groups loaded, not {n}", loaded());
+    };
+    let mut alice = s.client("alice").await;
+    let mut bob = s.client("bob").await;
+    let g = alice.create_group("g").await.unwrap().to_string();
+    alice.add(&g, &["bob".into()]).await.unwrap();
+    bob.sync().await.unwrap();
+    alice.send_text(&g, "one").await.unwrap();
+    wait_loaded(0).await;
+    // Used again: loaded, and nothing was lost.
+    alice.send_text(&g, "two").await.unwrap();
+    assert_eq!(loaded(), 1);
+    let texts: Vec<String> = bob
+        .sync()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "text")
+        .map(|e| e.text.unwrap())
+        .collect();
+    assert_eq!(texts, ["one", "two"]);
+    // A watched group stays in memory however long it is quiet.
+    let gid: GroupId = g.parse().unwrap();
+    let (send, recv) = subscribe_raw(&mut bob, gid).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(loaded(), 1);
+    drop((send, recv));
+    wait_loaded(0).await;
+}

@@ -352,8 +352,11 @@ pub trait Store: Send + Sync + 'static {
     /// and whether a last-resort package valid then is stored.
     fn key_package_count(&self, user: &str, valid_until: u64) -> Result<(u32, bool), StoreError>;
 
-    /// Every group, for loading at start-up.
+    /// Every group.
     fn groups(&self) -> Result<Vec<StoredGroup>, StoreError>;
+
+    /// One group, to load it (groups are loaded when first asked for).
+    fn group(&self, id: &GroupId) -> Result<Option<StoredGroup>, StoreError>;
 
     /// Groups in which `user` has a member record, current or not.
     fn user_groups(&self, user: &str) -> Result<Vec<GroupId>, StoreError>;

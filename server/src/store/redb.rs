@@ -587,39 +587,23 @@ impl Store for RedbStore {
     fn groups(&self) -> Result<Vec<StoredGroup>, StoreError> {
         let txn = self.read()?;
         let groups = txn.open_table(GROUPS).map_err(err)?;
-        let states = txn.open_table(GROUP_STATE).map_err(err)?;
-        let members = txn.open_table(MEMBERS).map_err(err)?;
-        let log = txn.open_table(LOG).map_err(err)?;
         let mut out = Vec::new();
         for row in groups.iter().map_err(err)? {
             let (k, v) = row.map_err(err)?;
             let id = GroupId::from_slice(k.value())
                 .ok_or_else(|| StoreError::Corrupt("group id length".into()))?;
-            let mut meta: GroupMeta = dec(v.value(), "group meta")?;
-            let gid = id.as_bytes().as_slice();
-            meta.head = meta.head.max(last_seq(&log, gid)?);
-            let state = states
-                .get(gid)
-                .map_err(err)?
-                .map(|v| v.value().to_vec())
-                .ok_or_else(|| StoreError::Corrupt(format!("group {id} has no state")))?;
-            let mut list = Vec::new();
-            for m in members.range((gid, "")..).map_err(err)? {
-                let (mk, mv) = m.map_err(err)?;
-                let (g, user) = mk.value();
-                if g != gid {
-                    break;
-                }
-                list.push((user.to_owned(), dec_member(mv.value())?));
-            }
-            out.push(StoredGroup {
-                id,
-                meta,
-                state,
-                members: list,
-            });
+            out.push(stored_group(&txn, id, v.value())?);
         }
         Ok(out)
+    }
+
+    fn group(&self, id: &GroupId) -> Result<Option<StoredGroup>, StoreError> {
+        let txn = self.read()?;
+        let groups = txn.open_table(GROUPS).map_err(err)?;
+        let Some(v) = groups.get(id.as_bytes().as_slice()).map_err(err)? else {
+            return Ok(None);
+        };
+        stored_group(&txn, *id, v.value()).map(Some)
     }
 
     fn user_groups(&self, user: &str) -> Result<Vec<GroupId>, StoreError> {
@@ -936,6 +920,41 @@ fn last_seq<T: ReadableTable<(&'static [u8], u64), &'static [u8]>>(
         .transpose()
         .map_err(err)?
         .map_or(0, |(k, _)| k.value().1))
+}
+
+/// Group `id`, whose row holds `meta`, as stored: facts (with the true
+/// head), public state and member records.
+fn stored_group(
+    txn: &::redb::ReadTransaction,
+    id: GroupId,
+    meta: &[u8],
+) -> Result<StoredGroup, StoreError> {
+    let states = txn.open_table(GROUP_STATE).map_err(err)?;
+    let members = txn.open_table(MEMBERS).map_err(err)?;
+    let log = txn.open_table(LOG).map_err(err)?;
+    let mut meta: GroupMeta = dec(meta, "group meta")?;
+    let gid = id.as_bytes().as_slice();
+    meta.head = meta.head.max(last_seq(&log, gid)?);
+    let state = states
+        .get(gid)
+        .map_err(err)?
+        .map(|v| v.value().to_vec())
+        .ok_or_else(|| StoreError::Corrupt(format!("group {id} has no state")))?;
+    let mut list = Vec::new();
+    for m in members.range((gid, "")..).map_err(err)? {
+        let (mk, mv) = m.map_err(err)?;
+        let (g, user) = mk.value();
+        if g != gid {
+            break;
+        }
+        list.push((user.to_owned(), dec_member(mv.value())?));
+    }
+    Ok(StoredGroup {
+        id,
+        meta,
+        state,
+        members: list,
+    })
 }
 
 /// `user`'s one-time packages valid at `valid_until` (seconds; 0 counts
