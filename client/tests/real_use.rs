@@ -925,6 +925,21 @@ async fn names_and_paths_cannot_be_turned_against_the_user() {
         );
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
         assert!(link.symlink_metadata().unwrap().is_file());
+        // The same on another file system (the copy path, not a rename),
+        // where there is one to try.
+        let shm = std::path::Path::new("/dev/shm");
+        if shm.is_dir() {
+            let other = tempfile::tempdir_in(shm).unwrap();
+            let link = other.path().join("link");
+            std::os::unix::fs::symlink(&victim, &link).unwrap();
+            ok(
+                &alice,
+                &["download", &media, "-o", link.to_str().unwrap(), "--force"],
+            );
+            assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+            assert_eq!(std::fs::read(&link).unwrap(), b"not a picture");
+            assert!(link.symlink_metadata().unwrap().is_file());
+        }
         let into = dir.join("downloads");
         std::fs::create_dir(&into).unwrap();
         ok(&alice, &["download", &media, "-o", into.to_str().unwrap()]);
