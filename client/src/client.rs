@@ -710,6 +710,19 @@ impl Client {
             })
     }
 
+    /// [`Client::active_group`], for sending: a member that asked to leave
+    /// no longer sends (its own leave proposal is pending until a remaining
+    /// member commits it).
+    fn sending_group(&self, id: &GroupId) -> Result<GroupRow> {
+        let row = self.active_group(id)?;
+        if row.state == "leaving" {
+            return Err(ClientError::Usage(format!(
+                "you asked to leave group {id}; nothing more can be sent to it"
+            )));
+        }
+        Ok(row)
+    }
+
     fn active_group(&self, id: &GroupId) -> Result<GroupRow> {
         let row = load_row(&self.db, id)?
             .ok_or_else(|| ClientError::Usage(format!("unknown group {id}")))?;
@@ -1034,19 +1047,21 @@ impl Client {
 
     /// Asks to leave the group: posts a proposal removing this device, which
     /// a remaining member commits. The group shows as `leaving` until then.
-    pub async fn leave(&mut self, group: &str) -> Result<()> {
+    /// Returns whether the group was left at once (this device was its only
+    /// member: nobody is left to commit).
+    pub async fn leave(&mut self, group: &str) -> Result<bool> {
         let id = self.resolve_group(group)?;
         self.sync_group(&id).await?;
         self.active_group(&id)?;
         if self.load_group(&self.db, &id)?.members().count() == 1 {
-            // Nobody left to commit: just drop the group locally.
             self.db.execute(
                 "UPDATE huddle_groups SET state = 'left' WHERE id = ?1",
                 params![id.as_bytes().as_slice()],
             )?;
-            return Ok(());
+            return Ok(true);
         }
-        self.propose_leave(&id).await
+        self.propose_leave(&id).await?;
+        Ok(false)
     }
 
     async fn propose_leave(&mut self, id: &GroupId) -> Result<()> {
@@ -1222,7 +1237,7 @@ impl Client {
         }
         let id = self.resolve_group(group)?;
         self.sync_group(&id).await?;
-        self.active_group(&id)?;
+        self.sending_group(&id)?;
         let (_, event) = self
             .send_app(
                 &id,
@@ -1354,6 +1369,11 @@ impl Client {
     /// sending, say — except this user's own messages and changes, which
     /// the commands that made them reported.
     pub async fn sync(&mut self) -> Result<Vec<Event>> {
+        Ok(self.sync_reporting().await?.0)
+    }
+
+    /// [`Client::sync`], and the newest history row its report covered.
+    async fn sync_reporting(&mut self) -> Result<(Vec<Event>, i64)> {
         let mut failures: Vec<Event> = self
             .sync_inbox()
             .await?
@@ -1372,9 +1392,9 @@ impl Client {
         if n < KEY_PACKAGE_LOW || !lr {
             self.publish_key_packages(KEY_PACKAGE_BATCH, !lr).await?;
         }
-        let mut events = self.unreported(Origin::Others)?;
+        let (mut events, covered) = self.unreported()?;
         events.extend(failures);
-        Ok(events)
+        Ok((events, covered))
     }
 
     async fn sync_one(&mut self, id: &GroupId, state: &str) -> Result<Vec<Event>> {
@@ -1397,7 +1417,7 @@ impl Client {
     /// The `error` event reporting that `id` could not be brought up to
     /// date (not recorded in the history).
     fn failure(&self, id: &GroupId, err: &ClientError) -> Event {
-        warn!(group = %id, error = %err, "this group could not be synced; the others go on");
+        debug!(group = %id, error = %err, "this group could not be synced; the others go on");
         let cursor = load_row(&self.db, id).ok().flatten();
         let mut e = Event::new(
             "error",
@@ -1550,10 +1570,21 @@ impl Client {
             let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
                 return Err(ClientError::Mls("inbox item is not a Welcome".into()));
             };
-            if load_row(&tx, &item.group)?.is_some_and(|r| r.state == "active") {
-                return Err(ClientError::Mls("already a member of this group".into()));
-            }
+            let old = load_row(&tx, &item.group)?;
             let provider = Provider::new(&self.crypto, &tx);
+            // A Welcome this device can open (it takes one of its one-time
+            // key packages) means the group added it anew: it was removed,
+            // or left, and was added back, perhaps while it was away. Its
+            // state replaces what this device kept of the group; if the
+            // Welcome does not open, the transaction rolls back and nothing
+            // is lost.
+            let mut old_epoch = None;
+            if let Some(mut stale) = MlsGroup::load(provider.storage(), &mls_gid(&item.group))
+                .map_err(ClientError::mls)?
+            {
+                old_epoch = Some(stale.epoch().as_u64());
+                stale.delete(provider.storage()).map_err(ClientError::mls)?;
+            }
             let staged = StagedWelcome::new_from_welcome(
                 &provider,
                 &mls::join_config(),
@@ -1564,6 +1595,17 @@ impl Client {
             if staged.group_context().group_id().as_slice() != item.group.as_bytes() {
                 return Err(ClientError::Mls(
                     "the Welcome is for another group than announced".into(),
+                ));
+            }
+            // A device that follows the group (it rejoined meanwhile, say)
+            // keeps a state newer than the Welcome.
+            let following = old
+                .as_ref()
+                .is_some_and(|r| matches!(r.state.as_str(), "active" | "leaving"));
+            if following && old_epoch.is_some_and(|e| e >= staged.group_context().epoch().as_u64())
+            {
+                return Err(ClientError::Mls(
+                    "a Welcome older than this device's state of the group".into(),
                 ));
             }
             let from = staged
@@ -1578,8 +1620,13 @@ impl Client {
                 warn!(group = %item.group, users = ?changed, "identity keys differ from the ones first seen");
             }
             tx.execute(
-                "INSERT OR REPLACE INTO huddle_groups (id, name, state, cursor, joined_ms) VALUES (?1, '', 'active', ?2, ?3)",
-                params![item.group.as_bytes().as_slice(), item.commit_seq as i64, now_ms() as i64],
+                "INSERT OR REPLACE INTO huddle_groups (id, name, state, cursor, joined_ms) VALUES (?1, ?2, 'active', ?3, ?4)",
+                params![
+                    item.group.as_bytes().as_slice(),
+                    old.map(|r| r.name).unwrap_or_default(),
+                    item.commit_seq as i64,
+                    now_ms() as i64
+                ],
             )?;
             let mut e = Event::new(
                 "joined",
@@ -2062,12 +2109,23 @@ impl Client {
         let mut out = Vec::new();
         for g in groups {
             let id = g.group;
-            if load_row(&self.db, &id)?.is_some() {
+            // A group this device follows is settled by its log; one it
+            // has no state for, or believes it left, while the DS counts
+            // it in (a Welcome lost or expired), is rejoined.
+            let following = |r: Option<GroupRow>| {
+                r.is_some_and(|r| {
+                    matches!(
+                        r.state.as_str(),
+                        "active" | "leaving" | "creating" | "rejoining"
+                    )
+                })
+            };
+            if following(load_row(&self.db, &id)?) {
                 continue;
             }
             // Another process of the home may be joining it right now.
             let _lock = self.locks.lock(&id).await?;
-            if load_row(&self.db, &id)?.is_some() {
+            if following(load_row(&self.db, &id)?) {
                 continue;
             }
             warn!(group = %id, "this device has no state for a group it is a member of; rejoining");
@@ -2418,13 +2476,21 @@ impl Client {
         S: std::future::Future<Output = ()>,
     {
         tokio::pin!(stop);
+        // This listen's own place in the history (see `recorded_after`).
+        let mut shown = 0i64;
         let mut listened = false;
         let mut pause = RECONNECT_MIN;
         loop {
             let started = tokio::time::Instant::now();
             let mut subscribed = false;
             let err = match self
-                .listen_session(&mut on_event, stop.as_mut(), &mut subscribed, !listened)
+                .listen_session(
+                    &mut on_event,
+                    stop.as_mut(),
+                    &mut subscribed,
+                    !listened,
+                    &mut shown,
+                )
                 .await
             {
                 Ok(()) => return Ok(()),
@@ -2455,6 +2521,7 @@ impl Client {
         mut stop: std::pin::Pin<&mut S>,
         subscribed: &mut bool,
         first: bool,
+        shown: &mut i64,
     ) -> Result<()>
     where
         F: FnMut(&Event),
@@ -2467,8 +2534,23 @@ impl Client {
         let server = self.settings.server.clone();
         // What it missed, as `sync` reports it; from then on, everything
         // recorded, its user's own messages too, as it is recorded.
-        for e in self.sync().await? {
-            on_event(&e);
+        let (events, covered) = self.sync_reporting().await?;
+        if first {
+            *shown = covered;
+            for e in events {
+                on_event(&e);
+            }
+        } else {
+            // Back after a lost connection: everything since this listen
+            // last showed, its user's own messages sent meanwhile too.
+            for e in events.iter().filter(|e| !e.recorded()) {
+                on_event(e);
+            }
+            let (events, upto) = self.recorded_after(*shown, Origin::Own)?;
+            *shown = upto;
+            for e in events {
+                on_event(&e);
+            }
         }
         let groups: Vec<(GroupId, u64)> = self
             .group_ids()?
@@ -2517,7 +2599,9 @@ impl Client {
                                 }
                             }
                             // What other processes of the home did.
-                            for e in self.unreported(Origin::Own)? {
+                            let (events, upto) = self.recorded_after(*shown, Origin::Own)?;
+                            *shown = upto;
+                            for e in events {
                                 on_event(&e);
                             }
                         }
@@ -2589,7 +2673,9 @@ impl Client {
                     on_event(&e);
                 }
             }
-            for e in self.unreported(Origin::Own)? {
+            let (events, upto) = self.recorded_after(*shown, Origin::Own)?;
+            *shown = upto;
+            for e in events {
                 on_event(&e);
             }
             if let Some(g) = group {
@@ -2652,29 +2738,44 @@ impl Client {
         })
     }
 
-    /// What the history holds that was not reported yet, in the order it
-    /// was recorded (by this process or another of the home), and marks it
-    /// reported. With [`Origin::Own`], this user's own messages and changes
-    /// too; with [`Origin::Others`], only the rest.
-    fn unreported(&self, upto: Origin) -> Result<Vec<Event>> {
-        let tx = self.db.unchecked_transaction()?;
-        let mark = kv_get(&tx, "shown_upto")? as i64;
-        let rows: Vec<(i64, String, bool)> = tx
+    /// What the history holds that `sync` has not reported yet (the home's
+    /// `shown_upto` mark), this user's own doing left out, in the order it
+    /// was recorded; marks it reported. Also returns the newest row it
+    /// covered.
+    fn unreported(&self) -> Result<(Vec<Event>, i64)> {
+        let mark = kv_get(&self.db, "shown_upto")? as i64;
+        self.recorded_after(mark, Origin::Others)
+    }
+
+    /// What the history holds after row `mark` (this process's own mark:
+    /// `listen` keeps one, so that it shows everything however many other
+    /// processes of the home report or sync meanwhile), its user's own
+    /// doing included with [`Origin::Own`]; and the newest row covered.
+    /// The home's `shown_upto` mark moves past it too, so `sync` does not
+    /// report again what was shown.
+    fn recorded_after(&self, mark: i64, upto: Origin) -> Result<(Vec<Event>, i64)> {
+        let rows: Vec<(i64, String, bool)> = self
+            .db
             .prepare_cached(
                 "SELECT rowid, event, own FROM huddle_events WHERE rowid > ?1 ORDER BY rowid",
             )?
             .query_map([mark], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<rusqlite::Result<_>>()?;
         let Some(last) = rows.last().map(|r| r.0) else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), mark));
         };
-        kv_set(&tx, "shown_upto", last as u64)?;
-        tx.commit()?;
-        Ok(rows
+        self.db
+            .prepare_cached(
+                "INSERT INTO huddle_kv (key, value) VALUES ('shown_upto', ?1) \
+                 ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
+            )?
+            .execute([last])?;
+        let events = rows
             .into_iter()
             .filter(|(_, _, own)| !own || upto == Origin::Own)
             .filter_map(|(_, json, _)| serde_json::from_str(&json).ok())
-            .collect())
+            .collect();
+        Ok((events, last))
     }
 
     /// A group's result, with a failure that concerns only that group

@@ -54,6 +54,9 @@ pub enum ClientError {
     /// kept, and the message says how to go on.
     #[error("{0}")]
     Interrupted(String),
+    /// The reader of the output went away (a closed pipe): nothing to say.
+    #[error("the output was closed")]
+    OutputClosed,
     /// Local media verification or decryption failed.
     #[error("integrity error: {0}")]
     Integrity(String),

@@ -226,6 +226,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // Like other tools whose reader went away: quietly.
+        Err(ClientError::OutputClosed) => ExitCode::from(EXIT_PIPE),
         Err(e @ ClientError::Interrupted(_)) => {
             eprintln!("huddle: {e}");
             ExitCode::from(EXIT_INTERRUPTED)
@@ -252,6 +254,20 @@ async fn interruptible<T>(
             }
             Err(ClientError::Interrupted(format!("interrupted; {how_to_resume}")))
         }
+    }
+}
+
+/// A transfer that lost its connection (or stalled) keeps its progress:
+/// the error says so.
+fn resumable(e: ClientError) -> ClientError {
+    match e {
+        ClientError::Connect { addr, reason } => ClientError::Connect {
+            addr,
+            reason: format!(
+                "{reason}; what was transferred is kept: run the same command again to resume"
+            ),
+        },
+        other => other,
     }
 }
 
@@ -368,7 +384,8 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 &shown,
                 "what was uploaded is kept: run the same command again to resume",
             )
-            .await;
+            .await
+            .map_err(resumable);
             client.close().await;
             let e = r?;
             if out.json {
@@ -503,6 +520,7 @@ async fn download(
         }
         let path = output.unwrap_or_else(|| PathBuf::from(format!("{media_id}.{a}-{b}")));
         huddle_client::client::media::check_target(&path, force)?;
+        huddle_client::client::media::outside_home(&path, client.home().dir())?;
         std::fs::write(&path, &bytes)
             .map_err(|e| ClientError::Io(format!("{}: {e}", path.display())))?;
         report_download(out, &media_id, &path, bytes.len() as u64);
@@ -525,7 +543,8 @@ async fn download(
         &shown,
         "what was downloaded and verified is kept: run the same command again to resume",
     )
-    .await?;
+    .await
+    .map_err(resumable)?;
     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     report_download(out, &media_id, &path, size);
     Ok(())
@@ -536,27 +555,28 @@ fn write_stdout(from: &mut dyn std::io::Read) -> Result<(), ClientError> {
     std::io::copy(from, &mut Stdout)
         .and_then(|_| Stdout.flush())
         .map(|_| ())
-        .map_err(|e| ClientError::Io(format!("writing to standard output: {e}")))
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                ClientError::OutputClosed
+            } else {
+                ClientError::Io(format!("writing to standard output: {e}"))
+            }
+        })
 }
 
-/// Standard output for bytes; a closed pipe ends the process quietly.
+/// Standard output for bytes. A closed pipe is an error the command
+/// returns (after closing its connection, so the DS ends the transfer at
+/// once), and the process then ends quietly.
 struct Stdout;
 
 impl std::io::Write for Stdout {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        quiet_on_pipe(std::io::stdout().lock().write(buf))
+        std::io::stdout().lock().write(buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        quiet_on_pipe(std::io::stdout().lock().flush())
+        std::io::stdout().lock().flush()
     }
-}
-
-fn quiet_on_pipe<T>(r: std::io::Result<T>) -> std::io::Result<T> {
-    if matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe) {
-        std::process::exit(EXIT_PIPE.into());
-    }
-    r
 }
 
 fn report_download(out: &Out, media: &str, path: &std::path::Path, size: u64) {
@@ -679,9 +699,12 @@ async fn group(home: Home, out: &Out, cmd: GroupCommand) -> Result<(), ClientErr
         }
         GroupCommand::Leave { group } => {
             let id = client.resolve_group(&group)?.to_string();
-            client.leave(&id).await?;
+            let left = client.leave(&id).await?;
             if out.json {
-                out.json(&serde_json::json!({"type": "leaving", "group": id}));
+                let kind = if left { "left" } else { "leaving" };
+                out.json(&serde_json::json!({"type": kind, "group": id}));
+            } else if left {
+                out.line(&format!("left {group} (you were its only member)"));
             } else {
                 out.line(&format!(
                     "asked to leave {group}; a remaining member will commit it"

@@ -425,8 +425,8 @@ async fn an_interrupted_upload_resumes_at_once() {
             "{stderr}"
         );
 
-        // A process that hangs mid-upload, its connection open and silent:
-        // stopped as soon as its stream is at work on the DS (the partial
+        // A process killed mid-upload, its connection left open and silent:
+        // killed as soon as its stream is at work on the DS (the partial
         // file is cut back to the resume point or grows).
         let partial = std::fs::read_dir(data_dir.join("blobs/partial"))
             .unwrap()
@@ -436,17 +436,18 @@ async fn an_interrupted_upload_resumes_at_once() {
         assert_eq!(partial.len(), 1);
         let size = || std::fs::metadata(&partial[0]).map(|m| m.len()).unwrap_or(0);
         let stopped_at = size();
-        let mut hung = send(&alice);
+        let mut killed = send(&alice);
         let deadline = Instant::now() + Duration::from_secs(60);
         while size() == stopped_at {
             assert!(Instant::now() < deadline, "the second upload never started");
             std::thread::sleep(Duration::from_millis(1));
         }
-        signal(&hung, "-STOP");
+        // Killed: its connection stays open on the DS, silent, until the DS
+        // times it out; nothing on this side holds the upload any more.
+        signal(&killed, "-KILL");
+        let _ = killed.wait();
         let (success, stdout, stderr) =
             huddle(&alice, &["send-file", "films", file.to_str().unwrap()]);
-        signal(&hung, "-KILL");
-        let _ = hung.wait();
         assert!(success, "the rerun must take the upload over: {stderr}");
         let media = stdout.trim().to_owned();
         assert_eq!(media.len(), 32, "{stdout}");
@@ -947,6 +948,155 @@ async fn names_and_paths_cannot_be_turned_against_the_user() {
             std::fs::read(into.join("pic.bin")).unwrap(),
             b"not a picture"
         );
+    })
+    .await
+    .unwrap();
+}
+
+/// A member removed (while reading along, or while away) or who left can
+/// be added back, and reads what follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_or_departed_member_can_be_added_back() {
+    let server = TestServer::start().await;
+    let (addr, cert) = (server.addr.clone(), server.cert());
+    let dir = server.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let (alice, bob) = pair(&dir, &addr, &cert, "g");
+        ok(&bob, &["sync"]);
+        let state = |h: &Path| json_lines(&ok(h, &["--json", "group", "list"]))[0]["state"].clone();
+        // Removed, and it read its removal.
+        ok(&alice, &["group", "remove", "g", "bob"]);
+        ok(&bob, &["sync"]);
+        assert_eq!(state(&bob), "removed");
+        ok(&alice, &["group", "add", "g", "bob"]);
+        ok(&alice, &["send", "g", "back 1"]);
+        let got = ok(&bob, &["sync"]);
+        assert!(got.contains("alice: back 1"), "{got}");
+        assert_eq!(state(&bob), "active");
+        // Removed and added back while away.
+        ok(&alice, &["group", "remove", "g", "bob"]);
+        ok(&alice, &["group", "add", "g", "bob"]);
+        ok(&alice, &["send", "g", "back 2"]);
+        let (success, got, stderr) = huddle(&bob, &["sync"]);
+        assert!(success, "{stderr}");
+        assert!(got.contains("alice: back 2"), "{got}");
+        // Left, and added back.
+        ok(&bob, &["group", "leave", "g"]);
+        ok(&alice, &["sync"]);
+        ok(&bob, &["sync"]);
+        assert_eq!(state(&bob), "left");
+        ok(&alice, &["group", "add", "g", "bob"]);
+        ok(&alice, &["send", "g", "back 3"]);
+        let got = ok(&bob, &["sync"]);
+        assert!(got.contains("alice: back 3"), "{got}");
+        ok(&bob, &["send", "g", "thanks"]);
+        assert!(ok(&alice, &["sync"]).contains("bob: thanks"));
+    })
+    .await
+    .unwrap();
+}
+
+/// A `listen` shows everything, however other processes of the home report
+/// or sync meanwhile: a message its user sends while it is busy, and a
+/// `sync` in another terminal, do not hide it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_keeps_its_own_place_in_the_history() {
+    let server = TestServer::start().await;
+    let (addr, cert) = (server.addr.clone(), server.cert());
+    let dir = server.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let (alice, bob) = pair(&dir, &addr, &cert, "g");
+        ok(&bob, &["sync"]);
+        let mut listen = Listener::start(&alice);
+        listen.wait_for("that it listens", |e| e["type"] == "listening");
+        signal(&listen.child, "-STOP");
+        ok(&alice, &["send", "g", "sent while listen was busy"]);
+        ok(&bob, &["send", "g", "from bob"]);
+        let synced = ok(&alice, &["sync"]);
+        assert!(synced.contains("bob: from bob"), "{synced}");
+        signal(&listen.child, "-CONT");
+        listen.wait_for("her own message", |e| {
+            e["text"] == "sent while listen was busy"
+        });
+        listen.wait_for("bob's message", |e| e["text"] == "from bob");
+    })
+    .await
+    .unwrap();
+}
+
+/// The downloads a closed pipe cut short end on the DS at once (they
+/// counted against the user's transfers for half a minute); a second
+/// `send-file` of a file being sent from another terminal says so; a
+/// download never writes into the home; leaving a group one is alone in
+/// says it is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_end_cleanly_and_say_why() {
+    let server = TestServer::start().await;
+    let (addr, cert, data_dir) = (server.addr.clone(), server.cert(), server.data_dir.clone());
+    let dir = server.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let (alice, bob) = pair(&dir, &addr, &cert, "g");
+        ok(&bob, &["sync"]);
+        let file = big_file(&dir, 64);
+        let first = Command::new(env!("CARGO_BIN_EXE_huddle"))
+            .arg("--home")
+            .arg(&alice)
+            .args(["send-file", "g", file.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_partial(&data_dir);
+        let (success, _, stderr) = huddle(&alice, &["send-file", "g", file.to_str().unwrap()]);
+        assert!(!success);
+        assert!(stderr.contains("another huddle process"), "{stderr}");
+        let out = first.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let media = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        ok(&bob, &["sync"]);
+        for _ in 0..20 {
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            let st = Command::new(env!("CARGO_BIN_EXE_huddle"))
+                .arg("--home")
+                .arg(&bob)
+                .args(["download", &media, "-o", "-"])
+                .stdout(writer)
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert_eq!(st.code(), Some(141));
+        }
+        // More than the 16 transfers a user may run: none is left over.
+        let got = dir.join("got.bin");
+        ok(&bob, &["download", &media, "-o", got.to_str().unwrap()]);
+        let into_home = bob.join("huddle.db");
+        let (success, _, stderr) = huddle(
+            &bob,
+            &[
+                "download",
+                &media,
+                "-o",
+                into_home.to_str().unwrap(),
+                "--force",
+            ],
+        );
+        assert!(!success);
+        assert!(stderr.contains("inside this device's home"), "{stderr}");
+        ok(&bob, &["group", "list"]);
+        // Alone in a group: leaving is at once.
+        ok(&alice, &["group", "create", "solo"]);
+        let said = ok(&alice, &["group", "leave", "solo"]);
+        assert!(said.contains("left solo"), "{said}");
+        // Asked to leave: sending is refused, saying why.
+        ok(&bob, &["group", "leave", "g"]);
+        let (success, _, stderr) = huddle(&bob, &["send", "g", "still here?"]);
+        assert!(!success);
+        assert!(stderr.contains("you asked to leave"), "{stderr}");
     })
     .await
     .unwrap();

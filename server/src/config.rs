@@ -190,6 +190,66 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// Refuses settings the DS cannot work with: zero where something must
+    /// happen, or limits that contradict each other.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("idle_timeout", self.idle_timeout.is_zero()),
+            ("auth_timeout", self.auth_timeout.is_zero()),
+            ("maintenance_interval", self.maintenance_interval.is_zero()),
+            ("media_sweep_interval", self.media_sweep_interval.is_zero()),
+            ("push_stall_timeout", self.push_stall_timeout.is_zero()),
+            (
+                "transfer_stall_timeout",
+                self.transfer_stall_timeout.is_zero(),
+            ),
+            ("answer_write_timeout", self.answer_write_timeout.is_zero()),
+            ("max_connections", self.max_connections == 0),
+            ("max_unauthenticated", self.max_unauthenticated == 0),
+            (
+                "max_connections_per_user",
+                self.max_connections_per_user == 0,
+            ),
+            (
+                "max_streams_per_connection",
+                self.max_streams_per_connection == 0,
+            ),
+            ("push_queue", self.push_queue == 0),
+            ("blocking_threads", self.blocking_threads == 0),
+            ("max_transfers_per_user", self.max_transfers_per_user == 0),
+            ("max_transfers_total", self.max_transfers_total == 0),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, zero)| *zero) {
+            return Err(format!("{name} must be more than zero"));
+        }
+        const MIN_FRAME: usize = 64 << 10;
+        if self.max_frame < MIN_FRAME {
+            return Err(format!(
+                "max_frame must be at least {MIN_FRAME} bytes (a commit, a key package upload)"
+            ));
+        }
+        for (name, v) in [
+            ("max_application_message", self.max_application_message),
+            ("max_key_package_bytes", self.max_key_package_bytes),
+            ("max_leaf_node", self.max_leaf_node),
+        ] {
+            if v > self.max_frame {
+                return Err(format!(
+                    "{name} ({v} bytes) cannot exceed max_frame ({} bytes)",
+                    self.max_frame
+                ));
+            }
+        }
+        if self.answer_budget_per_connection > self.answer_budget_per_user
+            || self.answer_budget_per_user > self.answer_budget_total
+        {
+            return Err("answer budgets must grow from connection to user to the whole DS".into());
+        }
+        Ok(())
+    }
+}
+
 /// The limits an operator can set by name (`huddle-server --limit
 /// NAME=VALUE`): every size, time and count bound of the DS. Sizes take
 /// `KiB`, `MiB`, `GiB` suffixes, times `ms`, `s`, `min`, `h`, `d`.

@@ -73,6 +73,10 @@ fn main() {
             std::process::exit(2);
         }
     }
+    if let Err(e) = config.validate() {
+        eprintln!("huddle-server: {e}");
+        std::process::exit(2);
+    }
     if args.list_limits {
         for (name, value) in config.limits() {
             println!("{name}={value}");

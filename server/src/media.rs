@@ -531,6 +531,7 @@ async fn upload_inner(
     let mut durable = start;
     let mut ended = false;
     let mut gone = false;
+    let mut taken_over = false;
     while pos < req.total_len && !ended && !gone {
         // Gather up to BUF bytes of received chunks (no copy), never past
         // the blob's end, and hand them to the writer in one piece.
@@ -543,6 +544,7 @@ async fn upload_inner(
                 () = stop.cancelled() => {
                     debug!(media = %id, "upload taken over by a newer stream");
                     gone = true;
+                    taken_over = true;
                     break;
                 }
             };
@@ -608,6 +610,12 @@ async fn upload_inner(
     if pos < req.total_len {
         let boundary = boundary(header.as_ref(), synced);
         persist(blobs, id, &mut rec, boundary).await;
+        if taken_over {
+            return Err(err(
+                ErrorCode::OutOfOrder,
+                "a newer upload of this item by the same user took it over; this one stopped",
+            ));
+        }
         if gone {
             return Ok(None);
         }

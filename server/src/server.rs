@@ -122,6 +122,7 @@ pub struct Stats {
 
 /// Opens the data dir and store, binds the endpoint and starts serving.
 pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
+    config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     start_with_store(config, |store| store).await
 }
 
@@ -158,7 +159,20 @@ pub(crate) async fn start_with_store(
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    let socket = udp_socket(config.listen).with_context(|| format!("binding {}", config.listen))?;
+    // A DS restarted right after the previous one stopped may find the port
+    // still bound while that one says goodbye to its clients.
+    let deadline = std::time::Instant::now() + crate::store::redb::LOCK_WAIT;
+    let socket = loop {
+        match udp_socket(config.listen) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            r => break r.with_context(|| format!("binding {}", config.listen))?,
+        }
+    };
     let endpoint = quinn::Endpoint::new(
         endpoint_config,
         Some(server_config),

@@ -165,7 +165,7 @@ impl Client {
     ) -> Result<Option<Event>> {
         let id = self.resolve_group(group)?;
         self.sync_group(&id).await?;
-        self.active_group(&id)?;
+        self.sending_group(&id)?;
         let meta = std::fs::metadata(path).map_err(|e| file_err(path, e))?;
         if !meta.is_file() {
             return Err(ClientError::Usage(format!(
@@ -369,6 +369,7 @@ impl Client {
             None => PathBuf::from(safe_name(&info.name)),
         };
         check_target(&out, overwrite)?;
+        outside_home(&out, self.home.dir())?;
         let media_id = MediaId(info.media_id);
         let layout = Layout::new(info.chunk_size, info.size).map_err(integrity)?;
         let header = self.fetch_header(media_id, group, &info).await?;
@@ -546,8 +547,13 @@ impl Client {
             read_sealed(&mut recv, &mut buf, i, &self.settings.server).await?;
             hasher.update(&buf);
             opener.open_chunk_in_place(i, &mut buf).map_err(integrity)?;
-            out.write_all(&buf)
-                .map_err(|e| ClientError::io("writing the download", e))?;
+            out.write_all(&buf).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    ClientError::OutputClosed
+                } else {
+                    ClientError::io("writing the download", e)
+                }
+            })?;
             written += buf.len() as u64;
             if !progress.advance(buf.len() as u64) {
                 progress.finish();
@@ -879,6 +885,17 @@ impl Tags {
             .append(true)
             .open(path)
             .map_err(|e| file_err(path, e))?;
+        // One attempt at a time per item: two processes of the home sending
+        // the same file would take the upload over from each other.
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(ClientError::Busy(
+                    "this file is being sent to this group by another huddle process on this home; wait for it to finish".into(),
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(file_err(path, e)),
+        }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| file_err(path, e))?;
@@ -961,6 +978,26 @@ pub fn check_target(out: &Path, overwrite: bool) -> Result<()> {
     Ok(())
 }
 
+/// Refuses to write a download into this device's own home (its database,
+/// its key): `--force` there would destroy the device.
+pub fn outside_home(out: &Path, home: &Path) -> Result<()> {
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (Ok(dir), Ok(home)) = (std::fs::canonicalize(dir), std::fs::canonicalize(home)) else {
+        return Ok(());
+    };
+    if dir.starts_with(&home) {
+        return Err(ClientError::Usage(format!(
+            "{} is inside this device's home ({}); choose another place",
+            out.display(),
+            home.display()
+        )));
+    }
+    Ok(())
+}
+
 /// errno of a rename across file systems.
 const EXDEV: i32 = 18;
 
@@ -969,9 +1006,19 @@ const EXDEV: i32 = 18;
 /// name it `.bashrc` or `.ssh`, or hide it).
 fn safe_name(name: &str) -> String {
     let base = name.rsplit(['/', '\\']).next().unwrap_or("");
+    // Control characters, and the format characters that reorder or hide
+    // text (a right-to-left override turns "gnp.exe" into "exe.png").
     let clean: String = base
         .chars()
-        .map(|c| if c.is_control() { '_' } else { c })
+        .map(|c| {
+            let hidden = c.is_control()
+                || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
+            if hidden {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect();
     let clean = clean.trim_start_matches('.');
     if clean.is_empty() {
@@ -995,6 +1042,7 @@ mod tests {
         assert_eq!(safe_name(".bash_login"), "_bash_login");
         assert_eq!(safe_name("..hidden"), "_hidden");
         assert_eq!(safe_name("a.b"), "a.b");
+        assert_eq!(safe_name("\u{202e}gnp.exe"), "_gnp.exe");
         assert_eq!(safe_name("x\ny"), "x_y");
         assert_eq!(safe_name("clip.mp4"), "clip.mp4");
     }

@@ -194,8 +194,10 @@ where
     Ok(recorded.max(old))
 }
 
-/// How long opening waits for another process to release the store.
-pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long opening waits for another process to release the store: longer
+/// than a stopping DS takes (its grace for requests in flight, 10 s, and
+/// its final flushes).
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Page cache of a store opened with [`RedbStore::open`].
 pub const DEFAULT_CACHE: usize = 256 << 20;
