@@ -119,3 +119,33 @@ async fn an_inbox_that_never_moves_on_ends_the_sync() {
     let events = r.expect("the inbox sync ended").unwrap();
     assert!(events.is_empty(), "{events:?}");
 }
+
+/// A DS that accepts a push stream and never answers it: an earlier
+/// client waited for ever (`open` had no time-out); now the first answer
+/// of every stream is waited for at most `REQUEST_TIMEOUT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_ds_never_answers_is_given_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, cert) = fake_ds(
+        &dir.path().join("ds"),
+        authenticating(|req| match req {
+            Request::FetchInbox { .. } => Some(Response::Inbox {
+                items: vec![],
+                head: 0,
+            }),
+            Request::ListGroups => Some(Response::Groups { groups: vec![] }),
+            Request::KeyPackageCount => Some(Response::KeyPackageCount {
+                available: 100,
+                last_resort: true,
+            }),
+            // Subscribe: never answered.
+            _ => None,
+        }),
+    )
+    .await;
+    let mut c = Client::open(home(dir.path(), "alice", &addr, &cert)).unwrap();
+    let wait = huddle_client::net::REQUEST_TIMEOUT + Duration::from_secs(15);
+    let r = tokio::time::timeout(wait, c.listen(|_| {}, std::future::pending())).await;
+    let e = r.expect("listen gave up").unwrap_err();
+    assert!(e.to_string().contains("no answer within"), "{e}");
+}
