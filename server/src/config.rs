@@ -334,14 +334,19 @@ mod parse {
         T::try_from(n).map_err(|_| "too large".to_owned())
     }
 
-    pub fn size<T: TryFrom<u64>>(s: &str) -> Result<T, String> {
+    /// A number and the unit after it.
+    fn number_and_unit(s: &str) -> Result<(u64, &str), String> {
         let s = s.trim();
         let split = s
             .find(|c: char| !c.is_ascii_digit() && c != '_')
             .unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = count(num)?;
-        let mul: u64 = match unit.trim() {
+        Ok((count(num)?, unit.trim()))
+    }
+
+    pub fn size<T: TryFrom<u64>>(s: &str) -> Result<T, String> {
+        let (n, unit) = number_and_unit(s)?;
+        let mul: u64 = match unit {
             "" | "B" => 1,
             "KiB" => 1 << 10,
             "MiB" => 1 << 20,
@@ -354,13 +359,8 @@ mod parse {
     }
 
     pub fn time(s: &str) -> Result<Duration, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit() && c != '_')
-            .unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = count(num)?;
-        let ms: u64 = match unit.trim() {
+        let (n, unit) = number_and_unit(s)?;
+        let ms: u64 = match unit {
             "ms" => 1,
             "s" => 1_000,
             "min" => 60_000,

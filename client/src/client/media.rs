@@ -518,8 +518,7 @@ impl Client {
         let (group, info) = self.media_info(media)?;
         let media_id = MediaId(info.media_id);
         let layout = Layout::new(info.chunk_size, info.size).map_err(integrity)?;
-        let header = self.fetch_header(media_id, group, &info).await?;
-        let opener = Opener::new(&ItemKey::from_bytes(info.key), header);
+        // The whole blob on one stream, its header first.
         let (_send, mut recv, resp) = self
             .net()
             .await?
@@ -534,9 +533,8 @@ impl Client {
         stalled(recv.read_exact(&mut head))
             .await?
             .map_err(|e| integrity(format!("header: {e}")))?;
-        if head != header.encode() {
-            return Err(integrity("the blob's header changed between two reads"));
-        }
+        let header = announced_header(&head, media_id, group, &info)?;
+        let opener = Opener::new(&ItemKey::from_bytes(info.key), header);
         let mut hasher = blake3::Hasher::new();
         hasher.update(&head);
         progress.start(&info.name, info.size, 0);
@@ -594,9 +592,7 @@ impl Client {
         let mut buf = Vec::new();
         for i in span.chunks() {
             buf.resize(layout.sealed_len(i).map_err(integrity)?, 0);
-            stalled(recv.read_exact(&mut buf))
-                .await?
-                .map_err(|e| integrity(format!("chunk {i}: {e}")))?;
+            read_sealed(&mut recv, &mut buf, i, &self.settings.server).await?;
             opener.open_chunk_in_place(i, &mut buf).map_err(integrity)?;
             out.extend_from_slice(&buf);
         }
@@ -630,18 +626,28 @@ impl Client {
         stalled(recv.read_exact(&mut bytes))
             .await?
             .map_err(|e| integrity(format!("header: {e}")))?;
-        let h = Header::decode(&bytes).map_err(integrity)?;
-        if h.media() != media
-            || h.group() != group
-            || h.chunk_size() != info.chunk_size
-            || h.total_len() != info.size
-        {
-            return Err(integrity(
-                "the blob's header does not match the announced item",
-            ));
-        }
-        Ok(h)
+        announced_header(&bytes, media, group, info)
     }
+}
+
+/// A blob's header, checked against what the sender announced.
+fn announced_header(
+    bytes: &[u8],
+    media: MediaId,
+    group: GroupId,
+    info: &MediaInfo,
+) -> Result<Header> {
+    let h = Header::decode(bytes).map_err(integrity)?;
+    if h.media() != media
+        || h.group() != group
+        || h.chunk_size() != info.chunk_size
+        || h.total_len() != info.size
+    {
+        return Err(integrity(
+            "the blob's header does not match the announced item",
+        ));
+    }
+    Ok(h)
 }
 
 /// A download flushes its partial file in the background about this often
