@@ -18,12 +18,12 @@ pub mod client;
 pub mod db;
 pub mod error;
 pub mod event;
+pub mod follow;
 pub mod home;
 pub mod identity;
 pub mod lock;
 pub mod net;
 pub mod preview;
-pub mod storage;
 
 pub use client::media::{Progress, Quiet};
 pub use client::Client;

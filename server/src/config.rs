@@ -1,5 +1,6 @@
 //! Server configuration.
 
+use crate::clock::{self, Clock};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -136,6 +137,9 @@ pub struct ServerConfig {
     pub stale_upload: Duration,
     /// How often expired and unreachable media are looked for.
     pub media_sweep_interval: Duration,
+    /// The wall clock every timestamp and every time-based rule of the DS
+    /// reads: [`clock::system`] except in tests.
+    pub clock: Clock,
 }
 
 impl Default for ServerConfig {
@@ -186,6 +190,7 @@ impl Default for ServerConfig {
             max_transfers_per_user: 16,
             max_transfers_total: 1024,
             media_sweep_interval: Duration::from_secs(60),
+            clock: clock::system,
         }
     }
 }

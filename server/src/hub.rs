@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use huddle_core::proto::{self, Event, InboxItem};
 use huddle_core::GroupId;
 
-use crate::group::{Signals, Subscriber};
 use crate::store::{join_welcome, NewInboxItem};
+use crate::subscriber::{Signals, Subscriber};
 
 /// A Welcome larger than this is announced (`InboxGap`) rather than
 /// pushed: the client fetches it, and the DS never holds one copy of it per

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod budget;
+pub mod clock;
 pub mod config;
 pub mod group;
 pub mod hub;
@@ -29,6 +30,7 @@ pub mod push;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod subscriber;
 pub mod tls;
 pub mod writer;
 

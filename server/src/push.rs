@@ -23,8 +23,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::group::{Signals, Subscriber, WatchResult};
+use crate::group::WatchResult;
 use crate::service::{Service, Session};
+use crate::subscriber::{Signals, Subscriber};
 
 /// Runs a subscription until the client closes it, the connection drops or
 /// the server shuts down.

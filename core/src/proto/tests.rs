@@ -1,4 +1,5 @@
 use super::*;
+use crate::frame;
 use proptest::collection::vec;
 use proptest::prelude::*;
 
@@ -292,6 +293,25 @@ fn unknown_type_is_told_apart() {
         decode::<Request>(&body[..body.len() - 1]),
         Err(DecodeError::Truncated)
     );
+}
+
+#[test]
+fn numbers_not_in_their_shortest_encoding_are_refused() {
+    // Challenge is type 0: one byte, not a padded varint.
+    assert_eq!(decode::<Request>(&[0]), Ok(Request::Challenge));
+    assert!(matches!(
+        decode::<Request>(&[0x80, 0x00]),
+        Err(DecodeError::Invalid(m)) if m.contains("shortest")
+    ));
+    // A padded field: FetchInbox's `limit` 5 as 0x85 0x00.
+    let body = encode_body(&Request::FetchInbox { after: 1, limit: 5 });
+    assert_eq!(body.last(), Some(&5));
+    let mut padded = body[..body.len() - 1].to_vec();
+    padded.extend_from_slice(&[0x85, 0x00]);
+    assert!(matches!(
+        decode::<Request>(&padded),
+        Err(DecodeError::Invalid(m)) if m.contains("shortest")
+    ));
 }
 
 /// KNOWN_TYPES must match the number of variants: the last variant decodes,

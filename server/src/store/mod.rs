@@ -16,7 +16,7 @@ pub mod redb;
 mod tests;
 
 use bytes::Bytes;
-use huddle_core::proto::{InboxItem, LogEntry};
+use huddle_core::proto::{ErrorBody, ErrorCode, InboxItem, LogEntry};
 use huddle_core::{GroupId, MediaId};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -37,6 +37,24 @@ pub enum StoreError {
     /// Any other storage failure.
     #[error("storage failure: {0}")]
     Io(String),
+}
+
+impl From<StoreError> for ErrorBody {
+    /// What a client is told of a storage failure: a full disk as such (the
+    /// client may retry later), anything else as an internal error, logged
+    /// here with its detail.
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Full => ErrorBody::new(
+                ErrorCode::QuotaExceeded,
+                "the server's storage is full; nothing was stored",
+            ),
+            other => {
+                tracing::warn!(error = %other, "storage failure");
+                ErrorBody::new(ErrorCode::Internal, "storage failure; nothing was stored")
+            }
+        }
+    }
 }
 
 /// A registered user.

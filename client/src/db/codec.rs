@@ -1,17 +1,7 @@
-//! The client's one embedded database: openmls state (through
-//! `openmls_sqlite_storage`) and Huddle's own tables, in one SQLite file, so
-//! that processing a message and advancing the cursor past it commit in one
-//! transaction.
+//! How openmls' stored values are encoded: postcard for the per-group
+//! state read back for every batch, JSON for everything used as a key.
 
-use std::path::Path;
-
-use openmls_rust_crypto::RustCrypto;
-use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
-use openmls_traits::OpenMlsProvider;
-use rusqlite::Connection;
-
-use crate::error::{ClientError, Result};
-use crate::storage::Storage;
+use openmls_sqlite_storage::Codec;
 
 /// Codec for openmls' stored values.
 ///
@@ -107,192 +97,16 @@ impl Codec for LegacyJsonCodec {
     }
 }
 
-/// An openmls provider whose storage writes go to `conn`. Build it over a
-/// transaction to make MLS changes and Huddle's own rows atomic.
-pub struct Provider<'a, C: Codec = StateCodec> {
-    crypto: &'a RustCrypto,
-    conn: &'a Connection,
-    storage: Storage<'a, C>,
-}
-
-impl<C: Codec> std::fmt::Debug for Provider<'_, C> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Provider")
-    }
-}
-
-impl<'a> Provider<'a> {
-    /// A provider over `conn`.
-    pub fn new(crypto: &'a RustCrypto, conn: &'a Connection) -> Self {
-        Self::with_codec(crypto, conn)
-    }
-}
-
-impl<'a, C: Codec> Provider<'a, C> {
-    /// A provider over `conn` encoding with `C` (tests and benchmarks build
-    /// databases in the legacy encoding with it).
-    pub fn with_codec(crypto: &'a RustCrypto, conn: &'a Connection) -> Self {
-        Self {
-            crypto,
-            conn,
-            storage: Storage::new(conn),
-        }
-    }
-
-    /// The connection (or transaction) the storage writes to.
-    pub fn storage_conn(&self) -> &'a Connection {
-        self.conn
-    }
-}
-
-impl<'a, C: Codec> OpenMlsProvider for Provider<'a, C> {
-    type CryptoProvider = RustCrypto;
-    type RandProvider = RustCrypto;
-    type StorageProvider = Storage<'a, C>;
-
-    fn storage(&self) -> &Self::StorageProvider {
-        &self.storage
-    }
-
-    fn crypto(&self) -> &Self::CryptoProvider {
-        self.crypto
-    }
-
-    fn rand(&self) -> &Self::RandProvider {
-        self.crypto
-    }
-}
-
-/// How long a statement waits for another process of the home to finish
-/// its transaction before failing with "database is locked".
-pub const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Opens (creating if needed) the database at `path` and brings its schema
-/// up to date.
-pub fn open(path: &Path) -> Result<Connection> {
-    let mut conn = Connection::open(path)?;
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        // MLS secrets live here: readable by this user only.
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-    }
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // FULL: a committed transaction survives power loss, not only a crash.
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    // Several processes of one home (`listen` beside `send`) share this
-    // file. A write transaction takes the write lock when it begins
-    // (IMMEDIATE): a deferred one that read first and then writes fails at
-    // once with SQLITE_BUSY when another process wrote in between, whatever
-    // the busy timeout. Waiting for another process's transaction is
-    // bounded by the timeout; transactions never span a network round trip.
-    conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    SqliteStorageProvider::<StateCodec, &mut Connection>::new(&mut conn)
-        .run_migrations()
-        .map_err(|e| ClientError::Io(format!("migrating the MLS tables: {e}")))?;
-    conn.execute_batch(SCHEMA)?;
-    migrate(&conn)?;
-    Ok(conn)
-}
-
-/// Brings a database written by an earlier version up to date.
-fn migrate(conn: &Connection) -> Result<()> {
-    let has_own = |c: &Connection| -> rusqlite::Result<bool> {
-        c.query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('huddle_events') WHERE name = 'own'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map(|n| n > 0)
-    };
-    if has_own(conn)? {
-        return Ok(());
-    }
-    // Another process of the home may be doing the same.
-    let tx = conn.unchecked_transaction()?;
-    if !has_own(&tx)? {
-        tx.execute_batch(
-            "ALTER TABLE huddle_events ADD COLUMN own INTEGER NOT NULL DEFAULT 0;
-             INSERT OR REPLACE INTO huddle_kv (key, value)
-                 SELECT 'shown_upto', COALESCE(MAX(rowid), 0) FROM huddle_events;",
-        )?;
-    }
-    tx.commit()?;
-    Ok(())
-}
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS huddle_groups (
-    id BLOB PRIMARY KEY,
-    name TEXT NOT NULL DEFAULT '',
-    -- creating | active | leaving | removed | left
-    state TEXT NOT NULL,
-    -- last log entry processed
-    cursor INTEGER NOT NULL,
-    -- our own commit, sent but not yet known to be accepted
-    pending_commit BLOB,
-    -- when the oldest unhandled proposal was appended (ms), if any
-    proposals_since_ms INTEGER,
-    joined_ms INTEGER NOT NULL
-);
--- the history; `own` marks what this device did itself (shown by the
--- command that did it, and by `listen`, but not again by `sync`); rows are
--- reported in rowid order, up to the `shown_upto` setting
-CREATE TABLE IF NOT EXISTS huddle_events (
-    group_id BLOB NOT NULL,
-    seq INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
-    event TEXT NOT NULL,
-    own INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (group_id, seq, idx)
-);
--- log positions of entries this device sent (it cannot decrypt its own)
-CREATE TABLE IF NOT EXISTS huddle_own (
-    group_id BLOB NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (group_id, seq)
-);
--- application messages this device posted whose log position it has not
--- learnt yet (another process of the home may process them first), by the
--- BLAKE3 of the posted message: the event to record once placed (NULL for
--- messages that show nothing)
-CREATE TABLE IF NOT EXISTS huddle_outbox (
-    group_id BLOB NOT NULL,
-    digest BLOB NOT NULL,
-    event TEXT,
-    created_ms INTEGER NOT NULL,
-    PRIMARY KEY (group_id, digest)
-);
-CREATE TABLE IF NOT EXISTS huddle_kv (
-    key TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
--- identity keys as first seen (trust on first use)
-CREATE TABLE IF NOT EXISTS huddle_users (
-    name TEXT PRIMARY KEY,
-    identity_key BLOB NOT NULL,
-    first_seen_ms INTEGER NOT NULL
-);
--- uploads not yet announced: key, salt and id, to resume them
-CREATE TABLE IF NOT EXISTS huddle_uploads (
-    upload_key TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    created_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS huddle_media (
-    media_id BLOB PRIMARY KEY,
-    group_id BLOB NOT NULL,
-    info TEXT NOT NULL
-);
-";
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::Provider;
     use crate::identity::Identity;
     use huddle_core::mls;
     use openmls::prelude::*;
+    use openmls_rust_crypto::RustCrypto;
+    use openmls_sqlite_storage::SqliteStorageProvider;
+    use rusqlite::Connection;
 
     fn key_package(name: &str) -> KeyPackage {
         let provider = openmls_rust_crypto::OpenMlsRustCrypto::default();

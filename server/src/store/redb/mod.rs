@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use ::redb::{Database, Durability, ReadableTable, TableDefinition};
+use ::redb::{Database, ReadableTable, TableDefinition};
 use bytes::Bytes;
 use huddle_core::proto::{InboxItem, LogEntry, MAX_PAGE_BYTES};
 use huddle_core::{GroupId, MediaId};
@@ -15,32 +15,55 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use super::*;
 
+mod inbox;
+mod write;
+
+use inbox::{inbox_head, InboxTables, StoredInboxItem};
+use write::stored_group;
+
 const USERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("users");
+
 const KP_POOL: TableDefinition<'_, (&str, &[u8]), &[u8]> = TableDefinition::new("kp_pool");
+
 const KP_LAST: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kp_last_resort");
+
 const GROUPS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("groups");
+
 const GROUP_STATE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("group_state");
+
 const LOG: TableDefinition<'_, (&[u8], u64), &[u8]> = TableDefinition::new("log");
+
 const MEMBERS: TableDefinition<'_, (&[u8], &str), &[u8]> = TableDefinition::new("members");
+
 const USER_GROUPS: TableDefinition<'_, (&str, &[u8]), ()> = TableDefinition::new("user_groups");
+
 /// Inbox items as stored before Welcomes were split (whole Welcomes); read
 /// and deleted, never written.
 const INBOX: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("inbox");
+
 /// Inbox items: the recipient's own part of the Welcome.
 const INBOX_ITEMS: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("inbox_items");
+
 /// The newest inbox sequence number of each user (items are deleted, the
 /// numbering goes on).
 const INBOX_HEAD: TableDefinition<'_, &str, u64> = TableDefinition::new("inbox_head");
+
 /// The shared part of each commit's Welcome, (group, commit seq) →
 /// references (u32, big-endian) followed by the bytes.
 pub(crate) const WELCOME_SHARED: TableDefinition<'_, (&[u8], u64), &[u8]> =
     TableDefinition::new("welcome_shared");
+
 const TREES: TableDefinition<'_, (&[u8], u64), &[u8]> = TableDefinition::new("trees");
+
 const CURSORS: TableDefinition<'_, (&[u8], &str), u64> = TableDefinition::new("cursors");
+
 const EPOCH_AUTH: TableDefinition<'_, (&[u8], u64, &str), &[u8]> =
     TableDefinition::new("epoch_auth");
+
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+
 const MEDIA: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("media");
+
 /// group id -> epoch (8 bytes, big endian) followed by the GroupInfo.
 const GROUP_INFO: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("group_info");
 
@@ -88,110 +111,6 @@ pub(crate) fn dec_member(bytes: &[u8]) -> Result<MemberRecord, StoreError> {
         Ok(m) => Ok(m),
         Err(_) => dec::<MemberRecordV1>(bytes, "member").map(MemberRecord::from),
     }
-}
-
-/// An inbox item as stored: the recipient's own part of the Welcome.
-#[derive(Debug, Serialize, serde::Deserialize)]
-struct StoredInboxItem {
-    group: GroupId,
-    commit_seq: u64,
-    timestamp_ms: u64,
-    own: Vec<u8>,
-}
-
-/// The inbox tables of one write transaction.
-struct InboxTables<'t> {
-    legacy: ::redb::Table<'t, (&'static str, u64), &'static [u8]>,
-    items: ::redb::Table<'t, (&'static str, u64), &'static [u8]>,
-    heads: ::redb::Table<'t, &'static str, u64>,
-    shared: ::redb::Table<'t, (&'static [u8], u64), &'static [u8]>,
-}
-
-impl<'t> InboxTables<'t> {
-    fn open(txn: &'t ::redb::WriteTransaction) -> Result<Self, StoreError> {
-        Ok(Self {
-            legacy: txn.open_table(INBOX).map_err(err)?,
-            items: txn.open_table(INBOX_ITEMS).map_err(err)?,
-            heads: txn.open_table(INBOX_HEAD).map_err(err)?,
-            shared: txn.open_table(WELCOME_SHARED).map_err(err)?,
-        })
-    }
-
-    fn head(&self, user: &str) -> Result<u64, StoreError> {
-        inbox_head(&self.heads, &self.legacy, user)
-    }
-
-    /// The oldest item of `user` still stored.
-    fn first(&self, user: &str) -> Result<Option<u64>, StoreError> {
-        let first = |t: &::redb::Table<'t, (&'static str, u64), &'static [u8]>| {
-            t.range((user, 0)..=(user, u64::MAX))
-                .map_err(err)?
-                .next()
-                .transpose()
-                .map_err(err)
-                .map(|r| r.map(|(k, _)| k.value().1))
-        };
-        Ok(match (first(&self.legacy)?, first(&self.items)?) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        })
-    }
-
-    fn add_shared(&mut self, gid: &[u8], seq: u64, n: u32, bytes: &[u8]) -> Result<(), StoreError> {
-        let old = self
-            .shared
-            .get((gid, seq))
-            .map_err(err)?
-            .map(|v| u32::from_be_bytes(v.value()[..4].try_into().expect("4 bytes")));
-        let mut v = Vec::with_capacity(4 + bytes.len());
-        v.extend_from_slice(&(old.unwrap_or(0) + n).to_be_bytes());
-        v.extend_from_slice(bytes);
-        self.shared.insert((gid, seq), v.as_slice()).map_err(err)?;
-        Ok(())
-    }
-
-    /// Deletes one item, and the shared part it referenced once nothing
-    /// else does.
-    fn drop_item(&mut self, user: &str, seq: u64) -> Result<(), StoreError> {
-        if self.legacy.remove((user, seq)).map_err(err)?.is_some() {
-            return Ok(());
-        }
-        let Some(v) = self.items.remove((user, seq)).map_err(err)? else {
-            return Ok(());
-        };
-        let item: StoredInboxItem = dec(v.value(), "inbox item")?;
-        drop(v);
-        let key = (item.group.as_bytes().as_slice(), item.commit_seq);
-        let Some(s) = self.shared.get(key).map_err(err)? else {
-            return Ok(());
-        };
-        let mut bytes = s.value().to_vec();
-        drop(s);
-        let refs = u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes"));
-        if refs <= 1 {
-            self.shared.remove(key).map_err(err)?;
-        } else {
-            bytes[..4].copy_from_slice(&(refs - 1).to_be_bytes());
-            self.shared.insert(key, bytes.as_slice()).map_err(err)?;
-        }
-        Ok(())
-    }
-}
-
-fn inbox_head<H, L>(heads: &H, legacy: &L, user: &str) -> Result<u64, StoreError>
-where
-    H: ReadableTable<&'static str, u64>,
-    L: ReadableTable<(&'static str, u64), &'static [u8]>,
-{
-    let recorded = heads.get(user).map_err(err)?.map_or(0, |v| v.value());
-    let old = legacy
-        .range((user, 0)..=(user, u64::MAX))
-        .map_err(err)?
-        .next_back()
-        .transpose()
-        .map_err(err)?
-        .map_or(0, |(k, _)| k.value().1);
-    Ok(recorded.max(old))
 }
 
 /// How long opening waits for another process to release the store: longer
@@ -269,166 +188,10 @@ impl RedbStore {
         })
     }
 
-    fn write(&self) -> Result<::redb::WriteTransaction, StoreError> {
-        let guard = self.db.read().expect("db lock");
-        let mut txn = guard
-            .as_ref()
-            .ok_or_else(closed)?
-            .begin_write()
-            .map_err(err)?;
-        txn.set_durability(Durability::Immediate);
-        Ok(txn)
-    }
-
     /// A read transaction, for tests that look at tables directly.
     #[cfg(test)]
     pub(crate) fn read_for_tests(&self) -> ::redb::ReadTransaction {
         self.read().expect("a read transaction")
-    }
-
-    fn read(&self) -> Result<::redb::ReadTransaction, StoreError> {
-        let guard = self.db.read().expect("db lock");
-        guard.as_ref().ok_or_else(closed)?.begin_read().map_err(err)
-    }
-
-    fn apply_one(txn: &::redb::WriteTransaction, w: &GroupWrite) -> Result<Vec<u64>, StoreError> {
-        let gid = w.group.as_bytes().as_slice();
-        let old_compacted;
-        {
-            let mut groups = txn.open_table(GROUPS).map_err(err)?;
-            let old = groups.get(gid).map_err(err)?.map(|v| v.value().to_vec());
-            match (&old, w.create) {
-                (Some(_), true) => {
-                    return Err(StoreError::Conflict(format!("group {} exists", w.group)))
-                }
-                (None, false) => {
-                    return Err(StoreError::Conflict(format!(
-                        "group {} is unknown",
-                        w.group
-                    )))
-                }
-                _ => {}
-            }
-            let old_meta = old
-                .as_deref()
-                .map(|b| dec::<GroupMeta>(b, "group meta"))
-                .transpose()?;
-            // The group's row is rewritten only when more than its head
-            // changes (see below), so the log's newest entry may be ahead
-            // of the head it records.
-            let old_head = match &old_meta {
-                Some(m) => m
-                    .head
-                    .max(last_seq(&txn.open_table(LOG).map_err(err)?, gid)?),
-                None => 0,
-            };
-            old_compacted = old_meta.as_ref().map_or(0, |m| m.compacted);
-            // The log must grow without gaps: a write computed against stale
-            // in-memory state must never land.
-            for (i, e) in w.entries.iter().enumerate() {
-                if e.seq != old_head + 1 + i as u64 {
-                    return Err(StoreError::Conflict(format!(
-                        "log of {} would not be contiguous at {}",
-                        w.group, e.seq
-                    )));
-                }
-            }
-            // An application message only moves the head, which the log
-            // itself records: leaving the row alone saves a page write in
-            // every such commit.
-            let only_head = old_meta.as_ref().is_some_and(|m| {
-                m.created_ms == w.meta.created_ms
-                    && m.epoch == w.meta.epoch
-                    && m.compacted == w.meta.compacted
-            });
-            if !only_head {
-                groups.insert(gid, enc(&w.meta).as_slice()).map_err(err)?;
-            }
-        }
-        if let Some(state) = &w.state {
-            let mut t = txn.open_table(GROUP_STATE).map_err(err)?;
-            t.insert(gid, state.as_slice()).map_err(err)?;
-        }
-        if !w.entries.is_empty() {
-            let mut t = txn.open_table(LOG).map_err(err)?;
-            for e in &w.entries {
-                t.insert((gid, e.seq), enc(e).as_slice()).map_err(err)?;
-            }
-        }
-        if !w.members.is_empty() {
-            let mut m = txn.open_table(MEMBERS).map_err(err)?;
-            let mut ug = txn.open_table(USER_GROUPS).map_err(err)?;
-            for (user, rec) in &w.members {
-                m.insert((gid, user.as_str()), enc(rec).as_slice())
-                    .map_err(err)?;
-                ug.insert((user.as_str(), gid), ()).map_err(err)?;
-            }
-        }
-        if !w.trees.is_empty() {
-            let mut t = txn.open_table(TREES).map_err(err)?;
-            for (seq, tree) in &w.trees {
-                t.insert((gid, *seq), tree.as_ref()).map_err(err)?;
-            }
-        }
-        if let Some((epoch, info)) = &w.group_info {
-            let mut t = txn.open_table(GROUP_INFO).map_err(err)?;
-            let mut v = Vec::with_capacity(8 + info.len());
-            v.extend_from_slice(&epoch.to_be_bytes());
-            v.extend_from_slice(info);
-            t.insert(gid, v.as_slice()).map_err(err)?;
-        }
-        if let Some(upto) = w.compact_upto {
-            let mut log = txn.open_table(LOG).map_err(err)?;
-            for seq in old_compacted + 1..=upto {
-                log.remove((gid, seq)).map_err(err)?;
-            }
-            // Trees of commits before the floor: their joiners have moved on.
-            let mut trees = txn.open_table(TREES).map_err(err)?;
-            let old: Vec<u64> = trees
-                .range((gid, 0)..(gid, upto))
-                .map_err(err)?
-                .map(|r| r.map(|(k, _)| k.value().1))
-                .collect::<Result<_, _>>()
-                .map_err(err)?;
-            for seq in old {
-                trees.remove((gid, seq)).map_err(err)?;
-            }
-        }
-        let mut created = Vec::with_capacity(w.welcomes.len());
-        if !w.welcomes.is_empty() {
-            let mut t = InboxTables::open(txn)?;
-            // Each commit's shared part once, referenced by its joiners.
-            let mut refs: std::collections::BTreeMap<u64, (u32, &Bytes)> = Default::default();
-            for item in &w.welcomes {
-                refs.entry(item.commit_seq).or_insert((0, &item.shared)).0 += 1;
-            }
-            for (seq, (n, shared)) in refs {
-                t.add_shared(gid, seq, n, shared)?;
-            }
-            for item in &w.welcomes {
-                let user = item.user.as_str();
-                let seq = t.head(user)? + 1;
-                let stored = StoredInboxItem {
-                    group: w.group,
-                    commit_seq: item.commit_seq,
-                    timestamp_ms: item.timestamp_ms,
-                    own: item.own.to_vec(),
-                };
-                t.items
-                    .insert((user, seq), enc(&stored).as_slice())
-                    .map_err(err)?;
-                t.heads.insert(user, seq).map_err(err)?;
-                // Over the cap: the oldest go.
-                while let Some(first) = t.first(user)? {
-                    if seq - first < w.inbox_cap as u64 {
-                        break;
-                    }
-                    t.drop_item(user, first)?;
-                }
-                created.push(seq);
-            }
-        }
-        Ok(created)
     }
 }
 
@@ -908,55 +671,6 @@ impl Store for RedbStore {
         txn.commit().map_err(err)?;
         Ok(out)
     }
-}
-
-/// The sequence number of the newest log entry of `gid`, 0 if none.
-fn last_seq<T: ReadableTable<(&'static [u8], u64), &'static [u8]>>(
-    log: &T,
-    gid: &[u8],
-) -> Result<u64, StoreError> {
-    Ok(log
-        .range((gid, 0)..=(gid, u64::MAX))
-        .map_err(err)?
-        .next_back()
-        .transpose()
-        .map_err(err)?
-        .map_or(0, |(k, _)| k.value().1))
-}
-
-/// Group `id`, whose row holds `meta`, as stored: facts (with the true
-/// head), public state and member records.
-fn stored_group(
-    txn: &::redb::ReadTransaction,
-    id: GroupId,
-    meta: &[u8],
-) -> Result<StoredGroup, StoreError> {
-    let states = txn.open_table(GROUP_STATE).map_err(err)?;
-    let members = txn.open_table(MEMBERS).map_err(err)?;
-    let log = txn.open_table(LOG).map_err(err)?;
-    let mut meta: GroupMeta = dec(meta, "group meta")?;
-    let gid = id.as_bytes().as_slice();
-    meta.head = meta.head.max(last_seq(&log, gid)?);
-    let state = states
-        .get(gid)
-        .map_err(err)?
-        .map(|v| v.value().to_vec())
-        .ok_or_else(|| StoreError::Corrupt(format!("group {id} has no state")))?;
-    let mut list = Vec::new();
-    for m in members.range((gid, "")..).map_err(err)? {
-        let (mk, mv) = m.map_err(err)?;
-        let (g, user) = mk.value();
-        if g != gid {
-            break;
-        }
-        list.push((user.to_owned(), dec_member(mv.value())?));
-    }
-    Ok(StoredGroup {
-        id,
-        meta,
-        state,
-        members: list,
-    })
 }
 
 /// `user`'s one-time packages valid at `valid_until` (seconds; 0 counts

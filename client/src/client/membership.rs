@@ -1,0 +1,413 @@
+//! Changing who is in a group: adds, removals, key updates, leaving,
+//! committing others' proposals, and the commit-and-retry loop under them.
+
+use std::collections::HashSet;
+
+use huddle_core::mls::{self, user_of};
+use huddle_core::proto::{ClaimedKeyPackage, ErrorCode, Request, Response, UserInfo};
+use huddle_core::GroupId;
+use openmls::prelude::{tls_codec::Deserialize as _, *};
+use tracing::debug;
+
+use crate::app::AppMessage;
+use crate::db::groups::GroupState;
+use crate::db::history::Origin;
+use crate::db::{self, Provider};
+use crate::error::{ClientError, Result};
+use crate::event::Event;
+use crate::follow::{self, Duty};
+use crate::identity::Identity;
+
+use super::{now_ms, serialize, Client, CommitOut, COMMIT_ATTEMPTS};
+
+impl Client {
+    /// Adds users to a group in one commit.
+    pub async fn add(&mut self, group: &str, users: &[String]) -> Result<Vec<Event>> {
+        let id = self.resolve_group(group)?;
+        self.sync_group(&id).await?;
+        self.active_group(&id)?;
+        let current: HashSet<String> = self.members(group)?.into_iter().collect();
+        let mut wanted: Vec<String> = Vec::new();
+        for u in users {
+            huddle_core::ids::check_user_name(u).map_err(|e| ClientError::Usage(e.to_string()))?;
+            if current.contains(u) {
+                return Err(ClientError::Usage(format!("{u} is already a member")));
+            }
+            if !wanted.contains(u) {
+                wanted.push(u.clone());
+            }
+        }
+        if wanted.is_empty() {
+            return Err(ClientError::Usage("name at least one user to add".into()));
+        }
+        let Response::Users { users: infos } = self
+            .request(&Request::LookupUsers {
+                names: wanted.clone(),
+            })
+            .await?
+        else {
+            return Err(ClientError::Protocol("expected Users".into()));
+        };
+        for u in &wanted {
+            if !infos.iter().any(|i| &i.name == u) {
+                return Err(ClientError::Usage(format!(
+                    "{u} is not registered on this server"
+                )));
+            }
+        }
+        self.check_known_keys(&infos)?;
+        let Response::KeyPackages { packages } = self
+            .request(&Request::ClaimKeyPackages {
+                users: wanted.clone(),
+            })
+            .await?
+        else {
+            return Err(ClientError::Protocol("expected KeyPackages".into()));
+        };
+        let kps = self.check_claimed(&packages, &infos)?;
+        let added = wanted.clone();
+        let events = self
+            .commit_with_retry(
+                &id,
+                "member_added",
+                Some(added),
+                Origin::Own,
+                move |g, p, s| {
+                    // No UpdatePath (RFC 9420 §12.4): an add-only commit still
+                    // starts a new epoch the joiners cannot reach back from, and
+                    // without a path it stays small in a large group (every
+                    // member downloads it). See docs/SECURITY.md §6.6.
+                    let (c, w, _) = g
+                        .add_members_without_update(p, s, &kps)
+                        .map_err(ClientError::mls)?;
+                    Ok((c, Some(w)))
+                },
+            )
+            .await?;
+        // Tell everyone (joiners included) the group's name.
+        let name = db::groups::load(&self.db, &id)?
+            .map(|r| r.name)
+            .unwrap_or_default();
+        if !name.is_empty() {
+            self.send_app(&id, &AppMessage::GroupName { name }).await?;
+        }
+        Ok(events)
+    }
+
+    pub(super) fn check_claimed(
+        &self,
+        packages: &[ClaimedKeyPackage],
+        infos: &[UserInfo],
+    ) -> Result<Vec<KeyPackage>> {
+        let mut out = Vec::new();
+        for p in packages {
+            let kp = KeyPackageIn::tls_deserialize_exact(p.key_package.as_ref())
+                .map_err(|e| ClientError::Mls(format!("key package of {}: {e}", p.user)))?
+                .validate(&self.crypto, ProtocolVersion::Mls10)
+                .map_err(|e| ClientError::Mls(format!("key package of {}: {e}", p.user)))?;
+            let key = infos
+                .iter()
+                .find(|i| i.name == p.user)
+                .map(|i| i.identity_key)
+                .ok_or_else(|| {
+                    ClientError::Protocol(format!("unexpected key package for {}", p.user))
+                })?;
+            if user_of(kp.leaf_node().credential()).as_deref() != Some(p.user.as_str())
+                || kp.leaf_node().signature_key().as_slice() != key.as_slice()
+                || kp.ciphersuite() != mls::CIPHERSUITE
+            {
+                return Err(ClientError::Mls(format!(
+                    "the key package handed out for {} is not theirs: refusing it",
+                    p.user
+                )));
+            }
+            out.push(kp);
+        }
+        Ok(out)
+    }
+
+    /// Removes users from a group in one commit.
+    pub async fn remove(&mut self, group: &str, users: &[String]) -> Result<Vec<Event>> {
+        let id = self.resolve_group(group)?;
+        self.sync_group(&id).await?;
+        self.active_group(&id)?;
+        if users.iter().any(|u| u == self.name()) {
+            return Err(ClientError::Usage(
+                "to remove yourself, use `huddle group leave`".into(),
+            ));
+        }
+        let users = users.to_vec();
+        let removed = users.clone();
+        self.commit_with_retry(
+            &id,
+            "member_removed",
+            Some(removed),
+            Origin::Own,
+            move |g, p, s| {
+                let mut leaves = Vec::new();
+                for u in &users {
+                    let m = g
+                        .members()
+                        .find(|m| user_of(&m.credential).as_deref() == Some(u.as_str()))
+                        .ok_or_else(|| ClientError::Usage(format!("{u} is not a member")))?;
+                    leaves.push(m.index);
+                }
+                let (c, w, _) = g.remove_members(p, s, &leaves).map_err(ClientError::mls)?;
+                Ok((c, w))
+            },
+        )
+        .await
+    }
+
+    /// Rotates this device's keys in the group.
+    pub async fn update(&mut self, group: &str) -> Result<Vec<Event>> {
+        let id = self.resolve_group(group)?;
+        self.sync_group(&id).await?;
+        self.active_group(&id)?;
+        self.commit_with_retry(&id, "key_update", None, Origin::Own, |g, p, s| {
+            let bundle = g
+                .self_update(p, s, LeafNodeParameters::default())
+                .map_err(ClientError::mls)?;
+            let (c, w, _) = bundle.into_messages();
+            Ok((c, w))
+        })
+        .await
+    }
+
+    /// Asks to leave the group: posts a proposal removing this device, which
+    /// a remaining member commits. The group shows as `leaving` until then.
+    /// Returns whether the group was left at once (this device was its only
+    /// member: nobody is left to commit).
+    pub async fn leave(&mut self, group: &str) -> Result<bool> {
+        let id = self.resolve_group(group)?;
+        self.sync_group(&id).await?;
+        self.active_group(&id)?;
+        if self.load_group(&self.db, &id)?.members().count() == 1 {
+            db::groups::set_state(&self.db, &id, GroupState::Left)?;
+            return Ok(true);
+        }
+        self.propose_leave(&id).await?;
+        Ok(false)
+    }
+
+    pub(super) async fn propose_leave(&mut self, id: &GroupId) -> Result<()> {
+        let _lock = self.locks.lock(id).await?;
+        for _ in 0..COMMIT_ATTEMPTS {
+            let proposal = {
+                let tx = self.db.unchecked_transaction()?;
+                let provider = Provider::new(&self.crypto, &tx);
+                let mut g = self.load_group(&tx, id)?;
+                let msg = g
+                    .leave_group(&provider, &self.identity)
+                    .map_err(ClientError::mls)?;
+                // The proposal is also kept in our own proposal store; the
+                // transaction is not committed, the DS's copy is what counts.
+                serialize(&msg)?
+            };
+            match self
+                .request(&Request::Proposal {
+                    group: *id,
+                    proposal,
+                })
+                .await
+            {
+                Ok(_) => {
+                    db::groups::set_state(&self.db, id, GroupState::Leaving)?;
+                    return Ok(());
+                }
+                Err(ClientError::Server(e)) if e.code == ErrorCode::StaleEpoch => {
+                    self.sync_group(id).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Usage(
+            "could not post the leave request; try again".into(),
+        ))
+    }
+
+    /// Builds a commit with `make`, posts it, merges it when accepted, and
+    /// retries after syncing when another commit won the epoch.
+    pub(super) async fn commit_with_retry<F>(
+        &mut self,
+        id: &GroupId,
+        kind: &str,
+        members: Option<Vec<String>>,
+        origin: Origin,
+        make: F,
+    ) -> Result<Vec<Event>>
+    where
+        F: Fn(&mut MlsGroup, &Provider<'_>, &Identity) -> Result<CommitOut>,
+    {
+        // No other process of the home may replace our pending commit
+        // before it is merged or discarded.
+        let _lock = self.locks.lock(id).await?;
+        for attempt in 0..COMMIT_ATTEMPTS {
+            let (commit, welcome) = {
+                let tx = self.db.unchecked_transaction()?;
+                let provider = Provider::new(&self.crypto, &tx);
+                let mut g = self.load_group(&tx, id)?;
+                if g.pending_commit().is_some() {
+                    g.clear_pending_commit(provider.storage())
+                        .map_err(ClientError::mls)?;
+                }
+                let (c, w) = make(&mut g, &provider, &self.identity)?;
+                let commit = serialize(&c)?;
+                let welcome = w.as_ref().map(serialize).transpose()?;
+                db::groups::set_pending_commit(&tx, id, Some(commit.as_ref()))?;
+                tx.commit()?;
+                (commit, welcome)
+            };
+            let r = self
+                .request(&Request::Commit {
+                    group: *id,
+                    commit,
+                    welcome,
+                })
+                .await;
+            match r {
+                Ok(Response::Appended { seq, epoch }) => {
+                    let tx = self.db.unchecked_transaction()?;
+                    let provider = Provider::new(&self.crypto, &tx);
+                    let mut g = self.load_group(&tx, id)?;
+                    g.merge_pending_commit(&provider)
+                        .map_err(ClientError::mls)?;
+                    db::groups::commit_merged(&tx, id)?;
+                    db::history::mark_own(&tx, id, seq)?;
+                    let mut events = Vec::new();
+                    if let Some(m) = &members {
+                        let mut e = Event::new(kind, &id.to_string(), self.name(), seq, now_ms());
+                        e.members = Some(m.clone());
+                        e.epoch = Some(epoch);
+                        e.group_name = db::groups::load(&tx, id)?
+                            .map(|r| r.name)
+                            .unwrap_or_default();
+                        events.push(e);
+                    }
+                    db::history::record(&tx, id, &events, origin)?;
+                    tx.commit()?;
+                    debug!(group = %id, seq, epoch, attempt, "commit accepted");
+                    self.publish_group_info(id).await;
+                    return Ok(events);
+                }
+                Ok(other) => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+                Err(ClientError::Server(e)) => {
+                    self.discard_pending_commit(id)?;
+                    if e.code == ErrorCode::StaleEpoch {
+                        debug!(group = %id, attempt, "commit lost the epoch; syncing and retrying");
+                        self.sync_group(id).await?;
+                        self.active_group(id)?;
+                        continue;
+                    }
+                    return Err(ClientError::Server(e));
+                }
+                // A connection failure: the commit may or may not have landed.
+                // The pending commit stays; the next sync settles it.
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Usage(
+            "other members kept committing first; try again".into(),
+        ))
+    }
+
+    /// A pending commit that is not in the log read up to its head: the DS
+    /// never took it, unless the process that made it is still waiting for
+    /// the answer. Only when no process of the home holds the group's lock
+    /// is it abandoned, and discarded.
+    pub(super) fn discard_abandoned_commit(&mut self, id: &GroupId) -> Result<()> {
+        let Some(_lock) = self.locks.try_lock(id)? else {
+            return Ok(());
+        };
+        self.discard_pending_commit(id)
+    }
+
+    pub(super) fn discard_pending_commit(&mut self, id: &GroupId) -> Result<()> {
+        let tx = self.db.unchecked_transaction()?;
+        let provider = Provider::new(&self.crypto, &tx);
+        let mut g = self.load_group(&tx, id)?;
+        g.clear_pending_commit(provider.storage())
+            .map_err(ClientError::mls)?;
+        db::groups::set_pending_commit(&tx, id, None)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Commits pending proposals if this device is the designated committer
+    /// (the member with the lowest leaf index that is not being removed), or
+    /// if `force`, or once the proposals are older than [`PROPOSAL_GRACE`](follow::PROPOSAL_GRACE).
+    pub async fn maybe_commit_proposals(
+        &mut self,
+        id: &GroupId,
+        force: bool,
+    ) -> Result<Vec<Event>> {
+        let Some(row) = db::groups::load(&self.db, id)? else {
+            return Ok(Vec::new());
+        };
+        // A leaving member never commits its own removal.
+        if row.state != GroupState::Active {
+            return Ok(Vec::new());
+        }
+        // Every stored proposal sets proposals_since_ms in the transaction
+        // that stores it, and merging a commit clears both: without it there
+        // is nothing to commit, and no need to load the group's state (which
+        // grows with the group) after every batch and every tick.
+        if row.proposals_since_ms.is_none() {
+            return self.maybe_releave(id).await;
+        }
+        let g = self.load_group(&self.db, id)?;
+        match follow::committer_duty(&g, row.proposals_since_ms, force, now_ms()) {
+            Duty::Nothing => return self.maybe_releave(id).await,
+            Duty::Wait => return Ok(Vec::new()),
+            Duty::Commit => {}
+        }
+        self.commit_pending_proposals(id).await
+    }
+
+    pub(super) async fn maybe_releave(&mut self, id: &GroupId) -> Result<Vec<Event>> {
+        let key = format!("releave:{id}");
+        if db::settings::get(&self.db, &key)? == 1 {
+            db::settings::set(&self.db, &key, 0)?;
+            if db::groups::load(&self.db, id)?.is_some_and(|r| r.state == GroupState::Active) {
+                self.propose_leave(id).await?;
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    pub(super) async fn commit_pending_proposals(&mut self, id: &GroupId) -> Result<Vec<Event>> {
+        let g = self.load_group(&self.db, id)?;
+        let mut all_self = true;
+        let leaving: Vec<String> = g
+            .pending_proposals()
+            .filter_map(|p| match p.proposal() {
+                Proposal::Remove(r) => {
+                    all_self &= matches!(p.sender(), Sender::Member(s) if *s == r.removed());
+                    g.member_at(r.removed())
+                        .and_then(|m| user_of(&m.credential))
+                }
+                _ => None,
+            })
+            .collect();
+        if g.pending_proposals().next().is_none() {
+            return Ok(Vec::new());
+        }
+        let kind = if all_self { "left" } else { "member_removed" };
+        let r = self
+            .commit_with_retry(id, kind, Some(leaving), Origin::Others, |g, p, s| {
+                if g.pending_proposals().next().is_none() {
+                    return Err(ClientError::Usage("nothing to commit".into()));
+                }
+                let (c, w, _) = g
+                    .commit_to_pending_proposals(p, s)
+                    .map_err(ClientError::mls)?;
+                Ok((c, w))
+            })
+            .await;
+        match r {
+            // Someone else committed them while we synced.
+            Err(ClientError::Usage(m)) if m == "nothing to commit" => Ok(Vec::new()),
+            other => other,
+        }
+    }
+}

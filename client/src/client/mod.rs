@@ -1,0 +1,371 @@
+//! The Huddle client: one device of one user.
+//!
+//! [`Client`] ties together the home directory (identity, pinned
+//! certificate), the local database (MLS state, groups, cursors, history)
+//! and a connection to the delivery service, and offers the operations of
+//! the `huddle` command line.
+//!
+//! Processing rules that keep every member consistent:
+//! - a group's log is processed strictly in sequence order; each batch of
+//!   entries is processed and the cursor advanced in one SQLite
+//!   transaction, so a crash never processes an entry twice or skips one;
+//! - an own commit is merged only after the DS accepted it; a rejected one
+//!   (stale epoch) is discarded, the log is synced and the change retried;
+//! - pending proposals (a member leaving) are committed by the remaining
+//!   member with the lowest leaf index at once, by anyone after a grace
+//!   period.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use huddle_core::proto::{Request, Response};
+use huddle_core::GroupId;
+use openmls::prelude::{tls_codec::Serialize as _, *};
+use openmls_rust_crypto::RustCrypto;
+use rusqlite::Connection;
+
+use crate::db::groups::{GroupRow, GroupState};
+use crate::db::{self, Provider};
+use crate::error::{ClientError, Result};
+pub use crate::follow::PROPOSAL_GRACE;
+use crate::home::{Home, Settings};
+use crate::identity::Identity;
+use crate::lock::Locks;
+use crate::net::{Connection as Net, Trust};
+
+mod groups;
+mod join;
+mod keys;
+pub mod listen;
+pub mod media;
+mod membership;
+mod messages;
+mod recovery;
+mod sync;
+pub mod trust;
+
+pub use listen::{RECONNECT_MAX, RECONNECT_MIN};
+
+/// One-time key packages published at registration and kept topped up.
+pub const KEY_PACKAGE_BATCH: usize = 50;
+/// Top up when fewer than this many are left on the server.
+pub const KEY_PACKAGE_LOW: u32 = 20;
+/// Least time between two rejoins of one group on this device: a member
+/// whose rejoins keep failing to stick does not move the whole group to a
+/// new epoch over and over.
+pub const REJOIN_PAUSE: Duration = Duration::from_secs(600);
+
+/// Longest text message, in bytes.
+pub const MAX_TEXT: usize = 64 * 1024;
+/// Attempts of a commit that keeps losing races to other commits.
+const COMMIT_ATTEMPTS: usize = 20;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The short form of a group id shown to people: its first 8 hex digits,
+/// which `resolve_group` accepts back as a prefix.
+pub fn short_id(id: &GroupId) -> String {
+    id.to_string()[..8].to_owned()
+}
+
+/// Longest group name, in bytes.
+pub const MAX_GROUP_NAME: usize = 100;
+
+/// A group name must say something, fit on a line and stay short.
+fn check_group_name(name: &str) -> Result<()> {
+    if name.trim().is_empty() {
+        return Err(ClientError::Usage("a group needs a name".into()));
+    }
+    if name.len() > MAX_GROUP_NAME {
+        return Err(ClientError::Usage(format!(
+            "a group name is at most {MAX_GROUP_NAME} bytes"
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ClientError::Usage(
+            "a group name cannot hold control characters or line breaks".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn mls_gid(id: &GroupId) -> openmls::group::GroupId {
+    openmls::group::GroupId::from_slice(id.as_bytes())
+}
+
+/// What `whoami` prints.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WhoAmI {
+    /// User name.
+    pub name: String,
+    /// Device id: the first 16 hex digits of the identity key's fingerprint.
+    pub device: String,
+    /// Identity key fingerprint (safety number).
+    pub fingerprint: String,
+    /// Server address.
+    pub server: String,
+}
+
+/// What `status` prints.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// Server address.
+    pub server: String,
+    /// SHA-256 fingerprint of the server certificate.
+    pub server_fingerprint: String,
+    /// User name.
+    pub name: String,
+    /// One-time key packages the server still holds for this device.
+    pub key_packages: u32,
+    /// Whether a last-resort key package is stored.
+    pub last_resort: bool,
+}
+
+/// A group as listed by `group list`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GroupListing {
+    /// Id (hex).
+    pub group: String,
+    /// Display name.
+    pub name: String,
+    /// creating, active, leaving, removed or left.
+    pub state: String,
+    /// Current epoch.
+    pub epoch: u64,
+    /// Number of members.
+    pub members: usize,
+}
+
+fn serialize(m: &MlsMessageOut) -> Result<Bytes> {
+    m.tls_serialize_detached()
+        .map(Bytes::from)
+        .map_err(ClientError::mls)
+}
+
+/// Whether sending `req` twice has the same effect as sending it once.
+fn idempotent(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::KeyPackageCount
+            | Request::PublishKeyPackages { .. }
+            | Request::LookupUsers { .. }
+            | Request::FetchLog { .. }
+            | Request::FetchInbox { .. }
+            | Request::RatchetTree { .. }
+            | Request::GroupState { .. }
+            | Request::ListGroups
+            | Request::EpochAuthenticator { .. }
+    )
+}
+
+/// What a commit closure produces: the commit and, for adds, the Welcome.
+type CommitOut = (MlsMessageOut, Option<MlsMessageOut>);
+
+/// One device of one user.
+pub struct Client {
+    home: Home,
+    settings: Settings,
+    identity: Identity,
+    db: Connection,
+    crypto: RustCrypto,
+    net: Option<Net>,
+    /// The QUIC endpoint of the first connection, reused by later ones.
+    endpoint: Option<quinn::Endpoint>,
+    /// Group locks shared with the home's other processes.
+    locks: std::sync::Arc<Locks>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("name", &self.settings.name)
+            .field("home", &self.home.dir())
+            .finish()
+    }
+}
+
+impl Client {
+    /// Creates an identity in `home`, registers `name` with the server at
+    /// `server`, and publishes key packages. Without `server_cert`, the
+    /// certificate the server presents now is pinned (trust on first use).
+    pub async fn register(
+        home: Home,
+        name: &str,
+        server: &str,
+        server_cert: Option<&std::path::Path>,
+    ) -> Result<Client> {
+        huddle_core::ids::check_user_name(name).map_err(|e| ClientError::Usage(e.to_string()))?;
+        if home.is_registered() {
+            let (s, _) = home.load()?;
+            return Err(ClientError::AlreadyRegistered(s.name));
+        }
+        let trust = match server_cert {
+            Some(p) => Trust::Pinned(crate::home::read_pem_certs(p)?),
+            None => Trust::FirstUse,
+        };
+        // Everything local first: a home that cannot be written fails here,
+        // before the name is claimed on the DS. The key is kept from then
+        // on, so a registration interrupted after the DS bound the name is
+        // finished by running it again.
+        let identity = match home.unfinished_identity(name)? {
+            Some(id) => id,
+            None => {
+                let id = Identity::generate(name);
+                home.save_identity(&id)?;
+                id
+            }
+        };
+        let db = db::open(&home.db_path())?;
+        let home_locks = home.locks_dir();
+        let net = Net::connect(server, trust).await?;
+        net.authenticate(&identity, true).await?;
+        home.pin_cert(&net.server_cert)?;
+        let settings = Settings {
+            name: name.to_owned(),
+            server: server.to_owned(),
+        };
+        home.save_settings(&settings)?;
+        let mut client = Client {
+            home,
+            settings,
+            identity,
+            db,
+            crypto: RustCrypto::default(),
+            endpoint: Some(net.endpoint().clone()),
+            net: Some(net),
+            locks: Locks::new(home_locks),
+        };
+        client.publish_key_packages(KEY_PACKAGE_BATCH, true).await?;
+        Ok(client)
+    }
+
+    /// Opens a registered home.
+    pub fn open(home: Home) -> Result<Client> {
+        let (settings, identity) = home.load()?;
+        let db = db::open(&home.db_path())?;
+        Ok(Client {
+            locks: Locks::new(home.locks_dir()),
+            home,
+            settings,
+            identity,
+            db,
+            crypto: RustCrypto::default(),
+            net: None,
+            endpoint: None,
+        })
+    }
+
+    /// The user name.
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// The home.
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    /// Local facts about this device.
+    pub fn whoami(&self) -> WhoAmI {
+        let fingerprint = huddle_core::auth::key_fingerprint(&self.identity.public());
+        WhoAmI {
+            name: self.settings.name.clone(),
+            device: fingerprint.replace(' ', "")[..16].to_owned(),
+            fingerprint,
+            server: self.settings.server.clone(),
+        }
+    }
+
+    /// The authenticated connection, opened on first use.
+    pub async fn net(&mut self) -> Result<&Net> {
+        if self
+            .net
+            .as_ref()
+            .is_some_and(|n| n.quic().close_reason().is_some())
+        {
+            self.net = None;
+        }
+        if self.net.is_none() {
+            let pins = self.home.pinned_certs()?.ok_or_else(|| {
+                ClientError::Usage("no pinned server certificate in this home".into())
+            })?;
+            let net = Net::connect_on(
+                self.endpoint.as_ref(),
+                &self.settings.server,
+                Trust::Pinned(pins),
+            )
+            .await?;
+            self.endpoint = Some(net.endpoint().clone());
+            net.authenticate(&self.identity, false).await?;
+            self.net = Some(net);
+        }
+        Ok(self.net.as_ref().expect("connected above"))
+    }
+
+    /// Closes the connection, if any.
+    pub async fn close(mut self) {
+        if let Some(n) = self.net.take() {
+            n.close().await;
+        }
+    }
+
+    async fn request(&mut self, req: &Request) -> Result<Response> {
+        let net = self.net().await?;
+        match net.request(req).await {
+            Err(e @ ClientError::Connect { .. }) => {
+                // The server may have restarted: reconnect next time. Only
+                // requests that are safe to repeat are sent again; a post
+                // whose answer was lost may have been appended, and the log
+                // (not a second copy) settles it.
+                self.net = None;
+                if idempotent(req) {
+                    self.net().await?.request(req).await
+                } else {
+                    Err(e)
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn load_group(&self, conn: &Connection, id: &GroupId) -> Result<MlsGroup> {
+        let provider = Provider::new(&self.crypto, conn);
+        MlsGroup::load(provider.storage(), &mls_gid(id))
+            .map_err(ClientError::mls)?
+            .ok_or_else(|| {
+                ClientError::Usage(format!("group {id} has no MLS state on this device"))
+            })
+    }
+
+    /// [`Client::active_group`], for sending: a member that asked to leave
+    /// no longer sends (its own leave proposal is pending until a remaining
+    /// member commits it).
+    fn sending_group(&self, id: &GroupId) -> Result<GroupRow> {
+        let row = self.active_group(id)?;
+        if row.state == GroupState::Leaving {
+            return Err(ClientError::Usage(format!(
+                "you asked to leave group {id}; nothing more can be sent to it"
+            )));
+        }
+        Ok(row)
+    }
+
+    fn active_group(&self, id: &GroupId) -> Result<GroupRow> {
+        let row = db::groups::load(&self.db, id)?
+            .ok_or_else(|| ClientError::Usage(format!("unknown group {id}")))?;
+        match row.state {
+            GroupState::Active | GroupState::Leaving => Ok(row),
+            GroupState::Creating => Err(ClientError::Usage(format!(
+                "group {id} is not confirmed by the server yet; run `huddle sync`"
+            ))),
+            other => Err(ClientError::Usage(format!(
+                "you are no longer in group {id} ({other})"
+            ))),
+        }
+    }
+}

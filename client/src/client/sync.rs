@@ -1,0 +1,352 @@
+//! Catching up: reading each group's log and processing it in order,
+//! the cursor advanced in the same transaction.
+
+use huddle_core::proto::{EntryKind, ErrorCode, LogEntry, Request, Response, MAX_PAGE};
+use huddle_core::GroupId;
+use openmls::prelude::*;
+use rusqlite::Connection;
+use tracing::{debug, warn};
+
+use crate::app::MediaInfo;
+use crate::db::groups::{GroupRow, GroupState};
+use crate::db::history::Origin;
+use crate::db::{self, Provider};
+use crate::error::{ClientError, Result};
+use crate::event::Event;
+use crate::follow;
+
+use super::{mls_gid, now_ms, Client, KEY_PACKAGE_BATCH, KEY_PACKAGE_LOW};
+
+impl Client {
+    /// Fetches and processes everything pending: Welcomes, then every
+    /// group's log. Returns what is new.
+    ///
+    /// A group that fails (its state cannot be processed, the DS refuses
+    /// something of it) does not hold up the others: it shows as an
+    /// `error` event and the rest goes on. Losing the connection ends the
+    /// whole sync.
+    ///
+    /// What is new is read from the history: everything recorded since it
+    /// was last reported (by `sync` or `listen`), whichever process of the
+    /// home recorded it — a `send` that processed others' messages before
+    /// sending, say — except this user's own messages and changes, which
+    /// the commands that made them reported.
+    pub async fn sync(&mut self) -> Result<Vec<Event>> {
+        Ok(self.sync_reporting().await?.0)
+    }
+
+    /// [`Client::sync`], and the newest history row its report covered.
+    pub(super) async fn sync_reporting(&mut self) -> Result<(Vec<Event>, i64)> {
+        let mut failures: Vec<Event> = self
+            .sync_inbox()
+            .await?
+            .into_iter()
+            .filter(|e| !e.recorded())
+            .collect();
+        for (id, state) in self.group_ids()? {
+            match self.sync_one(&id, state).await {
+                Ok(_) => {}
+                Err(e) if e.is_connection() => return Err(e),
+                Err(e) => failures.push(self.failure(&id, &e)),
+            }
+        }
+        self.check_lost_groups().await?;
+        let (n, lr) = self.key_package_count().await?;
+        if n < KEY_PACKAGE_LOW || !lr {
+            self.publish_key_packages(KEY_PACKAGE_BATCH, !lr).await?;
+        }
+        let (mut events, covered) = self.unreported()?;
+        events.extend(failures);
+        Ok((events, covered))
+    }
+
+    pub(super) async fn sync_one(&mut self, id: &GroupId, state: GroupState) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        match state {
+            GroupState::Creating => self.resume_creation(id).await?,
+            GroupState::Rejoining => {
+                events.extend(self.rejoin(id, "an earlier rejoin did not finish").await?)
+            }
+            GroupState::Active | GroupState::Leaving => {
+                events.extend(self.sync_group(id).await?);
+                events.extend(self.maybe_commit_proposals(id, false).await?);
+                events.extend(self.check_fork(id).await?);
+            }
+            _ => {}
+        }
+        Ok(events)
+    }
+
+    /// The `error` event reporting that `id` could not be brought up to
+    /// date (not recorded in the history).
+    pub(super) fn failure(&self, id: &GroupId, err: &ClientError) -> Event {
+        debug!(group = %id, error = %err, "this group could not be synced; the others go on");
+        let cursor = db::groups::load(&self.db, id).ok().flatten();
+        let mut e = Event::new(
+            "error",
+            &id.to_string(),
+            "",
+            cursor.as_ref().map_or(0, |r| r.cursor),
+            now_ms(),
+        );
+        e.group_name = cursor.map(|r| r.name).unwrap_or_default();
+        e.text = Some(err.to_string());
+        e
+    }
+
+    pub(super) fn group_ids(&self) -> Result<Vec<(GroupId, GroupState)>> {
+        Ok(db::groups::list(&self.db)?
+            .into_iter()
+            .map(|g| (g.id, g.state))
+            .collect())
+    }
+
+    /// Fetches and processes a group's log from the cursor to the head.
+    pub async fn sync_group(&mut self, id: &GroupId) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        loop {
+            let Some(row) = db::groups::load(&self.db, id)? else {
+                break;
+            };
+            if !matches!(row.state, GroupState::Active | GroupState::Leaving) {
+                break;
+            }
+            let r = self
+                .request(&Request::FetchLog {
+                    group: *id,
+                    after: row.cursor,
+                    limit: MAX_PAGE,
+                })
+                .await;
+            let (entries, head) = match r {
+                Ok(Response::Log { entries, head }) => (entries, head),
+                Ok(other) => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+                Err(ClientError::Server(e)) if e.code == ErrorCode::NotMember => {
+                    // The DS no longer lets us read: we were removed in an
+                    // entry we have already processed, or never joined.
+                    db::groups::set_state(&self.db, id, GroupState::Removed)?;
+                    break;
+                }
+                Err(ClientError::Server(e)) if e.code == ErrorCode::Compacted => {
+                    events.extend(self.lost_to_compaction(id, &row).await?);
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            if entries.is_empty() {
+                if row.pending_commit.is_some() && row.cursor >= head {
+                    self.discard_abandoned_commit(id)?;
+                }
+                break;
+            }
+            let n = entries.len();
+            let first = entries[0].seq;
+            events.extend(self.process_entries(id, &entries)?);
+            let now = db::groups::load(&self.db, id)?;
+            if let Some(r) = now
+                .as_ref()
+                .filter(|r| matches!(r.state, GroupState::Removed | GroupState::Left))
+            {
+                // Tell the DS this device has read up to its removal, so the
+                // log need not be kept for it (best effort: the DS stops
+                // keeping it after a while anyway).
+                let _ = self
+                    .request(&Request::FetchLog {
+                        group: *id,
+                        after: r.cursor,
+                        limit: 1,
+                    })
+                    .await;
+                break;
+            }
+            let cursor = now.map(|r| r.cursor).unwrap_or(0);
+            if cursor == row.cursor {
+                return Err(ClientError::Protocol(format!(
+                    "the log of group {id} continues at {first}, but this device is at {cursor}: entries are missing"
+                )));
+            }
+            if cursor >= head || n == 0 {
+                if let Some(r) = db::groups::load(&self.db, id)? {
+                    if r.pending_commit.is_some() && r.cursor >= head {
+                        self.discard_abandoned_commit(id)?;
+                    }
+                }
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    /// The DS compacted entries this device had not read. A current member
+    /// (a device restored from an old backup, say) rejoins; a departed one
+    /// (removed, or left, while this device was away for longer than the
+    /// DS keeps what it may read) marks the group and moves on.
+    pub(super) async fn lost_to_compaction(
+        &mut self,
+        id: &GroupId,
+        row: &GroupRow,
+    ) -> Result<Vec<Event>> {
+        match self.request(&Request::GroupState { group: *id }).await {
+            Ok(_) => {
+                return self
+                    .rejoin(
+                        id,
+                        "the server no longer keeps messages this device had not read",
+                    )
+                    .await
+            }
+            Err(ClientError::Server(e))
+                if matches!(e.code, ErrorCode::NotMember | ErrorCode::UnknownGroup) => {}
+            Err(e) => return Err(e),
+        }
+        let (state, kind) = if row.state == GroupState::Leaving {
+            (GroupState::Left, "left")
+        } else {
+            (GroupState::Removed, "member_removed")
+        };
+        db::groups::set_state(&self.db, id, state)?;
+        warn!(group = %id, "no longer a member, and the server compacted what this device had not read");
+        let mut e = Event::new(kind, &id.to_string(), "", row.cursor, now_ms());
+        e.members = Some(vec![self.name().to_owned()]);
+        e.group_name = row.name.clone();
+        e.text = Some(
+            "this device was away when it was removed, longer than the server keeps messages; what was sent before the removal is lost to it".into(),
+        );
+        db::history::record_note(&self.db, id, &e)?;
+        Ok(vec![e])
+    }
+
+    /// Processes consecutive log entries of a group in one transaction.
+    /// Entries at or below the cursor are skipped; processing stops at a gap.
+    pub fn process_entries(&mut self, id: &GroupId, entries: &[LogEntry]) -> Result<Vec<Event>> {
+        let me = self.settings.name.clone();
+        let tx = self.db.unchecked_transaction()?;
+        let Some(mut row) = db::groups::load(&tx, id)? else {
+            return Ok(Vec::new());
+        };
+        let provider = Provider::new(&self.crypto, &tx);
+        // openmls stores the message secrets after every message; one
+        // write per batch is enough inside one transaction.
+        provider.storage().hold_message_secrets();
+        let mut group = MlsGroup::load(provider.storage(), &mls_gid(id))
+            .map_err(ClientError::mls)?
+            .ok_or_else(|| ClientError::Mls(format!("no MLS state for group {id}")))?;
+        // New events, recorded in the history below; and what is reported
+        // (what others did: this user's own messages were reported when
+        // sent).
+        let mut events = Vec::new();
+        let mut shown = Vec::new();
+        let outbox = db::history::outbox_pending(&tx, id)?;
+        for entry in entries {
+            if entry.seq <= row.cursor {
+                continue;
+            }
+            if entry.seq != row.cursor + 1 {
+                break;
+            }
+            row.cursor = entry.seq;
+            if !group.is_active() {
+                break;
+            }
+            if db::history::is_own(&tx, id, entry.seq)? {
+                continue;
+            }
+            if outbox && entry.kind == EntryKind::Application {
+                let digest = blake3::hash(&entry.data);
+                if let Some(event) = db::history::take_outbox(&tx, id, digest.as_bytes())? {
+                    // Sent by another process of this home, which has not
+                    // learnt its position yet.
+                    db::history::mark_own(&tx, id, entry.seq)?;
+                    if let Some(mut e) = event {
+                        e.seq = entry.seq;
+                        e.timestamp_ms = entry.timestamp_ms;
+                        e.group_name = row.name.clone();
+                        db::history::record(&tx, id, &[e], Origin::Own)?;
+                    }
+                    continue;
+                }
+            }
+            if entry.kind == EntryKind::Commit
+                && row.pending_commit.as_deref() == Some(entry.data.as_ref())
+            {
+                // Our own commit, accepted while we were not listening.
+                group
+                    .merge_pending_commit(&provider)
+                    .map_err(ClientError::mls)?;
+                row.pending_commit = None;
+                row.proposals_since_ms = None;
+                continue;
+            }
+            match follow::apply(
+                &provider,
+                &mut group,
+                &mut row,
+                id,
+                &me,
+                entry,
+                &mut Remember(provider.storage_conn()),
+            ) {
+                Ok(mut evs) => {
+                    for e in &mut evs {
+                        e.group_name = row.name.clone();
+                    }
+                    shown.extend(evs.iter().cloned());
+                    events.extend(evs);
+                }
+                Err(e) => {
+                    warn!(group = %id, seq = entry.seq, error = %e, "skipping a log entry that cannot be processed");
+                }
+            }
+        }
+        provider.storage().flush()?;
+        if row.releave {
+            db::settings::set(&tx, &format!("releave:{id}"), 1)?;
+        }
+        db::groups::save(&tx, id, &row)?;
+        db::history::record(&tx, id, &events, Origin::Others)?;
+        tx.commit()?;
+        Ok(shown)
+    }
+
+    /// A group's result, with a failure that concerns only that group
+    /// turned into an `error` event; a lost connection stays an error.
+    pub(super) fn isolate(&self, id: &GroupId, r: Result<Vec<Event>>) -> Result<Vec<Event>> {
+        match r {
+            Err(e) if !e.is_connection() => Ok(vec![self.failure(id, &e)]),
+            other => other,
+        }
+    }
+
+    /// What the history holds that `sync` has not reported yet (the home's
+    /// `shown_upto` mark), this user's own doing left out, in the order it
+    /// was recorded; marks it reported. Also returns the newest row it
+    /// covered.
+    pub(super) fn unreported(&self) -> Result<(Vec<Event>, i64)> {
+        let mark = db::settings::get(&self.db, "shown_upto")? as i64;
+        self.recorded_after(mark, Origin::Others)
+    }
+
+    /// What the history holds after row `mark` (this process's own mark:
+    /// `listen` keeps one, so that it shows everything however many other
+    /// processes of the home report or sync meanwhile), its user's own
+    /// doing included with [`Origin::Own`]; and the newest row covered.
+    /// The home's `shown_upto` mark moves past it too, so `sync` does not
+    /// report again what was shown.
+    pub(super) fn recorded_after(&self, mark: i64, upto: Origin) -> Result<(Vec<Event>, i64)> {
+        db::history::after(&self.db, mark, upto)
+    }
+}
+
+/// What following a group remembers beyond the MLS state, in the
+/// transaction that processes the entries.
+struct Remember<'a>(&'a Connection);
+
+impl follow::Memory for Remember<'_> {
+    fn keys_seen(&mut self, keys: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+        db::users::remember_keys(self.0, keys, now_ms())
+    }
+
+    fn media_announced(&mut self, id: &GroupId, info: &MediaInfo) -> Result<()> {
+        db::media::remember(self.0, id, info)
+    }
+}

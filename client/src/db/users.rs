@@ -1,0 +1,41 @@
+//! Identity keys of other users as first seen (`huddle_users`, trust on
+//! first use).
+
+use rusqlite::{params, Connection, OptionalExtension as _};
+
+use crate::error::Result;
+
+/// The identity key first seen for `name`, if any.
+pub fn known_key(conn: &Connection, name: &str) -> Result<Option<Vec<u8>>> {
+    Ok(conn
+        .prepare_cached("SELECT identity_key FROM huddle_users WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()?)
+}
+
+/// Remembers `key` as the identity key of `name`, first seen now.
+pub fn remember(conn: &Connection, name: &str, key: &[u8], now_ms: u64) -> Result<()> {
+    conn.execute(
+        "INSERT INTO huddle_users (name, identity_key, first_seen_ms) VALUES (?1, ?2, ?3)",
+        params![name, key, now_ms as i64],
+    )?;
+    Ok(())
+}
+
+/// Remembers identity keys first seen and returns the users whose key
+/// differs from the one remembered.
+pub fn remember_keys(
+    conn: &Connection,
+    keys: &[(String, Vec<u8>)],
+    now_ms: u64,
+) -> Result<Vec<String>> {
+    let mut changed = Vec::new();
+    for (name, key) in keys {
+        match known_key(conn, name)? {
+            Some(k) if &k != key => changed.push(name.clone()),
+            Some(_) => {}
+            None => remember(conn, name, key, now_ms)?,
+        }
+    }
+    Ok(changed)
+}

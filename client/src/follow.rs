@@ -1,0 +1,715 @@
+//! Following a group: what one log entry does to this device's MLS state
+//! and group row, which events it shows, whether this device must commit
+//! pending proposals (the designated-committer rule), and the signs of a
+//! fork. No database, network or clock: the MLS provider, what must be
+//! remembered beyond the MLS state ([`Memory`]) and the time come in as
+//! arguments, so every rule here is tested without a server.
+
+use std::collections::HashSet;
+
+use huddle_core::mls::user_of;
+use huddle_core::proto::{EntryKind, LogEntry};
+use huddle_core::GroupId;
+use openmls::prelude::{tls_codec::Deserialize as _, *};
+
+use crate::app::{AppMessage, MediaInfo};
+use crate::db::groups::{GroupRow, GroupState};
+use crate::error::{ClientError, Result};
+use crate::event::Event;
+
+/// How long pending proposals wait for the designated committer before any
+/// remaining member commits them.
+pub const PROPOSAL_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// What following a group must remember beyond the MLS state.
+pub trait Memory {
+    /// Remembers identity keys seen for the first time (trust on first
+    /// use); returns the users whose key differs from the one remembered.
+    fn keys_seen(&mut self, keys: &[(String, Vec<u8>)]) -> Result<Vec<String>>;
+    /// Records a media item announced in group `id`, so that its key can be
+    /// found when it is downloaded.
+    fn media_announced(&mut self, id: &GroupId, info: &MediaInfo) -> Result<()>;
+}
+
+/// Applies one log entry (the next in sequence, not this device's own) to
+/// the group's MLS state and row, and returns the events it shows.
+///
+/// Another member's commit voids this device's own pending one; a commit
+/// that removes this device (or that it cannot follow) ends its
+/// membership; a commit that leaves out this device's leave proposal makes
+/// it void, flagged in `row.releave` so that it is made again.
+pub fn apply<P: OpenMlsProvider>(
+    provider: &P,
+    group: &mut MlsGroup,
+    row: &mut GroupRow,
+    id: &GroupId,
+    me: &str,
+    entry: &LogEntry,
+    memory: &mut dyn Memory,
+) -> Result<Vec<Event>> {
+    let gid = id.to_string();
+    let gid = gid.as_str();
+    let msg = MlsMessageIn::tls_deserialize_exact(entry.data.as_ref()).map_err(ClientError::mls)?;
+    let pm = msg.try_into_protocol_message().map_err(ClientError::mls)?;
+    if entry.kind == EntryKind::Commit && group.pending_commit().is_some() {
+        // Another member's commit won this epoch: ours is void.
+        group
+            .clear_pending_commit(provider.storage())
+            .map_err(ClientError::mls)?;
+        row.pending_commit = None;
+    }
+    let processed = group
+        .process_message(provider, pm)
+        .map_err(ClientError::mls)?;
+    let from = user_of(processed.credential()).unwrap_or_else(|| "?".into());
+    let mut events = Vec::new();
+    let ev = |kind: &str| Event::new(kind, gid, &from, entry.seq, entry.timestamp_ms);
+    match processed.into_content() {
+        ProcessedMessageContent::ApplicationMessage(app) => {
+            let msg = AppMessage::decode(&app.into_bytes()).map_err(ClientError::Mls)?;
+            match &msg {
+                // The name the group had when this device joined stays:
+                // a member cannot rename it under the others (or give it
+                // a name that shadows another group's id).
+                AppMessage::GroupName { name } if row.name.is_empty() => row.name = name.clone(),
+                AppMessage::GroupName { .. } => {}
+                AppMessage::Media(info) => memory.media_announced(id, info)?,
+                AppMessage::Text { .. } => {}
+            }
+            events.extend(app_event(&msg, id, &from, entry.seq, entry.timestamp_ms));
+        }
+        ProcessedMessageContent::ProposalMessage(p) => {
+            group
+                .store_pending_proposal(provider.storage(), *p)
+                .map_err(ClientError::mls)?;
+            if row.proposals_since_ms.is_none() {
+                row.proposals_since_ms = Some(entry.timestamp_ms);
+            }
+        }
+        ProcessedMessageContent::StagedCommitMessage(staged) => {
+            let mut removed = Vec::new();
+            let mut left = Vec::new();
+            let mut rejoined = Vec::new();
+            for r in staged.remove_proposals() {
+                let leaf = r.remove_proposal().removed();
+                let Some(name) = group.member_at(leaf).and_then(|m| user_of(&m.credential)) else {
+                    continue;
+                };
+                if matches!(r.sender(), Sender::Member(s) if *s == leaf) {
+                    left.push(name);
+                } else if matches!(r.sender(), Sender::NewMemberCommit) && name == from {
+                    // An external commit replacing the sender's own
+                    // leaf: a member rejoining with new state.
+                    rejoined.push(name);
+                } else {
+                    removed.push(name);
+                }
+            }
+            let added_keys: Vec<(String, Vec<u8>)> = staged
+                .add_proposals()
+                .filter_map(|a| {
+                    let leaf = a.add_proposal().key_package().leaf_node();
+                    user_of(leaf.credential())
+                        .map(|u| (u, leaf.signature_key().as_slice().to_vec()))
+                })
+                .collect();
+            let added: Vec<String> = added_keys.iter().map(|(u, _)| u.clone()).collect();
+            let changed = memory.keys_seen(&added_keys)?;
+            let self_removed = staged.self_removed();
+            group
+                .merge_staged_commit(provider, *staged)
+                .map_err(ClientError::mls)?;
+            row.proposals_since_ms = None;
+            let epoch = Some(group.epoch().as_u64());
+            if !changed.is_empty() {
+                let mut e = ev("key_changed");
+                e.members = Some(changed);
+                events.push(e);
+            }
+            if !added.is_empty() {
+                let mut e = ev("member_added");
+                e.members = Some(added);
+                e.epoch = epoch;
+                events.push(e);
+            }
+            if !removed.is_empty() {
+                let mut e = ev("member_removed");
+                e.members = Some(removed);
+                e.epoch = epoch;
+                events.push(e);
+            }
+            if !rejoined.is_empty() {
+                let mut e = ev("rejoined");
+                e.members = Some(rejoined);
+                e.epoch = epoch;
+                events.push(e);
+            }
+            if !left.is_empty() {
+                let mut e = ev("left");
+                e.from = left[0].clone();
+                e.members = Some(left.clone());
+                e.epoch = epoch;
+                events.push(e);
+            }
+            if self_removed || !group.is_active() {
+                row.state = if left.iter().any(|l| l == me) {
+                    GroupState::Left
+                } else {
+                    GroupState::Removed
+                };
+            } else if row.state == GroupState::Leaving {
+                // Our leave proposal was not part of this commit: it is
+                // void in the new epoch and must be made again.
+                row.state = GroupState::Active;
+                row.proposals_since_ms = None;
+                row.releave = true;
+            }
+        }
+        _ => {}
+    }
+    Ok(events)
+}
+
+/// What an application message shows as: `text` and `media` events; a
+/// group's name shows as nothing.
+pub fn app_event(msg: &AppMessage, id: &GroupId, from: &str, seq: u64, ts: u64) -> Option<Event> {
+    let mut e = Event::new("", &id.to_string(), from, seq, ts);
+    match msg {
+        AppMessage::Text { text } => {
+            e.kind = "text".into();
+            e.text = Some(text.clone());
+        }
+        AppMessage::Media(info) => {
+            e.kind = "media".into();
+            e.media_id = Some(hex::encode(info.media_id));
+            e.name = Some(info.name.clone());
+            e.size = Some(info.size);
+            e.mime = Some(info.mime.clone());
+            e.text = Some(info.caption.clone());
+        }
+        AppMessage::GroupName { .. } => return None,
+    }
+    Some(e)
+}
+
+pub fn member_keys(group: &MlsGroup) -> Vec<(String, Vec<u8>)> {
+    group
+        .members()
+        .filter_map(|m| user_of(&m.credential).map(|u| (u, m.signature_key.clone())))
+        .collect()
+}
+
+pub fn member_names(group: &MlsGroup) -> Vec<String> {
+    let mut v: Vec<String> = group
+        .members()
+        .filter_map(|m| user_of(&m.credential))
+        .collect();
+    v.sort();
+    v
+}
+
+/// What a member must do about pending proposals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Duty {
+    /// None are pending.
+    Nothing,
+    /// Leave them to the designated committer (for now).
+    Wait,
+    /// Commit them.
+    Commit,
+}
+
+/// The designated-committer rule: pending proposals are committed by the
+/// member with the lowest leaf index that is not being removed, at once;
+/// by any remaining member once they are [`PROPOSAL_GRACE`] old
+/// (`proposals_since_ms` is when the oldest was appended), or when
+/// `force`d. A member being removed never commits its own removal.
+pub fn committer_duty(
+    group: &MlsGroup,
+    proposals_since_ms: Option<u64>,
+    force: bool,
+    now_ms: u64,
+) -> Duty {
+    if group.pending_proposals().next().is_none() {
+        return Duty::Nothing;
+    }
+    let removing: HashSet<u32> = group
+        .pending_proposals()
+        .filter_map(|p| match p.proposal() {
+            Proposal::Remove(r) => Some(r.removed().u32()),
+            _ => None,
+        })
+        .collect();
+    let designated = group
+        .members()
+        .map(|m| m.index.u32())
+        .filter(|i| !removing.contains(i))
+        .min();
+    let mine = group.own_leaf_index().u32();
+    let old = proposals_since_ms
+        .is_some_and(|t| now_ms.saturating_sub(t) >= PROPOSAL_GRACE.as_millis() as u64);
+    if removing.contains(&mine) || !(force || old || designated == Some(mine)) {
+        Duty::Wait
+    } else {
+        Duty::Commit
+    }
+}
+
+/// What the DS says of a group's log, for [`fork_signs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DsGroupState {
+    /// The group's current epoch.
+    pub epoch: u64,
+    /// The last log position.
+    pub head: u64,
+    /// The epoch of the GroupInfo the DS keeps, if any.
+    pub group_info_epoch: Option<u64>,
+}
+
+/// Signs that this device's view of a group differs from the others'.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ForkSigns {
+    /// Members that published another epoch authenticator for this epoch,
+    /// and "the group (epoch N)" when this device is behind; sorted.
+    pub differ: Vec<String>,
+    /// This device read the whole log and is still not at the group's
+    /// epoch: a commit it could not process.
+    pub behind: bool,
+    /// All is well, but the DS keeps no GroupInfo for the current epoch
+    /// (this member should publish one).
+    pub info_missing: bool,
+}
+
+/// Compares this device's epoch and epoch-authenticator hash with what the
+/// other members published and with the DS's state of the group; `cursor`
+/// is how far this device has read the log.
+pub fn fork_signs(
+    me: &str,
+    epoch: u64,
+    hash: &[u8; 32],
+    published: Vec<(String, [u8; 32])>,
+    cursor: u64,
+    ds: Option<DsGroupState>,
+) -> ForkSigns {
+    let mut signs = ForkSigns {
+        differ: published
+            .into_iter()
+            .filter(|(u, h)| u != me && h != hash)
+            .map(|(u, _)| u)
+            .collect(),
+        ..ForkSigns::default()
+    };
+    if let Some(ds) = ds {
+        if cursor >= ds.head && ds.epoch != epoch {
+            signs.differ.push(format!("the group (epoch {})", ds.epoch));
+            signs.behind = true;
+        }
+        signs.info_missing =
+            cursor >= ds.head && ds.epoch == epoch && ds.group_info_epoch != Some(epoch);
+    }
+    signs.differ.sort();
+    signs
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use huddle_core::mls;
+    use openmls::prelude::tls_codec::Serialize as _;
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+
+    use super::*;
+    use crate::identity::Identity;
+
+    const T0: u64 = 1_000_000;
+
+    /// Keys and media as a member's database would remember them.
+    #[derive(Default)]
+    struct Remembered {
+        keys: HashMap<String, Vec<u8>>,
+        media: Vec<MediaInfo>,
+    }
+
+    impl Memory for Remembered {
+        fn keys_seen(&mut self, keys: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+            let mut changed = Vec::new();
+            for (name, key) in keys {
+                match self.keys.get(name) {
+                    Some(k) if k != key => changed.push(name.clone()),
+                    Some(_) => {}
+                    None => {
+                        self.keys.insert(name.clone(), key.clone());
+                    }
+                }
+            }
+            Ok(changed)
+        }
+
+        fn media_announced(&mut self, _: &GroupId, info: &MediaInfo) -> Result<()> {
+            self.media.push(info.clone());
+            Ok(())
+        }
+    }
+
+    /// One member: its keys, its in-memory MLS storage, its view of the
+    /// group and of the log.
+    struct Member {
+        name: &'static str,
+        id: Identity,
+        p: OpenMlsRustCrypto,
+        group: Option<MlsGroup>,
+        row: GroupRow,
+        memory: Remembered,
+    }
+
+    impl Member {
+        fn new(name: &'static str) -> Self {
+            Member {
+                name,
+                id: Identity::generate(name),
+                p: OpenMlsRustCrypto::default(),
+                group: None,
+                row: GroupRow {
+                    name: "team".into(),
+                    state: GroupState::Active,
+                    cursor: 0,
+                    pending_commit: None,
+                    proposals_since_ms: None,
+                    releave: false,
+                },
+                memory: Remembered::default(),
+            }
+        }
+
+        fn key_package(&self) -> KeyPackage {
+            KeyPackage::builder()
+                .leaf_node_capabilities(mls::capabilities())
+                .build(mls::CIPHERSUITE, &self.p, &self.id, self.id.credential())
+                .unwrap()
+                .key_package()
+                .clone()
+        }
+
+        fn g(&mut self) -> &mut MlsGroup {
+            self.group.as_mut().unwrap()
+        }
+
+        /// The group, the provider and the signer, borrowed apart.
+        fn parts(&mut self) -> (&mut MlsGroup, &OpenMlsRustCrypto, &Identity) {
+            (self.group.as_mut().unwrap(), &self.p, &self.id)
+        }
+
+        /// Applies a log entry as the client does.
+        fn apply(&mut self, e: &LogEntry) -> Result<Vec<Event>> {
+            let id = GroupId([7; 16]);
+            let group = self.group.as_mut().unwrap();
+            self.row.cursor = e.seq;
+            apply(
+                &self.p,
+                group,
+                &mut self.row,
+                &id,
+                self.name,
+                e,
+                &mut self.memory,
+            )
+        }
+
+        fn duty(&self, force: bool, now_ms: u64) -> Duty {
+            committer_duty(
+                self.group.as_ref().unwrap(),
+                self.row.proposals_since_ms,
+                force,
+                now_ms,
+            )
+        }
+    }
+
+    /// The log: entries numbered from 1.
+    #[derive(Default)]
+    struct Log(Vec<LogEntry>);
+
+    impl Log {
+        fn append(&mut self, kind: EntryKind, m: &MlsMessageOut) -> LogEntry {
+            let seq = self.0.len() as u64 + 1;
+            let e = LogEntry {
+                seq,
+                epoch: 0,
+                kind,
+                timestamp_ms: T0 + seq,
+                data: m.tls_serialize_detached().unwrap().into(),
+            };
+            self.0.push(e.clone());
+            e
+        }
+    }
+
+    /// `names[0]` creates a group and adds the others in one commit; all
+    /// join by Welcome.
+    fn group(names: &[&'static str]) -> Vec<Member> {
+        let mut ms: Vec<Member> = names.iter().map(|n| Member::new(n)).collect();
+        let kps: Vec<KeyPackage> = ms[1..].iter().map(Member::key_package).collect();
+        let creator = &mut ms[0];
+        let mut g = MlsGroup::new(
+            &creator.p,
+            &creator.id,
+            &mls::create_config(),
+            creator.id.credential(),
+        )
+        .unwrap();
+        let (_, welcome, _) = g.add_members(&creator.p, &creator.id, &kps).unwrap();
+        g.merge_pending_commit(&creator.p).unwrap();
+        let tree: RatchetTreeIn = g.export_ratchet_tree().into();
+        creator.group = Some(g);
+        let welcome = welcome.tls_serialize_detached().unwrap();
+        for m in &mut ms[1..] {
+            let MlsMessageBodyIn::Welcome(w) = MlsMessageIn::tls_deserialize_exact(&welcome)
+                .unwrap()
+                .extract()
+            else {
+                panic!("not a Welcome")
+            };
+            let g =
+                StagedWelcome::new_from_welcome(&m.p, &mls::join_config(), w, Some(tree.clone()))
+                    .unwrap()
+                    .into_group(&m.p)
+                    .unwrap();
+            m.group = Some(g);
+        }
+        ms
+    }
+
+    #[test]
+    fn another_members_message_shows_as_text_from_them() {
+        let mut ms = group(&["alice", "bob"]);
+        let mut log = Log::default();
+        let text = AppMessage::Text { text: "hi".into() }.encode();
+        let (a, b) = ms.split_at_mut(1);
+        let m = {
+            let (g, p, id) = a[0].parts();
+            g.create_message(p, id, &text)
+        }
+        .unwrap();
+        let e = log.append(EntryKind::Application, &m);
+        let events = b[0].apply(&e).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            (events[0].kind.as_str(), events[0].from.as_str()),
+            ("text", "alice")
+        );
+        assert_eq!(events[0].text.as_deref(), Some("hi"));
+        assert_eq!(events[0].seq, 1);
+    }
+
+    #[test]
+    fn an_add_shows_the_new_member_and_a_changed_key_is_reported_first() {
+        let mut ms = group(&["alice", "bob"]);
+        let carol = Member::new("carol");
+        let mut log = Log::default();
+        // Bob has seen another key for "carol" before.
+        ms[1].memory.keys.insert("carol".into(), vec![1; 32]);
+        let kp = carol.key_package();
+        let (a, b) = ms.split_at_mut(1);
+        let (commit, _, _) = {
+            let (g, p, id) = a[0].parts();
+            g.add_members(p, id, &[kp])
+        }
+        .unwrap();
+        {
+            let (g, p, _) = a[0].parts();
+            g.merge_pending_commit(p)
+        }
+        .unwrap();
+        let e = log.append(EntryKind::Commit, &commit);
+        let events = b[0].apply(&e).unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["key_changed", "member_added"]);
+        assert_eq!(
+            events[1].members.as_deref(),
+            Some(&["carol".to_string()][..])
+        );
+        assert_eq!(events[1].epoch, Some(2));
+        assert_eq!(b[0].g().epoch().as_u64(), 2);
+        assert_eq!(b[0].row.state, GroupState::Active);
+    }
+
+    #[test]
+    fn a_removal_of_this_member_ends_its_membership() {
+        let mut ms = group(&["alice", "bob", "carol"]);
+        let mut log = Log::default();
+        let (a, rest) = ms.split_at_mut(1);
+        let bob_leaf = rest[0].g().own_leaf_index();
+        let (commit, _, _) = {
+            let (g, p, id) = a[0].parts();
+            g.remove_members(p, id, &[bob_leaf])
+        }
+        .unwrap();
+        {
+            let (g, p, _) = a[0].parts();
+            g.merge_pending_commit(p)
+        }
+        .unwrap();
+        let e = log.append(EntryKind::Commit, &commit);
+        let bob_events = rest[0].apply(&e).unwrap();
+        assert_eq!(rest[0].row.state, GroupState::Removed);
+        assert_eq!(bob_events[0].kind, "member_removed");
+        assert_eq!(bob_events[0].from, "alice");
+        let carol_events = rest[1].apply(&e).unwrap();
+        assert_eq!(
+            carol_events[0].members.as_deref(),
+            Some(&["bob".to_string()][..])
+        );
+        assert_eq!(rest[1].row.state, GroupState::Active);
+    }
+
+    #[test]
+    fn a_leave_is_committed_by_the_designated_member_at_once_and_by_others_after_the_grace() {
+        let mut ms = group(&["alice", "bob", "carol"]);
+        let mut log = Log::default();
+        let carol = &mut ms[2];
+        let leave = {
+            let (g, p, id) = carol.parts();
+            g.leave_group(p, id)
+        }
+        .unwrap();
+        let e = log.append(EntryKind::Proposal, &leave);
+        for m in &mut ms[..2] {
+            assert!(m.apply(&e).unwrap().is_empty(), "a proposal shows nothing");
+            assert_eq!(m.row.proposals_since_ms, Some(e.timestamp_ms));
+        }
+        let appended = e.timestamp_ms;
+        let grace = PROPOSAL_GRACE.as_millis() as u64;
+        // Alice has the lowest leaf: hers to commit, at once.
+        assert_eq!(ms[0].duty(false, appended), Duty::Commit);
+        // Bob waits for her, until the grace has passed or he is told to.
+        assert_eq!(ms[1].duty(false, appended + grace - 1), Duty::Wait);
+        assert_eq!(ms[1].duty(false, appended + grace), Duty::Commit);
+        assert_eq!(ms[1].duty(true, appended), Duty::Commit);
+        // Carol never commits her own removal.
+        assert_eq!(ms[2].duty(true, appended + grace), Duty::Wait);
+
+        let alice = &mut ms[0];
+        let (commit, _, _) = {
+            let (g, p, id) = alice.parts();
+            g.commit_to_pending_proposals(p, id)
+        }
+        .unwrap();
+        {
+            let (g, p, _) = alice.parts();
+            g.merge_pending_commit(p)
+        }
+        .unwrap();
+        let e = log.append(EntryKind::Commit, &commit);
+        let bob_events = ms[1].apply(&e).unwrap();
+        assert_eq!(bob_events[0].kind, "left");
+        assert_eq!(bob_events[0].from, "carol");
+        assert_eq!(ms[1].row.proposals_since_ms, None);
+        assert_eq!(ms[1].duty(false, appended + grace), Duty::Nothing);
+        ms[2].row.state = GroupState::Leaving;
+        ms[2].apply(&e).unwrap();
+        assert_eq!(ms[2].row.state, GroupState::Left);
+    }
+
+    #[test]
+    fn a_commit_that_leaves_out_this_members_leave_makes_it_void() {
+        let mut ms = group(&["alice", "bob"]);
+        let mut log = Log::default();
+        // Bob asked to leave; Alice commits a key update without it.
+        ms[1].row.state = GroupState::Leaving;
+        let alice = &mut ms[0];
+        let bundle = {
+            let (g, p, id) = alice.parts();
+            g.self_update(p, id, LeafNodeParameters::default())
+        }
+        .unwrap();
+        let (commit, _, _) = bundle.into_messages();
+        {
+            let (g, p, _) = alice.parts();
+            g.merge_pending_commit(p)
+        }
+        .unwrap();
+        let e = log.append(EntryKind::Commit, &commit);
+        ms[1].apply(&e).unwrap();
+        assert_eq!(ms[1].row.state, GroupState::Active);
+        assert!(ms[1].row.releave, "the leave must be asked for again");
+    }
+
+    #[test]
+    fn another_members_commit_voids_this_devices_pending_one() {
+        let mut ms = group(&["alice", "bob"]);
+        let mut log = Log::default();
+        let bob = &mut ms[1];
+        let (own, _, _) = {
+            let (g, p, id) = bob.parts();
+            g.self_update(p, id, LeafNodeParameters::default())
+        }
+        .unwrap()
+        .into_messages();
+        bob.row.pending_commit = Some(own.tls_serialize_detached().unwrap());
+        let alice = &mut ms[0];
+        let (commit, _, _) = {
+            let (g, p, id) = alice.parts();
+            g.self_update(p, id, LeafNodeParameters::default())
+        }
+        .unwrap()
+        .into_messages();
+        {
+            let (g, p, _) = alice.parts();
+            g.merge_pending_commit(p)
+        }
+        .unwrap();
+        let e = log.append(EntryKind::Commit, &commit);
+        ms[1].apply(&e).unwrap();
+        assert_eq!(ms[1].row.pending_commit, None);
+        assert!(ms[1].g().pending_commit().is_none());
+        assert_eq!(ms[1].g().epoch(), ms[0].g().epoch());
+    }
+
+    #[test]
+    fn an_entry_that_does_not_parse_is_an_error_and_changes_nothing() {
+        let mut ms = group(&["alice", "bob"]);
+        let e = LogEntry {
+            seq: 1,
+            epoch: 1,
+            kind: EntryKind::Commit,
+            timestamp_ms: T0,
+            data: vec![0xff; 8].into(),
+        };
+        assert!(ms[1].apply(&e).is_err());
+        assert_eq!(ms[1].g().epoch().as_u64(), 1);
+        assert_eq!(ms[1].row.state, GroupState::Active);
+    }
+
+    fn ds(epoch: u64, head: u64, info: Option<u64>) -> Option<DsGroupState> {
+        Some(DsGroupState {
+            epoch,
+            head,
+            group_info_epoch: info,
+        })
+    }
+
+    #[test]
+    fn fork_signs_name_members_with_another_authenticator_and_a_device_left_behind() {
+        let mine = [1; 32];
+        let published = vec![
+            ("me".to_string(), [9; 32]),
+            ("zoe".to_string(), [2; 32]),
+            ("bob".to_string(), mine),
+        ];
+        // Our own entry is never a sign, whatever it says; Zoe's is.
+        let s = fork_signs("me", 4, &mine, published.clone(), 10, ds(4, 10, Some(4)));
+        assert_eq!(s.differ, ["zoe"]);
+        assert!(!s.behind && !s.info_missing);
+        // The whole log read and still at another epoch: behind.
+        let s = fork_signs("me", 4, &mine, vec![], 10, ds(5, 10, Some(5)));
+        assert_eq!(s.differ, ["the group (epoch 5)"]);
+        assert!(s.behind);
+        // Not all of the log read yet: no sign.
+        let s = fork_signs("me", 4, &mine, vec![], 9, ds(5, 10, Some(5)));
+        assert_eq!(s, ForkSigns::default());
+        // All agrees, but the DS keeps no GroupInfo for this epoch.
+        let s = fork_signs("me", 4, &mine, vec![], 10, ds(4, 10, Some(3)));
+        assert!(s.info_missing && s.differ.is_empty());
+    }
+}

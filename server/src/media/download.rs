@@ -1,0 +1,154 @@
+//! A download stream: access checks, then the blob's header and the
+//! requested chunks, read ahead from disk.
+
+use std::sync::Arc;
+
+use huddle_core::proto::{ErrorBody, ErrorCode, Response};
+use huddle_core::MediaId;
+use tokio::io::AsyncSeekExt as _;
+use tracing::{debug, warn};
+
+use crate::service::{Service, Session};
+use crate::store::MediaState;
+
+use super::{err, io_err, respond, BlobStore, Transfer, BUF};
+
+/// Handles a download stream: checks access, announces the range, sends it.
+#[allow(clippy::too_many_arguments)]
+pub async fn download(
+    svc: &Arc<Service>,
+    blobs: &Arc<BlobStore>,
+    session: &Arc<Session>,
+    media: MediaId,
+    offset: u64,
+    len: u64,
+    mut send: quinn::SendStream,
+) {
+    match download_head(svc, blobs, session, media, offset, len).await {
+        Err(e) => {
+            if respond(&mut send, &Response::Error(e)).await {
+                let _ = send.finish();
+            }
+        }
+        Ok((resp, file, len, _transfer)) => {
+            if !respond(&mut send, &resp).await {
+                return;
+            }
+            // Each buffer is read from disk in a short blocking task while
+            // the one before is sent: disk and network overlap, and no
+            // thread waits for a slow reader. With what QUIC holds
+            // unacknowledged (the send window) that bounds a download's
+            // memory whatever the item's size.
+            let stall = blobs.config.transfer_stall_timeout;
+            let file = file.into_std().await;
+            let read = |mut file: std::fs::File, want: usize| {
+                tokio::task::spawn_blocking(move || {
+                    use std::io::Read as _;
+                    let mut buf = Vec::with_capacity(want);
+                    let r = (&mut file).take(want as u64).read_to_end(&mut buf);
+                    (file, r.map(|_| bytes::Bytes::from(buf)))
+                })
+            };
+            let mut left = len;
+            let mut sent = 0u64;
+            let mut next = (left > 0).then(|| read(file, BUF.min(left as usize)));
+            while let Some(reading) = next.take() {
+                let Ok((file, r)) = reading.await else {
+                    let _ = send.reset(1u32.into());
+                    return;
+                };
+                let b = match r {
+                    Ok(b) if b.is_empty() => break,
+                    Ok(b) => b,
+                    Err(e) => {
+                        warn!(media = %media, error = %e, "reading a stored blob failed");
+                        let _ = send.reset(1u32.into());
+                        return;
+                    }
+                };
+                left -= (b.len() as u64).min(left);
+                sent += b.len() as u64;
+                if left > 0 {
+                    next = Some(read(file, BUF.min(left as usize)));
+                }
+                match tokio::time::timeout(stall, send.write_chunk(b)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        debug!(media = %media, "download not read; stream ended");
+                        let _ = send.reset(1u32.into());
+                        return;
+                    }
+                }
+            }
+            if sent < len {
+                // Shorter than recorded: end the stream where the data ends;
+                // the client's checks name the damage.
+                warn!(media = %media, "stored blob is shorter than its record");
+            }
+            let _ = send.finish();
+        }
+    }
+}
+
+pub(super) async fn download_head(
+    svc: &Arc<Service>,
+    blobs: &BlobStore,
+    session: &Session,
+    media: MediaId,
+    offset: u64,
+    len: u64,
+) -> Result<(Response, tokio::fs::File, u64, Transfer), ErrorBody> {
+    let user = session
+        .user()
+        .ok_or_else(|| err(ErrorCode::NotAuthenticated, "authenticate first"))?;
+    let transfer = blobs.transfer(&user)?;
+    let rec = blobs
+        .blocking(move |s| s.media(&media))
+        .await?
+        .map_err(ErrorBody::from)?
+        .filter(|r| r.state == MediaState::Complete)
+        .ok_or_else(|| err(ErrorCode::NotFound, format!("no media item {media}")))?;
+    let member = svc
+        .load_group(&rec.group)
+        .await?
+        .is_some_and(|g| g.with_view(|v| v.is_member(&user)));
+    if !member {
+        return Err(err(
+            ErrorCode::NotMember,
+            format!("{user} is not a member of the group of media item {media}"),
+        ));
+    }
+    let len = if len == 0 {
+        rec.total_len.saturating_sub(offset)
+    } else {
+        len
+    };
+    if offset > rec.total_len || len > rec.total_len - offset {
+        return Err(err(
+            ErrorCode::BadRequest,
+            format!(
+                "range {offset}+{len} is outside the item's {} bytes",
+                rec.total_len
+            ),
+        ));
+    }
+    let mut file = tokio::fs::File::open(blobs.blob_path(&media))
+        .await
+        .map_err(io_err)?;
+    file.seek(std::io::SeekFrom::Start(offset))
+        .await
+        .map_err(io_err)?;
+    Ok((
+        Response::Download {
+            total_len: rec.total_len,
+            hash: rec.hash,
+            offset,
+            len,
+            group: rec.group,
+        },
+        file,
+        len,
+        transfer,
+    ))
+}

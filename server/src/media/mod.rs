@@ -1,0 +1,304 @@
+//! Encrypted media blobs: resumable uploads, range downloads, quota and
+//! retention.
+//!
+//! A blob is the ciphertext of one media item in the format of
+//! `docs/MEDIA.md`; the DS never sees its key. It checks what it can without
+//! one: that the header names the item and group of the upload, that the
+//! length matches the header's layout, and that the BLAKE3 hash of the whole
+//! blob is the one announced. Only then does the blob become fetchable, and
+//! only by current members of its group.
+//!
+//! Uploads land in `blobs/partial/ID.part`. Every 16 MiB the file is synced
+//! and the last chunk boundary reached is recorded in the store; an
+//! interrupted upload resumes from there. A completed blob is renamed to
+//! `blobs/ID.blob`. Both directions stream through fixed buffers, so memory
+//! does not grow with the item's size.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use huddle_core::proto::{ErrorBody, ErrorCode};
+use huddle_core::MediaId;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::ServerConfig;
+use crate::service::Service;
+use crate::store::{MediaRecord, MediaState, Store};
+
+mod admission;
+mod disk;
+mod download;
+mod upload;
+
+use admission::{boundary, check_header};
+use disk::{persist, BlobWriter, ENOSPC};
+pub use download::download;
+use upload::respond;
+pub use upload::upload;
+
+/// Bytes moved per read or write.
+const BUF: usize = 1 << 20;
+
+/// How long a new upload of an item waits for an earlier stream of the same
+/// item, which it asked to stop, to wind up before it is refused.
+const ACTIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An upload in progress on some stream.
+#[derive(Debug)]
+struct Active {
+    uploader: String,
+    /// Asks that stream to stop, keeping its durable progress.
+    stop: CancellationToken,
+}
+
+/// How many more bytes the blob disk takes before it reports itself full:
+/// no limit but the disk's own, except in fault tests, which set one.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Room(#[cfg(test)] pub(crate) Arc<std::sync::Mutex<Option<u64>>>);
+
+impl Room {
+    /// How much of `n` bytes may be written (less: the disk is full after).
+    fn take(&self, n: usize) -> usize {
+        #[cfg(test)]
+        if let Some(left) = self.0.lock().expect("room lock").as_mut() {
+            let k = n.min(usize::try_from(*left).unwrap_or(usize::MAX));
+            *left -= k as u64;
+            return k;
+        }
+        n
+    }
+}
+
+/// The blob directory and its accounting.
+pub struct BlobStore {
+    dir: PathBuf,
+    partial: PathBuf,
+    store: Arc<dyn Store>,
+    config: Arc<ServerConfig>,
+    /// Items with an upload in progress on some stream.
+    active: Mutex<HashMap<MediaId, Active>>,
+    /// Transfers (uploads and downloads) running, per user and in all.
+    transfers: Arc<Mutex<(HashMap<String, usize>, usize)>>,
+    /// Bytes reserved by every known item (complete or not).
+    used: AtomicU64,
+    last_sweep: Mutex<Option<Instant>>,
+    pub(crate) room: Room,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+struct ActiveGuard<'a> {
+    blobs: &'a BlobStore,
+    id: MediaId,
+}
+
+/// One running transfer, counted until dropped.
+struct Transfer {
+    counts: Arc<Mutex<(HashMap<String, usize>, usize)>>,
+    user: String,
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().expect("transfers lock");
+        c.1 -= 1;
+        if let Some(n) = c.0.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                c.0.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl BlobStore {
+    /// Counts a transfer of `user`, within the per-user and DS-wide limits.
+    fn transfer(&self, user: &str) -> Result<Transfer, ErrorBody> {
+        let mut c = self.transfers.lock().expect("transfers lock");
+        let (per_user, total) = (
+            self.config.max_transfers_per_user,
+            self.config.max_transfers_total,
+        );
+        let mine = c.0.get(user).copied().unwrap_or(0);
+        if mine >= per_user {
+            return Err(err(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "{user} has {per_user} transfers running, the most this server allows per user"
+                ),
+            ));
+        }
+        if c.1 >= total {
+            return Err(err(
+                ErrorCode::QuotaExceeded,
+                "the server is running as many transfers as it takes; try again soon",
+            ));
+        }
+        c.1 += 1;
+        *c.0.entry(user.to_owned()).or_insert(0) += 1;
+        Ok(Transfer {
+            counts: self.transfers.clone(),
+            user: user.to_owned(),
+        })
+    }
+
+    /// Transfers running now.
+    pub fn transfers(&self) -> usize {
+        self.transfers.lock().expect("transfers lock").1
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.blobs
+            .active
+            .lock()
+            .expect("active lock")
+            .remove(&self.id);
+    }
+}
+
+fn err(code: ErrorCode, m: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(code, m)
+}
+
+fn io_err(e: std::io::Error) -> ErrorBody {
+    if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(ENOSPC) {
+        err(
+            ErrorCode::QuotaExceeded,
+            "the server's disk is full; the upload keeps its progress and can resume later",
+        )
+    } else {
+        warn!(error = %e, "blob i/o failure");
+        err(ErrorCode::Internal, "storage failure")
+    }
+}
+
+impl BlobStore {
+    /// Opens `DATA/blobs`, removes partial files no record points to, and
+    /// counts the space in use.
+    pub fn open(config: Arc<ServerConfig>, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        let dir = config.data_dir.join("blobs");
+        let partial = dir.join("partial");
+        std::fs::create_dir_all(&partial)?;
+        let records = store
+            .all_media()
+            .map_err(|e| anyhow::anyhow!("reading media records: {e}"))?;
+        let known: HashSet<String> = records.iter().map(|(id, _)| id.to_string()).collect();
+        for entry in std::fs::read_dir(&partial)?.chain(std::fs::read_dir(&dir)?) {
+            let entry = entry?;
+            let path = entry.path();
+            let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            if path.is_file() && !known.contains(stem) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        for (id, r) in &records {
+            let blob = dir.join(format!("{id}.blob"));
+            let part = partial.join(format!("{id}.part"));
+            if r.state == MediaState::Complete && !blob.exists() && part.exists() {
+                std::fs::rename(&part, &blob)?;
+            }
+        }
+        let used = records.iter().map(|(_, r)| r.total_len).sum();
+        Ok(Self {
+            dir,
+            partial,
+            store,
+            config,
+            active: Mutex::new(HashMap::new()),
+            transfers: Arc::default(),
+            used: AtomicU64::new(used),
+            last_sweep: Mutex::new(None),
+            room: Room::default(),
+        })
+    }
+
+    fn blob_path(&self, id: &MediaId) -> PathBuf {
+        self.dir.join(format!("{id}.blob"))
+    }
+
+    fn partial_path(&self, id: &MediaId) -> PathBuf {
+        self.partial.join(format!("{id}.part"))
+    }
+
+    /// Bytes reserved by stored and in-progress items.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> R + Send + 'static,
+    ) -> Result<R, ErrorBody> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&*store))
+            .await
+            .map_err(|_| err(ErrorCode::Internal, "internal error"))
+    }
+
+    /// Deletes an item's files and record and releases its space.
+    async fn forget(&self, id: MediaId, rec: &MediaRecord) {
+        let _ = tokio::fs::remove_file(self.partial_path(&id)).await;
+        let _ = tokio::fs::remove_file(self.blob_path(&id)).await;
+        if self.blocking(move |s| s.delete_media(&id)).await.is_ok() {
+            self.used.fetch_sub(rec.total_len, Ordering::Relaxed);
+        }
+    }
+
+    /// Retention: deletes expired items, stale unfinished uploads, and items
+    /// of groups that have no current member left. Runs at most once a
+    /// minute.
+    pub async fn maintenance(&self, svc: &Service) {
+        {
+            let mut last = self.last_sweep.lock().expect("sweep lock");
+            if last.is_some_and(|t| t.elapsed() < self.config.media_sweep_interval) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        self.sweep(svc, svc.now_ms()).await;
+    }
+
+    /// One retention pass at time `now` (ms). Returns how many items were
+    /// deleted.
+    pub async fn sweep(&self, svc: &Service, now: u64) -> usize {
+        let Ok(Ok(records)) = self.blocking(|s| s.all_media()).await else {
+            return 0;
+        };
+        let retention = self.config.media_retention.as_millis() as u64;
+        let stale = self.config.stale_upload.as_millis() as u64;
+        let mut deleted = 0;
+        for (id, rec) in records {
+            if self.active.lock().expect("active lock").contains_key(&id) {
+                continue;
+            }
+            let expired = now.saturating_sub(rec.created_ms) >= retention;
+            let abandoned = matches!(rec.state, MediaState::Uploading { .. })
+                && now.saturating_sub(rec.updated_ms) >= stale;
+            let unreachable = match svc.load_group(&rec.group).await {
+                Ok(g) => g.is_none_or(|g| g.with_view(|v| v.current_members().is_empty())),
+                // Not now: the group could not be read.
+                Err(_) => false,
+            };
+            if expired || abandoned || unreachable {
+                info!(media = %id, expired, abandoned, unreachable, "deleting media");
+                self.forget(id, &rec).await;
+                deleted += 1;
+            }
+        }
+        deleted
+    }
+}

@@ -1,0 +1,349 @@
+//! An upload stream: admission, taking over an earlier stream of the same
+//! uploader, receiving into the disk writer, the hash check and completion.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use huddle_core::frame;
+use huddle_core::media::{Header, HEADER_LEN};
+use huddle_core::proto::{self, ErrorBody, ErrorCode, Response, UploadRequest, UPLOAD_TRAILER_LEN};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::service::{Service, Session};
+use crate::store::{MediaRecord, MediaState};
+
+use super::admission::{self, Existing};
+use super::disk::reopen_partial;
+use super::{
+    boundary, check_header, err, io_err, persist, Active, ActiveGuard, BlobStore, BlobWriter,
+    ACTIVE_WAIT, BUF,
+};
+
+pub(super) async fn respond(send: &mut quinn::SendStream, resp: &Response) -> bool {
+    send.write_all(&proto::encode_frame(resp)).await.is_ok()
+}
+
+/// Handles an upload stream: answers where to continue, receives the rest,
+/// checks it, answers with the outcome.
+pub async fn upload(
+    svc: &Arc<Service>,
+    blobs: &Arc<BlobStore>,
+    session: &Arc<Session>,
+    req: UploadRequest,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let result = upload_inner(svc, blobs, session, &req, &mut send, &mut recv).await;
+    let resp = match result {
+        Ok(Some(r)) => r,
+        // The client went away mid-upload; its progress is kept.
+        Ok(None) => return,
+        Err(e) => {
+            debug!(media = %req.media, error = %e.message, "upload refused");
+            Response::Error(e)
+        }
+    };
+    if respond(&mut send, &resp).await {
+        let _ = send.finish();
+    }
+    // Whatever the client still sends is not needed.
+    let _ = recv.stop(0u32.into());
+}
+
+pub(super) async fn upload_inner(
+    svc: &Arc<Service>,
+    blobs: &BlobStore,
+    session: &Session,
+    req: &UploadRequest,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<Response>, ErrorBody> {
+    let user = session
+        .user()
+        .ok_or_else(|| err(ErrorCode::NotAuthenticated, "authenticate first"))?;
+    let _transfer = blobs.transfer(&user)?;
+    let group = svc
+        .load_group(&req.group)
+        .await?
+        .ok_or_else(|| err(ErrorCode::UnknownGroup, format!("no group {}", req.group)))?;
+    if !group.with_view(|v| v.is_member(&user)) {
+        return Err(err(
+            ErrorCode::NotMember,
+            format!("{user} is not a member of group {}", req.group),
+        ));
+    }
+    admission::check_request(req, blobs.config.max_media_item)?;
+    let id = req.media;
+    // The uploader resuming takes the upload over: its earlier stream may
+    // belong to a process that was killed, on a connection the DS has not
+    // yet seen die. That stream is asked to stop; it keeps what is durable
+    // and ends, and this one goes on from there.
+    let stop = CancellationToken::new();
+    let deadline = Instant::now() + ACTIVE_WAIT;
+    loop {
+        {
+            let mut active = blobs.active.lock().expect("active lock");
+            match active.get(&id) {
+                None => {
+                    active.insert(
+                        id,
+                        Active {
+                            uploader: user.clone(),
+                            stop: stop.clone(),
+                        },
+                    );
+                    break;
+                }
+                Some(a) if a.uploader == user => a.stop.cancel(),
+                Some(_) => {
+                    return Err(err(
+                        ErrorCode::NotMember,
+                        "only the uploader may resume an upload",
+                    ))
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(err(
+                ErrorCode::OutOfOrder,
+                "an earlier upload of this item did not stop in time; try again",
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let _guard = ActiveGuard { blobs, id };
+    let now = (blobs.config.clock)();
+    let existing = blobs
+        .blocking(move |s| s.media(&id))
+        .await?
+        .map_err(ErrorBody::from)?;
+    let mut rec = match existing {
+        Some(r) => match admission::check_existing(&r, req, &user)? {
+            Existing::Complete => {
+                return Ok(Some(Response::Upload {
+                    offset: r.total_len,
+                    complete: true,
+                }))
+            }
+            Existing::Resume => r,
+        },
+        None => {
+            let total = req.total_len;
+            admission::reserve(&blobs.used, total, blobs.config.media_quota)?;
+            let r = MediaRecord {
+                group: req.group,
+                uploader: user.clone(),
+                total_len: total,
+                hash: [0; 32],
+                state: MediaState::Uploading { offset: 0 },
+                created_ms: now,
+                updated_ms: now,
+            };
+            let r2 = r.clone();
+            if let Err(e) = blobs.blocking(move |s| s.put_media(&id, &r2)).await? {
+                blobs.used.fetch_sub(total, Ordering::Relaxed);
+                return Err(ErrorBody::from(e));
+            }
+            r
+        }
+    };
+    let MediaState::Uploading { offset: start } = rec.state else {
+        unreachable!("complete items returned above")
+    };
+    let path = blobs.partial_path(&id);
+    // Open the partial file, drop anything past the durable offset (it may
+    // be torn), and re-hash (and re-read the header of) what is kept.
+    let p = path.clone();
+    let (file, hasher, head_bytes) = tokio::task::spawn_blocking(move || reopen_partial(&p, start))
+        .await
+        .map_err(|_| err(ErrorCode::Internal, "internal error"))?
+        .map_err(io_err)?;
+    let mut head_bytes = head_bytes;
+    let mut header: Option<Header> = None;
+    if head_bytes.len() == HEADER_LEN {
+        header = Some(check_header(&head_bytes, req)?);
+    }
+    if !respond(
+        send,
+        &Response::Upload {
+            offset: start,
+            complete: false,
+        },
+    )
+    .await
+    {
+        return Ok(None);
+    }
+
+    // The network side fills buffers; a writer thread writes, hashes and
+    // periodically syncs them, so disk work overlaps with receiving.
+    let writer = BlobWriter::start(file, hasher, start, blobs.room.clone());
+    let mut pos = start;
+    let mut durable = start;
+    let mut ended = false;
+    let mut gone = false;
+    let mut taken_over = false;
+    while pos < req.total_len && !ended && !gone {
+        // Gather up to BUF bytes of received chunks (no copy), never past
+        // the blob's end, and hand them to the writer in one piece.
+        let mut batch: Vec<bytes::Bytes> = Vec::new();
+        let mut filled = 0usize;
+        let room = BUF.min((req.total_len - pos) as usize);
+        while filled < room {
+            let chunk = tokio::select! {
+                c = tokio::time::timeout(blobs.config.transfer_stall_timeout, recv.read_chunk(room - filled, true)) => c,
+                () = stop.cancelled() => {
+                    debug!(media = %id, "upload taken over by a newer stream");
+                    gone = true;
+                    taken_over = true;
+                    break;
+                }
+            };
+            let Ok(chunk) = chunk else {
+                debug!(media = %id, "upload stalled; its progress is kept");
+                gone = true;
+                break;
+            };
+            match chunk {
+                Ok(Some(c)) => {
+                    filled += c.bytes.len();
+                    batch.push(c.bytes);
+                }
+                Ok(None) => {
+                    ended = true;
+                    break;
+                }
+                Err(_) => {
+                    gone = true;
+                    break;
+                }
+            }
+        }
+        for b in &batch {
+            if head_bytes.len() >= HEADER_LEN {
+                break;
+            }
+            let take = (HEADER_LEN - head_bytes.len()).min(b.len());
+            head_bytes.extend_from_slice(&b[..take]);
+            if head_bytes.len() == HEADER_LEN {
+                match check_header(&head_bytes, req) {
+                    Ok(h) => header = Some(h),
+                    Err(e) => {
+                        drop(writer.finish().await);
+                        blobs.forget(id, &rec).await;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        pos += filled as u64;
+        if filled > 0 && !writer.write(batch).await {
+            // The writer failed (for example: the disk is full).
+            break;
+        }
+        if let Some(synced) = writer.synced() {
+            let b = boundary(header.as_ref(), synced);
+            if b > durable {
+                durable = b;
+                persist(blobs, id, &mut rec, durable).await;
+            }
+        }
+    }
+    let (result, synced) = writer.finish().await;
+    let (file, hasher) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            let b = boundary(header.as_ref(), synced);
+            persist(blobs, id, &mut rec, b.max(durable)).await;
+            return Err(io_err(e));
+        }
+    };
+    if pos < req.total_len {
+        let boundary = boundary(header.as_ref(), synced);
+        persist(blobs, id, &mut rec, boundary).await;
+        if taken_over {
+            return Err(err(
+                ErrorCode::OutOfOrder,
+                "a newer upload of this item by the same user took it over; this one stopped",
+            ));
+        }
+        if gone {
+            return Ok(None);
+        }
+        return Err(err(
+            ErrorCode::BadRequest,
+            format!(
+                "the upload stopped at {pos} of {} bytes; resume from {boundary}",
+                req.total_len
+            ),
+        ));
+    }
+    // Every byte is here and on disk; the trailer names the hash.
+    persist(blobs, id, &mut rec, pos).await;
+    let mut trailer = [0u8; frame::HEADER_LEN + UPLOAD_TRAILER_LEN];
+    let trailer_read = tokio::select! {
+        r = tokio::time::timeout(blobs.config.transfer_stall_timeout, recv.read_exact(&mut trailer)) => r,
+        () = stop.cancelled() => return Ok(None),
+    };
+    let Ok(trailer_read) = trailer_read else {
+        return Ok(None);
+    };
+    match trailer_read {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(_)) => {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "the upload ended without its hash trailer; send it to finish",
+            ))
+        }
+        Err(_) => return Ok(None),
+    }
+    let len_ok = frame::body_len(
+        trailer[..frame::HEADER_LEN].try_into().expect("4 bytes"),
+        UPLOAD_TRAILER_LEN,
+    )
+    .is_ok_and(|n| n == UPLOAD_TRAILER_LEN);
+    if !len_ok {
+        blobs.forget(id, &rec).await;
+        return Err(err(
+            ErrorCode::TooLarge,
+            "more bytes were sent than announced; the upload was discarded",
+        ));
+    }
+    let announced: [u8; 32] = trailer[frame::HEADER_LEN..].try_into().expect("32 bytes");
+    if *hasher.finalize().as_bytes() != announced {
+        blobs.forget(id, &rec).await;
+        return Err(err(
+            ErrorCode::IntegrityError,
+            "the uploaded bytes do not match the announced hash; the upload was discarded",
+        ));
+    }
+    rec.hash = announced;
+    tokio::task::spawn_blocking(move || file.sync_all())
+        .await
+        .map_err(|_| err(ErrorCode::Internal, "internal error"))?
+        .map_err(io_err)?;
+    // Record completion first, then move the file: a crash in between
+    // leaves a complete record and a complete partial file, which start-up
+    // moves into place.
+    rec.state = MediaState::Complete;
+    rec.updated_ms = (blobs.config.clock)();
+    let r = rec.clone();
+    blobs
+        .blocking(move |s| s.put_media(&id, &r))
+        .await?
+        .map_err(ErrorBody::from)?;
+    tokio::fs::rename(&path, blobs.blob_path(&id))
+        .await
+        .map_err(io_err)?;
+    if let Ok(d) = tokio::fs::File::open(&blobs.dir).await {
+        let _ = d.sync_all().await;
+    }
+    info!(media = %id, bytes = req.total_len, "media stored");
+    Ok(Some(Response::Upload {
+        offset: req.total_len,
+        complete: true,
+    }))
+}
