@@ -19,6 +19,15 @@ pub enum ClientError {
     /// Another process of this home holds what the operation needs.
     #[error("{0}")]
     Busy(String),
+    /// Others kept changing what the operation needed (a group's epoch, a
+    /// file being sent) through every attempt; trying again later may
+    /// succeed. Says what kept changing.
+    #[error("{0}; try again")]
+    Contended(String),
+    /// A commit of pending proposals found none left to commit (another
+    /// member committed them first).
+    #[error("nothing to commit")]
+    NothingToCommit,
     /// The server refused a request.
     #[error("server refused: {}", .0.message)]
     Server(ErrorBody),

@@ -3,12 +3,82 @@
 
 use serde::{Deserialize, Serialize};
 
+/// What kind of thing happened: the `type` of an event in `--json`
+/// output, in snake case (`member_added`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A text message (`text`).
+    Text,
+    /// A media item was shared (`media_id`, `name`, `size`, `mime`, and
+    /// its caption in `text`).
+    Media,
+    /// This device joined the group (`members`: all of them).
+    Joined,
+    /// Members were added (`members`, `epoch`).
+    MemberAdded,
+    /// Members were removed (`members`, `epoch`); without `from`, this
+    /// device found itself removed (`text` says how).
+    MemberRemoved,
+    /// Members left (`members`, `epoch`).
+    Left,
+    /// A member (or, with `text`, this device) rejoined by external commit
+    /// (`members`, `epoch`).
+    Rejoined,
+    /// The identity key of `members` differs from the one first seen.
+    KeyChanged,
+    /// `members` computed another state of the group at `epoch`.
+    ForkDetected,
+    /// The group could not be brought up to date (`text`); not kept in
+    /// the history.
+    Error,
+    /// `listen` started (`text`: the server); not kept in the history.
+    Listening,
+}
+
+impl EventKind {
+    /// The kind as it is written in `--json` output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Text => "text",
+            EventKind::Media => "media",
+            EventKind::Joined => "joined",
+            EventKind::MemberAdded => "member_added",
+            EventKind::MemberRemoved => "member_removed",
+            EventKind::Left => "left",
+            EventKind::Rejoined => "rejoined",
+            EventKind::KeyChanged => "key_changed",
+            EventKind::ForkDetected => "fork_detected",
+            EventKind::Error => "error",
+            EventKind::Listening => "listening",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for EventKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<str> for EventKind {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
 /// One thing that happened in a group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// `text`, `media`, `joined`, `member_added`, `member_removed`, `left`.
+    /// What happened.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: EventKind,
     /// Group id (hex).
     pub group: String,
     /// Group name, when known.
@@ -46,9 +116,9 @@ pub struct Event {
 
 impl Event {
     /// An event with the common fields set.
-    pub fn new(kind: &str, group: &str, from: &str, seq: u64, timestamp_ms: u64) -> Self {
+    pub fn new(kind: EventKind, group: &str, from: &str, seq: u64, timestamp_ms: u64) -> Self {
         Self {
-            kind: kind.to_owned(),
+            kind,
             group: group.to_owned(),
             group_name: String::new(),
             from: from.to_owned(),
@@ -67,7 +137,7 @@ impl Event {
     /// Whether events of this kind are kept in the history (all but
     /// reports of the moment: a failure, the start of `listen`).
     pub fn recorded(&self) -> bool {
-        !matches!(self.kind.as_str(), "error" | "listening")
+        !matches!(self.kind, EventKind::Error | EventKind::Listening)
     }
 
     /// One line for a terminal. Everything that came from other people
@@ -83,9 +153,9 @@ impl Event {
         let members = self.members.as_deref().unwrap_or_default().join(", ");
         let members = clean(&members);
         let text = clean(self.text.as_deref().unwrap_or(""));
-        match self.kind.as_str() {
-            "text" => format!("[{g}] {from}: {text}"),
-            "media" => {
+        match self.kind {
+            EventKind::Text => format!("[{g}] {from}: {text}"),
+            EventKind::Media => {
                 let caption = if text.is_empty() {
                     String::new()
                 } else {
@@ -99,30 +169,29 @@ impl Event {
                     clean(self.media_id.as_deref().unwrap_or("?"))
                 )
             }
-            "joined" => format!("[{g}] joined, added by {from}; members: {members}"),
-            "member_added" => format!("[{g}] {from} added {members}"),
-            "member_removed" if self.from.is_empty() => format!("[{g}] {members} removed: {text}"),
-            "member_removed" => format!("[{g}] {from} removed {members}"),
-            "left" if self.from.is_empty() => format!("[{g}] {members} left: {text}"),
-            "left" => format!("[{g}] {members} left"),
-            "fork_detected" => format!(
+            EventKind::Joined => format!("[{g}] joined, added by {from}; members: {members}"),
+            EventKind::MemberAdded => format!("[{g}] {from} added {members}"),
+            EventKind::MemberRemoved if self.from.is_empty() => format!("[{g}] {members} removed: {text}"),
+            EventKind::MemberRemoved => format!("[{g}] {from} removed {members}"),
+            EventKind::Left if self.from.is_empty() => format!("[{g}] {members} left: {text}"),
+            EventKind::Left => format!("[{g}] {members} left"),
+            EventKind::ForkDetected => format!(
                 "[{g}] WARNING: {members} computed another state of this group at epoch {}; messages between you may not decrypt",
                 self.epoch.unwrap_or(0)
             ),
-            "rejoined" if self.text.is_some() => format!(
+            EventKind::Rejoined if self.text.is_some() => format!(
                 "[{g}] this device rejoined the group at epoch {} ({text}); earlier messages it had not read are lost to it",
                 self.epoch.unwrap_or(0),
             ),
-            "rejoined" => format!(
+            EventKind::Rejoined => format!(
                 "[{g}] {from} rejoined (new device state) at epoch {}",
                 self.epoch.unwrap_or(0)
             ),
-            "key_changed" => format!(
+            EventKind::KeyChanged => format!(
                 "[{g}] WARNING: the identity key of {members} differs from the one first seen; compare fingerprints out of band"
             ),
-            "error" => format!("[{g}] ERROR: this group could not be brought up to date: {text}"),
-            "listening" => format!("listening as {from} on {text}; Ctrl-C to stop"),
-            other => format!("[{g}] {} from {from}", clean(other)),
+            EventKind::Error => format!("[{g}] ERROR: this group could not be brought up to date: {text}"),
+            EventKind::Listening => format!("listening as {from} on {text}; Ctrl-C to stop"),
         }
     }
 
@@ -195,7 +264,13 @@ mod tests {
 
     #[test]
     fn other_peoples_text_cannot_forge_lines_or_drive_the_terminal() {
-        let mut e = Event::new("text", "00112233445566778899aabbccddeeff", "mallory", 1, 0);
+        let mut e = Event::new(
+            EventKind::Text,
+            "00112233445566778899aabbccddeeff",
+            "mallory",
+            1,
+            0,
+        );
         e.text = Some("ok\n[g] carol: my new key is X\u{1b}[2J\u{202e}".into());
         let line = e.human();
         assert_eq!(

@@ -15,7 +15,7 @@ use openmls::prelude::{tls_codec::Deserialize as _, *};
 use crate::app::{AppMessage, MediaInfo};
 use crate::db::groups::{GroupRow, GroupState};
 use crate::error::{ClientError, Result};
-use crate::event::Event;
+use crate::event::{Event, EventKind};
 
 /// How long pending proposals wait for the designated committer before any
 /// remaining member commits them.
@@ -63,7 +63,7 @@ pub fn apply<P: OpenMlsProvider>(
         .map_err(ClientError::mls)?;
     let from = user_of(processed.credential()).unwrap_or_else(|| "?".into());
     let mut events = Vec::new();
-    let ev = |kind: &str| Event::new(kind, gid, &from, entry.seq, entry.timestamp_ms);
+    let ev = |kind: EventKind| Event::new(kind, gid, &from, entry.seq, entry.timestamp_ms);
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(app) => {
             let msg = AppMessage::decode(&app.into_bytes()).map_err(ClientError::Mls)?;
@@ -122,30 +122,30 @@ pub fn apply<P: OpenMlsProvider>(
             row.proposals_since_ms = None;
             let epoch = Some(group.epoch().as_u64());
             if !changed.is_empty() {
-                let mut e = ev("key_changed");
+                let mut e = ev(EventKind::KeyChanged);
                 e.members = Some(changed);
                 events.push(e);
             }
             if !added.is_empty() {
-                let mut e = ev("member_added");
+                let mut e = ev(EventKind::MemberAdded);
                 e.members = Some(added);
                 e.epoch = epoch;
                 events.push(e);
             }
             if !removed.is_empty() {
-                let mut e = ev("member_removed");
+                let mut e = ev(EventKind::MemberRemoved);
                 e.members = Some(removed);
                 e.epoch = epoch;
                 events.push(e);
             }
             if !rejoined.is_empty() {
-                let mut e = ev("rejoined");
+                let mut e = ev(EventKind::Rejoined);
                 e.members = Some(rejoined);
                 e.epoch = epoch;
                 events.push(e);
             }
             if !left.is_empty() {
-                let mut e = ev("left");
+                let mut e = ev(EventKind::Left);
                 e.from = left[0].clone();
                 e.members = Some(left.clone());
                 e.epoch = epoch;
@@ -173,14 +173,15 @@ pub fn apply<P: OpenMlsProvider>(
 /// What an application message shows as: `text` and `media` events; a
 /// group's name shows as nothing.
 pub fn app_event(msg: &AppMessage, id: &GroupId, from: &str, seq: u64, ts: u64) -> Option<Event> {
-    let mut e = Event::new("", &id.to_string(), from, seq, ts);
+    let new = |kind| Event::new(kind, &id.to_string(), from, seq, ts);
+    let mut e;
     match msg {
         AppMessage::Text { text } => {
-            e.kind = "text".into();
+            e = new(EventKind::Text);
             e.text = Some(text.clone());
         }
         AppMessage::Media(info) => {
-            e.kind = "media".into();
+            e = new(EventKind::Media);
             e.media_id = Some(hex::encode(info.media_id));
             e.name = Some(info.name.clone());
             e.size = Some(info.size);

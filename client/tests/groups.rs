@@ -235,6 +235,21 @@ fn listening(
     (listener, rx, stop_tx)
 }
 
+/// Waits (bounded) for `listen` to report that it is subscribed: from then
+/// on it learns of new entries only from its push stream (it reads a log
+/// only when a push tells it to: a gap, or an entry out of order).
+async fn subscribed(rx: &mut tokio::sync::mpsc::UnboundedReceiver<huddle_client::Event>) {
+    loop {
+        let e = tokio::time::timeout(std::time::Duration::from_secs(20), rx.recv())
+            .await
+            .expect("listen subscribes within 20 s")
+            .unwrap();
+        if e.kind == "listening" {
+            return;
+        }
+    }
+}
+
 /// The next text event's text (bounded wait).
 async fn next_text(rx: &mut tokio::sync::mpsc::UnboundedReceiver<huddle_client::Event>) -> String {
     loop {
@@ -255,9 +270,9 @@ async fn listen_shows_messages_as_they_arrive() {
     let mut a = c.pop().unwrap();
     let (listener, mut rx, stop_tx) = listening(&mut b);
     let talker = async {
-        // Give the listener time to subscribe; it would still get the
-        // message from the log otherwise, but here we test the push path.
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // Sent once the listener is subscribed, so they reach it by push:
+        // it read the log once, before subscribing, and does not poll.
+        subscribed(&mut rx).await;
         for i in 0..3 {
             a.send_text(&g, &format!("live {i}")).await.unwrap();
         }
@@ -279,7 +294,7 @@ async fn listen_reconnects_after_the_server_restarts() {
     let mut a = c.pop().unwrap();
     let (listener, mut rx, stop_tx) = listening(&mut b);
     let talker = async {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        subscribed(&mut rx).await;
         a.send_text(&g, "before").await.unwrap();
         let first = next_text(&mut rx).await;
         // The restart closes every connection, the listener's push stream
@@ -348,7 +363,7 @@ async fn listen_keeps_every_message_of_a_long_burst() {
     let pad = "x".repeat(60_000);
     let (listener, mut rx, stop_tx) = listening(&mut b);
     let talker = async {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        subscribed(&mut rx).await;
         for i in 0..n {
             a.send_text(&g, &format!("burst {i} {pad}")).await.unwrap();
         }

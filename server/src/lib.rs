@@ -23,6 +23,7 @@
 pub mod budget;
 pub mod clock;
 pub mod config;
+pub mod error;
 pub mod group;
 pub mod hub;
 pub mod media;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use crate::error::{Context as _, StartError};
 use bytes::Bytes;
 use huddle_core::frame::{self, FrameError, HEADER_LEN};
 use huddle_core::proto::{
@@ -121,8 +121,8 @@ pub struct Stats {
 }
 
 /// Opens the data dir and store, binds the endpoint and starts serving.
-pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
-    config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
+    config.validate().map_err(StartError::msg)?;
     start_with_store(config, |store| store).await
 }
 
@@ -131,7 +131,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
 pub(crate) async fn start_with_store(
     config: ServerConfig,
     wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
-) -> anyhow::Result<Running> {
+) -> Result<Running, StartError> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let identity = tls::load_identity(&config)?;
@@ -139,14 +139,14 @@ pub(crate) async fn start_with_store(
     let cert_der = identity.chain[0].to_vec();
     let db_path = config.data_dir.join("huddle.redb");
     let store = RedbStore::open_with_cache(&db_path, config.store_cache).map_err(|e| {
-        anyhow::anyhow!(
+        StartError::msg(format!(
             "opening {}: {e} (is another huddle-server using this data dir?)",
             db_path.display()
-        )
+        ))
     })?;
     let config = Arc::new(config);
     let service = Service::new(config.clone(), wrap(Arc::new(store)))
-        .map_err(|e| anyhow::anyhow!("loading state: {e}"))?;
+        .map_err(|e| StartError::msg(format!("loading state: {e}")))?;
     let blobs = media::BlobStore::open(config.clone(), service.store().clone())?;
     let server_config = tls::quinn_config(&config, identity)?;
     let reset_key = tls::reset_key(&config.data_dir)?;
@@ -155,7 +155,9 @@ pub(crate) async fn start_with_store(
     let tag = ring::hmac::sign(&reset_key, b"huddle connection id key");
     let cid_key = u64::from_le_bytes(tag.as_ref()[..8].try_into().expect("8 bytes"));
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
-    endpoint_config.max_udp_payload_size(huddle_core::proto::MAX_UDP_PAYLOAD)?;
+    endpoint_config
+        .max_udp_payload_size(huddle_core::proto::MAX_UDP_PAYLOAD)
+        .context("setting the largest UDP payload")?;
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
@@ -180,7 +182,7 @@ pub(crate) async fn start_with_store(
         Arc::new(quinn::TokioRuntime),
     )
     .with_context(|| format!("binding {}", config.listen))?;
-    let addr = endpoint.local_addr()?;
+    let addr = endpoint.local_addr().context("reading the bound address")?;
     let shutdown = CancellationToken::new();
     #[cfg(test)]
     let blob_room = blobs.room.clone();

@@ -5,7 +5,9 @@ use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context as _};
+use crate::error::{Context as _, StartError};
+
+type Result<T, E = StartError> = std::result::Result<T, E>;
 use huddle_core::proto::ALPN;
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer};
@@ -35,7 +37,7 @@ impl Identity {
 
 /// Loads the configured certificate, or the self-signed one in the data dir,
 /// creating it on first start.
-pub fn load_identity(config: &ServerConfig) -> anyhow::Result<Identity> {
+pub fn load_identity(config: &ServerConfig) -> Result<Identity> {
     let (cert_path, key_path) = match &config.cert {
         Some((c, k)) => (c.clone(), k.clone()),
         None => {
@@ -52,14 +54,17 @@ pub fn load_identity(config: &ServerConfig) -> anyhow::Result<Identity> {
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing certificate {}", cert_path.display()))?;
     if chain.is_empty() {
-        bail!("no certificate found in {}", cert_path.display());
+        return Err(StartError::msg(format!(
+            "no certificate found in {}",
+            cert_path.display()
+        )));
     }
     let key = PrivateKeyDer::from_pem_file(&key_path)
         .with_context(|| format!("reading private key {}", key_path.display()))?;
     Ok(Identity { chain, key })
 }
 
-fn create_self_signed(cert_path: &Path, key_path: &Path) -> anyhow::Result<()> {
+fn create_self_signed(cert_path: &Path, key_path: &Path) -> Result<()> {
     let names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
     let certified = rcgen::generate_simple_self_signed(names).context("generating certificate")?;
     write_private(key_path, certified.signing_key.serialize_pem().as_bytes())?;
@@ -67,14 +72,14 @@ fn create_self_signed(cert_path: &Path, key_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     write_atomically(path, data, 0o600)
 }
 
 /// Writes a file by writing a temporary file beside it, syncing it and
 /// renaming it over the target, so a crash leaves either nothing or the
 /// whole file.
-pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
+pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");
     let mut f = fs::OpenOptions::new()
@@ -84,11 +89,14 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<(
         .mode(mode)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))?;
     }
     Ok(())
 }
@@ -100,14 +108,14 @@ pub const RESET_KEY_FILE: &str = "reset.key";
 /// that a restarted server can tell clients of the previous process at once
 /// that their connection is gone (instead of letting them wait for the idle
 /// timeout).
-pub fn reset_key(data_dir: &Path) -> anyhow::Result<ring::hmac::Key> {
+pub fn reset_key(data_dir: &Path) -> Result<ring::hmac::Key> {
     let path = data_dir.join(RESET_KEY_FILE);
     let secret = match fs::read(&path) {
         Ok(b) if b.len() == 32 => b,
         _ => {
             let mut b = vec![0u8; 32];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
-                .map_err(|_| anyhow::anyhow!("no randomness for the reset key"))?;
+                .map_err(|_| StartError::msg("no randomness for the reset key"))?;
             write_private(&path, &b)?;
             b
         }
@@ -117,19 +125,17 @@ pub fn reset_key(data_dir: &Path) -> anyhow::Result<ring::hmac::Key> {
 
 /// The quinn server configuration: TLS 1.3 only, ALPN `huddle/1`, and the
 /// transport limits of `config`.
-pub fn quinn_config(
-    config: &ServerConfig,
-    identity: Identity,
-) -> anyhow::Result<quinn::ServerConfig> {
+pub fn quinn_config(config: &ServerConfig, identity: Identity) -> Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("configuring TLS 1.3")?
         .with_no_client_auth()
         .with_single_cert(identity.chain, identity.key)
         .context("certificate and key do not match")?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let crypto = QuicServerConfig::try_from(tls)?;
+    let crypto = QuicServerConfig::try_from(tls).context("configuring QUIC")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport(config)?));
     Ok(server)
@@ -137,9 +143,11 @@ pub fn quinn_config(
 
 /// Transport parameters. Receive windows are sized for bulk media uploads on
 /// fast links; the stream limit bounds the work one client can queue.
-fn transport(config: &ServerConfig) -> anyhow::Result<quinn::TransportConfig> {
+fn transport(config: &ServerConfig) -> Result<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Some(config.idle_timeout.try_into()?));
+    t.max_idle_timeout(Some(
+        config.idle_timeout.try_into().context("idle_timeout")?,
+    ));
     t.max_concurrent_bidi_streams(config.max_streams_per_connection.into());
     t.max_concurrent_uni_streams(0u8.into());
     t.stream_receive_window((8u32 * 1024 * 1024).into());

@@ -158,10 +158,11 @@ async fn join_all<F: std::future::Future<Output = ()>>(fs: Vec<F>) {
 #[tokio::test]
 async fn connections_over_the_limit_are_refused_with_a_reason() {
     let s = InProcess::start_with(|c| c.max_connections = 2).await;
-    let _a = s.connect().await;
-    let _b = s.connect().await;
-    // Give the server a moment to count both.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let a = s.connect().await;
+    let b = s.connect().await;
+    // Answered on both: the server has counted both.
+    a.request(&Request::Challenge).await.unwrap();
+    b.request(&Request::Challenge).await.unwrap();
     let c = s.connect().await;
     let r = c.request(&Request::Challenge).await;
     let msg = format!("{:?}", r.unwrap_err());

@@ -39,18 +39,25 @@ async fn kill_9_during_traffic_loses_nothing_acknowledged() {
     let mut kills = 0;
     // Three kills, each while Alice is sending as fast as she can.
     for round in 0..3 {
+        // The kill comes once a few of this round's messages were
+        // acknowledged, while Alice goes on sending.
+        let (sent_tx, mut sent_rx) = tokio::sync::watch::channel(0usize);
         let killer = async {
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            let _ = sent_rx.wait_for(|n| *n >= 5).await;
             server.take().unwrap().kill9();
             // Straight back up on the same port and data dir.
             Process::start(&data, &addr)
         };
         let sender = async {
+            // Dropped when the round's sending ends, which wakes the killer
+            // if fewer than five went through.
+            let sent_tx = sent_tx;
             let mut sent = Vec::new();
             for i in 0..40 {
                 let text = format!("r{round}-{i}");
                 if alice.send_text(&g, &text).await.is_ok() {
                     sent.push(text);
+                    let _ = sent_tx.send(sent.len());
                 }
             }
             sent

@@ -182,7 +182,7 @@ async fn forged_and_stale_commits_are_refused_and_leave_state_unchanged() {
     let n = forged.len();
     forged[n - 100] ^= 0x40;
     let r = alice.commit(gid, forged.into(), None).await;
-    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    refused(r, ErrorCode::InvalidMessage, "handshake message refused");
     ga.clear_pending_commit(alice.provider.storage()).unwrap();
     // Bob posting Alice's (valid) commit: the signer is not the caller.
     let c = ga
@@ -190,7 +190,7 @@ async fn forged_and_stale_commits_are_refused_and_leave_state_unchanged() {
         .unwrap();
     let alices = bytes(c.commit());
     let r = bob.commit(gid, alices.clone(), None).await;
-    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    refused(r, ErrorCode::InvalidMessage, "signed by another member");
     // Bob commits first; Alice's commit for the same epoch is stale, and the
     // error carries the current epoch.
     let cb = gb
@@ -239,10 +239,10 @@ async fn welcomes_must_go_to_exactly_the_added_members() {
         .add_members(&alice.provider, &alice.id, &[kp_carol])
         .unwrap();
     let r = alice.commit(gid, bytes(&c), Some(bytes(&w_dave))).await;
-    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    refused(r, ErrorCode::InvalidMessage, "exactly the added members");
     // An add without its Welcome.
     let r = alice.commit(gid, bytes(&c), None).await;
-    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    refused(r, ErrorCode::InvalidMessage, "needs their Welcome");
     ga.clear_pending_commit(alice.provider.storage()).unwrap();
     // A Welcome with a commit that adds nobody.
     let u = ga
@@ -251,7 +251,7 @@ async fn welcomes_must_go_to_exactly_the_added_members() {
     let r = alice
         .commit(gid, bytes(u.commit()), Some(bytes(&w_dave)))
         .await;
-    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    refused(r, ErrorCode::InvalidMessage, "adds nobody");
     // Nobody got anything in their inbox.
     let Response::Inbox { items, .. } = _carol
         .net
@@ -284,7 +284,11 @@ async fn an_added_leaf_must_carry_the_registered_identity_key() {
         .add_members(&alice.provider, &alice.id, &[fake.key_package().clone()])
         .unwrap();
     let r = alice.commit(gid, bytes(&c), Some(bytes(&w))).await;
-    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    refused(
+        r,
+        ErrorCode::InvalidMessage,
+        "not its registered identity key",
+    );
 }
 
 #[tokio::test]
@@ -302,7 +306,7 @@ async fn only_encrypted_application_messages_within_the_epoch_window_are_accepte
             message: bytes(c.commit()),
         })
         .await;
-    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    refused(r, ErrorCode::InvalidMessage, "must be encrypted");
     ga.clear_pending_commit(alice.provider.storage()).unwrap();
     // A message for another group id.
     let (other, mut go) = alice.create().await;
@@ -314,7 +318,7 @@ async fn only_encrypted_application_messages_within_the_epoch_window_are_accepte
             message: bytes(&m),
         })
         .await;
-    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    refused(r, ErrorCode::InvalidMessage, "for another group");
     let _ = other;
     // A message from too many epochs ago is stale.
     let old = ga
@@ -398,7 +402,7 @@ async fn uploads_must_match_their_header_and_hash() {
         *blake3::hash(&other).as_bytes(),
     )
     .await;
-    assert_eq!(code(r), ErrorCode::BadRequest);
+    refused(r, ErrorCode::BadRequest, "names another item or group");
     // Nothing of either is fetchable.
     let r = alice
         .net
@@ -479,9 +483,10 @@ async fn only_a_member_may_rejoin_and_only_with_a_group_info_it_signed() {
         code(publish(&mallory, gid, alices.clone()).await),
         ErrorCode::NotMember
     );
-    assert_eq!(
-        code(publish(&bob, gid, alices.clone()).await),
-        ErrorCode::InvalidMessage
+    refused(
+        publish(&bob, gid, alices.clone()).await,
+        ErrorCode::InvalidMessage,
+        "not signed by the publishing member",
     );
     publish(&alice, gid, alices.clone()).await.unwrap();
     // Only a member may read it.
@@ -508,7 +513,11 @@ async fn only_a_member_may_rejoin_and_only_with_a_group_info_it_signed() {
     let r = bob
         .commit(gid, external_commit(&other_bob, &group_info, &tree), None)
         .await;
-    assert_eq!(code(r), ErrorCode::InvalidMessage);
+    refused(
+        r,
+        ErrorCode::InvalidMessage,
+        "replace the sender's own leaf",
+    );
     // Bob rejoining with his own key replaces his leaf: accepted, and Alice
     // processes it. The membership is unchanged; the epoch moves on.
     let Response::Appended { epoch: e2, seq } = bob

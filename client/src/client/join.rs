@@ -10,7 +10,7 @@ use crate::db::groups::GroupState;
 use crate::db::history::Origin;
 use crate::db::{self, Provider};
 use crate::error::{ClientError, Result};
-use crate::event::Event;
+use crate::event::{Event, EventKind};
 use crate::follow::{member_keys, member_names};
 
 use super::{mls_gid, now_ms, Client};
@@ -178,7 +178,7 @@ impl Client {
                 now_ms(),
             )?;
             let mut e = Event::new(
-                "joined",
+                EventKind::Joined,
                 &item.group.to_string(),
                 &from,
                 item.commit_seq,

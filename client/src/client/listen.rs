@@ -10,7 +10,7 @@ use crate::db::groups::GroupState;
 use crate::db::history::Origin;
 use crate::db::{self};
 use crate::error::{ClientError, Result};
-use crate::event::Event;
+use crate::event::{Event, EventKind};
 use crate::net::{self};
 
 use super::{now_ms, Client};
@@ -132,7 +132,7 @@ impl Client {
             .await?;
         *subscribed = true;
         if first {
-            let mut e = Event::new("listening", "", self.name(), 0, now_ms());
+            let mut e = Event::new(EventKind::Listening, "", self.name(), 0, now_ms());
             e.text = Some(server.clone());
             on_event(&e);
         }

@@ -14,7 +14,7 @@ use crate::db::groups::GroupState;
 use crate::db::history::Origin;
 use crate::db::{self, Provider};
 use crate::error::{ClientError, Result};
-use crate::event::Event;
+use crate::event::{Event, EventKind};
 use crate::follow::{self, Duty};
 use crate::identity::Identity;
 
@@ -69,8 +69,7 @@ impl Client {
         let events = self
             .commit_with_retry(
                 &id,
-                "member_added",
-                Some(added),
+                Some((EventKind::MemberAdded, added)),
                 Origin::Own,
                 move |g, p, s| {
                     // No UpdatePath (RFC 9420 §12.4): an add-only commit still
@@ -140,8 +139,7 @@ impl Client {
         let removed = users.clone();
         self.commit_with_retry(
             &id,
-            "member_removed",
-            Some(removed),
+            Some((EventKind::MemberRemoved, removed)),
             Origin::Own,
             move |g, p, s| {
                 let mut leaves = Vec::new();
@@ -164,7 +162,7 @@ impl Client {
         let id = self.resolve_group(group)?;
         self.sync_group(&id).await?;
         self.active_group(&id)?;
-        self.commit_with_retry(&id, "key_update", None, Origin::Own, |g, p, s| {
+        self.commit_with_retry(&id, None, Origin::Own, |g, p, s| {
             let bundle = g
                 .self_update(p, s, LeafNodeParameters::default())
                 .map_err(ClientError::mls)?;
@@ -221,8 +219,8 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
-        Err(ClientError::Usage(
-            "could not post the leave request; try again".into(),
+        Err(ClientError::Contended(
+            "the group kept changing while the leave request was posted".into(),
         ))
     }
 
@@ -231,8 +229,7 @@ impl Client {
     pub(super) async fn commit_with_retry<F>(
         &mut self,
         id: &GroupId,
-        kind: &str,
-        members: Option<Vec<String>>,
+        event: Option<(EventKind, Vec<String>)>,
         origin: Origin,
         make: F,
     ) -> Result<Vec<Event>>
@@ -275,9 +272,9 @@ impl Client {
                     db::groups::commit_merged(&tx, id)?;
                     db::history::mark_own(&tx, id, seq)?;
                     let mut events = Vec::new();
-                    if let Some(m) = &members {
-                        let mut e = Event::new(kind, &id.to_string(), self.name(), seq, now_ms());
-                        e.members = Some(m.clone());
+                    if let Some((kind, members)) = &event {
+                        let mut e = Event::new(*kind, &id.to_string(), self.name(), seq, now_ms());
+                        e.members = Some(members.clone());
                         e.epoch = Some(epoch);
                         e.group_name = db::groups::load(&tx, id)?
                             .map(|r| r.name)
@@ -306,8 +303,8 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
-        Err(ClientError::Usage(
-            "other members kept committing first; try again".into(),
+        Err(ClientError::Contended(
+            "other members kept committing first".into(),
         ))
     }
 
@@ -392,11 +389,15 @@ impl Client {
         if g.pending_proposals().next().is_none() {
             return Ok(Vec::new());
         }
-        let kind = if all_self { "left" } else { "member_removed" };
+        let kind = if all_self {
+            EventKind::Left
+        } else {
+            EventKind::MemberRemoved
+        };
         let r = self
-            .commit_with_retry(id, kind, Some(leaving), Origin::Others, |g, p, s| {
+            .commit_with_retry(id, Some((kind, leaving)), Origin::Others, |g, p, s| {
                 if g.pending_proposals().next().is_none() {
-                    return Err(ClientError::Usage("nothing to commit".into()));
+                    return Err(ClientError::NothingToCommit);
                 }
                 let (c, w, _) = g
                     .commit_to_pending_proposals(p, s)
@@ -406,7 +407,7 @@ impl Client {
             .await;
         match r {
             // Someone else committed them while we synced.
-            Err(ClientError::Usage(m)) if m == "nothing to commit" => Ok(Vec::new()),
+            Err(ClientError::NothingToCommit) => Ok(Vec::new()),
             other => other,
         }
     }

@@ -118,9 +118,7 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
-        Err(ClientError::Usage(
-            "the group kept changing; try again".into(),
-        ))
+        Err(ClientError::Contended("the group kept changing".into()))
     }
 
     /// The local history of a group, oldest first (the last `limit`).

@@ -14,7 +14,7 @@ use crate::db::groups::{GroupRow, GroupState};
 use crate::db::history::Origin;
 use crate::db::{self, Provider};
 use crate::error::{ClientError, Result};
-use crate::event::Event;
+use crate::event::{Event, EventKind};
 use crate::follow::{self, DsGroupState, ForkSigns};
 use crate::follow::{member_keys, member_names};
 
@@ -70,7 +70,7 @@ impl Client {
                     }
                     db::settings::set(&self.db, &key, 1)?;
                     let mut e = Event::new(
-                        "fork_detected",
+                        EventKind::ForkDetected,
                         &id.to_string(),
                         self.name(),
                         g.head,
@@ -171,7 +171,7 @@ impl Client {
                 .map(|r| r.cursor)
                 .unwrap_or(0);
             let mut e = Event::new(
-                "fork_detected",
+                EventKind::ForkDetected,
                 &id.to_string(),
                 self.name(),
                 cursor,
@@ -349,7 +349,13 @@ impl Client {
                     let tx = self.db.unchecked_transaction()?;
                     db::groups::rejoined(&tx, id, seq)?;
                     db::history::mark_own(&tx, id, seq)?;
-                    let mut e = Event::new("rejoined", &id.to_string(), self.name(), seq, now_ms());
+                    let mut e = Event::new(
+                        EventKind::Rejoined,
+                        &id.to_string(),
+                        self.name(),
+                        seq,
+                        now_ms(),
+                    );
                     e.epoch = Some(epoch);
                     e.text = Some(why.to_owned());
                     e.members = Some(member_names(&self.load_group(&tx, id)?));

@@ -12,7 +12,7 @@ use crate::db::groups::{GroupRow, GroupState};
 use crate::db::history::Origin;
 use crate::db::{self, Provider};
 use crate::error::{ClientError, Result};
-use crate::event::Event;
+use crate::event::{Event, EventKind};
 use crate::follow;
 
 use super::{mls_gid, now_ms, Client, KEY_PACKAGE_BATCH, KEY_PACKAGE_LOW};
@@ -83,7 +83,7 @@ impl Client {
         debug!(group = %id, error = %err, "this group could not be synced; the others go on");
         let cursor = db::groups::load(&self.db, id).ok().flatten();
         let mut e = Event::new(
-            "error",
+            EventKind::Error,
             &id.to_string(),
             "",
             cursor.as_ref().map_or(0, |r| r.cursor),
@@ -200,9 +200,9 @@ impl Client {
             Err(e) => return Err(e),
         }
         let (state, kind) = if row.state == GroupState::Leaving {
-            (GroupState::Left, "left")
+            (GroupState::Left, EventKind::Left)
         } else {
-            (GroupState::Removed, "member_removed")
+            (GroupState::Removed, EventKind::MemberRemoved)
         };
         db::groups::set_state(&self.db, id, state)?;
         warn!(group = %id, "no longer a member, and the server compacted what this device had not read");

@@ -35,8 +35,10 @@ pub use crate::subscriber::{Signals, Subscriber};
 pub use actor::spawn;
 use actor::{Actor, Changes};
 use fanout::Tail;
+#[cfg(any(test, feature = "fuzzing"))]
+pub use state::restore_state_for_fuzzing;
 use state::MlsState;
-pub use state::{restore_state_for_fuzzing, split_welcome, validate_new_group};
+pub use state::{split_welcome, validate_new_group};
 use validate::{process_handshake, HandshakeLimits};
 
 /// What readers (fetches, subscriptions) may know of a group without asking

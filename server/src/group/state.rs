@@ -101,6 +101,7 @@ pub fn split_welcome(
 /// Restores a group's public MLS state from snapshot bytes as read from
 /// the store, without starting its task: for fuzzing the decoder of stored
 /// state. Corrupt bytes give an error.
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn restore_state_for_fuzzing(snapshot: &[u8]) -> Result<(), StoreError> {
     MlsState::restore(&GroupId([0; 16]), snapshot).map(|_| ())
 }

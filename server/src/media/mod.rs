@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::ServerConfig;
+use crate::error::Context as _;
 use crate::service::Service;
 use crate::store::{MediaRecord, MediaState, Store};
 
@@ -187,16 +188,23 @@ fn io_err(e: std::io::Error) -> ErrorBody {
 impl BlobStore {
     /// Opens `DATA/blobs`, removes partial files no record points to, and
     /// counts the space in use.
-    pub fn open(config: Arc<ServerConfig>, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+    pub fn open(
+        config: Arc<ServerConfig>,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, crate::error::StartError> {
         let dir = config.data_dir.join("blobs");
         let partial = dir.join("partial");
-        std::fs::create_dir_all(&partial)?;
+        std::fs::create_dir_all(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?;
         let records = store
             .all_media()
-            .map_err(|e| anyhow::anyhow!("reading media records: {e}"))?;
+            .map_err(|e| crate::error::StartError::msg(format!("reading media records: {e}")))?;
         let known: HashSet<String> = records.iter().map(|(id, _)| id.to_string()).collect();
-        for entry in std::fs::read_dir(&partial)?.chain(std::fs::read_dir(&dir)?) {
-            let entry = entry?;
+        let listing = |d: &std::path::Path| {
+            std::fs::read_dir(d).with_context(|| format!("reading {}", d.display()))
+        };
+        for entry in listing(&partial)?.chain(listing(&dir)?) {
+            let entry = entry.context("reading the blob directories")?;
             let path = entry.path();
             let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
                 continue;
@@ -209,7 +217,8 @@ impl BlobStore {
             let blob = dir.join(format!("{id}.blob"));
             let part = partial.join(format!("{id}.part"));
             if r.state == MediaState::Complete && !blob.exists() && part.exists() {
-                std::fs::rename(&part, &blob)?;
+                std::fs::rename(&part, &blob)
+                    .with_context(|| format!("moving {} into place", part.display()))?;
             }
         }
         let used = records.iter().map(|(_, r)| r.total_len).sum();

@@ -204,6 +204,28 @@ pub fn code(r: huddle_client::Result<Response>) -> huddle_core::proto::ErrorCode
     }
 }
 
+/// Asserts that `r` is a server refusal with `code` whose message says
+/// `reason`: the refusal is for the reason the test means, not any other
+/// that shares the code.
+#[track_caller]
+pub fn refused(
+    r: huddle_client::Result<Response>,
+    want: huddle_core::proto::ErrorCode,
+    reason: &str,
+) {
+    match r {
+        Err(huddle_client::ClientError::Server(e)) => {
+            assert_eq!(e.code, want, "{}", e.message);
+            assert!(
+                e.message.contains(reason),
+                "refused for another reason: {:?} (expected one saying {reason:?})",
+                e.message
+            );
+        }
+        other => panic!("expected a server refusal, got {other:?}"),
+    }
+}
+
 pub async fn kp_count(c: &Connection) -> (u32, bool) {
     match c.request(&Request::KeyPackageCount).await.unwrap() {
         Response::KeyPackageCount {

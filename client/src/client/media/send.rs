@@ -34,7 +34,7 @@ impl Client {
                 .send_file_once(group, path, caption, progress)
                 .await?
                 .ok_or_else(|| {
-                    ClientError::Usage(format!("{} keeps changing; try again", path.display()))
+                    ClientError::Contended(format!("{} keeps changing", path.display()))
                 }),
         }
     }
