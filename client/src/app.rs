@@ -61,6 +61,18 @@ impl AppMessage {
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         match bytes.split_first() {
             Some((&VERSION, rest)) => match postcard::take_from_bytes::<AppMessage>(rest) {
+                // One encoding per message: a number padded with
+                // continuation bytes makes the body longer than the message
+                // re-encoded (PROTOCOL.md section 15).
+                Ok((m, []))
+                    if postcard::serialize_with_flavor(
+                        &m,
+                        postcard::ser_flavors::Size::default(),
+                    )
+                    .is_ok_and(|n| n != rest.len()) =>
+                {
+                    Err("a number is not in its shortest encoding".into())
+                }
                 Ok((m, [])) => Ok(m),
                 Ok(_) => Err("trailing bytes after the message".into()),
                 Err(e) => Err(format!("undecodable message: {e}")),
@@ -85,5 +97,14 @@ mod tests {
         assert!(AppMessage::decode(&extra).is_err());
         assert!(AppMessage::decode(&[2, 0]).is_err());
         assert!(AppMessage::decode(&[]).is_err());
+        // The text's length 2 padded to two bytes: refused.
+        assert_eq!(b[2], 2);
+        let mut padded = b[..2].to_vec();
+        padded.extend_from_slice(&[0x82, 0x00]);
+        padded.extend_from_slice(&b[3..]);
+        assert_eq!(
+            AppMessage::decode(&padded),
+            Err("a number is not in its shortest encoding".into())
+        );
     }
 }

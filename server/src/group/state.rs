@@ -163,12 +163,14 @@ pub fn validate_new_group(
             "the creator's signature key must be its registered identity key".into(),
         ));
     }
-    // export_group_info carries the external public key: kept for rejoins.
-    let info_epoch0 = info
-        .extensions()
-        .external_pub()
-        .is_some()
-        .then(|| (0, Bytes::copy_from_slice(group_info)));
+    // Kept for rejoins, which need its external public key (RFC 9420
+    // section 12.4.3.2): without it no member could rejoin at epoch 0.
+    if info.extensions().external_pub().is_none() {
+        return Err(bad(
+            "the GroupInfo has no external public key (external_pub extension)".into(),
+        ));
+    }
+    let info_epoch0 = Some((0, Bytes::copy_from_slice(group_info)));
     let state = MlsState { public, storage };
     let snapshot = state.snapshot();
     let write = GroupWrite {
