@@ -21,5 +21,6 @@ pub mod ids;
 pub mod media;
 pub mod mls;
 pub mod proto;
+pub mod welcome;
 
 pub use ids::{GroupId, MediaId};

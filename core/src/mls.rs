@@ -21,8 +21,14 @@ pub const MAX_PAST_EPOCHS: usize = 5;
 /// arrive out of order).
 pub const OUT_OF_ORDER_TOLERANCE: u32 = 128;
 
-/// Lifetime of key packages: 60 days (openmls caps lifetimes at 84 days).
+/// Lifetime of the key packages this client makes: 60 days.
 pub const KEY_PACKAGE_LIFETIME_SECS: u64 = 60 * 24 * 3600;
+
+/// Longest lifetime (`not_after - not_before`) a key package may have: 84
+/// days and the hour a maker may back-date `not_before` by (PROTOCOL.md
+/// 13.5). A leaf that stays valid for longer keeps a key in the group
+/// that long.
+pub const MAX_KEY_PACKAGE_LIFETIME_SECS: u64 = 84 * 24 * 3600 + 3600;
 
 /// Configuration for creating a group. Handshake messages go out as
 /// PublicMessage so the DS can validate them; application messages are
@@ -110,6 +116,9 @@ pub enum KeyPackageError {
     /// Expired or not yet valid at `now`.
     #[error("key package is expired or not yet valid")]
     Expired,
+    /// Valid for longer than [`MAX_KEY_PACKAGE_LIFETIME_SECS`].
+    #[error("key package lifetime of {0} s is longer than {MAX_KEY_PACKAGE_LIFETIME_SECS} s")]
+    LifetimeTooLong(u64),
     /// A last-resort package was expected and this one is not marked as such,
     /// or the other way round.
     #[error("key package last-resort marking is wrong: expected {expected}")]
@@ -167,6 +176,10 @@ pub fn validate_key_package(
     let life = kp.life_time();
     if now < life.not_before() || now > life.not_after() {
         return Err(KeyPackageError::Expired);
+    }
+    let span = life.not_after().saturating_sub(life.not_before());
+    if span > MAX_KEY_PACKAGE_LIFETIME_SECS {
+        return Err(KeyPackageError::LifetimeTooLong(span));
     }
     let hash_ref = kp
         .hash_ref(crypto)

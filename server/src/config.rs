@@ -73,10 +73,9 @@ pub struct ServerConfig {
     /// everything queued for that connection, so while its groups are busy
     /// a member gets a few full packets instead of one small packet per
     /// commit round; an idle member's first push goes out at once. Zero
-    /// writes each round as soon as it is durable. With 25 ms, a
-    /// 200-member group at 760 messages a second cost the members about
-    /// 14,400 datagrams a second instead of 21,300-22,300, and latency p99
-    /// fell from 92-109 ms to 33-46 ms (docs/BENCHMARKS.md).
+    /// writes each round as soon as it is durable. Fewer, fuller datagrams
+    /// to a busy group's members lower both their cost and the latency
+    /// tail (measured in docs/bench/HISTORY.md).
     pub push_interval: Duration,
     /// A group nobody watched or asked for during this long is unloaded
     /// from memory (it is loaded again when next asked for).
@@ -111,8 +110,8 @@ pub struct ServerConfig {
     /// How often acknowledged cursors are written and logs compacted.
     /// Cursors only decide when a log may be compacted, so writing them
     /// rarely loses nothing: after a crash, compaction just waits for the
-    /// next acknowledgements. Writing them every second cost a 1,000-member
-    /// group about 6 KB of disk writes per message at 10 messages a second.
+    /// next acknowledgements, and writing them often costs a large group
+    /// disk writes on every message.
     pub maintenance_interval: Duration,
     /// How long the log keeps, for a member who was removed (or left), what
     /// it may still read up to its removal, counted from the removal: long

@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use huddle_core::proto::{self, Event, InboxItem};
 use huddle_core::GroupId;
 
-use crate::store::{join_welcome, NewInboxItem};
+use crate::store::NewInboxItem;
 use crate::subscriber::{Signals, Subscriber};
+use huddle_core::welcome;
 
 /// A Welcome larger than this is announced (`InboxGap`) rather than
 /// pushed: the client fetches it, and the DS never holds one copy of it per
@@ -60,7 +61,7 @@ impl Hub {
             group,
             commit_seq: w.commit_seq,
             timestamp_ms: w.timestamp_ms,
-            welcome: join_welcome(&w.shared, &w.own),
+            welcome: welcome::join(&w.shared, &w.own),
         }));
         for sub in list {
             if sub.frames.try_send(frame.clone()).is_err() {

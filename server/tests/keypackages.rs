@@ -58,32 +58,48 @@ async fn uploads_are_validated() {
     let r = c
         .request(&publish(vec![Bytes::from_static(b"nonsense")], None))
         .await;
-    assert_eq!(code(r), ErrorCode::InvalidKeyPackage);
+    refused(r, ErrorCode::InvalidKeyPackage, "does not parse");
     // Credential naming someone else.
     let r = c
         .request(&publish(vec![kp(&alice, "bob", false)], None))
         .await;
-    assert_eq!(code(r), ErrorCode::InvalidKeyPackage);
+    refused(r, ErrorCode::InvalidKeyPackage, "credential names");
     // Signed with another user's key (bob's key, alice's name).
     let r = c
         .request(&publish(vec![kp(&bob, "alice", false)], None))
         .await;
-    assert_eq!(code(r), ErrorCode::InvalidKeyPackage);
+    refused(
+        r,
+        ErrorCode::InvalidKeyPackage,
+        "not the registered identity key",
+    );
     // A last-resort package among the one-time ones, and the reverse.
     let r = c
         .request(&publish(vec![kp(&alice, "alice", true)], None))
         .await;
-    assert_eq!(code(r), ErrorCode::InvalidKeyPackage);
+    refused(r, ErrorCode::InvalidKeyPackage, "send it as last_resort");
     let r = c
         .request(&publish(vec![], Some(kp(&alice, "alice", false))))
         .await;
-    assert_eq!(code(r), ErrorCode::InvalidKeyPackage);
+    refused(
+        r,
+        ErrorCode::InvalidKeyPackage,
+        "lacks the last_resort extension",
+    );
     // A signature broken by one flipped byte.
     let mut bytes = kp(&alice, "alice", false).to_vec();
     let n = bytes.len();
     bytes[n - 5] ^= 1;
     let r = c.request(&publish(vec![bytes.into()], None)).await;
-    assert_eq!(code(r), ErrorCode::InvalidKeyPackage);
+    refused(r, ErrorCode::InvalidKeyPackage, "does not verify");
+    // Valid for longer than PROTOCOL.md 13.5 allows.
+    let r = c
+        .request(&publish(
+            vec![kp_valid_for(&alice, "alice", false, 100 * 24 * 3600)],
+            None,
+        ))
+        .await;
+    refused(r, ErrorCode::InvalidKeyPackage, "lifetime");
     // Nothing was stored by the refused uploads.
     assert_eq!(kp_count(&c).await, (0, false));
     // A good upload.

@@ -120,6 +120,16 @@ impl Client {
                     p.user
                 )));
             }
+            let life = kp.life_time();
+            if life.not_after().saturating_sub(life.not_before())
+                > mls::MAX_KEY_PACKAGE_LIFETIME_SECS
+            {
+                return Err(ClientError::Mls(format!(
+                    "the key package handed out for {} is valid for longer than {} s: refusing it",
+                    p.user,
+                    mls::MAX_KEY_PACKAGE_LIFETIME_SECS
+                )));
+            }
             out.push(kp);
         }
         Ok(out)

@@ -15,9 +15,9 @@ use openmls_sqlite_storage::Codec;
 /// either encoding load, and an older database is upgraded row by row as
 /// openmls rewrites it.
 ///
-/// Parsing the state as JSON was most of what a member spent on a message
-/// in a 200-member group (byte strings are JSON arrays of numbers); see
-/// docs/BENCHMARKS.md.
+/// Parsing the state as JSON was most of what a member of a large group
+/// spent on a message (byte strings are JSON arrays of numbers); see
+/// docs/bench/HISTORY.md.
 #[derive(Debug, Default)]
 pub struct StateCodec;
 

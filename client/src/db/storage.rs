@@ -2,8 +2,8 @@
 //!
 //! openmls stores a group's message secrets (the secret tree's ratchet
 //! state) after every message it decrypts or encrypts. Over SQLite that is
-//! one statement parsed and run per message, about a quarter of what a
-//! member in a 200-member group spent per message (docs/BENCHMARKS.md).
+//! one statement parsed and run per message, a large share of what a
+//! member of a busy group spends per message (docs/bench/HISTORY.md).
 //! [`Storage`] passes everything to `openmls_sqlite_storage` unchanged,
 //! except that while [`Storage::hold_message_secrets`] is on, message
 //! secrets are kept in memory and only the last value per group is

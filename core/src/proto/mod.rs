@@ -34,9 +34,8 @@ pub const ALPN: &[u8] = b"huddle/1";
 /// path MTU discovery. Connections start at QUIC's safe 1,200 bytes and
 /// probe upwards, so on a 1,500-byte Ethernet path they settle at about
 /// 1,450 as before; where the path allows more (loopback, jumbo frames)
-/// fewer, larger packets carry the same bytes: raw quinn moves a bulk
-/// stream on loopback at 670-1,000 MB/s with 3,000-6,000 bytes against
-/// 360-410 MB/s at 1,452 (`huddle-bench baseline`, docs/BENCHMARKS.md).
+/// fewer, larger packets carry the same bytes, which roughly doubles what
+/// raw quinn moves on loopback (`huddle-bench baseline`).
 /// Not larger: quinn sends up to 10 segments in one GSO call, and the
 /// kernel refuses a GSO send over 64 KiB, so with 8,000 bytes a bulk
 /// transfer on loopback stalled.

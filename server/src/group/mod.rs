@@ -37,8 +37,8 @@ use actor::{Actor, Changes};
 use fanout::Tail;
 #[cfg(any(test, feature = "fuzzing"))]
 pub use state::restore_state_for_fuzzing;
+pub use state::validate_new_group;
 use state::MlsState;
-pub use state::{split_welcome, validate_new_group};
 use validate::{process_handshake, HandshakeLimits};
 
 /// What readers (fetches, subscriptions) may know of a group without asking

@@ -2,17 +2,15 @@
 //! with its storage, snapshots for the store, and the checks of a new
 //! group's epoch-0 state.
 
-use std::collections::HashMap;
-
 use bytes::Bytes;
 use huddle_core::mls::user_of;
 use huddle_core::proto::{ErrorBody, ErrorCode};
 use huddle_core::GroupId;
-use openmls::prelude::{tls_codec::Deserialize as _, tls_codec::Serialize as _, *};
+use openmls::prelude::{tls_codec::Deserialize as _, *};
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 
-use crate::store::{GroupWrite, StoreError, WELCOME_HEAD};
+use crate::store::{GroupWrite, StoreError};
 
 /// The public MLS state of a group: openmls' view plus the in-memory
 /// storage openmls writes it to, which is what gets persisted.
@@ -50,52 +48,6 @@ impl MlsState {
             .ok_or_else(|| StoreError::Corrupt(format!("group {id} state is incomplete")))?;
         Ok(Self { public, storage })
     }
-}
-
-/// Cuts a Welcome `MLSMessage` into the part all joiners share (header and
-/// encrypted GroupInfo, see [`crate::store::join_welcome`]) and each
-/// joiner's encrypted group secrets, by key-package reference. `w` is the
-/// same Welcome, parsed.
-pub fn split_welcome(
-    bytes: &[u8],
-    w: &Welcome,
-) -> Result<(Bytes, HashMap<Vec<u8>, Bytes>), String> {
-    pub(super) fn varint(b: &[u8]) -> Result<(usize, usize), String> {
-        let first = *b.first().ok_or("truncated")?;
-        let (len, n) = match first >> 6 {
-            0 => (usize::from(first & 0x3f), 1),
-            1 => (
-                (usize::from(first & 0x3f) << 8) | usize::from(*b.get(1).ok_or("truncated")?),
-                2,
-            ),
-            2 => {
-                let v = b.get(..4).ok_or("truncated")?;
-                (
-                    (usize::from(v[0] & 0x3f) << 24)
-                        | (usize::from(v[1]) << 16)
-                        | (usize::from(v[2]) << 8)
-                        | usize::from(v[3]),
-                    4,
-                )
-            }
-            _ => return Err("invalid length".into()),
-        };
-        Ok((len, n))
-    }
-    let head = bytes.get(..WELCOME_HEAD).ok_or("truncated")?;
-    let (secrets_len, n) = varint(&bytes[WELCOME_HEAD..])?;
-    let group_info = bytes
-        .get(WELCOME_HEAD + n + secrets_len..)
-        .ok_or("truncated")?;
-    let mut shared = Vec::with_capacity(head.len() + group_info.len());
-    shared.extend_from_slice(head);
-    shared.extend_from_slice(group_info);
-    let mut own = HashMap::new();
-    for s in w.secrets() {
-        let entry = s.tls_serialize_detached().map_err(|e| e.to_string())?;
-        own.insert(s.new_member().as_slice().to_vec(), Bytes::from(entry));
-    }
-    Ok((Bytes::from(shared), own))
 }
 
 /// Restores a group's public MLS state from snapshot bytes as read from

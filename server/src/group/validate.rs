@@ -13,7 +13,7 @@ use openmls_rust_crypto::RustCrypto;
 
 use crate::store::{MemberRecord, NewInboxItem, StoreError};
 
-use super::{split_welcome, Actor, Changes, GroupView, MlsState, Post};
+use super::{Actor, Changes, GroupView, MlsState, Post};
 
 impl Actor {
     /// Checks a GroupInfo published by `user`: it names this group and its
@@ -361,6 +361,15 @@ pub(super) fn process_handshake(
                 let kp = a.add_proposal().key_package();
                 let name = user_of(kp.leaf_node().credential())
                     .ok_or_else(|| invalid("an added member has no valid user name".into()))?;
+                let life = kp.life_time();
+                if life.not_after().saturating_sub(life.not_before())
+                    > huddle_core::mls::MAX_KEY_PACKAGE_LIFETIME_SECS
+                {
+                    return Err(invalid(format!(
+                        "the key package adding {name} is valid for longer than {} s",
+                        huddle_core::mls::MAX_KEY_PACKAGE_LIFETIME_SECS
+                    )));
+                }
                 check_leaf(kp.leaf_node(), &name)?;
                 if !names.insert(name.clone()) {
                     return Err(invalid(format!("{name} is already a member")));
@@ -406,8 +415,10 @@ pub(super) fn process_handshake(
                         "the Welcome must be addressed to exactly the added members".into(),
                     ));
                 }
-                (shared_part, per_member) =
-                    split_welcome(bytes, &w).map_err(|e| invalid(format!("Welcome: {e}")))?;
+                let split = huddle_core::welcome::split(bytes)
+                    .map_err(|e| invalid(format!("Welcome: {e}")))?;
+                shared_part = split.shared;
+                per_member = split.own.into_iter().collect();
             }
             let old_epoch = mls.public.group_context().epoch().as_u64();
             mls.public

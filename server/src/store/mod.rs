@@ -228,40 +228,10 @@ pub struct NewInboxItem {
     /// When, ms since the Unix epoch.
     pub timestamp_ms: u64,
     /// The part of the Welcome all joiners of the commit share
-    /// ([`join_welcome`]).
+    /// ([`huddle_core::welcome`]).
     pub shared: Bytes,
     /// The recipient's own `EncryptedGroupSecrets`.
     pub own: Bytes,
-}
-
-/// The Welcome for one joiner (RFC 9420 §12.4.3.1: `Welcome {
-/// cipher_suite, secrets<V>, encrypted_group_info<V> }` inside an
-/// `MLSMessage`): the header of `shared` (version, wire format, cipher
-/// suite), a `secrets` vector holding only `own`, and the rest of `shared`
-/// (the encrypted GroupInfo).
-pub fn join_welcome(shared: &[u8], own: &[u8]) -> Bytes {
-    let (head, rest) = shared.split_at(WELCOME_HEAD.min(shared.len()));
-    let mut out = Vec::with_capacity(shared.len() + own.len() + 4);
-    out.extend_from_slice(head);
-    put_varint(&mut out, own.len());
-    out.extend_from_slice(own);
-    out.extend_from_slice(rest);
-    Bytes::from(out)
-}
-
-/// Bytes before the `secrets` vector of a Welcome `MLSMessage`: version,
-/// wire format, cipher suite (two each).
-pub const WELCOME_HEAD: usize = 6;
-
-/// Appends an MLS variable-length integer (RFC 9000 §16, at most 30 bits).
-pub fn put_varint(out: &mut Vec<u8>, len: usize) {
-    if len < 1 << 6 {
-        out.push(len as u8);
-    } else if len < 1 << 14 {
-        out.extend_from_slice(&((len as u16) | 0x4000).to_be_bytes());
-    } else {
-        out.extend_from_slice(&((len as u32) | 0x8000_0000).to_be_bytes());
-    }
 }
 
 /// Everything one sequencer step changes in one group. Applied atomically.

@@ -529,7 +529,7 @@ impl Store for RedbStore {
                 .get((item.group.as_bytes().as_slice(), item.commit_seq))
                 .map_err(err)?
                 .ok_or_else(|| StoreError::Corrupt("an inbox item lost its Welcome".into()))?;
-            let welcome = join_welcome(&part.value()[4..], &item.own);
+            let welcome = huddle_core::welcome::join(&part.value()[4..], &item.own);
             bytes += welcome.len();
             out.push(InboxItem {
                 seq: k.value().1,
