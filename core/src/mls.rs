@@ -192,3 +192,35 @@ pub fn validate_key_package(
         not_after: life.not_after(),
     })
 }
+
+/// The `signer` leaf index of a GroupInfo `MLSMessage` (RFC 9420
+/// §12.4.3), read from its TLS framing alone; `None` if the bytes are not
+/// one. The signature is verified against that leaf's key by whoever
+/// reads it; a GroupInfo whose `signer` is another leaf than its
+/// publisher's would fail every rejoin.
+pub fn group_info_signer(bytes: &[u8]) -> Option<u32> {
+    /// Skips one `opaque<V>` (or vector) at `pos`.
+    fn skip(b: &[u8], pos: usize) -> Option<usize> {
+        let (len, n) = crate::welcome::read_varint(b.get(pos..)?).ok()?;
+        let end = pos.checked_add(n)?.checked_add(len)?;
+        (end <= b.len()).then_some(end)
+    }
+    // MLSMessage: version, wire_format (4: group_info).
+    if bytes.get(2..4)? != [0, 4] {
+        return None;
+    }
+    // GroupContext: version, cipher_suite, group_id, epoch, tree_hash,
+    // confirmed_transcript_hash, extensions.
+    let mut pos = 4 + 4;
+    pos = skip(bytes, pos)?;
+    pos += 8;
+    for _ in 0..3 {
+        pos = skip(bytes, pos)?;
+    }
+    // GroupInfo: extensions, confirmation_tag, signer, signature.
+    pos = skip(bytes, pos)?;
+    pos = skip(bytes, pos)?;
+    let signer = u32::from_be_bytes(bytes.get(pos..pos + 4)?.try_into().ok()?);
+    let end = skip(bytes, pos + 4)?;
+    (end == bytes.len()).then_some(signer)
+}

@@ -51,7 +51,7 @@ pub enum WelcomeError {
 
 /// Reads an MLS variable-length integer (RFC 9420 §2.1.2): the shortest
 /// form only. Returns the value and the bytes it took.
-fn read_varint(b: &[u8]) -> Result<(usize, usize), WelcomeError> {
+pub(crate) fn read_varint(b: &[u8]) -> Result<(usize, usize), WelcomeError> {
     let first = *b.first().ok_or(WelcomeError::Truncated)?;
     let n = match first >> 6 {
         0 => 1,

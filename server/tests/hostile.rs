@@ -472,12 +472,19 @@ fn external_commit(id: &Identity, info: &Bytes, tree: &Bytes) -> Bytes {
 #[tokio::test]
 async fn only_a_member_may_rejoin_and_only_with_a_group_info_it_signed() {
     let s = InProcess::start().await;
-    let (alice, bob, gid, mut ga, _gb) = alice_and_bob(&s).await;
+    let (alice, bob, gid, mut ga, gb) = alice_and_bob(&s).await;
     let mallory = Raw::new(&s, "mallory").await;
     let alices = bytes(
         &ga.export_group_info(alice.provider.crypto(), &alice.id, false)
             .unwrap(),
     );
+    let bobs = bytes(
+        &gb.export_group_info(bob.provider.crypto(), &bob.id, false)
+            .unwrap(),
+    );
+    // The signer each names, read from the framing: their own leaves.
+    assert_eq!(mls::group_info_signer(&alices), Some(0));
+    assert_eq!(mls::group_info_signer(&bobs), Some(1));
     // Only a member may publish, and only a GroupInfo it signed itself.
     assert_eq!(
         code(publish(&mallory, gid, alices.clone()).await),
@@ -485,6 +492,14 @@ async fn only_a_member_may_rejoin_and_only_with_a_group_info_it_signed() {
     );
     refused(
         publish(&bob, gid, alices.clone()).await,
+        ErrorCode::InvalidMessage,
+        "signer is not the publishing member's leaf",
+    );
+    let mut forged = bobs.to_vec();
+    let n = forged.len();
+    forged[n - 1] ^= 1;
+    refused(
+        publish(&bob, gid, forged.into()).await,
         ErrorCode::InvalidMessage,
         "not signed by the publishing member",
     );

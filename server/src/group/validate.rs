@@ -59,12 +59,19 @@ impl Actor {
         if vgi.extensions().external_pub().is_none() {
             return Err(invalid("the GroupInfo has no external public key".into()));
         }
-        let key = mls
+        let leaf = mls
             .public
             .members()
             .find(|m| user_of(&m.credential).as_deref() == Some(user))
-            .map(|m| m.signature_key)
             .ok_or_else(|| invalid(format!("{user} has no leaf in the group")))?;
+        // The signer named inside must be the publisher's own leaf: a
+        // rejoining member verifies the signature with that leaf's key.
+        if huddle_core::mls::group_info_signer(bytes) != Some(leaf.index.u32()) {
+            return Err(invalid(
+                "the GroupInfo's signer is not the publishing member's leaf".into(),
+            ));
+        }
+        let key = leaf.signature_key;
         let key = OpenMlsSignaturePublicKey::new(key.into(), SignatureScheme::ED25519)
             .map_err(|e| invalid(format!("leaf key: {e:?}")))?;
         let info: openmls::messages::group_info::GroupInfo = vgi
