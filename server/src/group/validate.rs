@@ -146,13 +146,6 @@ impl Actor {
                 if msg_epoch > view.epoch || msg_epoch + (MAX_PAST_EPOCHS as u64) < view.epoch {
                     return Err(stale(view.epoch));
                 }
-                Ok(LogEntry {
-                    seq,
-                    epoch: msg_epoch,
-                    kind,
-                    timestamp_ms: now,
-                    data,
-                })
             }
             EntryKind::Proposal | EntryKind::Commit => {
                 let want = if kind == EntryKind::Commit {
@@ -174,15 +167,15 @@ impl Actor {
                 };
                 self.handshake(view, user, pm, kind, welcome, seq, changes)
                     .await?;
-                Ok(LogEntry {
-                    seq,
-                    epoch: msg_epoch,
-                    kind,
-                    timestamp_ms: now,
-                    data,
-                })
             }
         }
+        Ok(LogEntry {
+            seq,
+            epoch: msg_epoch,
+            kind,
+            timestamp_ms: now,
+            data,
+        })
     }
 }
 

@@ -252,10 +252,7 @@ impl BlobStore {
         &self,
         f: impl FnOnce(&dyn Store) -> R + Send + 'static,
     ) -> Result<R, ErrorBody> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&*store))
-            .await
-            .map_err(|_| err(ErrorCode::Internal, "internal error"))
+        crate::store::blocking(&self.store, f).await
     }
 
     /// Deletes an item's files and record and releases its space.

@@ -121,10 +121,7 @@ impl Service {
         &self,
         f: impl FnOnce(&dyn Store) -> R + Send + 'static,
     ) -> Result<R, ErrorBody> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&*store))
-            .await
-            .map_err(|_| ErrorBody::new(ErrorCode::Internal, "internal error"))
+        crate::store::blocking(&self.store, f).await
     }
 
     /// Handles one request. Never panics on bad input: every refusal is a

@@ -57,6 +57,18 @@ impl From<StoreError> for ErrorBody {
     }
 }
 
+/// Runs `f` on `store` in a blocking task (the store's calls wait on
+/// disk), so no async worker waits for it.
+pub async fn blocking<R: Send + 'static>(
+    store: &std::sync::Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> R + Send + 'static,
+) -> Result<R, ErrorBody> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .map_err(|_| ErrorBody::new(ErrorCode::Internal, "internal error"))
+}
+
 /// A registered user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRecord {
