@@ -101,6 +101,10 @@ fn main() {
 }
 
 async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    // The handlers are installed before the "listening" line: a supervisor
+    // (or a test) that sends SIGTERM as soon as it reads that line gets a
+    // clean shutdown, never the default action of the signal.
+    let signals = Signals::install()?;
     let running = huddle_server::start(config).await?;
     println!(
         "huddle-server listening on {} (certificate SHA-256 {})",
@@ -108,24 +112,33 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
     );
     let stop = running.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.wait().await;
         stop.cancel();
     });
     running.wait().await;
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT, registered with the runtime up front.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
