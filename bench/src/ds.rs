@@ -188,16 +188,16 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((f.get(10)? + f.get(11)?) as f64 / TICKS)
 }
 
-/// CPU time of this process so far, in seconds.
-pub fn own_cpu_seconds() -> Option<f64> {
-    cpu_seconds(std::process::id())
+/// CPU time of a process so far, split into (user, system) seconds.
+pub fn cpu_split(pid: u32) -> Option<(f64, f64)> {
+    let f = stat_fields(&pid.to_string())?;
+    Some((*f.get(10)? as f64 / TICKS, *f.get(11)? as f64 / TICKS))
 }
 
-/// CPU time of this process's children that have ended and been waited
-/// for, in seconds (fields 16 and 17: cutime, cstime).
-pub fn children_cpu_seconds() -> Option<f64> {
+/// CPU time of this process's waited-for children, (user, system) seconds.
+pub fn children_cpu_split() -> Option<(f64, f64)> {
     let f = stat_fields("self")?;
-    Some((f.get(12)? + f.get(13)?) as f64 / TICKS)
+    Some((*f.get(12)? as f64 / TICKS, *f.get(13)? as f64 / TICKS))
 }
 
 /// Runs a child process to completion, sampling its peak RSS until it

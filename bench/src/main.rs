@@ -13,6 +13,7 @@ mod lean;
 mod light;
 mod report;
 mod scenarios;
+mod units;
 
 use std::path::PathBuf;
 use std::time::Duration;

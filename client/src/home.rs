@@ -15,8 +15,6 @@
 //! uses the same key (which the DS accepts again).
 
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -201,20 +199,11 @@ fn pem_encode(der: &[u8]) -> String {
     out
 }
 
-/// Writes a file atomically (temporary file, fsync, rename).
+/// Writes a file atomically (temporary file, fsync, rename, directory
+/// fsync).
 pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| ClientError::io(format!("writing {}", tmp.display()), e))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| ClientError::io(format!("writing {}", tmp.display()), e))?;
-    fs::rename(&tmp, path).map_err(|e| ClientError::io(format!("writing {}", path.display()), e))
+    huddle_io::write_atomically(path, data, mode)
+        .map_err(|e| ClientError::io(format!("writing {}", path.display()), e))
 }
 
 #[cfg(test)]

@@ -21,20 +21,7 @@ use crate::identity::Identity;
 /// Largest frame the client accepts from the server.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 
-/// UDP socket buffer size asked for (capped by the kernel's
-/// `net.core.rmem_max`/`wmem_max`); the default drops packets under bulk
-/// transfers, which QUIC then takes for congestion.
-pub const SOCKET_BUFFER: usize = 4 << 20;
-
-/// A UDP socket bound to `addr` with large send and receive buffers.
-pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
-    s.bind(&addr.into())?;
-    Ok(s.into())
-}
+pub use huddle_io::{udp_socket, SOCKET_BUFFER};
 
 /// How long one request may take before the connection is considered lost.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

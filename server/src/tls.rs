@@ -1,7 +1,6 @@
 //! TLS identity of the delivery service and the QUIC endpoint configuration.
 
 use std::fs;
-use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -80,25 +79,8 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
 /// renaming it over the target, so a crash leaves either nothing or the
 /// whole file.
 pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(data)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing {}", dir.display()))?;
-    }
-    Ok(())
+    huddle_io::write_atomically(path, data, mode)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// File name of the stateless-reset key in the data dir.

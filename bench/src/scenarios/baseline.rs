@@ -11,7 +11,7 @@ use crate::report::{Output, Report};
 #[derive(Debug, Args)]
 pub struct Params {
     /// Bytes for the bulk transfers.
-    #[arg(long, default_value_t = 1 << 30)]
+    #[arg(long, default_value_t = 1 << 30, value_parser = crate::units::parse_bytes)]
     pub size: u64,
     /// Connections for the push test.
     #[arg(long, default_value_t = 100)]

@@ -23,7 +23,7 @@ pub struct Params {
     #[arg(long, default_value_t = 10_000)]
     pub messages: usize,
     /// Message size in bytes.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::units::parse_bytes_usize)]
     pub size: usize,
     #[command(flatten)]
     pub target: Target,

@@ -36,7 +36,7 @@ pub struct Params {
     #[arg(long, default_value_t = 1)]
     pub full: usize,
     /// Application message size in bytes.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::units::parse_bytes_usize)]
     pub size: usize,
     /// Seconds of sending.
     #[arg(long, default_value_t = 5.0)]

@@ -11,7 +11,7 @@ use clap::Args;
 use huddle_client::{Client, Home};
 
 use crate::baseline::{RawPeer, QUINN_DEFAULT_UDP_PAYLOAD};
-use crate::ds::{children_cpu_seconds, cpu_seconds, own_cpu_seconds, run_measured, sibling, Ds};
+use crate::ds::{children_cpu_split, cpu_split, run_measured, sibling, Ds};
 use crate::light::run_name;
 use crate::report::{Output, Report};
 use crate::Target;
@@ -19,8 +19,9 @@ use crate::Target;
 /// Parameters.
 #[derive(Debug, Args)]
 pub struct Params {
-    /// File size in bytes (generated on disk, never held in memory).
-    #[arg(long, default_value_t = 256 << 20)]
+    /// File size: bytes, or with a unit (512MiB, 1GiB, 2GiB); generated on
+    /// disk, never held in memory.
+    #[arg(long, default_value_t = 256 << 20, value_parser = crate::units::parse_bytes)]
     pub size: u64,
     /// Concurrent downloaders.
     #[arg(long, default_value_t = 2)]
@@ -33,44 +34,141 @@ pub struct Params {
     pub target: Target,
 }
 
-/// Writes `size` bytes to a new file at `path`, 1 MiB at a time, and makes
-/// them durable, as the DS must before it acknowledges an upload and the
-/// client before it renames a download into place: like both, a second
-/// thread flushes (`sync_data`) after every 16 MiB so the disk works while
-/// the writing goes on, and a last flush ends it. Returns MB/s over the
-/// whole; removes the file.
-fn disk_write(path: &Path, size: u64) -> anyhow::Result<f64> {
+/// A disk baseline: MB/s and this process's CPU seconds (user, system).
+#[derive(Debug, Clone, Copy)]
+struct DiskRun {
+    mb_s: f64,
+    cpu: (f64, f64),
+}
+
+/// Writes `size` bytes to a new file at `path` the way the DS writes an
+/// upload and the client a download: through [`huddle_io::BlobFile`]
+/// (direct I/O unless the file system refuses it), 1 MiB at a time, made
+/// durable every 16 MiB and at the end. Removes the file.
+fn disk_write_blob(path: &Path, size: u64) -> anyhow::Result<DiskRun> {
     const SYNC_EVERY: u64 = 16 << 20;
     let buf = vec![0x5au8; 1 << 20];
+    let cpu = own_cpu_split();
+    let t = Instant::now();
+    let mut f = huddle_io::BlobFile::open_at(path, 0, huddle_io::Mode::from_env())?;
+    let mut synced = 0;
+    while f.len() < size {
+        let n = (size - f.len()).min(buf.len() as u64) as usize;
+        f.write(&buf[..n])?;
+        if f.len() - synced >= SYNC_EVERY {
+            synced = f.sync()?;
+        }
+    }
+    f.finish()?;
+    let run = finished(size, t, cpu);
+    std::fs::remove_file(path)?;
+    Ok(run)
+}
+
+/// What a download on this one machine asks of the disk: the DS reads the
+/// stored blob (through [`huddle_io::BlobReader`], 1 MiB at a time) while
+/// the client writes as many bytes to a new file through the blob path,
+/// both on the same disk at once. MB/s of the slower of the two; removes
+/// the file it wrote.
+fn disk_read_while_writing(blob: &Path, path: &Path, size: u64) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let src = blob.to_owned();
+    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut r = huddle_io::BlobReader::open(&src, huddle_io::Mode::from_env())?;
+        let mut at = 0u64;
+        loop {
+            let b = r.read_at(at, 1 << 20)?;
+            if b.is_empty() {
+                return Ok(at);
+            }
+            at += b.len() as u64;
+        }
+    });
+    let written = disk_write_blob(path, size)?;
+    let read = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reader panicked"))??;
+    let secs = t.elapsed().as_secs_f64();
+    Ok((read.min(size) as f64 / secs / 1e6).min(written.mb_s))
+}
+
+/// The same bytes through the page cache (plain `write`, `sync_data` every
+/// 16 MiB and at the end): what the blob path avoids.
+fn disk_write_buffered(path: &Path, size: u64) -> anyhow::Result<DiskRun> {
+    const SYNC_EVERY: u64 = 16 << 20;
+    let buf = vec![0x5au8; 1 << 20];
+    let cpu = own_cpu_split();
     let t = Instant::now();
     let mut f = std::fs::File::create(path)?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-    let syncing = f.try_clone()?;
-    let syncer = std::thread::spawn(move || -> std::io::Result<()> {
-        while rx.recv().is_ok() {
-            syncing.sync_data()?;
-        }
-        Ok(())
-    });
     let mut written = 0u64;
     while written < size {
         let n = (size - written).min(buf.len() as u64) as usize;
         f.write_all(&buf[..n])?;
         written += n as u64;
         if written.is_multiple_of(SYNC_EVERY) {
-            // Skip if the syncer is still busy with the previous one.
-            let _ = tx.try_send(());
+            f.sync_data()?;
         }
     }
-    drop(tx);
-    syncer
-        .join()
-        .map_err(|_| anyhow::anyhow!("syncer panicked"))??;
     f.sync_data()?;
-    let secs = t.elapsed().as_secs_f64();
+    let run = finished(size, t, cpu);
     drop(f);
     std::fs::remove_file(path)?;
-    Ok(size as f64 / secs / 1e6)
+    Ok(run)
+}
+
+fn own_cpu_split() -> (f64, f64) {
+    cpu_split(std::process::id()).unwrap_or((0.0, 0.0))
+}
+
+fn finished(size: u64, t: Instant, cpu: (f64, f64)) -> DiskRun {
+    let secs = t.elapsed().as_secs_f64();
+    let now = own_cpu_split();
+    DiskRun {
+        mb_s: size as f64 / secs / 1e6,
+        cpu: (now.0 - cpu.0, now.1 - cpu.1),
+    }
+}
+
+/// CPU seconds per GiB of one thread sealing (AES-256-GCM) and of one
+/// hashing (BLAKE3) 256 KiB chunks, over 256 MiB in memory: the crypto
+/// every media byte costs, whatever the I/O.
+fn crypto_floor() -> anyhow::Result<(f64, f64)> {
+    use huddle_core::media::{Header, ItemKey, Sealer, DEFAULT_CHUNK_SIZE};
+    const TOTAL: u64 = 256 << 20;
+    let header = Header::new(
+        huddle_core::MediaId([7; 16]),
+        huddle_core::GroupId([9; 16]),
+        [3; huddle_core::media::SALT_LEN],
+        DEFAULT_CHUNK_SIZE,
+        TOTAL,
+    )?;
+    let sealer = Sealer::new(&ItemKey::from_bytes([5; 32]), header);
+    let layout = header.layout();
+    let mut buf = Vec::with_capacity(DEFAULT_CHUNK_SIZE as usize + 16);
+    let t = Instant::now();
+    for i in 0..layout.chunk_count() {
+        buf.clear();
+        buf.resize(layout.plaintext_len(i)?, 0x33);
+        sealer.seal_chunk_in_place(i, i == layout.last_index(), &mut buf)?;
+    }
+    let seal = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut h = blake3::Hasher::new();
+    for _ in 0..layout.chunk_count() {
+        h.update(&buf);
+    }
+    std::hint::black_box(h.finalize());
+    let hash = t.elapsed().as_secs_f64();
+    let per_gib = (1u64 << 30) as f64 / TOTAL as f64;
+    Ok((seal * per_gib, hash * per_gib))
+}
+
+/// `Cached` in /proc/meminfo, in MB.
+fn page_cache_mb() -> Option<f64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = m.lines().find(|l| l.starts_with("Cached:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1e3)
 }
 
 /// Writes `size` pseudo-random bytes to `path`, 1 MiB at a time; returns
@@ -144,6 +242,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         v.extend(rest.iter().map(|s| s.to_string()));
         v
     };
+    let cache_before = page_cache_mb();
     let cpu = Cpu::start(ds.pid());
     let t = Instant::now();
     let (ok, stdout, up_rss) = run_measured(
@@ -153,6 +252,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     .await?;
     let up_secs = t.elapsed().as_secs_f64();
     let up_cpu = cpu.stop();
+    let cache_after_upload = page_cache_mb();
     if !ok {
         bail!("send-file failed");
     }
@@ -224,6 +324,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         intact &= hash_file(&outp)? == want;
         let _ = std::fs::remove_file(&outp);
     }
+    let cache_after_downloads = page_cache_mb();
     let server_rss = ds.peak_rss_mb();
     let plaintext_on_server = match &ds.data_dir {
         Some(d) => contains_plaintext(d, &src)?,
@@ -232,22 +333,33 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     // Beside the data dir of a DS this tool started (idle by now).
     let disk = match &ds.data_dir {
         Some(d) => {
-            out.say("disk baseline ...");
-            Some(disk_write(&d.with_file_name("disk-baseline.bin"), blob)?)
+            out.say("disk baselines ...");
+            let p = d.with_file_name("disk-baseline.bin");
+            let stored = std::fs::read_dir(d.join("blobs"))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.extension().is_some_and(|x| x == "blob"))
+                .context("the stored blob")?;
+            Some((
+                disk_write_blob(&p, blob)?,
+                disk_write_buffered(&p, blob)?,
+                disk_read_while_writing(&stored, &p, blob)?,
+            ))
         }
         None => None,
     };
     drop(ds);
     let _ = std::fs::remove_file(&src);
 
+    out.say("crypto floor ...");
+    let (aead_per_gib, blake3_per_gib) = crypto_floor()?;
     out.say("raw quinn bulk baseline ...");
     let peer = RawPeer::start()?;
     let cpu = Cpu::start_raw(peer.pid());
     let base_up = peer.bulk_upload(blob).await?;
-    let base_up_cpu = cpu.stop_raw();
+    let base_up_cpu = cpu.stop();
     let cpu = Cpu::start_raw(peer.pid());
     let base_down = peer.bulk_download(blob).await?;
-    let base_down_cpu = cpu.stop_raw();
+    let base_down_cpu = cpu.stop();
     let base_concurrent = peer.bulk_download_concurrent(p.downloaders, blob).await?;
     drop(peer);
     // The same with quinn's default datagram size, for comparison with
@@ -258,6 +370,15 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     drop(peer);
 
     let upload = blob as f64 / up_secs / 1e6;
+    let per_gib = (1u64 << 30) as f64 / blob as f64;
+    let (up_all, down_all) = (
+        total(up_cpu.0) + total(up_cpu.1),
+        total(down_cpu.0) + total(down_cpu.1),
+    );
+    let (base_up_all, base_down_all) = (
+        total(base_up_cpu.0) + total(base_up_cpu.1),
+        total(base_down_cpu.0) + total(base_down_cpu.1),
+    );
     let download = single;
     let slowest = down_rates.iter().cloned().fold(f64::INFINITY, f64::min);
     let aggregate = blob as f64 * p.downloaders as f64 / all_secs / 1e6;
@@ -280,28 +401,50 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set("baseline_1452_download_mb_s", small_down)
         .set("upload_ratio_1452", upload / small_up)
         .set("download_ratio_1452", download / small_down)
-        .set_opt("baseline_disk_write_mb_s", disk)
-        .set_opt("upload_ratio_to_limit", disk.map(|d| upload / base_up.min(d)))
+        .set_opt("baseline_disk_write_mb_s", disk.map(|d| d.0.mb_s))
+        .set_opt("baseline_disk_write_cpu_s_per_gib", disk.map(|d| total(d.0.cpu) * per_gib))
+        .set_opt("baseline_disk_buffered_mb_s", disk.map(|d| d.1.mb_s))
+        .set_opt("baseline_disk_buffered_cpu_s_per_gib", disk.map(|d| total(d.1.cpu) * per_gib))
+        .set_opt("upload_ratio_to_limit", disk.map(|d| upload / base_up.min(d.0.mb_s)))
+        .set_opt("baseline_disk_read_while_writing_mb_s", disk.map(|d| d.2))
         .set_opt(
             "download_ratio_to_limit",
-            disk.map(|d| download / base_down.min(d)),
+            disk.map(|d| download / base_down.min(d.2)),
         )
-        .set("upload_cpu_s_client", up_cpu.0)
-        .set("upload_cpu_s_server", up_cpu.1)
-        .set("baseline_upload_cpu_s_sender", base_up_cpu.0)
-        .set("baseline_upload_cpu_s_receiver", base_up_cpu.1)
-        .set("download_cpu_s_client", down_cpu.0)
-        .set("download_cpu_s_server", down_cpu.1)
-        .set("baseline_download_cpu_s_receiver", base_down_cpu.0)
-        .set("baseline_download_cpu_s_sender", base_down_cpu.1)
+        .set("upload_cpu_s_client", total(up_cpu.0))
+        .set("upload_cpu_s_server", total(up_cpu.1))
+        .set("upload_cpu_user_s_client", up_cpu.0 .0)
+        .set("upload_cpu_sys_s_client", up_cpu.0 .1)
+        .set("upload_cpu_user_s_server", up_cpu.1 .0)
+        .set("upload_cpu_sys_s_server", up_cpu.1 .1)
+        .set("baseline_upload_cpu_s_sender", total(base_up_cpu.0))
+        .set("baseline_upload_cpu_s_receiver", total(base_up_cpu.1))
+        .set("download_cpu_s_client", total(down_cpu.0))
+        .set("download_cpu_s_server", total(down_cpu.1))
+        .set("download_cpu_user_s_client", down_cpu.0 .0)
+        .set("download_cpu_sys_s_client", down_cpu.0 .1)
+        .set("download_cpu_user_s_server", down_cpu.1 .0)
+        .set("download_cpu_sys_s_server", down_cpu.1 .1)
+        .set("baseline_download_cpu_s_receiver", total(base_down_cpu.0))
+        .set("baseline_download_cpu_s_sender", total(base_down_cpu.1))
+        .set("upload_cpu_s_per_gib", up_all * per_gib)
+        .set("download_cpu_s_per_gib", down_all * per_gib)
+        .set("baseline_upload_cpu_s_per_gib", base_up_all * per_gib)
+        .set("baseline_download_cpu_s_per_gib", base_down_all * per_gib)
+        .set("aead_cpu_s_per_gib", aead_per_gib)
+        .set("blake3_cpu_s_per_gib", blake3_per_gib)
+        .set_opt("floor_upload_cpu_s_per_gib", disk.map(|d| base_up_all * per_gib + aead_per_gib + 2.0 * blake3_per_gib + total(d.0.cpu) * per_gib))
+        .set_opt("floor_download_cpu_s_per_gib", disk.map(|d| base_down_all * per_gib + aead_per_gib + blake3_per_gib + total(d.0.cpu) * per_gib))
         .set(
             "upload_cpu_ratio",
-            (base_up_cpu.0 + base_up_cpu.1) / (up_cpu.0 + up_cpu.1).max(1e-9),
+            base_up_all / up_all.max(1e-9),
         )
         .set(
             "download_cpu_ratio",
-            (base_down_cpu.0 + base_down_cpu.1) / (down_cpu.0 + down_cpu.1).max(1e-9),
+            base_down_all / down_all.max(1e-9),
         )
+        .set_opt("page_cache_growth_upload_mb", cache_before.zip(cache_after_upload).map(|(a, b)| b - a))
+        .set_opt("page_cache_growth_downloads_mb", cache_after_upload.zip(cache_after_downloads).map(|(a, b)| b - a))
         .set_opt("server_peak_rss_mb", server_rss)
         .set("client_peak_rss_mb", up_rss.max(down_rss))
         .set("uploader_peak_rss_mb", up_rss)
@@ -311,53 +454,67 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .note("upload and download run as separate `huddle` processes; times are whole commands (connect, authenticate, encrypt or verify, transfer)")
         .note("*_cpu_s_*: CPU seconds (user + system, all threads) each side used for the transfer, from /proc; *_cpu_ratio: the raw transfer's CPU over Huddle's. Both sides share the machine's cores, so when they are busy the throughput ratio cannot exceed the CPU ratio")
         .note(format!("baseline_*: raw quinn with the DS's transport settings, datagrams up to {} bytes where the path allows (loopback does); baseline_1452_*: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD))
-        .note("baseline_disk_write_mb_s: writing as many bytes to a new file on the data dir's file system and flushing them; an upload is durable on the DS, and a download on the client, before either completes, so neither can be faster than the slower of raw quinn and this: *_ratio_to_limit")
+        .note("baseline_disk_write_*: writing as many bytes to a new file on the data dir's file system through the blob file module the DS and the client use (direct I/O, synced every 16 MiB and at the end); an upload is durable on the DS, and a download on the client, before either completes, so neither can be faster than the slower of raw quinn and this: *_ratio_to_limit. baseline_disk_buffered_*: the same through the page cache")
+        .note("baseline_disk_read_while_writing_mb_s: the stored blob read through the DS's blob reader while as many bytes are written through the blob path, at once, on the same disk: what a download run on one machine asks of it (a real client writes on its own disk); download_ratio_to_limit is against the slower of this and raw quinn")
+        .note("*_cpu_s_per_gib: CPU seconds of every process of the transfer together, per GiB of ciphertext; floor_*: the raw quinn transfer's plus one AES-GCM pass, the BLAKE3 passes (two on upload: client and DS; one on download) and the blob-path disk write, each measured in this run")
+        .note("page_cache_growth_*: change of Cached in /proc/meminfo over the upload and over the downloads (the whole machine; the file being sent is read through the cache, and was written just before)")
         .note("download_mb_s: one downloader alone, against one raw quinn stream between two processes; concurrent_*: all downloaders at once, against as many raw streams at once");
     out.emit(&r);
     Ok(())
 }
 
-/// CPU seconds used during one transfer, read from /proc.
+/// (user, system) CPU seconds.
+type Split = (f64, f64);
+
+fn total(x: Split) -> f64 {
+    x.0 + x.1
+}
+
+fn minus(a: Split, b: Split) -> Split {
+    (a.0 - b.0, a.1 - b.1)
+}
+
+/// CPU seconds used during one transfer by each side, read from /proc.
 struct Cpu {
     server: Option<u32>,
-    at: (f64, f64),
+    raw: bool,
+    at: (Split, Split),
 }
 
 impl Cpu {
     /// Before a `huddle` child runs against the DS `server`: the child's
     /// share is counted when it has been waited for.
     fn start(server: Option<u32>) -> Self {
-        let s = server.and_then(cpu_seconds).unwrap_or(0.0);
+        let s = server.and_then(cpu_split).unwrap_or_default();
         Self {
             server,
-            at: (children_cpu_seconds().unwrap_or(0.0), s),
+            raw: false,
+            at: (children_cpu_split().unwrap_or_default(), s),
         }
-    }
-
-    /// (client, server) seconds since `start`.
-    fn stop(&self) -> (f64, f64) {
-        let s = self.server.and_then(cpu_seconds).unwrap_or(0.0);
-        (
-            children_cpu_seconds().unwrap_or(0.0) - self.at.0,
-            s - self.at.1,
-        )
     }
 
     /// Before a raw transfer between this process and the raw peer.
     fn start_raw(peer: u32) -> Self {
         Self {
             server: Some(peer),
+            raw: true,
             at: (
-                own_cpu_seconds().unwrap_or(0.0),
-                cpu_seconds(peer).unwrap_or(0.0),
+                cpu_split(std::process::id()).unwrap_or_default(),
+                cpu_split(peer).unwrap_or_default(),
             ),
         }
     }
 
-    /// (this process, peer) seconds since `start_raw`.
-    fn stop_raw(&self) -> (f64, f64) {
-        let s = self.server.and_then(cpu_seconds).unwrap_or(0.0);
-        (own_cpu_seconds().unwrap_or(0.0) - self.at.0, s - self.at.1)
+    /// (client or this process, server or peer) since the start.
+    fn stop(&self) -> (Split, Split) {
+        let s = self.server.and_then(cpu_split).unwrap_or_default();
+        let c = if self.raw {
+            cpu_split(std::process::id())
+        } else {
+            children_cpu_split()
+        }
+        .unwrap_or_default();
+        (minus(c, self.at.0), minus(s, self.at.1))
     }
 }
 

@@ -9,114 +9,81 @@ use huddle_core::MediaId;
 
 use crate::store::{MediaRecord, MediaState};
 
+use huddle_io::{BlobFile, BlobReader, Mode};
+
 use super::{BlobStore, Room, BUF};
 
 /// Progress is made durable at least this often (in bytes).
 pub(super) const SYNC_EVERY: u64 = 16 << 20;
 
-/// Writes received buffers to the partial file and hashes them, each in a
-/// short blocking task, while the network side receives the next; every
-/// [`SYNC_EVERY`] bytes it starts a sync of the file in another blocking
-/// task, so writing goes on while the disk flushes. No thread waits for
-/// the network: the task that drives them is async.
+/// Writes received batches to the partial blob file (direct I/O, see
+/// [`huddle_io::blob`]) and hashes them, each in a short blocking task,
+/// while the network side receives the next; every [`SYNC_EVERY`] bytes it
+/// makes what it wrote durable and publishes that offset. No thread waits
+/// for the network: the task that drives them is async.
 pub(super) struct BlobWriter {
     data: tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>,
     synced: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<std::io::Result<(std::fs::File, blake3::Hasher)>>,
 }
 
-/// Batches the writer may hold while the network keeps receiving: enough to
-/// cover a sync of [`SYNC_EVERY`] bytes without stalling the sender.
+/// Batches the writer may hold while the network keeps receiving: enough
+/// to cover a sync without stalling the sender.
 pub(super) const WRITE_QUEUE: usize = 8;
 
-/// A sync in flight and the position it makes durable.
-pub(super) type Syncing = (tokio::task::JoinHandle<std::io::Result<()>>, u64);
-
 impl BlobWriter {
-    pub(super) fn start(
-        file: std::fs::File,
-        hasher: blake3::Hasher,
-        start: u64,
-        room: Room,
-    ) -> Self {
+    pub(super) fn start(blob: BlobFile, hasher: blake3::Hasher, room: Room) -> Self {
         let (data, mut rx) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(WRITE_QUEUE);
-        let synced = Arc::new(AtomicU64::new(start));
+        let synced = Arc::new(AtomicU64::new(blob.len()));
         let s2 = synced.clone();
         let task = tokio::spawn(async move {
-            let syncer = file.try_clone()?;
-            let mut state = Some((file, hasher, Vec::with_capacity(BUF)));
-            let mut pos = start;
-            let mut last_sync = start;
-            let mut syncing: Option<Syncing> = None;
+            let mut last_sync = blob.len();
+            let mut state = Some((blob, hasher));
             while let Some(batch) = rx.recv().await {
-                let (mut file, mut hasher, mut buf) = state.take().expect("writer state");
+                let (mut blob, mut hasher) = state.take().expect("writer state");
                 let room = room.clone();
-                let (back, written) = tokio::task::spawn_blocking(move || {
-                    use std::io::Write as _;
-                    // Received chunks are packet-sized; BLAKE3 only reaches
-                    // its SIMD speed on long contiguous input.
-                    buf.clear();
-                    for b in &batch {
-                        buf.extend_from_slice(b);
+                let (back, r) = tokio::task::spawn_blocking(move || {
+                    let mut r = write_batch(&mut blob, &mut hasher, &batch, &room);
+                    if r.is_ok() && blob.len() - last_sync >= SYNC_EVERY {
+                        r = blob.sync().map(Some);
                     }
-                    let n = room.take(buf.len());
-                    let r = file.write_all(&buf[..n]).and_then(|()| {
-                        if n < buf.len() {
-                            Err(std::io::Error::from_raw_os_error(ENOSPC))
-                        } else {
-                            hasher.update(&buf);
-                            Ok(buf.len())
+                    match r {
+                        Ok(at) => ((blob, hasher), Ok(at)),
+                        Err(e) => {
+                            // What the disk took is whole: make it durable,
+                            // so the upload resumes from there (a full disk
+                            // usually still takes the buffered tail; if
+                            // not, what already reached the file counts).
+                            let durable = blob.sync().or_else(|_| blob.sync_written()).ok();
+                            ((blob, hasher), Err((e, durable)))
                         }
-                    });
-                    ((file, hasher, buf), r)
+                    }
                 })
                 .await
                 .map_err(|_| std::io::Error::other("writer task failed"))?;
-                let n = match written {
-                    Ok(n) => n,
-                    Err(e) => {
-                        // What was written before this buffer is whole: make
-                        // it durable, so the upload resumes from there (a
-                        // full disk usually still flushes what it took).
-                        if let Some((t, _)) = syncing.take() {
-                            let _ = t.await;
-                        }
-                        let file = back.0;
-                        let ok = tokio::task::spawn_blocking(move || file.sync_data())
-                            .await
-                            .is_ok_and(|r| r.is_ok());
-                        if ok {
-                            s2.fetch_max(pos, Ordering::Release);
+                match r {
+                    Ok(Some(at)) => {
+                        last_sync = at;
+                        s2.fetch_max(at, Ordering::Release);
+                    }
+                    Ok(None) => {}
+                    Err((e, durable)) => {
+                        if let Some(at) = durable {
+                            s2.fetch_max(at, Ordering::Release);
                         }
                         return Err(e);
                     }
-                };
+                }
                 state = Some(back);
-                pos += n as u64;
-                // A finished sync publishes its position; a new one starts
-                // if due (requests made while one runs fold into the next).
-                if let Some((t, at)) = syncing.take_if(|(t, _)| t.is_finished()) {
-                    t.await
-                        .map_err(|_| std::io::Error::other("sync task failed"))??;
-                    s2.fetch_max(at, Ordering::Release);
-                }
-                if syncing.is_none() && pos - last_sync >= SYNC_EVERY {
-                    let f = syncer.try_clone()?;
-                    syncing = Some((tokio::task::spawn_blocking(move || f.sync_data()), pos));
-                    last_sync = pos;
-                }
             }
-            if let Some((t, _)) = syncing.take() {
-                // The file description is shared: an error seen there is not
-                // reported again to the final sync, so it fails the upload.
-                t.await
-                    .map_err(|_| std::io::Error::other("sync task failed"))??;
-            }
-            let (file, hasher, _) = state.take().expect("writer state");
-            let file = tokio::task::spawn_blocking(move || file.sync_data().map(|()| file))
-                .await
-                .map_err(|_| std::io::Error::other("sync task failed"))??;
-            s2.store(pos, Ordering::Release);
+            let (blob, hasher) = state.take().expect("writer state");
+            let (file, at) = tokio::task::spawn_blocking(move || {
+                let at = blob.len();
+                blob.finish().map(|f| (f, at))
+            })
+            .await
+            .map_err(|_| std::io::Error::other("sync task failed"))??;
+            s2.store(at, Ordering::Release);
             Ok((file, hasher))
         });
         Self { data, synced, task }
@@ -143,6 +110,32 @@ impl BlobWriter {
     }
 }
 
+/// Appends one received batch and hashes it; `Ok(None)`: nothing became
+/// durable. The batch is gathered into the aligned buffer in one copy and
+/// hashed there: received chunks are packet-sized, and BLAKE3 reaches its
+/// SIMD speed only on long contiguous input.
+fn write_batch(
+    blob: &mut BlobFile,
+    hasher: &mut blake3::Hasher,
+    batch: &[bytes::Bytes],
+    room: &Room,
+) -> std::io::Result<Option<u64>> {
+    let total: usize = batch.iter().map(|b| b.len()).sum();
+    let fits = room.take(total);
+    if fits < total {
+        // The disk takes part of it, then is full.
+        let mut left = fits;
+        for b in batch {
+            let n = left.min(b.len());
+            blob.write(&b[..n])?;
+            left -= n;
+        }
+        return Err(std::io::Error::from_raw_os_error(ENOSPC));
+    }
+    hasher.update(blob.write_gather(batch)?);
+    Ok(None)
+}
+
 /// `errno` of a full disk.
 pub(super) const ENOSPC: i32 = 28;
 
@@ -156,38 +149,33 @@ pub(super) async fn persist(blobs: &BlobStore, id: MediaId, rec: &mut MediaRecor
 
 /// Opens the partial file of an upload at durable offset `start`: drops
 /// anything past it (it may be torn), and re-hashes (and re-reads the
-/// header of) what is kept. Returns the file positioned at `start`, the
-/// hash so far and the first header bytes.
+/// header of) what is kept, reading past the page cache. Returns the blob
+/// ready to append at `start`, the hash so far and the first header bytes.
 pub(super) fn reopen_partial(
     p: &std::path::Path,
     start: u64,
-) -> std::io::Result<(std::fs::File, blake3::Hasher, Vec<u8>)> {
-    use std::io::{Read as _, Seek as _};
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(p)?;
-    file.set_len(start)?;
+    mode: Mode,
+) -> std::io::Result<(BlobFile, blake3::Hasher, Vec<u8>)> {
+    let blob = BlobFile::open_at(p, start, mode)?;
     let mut hasher = blake3::Hasher::new();
     let mut head = Vec::with_capacity(huddle_core::media::HEADER_LEN);
-    let mut buf = vec![0u8; BUF];
-    let mut left = start;
-    while left > 0 {
-        let n = file.read(&mut buf[..BUF.min(left as usize)])?;
-        if n == 0 {
-            return Err(std::io::Error::other(
-                "stored upload is shorter than recorded",
-            ));
+    if start > 0 {
+        let mut reader = BlobReader::open(p, mode)?;
+        let mut at = 0u64;
+        while at < start {
+            let b = reader.read_at(at, BUF.min((start - at) as usize))?;
+            if b.is_empty() {
+                return Err(std::io::Error::other(
+                    "stored upload is shorter than recorded",
+                ));
+            }
+            if head.len() < huddle_core::media::HEADER_LEN {
+                let take = (huddle_core::media::HEADER_LEN - head.len()).min(b.len());
+                head.extend_from_slice(&b[..take]);
+            }
+            hasher.update(&b);
+            at += b.len() as u64;
         }
-        if head.len() < huddle_core::media::HEADER_LEN {
-            let take = (huddle_core::media::HEADER_LEN - head.len()).min(n);
-            head.extend_from_slice(&buf[..take]);
-        }
-        hasher.update(&buf[..n]);
-        left -= n as u64;
     }
-    file.seek(std::io::SeekFrom::Start(start))?;
-    Ok((file, hasher, head))
+    Ok((blob, hasher, head))
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use huddle_core::proto::{ErrorBody, ErrorCode, Response};
 use huddle_core::MediaId;
-use tokio::io::AsyncSeekExt as _;
+use huddle_io::BlobReader;
 use tracing::{debug, warn};
 
 use crate::service::{Service, Session};
@@ -40,18 +40,15 @@ pub async fn download(
             // unacknowledged (the send window) that bounds a download's
             // memory whatever the item's size.
             let stall = blobs.config.transfer_stall_timeout;
-            let file = file.into_std().await;
-            let read = |mut file: std::fs::File, want: usize| {
+            let read = |mut file: BlobReader, at: u64, want: usize| {
                 tokio::task::spawn_blocking(move || {
-                    use std::io::Read as _;
-                    let mut buf = Vec::with_capacity(want);
-                    let r = (&mut file).take(want as u64).read_to_end(&mut buf);
-                    (file, r.map(|_| bytes::Bytes::from(buf)))
+                    let r = file.read_at(at, want);
+                    (file, r)
                 })
             };
             let mut left = len;
             let mut sent = 0u64;
-            let mut next = (left > 0).then(|| read(file, BUF.min(left as usize)));
+            let mut next = (left > 0).then(|| read(file, offset, BUF.min(left as usize)));
             while let Some(reading) = next.take() {
                 let Ok((file, r)) = reading.await else {
                     let _ = send.reset(1u32.into());
@@ -69,7 +66,7 @@ pub async fn download(
                 left -= (b.len() as u64).min(left);
                 sent += b.len() as u64;
                 if left > 0 {
-                    next = Some(read(file, BUF.min(left as usize)));
+                    next = Some(read(file, offset + sent, BUF.min(left as usize)));
                 }
                 match tokio::time::timeout(stall, send.write_chunk(b)).await {
                     Ok(Ok(())) => {}
@@ -98,7 +95,7 @@ pub(super) async fn download_head(
     media: MediaId,
     offset: u64,
     len: u64,
-) -> Result<(Response, tokio::fs::File, u64, Transfer), ErrorBody> {
+) -> Result<(Response, BlobReader, u64, Transfer), ErrorBody> {
     let user = session
         .user()
         .ok_or_else(|| err(ErrorCode::NotAuthenticated, "authenticate first"))?;
@@ -133,11 +130,11 @@ pub(super) async fn download_head(
             ),
         ));
     }
-    let mut file = tokio::fs::File::open(blobs.blob_path(&media))
+    let path = blobs.blob_path(&media);
+    let mode = blobs.io_mode;
+    let file = tokio::task::spawn_blocking(move || BlobReader::open(&path, mode))
         .await
-        .map_err(io_err)?;
-    file.seek(std::io::SeekFrom::Start(offset))
-        .await
+        .map_err(|_| err(ErrorCode::Internal, "internal error"))?
         .map_err(io_err)?;
     Ok((
         Response::Download {

@@ -88,6 +88,8 @@ pub struct BlobStore {
     used: AtomicU64,
     last_sweep: Mutex<Option<Instant>>,
     pub(crate) room: Room,
+    /// Direct I/O for blob files unless `HUDDLE_BLOB_IO=buffered`.
+    io_mode: huddle_io::Mode,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -232,6 +234,7 @@ impl BlobStore {
             used: AtomicU64::new(used),
             last_sweep: Mutex::new(None),
             room: Room::default(),
+            io_mode: huddle_io::Mode::from_env(),
         })
     }
 

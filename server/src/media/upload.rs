@@ -156,10 +156,12 @@ pub(super) async fn upload_inner(
     // Open the partial file, drop anything past the durable offset (it may
     // be torn), and re-hash (and re-read the header of) what is kept.
     let p = path.clone();
-    let (file, hasher, head_bytes) = tokio::task::spawn_blocking(move || reopen_partial(&p, start))
-        .await
-        .map_err(|_| err(ErrorCode::Internal, "internal error"))?
-        .map_err(io_err)?;
+    let mode = blobs.io_mode;
+    let (file, hasher, head_bytes) =
+        tokio::task::spawn_blocking(move || reopen_partial(&p, start, mode))
+            .await
+            .map_err(|_| err(ErrorCode::Internal, "internal error"))?
+            .map_err(io_err)?;
     let mut head_bytes = head_bytes;
     let mut header: Option<Header> = None;
     if head_bytes.len() == HEADER_LEN {
@@ -179,7 +181,7 @@ pub(super) async fn upload_inner(
 
     // The network side fills buffers; a writer thread writes, hashes and
     // periodically syncs them, so disk work overlaps with receiving.
-    let writer = BlobWriter::start(file, hasher, start, blobs.room.clone());
+    let writer = BlobWriter::start(file, hasher, blobs.room.clone());
     let mut pos = start;
     let mut durable = start;
     let mut ended = false;

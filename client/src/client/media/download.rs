@@ -4,11 +4,10 @@
 use super::Client;
 use crate::app::MediaInfo;
 use crate::error::{ClientError, Result};
-use huddle_core::media::{Header, ItemKey, Layout, Opener, Sealer, HEADER_LEN};
+use huddle_core::media::{Header, ItemKey, Layout, Opener, Sealer, HEADER_LEN, TAG_LEN};
 use huddle_core::proto::{Request, Response};
 use huddle_core::{GroupId, MediaId};
-use std::io::SeekFrom;
-use std::io::{Read as _, Seek as _, Write as _};
+use huddle_io::{BlobFile, BlobReader};
 use std::path::{Path, PathBuf};
 
 use super::{check_download_answer, file_err, integrity, read_sealed, stalled, Progress};
@@ -53,15 +52,12 @@ impl Client {
         let partial_dir = self.home.partial_dir();
         std::fs::create_dir_all(&partial_dir).map_err(|e| file_err(&partial_dir, e))?;
         let part = partial_dir.join(format!("{media_id}.part"));
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&part)
-            .map_err(|e| file_err(&part, e))?;
         // Keep whole verified chunks only.
-        let have = file.metadata().map_err(|e| file_err(&part, e))?.len();
+        let have = match std::fs::metadata(&part) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(file_err(&part, e)),
+        };
         let whole = (have / u64::from(info.chunk_size)).min(u64::from(layout.chunk_count()));
         let mut have = (whole * u64::from(info.chunk_size)).min(info.size);
         let mut first = whole as u32;
@@ -70,29 +66,34 @@ impl Client {
             first = layout.chunk_count();
             have = info.size;
         }
-        file.set_len(have).map_err(|e| file_err(&part, e))?;
+        let mode = huddle_io::Mode::from_env();
+        let blob = BlobFile::open_at(&part, have, mode).map_err(|e| file_err(&part, e))?;
         // The hash covers the whole blob: recompute the prefix from the
         // plaintext we already have (sealing is deterministic).
         let mut hasher = blake3::Hasher::new();
         hasher.update(&header.encode());
-        let sealer = Sealer::new(&key, header);
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| file_err(&part, e))?;
-        let mut buf = Vec::with_capacity(info.chunk_size as usize + huddle_core::media::TAG_LEN);
-        for i in 0..first {
-            let n = layout.plaintext_len(i).map_err(integrity)?;
-            buf.resize(n, 0);
-            file.read_exact(&mut buf).map_err(|e| file_err(&part, e))?;
-            sealer
-                .seal_chunk_in_place(i, i == layout.last_index(), &mut buf)
-                .map_err(integrity)?;
-            hasher.update(&buf);
+        if first > 0 {
+            let sealer = Sealer::new(&key, header);
+            let mut reader = BlobReader::open(&part, mode).map_err(|e| file_err(&part, e))?;
+            let mut buf = Vec::with_capacity(info.chunk_size as usize + TAG_LEN);
+            for i in 0..first {
+                let n = layout.plaintext_len(i).map_err(integrity)?;
+                let at = u64::from(i) * u64::from(info.chunk_size);
+                let plain = reader.read_at(at, n).map_err(|e| file_err(&part, e))?;
+                if plain.len() < n {
+                    return Err(file_err(&part, "shorter than the chunks it was cut to"));
+                }
+                buf.clear();
+                buf.extend_from_slice(&plain);
+                sealer
+                    .seal_chunk_in_place(i, i == layout.last_index(), &mut buf)
+                    .map_err(integrity)?;
+                hasher.update(&buf);
+            }
         }
-        file.seek(SeekFrom::Start(have))
-            .map_err(|e| file_err(&part, e))?;
 
         progress.start(&info.name, info.size, have);
-        if first < layout.chunk_count() {
+        let (blob, hasher) = if first < layout.chunk_count() {
             let start = layout.chunk_offset(first).map_err(integrity)?;
             let (_send, mut recv, resp) = self
                 .net()
@@ -104,43 +105,51 @@ impl Client {
                 })
                 .await?;
             check_download_answer(&resp, &info)?;
-            // Verified plaintext goes to a writer thread, so writing to disk
-            // overlaps with receiving and decrypting the next chunk; a
-            // syncer thread flushes what was written every SYNC_EVERY bytes,
-            // so the disk works during the transfer rather than all at the
-            // final sync (with plenty of RAM the kernel would otherwise hold
-            // the whole file dirty until then).
-            let syncer = Syncer::start(file.try_clone().map_err(|e| file_err(&part, e))?);
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-            let writer = std::thread::spawn(move || -> std::io::Result<std::fs::File> {
-                let mut unsynced = 0usize;
-                for chunk in rx {
-                    file.write_all(&chunk)?;
-                    unsynced += chunk.len();
-                    if unsynced >= SYNC_EVERY {
-                        syncer.request();
-                        unsynced = 0;
+            // This task receives sealed chunks; a blocking worker hashes,
+            // opens and writes them (direct I/O, synced every SYNC_EVERY
+            // bytes), so the network, the crypto and the disk overlap on
+            // both cores with a few chunks in flight between them.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, Vec<u8>)>(PIPELINE_DEPTH);
+            // Written buffers come back for the next chunks: fresh ones of
+            // a chunk's size would each cost page faults and zeroing.
+            let (spare_tx, spare_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIPELINE_DEPTH + 2);
+            let worker = tokio::task::spawn_blocking(move || {
+                let (mut blob, mut hasher) = (blob, hasher);
+                let mut synced = blob.len();
+                let mut outcome: Result<()> = Ok(());
+                while let Some((i, mut buf)) = rx.blocking_recv() {
+                    hasher.update(&buf);
+                    if let Err(e) = opener.open_chunk_in_place(i, &mut buf) {
+                        outcome = Err(integrity(e));
+                        break;
                     }
+                    let r = blob.write(&buf).and_then(|()| {
+                        if blob.len() - synced >= SYNC_EVERY {
+                            synced = blob.sync()?;
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = r {
+                        outcome = Err(ClientError::io("writing the download", e));
+                        break;
+                    }
+                    let _ = spare_tx.try_send(buf);
                 }
-                syncer.finish()?;
-                Ok(file)
+                (blob, hasher, outcome)
             });
             let mut outcome: Result<()> = Ok(());
             for i in first..layout.chunk_count() {
                 let n = layout.sealed_len(i).map_err(integrity)?;
-                let mut buf = vec![0u8; n];
+                let mut buf = spare_rx.try_recv().unwrap_or_default();
+                buf.resize(n, 0);
                 let r = read_sealed(&mut recv, &mut buf, i, &self.settings.server).await;
                 if let Err(e) = r {
                     outcome = Err(e);
                     break;
                 }
-                hasher.update(&buf);
-                if let Err(e) = opener.open_chunk_in_place(i, &mut buf) {
-                    outcome = Err(integrity(e));
-                    break;
-                }
-                let len = buf.len() as u64;
-                if tx.send(buf).is_err() {
+                let len = layout.plaintext_len(i).map_err(integrity)? as u64;
+                if tx.send((i, buf)).await.is_err() {
+                    // The worker stopped; its outcome says why.
                     break;
                 }
                 if !progress.advance(len) {
@@ -149,13 +158,12 @@ impl Client {
                 }
             }
             drop(tx);
-            file = writer
-                .join()
-                .map_err(|_| ClientError::Io("the writer thread failed".into()))?
-                .map_err(|e| file_err(&part, e))?;
-            if let Err(e) = outcome {
+            let (mut blob, hasher, written) = worker
+                .await
+                .map_err(|_| ClientError::Io("the writer task failed".into()))?;
+            if let Err(e) = written.and(outcome) {
                 // Keep what was verified for a later resume.
-                let _ = file.sync_data();
+                let _ = blob.sync();
                 progress.finish();
                 return Err(e);
             }
@@ -163,7 +171,11 @@ impl Client {
             if matches!(recv.read(&mut extra).await, Ok(Some(n)) if n > 0) {
                 return Err(integrity("the blob is longer than announced"));
             }
-        }
+            (blob, hasher)
+        } else {
+            (blob, hasher)
+        };
+        let file = blob.finish().map_err(|e| file_err(&part, e))?;
         progress.finish();
         if *hasher.finalize().as_bytes() != info.hash {
             // Every chunk authenticated, yet the whole does not match what
@@ -324,45 +336,13 @@ fn announced_header(
     Ok(h)
 }
 
-/// A download flushes its partial file in the background about this often
-/// (in bytes).
-const SYNC_EVERY: usize = 16 << 20;
+/// A download makes its partial file durable about this often (in bytes),
+/// so an interrupted one resumes close to where it stopped.
+const SYNC_EVERY: u64 = 16 << 20;
 
-/// A thread that runs `sync_data` on a file when asked, without blocking
-/// the writer. Requests made while a sync runs fold into one.
-struct Syncer {
-    wake: std::sync::mpsc::SyncSender<()>,
-    thread: std::thread::JoinHandle<std::io::Result<()>>,
-}
-
-impl Syncer {
-    fn start(file: std::fs::File) -> Self {
-        let (wake, rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let thread = std::thread::spawn(move || {
-            for () in rx {
-                // The file description is shared with the writer: an error
-                // reported here is not reported again to its final sync, so
-                // it must end the download.
-                file.sync_data()?;
-            }
-            Ok(())
-        });
-        Self { wake, thread }
-    }
-
-    /// Asks for a sync of everything written so far.
-    fn request(&self) {
-        let _ = self.wake.try_send(());
-    }
-
-    /// Waits for the syncs asked for; the first error of any of them.
-    fn finish(self) -> std::io::Result<()> {
-        drop(self.wake);
-        self.thread
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the sync thread failed")))
-    }
-}
+/// Sealed chunks in flight between the receiving task and the worker that
+/// opens and writes them.
+const PIPELINE_DEPTH: usize = 8;
 
 /// Moves the verified `part` to `out`. Across file systems it is copied
 /// into a file created anew (never through a link that is already there),

@@ -12,6 +12,7 @@ use huddle_core::proto::{Request, Response, UploadRequest};
 use huddle_core::{GroupId, MediaId};
 use std::io::{Read as _, Write as _};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use super::{file_err, integrity, random, remember, stalled, Pending, Progress, Quiet};
 
@@ -74,10 +75,10 @@ impl Client {
             .dir()
             .join("uploads")
             .join(format!("{media}.tags"));
-        let mut tags = Tags::open(&tags_path)?;
+        let tags = Arc::new(Mutex::new(Tags::open(&tags_path)?));
         let header =
             Header::new(media, id, pending.salt, info.chunk_size, info.size).map_err(integrity)?;
-        let sealer = Sealer::new(&ItemKey::from_bytes(info.key), header);
+        let sealer = Arc::new(Sealer::new(&ItemKey::from_bytes(info.key), header));
         let req = Request::BeginUpload(UploadRequest {
             group: id,
             media,
@@ -90,15 +91,8 @@ impl Client {
         if complete {
             // Stored by an earlier run whose announcement did not go out.
             let _ = send.finish();
-            let sealed = seal_and_send(
-                &sealer,
-                path,
-                info.ciphertext_len,
-                None,
-                &mut tags,
-                &mut Quiet,
-            )
-            .await?;
+            let sealed =
+                seal_and_send(&sealer, path, info.ciphertext_len, None, &tags, &mut Quiet).await?;
             let Sealed::Whole(hash) = sealed else {
                 self.drop_upload(&key, &tags_path)?;
                 return Ok(None);
@@ -106,8 +100,7 @@ impl Client {
             info.hash = hash;
         } else {
             progress.start(&info.name, info.ciphertext_len, offset);
-            let r =
-                seal_and_send(&sealer, path, offset, Some(&mut send), &mut tags, progress).await;
+            let r = seal_and_send(&sealer, path, offset, Some(&mut send), &tags, progress).await;
             progress.finish();
             let hash = match r {
                 Ok(Sealed::Whole(h)) => h,
@@ -256,12 +249,16 @@ async fn refusal(
 /// part from `offset` on (nothing when `send` is `None`). Returns the BLAKE3
 /// hash of the whole blob. The part before `offset` is re-sealed only to
 /// hash it: sealing is deterministic for a given key, salt and header.
+///
+/// A blocking worker reads, seals, records the tag of and hashes each chunk
+/// a few chunks ahead of this task, which only hands them to QUIC: the
+/// crypto and the network go on at once, on both cores.
 async fn seal_and_send(
-    sealer: &Sealer,
+    sealer: &Arc<Sealer>,
     path: &Path,
     offset: u64,
     mut send: Option<&mut quinn::SendStream>,
-    tags: &mut Tags,
+    tags: &Arc<Mutex<Tags>>,
     progress: &mut dyn Progress,
 ) -> Result<Sealed> {
     let header = *sealer.header();
@@ -273,9 +270,7 @@ async fn seal_and_send(
     }
     let lost = |e: quinn::WriteError| ClientError::Io(format!("upload stream: {e}"));
     let interrupted = || ClientError::Usage("upload interrupted".into());
-    let mut hasher = blake3::Hasher::new();
     let head = header.encode();
-    hasher.update(&head);
     if let Some(s) = send.as_deref_mut() {
         if offset < HEADER_LEN as u64 {
             stalled(s.write_all(&head[offset as usize..]))
@@ -286,57 +281,94 @@ async fn seal_and_send(
             }
         }
     }
-    // A reader thread keeps a few chunks ahead, so reading the file
-    // overlaps with sealing, hashing and sending.
-    let mut file = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(4);
-    let sizes: Vec<usize> = (0..layout.chunk_count())
-        .map(|i| layout.plaintext_len(i))
-        .collect::<Result<_, _>>()
-        .map_err(integrity)?;
-    std::thread::spawn(move || {
-        for n in sizes {
-            // A fresh buffer per chunk: it is handed to QUIC without a copy.
-            let mut buf = Vec::with_capacity(n + huddle_core::media::TAG_LEN);
-            let r = match (&mut file).take(n as u64).read_to_end(&mut buf) {
-                Ok(got) if got == n => Ok(buf),
-                Ok(_) => Err(std::io::Error::other(
-                    "the file is shorter than when the upload began (it changed?)",
-                )),
-                Err(e) => Err(e),
-            };
-            let failed = r.is_err();
-            if tx.send(r).is_err() || failed {
-                return;
-            }
-        }
+    let file = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(SEAL_AHEAD);
+    let (sealer, tags, path_buf) = (sealer.clone(), tags.clone(), path.to_owned());
+    let sending = send.is_some();
+    tokio::task::spawn_blocking(move || {
+        let r = seal_all(
+            &sealer,
+            file,
+            &path_buf,
+            &tags,
+            sending.then_some(offset),
+            &tx,
+        );
+        let _ = tx.blocking_send(Piece::Done(r));
     });
+    while let Some(piece) = rx.recv().await {
+        let (start, buf) = match piece {
+            Piece::Done(r) => return r,
+            Piece::Chunk(start, buf) => (start, buf),
+        };
+        let Some(s) = send.as_deref_mut() else {
+            continue;
+        };
+        let skip = offset.saturating_sub(start) as usize;
+        let sent = buf.len() - skip;
+        let chunk = bytes::Bytes::from(buf).slice(skip..);
+        stalled(s.write_chunk(chunk)).await?.map_err(lost)?;
+        if !progress.advance(sent as u64) {
+            return Err(interrupted());
+        }
+    }
+    Err(file_err(path, "the sealing worker stopped"))
+}
+
+/// Sealed chunks the worker may run ahead of the network.
+const SEAL_AHEAD: usize = 8;
+
+/// What the sealing worker hands over: a sealed chunk to send (with its
+/// blob offset), then the outcome.
+enum Piece {
+    Chunk(u64, Vec<u8>),
+    Done(Result<Sealed>),
+}
+
+/// The sealing worker: reads, seals, checks the tag of and hashes every
+/// chunk; hands over those that end past `send_from` (none when `None`).
+fn seal_all(
+    sealer: &Sealer,
+    mut file: std::fs::File,
+    path: &Path,
+    tags: &Mutex<Tags>,
+    send_from: Option<u64>,
+    tx: &tokio::sync::mpsc::Sender<Piece>,
+) -> Result<Sealed> {
+    let layout = sealer.header().layout();
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&sealer.header().encode());
     for i in 0..layout.chunk_count() {
-        let mut buf = rx
-            .recv()
-            .map_err(|_| file_err(path, "the reader stopped"))?
-            .map_err(|e| file_err(path, e))?;
+        let n = layout.plaintext_len(i).map_err(integrity)?;
+        // A fresh buffer per chunk: it is handed to QUIC without a copy.
+        let mut buf = Vec::with_capacity(n + huddle_core::media::TAG_LEN);
+        match (&mut file).take(n as u64).read_to_end(&mut buf) {
+            Ok(got) if got == n => {}
+            Ok(_) => {
+                return Err(file_err(
+                    path,
+                    "the file is shorter than when the upload began (it changed?)",
+                ))
+            }
+            Err(e) => return Err(file_err(path, e)),
+        }
         sealer
             .seal_chunk_in_place(i, i == layout.last_index(), &mut buf)
             .map_err(integrity)?;
         // Before anything of it is sent: the same key and nonce must never
         // seal other plaintext.
-        if !tags.check(i, &buf[buf.len() - huddle_core::media::TAG_LEN..])? {
+        let tag = &buf[buf.len() - huddle_core::media::TAG_LEN..];
+        if !tags.lock().expect("tags lock").check(i, tag)? {
             return Ok(Sealed::Changed);
         }
         hasher.update(&buf);
         let start = layout.chunk_offset(i).map_err(integrity)?;
         let end = start + buf.len() as u64;
-        if let Some(s) = send.as_deref_mut() {
-            if end > offset {
-                let skip = offset.saturating_sub(start) as usize;
-                let sent = buf.len() - skip;
-                let chunk = bytes::Bytes::from(buf).slice(skip..);
-                stalled(s.write_chunk(chunk)).await?.map_err(lost)?;
-                if !progress.advance(sent as u64) {
-                    return Err(interrupted());
-                }
-            }
+        if send_from.is_some_and(|from| end > from)
+            && tx.blocking_send(Piece::Chunk(start, buf)).is_err()
+        {
+            // The sending side gave up; it reports why.
+            return Err(ClientError::Usage("upload interrupted".into()));
         }
     }
     Ok(Sealed::Whole(*hasher.finalize().as_bytes()))

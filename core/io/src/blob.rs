@@ -1,0 +1,615 @@
+//! Blob files that skip the page cache.
+//!
+//! Writing a large blob through the page cache costs the writer several
+//! times the CPU of the transfer itself: every buffered write fills fresh
+//! cache pages, which the kernel then writes back and reclaims. Large-object
+//! stores write big objects with `O_DIRECT` for this reason, and so does
+//! Huddle: [`BlobFile`] gathers writes in a 4 KiB-aligned buffer of a few
+//! MiB and writes whole blocks straight to the device; the partial block at
+//! the end goes through the page cache at each [`BlobFile::sync`], so a
+//! durability point can fall at any byte.
+//! [`BlobReader`] reads the same way, in aligned spans.
+//!
+//! Where the file system refuses `O_DIRECT` (at `open`, or with `EINVAL` on
+//! the first aligned write), both fall back to ordinary I/O and drop the
+//! pages behind them with `posix_fadvise(DONTNEED)`, and say so once in the
+//! log. [`Mode::Buffered`] asks for that path outright.
+
+use std::fs::File;
+use std::num::NonZeroU64;
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustix::fs::{Advice, OFlags};
+
+/// The alignment of direct I/O: offsets, lengths and buffer addresses are
+/// multiples of it (4 KiB satisfies 512-byte and 4 KiB logical blocks).
+pub const ALIGN: usize = 4096;
+
+/// A [`BlobFile`]'s buffer: whole blocks are written when it fills.
+pub const WRITE_BUFFER: usize = 4 << 20;
+
+/// How a blob file is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `O_DIRECT`, falling back to [`Mode::Buffered`] where refused.
+    Direct,
+    /// Through the page cache, with the pages dropped behind.
+    Buffered,
+}
+
+impl Mode {
+    /// The mode for this process: [`Mode::Direct`] unless `HUDDLE_BLOB_IO`
+    /// is `buffered` (to compare the two paths, or on a file system where
+    /// direct I/O is accepted but slow).
+    pub fn from_env() -> Self {
+        match std::env::var("HUDDLE_BLOB_IO").as_deref() {
+            Ok("buffered") => Mode::Buffered,
+            _ => Mode::Direct,
+        }
+    }
+}
+
+const EINVAL: i32 = 22;
+
+static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
+
+fn log_fallback(path: Option<&Path>, why: &std::io::Error) {
+    if !FALLBACK_LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            path = %path.map(|p| p.display().to_string()).unwrap_or_default(),
+            error = %why,
+            "this file system refuses direct I/O; blob files go through the page cache, dropped behind each sync"
+        );
+    }
+}
+
+/// Opens `path` with `opts`, with `O_DIRECT` when `mode` asks for it and the
+/// file system takes it.
+fn open(opts: &std::fs::OpenOptions, path: &Path, mode: Mode) -> std::io::Result<(File, Mode)> {
+    if mode == Mode::Direct {
+        let mut direct = opts.clone();
+        direct.custom_flags(OFlags::DIRECT.bits() as i32);
+        match direct.open(path) {
+            Ok(f) => return Ok((f, Mode::Direct)),
+            Err(e) if e.raw_os_error() == Some(EINVAL) => log_fallback(Some(path), &e),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((opts.open(path)?, Mode::Buffered))
+}
+
+/// Clears `O_DIRECT` on an open file after the file system refused an
+/// aligned transfer.
+fn to_buffered(file: &File, why: &std::io::Error) -> std::io::Result<()> {
+    log_fallback(None, why);
+    let flags = rustix::fs::fcntl_getfl(file)?;
+    rustix::fs::fcntl_setfl(file, flags - OFlags::DIRECT)?;
+    Ok(())
+}
+
+/// Drops the cached pages of `[from, to)` (they are clean after a sync, or
+/// were only read).
+fn drop_pages(file: &File, from: u64, to: u64) {
+    if let Some(len) = NonZeroU64::new(to.saturating_sub(from)) {
+        let _ = rustix::fs::fadvise(file, from, Some(len), Advice::DontNeed);
+    }
+}
+
+/// A heap buffer whose usable part starts at an [`ALIGN`] boundary: the
+/// allocation is [`ALIGN`] bytes longer and the usable part starts where
+/// the address is aligned (a `Vec`'s heap block does not move with it).
+#[derive(Debug)]
+struct Aligned {
+    raw: Vec<u8>,
+    start: usize,
+    cap: usize,
+}
+
+impl Aligned {
+    fn new(cap: usize) -> Self {
+        let raw = vec![0u8; cap + ALIGN];
+        let start = raw.as_ptr().align_offset(ALIGN);
+        assert!(start < ALIGN, "a byte buffer can always be aligned");
+        Self { raw, start, cap }
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.cap]
+    }
+
+    fn get_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.cap]
+    }
+}
+
+/// Reads into `buf` at `offset` until it is full or the file ends; returns
+/// the bytes read. A direct read that comes back short of a whole block has
+/// met the end of the file.
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                if got % ALIGN != 0 {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// A blob being written at its end: appends go to an aligned buffer; when
+/// it fills, its whole blocks go to a writer thread while a second buffer
+/// takes the next appends, so the caller's work (receiving, hashing,
+/// decrypting) overlaps with the device's; [`BlobFile::sync`] makes every
+/// byte appended so far durable.
+#[derive(Debug)]
+pub struct BlobFile {
+    file: File,
+    mode: Mode,
+    buf: Aligned,
+    /// The other buffer, when no write holds it.
+    spare: Option<Aligned>,
+    /// Bytes in `buf`; they belong at file offset `base`.
+    fill: usize,
+    /// Where `buf` starts in the file ([`ALIGN`]ed in direct mode).
+    base: u64,
+    /// Everything before this offset has been written (not yet synced).
+    written: u64,
+    /// The end of the write in flight, if one is.
+    in_flight: Option<u64>,
+    writer: Option<Writer>,
+    /// Pages before this offset have been dropped from the cache.
+    dropped: u64,
+}
+
+/// The thread that writes full buffers, one at a time.
+#[derive(Debug)]
+struct Writer {
+    jobs: std::sync::mpsc::SyncSender<(Aligned, usize, u64)>,
+    done: std::sync::mpsc::Receiver<(Aligned, std::io::Result<Mode>)>,
+}
+
+impl Writer {
+    fn start(file: &File, mode: Mode) -> std::io::Result<Self> {
+        let file = file.try_clone()?;
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<(Aligned, usize, u64)>(1);
+        let (tx, done) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("blob-writer".into())
+            .spawn(move || {
+                let mut mode = mode;
+                for (buf, n, at) in rx {
+                    let r = write_at(&file, &mut mode, &buf.get()[..n], at).map(|()| mode);
+                    if tx.send((buf, r)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self { jobs, done })
+    }
+}
+
+/// Writes `data` at `at`; where the file system refuses a direct write,
+/// clears `O_DIRECT` and writes it through the cache.
+fn write_at(file: &File, mode: &mut Mode, data: &[u8], at: u64) -> std::io::Result<()> {
+    match file.write_all_at(data, at) {
+        Err(e) if *mode == Mode::Direct && e.raw_os_error() == Some(EINVAL) => {
+            to_buffered(file, &e)?;
+            *mode = Mode::Buffered;
+            file.write_all_at(data, at)
+        }
+        r => r,
+    }
+}
+
+impl BlobFile {
+    /// Opens (creating it if needed) the blob at `path` to go on writing at
+    /// `start`: anything past `start` is cut off (it may be torn), and the
+    /// partial block before it is read back so the next aligned write
+    /// carries it.
+    pub fn open_at(path: &Path, start: u64, mode: Mode) -> std::io::Result<Self> {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true).write(true).create(true).truncate(false);
+        let (file, mode) = open(&opts, path, mode)?;
+        let have = file.metadata()?.len();
+        if have < start {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} holds {have} bytes, fewer than the {start} to keep",
+                    path.display()
+                ),
+            ));
+        }
+        file.set_len(start)?;
+        let mut this = Self {
+            file,
+            mode,
+            buf: Aligned::new(WRITE_BUFFER),
+            spare: None,
+            fill: 0,
+            base: start,
+            written: start,
+            in_flight: None,
+            writer: None,
+            dropped: 0,
+        };
+        if mode == Mode::Direct {
+            this.base = start - start % ALIGN as u64;
+            let head = (start - this.base) as usize;
+            if head > 0 {
+                let got = loop {
+                    match read_full_at(&this.file, &mut this.buf.get_mut()[..ALIGN], this.base) {
+                        Err(e) if e.raw_os_error() == Some(EINVAL) => {
+                            to_buffered(&this.file, &e)?;
+                            this.mode = Mode::Buffered;
+                        }
+                        r => break r?,
+                    }
+                };
+                if got < head {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("{} ended while its last block was read", path.display()),
+                    ));
+                }
+                this.fill = head;
+            }
+            this.written = this.base;
+        }
+        Ok(this)
+    }
+
+    /// The blob's length: everything appended, written or not.
+    pub fn len(&self) -> u64 {
+        self.base + self.fill as u64
+    }
+
+    /// Whether nothing has been appended or kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The I/O path in use (direct unless the file system refused it).
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Appends `data`.
+    pub fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            if self.fill == self.buf.cap {
+                self.write_whole_blocks()?;
+            }
+            let n = (self.buf.cap - self.fill).min(data.len());
+            self.buf.get_mut()[self.fill..self.fill + n].copy_from_slice(&data[..n]);
+            self.fill += n;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Appends `parts` and returns them as one contiguous slice (to hash
+    /// them in one pass). Together they must fit [`WRITE_BUFFER`] less one
+    /// block.
+    pub fn write_gather<B: AsRef<[u8]>>(&mut self, parts: &[B]) -> std::io::Result<&[u8]> {
+        let total: usize = parts.iter().map(|p| p.as_ref().len()).sum();
+        if total > self.buf.cap - ALIGN {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{total} bytes at once exceed the blob buffer"),
+            ));
+        }
+        if self.fill + total > self.buf.cap {
+            self.write_whole_blocks()?;
+        }
+        let from = self.fill;
+        for p in parts {
+            let p = p.as_ref();
+            self.buf.get_mut()[self.fill..self.fill + p.len()].copy_from_slice(p);
+            self.fill += p.len();
+        }
+        Ok(&self.buf.get()[from..self.fill])
+    }
+
+    /// Makes every byte appended so far durable; returns the blob's length.
+    /// In direct mode the partial last block goes through the page cache
+    /// (`O_DIRECT` cleared for that one write, the page dropped after the
+    /// sync), so the file never holds bytes past the blob's end, not even
+    /// after a crash; the block stays buffered and goes out direct, whole,
+    /// once it fills (the kernel keeps the two paths coherent).
+    pub fn sync(&mut self) -> std::io::Result<u64> {
+        self.write_whole_blocks()?;
+        self.wait()?;
+        if self.fill > 0 {
+            // Direct mode only: buffered mode sent everything above. No
+            // write is in flight, so the flag change affects this one.
+            let flags = rustix::fs::fcntl_getfl(&self.file)?;
+            rustix::fs::fcntl_setfl(&self.file, flags - OFlags::DIRECT)?;
+            let r = self
+                .file
+                .write_all_at(&self.buf.get()[..self.fill], self.base);
+            rustix::fs::fcntl_setfl(&self.file, flags)?;
+            r?;
+        }
+        self.file.sync_data()?;
+        drop_pages(&self.file, self.dropped, self.len());
+        self.dropped = self.base;
+        Ok(self.len())
+    }
+
+    /// Makes what has reached the file durable without writing more (after
+    /// a failed write, for example on a full disk); returns how much of
+    /// the blob that is.
+    pub fn sync_written(&mut self) -> std::io::Result<u64> {
+        let _ = self.wait();
+        self.file.sync_data()?;
+        Ok(self.written)
+    }
+
+    /// Syncs everything and hands the file back.
+    pub fn finish(mut self) -> std::io::Result<File> {
+        self.sync()?;
+        self.writer = None;
+        Ok(self.file)
+    }
+
+    /// Waits for the write in flight; its error, if it failed.
+    fn wait(&mut self) -> std::io::Result<()> {
+        let Some(end) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let writer = self
+            .writer
+            .as_ref()
+            .expect("a write in flight has a writer");
+        let (buf, r) = writer
+            .done
+            .recv()
+            .map_err(|_| std::io::Error::other("the blob writer thread stopped"))?;
+        self.spare = Some(buf);
+        self.mode = r?;
+        self.written = end;
+        Ok(())
+    }
+
+    /// Hands the whole blocks of the buffer (everything, in buffered mode)
+    /// to the writer thread and goes on in the other buffer, which starts
+    /// with the rest.
+    fn write_whole_blocks(&mut self) -> std::io::Result<()> {
+        let n = match self.mode {
+            Mode::Direct => self.fill - self.fill % ALIGN,
+            Mode::Buffered => self.fill,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        self.wait()?;
+        if self.writer.is_none() {
+            self.writer = Some(Writer::start(&self.file, self.mode)?);
+        }
+        let mut next = self
+            .spare
+            .take()
+            .unwrap_or_else(|| Aligned::new(WRITE_BUFFER));
+        let rest = self.fill - n;
+        next.get_mut()[..rest].copy_from_slice(&self.buf.get()[n..self.fill]);
+        let full = std::mem::replace(&mut self.buf, next);
+        let writer = self.writer.as_ref().expect("started above");
+        if writer.jobs.send((full, n, self.base)).is_err() {
+            return Err(std::io::Error::other("the blob writer thread stopped"));
+        }
+        self.in_flight = Some(self.base + n as u64);
+        self.fill = rest;
+        self.base += n as u64;
+        Ok(())
+    }
+}
+
+/// A stored blob read in aligned spans that bypass the page cache.
+#[derive(Debug)]
+pub struct BlobReader {
+    file: File,
+    mode: Mode,
+}
+
+impl BlobReader {
+    /// Opens the blob at `path` for reading.
+    pub fn open(path: &Path, mode: Mode) -> std::io::Result<Self> {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true);
+        let (file, mode) = open(&opts, path, mode)?;
+        Ok(Self { file, mode })
+    }
+
+    /// Reads `want` bytes at `offset`, fewer only where the file ends. The
+    /// bytes are a slice of one aligned allocation, handed on without a
+    /// copy.
+    pub fn read_at(&mut self, offset: u64, want: usize) -> std::io::Result<bytes::Bytes> {
+        let lo = offset - offset % ALIGN as u64;
+        let skip = (offset - lo) as usize;
+        let span = (skip + want).div_ceil(ALIGN) * ALIGN;
+        let mut raw = vec![0u8; span + ALIGN];
+        let start = raw.as_ptr().align_offset(ALIGN);
+        let got = loop {
+            match read_full_at(&self.file, &mut raw[start..start + span], lo) {
+                Err(e) if self.mode == Mode::Direct && e.raw_os_error() == Some(EINVAL) => {
+                    to_buffered(&self.file, &e)?;
+                    self.mode = Mode::Buffered;
+                }
+                r => break r?,
+            }
+        };
+        if self.mode == Mode::Buffered {
+            drop_pages(&self.file, lo, lo + got as u64);
+        }
+        let end = got.min(skip + want).max(skip);
+        Ok(bytes::Bytes::from(raw).slice(start + skip..start + end))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+            .collect()
+    }
+
+    /// Writes `data` in pieces of the given sizes, syncing after the
+    /// pieces flagged, and checks each sync's durable length and the file
+    /// as another reader sees it.
+    fn write_in_pieces(path: &Path, start: u64, data: &[u8], pieces: &[(usize, bool)], mode: Mode) {
+        let mut f = BlobFile::open_at(path, start, mode).expect("open");
+        assert_eq!(f.len(), start);
+        let mut at = start as usize;
+        for &(size, sync) in pieces.iter().cycle() {
+            if at >= data.len() {
+                break;
+            }
+            let n = size.max(1).min(data.len() - at);
+            f.write(&data[at..at + n]).expect("write");
+            at += n;
+            if sync {
+                assert_eq!(f.sync().expect("sync"), at as u64);
+                let on_disk = std::fs::read(path).expect("read back");
+                assert_eq!(on_disk.len(), at, "the file holds exactly what was synced");
+                assert!(on_disk == data[..at], "synced bytes differ");
+            }
+        }
+        f.finish().expect("finish");
+        assert!(std::fs::read(path).expect("read back") == data);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Any split of the writes, any durability points, any resume offset:
+        /// the file ends up byte-identical, in both modes.
+        #[test]
+        fn resumed_writes_at_any_offset_give_the_same_bytes(
+            len in 0usize..300_000,
+            pieces in proptest::collection::vec((1usize..70_000, any::<bool>()), 1..8),
+            cut in 0.0f64..1.0,
+            buffered in any::<bool>(),
+        ) {
+            let mode = if buffered { Mode::Buffered } else { Mode::Direct };
+            let dir = tempfile::tempdir().expect("tempdir");
+            let p = dir.path().join("blob");
+            let data = pattern(len, 7);
+            let resume = (len as f64 * cut) as usize;
+            write_in_pieces(&p, 0, &data[..resume], &pieces, mode);
+            // Torn bytes past the durable offset are dropped on reopen.
+            std::fs::OpenOptions::new().append(true).open(&p).expect("append")
+                .write_all_at(b"torn", resume as u64).expect("torn write");
+            write_in_pieces(&p, resume as u64, &data, &pieces, mode);
+        }
+
+        #[test]
+        fn reads_at_any_offset_return_the_stored_bytes(
+            len in 1usize..200_000,
+            reads in proptest::collection::vec((0.0f64..1.0, 0usize..90_000), 1..8),
+            buffered in any::<bool>(),
+        ) {
+            let mode = if buffered { Mode::Buffered } else { Mode::Direct };
+            let dir = tempfile::tempdir().expect("tempdir");
+            let p = dir.path().join("blob");
+            let data = pattern(len, 3);
+            std::fs::write(&p, &data).expect("write");
+            let mut r = BlobReader::open(&p, mode).expect("open");
+            for (at, want) in reads {
+                let off = (len as f64 * at) as usize;
+                let got = r.read_at(off as u64, want).expect("read");
+                let end = (off + want).min(len);
+                prop_assert!(got[..] == data[off..end]);
+            }
+            let past = r.read_at(len as u64 + 10, 100).expect("read past the end");
+            prop_assert!(past.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_direct_file_keeps_its_mode_on_a_disk_file_system() {
+        // On a disk file system that takes O_DIRECT, a silent fallback would
+        // hide the path the DS is meant to use.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("blob");
+        let mut f = BlobFile::open_at(&p, 0, Mode::Direct).expect("open");
+        f.write(&pattern(3 * ALIGN + 17, 1)).expect("write");
+        f.sync().expect("sync");
+        let supported = f.mode() == Mode::Direct;
+        let fs_type = std::process::Command::new("stat")
+            .args(["-f", "-c", "%T"])
+            .arg(dir.path())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        if matches!(fs_type.as_str(), "ext2/ext3" | "xfs" | "btrfs") {
+            assert!(
+                supported,
+                "{fs_type} takes O_DIRECT, yet the blob fell back"
+            );
+        }
+    }
+
+    #[test]
+    fn tmpfs_gives_identical_bytes_whichever_path_it_takes() {
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            eprintln!("skipped: no /dev/shm on this machine");
+            return;
+        }
+        let dir = tempfile::tempdir_in(shm).expect("tempdir");
+        for mode in [Mode::Direct, Mode::Buffered] {
+            let p = dir.path().join(format!("{mode:?}"));
+            let data = pattern(WRITE_BUFFER + 3 * ALIGN + 5, 9);
+            write_in_pieces(&p, 0, &data[..ALIGN + 3], &[(1000, true)], mode);
+            write_in_pieces(
+                &p,
+                ALIGN as u64 + 3,
+                &data,
+                &[(65_537, false), (1, true)],
+                mode,
+            );
+            let mut r = BlobReader::open(&p, mode).expect("open");
+            assert!(r.read_at(5, data.len()).expect("read")[..] == data[5..]);
+        }
+    }
+
+    #[test]
+    fn a_shorter_file_than_the_offset_to_keep_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("blob");
+        std::fs::write(&p, [1u8; 100]).expect("write");
+        let e = BlobFile::open_at(&p, 4096 + 100, Mode::Direct).expect_err("too short");
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn gathered_parts_come_back_contiguous() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("blob");
+        let mut f = BlobFile::open_at(&p, 0, Mode::Direct).expect("open");
+        let mut all = Vec::new();
+        for round in 0..12u8 {
+            let parts = [pattern(300_001, round), pattern(77, round + 1)];
+            let seen = f.write_gather(&parts).expect("gather").to_vec();
+            assert_eq!(seen, [parts[0].clone(), parts[1].clone()].concat());
+            all.extend_from_slice(&seen);
+        }
+        let too_big = [vec![0u8; WRITE_BUFFER]];
+        assert!(f.write_gather(&too_big).is_err());
+        f.finish().expect("finish");
+        assert!(std::fs::read(&p).expect("read") == all);
+    }
+}
