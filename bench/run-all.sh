@@ -12,10 +12,10 @@ dir="$(dirname "$out")"
 b=./target/release/huddle-bench
 : > "$out"
 run() { echo "== $*" >&2; "$b" --json "$@" >> "$out"; }
-run baseline --size 1073741824 --connections 200
-run media --size 268435456 --downloaders 2
-run media --size 1073741824 --downloaders 2
-run media --size 2147483648 --downloaders 1
+run baseline --size 1GiB --connections 200
+run media --size 256MiB --downloaders 2
+run media --size 1GiB --downloaders 2
+run media --size 2GiB --downloaders 1
 run --plot "$dir/fanout-200.svg" fanout --members 200 --duration 5
 rate=$(tail -n 1 "$out" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["messages_per_sec"] / 2))')
 run --plot "$dir/fanout-200-half.svg" fanout --members 200 --duration 5 --rate "$rate"
@@ -24,6 +24,8 @@ run fanout --members 1000 --duration 5
 rate=$(tail -n 1 "$out" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["messages_per_sec"] / 2))')
 run --plot "$dir/fanout-1000-half.svg" fanout --members 1000 --duration 5 --rate "$rate"
 run fanout --groups 10 --members 50 --senders 1 --duration 5
+run fanout --groups 100 --members 10 --senders 1 --duration 5
+run fanout --members 500 --senders 1 --duration 5
 # Storage written per message against group size alone: the same low rate
 # at 10 and at 1,000 members, one sender, so every message is its own
 # commit at both sizes (with two senders, how often their messages share a

@@ -21,6 +21,44 @@ pub struct Ds {
     _dir: Option<tempfile::TempDir>,
 }
 
+/// The DS's work counters (server/src/metrics.rs), as it writes them.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
+pub struct Counters {
+    /// Which SIGUSR1 this answers.
+    pub dump: u64,
+    /// Sequencer rounds that wrote something.
+    pub rounds: u64,
+    /// Log entries appended.
+    pub entries: u64,
+    /// Durable store transactions.
+    pub transactions: u64,
+    /// Group writes in them.
+    pub group_writes: u64,
+    /// Push stream writes.
+    pub push_writes: u64,
+    /// Frames those writes carried.
+    pub pushed: u64,
+}
+
+impl Counters {
+    /// What happened between `earlier` and this.
+    pub fn since(&self, earlier: &Counters) -> Counters {
+        Counters {
+            dump: self.dump,
+            rounds: self.rounds - earlier.rounds,
+            entries: self.entries - earlier.entries,
+            transactions: self.transactions - earlier.transactions,
+            group_writes: self.group_writes - earlier.group_writes,
+            push_writes: self.push_writes - earlier.push_writes,
+            pushed: self.pushed - earlier.pushed,
+        }
+    }
+}
+
+fn read_counters(path: &Path) -> Option<Counters> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
 /// A binary built next to this one (`cargo build --release --bins`).
 pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -59,6 +97,26 @@ impl Ds {
         Self::spawn_at(dir, data_dir, "127.0.0.1:0")
     }
 
+    /// The DS's work counters now (`huddle-server --stats-file`: asked for
+    /// with SIGUSR1); `None` for a DS this tool did not start.
+    pub fn counters(&self) -> Option<Counters> {
+        let child = self.child.as_ref()?;
+        let path = self._dir.as_ref()?.path().join("stats.json");
+        let before = read_counters(&path).map_or(0, |c| c.dump);
+        Command::new("kill")
+            .args(["-USR1", &child.id().to_string()])
+            .status()
+            .ok()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while std::time::Instant::now() < deadline {
+            if let Some(c) = read_counters(&path).filter(|c| c.dump > before) {
+                return Some(c);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        None
+    }
+
     /// Kills the server with SIGKILL (no chance to clean up) and starts it
     /// again on the same address and data dir.
     pub fn kill9_and_restart(mut self) -> anyhow::Result<Self> {
@@ -85,6 +143,8 @@ impl Ds {
                 "--data-dir",
             ])
             .arg(&data_dir)
+            .arg("--stats-file")
+            .arg(dir.path().join("stats.json"))
             .env(
                 "RUST_LOG",
                 std::env::var("DS_LOG").unwrap_or_else(|_| "warn".into()),

@@ -27,6 +27,7 @@ pub mod error;
 pub mod group;
 pub mod hub;
 pub mod media;
+pub mod metrics;
 pub mod push;
 pub mod server;
 pub mod service;

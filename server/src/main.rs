@@ -42,6 +42,10 @@ struct Args {
     /// Print every limit with the value it would have, and exit.
     #[arg(long)]
     list_limits: bool,
+    /// On SIGUSR1, write the DS's work counters (sequencer rounds, store
+    /// transactions, push writes) to this file as one JSON object.
+    #[arg(long, value_name = "PATH")]
+    stats_file: Option<PathBuf>,
 }
 
 fn main() {
@@ -94,17 +98,31 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(run(config)) {
+    if let Err(e) = runtime.block_on(run(config, args.stats_file)) {
         eprintln!("huddle-server: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(config: ServerConfig) -> anyhow::Result<()> {
+async fn run(config: ServerConfig, stats_file: Option<PathBuf>) -> anyhow::Result<()> {
     // The handlers are installed before the "listening" line: a supervisor
     // (or a test) that sends SIGTERM as soon as it reads that line gets a
     // clean shutdown, never the default action of the signal.
     let signals = Signals::install()?;
+    if let Some(path) = stats_file {
+        use anyhow::Context as _;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut usr1 = signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?;
+        tokio::spawn(async move {
+            let mut dumps = 0u64;
+            while usr1.recv().await.is_some() {
+                dumps += 1;
+                if let Err(e) = write_stats(&path, dumps) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write the stats file");
+                }
+            }
+        });
+    }
     let running = huddle_server::start(config).await?;
     println!(
         "huddle-server listening on {} (certificate SHA-256 {})",
@@ -117,6 +135,20 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
     });
     running.wait().await;
     Ok(())
+}
+
+/// Writes the counters to `path` (a temporary file renamed over it, so a
+/// reader never sees half of it); `dump` numbers the writes, so a reader
+/// that signalled can tell the answer from an older file.
+fn write_stats(path: &std::path::Path, dump: u64) -> std::io::Result<()> {
+    let s = huddle_server::metrics::COUNTERS.snapshot();
+    let json = format!(
+        "{{\"dump\":{dump},\"rounds\":{},\"entries\":{},\"transactions\":{},\"group_writes\":{},\"push_writes\":{},\"pushed\":{}}}\n",
+        s.rounds, s.entries, s.transactions, s.group_writes, s.push_writes, s.pushed
+    );
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// SIGTERM and SIGINT, registered with the runtime up front.

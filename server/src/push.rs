@@ -266,6 +266,7 @@ async fn write_batch_or_stall(
     batch: &mut [Bytes],
     stall: Duration,
 ) -> Result<(), quinn::WriteError> {
+    crate::metrics::COUNTERS.push_write(batch.len());
     match tokio::time::timeout(stall, send.write_all_chunks(batch)).await {
         Ok(r) => r,
         Err(_) => {
@@ -280,6 +281,7 @@ async fn write_or_stall(
     frame: &[u8],
     stall: Duration,
 ) -> Result<(), quinn::WriteError> {
+    crate::metrics::COUNTERS.push_write(1);
     match tokio::time::timeout(stall, send.write_all(frame)).await {
         Ok(r) => r,
         Err(_) => {

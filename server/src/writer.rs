@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::COUNTERS;
 use crate::store::{GroupWrite, Store, StoreError};
 
 type Reply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
@@ -60,6 +61,7 @@ impl Writer {
 
 fn commit(store: &dyn Store, batch: Vec<(GroupWrite, Reply)>) {
     let (writes, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    COUNTERS.transaction(writes.len());
     match store.apply(&writes) {
         Ok(results) => {
             for (reply, r) in replies.into_iter().zip(results) {
@@ -71,6 +73,7 @@ fn commit(store: &dyn Store, batch: Vec<(GroupWrite, Reply)>) {
         }
         Err(_) => {
             for (w, reply) in writes.into_iter().zip(replies) {
+                COUNTERS.transaction(1);
                 let r = store
                     .apply(std::slice::from_ref(&w))
                     .map(|mut v| v.pop().unwrap_or_default());

@@ -61,6 +61,58 @@ fn sigterm_shuts_down_cleanly_and_keeps_the_certificate() {
     assert_eq!(mode.permissions().mode() & 0o777, 0o600);
 }
 
+/// `--stats-file`: SIGUSR1 writes the work counters; they count what a
+/// message cost (a round, a transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_writes_the_work_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.json");
+    let server = Process::start_args(
+        &dir.path().join("ds"),
+        "127.0.0.1:0",
+        &["--stats-file", stats.to_str().unwrap()],
+    );
+    let dump = |n: u64| -> serde_json::Value {
+        let _ = std::process::Command::new("kill")
+            .args(["-USR1", &server.child.id().to_string()])
+            .status();
+        for _ in 0..2000 {
+            if let Some(v) = std::fs::read(&stats)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .filter(|v| v["dump"] == n)
+            {
+                return v;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        panic!("no stats dump {n} in {}", stats.display());
+    };
+    let before = dump(1);
+    let mut alice = Client::register(
+        Home::new(dir.path().join("a")),
+        "alice",
+        &server.addr,
+        Some(&server.cert_path()),
+    )
+    .await
+    .unwrap();
+    alice.create_group("g").await.unwrap();
+    for i in 0..3 {
+        alice.send_text("g", &format!("m{i}")).await.unwrap();
+    }
+    let after = dump(2);
+    let grew = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert!(grew("entries") >= 3, "{after}");
+    assert!(
+        grew("rounds") >= 1 && grew("rounds") <= grew("entries"),
+        "{after}"
+    );
+    assert!(grew("transactions") >= 1, "{after}");
+    assert!(grew("group_writes") >= grew("rounds"), "{after}");
+    alice.close().await;
+}
+
 fn texts(events: &[huddle_client::Event]) -> Vec<String> {
     events
         .iter()

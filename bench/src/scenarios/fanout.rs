@@ -428,6 +428,17 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         "deliveries_per_push_datagram",
         deliveries as f64 / load.datagrams.max(1) as f64,
     );
+    if let Some(c) = load.counters {
+        let per = |a: u64, b: u64| a as f64 / b.max(1) as f64;
+        r.set("rounds_per_sec", c.rounds as f64 / load.wall_s)
+            .set("entries_per_round", per(c.entries, c.rounds))
+            .set("writer_tx_per_sec", c.transactions as f64 / load.wall_s)
+            .set("entries_per_tx", per(c.entries, c.transactions))
+            .set("group_writes_per_tx", per(c.group_writes, c.transactions))
+            .set("push_writes_per_sec", c.push_writes as f64 / load.wall_s)
+            .set("frames_per_push_write", per(c.pushed, c.push_writes));
+        r.note("rounds_per_sec … frames_per_push_write: the DS's own counters over the same window (huddle-server --stats-file): sequencer rounds that wrote (one per group per batch taken from its queue), durable store transactions of the writer thread (one flush each) and the entries and group writes they carried, writes on push streams and the frames each carried");
+    }
     r.set_opt("server_peak_rss_mb", server_rss)
         .set_opt("client_peak_rss_mb", own_peak_rss_mb())
         .set_opt("bytes_written_per_msg", written);
@@ -470,6 +481,8 @@ struct Load {
     datagrams: u64,
     /// UDP datagrams sent by the light members (QUIC ACKs, their acks).
     sent: u64,
+    /// The DS's work counters, when the benchmark started it.
+    counters: Option<crate::ds::Counters>,
 }
 
 /// What happened between two [`Load`] readings.
@@ -480,6 +493,7 @@ struct LoadDelta {
     machine_steal_share: Option<f64>,
     datagrams: u64,
     sent: u64,
+    counters: Option<crate::ds::Counters>,
 }
 
 impl Load {
@@ -496,6 +510,7 @@ impl Load {
             machine: machine_jiffies(),
             datagrams,
             sent,
+            counters: ds.counters(),
         }
     }
 
@@ -518,6 +533,7 @@ impl Load {
             ),
             datagrams: self.datagrams.saturating_sub(before.datagrams),
             sent: self.sent.saturating_sub(before.sent),
+            counters: self.counters.zip(before.counters).map(|(a, b)| a.since(&b)),
         }
     }
 }

@@ -411,20 +411,8 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             "download_ratio_to_limit",
             disk.map(|d| download / base_down.min(d.2)),
         )
-        .set("upload_cpu_s_client", total(up_cpu.0))
-        .set("upload_cpu_s_server", total(up_cpu.1))
-        .set("upload_cpu_user_s_client", up_cpu.0 .0)
-        .set("upload_cpu_sys_s_client", up_cpu.0 .1)
-        .set("upload_cpu_user_s_server", up_cpu.1 .0)
-        .set("upload_cpu_sys_s_server", up_cpu.1 .1)
         .set("baseline_upload_cpu_s_sender", total(base_up_cpu.0))
         .set("baseline_upload_cpu_s_receiver", total(base_up_cpu.1))
-        .set("download_cpu_s_client", total(down_cpu.0))
-        .set("download_cpu_s_server", total(down_cpu.1))
-        .set("download_cpu_user_s_client", down_cpu.0 .0)
-        .set("download_cpu_sys_s_client", down_cpu.0 .1)
-        .set("download_cpu_user_s_server", down_cpu.1 .0)
-        .set("download_cpu_sys_s_server", down_cpu.1 .1)
         .set("baseline_download_cpu_s_receiver", total(base_down_cpu.0))
         .set("baseline_download_cpu_s_sender", total(base_down_cpu.1))
         .set("upload_cpu_s_per_gib", up_all * per_gib)
@@ -459,6 +447,14 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .note("*_cpu_s_per_gib: CPU seconds of every process of the transfer together, per GiB of ciphertext; floor_*: the raw quinn transfer's plus one AES-GCM pass, the BLAKE3 passes (two on upload: client and DS; one on download) and the blob-path disk write, each measured in this run")
         .note("page_cache_growth_*: change of Cached in /proc/meminfo over the upload and over the downloads (the whole machine; the file being sent is read through the cache, and was written just before)")
         .note("download_mb_s: one downloader alone, against one raw quinn stream between two processes; concurrent_*: all downloaders at once, against as many raw streams at once");
+    // Each side's user and system CPU, and their sum.
+    for (dir, (client, server)) in [("upload", up_cpu), ("download", down_cpu)] {
+        for (side, (user, sys)) in [("client", client), ("server", server)] {
+            r.set(&format!("{dir}_cpu_s_{side}"), user + sys)
+                .set(&format!("{dir}_cpu_user_s_{side}"), user)
+                .set(&format!("{dir}_cpu_sys_s_{side}"), sys);
+        }
+    }
     out.emit(&r);
     Ok(())
 }

@@ -166,6 +166,7 @@ impl Actor {
                 || changes.compact_upto.is_some()
                 || changes.group_info.is_some()
             {
+                crate::metrics::COUNTERS.round(accepted.len());
                 self.commit(view, start_head, accepted, changes).await;
             }
             // Answered from durable state only.

@@ -95,10 +95,16 @@ impl Process {
 
     /// Like [`Process::start`], with limits set (`NAME=VALUE`).
     pub fn start_with(data_dir: &Path, listen: &str, limits: &[&str]) -> Self {
+        let args: Vec<&str> = limits.iter().flat_map(|l| ["--limit", l]).collect();
+        Self::start_args(data_dir, listen, &args)
+    }
+
+    /// Like [`Process::start`], with more arguments.
+    pub fn start_args(data_dir: &Path, listen: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_huddle-server"))
             .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
-            .args(limits.iter().flat_map(|l| ["--limit", l]))
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
