@@ -234,9 +234,10 @@ async fn a_disk_filling_up_during_an_upload_refuses_it_clearly_and_keeps_what_wa
     let (small, small_data) = file("small.bin", 300_000, 1);
     let stored = alice.send_file("g", &small, "", &mut Quiet).await.unwrap();
 
-    // 2 MiB of room left; the next item is 40 MiB, twice what the DS
-    // takes in before it stops reading (the stream's 8 MiB window and its
-    // writer's queue of 8 MiB), so the client is still sending then.
+    // 2 MiB of room left; the next item is 40 MiB, more than twice what
+    // the DS takes in before it stops reading (the stream's 8 MiB window,
+    // its writer's queue of 4 MiB and two blob buffers of 2 MiB), so the
+    // client is still sending then.
     *running.blob_room.0.lock().unwrap() = Some(2 << 20);
     let (big, big_data) = file("big.bin", 40 << 20, 2);
     let e = alice

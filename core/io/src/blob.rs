@@ -216,6 +216,19 @@ impl BlobFile {
     /// partial block before it is read back so the next aligned write
     /// carries it.
     pub fn open_at(path: &Path, start: u64, mode: Mode) -> std::io::Result<Self> {
+        Self::open_at_sized(path, start, mode, WRITE_BUFFER)
+    }
+
+    /// [`BlobFile::open_at`] with buffers of `buffer` bytes (rounded up to
+    /// whole blocks, at least two) instead of [`WRITE_BUFFER`]: a blob
+    /// holds two of them while it writes.
+    pub fn open_at_sized(
+        path: &Path,
+        start: u64,
+        mode: Mode,
+        buffer: usize,
+    ) -> std::io::Result<Self> {
+        let buffer = buffer.div_ceil(ALIGN).max(2) * ALIGN;
         let mut opts = std::fs::OpenOptions::new();
         opts.read(true).write(true).create(true).truncate(false);
         let (file, mode) = open(&opts, path, mode)?;
@@ -233,7 +246,7 @@ impl BlobFile {
         let mut this = Self {
             file,
             mode,
-            buf: Aligned::new(WRITE_BUFFER),
+            buf: Aligned::new(buffer),
             spare: None,
             fill: 0,
             base: start,
@@ -298,8 +311,7 @@ impl BlobFile {
     }
 
     /// Appends `parts` and returns them as one contiguous slice (to hash
-    /// them in one pass). Together they must fit [`WRITE_BUFFER`] less one
-    /// block.
+    /// them in one pass). Together they must fit the buffer less one block.
     pub fn write_gather<B: AsRef<[u8]>>(&mut self, parts: &[B]) -> std::io::Result<&[u8]> {
         let total: usize = parts.iter().map(|p| p.as_ref().len()).sum();
         if total > self.buf.cap - ALIGN {
@@ -396,10 +408,8 @@ impl BlobFile {
         if self.writer.is_none() {
             self.writer = Some(Writer::start(&self.file, self.mode)?);
         }
-        let mut next = self
-            .spare
-            .take()
-            .unwrap_or_else(|| Aligned::new(WRITE_BUFFER));
+        let cap = self.buf.cap;
+        let mut next = self.spare.take().unwrap_or_else(|| Aligned::new(cap));
         let rest = self.fill - n;
         next.get_mut()[..rest].copy_from_slice(&self.buf.get()[n..self.fill]);
         let full = std::mem::replace(&mut self.buf, next);
@@ -584,6 +594,23 @@ mod tests {
             let mut r = BlobReader::open(&p, mode).expect("open");
             assert!(r.read_at(5, data.len()).expect("read")[..] == data[5..]);
         }
+    }
+
+    #[test]
+    fn small_buffers_give_the_same_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("blob");
+        let data = pattern(5 * ALIGN + 77, 4);
+        let mut f = BlobFile::open_at_sized(&p, 0, Mode::Direct, 1).expect("open");
+        for piece in data.chunks(3000) {
+            f.write(piece).expect("write");
+        }
+        assert!(
+            f.write_gather(&[vec![0u8; 2 * ALIGN]]).is_err(),
+            "larger than a buffer less a block"
+        );
+        f.finish().expect("finish");
+        assert!(std::fs::read(&p).expect("read") == data);
     }
 
     #[test]

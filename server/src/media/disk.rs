@@ -29,7 +29,11 @@ pub(super) struct BlobWriter {
 
 /// Batches the writer may hold while the network keeps receiving: enough
 /// to cover a sync without stalling the sender.
-pub(super) const WRITE_QUEUE: usize = 8;
+pub(super) const WRITE_QUEUE: usize = 4;
+
+/// Each of the two aligned buffers of an upload's blob file. With the
+/// queue above, an upload holds at most 8 MiB however fast it is sent.
+pub(super) const BLOB_BUFFER: usize = 2 << 20;
 
 impl BlobWriter {
     pub(super) fn start(blob: BlobFile, hasher: blake3::Hasher, room: Room) -> Self {
@@ -156,7 +160,7 @@ pub(super) fn reopen_partial(
     start: u64,
     mode: Mode,
 ) -> std::io::Result<(BlobFile, blake3::Hasher, Vec<u8>)> {
-    let blob = BlobFile::open_at(p, start, mode)?;
+    let blob = BlobFile::open_at_sized(p, start, mode, BLOB_BUFFER)?;
     let mut hasher = blake3::Hasher::new();
     let mut head = Vec::with_capacity(huddle_core::media::HEADER_LEN);
     if start > 0 {
