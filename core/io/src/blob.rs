@@ -52,6 +52,7 @@ impl Mode {
 }
 
 const EINVAL: i32 = 22;
+const ENOSPC: i32 = 28;
 
 static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
 
@@ -166,8 +167,13 @@ pub struct BlobFile {
     /// The end of the write in flight, if one is.
     in_flight: Option<u64>,
     writer: Option<Writer>,
+    /// A write failed: what followed it must not reach the file (it would
+    /// leave a hole before it), so every later write and sync fails too.
+    broken: bool,
     /// Pages before this offset have been dropped from the cache.
     dropped: u64,
+    /// Tests: writes from this one on fail.
+    fail_from: Option<usize>,
 }
 
 /// The thread that writes full buffers, one at a time.
@@ -178,7 +184,9 @@ struct Writer {
 }
 
 impl Writer {
-    fn start(file: &File, mode: Mode) -> std::io::Result<Self> {
+    /// `fail_from`: tests make the writes from this one on fail, as a full
+    /// disk would.
+    fn start(file: &File, mode: Mode, fail_from: Option<usize>) -> std::io::Result<Self> {
         let file = file.try_clone()?;
         let (jobs, rx) = std::sync::mpsc::sync_channel::<(Aligned, usize, u64)>(1);
         let (tx, done) = std::sync::mpsc::sync_channel(1);
@@ -186,8 +194,12 @@ impl Writer {
             .name("blob-writer".into())
             .spawn(move || {
                 let mut mode = mode;
-                for (buf, n, at) in rx {
-                    let r = write_at(&file, &mut mode, &buf.get()[..n], at).map(|()| mode);
+                for (k, (buf, n, at)) in rx.into_iter().enumerate() {
+                    let r = if fail_from.is_some_and(|f| k >= f) {
+                        Err(std::io::Error::from_raw_os_error(ENOSPC))
+                    } else {
+                        write_at(&file, &mut mode, &buf.get()[..n], at).map(|()| mode)
+                    };
                     if tx.send((buf, r)).is_err() {
                         break;
                     }
@@ -253,7 +265,9 @@ impl BlobFile {
             written: start,
             in_flight: None,
             writer: None,
+            broken: false,
             dropped: 0,
+            fail_from: None,
         };
         if mode == Mode::Direct {
             this.base = start - start % ALIGN as u64;
@@ -298,6 +312,7 @@ impl BlobFile {
 
     /// Appends `data`.
     pub fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
         while !data.is_empty() {
             if self.fill == self.buf.cap {
                 self.write_whole_blocks()?;
@@ -313,6 +328,7 @@ impl BlobFile {
     /// Appends `parts` and returns them as one contiguous slice (to hash
     /// them in one pass). Together they must fit the buffer less one block.
     pub fn write_gather<B: AsRef<[u8]>>(&mut self, parts: &[B]) -> std::io::Result<&[u8]> {
+        self.check()?;
         let total: usize = parts.iter().map(|p| p.as_ref().len()).sum();
         if total > self.buf.cap - ALIGN {
             return Err(std::io::Error::new(
@@ -341,6 +357,7 @@ impl BlobFile {
     pub fn sync(&mut self) -> std::io::Result<u64> {
         self.write_whole_blocks()?;
         self.wait()?;
+        self.check()?;
         if self.fill > 0 {
             // Direct mode only: buffered mode sent everything above. No
             // write is in flight, so the flag change affects this one.
@@ -383,13 +400,31 @@ impl BlobFile {
             .writer
             .as_ref()
             .expect("a write in flight has a writer");
-        let (buf, r) = writer
-            .done
-            .recv()
-            .map_err(|_| std::io::Error::other("the blob writer thread stopped"))?;
+        let Ok((buf, r)) = writer.done.recv() else {
+            self.broken = true;
+            return Err(std::io::Error::other("the blob writer thread stopped"));
+        };
         self.spare = Some(buf);
-        self.mode = r?;
-        self.written = end;
+        match r {
+            Ok(mode) => {
+                self.mode = mode;
+                self.written = end;
+                Ok(())
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Fails once a write has failed.
+    fn check(&self) -> std::io::Result<()> {
+        if self.broken {
+            return Err(std::io::Error::other(
+                "an earlier write to this blob failed; only what was written before it is kept",
+            ));
+        }
         Ok(())
     }
 
@@ -401,12 +436,13 @@ impl BlobFile {
             Mode::Direct => self.fill - self.fill % ALIGN,
             Mode::Buffered => self.fill,
         };
+        self.check()?;
         if n == 0 {
             return Ok(());
         }
         self.wait()?;
         if self.writer.is_none() {
-            self.writer = Some(Writer::start(&self.file, self.mode)?);
+            self.writer = Some(Writer::start(&self.file, self.mode, self.fail_from)?);
         }
         let cap = self.buf.cap;
         let mut next = self.spare.take().unwrap_or_else(|| Aligned::new(cap));
@@ -611,6 +647,37 @@ mod tests {
         );
         f.finish().expect("finish");
         assert!(std::fs::read(&p).expect("read") == data);
+    }
+
+    /// A failed write is final: a later sync must not write what followed
+    /// it (the file would hold a hole and claim the bytes after it), and
+    /// what was written before it is what counts.
+    #[test]
+    fn after_a_failed_write_only_what_came_before_it_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("blob");
+        let data = pattern(4 * 2 * ALIGN + 100, 6);
+        let mut f = BlobFile::open_at_sized(&p, 0, Mode::Direct, 2 * ALIGN).expect("open");
+        f.fail_from = Some(1);
+        let mut failed = false;
+        for piece in data.chunks(1000) {
+            if f.write(piece).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "the second buffer's write fails and says so");
+        assert!(
+            f.sync().is_err(),
+            "nothing after the failed write is synced"
+        );
+        assert!(f.write(b"more").is_err());
+        assert_eq!(
+            f.sync_written().expect("sync what was written"),
+            2 * ALIGN as u64
+        );
+        let on_disk = std::fs::read(&p).expect("read");
+        assert!(on_disk == data[..2 * ALIGN]);
     }
 
     #[test]
