@@ -140,13 +140,24 @@ impl Home {
         Ok(Some(Identity::from_seed(name, seed)))
     }
 
-    /// The pinned certificates (DER), if any.
+    /// The pinned certificate (DER, as a list of one), if any. The pin
+    /// file holds exactly one PEM block, the DS's own end-entity
+    /// certificate (PROTOCOL.md 2): a file with more is refused rather
+    /// than read as a set of trust anchors.
     pub fn pinned_certs(&self) -> Result<Option<Vec<Vec<u8>>>> {
         let path = self.cert_path();
         if !path.exists() {
             return Ok(None);
         }
-        read_pem_certs(&path).map(Some)
+        let certs = read_pem_certs(&path)?;
+        if certs.len() != 1 {
+            return Err(ClientError::Usage(format!(
+                "{} holds {} certificates; it must hold exactly one, the server's own certificate",
+                path.display(),
+                certs.len()
+            )));
+        }
+        Ok(Some(certs))
     }
 
     /// Pins `der` as the server certificate.
@@ -209,6 +220,26 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pin_file_holds_exactly_one_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path().join("h"));
+        assert!(home.pinned_certs().expect("no pin file").is_none());
+        home.pin_cert(b"first certificate").expect("pin");
+        assert_eq!(
+            home.pinned_certs().expect("one pin"),
+            Some(vec![b"first certificate".to_vec()])
+        );
+        let two = format!(
+            "{}{}",
+            pem_encode(b"first certificate"),
+            pem_encode(b"a second one")
+        );
+        std::fs::write(home.cert_path(), two).expect("write");
+        let e = home.pinned_certs().expect_err("two blocks are refused");
+        assert!(e.to_string().contains("holds 2 certificates"), "{e}");
+    }
 
     #[test]
     fn pem_round_trips() {
