@@ -21,37 +21,27 @@ pub struct Ds {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// The DS's work counters (server/src/metrics.rs), as it writes them.
-#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
-pub struct Counters {
-    /// Which SIGUSR1 this answers.
-    pub dump: u64,
-    /// Sequencer rounds that wrote something.
-    pub rounds: u64,
-    /// Log entries appended.
-    pub entries: u64,
-    /// Durable store transactions.
-    pub transactions: u64,
-    /// Group writes in them.
-    pub group_writes: u64,
-    /// Push stream writes.
-    pub push_writes: u64,
-    /// Frames those writes carried.
-    pub pushed: u64,
-}
+/// The DS's work counters by name (server/src/metrics.rs: `rounds`,
+/// `entries`, `transactions`, `group_writes`, `push_writes`, `pushed`),
+/// with `dump`, the number of the SIGUSR1 they answer.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Counters(std::collections::BTreeMap<String, u64>);
 
 impl Counters {
+    /// One counter (0 if the DS does not have it).
+    pub fn get(&self, name: &str) -> u64 {
+        self.0.get(name).copied().unwrap_or(0)
+    }
+
     /// What happened between `earlier` and this.
     pub fn since(&self, earlier: &Counters) -> Counters {
-        Counters {
-            dump: self.dump,
-            rounds: self.rounds - earlier.rounds,
-            entries: self.entries - earlier.entries,
-            transactions: self.transactions - earlier.transactions,
-            group_writes: self.group_writes - earlier.group_writes,
-            push_writes: self.push_writes - earlier.push_writes,
-            pushed: self.pushed - earlier.pushed,
-        }
+        Counters(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.clone(), v.saturating_sub(earlier.get(k))))
+                .collect(),
+        )
     }
 }
 
@@ -102,14 +92,14 @@ impl Ds {
     pub fn counters(&self) -> Option<Counters> {
         let child = self.child.as_ref()?;
         let path = self._dir.as_ref()?.path().join("stats.json");
-        let before = read_counters(&path).map_or(0, |c| c.dump);
+        let before = read_counters(&path).map_or(0, |c| c.get("dump"));
         Command::new("kill")
             .args(["-USR1", &child.id().to_string()])
             .status()
             .ok()?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         while std::time::Instant::now() < deadline {
-            if let Some(c) = read_counters(&path).filter(|c| c.dump > before) {
+            if let Some(c) = read_counters(&path).filter(|c| c.get("dump") > before) {
                 return Some(c);
             }
             std::thread::sleep(std::time::Duration::from_millis(1));

@@ -141,13 +141,18 @@ async fn run(config: ServerConfig, stats_file: Option<PathBuf>) -> anyhow::Resul
 /// reader never sees half of it); `dump` numbers the writes, so a reader
 /// that signalled can tell the answer from an older file.
 fn write_stats(path: &std::path::Path, dump: u64) -> std::io::Result<()> {
-    let s = huddle_server::metrics::COUNTERS.snapshot();
-    let json = format!(
-        "{{\"dump\":{dump},\"rounds\":{},\"entries\":{},\"transactions\":{},\"group_writes\":{},\"push_writes\":{},\"pushed\":{}}}\n",
-        s.rounds, s.entries, s.transactions, s.group_writes, s.push_writes, s.pushed
-    );
+    #[derive(serde::Serialize)]
+    struct Dump {
+        dump: u64,
+        #[serde(flatten)]
+        counters: huddle_server::metrics::Snapshot,
+    }
+    let dump = Dump {
+        dump,
+        counters: huddle_server::metrics::COUNTERS.snapshot(),
+    };
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, json)?;
+    std::fs::write(&tmp, serde_json::to_vec(&dump)?)?;
     std::fs::rename(&tmp, path)
 }
 

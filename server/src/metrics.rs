@@ -31,7 +31,7 @@ pub static COUNTERS: Counters = Counters {
 };
 
 /// The counters at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Snapshot {
     /// Sequencer rounds that wrote something (one per group per batch of
     /// commands taken from its queue).

@@ -428,15 +428,16 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         "deliveries_per_push_datagram",
         deliveries as f64 / load.datagrams.max(1) as f64,
     );
-    if let Some(c) = load.counters {
-        let per = |a: u64, b: u64| a as f64 / b.max(1) as f64;
-        r.set("rounds_per_sec", c.rounds as f64 / load.wall_s)
-            .set("entries_per_round", per(c.entries, c.rounds))
-            .set("writer_tx_per_sec", c.transactions as f64 / load.wall_s)
-            .set("entries_per_tx", per(c.entries, c.transactions))
-            .set("group_writes_per_tx", per(c.group_writes, c.transactions))
-            .set("push_writes_per_sec", c.push_writes as f64 / load.wall_s)
-            .set("frames_per_push_write", per(c.pushed, c.push_writes));
+    if let Some(c) = &load.counters {
+        let per = |a: &str, b: &str| c.get(a) as f64 / c.get(b).max(1) as f64;
+        let rate = |a: &str| c.get(a) as f64 / load.wall_s;
+        r.set("rounds_per_sec", rate("rounds"))
+            .set("entries_per_round", per("entries", "rounds"))
+            .set("writer_tx_per_sec", rate("transactions"))
+            .set("entries_per_tx", per("entries", "transactions"))
+            .set("group_writes_per_tx", per("group_writes", "transactions"))
+            .set("push_writes_per_sec", rate("push_writes"))
+            .set("frames_per_push_write", per("pushed", "push_writes"));
         r.note("rounds_per_sec … frames_per_push_write: the DS's own counters over the same window (huddle-server --stats-file): sequencer rounds that wrote (one per group per batch taken from its queue), durable store transactions of the writer thread (one flush each) and the entries and group writes they carried, writes on push streams and the frames each carried");
     }
     r.set_opt("server_peak_rss_mb", server_rss)
@@ -533,7 +534,11 @@ impl Load {
             ),
             datagrams: self.datagrams.saturating_sub(before.datagrams),
             sent: self.sent.saturating_sub(before.sent),
-            counters: self.counters.zip(before.counters).map(|(a, b)| a.since(&b)),
+            counters: self
+                .counters
+                .as_ref()
+                .zip(before.counters.as_ref())
+                .map(|(a, b)| a.since(b)),
         }
     }
 }

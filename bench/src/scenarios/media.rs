@@ -34,6 +34,10 @@ pub struct Params {
     pub target: Target,
 }
 
+/// The disk baselines make their file durable this often, as the DS and
+/// the client do.
+const SYNC_EVERY: u64 = 16 << 20;
+
 /// A disk baseline: MB/s and this process's CPU seconds (user, system).
 #[derive(Debug, Clone, Copy)]
 struct DiskRun {
@@ -46,7 +50,6 @@ struct DiskRun {
 /// (direct I/O unless the file system refuses it), 1 MiB at a time, made
 /// durable every 16 MiB and at the end. Removes the file.
 fn disk_write_blob(path: &Path, size: u64) -> anyhow::Result<DiskRun> {
-    const SYNC_EVERY: u64 = 16 << 20;
     let buf = vec![0x5au8; 1 << 20];
     let cpu = own_cpu_split();
     let t = Instant::now();
@@ -95,7 +98,6 @@ fn disk_read_while_writing(blob: &Path, path: &Path, size: u64) -> anyhow::Resul
 /// The same bytes through the page cache (plain `write`, `sync_data` every
 /// 16 MiB and at the end): what the blob path avoids.
 fn disk_write_buffered(path: &Path, size: u64) -> anyhow::Result<DiskRun> {
-    const SYNC_EVERY: u64 = 16 << 20;
     let buf = vec![0x5au8; 1 << 20];
     let cpu = own_cpu_split();
     let t = Instant::now();

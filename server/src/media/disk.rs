@@ -42,29 +42,25 @@ impl BlobWriter {
         let s2 = synced.clone();
         let task = tokio::spawn(async move {
             let mut last_sync = blob.len();
-            let mut state = Some((blob, hasher));
+            let mut pair = (blob, hasher);
             while let Some(batch) = rx.recv().await {
-                let (mut blob, mut hasher) = state.take().expect("writer state");
                 let room = room.clone();
                 let (back, r) = tokio::task::spawn_blocking(move || {
-                    let mut r = write_batch(&mut blob, &mut hasher, &batch, &room);
-                    if r.is_ok() && blob.len() - last_sync >= SYNC_EVERY {
-                        r = blob.sync().map(Some);
-                    }
-                    match r {
-                        Ok(at) => ((blob, hasher), Ok(at)),
-                        Err(e) => {
-                            // What the disk took is whole: make it durable,
-                            // so the upload resumes from there (a full disk
-                            // usually still takes the buffered tail; if
-                            // not, what already reached the file counts).
-                            let durable = blob.sync().or_else(|_| blob.sync_written()).ok();
-                            ((blob, hasher), Err((e, durable)))
-                        }
-                    }
+                    let (mut blob, mut hasher) = pair;
+                    let r = write_batch(&mut blob, &mut hasher, &batch, &room).and_then(|()| {
+                        let due = blob.len() - last_sync >= SYNC_EVERY;
+                        due.then(|| blob.sync()).transpose()
+                    });
+                    // On failure, what the disk took is whole: make it
+                    // durable, so the upload resumes from there (a full disk
+                    // usually still takes the buffered tail; if not, what
+                    // already reached the file counts).
+                    let r = r.map_err(|e| (e, blob.sync().or_else(|_| blob.sync_written()).ok()));
+                    ((blob, hasher), r)
                 })
                 .await
                 .map_err(|_| std::io::Error::other("writer task failed"))?;
+                pair = back;
                 match r {
                     Ok(Some(at)) => {
                         last_sync = at;
@@ -78,9 +74,8 @@ impl BlobWriter {
                         return Err(e);
                     }
                 }
-                state = Some(back);
             }
-            let (blob, hasher) = state.take().expect("writer state");
+            let (blob, hasher) = pair;
             let (file, at) = tokio::task::spawn_blocking(move || {
                 let at = blob.len();
                 blob.finish().map(|f| (f, at))
@@ -99,8 +94,8 @@ impl BlobWriter {
     }
 
     /// The newest synced position.
-    pub(super) fn synced(&self) -> Option<u64> {
-        Some(self.synced.load(Ordering::Acquire))
+    pub(super) fn synced(&self) -> u64 {
+        self.synced.load(Ordering::Acquire)
     }
 
     /// Waits for everything handed over to be written and synced.
@@ -114,8 +109,7 @@ impl BlobWriter {
     }
 }
 
-/// Appends one received batch and hashes it; `Ok(None)`: nothing became
-/// durable. The batch is gathered into the aligned buffer in one copy and
+/// Appends one received batch and hashes it. The batch is gathered into the aligned buffer in one copy and
 /// hashed there: received chunks are packet-sized, and BLAKE3 reaches its
 /// SIMD speed only on long contiguous input.
 fn write_batch(
@@ -123,7 +117,7 @@ fn write_batch(
     hasher: &mut blake3::Hasher,
     batch: &[bytes::Bytes],
     room: &Room,
-) -> std::io::Result<Option<u64>> {
+) -> std::io::Result<()> {
     let total: usize = batch.iter().map(|b| b.len()).sum();
     let fits = room.take(total);
     if fits < total {
@@ -137,7 +131,7 @@ fn write_batch(
         return Err(std::io::Error::from_raw_os_error(ENOSPC));
     }
     hasher.update(blob.write_gather(batch)?);
-    Ok(None)
+    Ok(())
 }
 
 /// `errno` of a full disk.

@@ -245,12 +245,10 @@ pub(super) async fn upload_inner(
             // The writer failed (for example: the disk is full).
             break;
         }
-        if let Some(synced) = writer.synced() {
-            let b = boundary(header.as_ref(), synced);
-            if b > durable {
-                durable = b;
-                persist(blobs, id, &mut rec, durable).await;
-            }
+        let b = boundary(header.as_ref(), writer.synced());
+        if b > durable {
+            durable = b;
+            persist(blobs, id, &mut rec, durable).await;
         }
     }
     let (result, synced) = writer.finish().await;
