@@ -75,6 +75,49 @@ pub fn capabilities() -> Capabilities {
     )
 }
 
+/// Checks that a leaf's capabilities list what every Huddle leaf must
+/// (PROTOCOL.md 13.2): version `mls10`, [`CIPHERSUITE`], the `last_resort`
+/// extension and basic credentials. Values beyond these (GREASE included)
+/// are allowed. The error says what is missing.
+pub fn check_capabilities(caps: &Capabilities) -> Result<(), String> {
+    let mut missing = Vec::new();
+    if !caps.versions().contains(&ProtocolVersion::Mls10) {
+        missing.push("version mls10");
+    }
+    if !caps
+        .ciphersuites()
+        .contains(&VerifiableCiphersuite::from(CIPHERSUITE))
+    {
+        missing.push("cipher suite 0x0001");
+    }
+    if !caps.extensions().contains(&ExtensionType::LastResort) {
+        missing.push("extension last_resort (0x000a)");
+    }
+    if !caps.credentials().contains(&CredentialType::Basic) {
+        missing.push("credential type basic");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the leaf's capabilities do not list {}",
+            missing.join(", ")
+        ))
+    }
+}
+
+/// Checks the total lifetime of a leaf created from a key package (a key
+/// package's or a group creator's): at most
+/// [`MAX_KEY_PACKAGE_LIFETIME_SECS`]. Returns the span that is too long.
+pub fn check_lifetime_span(life: &Lifetime) -> Result<(), u64> {
+    let span = life.not_after().saturating_sub(life.not_before());
+    if span > MAX_KEY_PACKAGE_LIFETIME_SECS {
+        Err(span)
+    } else {
+        Ok(())
+    }
+}
+
 /// The MLS credential of a user: a basic credential whose identity is the
 /// user name in UTF-8.
 pub fn credential_for(user: &str) -> Credential {
@@ -119,6 +162,9 @@ pub enum KeyPackageError {
     /// Valid for longer than [`MAX_KEY_PACKAGE_LIFETIME_SECS`].
     #[error("key package lifetime of {0} s is longer than {MAX_KEY_PACKAGE_LIFETIME_SECS} s")]
     LifetimeTooLong(u64),
+    /// The leaf's capabilities lack what every Huddle leaf lists.
+    #[error("{0}")]
+    Capabilities(String),
     /// A last-resort package was expected and this one is not marked as such,
     /// or the other way round.
     #[error("key package last-resort marking is wrong: expected {expected}")]
@@ -141,16 +187,18 @@ pub struct CheckedKeyPackage {
 
 /// Validates a TLS-encoded key package for `user` whose identity (MLS
 /// signature) key is `identity_key`, at time `now` (seconds since the Unix
-/// epoch): it parses, its signatures verify, it uses [`CIPHERSUITE`], its
-/// credential names `user`, its signature key is `identity_key`, and it is
-/// valid at `now`.
-pub fn validate_key_package(
+/// epoch), as PROTOCOL.md 10.1 says: it parses, its signatures verify, it
+/// uses [`CIPHERSUITE`], its credential names `user`, its signature key is
+/// `identity_key`, it is valid at `now` and not for too long in total, and
+/// its capabilities are those of [`check_capabilities`]. The DS applies it
+/// to published packages, a client to the packages it claims.
+pub fn verify_key_package(
     crypto: &impl OpenMlsCrypto,
     bytes: &[u8],
     user: &str,
     identity_key: &[u8; 32],
     now: u64,
-) -> Result<CheckedKeyPackage, KeyPackageError> {
+) -> Result<KeyPackage, KeyPackageError> {
     let kp_in = KeyPackageIn::tls_deserialize_exact(bytes)
         .map_err(|e| KeyPackageError::Malformed(e.to_string()))?;
     let kp = kp_in
@@ -177,10 +225,21 @@ pub fn validate_key_package(
     if now < life.not_before() || now > life.not_after() {
         return Err(KeyPackageError::Expired);
     }
-    let span = life.not_after().saturating_sub(life.not_before());
-    if span > MAX_KEY_PACKAGE_LIFETIME_SECS {
-        return Err(KeyPackageError::LifetimeTooLong(span));
-    }
+    check_lifetime_span(life).map_err(KeyPackageError::LifetimeTooLong)?;
+    check_capabilities(leaf.capabilities()).map_err(KeyPackageError::Capabilities)?;
+    Ok(kp)
+}
+
+/// [`verify_key_package`], returning what the DS stores about a package.
+pub fn validate_key_package(
+    crypto: &impl OpenMlsCrypto,
+    bytes: &[u8],
+    user: &str,
+    identity_key: &[u8; 32],
+    now: u64,
+) -> Result<CheckedKeyPackage, KeyPackageError> {
+    let kp = verify_key_package(crypto, bytes, user, identity_key, now)?;
+    let life = kp.life_time();
     let hash_ref = kp
         .hash_ref(crypto)
         .map_err(|e| KeyPackageError::Invalid(e.to_string()))?

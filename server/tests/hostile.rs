@@ -571,3 +571,121 @@ async fn only_a_member_may_rejoin_and_only_with_a_group_info_it_signed() {
     assert_eq!(code(r), ErrorCode::StaleEpoch);
     assert_eq!(code(bob.net.request(&join).await), ErrorCode::NotFound);
 }
+
+/// PROTOCOL.md 13.4: psk, reinit and group_context_extensions proposals
+/// are never sent; the DS refuses a commit that carries one by value,
+/// which openmls alone would accept.
+#[tokio::test]
+async fn commits_may_carry_only_the_proposal_types_huddle_uses() {
+    let s = InProcess::start().await;
+    let (alice, _bob, gid, mut ga, _gb) = alice_and_bob(&s).await;
+    let (c, _, _) = ga
+        .update_group_context_extensions(&alice.provider, Extensions::empty(), &alice.id)
+        .unwrap();
+    let r = alice.commit(gid, bytes(&c), None).await;
+    refused(
+        r,
+        ErrorCode::InvalidMessage,
+        "may not carry a proposal of type GroupContextExtensions",
+    );
+    // The group goes on: the same member's ordinary commit is accepted.
+    ga.clear_pending_commit(alice.provider.storage()).unwrap();
+    let c = ga
+        .self_update(&alice.provider, &alice.id, LeafNodeParameters::default())
+        .unwrap();
+    alice.commit(gid, bytes(c.commit()), None).await.unwrap();
+}
+
+/// PROTOCOL.md 13.2: every leaf lists the last_resort extension among its
+/// capabilities, also one brought in by an add commit.
+#[tokio::test]
+async fn an_added_leaf_must_list_the_huddle_capabilities() {
+    let s = InProcess::start().await;
+    let (alice, _bob, gid, mut ga, _gb) = alice_and_bob(&s).await;
+    let carol = Raw::new(&s, "carol").await;
+    let plain = KeyPackage::builder()
+        .leaf_node_capabilities(Capabilities::new(
+            None,
+            Some(&[mls::CIPHERSUITE]),
+            None,
+            None,
+            None,
+        ))
+        .build(
+            mls::CIPHERSUITE,
+            &carol.provider,
+            &carol.id,
+            carol.id.credential(),
+        )
+        .unwrap();
+    let (c, w, _) = ga
+        .add_members(&alice.provider, &alice.id, &[plain.key_package().clone()])
+        .unwrap();
+    let r = alice.commit(gid, bytes(&c), Some(bytes(&w))).await;
+    refused(
+        r,
+        ErrorCode::InvalidMessage,
+        "carol's leaf: the leaf's capabilities do not list extension last_resort",
+    );
+}
+
+/// Sends `CreateGroup` for a group `who` built with `builder`.
+async fn create_built(who: &Raw, builder: MlsGroupBuilder) -> huddle_client::Result<Response> {
+    let gid = GroupId(rand_id());
+    let g = builder
+        .with_group_id(openmls::group::GroupId::from_slice(gid.as_bytes()))
+        .ciphersuite(mls::CIPHERSUITE)
+        .use_ratchet_tree_extension(false)
+        .build(&who.provider, &who.id, who.id.credential())
+        .unwrap();
+    let info = g
+        .export_group_info(who.provider.crypto(), &who.id, false)
+        .unwrap();
+    who.net
+        .request(&Request::CreateGroup {
+            group: gid,
+            group_info: bytes(&info),
+            ratchet_tree: openmls::prelude::tls_codec::Serialize::tls_serialize_detached(
+                &g.export_ratchet_tree(),
+            )
+            .unwrap()
+            .into(),
+        })
+        .await
+}
+
+/// PROTOCOL.md 13.5 and 13.2: the creator's leaf keeps to the lifetime
+/// bound and lists the capabilities, like any leaf from a key package.
+#[tokio::test]
+async fn the_creators_leaf_keeps_the_lifetime_bound_and_capabilities() {
+    let s = InProcess::start().await;
+    let alice = Raw::new(&s, "alice").await;
+    let r = create_built(
+        &alice,
+        MlsGroup::builder()
+            .with_capabilities(mls::capabilities())
+            .lifetime(Lifetime::new(100 * 24 * 3600)),
+    )
+    .await;
+    refused(
+        r,
+        ErrorCode::InvalidMessage,
+        "the creator's leaf is valid for",
+    );
+    let r = create_built(&alice, MlsGroup::builder()).await;
+    refused(
+        r,
+        ErrorCode::InvalidMessage,
+        "the creator's leaf: the leaf's capabilities do not list extension last_resort",
+    );
+    // The same with the reference client's settings is accepted.
+    let r = create_built(
+        &alice,
+        MlsGroup::builder().with_capabilities(mls::capabilities()),
+    )
+    .await;
+    assert!(
+        matches!(r, Ok(Response::Appended { seq: 0, epoch: 0 })),
+        "{r:?}"
+    );
+}

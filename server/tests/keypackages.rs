@@ -21,10 +21,21 @@ fn kp(identity: &Identity, name: &str, last_resort: bool) -> Bytes {
 
 /// The same, valid for `secs`.
 fn kp_valid_for(identity: &Identity, name: &str, last_resort: bool, secs: u64) -> Bytes {
+    kp_with(identity, name, last_resort, secs, mls::capabilities())
+}
+
+/// The same, with the leaf capabilities `caps`.
+fn kp_with(
+    identity: &Identity,
+    name: &str,
+    last_resort: bool,
+    secs: u64,
+    caps: Capabilities,
+) -> Bytes {
     let provider = OpenMlsRustCrypto::default();
     let mut b = KeyPackage::builder()
         .key_package_lifetime(Lifetime::new(secs))
-        .leaf_node_capabilities(mls::capabilities());
+        .leaf_node_capabilities(caps);
     if last_resort {
         b = b.mark_as_last_resort();
     }
@@ -100,6 +111,27 @@ async fn uploads_are_validated() {
         ))
         .await;
     refused(r, ErrorCode::InvalidKeyPackage, "lifetime");
+    // A leaf whose capabilities do not list the last_resort extension
+    // (PROTOCOL.md 13.2), as a one-time package, where openmls itself would
+    // not mind.
+    let no_last_resort = Capabilities::new(None, Some(&[mls::CIPHERSUITE]), None, None, None);
+    let r = c
+        .request(&publish(
+            vec![kp_with(
+                &alice,
+                "alice",
+                false,
+                mls::KEY_PACKAGE_LIFETIME_SECS,
+                no_last_resort,
+            )],
+            None,
+        ))
+        .await;
+    refused(
+        r,
+        ErrorCode::InvalidKeyPackage,
+        "capabilities do not list extension last_resort",
+    );
     // Nothing was stored by the refused uploads.
     assert_eq!(kp_count(&c).await, (0, false));
     // A good upload.

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use huddle_core::mls::{self, user_of};
 use huddle_core::proto::{ClaimedKeyPackage, ErrorCode, Request, Response, UserInfo};
 use huddle_core::GroupId;
-use openmls::prelude::{tls_codec::Deserialize as _, *};
+use openmls::prelude::*;
 use tracing::debug;
 
 use crate::app::AppMessage;
@@ -64,7 +64,7 @@ impl Client {
         else {
             return Err(ClientError::Protocol("expected KeyPackages".into()));
         };
-        let kps = self.check_claimed(&packages, &infos)?;
+        let kps = check_claimed(&self.crypto, &packages, &infos, now_ms() / 1000)?;
         let added = wanted.clone();
         let events = self
             .commit_with_retry(
@@ -91,48 +91,6 @@ impl Client {
             self.send_app(&id, &AppMessage::GroupName { name }).await?;
         }
         Ok(events)
-    }
-
-    pub(super) fn check_claimed(
-        &self,
-        packages: &[ClaimedKeyPackage],
-        infos: &[UserInfo],
-    ) -> Result<Vec<KeyPackage>> {
-        let mut out = Vec::new();
-        for p in packages {
-            let kp = KeyPackageIn::tls_deserialize_exact(p.key_package.as_ref())
-                .map_err(|e| ClientError::Mls(format!("key package of {}: {e}", p.user)))?
-                .validate(&self.crypto, ProtocolVersion::Mls10)
-                .map_err(|e| ClientError::Mls(format!("key package of {}: {e}", p.user)))?;
-            let key = infos
-                .iter()
-                .find(|i| i.name == p.user)
-                .map(|i| i.identity_key)
-                .ok_or_else(|| {
-                    ClientError::Protocol(format!("unexpected key package for {}", p.user))
-                })?;
-            if user_of(kp.leaf_node().credential()).as_deref() != Some(p.user.as_str())
-                || kp.leaf_node().signature_key().as_slice() != key.as_slice()
-                || kp.ciphersuite() != mls::CIPHERSUITE
-            {
-                return Err(ClientError::Mls(format!(
-                    "the key package handed out for {} is not theirs: refusing it",
-                    p.user
-                )));
-            }
-            let life = kp.life_time();
-            if life.not_after().saturating_sub(life.not_before())
-                > mls::MAX_KEY_PACKAGE_LIFETIME_SECS
-            {
-                return Err(ClientError::Mls(format!(
-                    "the key package handed out for {} is valid for longer than {} s: refusing it",
-                    p.user,
-                    mls::MAX_KEY_PACKAGE_LIFETIME_SECS
-                )));
-            }
-            out.push(kp);
-        }
-        Ok(out)
     }
 
     /// Removes users from a group in one commit.
@@ -420,5 +378,124 @@ impl Client {
             Err(ClientError::NothingToCommit) => Ok(Vec::new()),
             other => other,
         }
+    }
+}
+
+/// The key packages the DS handed out for `infos`' users, refused unless
+/// each passes the checks the DS applied when it was published (PROTOCOL.md
+/// 10.1) with this device's clock `now` (seconds), for the user it was
+/// claimed for and with that user's identity key: a DS that hands out
+/// another user's package, or one that no longer holds, is not believed.
+pub(crate) fn check_claimed(
+    crypto: &impl OpenMlsCrypto,
+    packages: &[ClaimedKeyPackage],
+    infos: &[UserInfo],
+    now: u64,
+) -> Result<Vec<KeyPackage>> {
+    let mut out = Vec::new();
+    for p in packages {
+        let key = infos
+            .iter()
+            .find(|i| i.name == p.user)
+            .map(|i| i.identity_key)
+            .ok_or_else(|| {
+                ClientError::Protocol(format!("unexpected key package for {}", p.user))
+            })?;
+        let kp =
+            mls::verify_key_package(crypto, &p.key_package, &p.user, &key, now).map_err(|e| {
+                ClientError::Mls(format!(
+                    "the key package handed out for {} is refused: {e}",
+                    p.user
+                ))
+            })?;
+        out.push(kp);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::identity::Identity;
+    use openmls::prelude::tls_codec::Serialize as _;
+    use openmls_rust_crypto::{OpenMlsRustCrypto, RustCrypto};
+
+    const NOW_SLACK: u64 = 60;
+
+    fn package(who: &Identity, name: &str, caps: Capabilities) -> ClaimedKeyPackage {
+        let provider = OpenMlsRustCrypto::default();
+        let cred = CredentialWithKey {
+            credential: mls::credential_for(name),
+            signature_key: who.public().to_vec().into(),
+        };
+        let kp = KeyPackage::builder()
+            .key_package_lifetime(Lifetime::new(mls::KEY_PACKAGE_LIFETIME_SECS))
+            .leaf_node_capabilities(caps)
+            .build(mls::CIPHERSUITE, &provider, who, cred)
+            .unwrap();
+        ClaimedKeyPackage {
+            user: "bob".into(),
+            key_package: kp.key_package().tls_serialize_detached().unwrap().into(),
+            last_resort: false,
+        }
+    }
+
+    fn info(who: &Identity) -> UserInfo {
+        UserInfo {
+            name: "bob".into(),
+            identity_key: who.public(),
+        }
+    }
+
+    fn refusal(r: Result<Vec<KeyPackage>>) -> String {
+        match r {
+            Err(ClientError::Mls(m)) => m,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn claimed_packages_are_checked_as_the_ds_checks_them() {
+        let crypto = RustCrypto::default();
+        let now = now_ms() / 1000 + NOW_SLACK;
+        let bob = Identity::generate("bob");
+        let good = package(&bob, "bob", mls::capabilities());
+        assert_eq!(
+            check_claimed(&crypto, std::slice::from_ref(&good), &[info(&bob)], now)
+                .unwrap()
+                .len(),
+            1
+        );
+        // Bob's identity key, but capabilities without last_resort.
+        let plain = Capabilities::new(None, Some(&[mls::CIPHERSUITE]), None, None, None);
+        let m = refusal(check_claimed(
+            &crypto,
+            &[package(&bob, "bob", plain)],
+            &[info(&bob)],
+            now,
+        ));
+        assert!(m.contains("do not list extension last_resort"), "{m}");
+        // Carol's package handed out as Bob's.
+        let carol = Identity::generate("carol");
+        let m = refusal(check_claimed(
+            &crypto,
+            &[package(&carol, "carol", mls::capabilities())],
+            &[info(&bob)],
+            now,
+        ));
+        assert!(m.contains("credential names"), "{m}");
+        // Bob's name under another key than the one the DS lists for him.
+        let m = refusal(check_claimed(
+            &crypto,
+            &[package(&carol, "bob", mls::capabilities())],
+            &[info(&bob)],
+            now,
+        ));
+        assert!(m.contains("not the registered identity key"), "{m}");
+        // Past its end on this device's clock.
+        let later = now + mls::KEY_PACKAGE_LIFETIME_SECS + 1;
+        let m = refusal(check_claimed(&crypto, &[good], &[info(&bob)], later));
+        assert!(m.contains("expired"), "{m}");
     }
 }

@@ -115,6 +115,25 @@ pub fn validate_new_group(
             "the creator's signature key must be its registered identity key".into(),
         ));
     }
+    // The creator's leaf comes from a key package it made for itself: the
+    // same lifetime bound and capabilities as any other (PROTOCOL.md 13.2,
+    // 13.5).
+    let leaf = public
+        .leaf(LeafNodeIndex::new(0))
+        .ok_or_else(|| bad("the creator's leaf is missing".into()))?;
+    let openmls::treesync::LeafNodeSource::KeyPackage(life) = leaf.leaf_node_source() else {
+        return Err(bad(
+            "the creator's leaf must have leaf_node_source key_package".into(),
+        ));
+    };
+    if let Err(span) = huddle_core::mls::check_lifetime_span(life) {
+        return Err(bad(format!(
+            "the creator's leaf is valid for {span} s, longer than {} s",
+            huddle_core::mls::MAX_KEY_PACKAGE_LIFETIME_SECS
+        )));
+    }
+    huddle_core::mls::check_capabilities(leaf.capabilities())
+        .map_err(|e| bad(format!("the creator's leaf: {e}")))?;
     // Kept for rejoins, which need its external public key (RFC 9420
     // section 12.4.3.2): without it no member could rejoin at epoch 0.
     if info.extensions().external_pub().is_none() {

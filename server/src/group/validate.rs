@@ -261,6 +261,8 @@ pub(super) fn process_handshake(
                 "the signature key of {expect}'s leaf is not its registered identity key"
             )));
         }
+        huddle_core::mls::check_capabilities(leaf.capabilities())
+            .map_err(|e| invalid(format!("{expect}'s leaf: {e}")))?;
         Ok(())
     };
     match processed.into_content() {
@@ -301,6 +303,22 @@ pub(super) fn process_handshake(
         ProcessedMessageContent::StagedCommitMessage(staged) => {
             if kind != EntryKind::Commit {
                 return Err(invalid("expected a proposal".into()));
+            }
+            // Only the proposal types Huddle uses (PROTOCOL.md 13.4); an
+            // external_init only in an external commit, which openmls checks.
+            for q in staged.queued_proposals() {
+                match q.proposal() {
+                    Proposal::Add(_)
+                    | Proposal::Update(_)
+                    | Proposal::Remove(_)
+                    | Proposal::ExternalInit(_) => {}
+                    other => {
+                        return Err(invalid(format!(
+                            "a commit may not carry a proposal of type {:?} (PROTOCOL.md 13.4)",
+                            other.proposal_type()
+                        )))
+                    }
+                }
             }
             // Leaf index -> user, before the commit.
             let by_leaf: HashMap<u32, String> = mls
@@ -361,12 +379,9 @@ pub(super) fn process_handshake(
                 let kp = a.add_proposal().key_package();
                 let name = user_of(kp.leaf_node().credential())
                     .ok_or_else(|| invalid("an added member has no valid user name".into()))?;
-                let life = kp.life_time();
-                if life.not_after().saturating_sub(life.not_before())
-                    > huddle_core::mls::MAX_KEY_PACKAGE_LIFETIME_SECS
-                {
+                if let Err(span) = huddle_core::mls::check_lifetime_span(kp.life_time()) {
                     return Err(invalid(format!(
-                        "the key package adding {name} is valid for longer than {} s",
+                        "the key package adding {name} is valid for {span} s, longer than {} s",
                         huddle_core::mls::MAX_KEY_PACKAGE_LIFETIME_SECS
                     )));
                 }
