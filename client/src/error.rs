@@ -24,6 +24,25 @@ pub enum ClientError {
     /// succeed. Says what kept changing.
     #[error("{0}; try again")]
     Contended(String),
+    /// A user's identity key differs from the one this device saw first:
+    /// the DS lies, or the user registered anew. Nothing is sent to them.
+    #[error("the identity key of {user} changed (was {was}, now {now}): refusing to use it")]
+    KeyChanged {
+        /// Whose key.
+        user: String,
+        /// Fingerprint of the key first seen.
+        was: String,
+        /// Fingerprint of the key the DS lists now.
+        now: String,
+    },
+    /// The group is known here but this device holds no MLS state for it
+    /// (it was lost; the next `sync` rejoins).
+    #[error("group {0} has no MLS state on this device")]
+    NoGroupState(String),
+    /// Some groups could not be brought up to date; each was reported as
+    /// an `error` event, and the others were.
+    #[error("{0} group(s) could not be brought up to date (see above); the others were")]
+    GroupsFailed(usize),
     /// A commit of pending proposals found none left to commit (another
     /// member committed them first).
     #[error("nothing to commit")]
@@ -59,7 +78,8 @@ pub enum ClientError {
     /// A file operation failed.
     #[error("{0}")]
     Io(String),
-    /// The user interrupted the operation (Ctrl-C); what it did so far is
+    /// The user interrupted the operation (Ctrl-C), or the progress
+    /// callback of a transfer asked it to stop; what it did so far is
     /// kept, and the message says how to go on.
     #[error("{0}")]
     Interrupted(String),

@@ -3,54 +3,126 @@
 
 use serde::{Deserialize, Serialize};
 
-/// What kind of thing happened: the `type` of an event in `--json`
-/// output, in snake case (`member_added`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// What happened, with what belongs to it: the `type` of an event in
+/// `--json` output, in snake case (`member_added`), and the fields each
+/// type carries next to the common ones of [`Event`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
-    /// A text message (`text`).
-    Text,
-    /// A media item was shared (`media_id`, `name`, `size`, `mime`, and
-    /// its caption in `text`).
-    Media,
-    /// This device joined the group (`members`: all of them).
-    Joined,
-    /// Members were added (`members`, `epoch`).
-    MemberAdded,
-    /// Members were removed (`members`, `epoch`); without `from`, this
-    /// device found itself removed (`text` says how).
-    MemberRemoved,
-    /// Members left (`members`, `epoch`).
-    Left,
-    /// A member (or, with `text`, this device) rejoined by external commit
-    /// (`members`, `epoch`).
-    Rejoined,
+    /// A text message.
+    Text {
+        /// The message.
+        text: String,
+    },
+    /// A media item was shared.
+    Media {
+        /// Media id (hex): what `download` takes.
+        media_id: String,
+        /// File name, as the sender gave it.
+        name: String,
+        /// Plaintext size in bytes.
+        size: u64,
+        /// MIME type.
+        mime: String,
+        /// Caption (empty for none).
+        #[serde(default)]
+        text: String,
+    },
+    /// This device joined the group.
+    Joined {
+        /// All members, this device's user included.
+        members: Vec<String>,
+        /// The epoch it joined at.
+        epoch: u64,
+    },
+    /// Members were added.
+    MemberAdded {
+        /// Who.
+        members: Vec<String>,
+        /// The epoch the adding commit began.
+        epoch: u64,
+    },
+    /// Members were removed. Without `from`, this device found itself
+    /// removed while it was away (`text` says how; no `epoch`).
+    MemberRemoved {
+        /// Who.
+        members: Vec<String>,
+        /// The epoch the removing commit began.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
+        /// How this device learned it was removed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+    },
+    /// Members left. Without `from`, this device's own leaving was
+    /// completed while it was away (`text` says how; no `epoch`).
+    Left {
+        /// Who.
+        members: Vec<String>,
+        /// The epoch the commit of their leaving began.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
+        /// How this device learned its leaving was done.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+    },
+    /// A member rejoined by external commit; with `text`, it was this
+    /// device, and `text` says why.
+    Rejoined {
+        /// The members after the rejoin (only this device's user when
+        /// another member rejoined).
+        members: Vec<String>,
+        /// The epoch the rejoin began.
+        epoch: u64,
+        /// Why this device rejoined.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+    },
     /// The identity key of `members` differs from the one first seen.
-    KeyChanged,
-    /// `members` computed another state of the group at `epoch`.
-    ForkDetected,
-    /// The group could not be brought up to date (`text`); not kept in
-    /// the history.
-    Error,
-    /// `listen` started (`text`: the server); not kept in the history.
-    Listening,
+    KeyChanged {
+        /// Whose key changed.
+        members: Vec<String>,
+    },
+    /// `members` computed another state of the group at `epoch` (or,
+    /// with `text` and no members, the DS's state differs from this
+    /// device's).
+    ForkDetected {
+        /// The epoch at which the states differ.
+        epoch: u64,
+        /// The members whose state differs.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        members: Vec<String>,
+        /// What differs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+    },
+    /// The group could not be brought up to date; not kept in the history.
+    Error {
+        /// Why.
+        text: String,
+    },
+    /// `listen` started; not kept in the history.
+    Listening {
+        /// The server it listens to.
+        text: String,
+    },
 }
 
 impl EventKind {
-    /// The kind as it is written in `--json` output.
-    pub fn as_str(self) -> &'static str {
+    /// The `type` as it is written in `--json` output.
+    pub fn as_str(&self) -> &'static str {
         match self {
-            EventKind::Text => "text",
-            EventKind::Media => "media",
-            EventKind::Joined => "joined",
-            EventKind::MemberAdded => "member_added",
-            EventKind::MemberRemoved => "member_removed",
-            EventKind::Left => "left",
-            EventKind::Rejoined => "rejoined",
-            EventKind::KeyChanged => "key_changed",
-            EventKind::ForkDetected => "fork_detected",
-            EventKind::Error => "error",
-            EventKind::Listening => "listening",
+            EventKind::Text { .. } => "text",
+            EventKind::Media { .. } => "media",
+            EventKind::Joined { .. } => "joined",
+            EventKind::MemberAdded { .. } => "member_added",
+            EventKind::MemberRemoved { .. } => "member_removed",
+            EventKind::Left { .. } => "left",
+            EventKind::Rejoined { .. } => "rejoined",
+            EventKind::KeyChanged { .. } => "key_changed",
+            EventKind::ForkDetected { .. } => "fork_detected",
+            EventKind::Error { .. } => "error",
+            EventKind::Listening { .. } => "listening",
         }
     }
 }
@@ -73,11 +145,12 @@ impl PartialEq<str> for EventKind {
     }
 }
 
-/// One thing that happened in a group.
+/// One thing that happened in a group: where, who and when, and what
+/// ([`EventKind`], whose fields sit beside these in JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// What happened.
-    #[serde(rename = "type")]
+    /// What happened, and its fields.
+    #[serde(flatten)]
     pub kind: EventKind,
     /// Group id (hex).
     pub group: String,
@@ -90,32 +163,10 @@ pub struct Event {
     pub seq: u64,
     /// When the DS appended it (ms since the Unix epoch).
     pub timestamp_ms: u64,
-    /// The group's epoch after this event.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub epoch: Option<u64>,
-    /// Text of a `text` message, or caption of a `media` message.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub text: Option<String>,
-    /// Members added or removed (`member_added`, `member_removed`, `left`),
-    /// or all members (`joined`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub members: Option<Vec<String>>,
-    /// Media id (hex), for `media`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub media_id: Option<String>,
-    /// File name, for `media`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Plaintext size in bytes, for `media`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub size: Option<u64>,
-    /// MIME type, for `media`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mime: Option<String>,
 }
 
 impl Event {
-    /// An event with the common fields set.
+    /// An event of `kind` in `group`, by `from`, at `seq`.
     pub fn new(kind: EventKind, group: &str, from: &str, seq: u64, timestamp_ms: u64) -> Self {
         Self {
             kind,
@@ -124,20 +175,71 @@ impl Event {
             from: from.to_owned(),
             seq,
             timestamp_ms,
-            epoch: None,
-            text: None,
-            members: None,
-            media_id: None,
-            name: None,
-            size: None,
-            mime: None,
+        }
+    }
+
+    /// The text of a message, the caption of a media item, or what a
+    /// report says.
+    pub fn text(&self) -> Option<&str> {
+        match &self.kind {
+            EventKind::Text { text }
+            | EventKind::Error { text }
+            | EventKind::Listening { text }
+            | EventKind::Media { text, .. } => Some(text),
+            EventKind::MemberRemoved { text, .. }
+            | EventKind::Left { text, .. }
+            | EventKind::Rejoined { text, .. }
+            | EventKind::ForkDetected { text, .. } => text.as_deref(),
+            EventKind::Joined { .. }
+            | EventKind::MemberAdded { .. }
+            | EventKind::KeyChanged { .. } => None,
+        }
+    }
+
+    /// The members an event names (none for a message or a report).
+    pub fn members(&self) -> &[String] {
+        match &self.kind {
+            EventKind::Joined { members, .. }
+            | EventKind::MemberAdded { members, .. }
+            | EventKind::MemberRemoved { members, .. }
+            | EventKind::Left { members, .. }
+            | EventKind::Rejoined { members, .. }
+            | EventKind::KeyChanged { members }
+            | EventKind::ForkDetected { members, .. } => members,
+            EventKind::Text { .. }
+            | EventKind::Media { .. }
+            | EventKind::Error { .. }
+            | EventKind::Listening { .. } => &[],
+        }
+    }
+
+    /// The group's epoch the event speaks of, when it has one.
+    pub fn epoch(&self) -> Option<u64> {
+        match &self.kind {
+            EventKind::Joined { epoch, .. }
+            | EventKind::MemberAdded { epoch, .. }
+            | EventKind::Rejoined { epoch, .. }
+            | EventKind::ForkDetected { epoch, .. } => Some(*epoch),
+            EventKind::MemberRemoved { epoch, .. } | EventKind::Left { epoch, .. } => *epoch,
+            _ => None,
+        }
+    }
+
+    /// The media id (hex) of a `media` event.
+    pub fn media_id(&self) -> Option<&str> {
+        match &self.kind {
+            EventKind::Media { media_id, .. } => Some(media_id),
+            _ => None,
         }
     }
 
     /// Whether events of this kind are kept in the history (all but
     /// reports of the moment: a failure, the start of `listen`).
     pub fn recorded(&self) -> bool {
-        !matches!(self.kind, EventKind::Error | EventKind::Listening)
+        !matches!(
+            self.kind,
+            EventKind::Error { .. } | EventKind::Listening { .. }
+        )
     }
 
     /// One line for a terminal. Everything that came from other people
@@ -150,12 +252,19 @@ impl Event {
             clean(&self.group_name)
         };
         let from = clean(&self.from);
-        let members = self.members.as_deref().unwrap_or_default().join(", ");
+        let members = self.members().join(", ");
         let members = clean(&members);
-        let text = clean(self.text.as_deref().unwrap_or(""));
-        match self.kind {
-            EventKind::Text => format!("[{g}] {from}: {text}"),
-            EventKind::Media => {
+        let text = clean(self.text().unwrap_or(""));
+        let by_self = self.from.is_empty();
+        match &self.kind {
+            EventKind::Text { .. } => format!("[{g}] {from}: {text}"),
+            EventKind::Media {
+                media_id,
+                name,
+                size,
+                mime,
+                ..
+            } => {
                 let caption = if text.is_empty() {
                     String::new()
                 } else {
@@ -163,35 +272,37 @@ impl Event {
                 };
                 format!(
                     "[{g}] {from} sent {} ({}, {}){caption} media {}",
-                    clean(self.name.as_deref().unwrap_or("file")),
-                    clean(self.mime.as_deref().unwrap_or("application/octet-stream")),
-                    human_size(self.size.unwrap_or(0)),
-                    clean(self.media_id.as_deref().unwrap_or("?"))
+                    clean(name),
+                    clean(mime),
+                    human_size(*size),
+                    clean(media_id)
                 )
             }
-            EventKind::Joined => format!("[{g}] joined, added by {from}; members: {members}"),
-            EventKind::MemberAdded => format!("[{g}] {from} added {members}"),
-            EventKind::MemberRemoved if self.from.is_empty() => format!("[{g}] {members} removed: {text}"),
-            EventKind::MemberRemoved => format!("[{g}] {from} removed {members}"),
-            EventKind::Left if self.from.is_empty() => format!("[{g}] {members} left: {text}"),
-            EventKind::Left => format!("[{g}] {members} left"),
-            EventKind::ForkDetected => format!(
-                "[{g}] WARNING: {members} computed another state of this group at epoch {}; messages between you may not decrypt",
-                self.epoch.unwrap_or(0)
+            EventKind::Joined { .. } => format!("[{g}] joined, added by {from}; members: {members}"),
+            EventKind::MemberAdded { .. } => format!("[{g}] {from} added {members}"),
+            EventKind::MemberRemoved { .. } if by_self => format!("[{g}] {members} removed: {text}"),
+            EventKind::MemberRemoved { .. } => format!("[{g}] {from} removed {members}"),
+            EventKind::Left { .. } if by_self => format!("[{g}] {members} left: {text}"),
+            EventKind::Left { .. } => format!("[{g}] {members} left"),
+            EventKind::ForkDetected { epoch, members: m, .. } if m.is_empty() => format!(
+                "[{g}] WARNING: the group's state differs from this device's at epoch {epoch}: {text}"
             ),
-            EventKind::Rejoined if self.text.is_some() => format!(
-                "[{g}] this device rejoined the group at epoch {} ({text}); earlier messages it had not read are lost to it",
-                self.epoch.unwrap_or(0),
+            EventKind::ForkDetected { epoch, .. } => format!(
+                "[{g}] WARNING: {members} computed another state of this group at epoch {epoch}; messages between you may not decrypt"
             ),
-            EventKind::Rejoined => format!(
-                "[{g}] {from} rejoined (new device state) at epoch {}",
-                self.epoch.unwrap_or(0)
+            EventKind::Rejoined { epoch, text: Some(_), .. } => format!(
+                "[{g}] this device rejoined the group at epoch {epoch} ({text}); earlier messages it had not read are lost to it"
             ),
-            EventKind::KeyChanged => format!(
+            EventKind::Rejoined { epoch, .. } => {
+                format!("[{g}] {from} rejoined (new device state) at epoch {epoch}")
+            }
+            EventKind::KeyChanged { .. } => format!(
                 "[{g}] WARNING: the identity key of {members} differs from the one first seen; compare fingerprints out of band"
             ),
-            EventKind::Error => format!("[{g}] ERROR: this group could not be brought up to date: {text}"),
-            EventKind::Listening => format!("listening as {from} on {text}; Ctrl-C to stop"),
+            EventKind::Error { .. } => {
+                format!("[{g}] ERROR: this group could not be brought up to date: {text}")
+            }
+            EventKind::Listening { .. } => format!("listening as {from} on {text}; Ctrl-C to stop"),
         }
     }
 
@@ -265,13 +376,14 @@ mod tests {
     #[test]
     fn other_peoples_text_cannot_forge_lines_or_drive_the_terminal() {
         let mut e = Event::new(
-            EventKind::Text,
+            EventKind::Text {
+                text: "ok\n[g] carol: my new key is X\u{1b}[2J\u{202e}".into(),
+            },
             "00112233445566778899aabbccddeeff",
             "mallory",
             1,
             0,
         );
-        e.text = Some("ok\n[g] carol: my new key is X\u{1b}[2J\u{202e}".into());
         let line = e.human();
         assert_eq!(
             line,
@@ -282,5 +394,70 @@ mod tests {
         let line = e.human();
         assert!(!line.contains('\r') && !line.contains('\u{7}'), "{line:?}");
         assert_eq!(clean("plain"), "plain");
+    }
+
+    /// `--json` output and the history keep the field names and values
+    /// they had before events became an enum: each type with its fields,
+    /// none of another type's, and stored events read back as they were.
+    #[test]
+    fn json_names_each_type_with_its_own_fields() {
+        let g = "00112233445566778899aabbccddeeff";
+        let mut e = Event::new(
+            EventKind::MemberRemoved {
+                members: vec!["bob".into()],
+                epoch: Some(3),
+                text: None,
+            },
+            g,
+            "alice",
+            7,
+            1_000,
+        );
+        e.group_name = "team".into();
+        let v: serde_json::Value = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "type": "member_removed", "group": g, "group_name": "team",
+                "from": "alice", "seq": 7, "timestamp_ms": 1000,
+                "members": ["bob"], "epoch": 3
+            })
+        );
+        let media = Event::new(
+            EventKind::Media {
+                media_id: "ab".into(),
+                name: "cat.png".into(),
+                size: 6321,
+                mime: "image/png".into(),
+                text: String::new(),
+            },
+            g,
+            "alice",
+            8,
+            1_001,
+        );
+        let v: serde_json::Value = serde_json::to_value(&media).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "type": "media", "group": g, "from": "alice", "seq": 8,
+                "timestamp_ms": 1001, "media_id": "ab", "name": "cat.png",
+                "size": 6321, "mime": "image/png", "text": ""
+            })
+        );
+        // As an earlier version stored it in the history.
+        let stored = r#"{"type":"text","group":"00112233445566778899aabbccddeeff","from":"bob","seq":2,"timestamp_ms":5,"text":"hi"}"#;
+        let back: Event = serde_json::from_str(stored).unwrap();
+        assert_eq!(back.kind, EventKind::Text { text: "hi".into() });
+        assert_eq!(back.text(), Some("hi"));
+        for e in [e, media] {
+            let again: Event = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+            assert_eq!(again, e);
+        }
+        // A type without the fields it needs is not an event.
+        assert!(serde_json::from_str::<Event>(
+            r#"{"type":"member_added","group":"g","from":"a","seq":1,"timestamp_ms":1}"#
+        )
+        .is_err());
     }
 }

@@ -120,35 +120,37 @@ pub fn apply<P: OpenMlsProvider>(
                 .merge_staged_commit(provider, *staged)
                 .map_err(ClientError::mls)?;
             row.proposals_since_ms = None;
-            let epoch = Some(group.epoch().as_u64());
+            let epoch = group.epoch().as_u64();
             if !changed.is_empty() {
-                let mut e = ev(EventKind::KeyChanged);
-                e.members = Some(changed);
-                events.push(e);
+                events.push(ev(EventKind::KeyChanged { members: changed }));
             }
             if !added.is_empty() {
-                let mut e = ev(EventKind::MemberAdded);
-                e.members = Some(added);
-                e.epoch = epoch;
-                events.push(e);
+                events.push(ev(EventKind::MemberAdded {
+                    members: added,
+                    epoch,
+                }));
             }
             if !removed.is_empty() {
-                let mut e = ev(EventKind::MemberRemoved);
-                e.members = Some(removed);
-                e.epoch = epoch;
-                events.push(e);
+                events.push(ev(EventKind::MemberRemoved {
+                    members: removed,
+                    epoch: Some(epoch),
+                    text: None,
+                }));
             }
             if !rejoined.is_empty() {
-                let mut e = ev(EventKind::Rejoined);
-                e.members = Some(rejoined);
-                e.epoch = epoch;
-                events.push(e);
+                events.push(ev(EventKind::Rejoined {
+                    members: rejoined,
+                    epoch,
+                    text: None,
+                }));
             }
             if !left.is_empty() {
-                let mut e = ev(EventKind::Left);
+                let mut e = ev(EventKind::Left {
+                    members: left.clone(),
+                    epoch: Some(epoch),
+                    text: None,
+                });
                 e.from = left[0].clone();
-                e.members = Some(left.clone());
-                e.epoch = epoch;
                 events.push(e);
             }
             if self_removed || !group.is_active() {
@@ -173,24 +175,18 @@ pub fn apply<P: OpenMlsProvider>(
 /// What an application message shows as: `text` and `media` events; a
 /// group's name shows as nothing.
 pub fn app_event(msg: &AppMessage, id: &GroupId, from: &str, seq: u64, ts: u64) -> Option<Event> {
-    let new = |kind| Event::new(kind, &id.to_string(), from, seq, ts);
-    let mut e;
-    match msg {
-        AppMessage::Text { text } => {
-            e = new(EventKind::Text);
-            e.text = Some(text.clone());
-        }
-        AppMessage::Media(info) => {
-            e = new(EventKind::Media);
-            e.media_id = Some(hex::encode(info.media_id));
-            e.name = Some(info.name.clone());
-            e.size = Some(info.size);
-            e.mime = Some(info.mime.clone());
-            e.text = Some(info.caption.clone());
-        }
+    let kind = match msg {
+        AppMessage::Text { text } => EventKind::Text { text: text.clone() },
+        AppMessage::Media(info) => EventKind::Media {
+            media_id: hex::encode(info.media_id),
+            name: info.name.clone(),
+            size: info.size,
+            mime: info.mime.clone(),
+            text: info.caption.clone(),
+        },
         AppMessage::GroupName { .. } => return None,
-    }
-    Some(e)
+    };
+    Some(Event::new(kind, &id.to_string(), from, seq, ts))
 }
 
 pub fn member_keys(group: &MlsGroup) -> Vec<(String, Vec<u8>)> {
@@ -499,7 +495,7 @@ mod tests {
             (events[0].kind.as_str(), events[0].from.as_str()),
             ("text", "alice")
         );
-        assert_eq!(events[0].text.as_deref(), Some("hi"));
+        assert_eq!(events[0].text(), Some("hi"));
         assert_eq!(events[0].seq, 1);
     }
 
@@ -526,11 +522,8 @@ mod tests {
         let events = b[0].apply(&e).unwrap();
         let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["key_changed", "member_added"]);
-        assert_eq!(
-            events[1].members.as_deref(),
-            Some(&["carol".to_string()][..])
-        );
-        assert_eq!(events[1].epoch, Some(2));
+        assert_eq!(events[1].members(), &["carol".to_string()][..]);
+        assert_eq!(events[1].epoch(), Some(2));
         assert_eq!(b[0].g().epoch().as_u64(), 2);
         assert_eq!(b[0].row.state, GroupState::Active);
     }
@@ -557,10 +550,7 @@ mod tests {
         assert_eq!(bob_events[0].kind, "member_removed");
         assert_eq!(bob_events[0].from, "alice");
         let carol_events = rest[1].apply(&e).unwrap();
-        assert_eq!(
-            carol_events[0].members.as_deref(),
-            Some(&["bob".to_string()][..])
-        );
+        assert_eq!(carol_events[0].members(), &["bob".to_string()][..]);
         assert_eq!(rest[1].row.state, GroupState::Active);
     }
 

@@ -28,5 +28,5 @@ pub mod preview;
 pub use client::media::{Progress, Quiet};
 pub use client::Client;
 pub use error::{ClientError, Result};
-pub use event::Event;
+pub use event::{Event, EventKind};
 pub use home::Home;

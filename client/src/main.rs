@@ -391,7 +391,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             if out.json {
                 out.json(&e);
             } else {
-                out.line(e.media_id.as_deref().unwrap_or_default());
+                out.line(e.media_id().unwrap_or_default());
             }
         }
         Command::Download {
@@ -414,9 +414,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             client.close().await;
             let failed = events.iter().filter(|e| e.kind == "error").count();
             if failed > 0 {
-                return Err(ClientError::Usage(format!(
-                    "{failed} group(s) could not be brought up to date (see above); the others were"
-                )));
+                return Err(ClientError::GroupsFailed(failed));
             }
         }
         Command::Listen => {

@@ -67,8 +67,7 @@ async fn a_removed_member_reads_nothing_afterwards() {
     let ev = c[3].sync().await.unwrap();
     assert!(ev
         .iter()
-        .any(|e| e.kind == "member_removed"
-            && e.members.as_deref() == Some(&["user3".to_string()][..])));
+        .any(|e| e.kind == "member_removed" && e.members() == &["user3".to_string()][..]));
     assert!(texts(&ev).is_empty(), "{ev:?}");
     assert_eq!(c[3].group_state(&g).unwrap().1, "removed");
     // The DS refuses it the log after its removal...
@@ -258,7 +257,7 @@ async fn next_text(rx: &mut tokio::sync::mpsc::UnboundedReceiver<huddle_client::
             .expect("a message within 20 s")
             .unwrap();
         if e.kind == "text" {
-            return e.text.unwrap();
+            return e.text().unwrap().to_owned();
         }
     }
 }

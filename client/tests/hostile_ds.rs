@@ -231,7 +231,7 @@ async fn diverged_and_lost_states_are_detected_and_a_lost_state_rejoins() {
     let ev = a.sync().await.unwrap();
     let fork: Vec<_> = ev.iter().filter(|e| e.kind == "fork_detected").collect();
     assert_eq!(fork.len(), 1, "{ev:?}");
-    assert_eq!(fork[0].members.as_deref(), Some(&["bob".to_string()][..]));
+    assert_eq!(fork[0].members(), &["bob".to_string()][..]);
     assert!(ev.iter().all(|e| e.kind != "rejoined"), "{ev:?}");
     // Reported once per epoch, not on every sync.
     assert!(a
@@ -252,7 +252,7 @@ async fn diverged_and_lost_states_are_detected_and_a_lost_state_rejoins() {
     let rejoined: Vec<_> = ev.iter().filter(|e| e.kind == "rejoined").collect();
     assert_eq!(rejoined.len(), 1, "{ev:?}");
     assert_eq!(rejoined[0].group, g);
-    let epoch_after = rejoined[0].epoch.unwrap();
+    let epoch_after = rejoined[0].epoch().unwrap();
     assert_eq!(epoch_after, epoch + 1, "the rejoin is one commit");
     // Alice learns of it as a rejoin, not a removal, and both read what the
     // other sends next.

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use huddle_client::{Client, ClientError, Progress, Quiet};
+use huddle_client::{Client, ClientError, Event, EventKind, Progress, Quiet};
 use huddle_core::proto::{ErrorCode, Request};
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -46,6 +46,14 @@ fn blob_path(server: &TestServer, media: &str) -> PathBuf {
     server.data_dir.join("blobs").join(format!("{media}.blob"))
 }
 
+/// The file name and size of a `media` event.
+fn media_of(e: &Event) -> (&str, u64) {
+    match &e.kind {
+        EventKind::Media { name, size, .. } => (name.as_str(), *size),
+        other => panic!("expected a media event, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_20_mib_file_round_trips_between_three_members() {
     let server = TestServer::start().await;
@@ -56,14 +64,14 @@ async fn a_20_mib_file_round_trips_between_three_members() {
         .send_file(&g, &src, "a video", &mut Quiet)
         .await
         .unwrap();
-    let media = sent.media_id.clone().unwrap();
-    assert_eq!(sent.size, Some(20 << 20));
+    let media = sent.media_id().map(str::to_owned).unwrap();
+    assert_eq!(media_of(&sent).1, 20 << 20);
     for (i, x) in c.iter_mut().enumerate().skip(1) {
         let events = x.sync().await.unwrap();
         let e = events.iter().find(|e| e.kind == "media").unwrap();
-        assert_eq!(e.media_id.as_deref(), Some(media.as_str()));
-        assert_eq!(e.text.as_deref(), Some("a video"));
-        assert_eq!(e.name.as_deref(), Some("video.bin"));
+        assert_eq!(e.media_id(), Some(media.as_str()));
+        assert_eq!(e.text(), Some("a video"));
+        assert_eq!(media_of(e).0, "video.bin");
         let out = server.dir.path().join(format!("out{i}.bin"));
         x.download(&media, Some(&out), &mut Quiet).await.unwrap();
         assert!(
@@ -133,7 +141,10 @@ async fn an_interrupted_upload_resumes_and_sends_only_the_rest() {
         started_at: 0,
         moved: 0,
     };
-    assert!(c[0].send_file(&g, &src, "", &mut first).await.is_err());
+    assert!(matches!(
+        c[0].send_file(&g, &src, "", &mut first).await,
+        Err(ClientError::Interrupted(_))
+    ));
     assert_eq!(first.started_at, 0);
     // Resume at once: the DS may still be winding the broken stream up
     // (syncing, recording progress); the new upload waits for that.
@@ -143,9 +154,9 @@ async fn an_interrupted_upload_resumes_and_sends_only_the_rest() {
         moved: 0,
     };
     let sent = c[0].send_file(&g, &src, "", &mut second).await.unwrap();
-    let total = sent.size.unwrap() + 82 + 16 * 96; // header + tags of 96 chunks
-                                                   // What had reached the server before the kill is kept (the client had
-                                                   // written more into its send buffer than was delivered).
+    let total = media_of(&sent).1 + 82 + 16 * 96; // header + tags of 96 chunks
+                                                  // What had reached the server before the kill is kept (the client had
+                                                  // written more into its send buffer than was delivered).
     assert!(
         second.started_at >= 1 << 20,
         "resumed from {}",
@@ -159,7 +170,7 @@ async fn an_interrupted_upload_resumes_and_sends_only_the_rest() {
     );
     c[1].sync().await.unwrap();
     let out = server.dir.path().join("big.out");
-    c[1].download(sent.media_id.as_deref().unwrap(), Some(&out), &mut Quiet)
+    c[1].download(sent.media_id().unwrap(), Some(&out), &mut Quiet)
         .await
         .unwrap();
     assert!(std::fs::read(&out).unwrap() == data);
@@ -182,7 +193,10 @@ async fn a_file_changed_before_its_upload_resumes_is_sent_afresh() {
         started_at: 0,
         moved: 0,
     };
-    assert!(c[0].send_file(&g, &src, "", &mut first).await.is_err());
+    assert!(matches!(
+        c[0].send_file(&g, &src, "", &mut first).await,
+        Err(ClientError::Interrupted(_))
+    ));
     // Changed near the start, same size, same time.
     let mut changed = data.clone();
     changed[1000] ^= 0xff;
@@ -202,7 +216,7 @@ async fn a_file_changed_before_its_upload_resumes_is_sent_afresh() {
     assert_eq!(second.started_at, 0, "sent afresh, not resumed");
     c[1].sync().await.unwrap();
     let out = server.dir.path().join("edited.out");
-    c[1].download(sent.media_id.as_deref().unwrap(), Some(&out), &mut Quiet)
+    c[1].download(sent.media_id().unwrap(), Some(&out), &mut Quiet)
         .await
         .unwrap();
     assert!(std::fs::read(&out).unwrap() == changed);
@@ -222,8 +236,9 @@ async fn an_interrupted_download_resumes() {
         .send_file(&g, &src, "", &mut Quiet)
         .await
         .unwrap()
-        .media_id
-        .unwrap();
+        .media_id()
+        .unwrap()
+        .to_owned();
     c[1].sync().await.unwrap();
     let out = server.dir.path().join("clip.out");
     let mut stop = Stopper {
@@ -231,7 +246,10 @@ async fn an_interrupted_download_resumes() {
         started_at: 0,
         moved: 0,
     };
-    assert!(c[1].download(&media, Some(&out), &mut stop).await.is_err());
+    assert!(matches!(
+        c[1].download(&media, Some(&out), &mut stop).await,
+        Err(ClientError::Interrupted(_))
+    ));
     assert!(
         !out.exists(),
         "nothing is visible before it is complete and verified"
@@ -265,8 +283,9 @@ async fn tampered_truncated_and_reordered_blobs_are_refused() {
         .send_file(&g, &src, "", &mut Quiet)
         .await
         .unwrap()
-        .media_id
-        .unwrap();
+        .media_id()
+        .unwrap()
+        .to_owned();
     c[1].sync().await.unwrap();
     let path = blob_path(&server, &media);
     let original = std::fs::read(&path).unwrap();
@@ -318,8 +337,9 @@ async fn removed_members_and_non_members_cannot_fetch() {
         .send_file(&g, &src, "", &mut Quiet)
         .await
         .unwrap()
-        .media_id
-        .unwrap();
+        .media_id()
+        .unwrap()
+        .to_owned();
     c[2].sync().await.unwrap();
     c[0].remove(&g, &["carol".into()]).await.unwrap();
     // Carol learned the id (and key) before her removal; the DS still refuses.
@@ -371,8 +391,11 @@ async fn pictures_carry_a_preview_and_a_detected_type() {
     c[0].send_file(&g, &src, "beach", &mut Quiet).await.unwrap();
     let ev = c[1].sync().await.unwrap();
     let e = ev.iter().find(|e| e.kind == "media").unwrap();
-    assert_eq!(e.mime.as_deref(), Some("image/png"));
-    let (_, info) = c[1].media_info(e.media_id.as_deref().unwrap()).unwrap();
+    assert!(
+        matches!(&e.kind, EventKind::Media { mime, .. } if mime == "image/png"),
+        "{e:?}"
+    );
+    let (_, info) = c[1].media_info(e.media_id().unwrap()).unwrap();
     let preview = info.preview.unwrap();
     assert!(preview.len() <= 8 * 1024);
     assert!(image::load_from_memory(&preview).is_ok());
@@ -418,8 +441,9 @@ async fn expired_media_is_deleted() {
         .send_file(&g, &src, "", &mut Quiet)
         .await
         .unwrap()
-        .media_id
-        .unwrap();
+        .media_id()
+        .unwrap()
+        .to_owned();
     let path = blob_path(&server, &media);
     for _ in 0..200 {
         if !path.exists() {

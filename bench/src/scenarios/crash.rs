@@ -80,7 +80,7 @@ fn sender(
                     match c.send_file(&group, &path, "", &mut Quiet).await {
                         Ok(e) => {
                             acked.media.push((
-                                e.media_id.unwrap_or_default(),
+                                e.media_id().unwrap_or_default().to_owned(),
                                 *blake3::hash(&data).as_bytes(),
                             ));
                             break;
@@ -185,8 +185,10 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         let h: Vec<String> = c
             .messages(&group, usize::MAX)?
             .into_iter()
-            .filter(|e| e.kind == "text")
-            .filter_map(|e| e.text)
+            .filter_map(|e| match e.kind {
+                huddle_client::EventKind::Text { text } => Some(text),
+                _ => None,
+            })
             .collect();
         histories.insert(n.clone(), h);
         c.close().await;

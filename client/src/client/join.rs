@@ -177,15 +177,16 @@ impl Client {
                 item.commit_seq,
                 now_ms(),
             )?;
-            let mut e = Event::new(
-                EventKind::Joined,
+            let e = Event::new(
+                EventKind::Joined {
+                    members,
+                    epoch: group.epoch().as_u64(),
+                },
                 &item.group.to_string(),
                 &from,
                 item.commit_seq,
                 item.timestamp_ms,
             );
-            e.members = Some(members);
-            e.epoch = Some(group.epoch().as_u64());
             db::history::record(&tx, &item.group, std::slice::from_ref(&e), Origin::Others)?;
             Ok(e)
         })();

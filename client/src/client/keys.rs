@@ -102,12 +102,11 @@ impl Client {
         for u in users {
             match db::users::known_key(&self.db, &u.name)? {
                 Some(k) if k != u.identity_key => {
-                    return Err(ClientError::Usage(format!(
-                        "the identity key of {} changed (was {}, now {}): refusing to use it",
-                        u.name,
-                        huddle_core::auth::key_fingerprint(&k.try_into().unwrap_or([0; 32])),
-                        huddle_core::auth::key_fingerprint(&u.identity_key)
-                    )))
+                    return Err(ClientError::KeyChanged {
+                        user: u.name.clone(),
+                        was: huddle_core::auth::key_fingerprint(&k.try_into().unwrap_or([0; 32])),
+                        now: huddle_core::auth::key_fingerprint(&u.identity_key),
+                    })
                 }
                 Some(_) => {}
                 None => db::users::remember(&self.db, &u.name, &u.identity_key, now_ms())?,

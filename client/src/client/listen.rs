@@ -132,8 +132,8 @@ impl Client {
             .await?;
         *subscribed = true;
         if first {
-            let mut e = Event::new(EventKind::Listening, "", self.name(), 0, now_ms());
-            e.text = Some(server.clone());
+            let text = server.clone();
+            let e = Event::new(EventKind::Listening { text }, "", self.name(), 0, now_ms());
             on_event(&e);
         }
         let mut tick = tokio::time::interval(Duration::from_millis(500));

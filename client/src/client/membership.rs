@@ -69,7 +69,7 @@ impl Client {
         let events = self
             .commit_with_retry(
                 &id,
-                Some((EventKind::MemberAdded, added)),
+                Some((Change::Added, added)),
                 Origin::Own,
                 move |g, p, s| {
                     // No UpdatePath (RFC 9420 §12.4): an add-only commit still
@@ -107,7 +107,7 @@ impl Client {
         let removed = users.clone();
         self.commit_with_retry(
             &id,
-            Some((EventKind::MemberRemoved, removed)),
+            Some((Change::Removed, removed)),
             Origin::Own,
             move |g, p, s| {
                 let mut leaves = Vec::new();
@@ -197,7 +197,7 @@ impl Client {
     pub(super) async fn commit_with_retry<F>(
         &mut self,
         id: &GroupId,
-        event: Option<(EventKind, Vec<String>)>,
+        event: Option<(Change, Vec<String>)>,
         origin: Origin,
         make: F,
     ) -> Result<Vec<Event>>
@@ -240,10 +240,9 @@ impl Client {
                     db::groups::commit_merged(&tx, id)?;
                     db::history::mark_own(&tx, id, seq)?;
                     let mut events = Vec::new();
-                    if let Some((kind, members)) = &event {
-                        let mut e = Event::new(*kind, &id.to_string(), self.name(), seq, now_ms());
-                        e.members = Some(members.clone());
-                        e.epoch = Some(epoch);
+                    if let Some((change, members)) = &event {
+                        let kind = change.event(members.clone(), epoch);
+                        let mut e = Event::new(kind, &id.to_string(), self.name(), seq, now_ms());
                         e.group_name = db::groups::load(&tx, id)?
                             .map(|r| r.name)
                             .unwrap_or_default();
@@ -358,9 +357,9 @@ impl Client {
             return Ok(Vec::new());
         }
         let kind = if all_self {
-            EventKind::Left
+            Change::Left
         } else {
-            EventKind::MemberRemoved
+            Change::Removed
         };
         let r = self
             .commit_with_retry(id, Some((kind, leaving)), Origin::Others, |g, p, s| {
@@ -377,6 +376,33 @@ impl Client {
             // Someone else committed them while we synced.
             Err(ClientError::NothingToCommit) => Ok(Vec::new()),
             other => other,
+        }
+    }
+}
+
+/// The membership change a commit of this device makes, for the event
+/// that reports it.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Change {
+    Added,
+    Removed,
+    Left,
+}
+
+impl Change {
+    fn event(self, members: Vec<String>, epoch: u64) -> EventKind {
+        match self {
+            Change::Added => EventKind::MemberAdded { members, epoch },
+            Change::Removed => EventKind::MemberRemoved {
+                members,
+                epoch: Some(epoch),
+                text: None,
+            },
+            Change::Left => EventKind::Left {
+                members,
+                epoch: Some(epoch),
+                text: None,
+            },
         }
     }
 }

@@ -337,9 +337,7 @@ impl Client {
         let provider = Provider::new(&self.crypto, conn);
         MlsGroup::load(provider.storage(), &mls_gid(id))
             .map_err(ClientError::mls)?
-            .ok_or_else(|| {
-                ClientError::Usage(format!("group {id} has no MLS state on this device"))
-            })
+            .ok_or_else(|| ClientError::NoGroupState(id.to_string()))
     }
 
     /// [`Client::active_group`], for sending: a member that asked to leave

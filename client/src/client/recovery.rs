@@ -69,17 +69,19 @@ impl Client {
                         continue;
                     }
                     db::settings::set(&self.db, &key, 1)?;
-                    let mut e = Event::new(
-                        EventKind::ForkDetected,
+                    let e = Event::new(
+                        EventKind::ForkDetected {
+                            epoch: g.epoch,
+                            members: Vec::new(),
+                            text: Some(format!(
+                                "this device has no state for this group; rejoining failed ({err}) and is retried at the next sync"
+                            )),
+                        },
                         &id.to_string(),
                         self.name(),
                         g.head,
                         now_ms(),
                     );
-                    e.epoch = Some(g.epoch);
-                    e.text = Some(format!(
-                        "this device has no state for this group; rejoining failed ({err}) and is retried at the next sync"
-                    ));
                     db::history::record_note(&self.db, &id, &e)?;
                     out.push(e);
                 }
@@ -171,14 +173,16 @@ impl Client {
                 .map(|r| r.cursor)
                 .unwrap_or(0);
             let mut e = Event::new(
-                EventKind::ForkDetected,
+                EventKind::ForkDetected {
+                    epoch,
+                    members: differ,
+                    text: None,
+                },
                 &id.to_string(),
                 self.name(),
                 cursor,
                 now_ms(),
             );
-            e.epoch = Some(epoch);
-            e.members = Some(differ);
             e.group_name = db::groups::load(&self.db, id)?
                 .map(|r| r.name)
                 .unwrap_or_default();
@@ -350,15 +354,16 @@ impl Client {
                     db::groups::rejoined(&tx, id, seq)?;
                     db::history::mark_own(&tx, id, seq)?;
                     let mut e = Event::new(
-                        EventKind::Rejoined,
+                        EventKind::Rejoined {
+                            members: member_names(&self.load_group(&tx, id)?),
+                            epoch,
+                            text: Some(why.to_owned()),
+                        },
                         &id.to_string(),
                         self.name(),
                         seq,
                         now_ms(),
                     );
-                    e.epoch = Some(epoch);
-                    e.text = Some(why.to_owned());
-                    e.members = Some(member_names(&self.load_group(&tx, id)?));
                     e.group_name = db::groups::load(&tx, id)?
                         .map(|r| r.name)
                         .unwrap_or_default();
@@ -381,8 +386,8 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
-        Err(ClientError::Usage(
-            "other members kept committing first; the rejoin is retried at the next sync".into(),
+        Err(ClientError::Contended(
+            "other members kept committing first while this device rejoined".into(),
         ))
     }
 }

@@ -83,14 +83,15 @@ impl Client {
         debug!(group = %id, error = %err, "this group could not be synced; the others go on");
         let cursor = db::groups::load(&self.db, id).ok().flatten();
         let mut e = Event::new(
-            EventKind::Error,
+            EventKind::Error {
+                text: err.to_string(),
+            },
             &id.to_string(),
             "",
             cursor.as_ref().map_or(0, |r| r.cursor),
             now_ms(),
         );
         e.group_name = cursor.map(|r| r.name).unwrap_or_default();
-        e.text = Some(err.to_string());
         e
     }
 
@@ -199,19 +200,29 @@ impl Client {
                 if matches!(e.code, ErrorCode::NotMember | ErrorCode::UnknownGroup) => {}
             Err(e) => return Err(e),
         }
+        let members = vec![self.name().to_owned()];
+        let text = Some(
+            "this device was away when it was removed, longer than the server keeps messages; what was sent before the removal is lost to it".into(),
+        );
         let (state, kind) = if row.state == GroupState::Leaving {
-            (GroupState::Left, EventKind::Left)
+            let kind = EventKind::Left {
+                members,
+                epoch: None,
+                text,
+            };
+            (GroupState::Left, kind)
         } else {
-            (GroupState::Removed, EventKind::MemberRemoved)
+            let kind = EventKind::MemberRemoved {
+                members,
+                epoch: None,
+                text,
+            };
+            (GroupState::Removed, kind)
         };
         db::groups::set_state(&self.db, id, state)?;
         warn!(group = %id, "no longer a member, and the server compacted what this device had not read");
         let mut e = Event::new(kind, &id.to_string(), "", row.cursor, now_ms());
-        e.members = Some(vec![self.name().to_owned()]);
         e.group_name = row.name.clone();
-        e.text = Some(
-            "this device was away when it was removed, longer than the server keeps messages; what was sent before the removal is lost to it".into(),
-        );
         db::history::record_note(&self.db, id, &e)?;
         Ok(vec![e])
     }

@@ -71,7 +71,7 @@ pub fn texts(events: &[Event]) -> Vec<String> {
     events
         .iter()
         .filter(|e| e.kind == "text")
-        .map(|e| format!("{}: {}", e.from, e.text.as_deref().unwrap_or("")))
+        .map(|e| format!("{}: {}", e.from, e.text().unwrap_or("")))
         .collect()
 }
 

@@ -153,7 +153,9 @@ impl Client {
                     break;
                 }
                 if !progress.advance(len) {
-                    outcome = Err(ClientError::Usage("download interrupted".into()));
+                    outcome = Err(ClientError::Interrupted(
+                        "download stopped; run it again to resume".into(),
+                    ));
                     break;
                 }
             }
@@ -241,7 +243,9 @@ impl Client {
             written += buf.len() as u64;
             if !progress.advance(buf.len() as u64) {
                 progress.finish();
-                return Err(ClientError::Usage("download interrupted".into()));
+                return Err(ClientError::Interrupted(
+                    "download stopped; run it again to resume".into(),
+                ));
             }
         }
         progress.finish();

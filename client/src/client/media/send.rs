@@ -269,7 +269,7 @@ async fn seal_and_send(
         ));
     }
     let lost = |e: quinn::WriteError| ClientError::Io(format!("upload stream: {e}"));
-    let interrupted = || ClientError::Usage("upload interrupted".into());
+    let interrupted = || ClientError::Interrupted("upload stopped; run it again to resume".into());
     let head = header.encode();
     if let Some(s) = send.as_deref_mut() {
         if offset < HEADER_LEN as u64 {
@@ -368,7 +368,9 @@ fn seal_all(
             && tx.blocking_send(Piece::Chunk(start, buf)).is_err()
         {
             // The sending side gave up; it reports why.
-            return Err(ClientError::Usage("upload interrupted".into()));
+            return Err(ClientError::Interrupted(
+                "upload stopped; run it again to resume".into(),
+            ));
         }
     }
     Ok(Sealed::Whole(*hasher.finalize().as_bytes()))
