@@ -165,7 +165,7 @@ fn texts(events: &[Event]) -> Vec<String> {
     events
         .iter()
         .filter(|e| e.kind == "text")
-        .map(|e| format!("{}: {}", e.from, e.text.as_deref().unwrap_or("")))
+        .map(|e| format!("{}: {}", e.from, e.text().unwrap_or("")))
         .collect()
 }
 
@@ -250,7 +250,7 @@ async fn a_disk_filling_up_during_an_upload_refuses_it_clearly_and_keeps_what_wa
     // The item stored before is whole, and the group goes on.
     bob.sync().await.unwrap();
     let out = dir.path().join("small.out");
-    bob.download(stored.media_id.as_deref().unwrap(), Some(&out), &mut Quiet)
+    bob.download(stored.media_id().unwrap(), Some(&out), &mut Quiet)
         .await
         .unwrap();
     assert!(std::fs::read(&out).unwrap() == small_data);
@@ -269,7 +269,7 @@ async fn a_disk_filling_up_during_an_upload_refuses_it_clearly_and_keeps_what_wa
     );
     bob.sync().await.unwrap();
     let out = dir.path().join("big.out");
-    bob.download(sent.media_id.as_deref().unwrap(), Some(&out), &mut Quiet)
+    bob.download(sent.media_id().unwrap(), Some(&out), &mut Quiet)
         .await
         .unwrap();
     assert!(std::fs::read(&out).unwrap() == big_data);

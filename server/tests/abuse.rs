@@ -465,7 +465,7 @@ async fn idle_groups_are_unloaded_and_loaded_again_when_used() {
         .unwrap()
         .into_iter()
         .filter(|e| e.kind == "text")
-        .map(|e| e.text.unwrap())
+        .map(|e| e.text().unwrap().to_owned())
         .collect();
     assert_eq!(texts, ["one", "two"]);
     // A watched group stays in memory however long it is quiet.

@@ -86,7 +86,7 @@ async fn kill_9_during_traffic_loses_nothing_acknowledged() {
             .unwrap()
             .into_iter()
             .filter(|e| e.kind == "text" && e.from == "alice")
-            .map(|e| e.text.unwrap())
+            .map(|e| e.text().unwrap().to_owned())
             .collect()
     };
     bob.sync().await.unwrap();
