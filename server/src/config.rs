@@ -102,6 +102,13 @@ pub struct ServerConfig {
     pub answer_write_timeout: Duration,
     /// Memory the store may use to cache its pages.
     pub store_cache: usize,
+    /// Keep the DS's state in this PostgreSQL database
+    /// (`postgres://user@host/db`) instead of the embedded store in the
+    /// data directory.
+    pub store_url: Option<String>,
+    /// Connections to that database, at most; requests beyond them wait
+    /// up to 5 s for one, then fail as `Unavailable`.
+    pub store_connections: usize,
     /// Threads for blocking work (store access, disk I/O, MLS validation);
     /// beyond it such work queues. None of it waits on the network.
     pub blocking_threads: usize,
@@ -177,6 +184,8 @@ impl Default for ServerConfig {
             answer_budget_wait: Duration::from_secs(10),
             answer_write_timeout: Duration::from_secs(30),
             store_cache: crate::store::redb::DEFAULT_CACHE,
+            store_url: None,
+            store_connections: crate::store::postgres::DEFAULT_POOL as usize,
             blocking_threads: 64,
             shutdown_grace: Duration::from_secs(10),
             maintenance_interval: Duration::from_secs(10),
@@ -198,6 +207,13 @@ impl ServerConfig {
     /// Refuses settings the DS cannot work with: zero where something must
     /// happen, or limits that contradict each other.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(url) = &self.store_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(format!(
+                    "--store {url:?}: expected a PostgreSQL address, postgres://USER@HOST:PORT/DB"
+                ));
+            }
+        }
         let positive = [
             ("idle_timeout", self.idle_timeout.is_zero()),
             ("auth_timeout", self.auth_timeout.is_zero()),
@@ -313,6 +329,7 @@ limits! {
     answer_budget_wait: time,
     answer_write_timeout: time,
     store_cache: size,
+    store_connections: count,
     blocking_threads: count,
     shutdown_grace: time,
     maintenance_interval: time,

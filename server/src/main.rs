@@ -20,6 +20,11 @@ struct Args {
     /// Directory for the database, certificate and blobs (created if missing).
     #[arg(long, default_value = "./huddle-data")]
     data_dir: PathBuf,
+    /// Keep users, groups, logs and media records in this PostgreSQL
+    /// database (postgres://USER@HOST:PORT/DB) instead of the embedded
+    /// store in the data directory (certificate and blobs stay there).
+    #[arg(long, value_name = "URL", env = "HUDDLE_STORE")]
+    store: Option<String>,
     /// PEM certificate chain to present instead of the self-signed one.
     #[arg(long, requires = "key")]
     cert: Option<PathBuf>,
@@ -61,6 +66,7 @@ fn main() {
     let mut config = ServerConfig {
         listen: args.listen,
         data_dir: args.data_dir,
+        store_url: args.store,
         cert: args.cert.zip(args.key),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         max_connections: args.max_connections,

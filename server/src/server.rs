@@ -21,6 +21,7 @@ use tracing::{debug, info, info_span, warn, Instrument as _};
 
 use crate::config::ServerConfig;
 use crate::service::{Service, Session, Uncounted};
+use crate::store::postgres::PgStore;
 use crate::store::redb::RedbStore;
 use crate::store::Store;
 use crate::{budget, media, push, tls};
@@ -112,6 +113,32 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     start_with_store(config, |store| store).await
 }
 
+/// The store `config` names: PostgreSQL with `store_url`, else the
+/// embedded store in the data directory.
+async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, StartError> {
+    match &config.store_url {
+        Some(url) => {
+            let (url, pool) = (url.clone(), config.store_connections);
+            let pool = u32::try_from(pool).unwrap_or(u32::MAX);
+            let store = tokio::task::spawn_blocking(move || PgStore::open(&url, pool))
+                .await
+                .map_err(|e| StartError::msg(format!("opening the database: {e}")))?
+                .map_err(|e| StartError::msg(format!("opening the database: {e}")))?;
+            Ok(Arc::new(store))
+        }
+        None => {
+            let db_path = config.data_dir.join("huddle.redb");
+            let store = RedbStore::open_with_cache(&db_path, config.store_cache).map_err(|e| {
+                StartError::msg(format!(
+                    "opening {}: {e} (is another huddle-server using this data dir?)",
+                    db_path.display()
+                ))
+            })?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
 /// Like [`start`], with the opened store passed through `wrap` (tests put
 /// a store that fails on demand around it).
 pub(crate) async fn start_with_store(
@@ -123,17 +150,22 @@ pub(crate) async fn start_with_store(
     let identity = tls::load_identity(&config)?;
     let fingerprint = identity.fingerprint();
     let cert_der = identity.chain[0].to_vec();
-    let db_path = config.data_dir.join("huddle.redb");
-    let store = RedbStore::open_with_cache(&db_path, config.store_cache).map_err(|e| {
-        StartError::msg(format!(
-            "opening {}: {e} (is another huddle-server using this data dir?)",
-            db_path.display()
-        ))
-    })?;
+    let store = open_store(&config).await?;
     let config = Arc::new(config);
-    let service = Service::new(config.clone(), wrap(Arc::new(store)))
-        .map_err(|e| StartError::msg(format!("loading state: {e}")))?;
-    let blobs = media::BlobStore::open(config.clone(), service.store().clone())?;
+    // Loading reads the store, which blocks (a database answers over the
+    // network): not on an async worker.
+    let (service, blobs) = {
+        let config = config.clone();
+        let store = wrap(store);
+        tokio::task::spawn_blocking(move || -> Result<_, StartError> {
+            let service = Service::new(config.clone(), store)
+                .map_err(|e| StartError::msg(format!("loading state: {e}")))?;
+            let blobs = media::BlobStore::open(config, service.store().clone())?;
+            Ok((service, blobs))
+        })
+        .await
+        .map_err(|e| StartError::msg(format!("loading state: {e}")))??
+    };
     let server_config = tls::quinn_config(&config, identity)?;
     let reset_key = tls::reset_key(&config.data_dir)?;
     // Connection ids are checked against a keyed hash before a stateless

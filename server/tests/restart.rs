@@ -112,11 +112,3 @@ async fn sigusr1_writes_the_work_counters() {
     assert!(grew("group_writes") >= grew("rounds"), "{after}");
     alice.close().await;
 }
-
-fn texts(events: &[huddle_client::Event]) -> Vec<String> {
-    events
-        .iter()
-        .filter(|e| e.kind == "text")
-        .map(|e| format!("{}: {}", e.from, e.text.as_deref().unwrap_or("")))
-        .collect()
-}

@@ -4,13 +4,14 @@
 //! packages, groups (public MLS state, members, log), Welcome inboxes,
 //! ratchet-tree snapshots and cursors. Every method that changes state is
 //! atomic and durable when it returns `Ok`: the DS acknowledges nothing
-//! before that. [`redb::RedbStore`] is the embedded default; another backend
-//! (for example PostgreSQL) implements the same trait.
+//! before that. [`redb::RedbStore`] is the embedded default; [`postgres::PgStore`]
+//! keeps the same state in PostgreSQL.
 //!
 //! Group writes are batched: [`Store::apply`] takes the writes of many
 //! groups and commits them in one transaction, so one disk flush
 //! acknowledges many messages (see [`crate::writer`]).
 
+pub mod postgres;
 pub mod redb;
 #[cfg(test)]
 mod tests;
@@ -31,6 +32,10 @@ pub enum StoreError {
     /// is already taken).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The storage backend cannot be reached (a database that is down or
+    /// restarting); nothing was stored, and trying again later may work.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     /// Stored data could not be decoded.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -49,6 +54,13 @@ impl From<StoreError> for ErrorBody {
                 ErrorCode::QuotaExceeded,
                 "the server's storage is full; nothing was stored",
             ),
+            StoreError::Unavailable(detail) => {
+                tracing::warn!(%detail, "storage unavailable");
+                ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    "the server's database is unavailable; nothing was stored; try again later",
+                )
+            }
             other => {
                 tracing::warn!(error = %other, "storage failure");
                 ErrorBody::new(ErrorCode::Internal, "storage failure; nothing was stored")

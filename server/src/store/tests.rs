@@ -1,4 +1,7 @@
-//! Contract tests for [`Store`], run against the redb backend.
+//! Contract tests for [`Store`]: each runs against the redb backend and,
+//! when `HUDDLE_TEST_POSTGRES` names a database, against PostgreSQL (each
+//! test in a schema of its own); without it the PostgreSQL runs say they
+//! were skipped. Then tests of what only one backend has.
 
 use super::redb::RedbStore;
 use super::*;
@@ -46,9 +49,7 @@ fn write(group: GroupId, create: bool, head: u64, entries: Vec<LogEntry>) -> Gro
     w
 }
 
-#[test]
-fn names_are_unique_per_key() {
-    let (_d, s) = store();
+fn names_are_unique_per_key(s: &dyn Store) {
     assert_eq!(
         s.register_user("alice", &user(1)).unwrap(),
         RegisterOutcome::Created
@@ -65,9 +66,7 @@ fn names_are_unique_per_key() {
     assert_eq!(s.user("bob").unwrap(), None);
 }
 
-#[test]
-fn key_packages_are_handed_out_once_then_last_resort() {
-    let (_d, s) = store();
+fn key_packages_are_handed_out_once_then_last_resort(s: &dyn Store) {
     s.add_key_packages(
         "bob",
         &[kp(1, 100), kp(2, 100), kp(3, 5)],
@@ -117,9 +116,7 @@ fn key_packages_are_handed_out_once_then_last_resort() {
     assert_eq!(s.key_package_count("carol", 50).unwrap(), (1, false));
 }
 
-#[test]
-fn expired_key_packages_leave_the_pool_when_new_ones_come() {
-    let (_d, s) = store();
+fn expired_key_packages_leave_the_pool_when_new_ones_come(s: &dyn Store) {
     s.add_key_packages("bob", &[kp(1, 10), kp(2, 10)], None, 3, 1)
         .unwrap();
     // At 20 both have expired: they do not count against the cap.
@@ -128,9 +125,7 @@ fn expired_key_packages_leave_the_pool_when_new_ones_come() {
     assert_eq!(s.key_package_count("bob", 0).unwrap(), (3, false));
 }
 
-#[test]
-fn key_package_pool_is_capped() {
-    let (_d, s) = store();
+fn key_package_pool_is_capped(s: &dyn Store) {
     let err = s
         .add_key_packages("bob", &[kp(1, 9), kp(2, 9), kp(3, 9)], None, 2, 1)
         .unwrap_err();
@@ -138,9 +133,7 @@ fn key_package_pool_is_capped() {
     assert_eq!(s.key_package_count("bob", 0).unwrap(), (0, false));
 }
 
-#[test]
-fn log_is_contiguous_and_atomic() {
-    let (_d, s) = store();
+fn log_is_contiguous_and_atomic(s: &dyn Store) {
     let g = GroupId([1; 16]);
     s.apply(&[write(g, true, 0, vec![])]).unwrap();
     assert!(matches!(
@@ -165,9 +158,7 @@ fn log_is_contiguous_and_atomic() {
     assert_eq!(s.user_groups("alice").unwrap(), vec![g]);
 }
 
-#[test]
-fn inbox_numbers_items_per_user() {
-    let (_d, s) = store();
+fn inbox_numbers_items_per_user(s: &dyn Store) {
     let g = GroupId([1; 16]);
     let mut w = write(g, true, 0, vec![]);
     for u in ["bob", "carol", "bob"] {
@@ -195,9 +186,11 @@ fn welcome(user: &str, commit_seq: u64, timestamp_ms: u64) -> NewInboxItem {
 /// Header (6 bytes) and an encrypted GroupInfo standing in for a big one.
 const SHARED: &[u8] = b"HEAD..the encrypted group info, the same for every joiner";
 
-#[test]
-fn a_welcome_shared_by_many_joiners_is_stored_once_and_rebuilt_per_joiner() {
-    let (_d, s) = store();
+/// `shared_rows` counts the stored shared parts of Welcomes.
+fn a_welcome_shared_by_many_joiners_is_stored_once_and_rebuilt_per_joiner(
+    s: &dyn Store,
+    shared_rows: &dyn Fn() -> u64,
+) {
     let g = GroupId([1; 16]);
     let mut w = write(g, true, 0, vec![]);
     for i in 0..50 {
@@ -213,22 +206,17 @@ fn a_welcome_shared_by_many_joiners_is_stored_once_and_rebuilt_per_joiner() {
     assert_eq!(items[0].welcome.as_ref(), want.as_slice());
     assert_eq!(items[0].commit_seq, 7);
     // Stored once: one shared row, with 50 references.
-    let txn = s.read_for_tests();
-    let t = txn.open_table(super::redb::WELCOME_SHARED).unwrap();
-    assert_eq!(t.len().unwrap(), 1);
-    drop((t, txn));
+    assert_eq!(shared_rows(), 1);
     // Deleted with its last reference.
-    for i in 0..50 {
+    for i in 0..49 {
         s.delete_inbox(&format!("u{i}"), 1).unwrap();
     }
-    let txn = s.read_for_tests();
-    let t = txn.open_table(super::redb::WELCOME_SHARED).unwrap();
-    assert_eq!(t.len().unwrap(), 0);
+    assert_eq!(shared_rows(), 1);
+    s.delete_inbox("u49", 1).unwrap();
+    assert_eq!(shared_rows(), 0);
 }
 
-#[test]
-fn inboxes_are_capped_acknowledged_and_expired_and_keep_their_numbering() {
-    let (_d, s) = store();
+fn inboxes_are_capped_acknowledged_and_expired_and_keep_their_numbering(s: &dyn Store) {
     let g = GroupId([1; 16]);
     let mut w = write(g, true, 0, vec![]);
     w.inbox_cap = 3;
@@ -237,7 +225,7 @@ fn inboxes_are_capped_acknowledged_and_expired_and_keep_their_numbering() {
     }
     assert_eq!(s.apply(&[w]).unwrap()[0], vec![1, 2, 3, 4, 5]);
     // The two oldest made room.
-    let seqs = |s: &RedbStore| -> Vec<u64> {
+    let seqs = |s: &dyn Store| -> Vec<u64> {
         s.read_inbox("bob", 0, 10)
             .unwrap()
             .0
@@ -245,11 +233,11 @@ fn inboxes_are_capped_acknowledged_and_expired_and_keep_their_numbering() {
             .map(|i| i.seq)
             .collect()
     };
-    assert_eq!(seqs(&s), vec![3, 4, 5]);
+    assert_eq!(seqs(s), vec![3, 4, 5]);
     s.delete_inbox("bob", 3).unwrap();
-    assert_eq!(seqs(&s), vec![4, 5]);
+    assert_eq!(seqs(s), vec![4, 5]);
     assert_eq!(s.expire_inbox(104).unwrap(), 1);
-    assert_eq!(seqs(&s), vec![5]);
+    assert_eq!(seqs(s), vec![5]);
     s.delete_inbox("bob", 5).unwrap();
     // Empty, and the next one is still number 6.
     assert_eq!(s.read_inbox("bob", 0, 10).unwrap(), (vec![], 5));
@@ -279,9 +267,7 @@ fn state_survives_reopen() {
     assert_eq!(s.cursors(&g).unwrap(), vec![("alice".to_string(), 1)]);
 }
 
-#[test]
-fn cursors_only_move_forward_and_compaction_drops_entries() {
-    let (_d, s) = store();
+fn cursors_only_move_forward_and_compaction_drops_entries(s: &dyn Store) {
     let g = GroupId([1; 16]);
     s.apply(&[write(g, true, 3, vec![entry(1), entry(2), entry(3)])])
         .unwrap();
@@ -296,9 +282,7 @@ fn cursors_only_move_forward_and_compaction_drops_entries() {
     assert_eq!(s.groups().unwrap()[0].meta.compacted, 2);
 }
 
-#[test]
-fn epoch_authenticators_are_collected_per_epoch() {
-    let (_d, s) = store();
+fn epoch_authenticators_are_collected_per_epoch(s: &dyn Store) {
     let g = GroupId([1; 16]);
     s.publish_epoch_authenticator(&g, 1, "a", [1; 32]).unwrap();
     s.publish_epoch_authenticator(&g, 2, "a", [2; 32]).unwrap();
@@ -405,4 +389,61 @@ fn a_departed_member_holds_the_log_until_it_read_up_to_its_removal_or_retention_
     };
     assert!(legacy.holds_log(5, u64::MAX, 0));
     assert!(!legacy.holds_log(10, u64::MAX, 0));
+}
+
+/// Runs each contract test on both backends.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod on_redb {
+            $(
+                #[test]
+                fn $name() {
+                    let (_d, s) = super::store();
+                    super::$name(&s);
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(s) = super::super::postgres::testing::store(stringify!($name)) {
+                        super::$name(&*s);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    names_are_unique_per_key,
+    key_packages_are_handed_out_once_then_last_resort,
+    expired_key_packages_leave_the_pool_when_new_ones_come,
+    key_package_pool_is_capped,
+    log_is_contiguous_and_atomic,
+    inbox_numbers_items_per_user,
+    inboxes_are_capped_acknowledged_and_expired_and_keep_their_numbering,
+    cursors_only_move_forward_and_compaction_drops_entries,
+    epoch_authenticators_are_collected_per_epoch,
+);
+
+#[test]
+fn a_welcome_shared_by_many_joiners_is_stored_once_on_redb() {
+    let (_d, s) = store();
+    let rows = || {
+        let txn = s.read_for_tests();
+        let t = txn.open_table(super::redb::WELCOME_SHARED).unwrap();
+        t.len().unwrap()
+    };
+    a_welcome_shared_by_many_joiners_is_stored_once_and_rebuilt_per_joiner(&s, &rows);
+}
+
+#[test]
+fn a_welcome_shared_by_many_joiners_is_stored_once_on_postgres() {
+    let Some(s) = super::postgres::testing::store("a_welcome_shared_by_many_joiners") else {
+        return;
+    };
+    let rows = || s.count_rows_for_tests("welcome_shared");
+    a_welcome_shared_by_many_joiners_is_stored_once_and_rebuilt_per_joiner(&*s, &rows);
 }

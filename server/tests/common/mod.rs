@@ -15,11 +15,14 @@ use huddle_client::{Client, Home};
 use huddle_core::proto::{Request, Response};
 use huddle_server::{Running, ServerConfig};
 
-/// A server running inside the test process.
+/// A server running inside the test process: on the embedded store, or
+/// with `HUDDLE_TEST_STORE=postgres` on a schema of its own in the
+/// `HUDDLE_TEST_POSTGRES` database.
 pub struct InProcess {
     pub running: Option<Running>,
     pub addr: String,
     pub dir: tempfile::TempDir,
+    pub db: Option<PgSchema>,
 }
 
 impl InProcess {
@@ -35,6 +38,15 @@ impl InProcess {
             maintenance_interval: std::time::Duration::from_millis(100),
             ..ServerConfig::default()
         };
+        let db = match std::env::var("HUDDLE_TEST_STORE").as_deref() {
+            Ok("postgres") => {
+                let db = PgSchema::new("the in-process DS on PostgreSQL")
+                    .expect("HUDDLE_TEST_STORE=postgres needs HUDDLE_TEST_POSTGRES");
+                config.store_url = Some(db.url.clone());
+                Some(db)
+            }
+            _ => None,
+        };
         tune(&mut config);
         let running = huddle_server::start(config).await.unwrap();
         let addr = running.addr.to_string();
@@ -42,6 +54,7 @@ impl InProcess {
             running: Some(running),
             addr,
             dir,
+            db,
         }
     }
 
@@ -239,5 +252,64 @@ pub async fn kp_count(c: &Connection) -> (u32, bool) {
             last_resort,
         } => (available, last_resort),
         other => panic!("{other:?}"),
+    }
+}
+
+/// The text messages among `events`, as `from: text`.
+pub fn texts(events: &[huddle_client::Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.kind == "text")
+        .map(|e| format!("{}: {}", e.from, e.text().unwrap_or("")))
+        .collect()
+}
+
+/// Runs `f` on a thread of its own: the blocking PostgreSQL client may not
+/// run on a thread that drives async tasks.
+pub fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| s.spawn(f).join().unwrap())
+}
+
+/// A schema of its own in the test database, dropped at the end; the URL
+/// the DS is given selects it.
+pub struct PgSchema {
+    admin: String,
+    name: String,
+    /// The address that selects the schema.
+    pub url: String,
+}
+
+impl PgSchema {
+    pub fn new(test: &str) -> Option<Self> {
+        let Ok(admin) = std::env::var("HUDDLE_TEST_POSTGRES") else {
+            eprintln!("skipped {test}: HUDDLE_TEST_POSTGRES is not set");
+            return None;
+        };
+        let name = format!("huddle_test_{}", hex::encode(rand::random::<[u8; 8]>()));
+        off_runtime(|| {
+            let mut c = postgres::Client::connect(&admin, postgres::NoTls)
+                .unwrap_or_else(|e| panic!("HUDDLE_TEST_POSTGRES={admin}: {e}"));
+            c.batch_execute(&format!("CREATE SCHEMA {name}")).unwrap();
+        });
+        let sep = if admin.contains('?') { '&' } else { '?' };
+        let url = format!("{admin}{sep}options=-c%20search_path%3D{name}");
+        Some(Self { admin, name, url })
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        off_runtime(|| {
+            let mut c = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
+            c.query_one(sql, &[]).unwrap().get(0)
+        })
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        off_runtime(|| {
+            if let Ok(mut c) = postgres::Client::connect(&self.admin, postgres::NoTls) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
+            }
+        });
     }
 }

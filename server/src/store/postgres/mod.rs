@@ -1,0 +1,1053 @@
+//! A [`Store`] on PostgreSQL, for a DS whose state must outlive its
+//! machine (`huddle-server --store postgres://…`).
+//!
+//! The same promise as the embedded store: a method that returns `Ok` has
+//! committed (PostgreSQL's `synchronous_commit`, on by default, makes a
+//! commit durable before it returns). Every method runs in one
+//! transaction on a pooled connection.
+//!
+//! Ordering is enforced by the database as well as by the DS: a group
+//! write locks the group's row (`SELECT … FOR UPDATE`) and checks that its
+//! entries follow the stored head, and the schema refuses what no correct
+//! DS would write — two entries at one sequence number (primary key), two
+//! commits in one epoch (a unique index over commits). So even two DS
+//! processes writing one group from stale state cannot fork its log; the
+//! second one's write fails with [`StoreError::Conflict`].
+//!
+//! The schema lives in versioned migrations ([`MIGRATIONS`]), applied at
+//! open under an advisory lock, so several DS processes may start at once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ::postgres::error::SqlState;
+use ::postgres::{NoTls, Transaction};
+use bytes::Bytes;
+use huddle_core::proto::{EntryKind, InboxItem, LogEntry, MAX_PAGE_BYTES};
+use huddle_core::{GroupId, MediaId};
+use r2d2_postgres::PostgresConnectionManager;
+
+use super::*;
+
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
+
+/// The schema, one step per version; step `i` takes version `i` to
+/// `i + 1`. Steps are never edited once released: a change is a new step.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: everything the embedded store keeps.
+    r#"
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        identity_key BYTEA NOT NULL CHECK (length(identity_key) = 32),
+        registered_ms BIGINT NOT NULL
+    );
+    CREATE TABLE kp_pool (
+        username TEXT NOT NULL,
+        hash BYTEA NOT NULL,
+        not_after BIGINT NOT NULL,
+        bytes BYTEA NOT NULL,
+        PRIMARY KEY (username, hash)
+    );
+    CREATE TABLE kp_last_resort (
+        username TEXT PRIMARY KEY,
+        not_after BIGINT NOT NULL,
+        bytes BYTEA NOT NULL
+    );
+    CREATE TABLE groups (
+        id BYTEA PRIMARY KEY CHECK (length(id) = 16),
+        created_ms BIGINT NOT NULL,
+        epoch BIGINT NOT NULL CHECK (epoch >= 0),
+        head BIGINT NOT NULL CHECK (head >= 0),
+        compacted BIGINT NOT NULL CHECK (compacted >= 0 AND compacted <= head),
+        state BYTEA NOT NULL
+    );
+    CREATE TABLE log (
+        group_id BYTEA NOT NULL REFERENCES groups (id),
+        seq BIGINT NOT NULL CHECK (seq > 0),
+        epoch BIGINT NOT NULL,
+        kind SMALLINT NOT NULL CHECK (kind IN (0, 1, 2)),
+        timestamp_ms BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (group_id, seq)
+    );
+    -- One commit per epoch of a group: a second one would fork it.
+    CREATE UNIQUE INDEX log_one_commit_per_epoch ON log (group_id, epoch) WHERE kind = 0;
+    CREATE TABLE members (
+        group_id BYTEA NOT NULL REFERENCES groups (id),
+        username TEXT NOT NULL,
+        joined_seq BIGINT NOT NULL,
+        removed_seq BIGINT,
+        removed_ms BIGINT,
+        PRIMARY KEY (group_id, username)
+    );
+    CREATE INDEX members_by_user ON members (username, group_id);
+    CREATE TABLE inbox_head (
+        username TEXT PRIMARY KEY,
+        head BIGINT NOT NULL
+    );
+    CREATE TABLE welcome_shared (
+        group_id BYTEA NOT NULL,
+        commit_seq BIGINT NOT NULL,
+        refs INTEGER NOT NULL CHECK (refs >= 0),
+        bytes BYTEA NOT NULL,
+        PRIMARY KEY (group_id, commit_seq)
+    );
+    CREATE TABLE inbox_items (
+        username TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        group_id BYTEA NOT NULL,
+        commit_seq BIGINT NOT NULL,
+        timestamp_ms BIGINT NOT NULL,
+        own BYTEA NOT NULL,
+        PRIMARY KEY (username, seq)
+    );
+    CREATE INDEX inbox_items_by_time ON inbox_items (timestamp_ms);
+    CREATE TABLE trees (
+        group_id BYTEA NOT NULL,
+        seq BIGINT NOT NULL,
+        tree BYTEA NOT NULL,
+        PRIMARY KEY (group_id, seq)
+    );
+    CREATE TABLE group_info (
+        group_id BYTEA PRIMARY KEY,
+        epoch BIGINT NOT NULL,
+        info BYTEA NOT NULL
+    );
+    CREATE TABLE cursors (
+        group_id BYTEA NOT NULL,
+        username TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        PRIMARY KEY (group_id, username)
+    );
+    CREATE TABLE epoch_auth (
+        group_id BYTEA NOT NULL,
+        epoch BIGINT NOT NULL,
+        username TEXT NOT NULL,
+        hash BYTEA NOT NULL CHECK (length(hash) = 32),
+        PRIMARY KEY (group_id, epoch, username)
+    );
+    CREATE TABLE media (
+        id BYTEA PRIMARY KEY,
+        record BYTEA NOT NULL
+    );
+    "#,
+];
+
+/// Key of the advisory lock under which migrations run.
+const MIGRATION_LOCK: i64 = 0x6875_6464_6c65_0001;
+
+/// How long a request waits for a pooled connection before the store
+/// reports the database unavailable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections a DS keeps to the database, at most.
+pub const DEFAULT_POOL: u32 = 16;
+
+type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+/// The PostgreSQL-backed store.
+pub struct PgStore {
+    pool: Pool,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("connections", &self.pool.state().connections)
+            .finish()
+    }
+}
+
+/// A PostgreSQL failure as a [`StoreError`]: a lost or refused connection
+/// is [`StoreError::Unavailable`] (the DS may try again), a constraint the
+/// write broke a [`StoreError::Conflict`], a full disk
+/// [`StoreError::Full`].
+fn pg(e: ::postgres::Error) -> StoreError {
+    // The server's own words (and the constraint a write broke), not only
+    // "db error".
+    let detail = match e.as_db_error() {
+        Some(db) => match db.constraint() {
+            Some(c) => format!("{} (constraint {c})", db.message()),
+            None => db.message().to_owned(),
+        },
+        None => e.to_string(),
+    };
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::CHECK_VIOLATION => {
+            StoreError::Conflict(detail)
+        }
+        Some(c) if *c == SqlState::DISK_FULL => StoreError::Full,
+        Some(c)
+            if *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW =>
+        {
+            StoreError::Unavailable(detail)
+        }
+        Some(_) => StoreError::Io(detail),
+        // No SQL state: the connection itself failed.
+        None => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+/// `u64` as PostgreSQL's `BIGINT`; values past `i64::MAX` (only ever
+/// "no bound") are clamped.
+fn n(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A stored `BIGINT` as `u64`.
+fn u(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative number {v}")))
+}
+
+fn kind_code(k: EntryKind) -> i16 {
+    match k {
+        EntryKind::Commit => 0,
+        EntryKind::Proposal => 1,
+        EntryKind::Application => 2,
+    }
+}
+
+fn kind_of(code: i16) -> Result<EntryKind, StoreError> {
+    match code {
+        0 => Ok(EntryKind::Commit),
+        1 => Ok(EntryKind::Proposal),
+        2 => Ok(EntryKind::Application),
+        other => Err(StoreError::Corrupt(format!("log entry kind {other}"))),
+    }
+}
+
+fn group_id(bytes: &[u8]) -> Result<GroupId, StoreError> {
+    GroupId::from_slice(bytes).ok_or_else(|| StoreError::Corrupt("group id length".into()))
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user@host/db`),
+    /// keeping at most `pool` connections, and brings its schema up to
+    /// date.
+    pub fn open(url: &str, pool: u32) -> Result<Self, StoreError> {
+        let config: ::postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Io(format!("database address {url:?}: {e}")))?;
+        Self::open_with(config, pool)
+    }
+
+    /// Like [`PgStore::open`], with a parsed configuration.
+    pub fn open_with(mut config: ::postgres::Config, pool: u32) -> Result<Self, StoreError> {
+        config.connect_timeout(CONNECT_TIMEOUT);
+        let manager = PostgresConnectionManager::new(config, NoTls);
+        let pool = r2d2::Pool::builder()
+            .max_size(pool.max(1))
+            .min_idle(Some(1))
+            .connection_timeout(CONNECT_TIMEOUT)
+            // Failed connection attempts are reported to the caller; the
+            // pool's own log of them would repeat each one.
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build(manager)
+            .map_err(|e| StoreError::Unavailable(format!("connecting to the database: {e}")))?;
+        let store = Self {
+            pool,
+            closed: AtomicBool::new(false),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Applies the migrations this build knows and the database lacks;
+    /// refuses a database migrated by a newer build.
+    fn migrate(&self) -> Result<(), StoreError> {
+        self.txn(|t| {
+            t.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .map_err(pg)?;
+            t.batch_execute(
+                "CREATE TABLE IF NOT EXISTS huddle_schema (version BIGINT NOT NULL);
+                 INSERT INTO huddle_schema (version)
+                     SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM huddle_schema);",
+            )
+            .map_err(pg)?;
+            let version: i64 = t
+                .query_one("SELECT version FROM huddle_schema", &[])
+                .map_err(pg)?
+                .get(0);
+            let known = MIGRATIONS.len() as i64;
+            if version > known {
+                return Err(StoreError::Corrupt(format!(
+                    "the database has schema version {version}, this build knows up to {known}"
+                )));
+            }
+            for step in &MIGRATIONS[version as usize..] {
+                t.batch_execute(step).map_err(pg)?;
+            }
+            t.execute("UPDATE huddle_schema SET version = $1", &[&known])
+                .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    /// The schema version the database is at.
+    pub fn schema_version(&self) -> Result<u64, StoreError> {
+        self.txn(|t| {
+            u(t.query_one("SELECT version FROM huddle_schema", &[])
+                .map_err(pg)?
+                .get(0))
+        })
+    }
+
+    /// Runs `f` in one transaction, committed if it returns `Ok` and rolled
+    /// back otherwise.
+    fn txn<R>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.txn_or_rollback(|t| f(t).map(|r| (r, true)))
+    }
+
+    /// Runs `f` in one transaction, committed if it returns `Ok((_, true))`
+    /// and rolled back otherwise.
+    fn txn_or_rollback<R>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<(R, bool), StoreError>,
+    ) -> Result<R, StoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Io("the store is closed".into()));
+        }
+        let mut conn = self
+            .pool
+            .get()
+            .map_err(|e| StoreError::Unavailable(format!("no database connection: {e}")))?;
+        let mut t = conn.transaction().map_err(pg)?;
+        let (r, commit) = f(&mut t)?;
+        if commit {
+            t.commit().map_err(pg)?;
+        } else {
+            t.rollback().map_err(pg)?;
+        }
+        Ok(r)
+    }
+}
+
+/// The members of one group, as stored.
+fn members_of(
+    t: &mut Transaction<'_>,
+    gid: &[u8],
+) -> Result<Vec<(String, MemberRecord)>, StoreError> {
+    t.query(
+        "SELECT username, joined_seq, removed_seq, removed_ms FROM members
+         WHERE group_id = $1 ORDER BY username",
+        &[&gid],
+    )
+    .map_err(pg)?
+    .iter()
+    .map(|r| {
+        Ok((
+            r.get::<_, String>(0),
+            MemberRecord {
+                joined_seq: u(r.get(1))?,
+                removed_seq: r.get::<_, Option<i64>>(2).map(u).transpose()?,
+                removed_ms: r.get::<_, Option<i64>>(3).map(u).transpose()?,
+            },
+        ))
+    })
+    .collect()
+}
+
+/// A group row as a [`StoredGroup`], with its members.
+fn stored_group(t: &mut Transaction<'_>, row: &::postgres::Row) -> Result<StoredGroup, StoreError> {
+    let gid: Vec<u8> = row.get(0);
+    Ok(StoredGroup {
+        id: group_id(&gid)?,
+        meta: GroupMeta {
+            created_ms: u(row.get(1))?,
+            epoch: u(row.get(2))?,
+            head: u(row.get(3))?,
+            compacted: u(row.get(4))?,
+        },
+        state: row.get(5),
+        members: members_of(t, &gid)?,
+    })
+}
+
+const GROUP_COLUMNS: &str = "id, created_ms, epoch, head, compacted, state";
+
+/// Deletes `user`'s inbox items up to `upto` and the shared Welcome parts
+/// no item refers to any more; returns how many items went.
+fn drop_inbox(t: &mut Transaction<'_>, user: &str, upto: u64) -> Result<usize, StoreError> {
+    let gone = t
+        .query(
+            "DELETE FROM inbox_items WHERE username = $1 AND seq <= $2
+             RETURNING group_id, commit_seq",
+            &[&user, &n(upto)],
+        )
+        .map_err(pg)?;
+    release_shared(t, &gone)?;
+    Ok(gone.len())
+}
+
+/// Drops one reference to the shared Welcome part of each deleted inbox
+/// item (`group_id`, `commit_seq`), and the parts left without any.
+fn release_shared(t: &mut Transaction<'_>, gone: &[::postgres::Row]) -> Result<(), StoreError> {
+    let mut refs: std::collections::BTreeMap<(Vec<u8>, i64), i32> = Default::default();
+    for r in gone {
+        *refs.entry((r.get(0), r.get(1))).or_default() += 1;
+    }
+    for ((gid, seq), k) in refs {
+        t.execute(
+            "UPDATE welcome_shared SET refs = GREATEST(refs - $3, 0)
+             WHERE group_id = $1 AND commit_seq = $2",
+            &[&gid, &seq, &k],
+        )
+        .map_err(pg)?;
+        t.execute(
+            "DELETE FROM welcome_shared WHERE group_id = $1 AND commit_seq = $2 AND refs = 0",
+            &[&gid, &seq],
+        )
+        .map_err(pg)?;
+    }
+    Ok(())
+}
+
+/// Applies one group write inside the batch's transaction.
+fn apply_one(t: &mut Transaction<'_>, w: &GroupWrite) -> Result<Vec<u64>, StoreError> {
+    let gid = w.group.as_bytes().as_slice();
+    let new_head = |old: u64| w.entries.last().map_or(old, |e| e.seq).max(w.meta.head);
+    let old_compacted;
+    if w.create {
+        let head = new_head(0);
+        let inserted = t
+            .execute(
+                "INSERT INTO groups (id, created_ms, epoch, head, compacted, state)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+                &[
+                    &gid,
+                    &n(w.meta.created_ms),
+                    &n(w.meta.epoch),
+                    &n(head),
+                    &n(w.meta.compacted),
+                    &w.state.as_deref().unwrap_or_default(),
+                ],
+            )
+            .map_err(pg)?;
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!("group {} exists", w.group)));
+        }
+        old_compacted = 0;
+        check_contiguous(w, 0)?;
+    } else {
+        // The row lock orders this write after every other write of the
+        // group, from this process or another.
+        let row = t
+            .query_opt(
+                "SELECT head, compacted FROM groups WHERE id = $1 FOR UPDATE",
+                &[&gid],
+            )
+            .map_err(pg)?
+            .ok_or_else(|| StoreError::Conflict(format!("group {} is unknown", w.group)))?;
+        let old_head = u(row.get(0))?;
+        old_compacted = u(row.get(1))?;
+        check_contiguous(w, old_head)?;
+        t.execute(
+            "UPDATE groups SET created_ms = $2, epoch = $3, head = $4, compacted = $5,
+                 state = COALESCE($6, state)
+             WHERE id = $1",
+            &[
+                &gid,
+                &n(w.meta.created_ms),
+                &n(w.meta.epoch),
+                &n(new_head(old_head)),
+                &n(w.meta.compacted),
+                &w.state.as_deref(),
+            ],
+        )
+        .map_err(pg)?;
+    }
+    if !w.entries.is_empty() {
+        let seqs: Vec<i64> = w.entries.iter().map(|e| n(e.seq)).collect();
+        let epochs: Vec<i64> = w.entries.iter().map(|e| n(e.epoch)).collect();
+        let kinds: Vec<i16> = w.entries.iter().map(|e| kind_code(e.kind)).collect();
+        let times: Vec<i64> = w.entries.iter().map(|e| n(e.timestamp_ms)).collect();
+        let data: Vec<&[u8]> = w.entries.iter().map(|e| e.data.as_ref()).collect();
+        t.execute(
+            "INSERT INTO log (group_id, seq, epoch, kind, timestamp_ms, data)
+             SELECT $1, * FROM UNNEST($2::BIGINT[], $3::BIGINT[], $4::SMALLINT[], $5::BIGINT[], $6::BYTEA[])",
+            &[&gid, &seqs, &epochs, &kinds, &times, &data],
+        )
+        .map_err(pg)?;
+    }
+    for (user, m) in &w.members {
+        t.execute(
+            "INSERT INTO members (group_id, username, joined_seq, removed_seq, removed_ms)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (group_id, username) DO UPDATE SET joined_seq = EXCLUDED.joined_seq,
+                 removed_seq = EXCLUDED.removed_seq, removed_ms = EXCLUDED.removed_ms",
+            &[
+                &gid,
+                user,
+                &n(m.joined_seq),
+                &m.removed_seq.map(n),
+                &m.removed_ms.map(n),
+            ],
+        )
+        .map_err(pg)?;
+    }
+    for (seq, tree) in &w.trees {
+        t.execute(
+            "INSERT INTO trees (group_id, seq, tree) VALUES ($1, $2, $3)
+             ON CONFLICT (group_id, seq) DO UPDATE SET tree = EXCLUDED.tree",
+            &[&gid, &n(*seq), &tree.as_ref()],
+        )
+        .map_err(pg)?;
+    }
+    if let Some((epoch, info)) = &w.group_info {
+        t.execute(
+            "INSERT INTO group_info (group_id, epoch, info) VALUES ($1, $2, $3)
+             ON CONFLICT (group_id) DO UPDATE SET epoch = EXCLUDED.epoch, info = EXCLUDED.info",
+            &[&gid, &n(*epoch), &info.as_ref()],
+        )
+        .map_err(pg)?;
+    }
+    if let Some(upto) = w.compact_upto {
+        t.execute(
+            "DELETE FROM log WHERE group_id = $1 AND seq > $2 AND seq <= $3",
+            &[&gid, &n(old_compacted), &n(upto)],
+        )
+        .map_err(pg)?;
+        t.execute(
+            "DELETE FROM trees WHERE group_id = $1 AND seq < $2",
+            &[&gid, &n(upto)],
+        )
+        .map_err(pg)?;
+    }
+    let mut created = Vec::with_capacity(w.welcomes.len());
+    if !w.welcomes.is_empty() {
+        // Each commit's shared part once, referenced by its joiners.
+        let mut refs: std::collections::BTreeMap<u64, (i32, &Bytes)> = Default::default();
+        for item in &w.welcomes {
+            refs.entry(item.commit_seq).or_insert((0, &item.shared)).0 += 1;
+        }
+        for (seq, (k, shared)) in refs {
+            t.execute(
+                "INSERT INTO welcome_shared (group_id, commit_seq, refs, bytes) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (group_id, commit_seq)
+                 DO UPDATE SET refs = welcome_shared.refs + EXCLUDED.refs, bytes = EXCLUDED.bytes",
+                &[&gid, &n(seq), &k, &shared.as_ref()],
+            )
+            .map_err(pg)?;
+        }
+        for item in &w.welcomes {
+            let seq = u(t
+                .query_one(
+                    "INSERT INTO inbox_head (username, head) VALUES ($1, 1)
+                     ON CONFLICT (username) DO UPDATE SET head = inbox_head.head + 1
+                     RETURNING head",
+                    &[&item.user],
+                )
+                .map_err(pg)?
+                .get(0))?;
+            t.execute(
+                "INSERT INTO inbox_items (username, seq, group_id, commit_seq, timestamp_ms, own)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &item.user,
+                    &n(seq),
+                    &gid,
+                    &n(item.commit_seq),
+                    &n(item.timestamp_ms),
+                    &item.own.as_ref(),
+                ],
+            )
+            .map_err(pg)?;
+            // Over the cap: the oldest go.
+            let cap = w.inbox_cap as u64;
+            if seq >= cap {
+                drop_inbox(t, &item.user, seq - cap)?;
+            }
+            created.push(seq);
+        }
+    }
+    Ok(created)
+}
+
+/// The log must grow without gaps: a write computed against stale state
+/// must never land.
+fn check_contiguous(w: &GroupWrite, old_head: u64) -> Result<(), StoreError> {
+    for (i, e) in w.entries.iter().enumerate() {
+        if e.seq != old_head + 1 + i as u64 {
+            return Err(StoreError::Conflict(format!(
+                "log of {} would not be contiguous at {}",
+                w.group, e.seq
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Store for PgStore {
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.txn(|t| {
+            t.query_opt(
+                "SELECT identity_key, registered_ms FROM users WHERE name = $1",
+                &[&name],
+            )
+            .map_err(pg)?
+            .map(|r| {
+                Ok(UserRecord {
+                    identity_key: r
+                        .get::<_, Vec<u8>>(0)
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("identity key length".into()))?,
+                    registered_ms: u(r.get(1))?,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn register_user(
+        &self,
+        name: &str,
+        record: &UserRecord,
+    ) -> Result<RegisterOutcome, StoreError> {
+        self.txn(|t| {
+            let inserted = t
+                .execute(
+                    "INSERT INTO users (name, identity_key, registered_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT (name) DO NOTHING",
+                    &[
+                        &name,
+                        &record.identity_key.as_slice(),
+                        &n(record.registered_ms),
+                    ],
+                )
+                .map_err(pg)?;
+            if inserted == 1 {
+                return Ok(RegisterOutcome::Created);
+            }
+            let key: Vec<u8> = t
+                .query_one("SELECT identity_key FROM users WHERE name = $1", &[&name])
+                .map_err(pg)?
+                .get(0);
+            Ok(if key == record.identity_key {
+                RegisterOutcome::Existing
+            } else {
+                RegisterOutcome::Taken
+            })
+        })
+    }
+
+    fn add_key_packages(
+        &self,
+        user: &str,
+        packages: &[(Vec<u8>, StoredKeyPackage)],
+        last_resort: Option<&StoredKeyPackage>,
+        max: u32,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.txn(|t| {
+            // One upload per user at a time, so the cap holds.
+            t.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('kp:' || $1))",
+                &[&user],
+            )
+            .map_err(pg)?;
+            t.execute(
+                "DELETE FROM kp_pool WHERE username = $1 AND not_after < $2",
+                &[&user, &n(now)],
+            )
+            .map_err(pg)?;
+            for (hash, kp) in packages {
+                t.execute(
+                    "INSERT INTO kp_pool (username, hash, not_after, bytes) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (username, hash)
+                     DO UPDATE SET not_after = EXCLUDED.not_after, bytes = EXCLUDED.bytes",
+                    &[&user, hash, &n(kp.not_after), &kp.bytes],
+                )
+                .map_err(pg)?;
+            }
+            let count: i64 = t
+                .query_one("SELECT count(*) FROM kp_pool WHERE username = $1", &[&user])
+                .map_err(pg)?
+                .get(0);
+            if count > i64::from(max) {
+                return Err(StoreError::Conflict(format!(
+                    "at most {max} key packages may be stored per user"
+                )));
+            }
+            if let Some(lr) = last_resort {
+                t.execute(
+                    "INSERT INTO kp_last_resort (username, not_after, bytes) VALUES ($1, $2, $3)
+                     ON CONFLICT (username)
+                     DO UPDATE SET not_after = EXCLUDED.not_after, bytes = EXCLUDED.bytes",
+                    &[&user, &n(lr.not_after), &lr.bytes],
+                )
+                .map_err(pg)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn claim_key_packages(
+        &self,
+        users: &[String],
+        now: u64,
+    ) -> Result<Vec<Option<Claimed>>, StoreError> {
+        self.txn_or_rollback(|t| {
+            let mut out = Vec::with_capacity(users.len());
+            for user in users {
+                t.execute(
+                    "DELETE FROM kp_pool WHERE username = $1 AND not_after < $2",
+                    &[user, &n(now)],
+                )
+                .map_err(pg)?;
+                // The first package in pool order; one another claim holds
+                // is skipped, so no package is handed out twice.
+                let one = t
+                    .query_opt(
+                        "DELETE FROM kp_pool WHERE username = $1 AND hash =
+                             (SELECT hash FROM kp_pool WHERE username = $1
+                              ORDER BY hash LIMIT 1 FOR UPDATE SKIP LOCKED)
+                         RETURNING bytes",
+                        &[user],
+                    )
+                    .map_err(pg)?;
+                let found = match one {
+                    Some(r) => Some(Claimed {
+                        bytes: Bytes::from(r.get::<_, Vec<u8>>(0)),
+                        last_resort: false,
+                    }),
+                    None => t
+                        .query_opt(
+                            "SELECT bytes FROM kp_last_resort WHERE username = $1 AND not_after >= $2",
+                            &[user, &n(now)],
+                        )
+                        .map_err(pg)?
+                        .map(|r| Claimed {
+                            bytes: Bytes::from(r.get::<_, Vec<u8>>(0)),
+                            last_resort: true,
+                        }),
+                };
+                out.push(found);
+            }
+            // All or nothing: if anyone lacks a package, nothing is
+            // claimed for anyone.
+            let all = out.iter().all(Option::is_some);
+            Ok((out, all))
+        })
+    }
+
+    fn key_package_count(&self, user: &str, valid_until: u64) -> Result<(u32, bool), StoreError> {
+        self.txn(|t| {
+            let count: i64 = t
+                .query_one(
+                    "SELECT count(*) FROM kp_pool WHERE username = $1 AND not_after >= $2",
+                    &[&user, &n(valid_until)],
+                )
+                .map_err(pg)?
+                .get(0);
+            let last = t
+                .query_opt(
+                    "SELECT 1 FROM kp_last_resort WHERE username = $1 AND not_after >= $2",
+                    &[&user, &n(valid_until)],
+                )
+                .map_err(pg)?
+                .is_some();
+            Ok((u32::try_from(count).unwrap_or(u32::MAX), last))
+        })
+    }
+
+    fn groups(&self) -> Result<Vec<StoredGroup>, StoreError> {
+        self.txn(|t| {
+            let rows = t
+                .query(
+                    &format!("SELECT {GROUP_COLUMNS} FROM groups ORDER BY id"),
+                    &[],
+                )
+                .map_err(pg)?;
+            rows.iter().map(|r| stored_group(t, r)).collect()
+        })
+    }
+
+    fn group(&self, id: &GroupId) -> Result<Option<StoredGroup>, StoreError> {
+        self.txn(|t| {
+            let row = t
+                .query_opt(
+                    &format!("SELECT {GROUP_COLUMNS} FROM groups WHERE id = $1"),
+                    &[&id.as_bytes().as_slice()],
+                )
+                .map_err(pg)?;
+            row.map(|r| stored_group(t, &r)).transpose()
+        })
+    }
+
+    fn user_groups(&self, user: &str) -> Result<Vec<GroupId>, StoreError> {
+        self.txn(|t| {
+            t.query(
+                "SELECT group_id FROM members WHERE username = $1 ORDER BY group_id",
+                &[&user],
+            )
+            .map_err(pg)?
+            .iter()
+            .map(|r| group_id(r.get(0)))
+            .collect()
+        })
+    }
+
+    fn apply(&self, writes: &[GroupWrite]) -> Result<Vec<Vec<u64>>, StoreError> {
+        self.txn(|t| writes.iter().map(|w| apply_one(t, w)).collect())
+    }
+
+    fn read_log(
+        &self,
+        group: &GroupId,
+        after: u64,
+        until: u64,
+        limit: u32,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        if after >= until {
+            return Ok(Vec::new());
+        }
+        self.txn(|t| {
+            let rows = t
+                .query(
+                    "SELECT seq, epoch, kind, timestamp_ms, data FROM log
+                     WHERE group_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+                    &[
+                        &group.as_bytes().as_slice(),
+                        &n(after),
+                        &n(until),
+                        &i64::from(limit),
+                    ],
+                )
+                .map_err(pg)?;
+            let mut out = Vec::with_capacity(rows.len());
+            let mut bytes = 0;
+            for r in rows {
+                if bytes >= MAX_PAGE_BYTES {
+                    break;
+                }
+                let data: Vec<u8> = r.get(4);
+                bytes += data.len();
+                out.push(LogEntry {
+                    seq: u(r.get(0))?,
+                    epoch: u(r.get(1))?,
+                    kind: kind_of(r.get(2))?,
+                    timestamp_ms: u(r.get(3))?,
+                    data: Bytes::from(data),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete_inbox(&self, user: &str, upto: u64) -> Result<(), StoreError> {
+        self.txn(|t| drop_inbox(t, user, upto).map(|_| ()))
+    }
+
+    fn expire_inbox(&self, before_ms: u64) -> Result<usize, StoreError> {
+        self.txn(|t| {
+            let gone = t
+                .query(
+                    "DELETE FROM inbox_items WHERE timestamp_ms < $1 RETURNING group_id, commit_seq",
+                    &[&n(before_ms)],
+                )
+                .map_err(pg)?;
+            release_shared(t, &gone)?;
+            Ok(gone.len())
+        })
+    }
+
+    fn read_inbox(
+        &self,
+        user: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<InboxItem>, u64), StoreError> {
+        self.txn(|t| {
+            let head = t
+                .query_opt("SELECT head FROM inbox_head WHERE username = $1", &[&user])
+                .map_err(pg)?
+                .map(|r| u(r.get(0)))
+                .transpose()?
+                .unwrap_or(0);
+            let rows = t
+                .query(
+                    "SELECT i.seq, i.group_id, i.commit_seq, i.timestamp_ms, i.own, s.bytes
+                     FROM inbox_items i LEFT JOIN welcome_shared s
+                         ON s.group_id = i.group_id AND s.commit_seq = i.commit_seq
+                     WHERE i.username = $1 AND i.seq > $2 ORDER BY i.seq LIMIT $3",
+                    &[&user, &n(after), &i64::from(limit)],
+                )
+                .map_err(pg)?;
+            let mut out = Vec::with_capacity(rows.len());
+            let mut bytes = 0;
+            for r in rows {
+                if bytes >= MAX_PAGE_BYTES {
+                    break;
+                }
+                let shared: Option<Vec<u8>> = r.get(5);
+                let shared = shared
+                    .ok_or_else(|| StoreError::Corrupt("an inbox item lost its Welcome".into()))?;
+                let own: Vec<u8> = r.get(4);
+                let welcome = huddle_core::welcome::join(&shared, &own);
+                bytes += welcome.len();
+                out.push(InboxItem {
+                    seq: u(r.get(0))?,
+                    group: group_id(r.get(1))?,
+                    commit_seq: u(r.get(2))?,
+                    timestamp_ms: u(r.get(3))?,
+                    welcome,
+                });
+            }
+            Ok((out, head))
+        })
+    }
+
+    fn tree(&self, group: &GroupId, seq: u64) -> Result<Option<Bytes>, StoreError> {
+        self.txn(|t| {
+            Ok(t.query_opt(
+                "SELECT tree FROM trees WHERE group_id = $1 AND seq = $2",
+                &[&group.as_bytes().as_slice(), &n(seq)],
+            )
+            .map_err(pg)?
+            .map(|r| Bytes::from(r.get::<_, Vec<u8>>(0))))
+        })
+    }
+
+    fn group_info(&self, group: &GroupId) -> Result<Option<(u64, Bytes)>, StoreError> {
+        self.txn(|t| {
+            t.query_opt(
+                "SELECT epoch, info FROM group_info WHERE group_id = $1",
+                &[&group.as_bytes().as_slice()],
+            )
+            .map_err(pg)?
+            .map(|r| Ok((u(r.get(0))?, Bytes::from(r.get::<_, Vec<u8>>(1)))))
+            .transpose()
+        })
+    }
+
+    fn save_cursors(&self, cursors: &[(GroupId, String, u64)]) -> Result<(), StoreError> {
+        if cursors.is_empty() {
+            return Ok(());
+        }
+        self.txn(|t| {
+            for (g, user, seq) in cursors {
+                t.execute(
+                    "INSERT INTO cursors (group_id, username, seq) VALUES ($1, $2, $3)
+                     ON CONFLICT (group_id, username)
+                     DO UPDATE SET seq = GREATEST(cursors.seq, EXCLUDED.seq)",
+                    &[&g.as_bytes().as_slice(), user, &n(*seq)],
+                )
+                .map_err(pg)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn cursors(&self, group: &GroupId) -> Result<Vec<(String, u64)>, StoreError> {
+        self.txn(|t| {
+            t.query(
+                "SELECT username, seq FROM cursors WHERE group_id = $1 ORDER BY username",
+                &[&group.as_bytes().as_slice()],
+            )
+            .map_err(pg)?
+            .iter()
+            .map(|r| Ok((r.get(0), u(r.get(1))?)))
+            .collect()
+        })
+    }
+
+    fn media(&self, id: &MediaId) -> Result<Option<MediaRecord>, StoreError> {
+        self.txn(|t| {
+            t.query_opt(
+                "SELECT record FROM media WHERE id = $1",
+                &[&id.as_bytes().as_slice()],
+            )
+            .map_err(pg)?
+            .map(|r| dec_media(r.get(0)))
+            .transpose()
+        })
+    }
+
+    fn put_media(&self, id: &MediaId, record: &MediaRecord) -> Result<(), StoreError> {
+        let bytes = postcard::to_allocvec(record).expect("serialising to a Vec cannot fail");
+        self.txn(|t| {
+            t.execute(
+                "INSERT INTO media (id, record) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                &[&id.as_bytes().as_slice(), &bytes],
+            )
+            .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn delete_media(&self, id: &MediaId) -> Result<(), StoreError> {
+        self.txn(|t| {
+            t.execute(
+                "DELETE FROM media WHERE id = $1",
+                &[&id.as_bytes().as_slice()],
+            )
+            .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn all_media(&self) -> Result<Vec<(MediaId, MediaRecord)>, StoreError> {
+        self.txn(|t| {
+            t.query("SELECT id, record FROM media ORDER BY id", &[])
+                .map_err(pg)?
+                .iter()
+                .map(|r| {
+                    let id = MediaId::from_slice(r.get(0))
+                        .ok_or_else(|| StoreError::Corrupt("media id length".into()))?;
+                    Ok((id, dec_media(r.get(1))?))
+                })
+                .collect()
+        })
+    }
+
+    fn publish_epoch_authenticator(
+        &self,
+        group: &GroupId,
+        epoch: u64,
+        user: &str,
+        hash: [u8; 32],
+    ) -> Result<Vec<(String, [u8; 32])>, StoreError> {
+        let gid = group.as_bytes().as_slice();
+        self.txn(|t| {
+            t.execute(
+                "INSERT INTO epoch_auth (group_id, epoch, username, hash) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (group_id, epoch, username) DO UPDATE SET hash = EXCLUDED.hash",
+                &[&gid, &n(epoch), &user, &hash.as_slice()],
+            )
+            .map_err(pg)?;
+            t.query(
+                "SELECT username, hash FROM epoch_auth WHERE group_id = $1 AND epoch = $2
+                 ORDER BY username",
+                &[&gid, &n(epoch)],
+            )
+            .map_err(pg)?
+            .iter()
+            .map(|r| {
+                let h: Vec<u8> = r.get(1);
+                let h: [u8; 32] = h
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("epoch authenticator length".into()))?;
+                Ok((r.get(0), h))
+            })
+            .collect()
+        })
+    }
+}
+
+fn dec_media(bytes: &[u8]) -> Result<MediaRecord, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("media record: {e}")))
+}

@@ -1,0 +1,147 @@
+//! What only the PostgreSQL store promises: several DS processes on one
+//! database cannot fork a group's log, whatever they compute, and the
+//! schema is versioned. Skipped (and said so) without
+//! `HUDDLE_TEST_POSTGRES`.
+
+use super::testing::store;
+use super::*;
+
+fn entry(seq: u64, epoch: u64, kind: EntryKind) -> LogEntry {
+    LogEntry {
+        seq,
+        epoch,
+        kind,
+        timestamp_ms: seq,
+        data: Bytes::from(vec![seq as u8; 4]),
+    }
+}
+
+fn append(g: GroupId, head: u64, entries: Vec<LogEntry>) -> GroupWrite {
+    let mut w = GroupWrite::create(g, "alice", 0, vec![1]);
+    w.create = false;
+    w.meta.head = head;
+    w.entries = entries;
+    w
+}
+
+/// Two processes that both believe the head is 0 and append seq 1 at the
+/// same moment: exactly one lands, the other is told of the conflict.
+#[test]
+fn two_processes_appending_at_one_head_cannot_both_land() {
+    let Some(a) = store("two_processes_appending_at_one_head") else {
+        return;
+    };
+    let b = a.another();
+    let g = GroupId([7; 16]);
+    a.apply(&[GroupWrite::create(g, "alice", 0, vec![1])])
+        .unwrap();
+    for round in 0..20u64 {
+        let barrier = std::sync::Barrier::new(2);
+        let one = |st: &PgStore, tag: u8| {
+            let mut e = entry(round + 1, 0, EntryKind::Application);
+            e.data = Bytes::from(vec![tag; 4]);
+            barrier.wait();
+            st.apply(&[append(g, round + 1, vec![e])])
+        };
+        let (ra, rb) = std::thread::scope(|s| {
+            let ha = s.spawn(|| one(&a, 1));
+            let hb = s.spawn(|| one(&b, 2));
+            (ha.join().unwrap(), hb.join().unwrap())
+        });
+        assert!(
+            ra.is_ok() != rb.is_ok(),
+            "round {round}: exactly one must land: {ra:?} {rb:?}"
+        );
+        let lost = if ra.is_ok() { rb } else { ra };
+        assert!(matches!(lost, Err(StoreError::Conflict(_))), "{lost:?}");
+    }
+    let log = a.read_log(&g, 0, 100, 100).unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=20).collect::<Vec<_>>()
+    );
+    assert_eq!(b.group(&g).unwrap().unwrap().meta.head, 20);
+}
+
+/// A writer whose own checks are wrong still cannot put two entries at one
+/// seq or two commits in one epoch: the schema refuses them.
+#[test]
+fn the_schema_refuses_two_commits_in_one_epoch_and_two_entries_at_one_seq() {
+    let Some(s) = store("the_schema_refuses_two_commits") else {
+        return;
+    };
+    let g = GroupId([8; 16]);
+    s.apply(&[GroupWrite::create(g, "alice", 0, vec![1])])
+        .unwrap();
+    // Two commits of epoch 0 in one write, contiguous as the store checks.
+    let r = s.apply(&[append(
+        g,
+        2,
+        vec![
+            entry(1, 0, EntryKind::Commit),
+            entry(2, 0, EntryKind::Commit),
+        ],
+    )]);
+    assert!(
+        matches!(&r, Err(StoreError::Conflict(m)) if m.contains("log_one_commit_per_epoch")),
+        "{r:?}"
+    );
+    assert!(s.read_log(&g, 0, 10, 10).unwrap().is_empty());
+    // Commits of successive epochs and messages between them are fine.
+    s.apply(&[append(
+        g,
+        3,
+        vec![
+            entry(1, 0, EntryKind::Commit),
+            entry(2, 1, EntryKind::Application),
+            entry(3, 1, EntryKind::Commit),
+        ],
+    )])
+    .unwrap();
+    // Past the store's own check, straight into the table.
+    let raw = |seq: i64, epoch: i64, kind: i16| {
+        s.txn(|t| {
+            t.execute(
+                "INSERT INTO log (group_id, seq, epoch, kind, timestamp_ms, data)
+                 VALUES ($1, $2, $3, $4, 0, '')",
+                &[&g.as_bytes().as_slice(), &seq, &epoch, &kind],
+            )
+            .map_err(pg)
+        })
+    };
+    assert!(matches!(raw(3, 2, 2), Err(StoreError::Conflict(_))));
+    assert!(matches!(raw(4, 1, 0), Err(StoreError::Conflict(_))));
+    assert!(matches!(raw(0, 2, 2), Err(StoreError::Conflict(_))));
+    raw(4, 2, 0).unwrap();
+}
+
+#[test]
+fn migrations_run_once_and_a_newer_schema_is_refused() {
+    let Some(s) = store("migrations_run_once") else {
+        return;
+    };
+    assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as u64);
+    // A second process on the same database finds it up to date.
+    let again = s.another();
+    assert_eq!(again.schema_version().unwrap(), MIGRATIONS.len() as u64);
+    s.txn(|t| {
+        t.execute("UPDATE huddle_schema SET version = version + 1", &[])
+            .map_err(pg)
+    })
+    .unwrap();
+    let r = PgStore::open_with(s.config(), 1);
+    assert!(
+        matches!(&r, Err(StoreError::Corrupt(m)) if m.contains("schema version")),
+        "{r:?}"
+    );
+}
+
+/// A closed store refuses every call, as the embedded one does.
+#[test]
+fn a_closed_store_refuses_calls() {
+    let Some(s) = store("a_closed_store_refuses_calls") else {
+        return;
+    };
+    s.close();
+    assert!(matches!(s.user("alice"), Err(StoreError::Io(_))));
+}
