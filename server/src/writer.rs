@@ -71,6 +71,14 @@ fn commit(store: &dyn Store, batch: Vec<(GroupWrite, Reply)>) {
         Err(e) if writes.len() == 1 => {
             let _ = replies.into_iter().next().map(|r| r.send(Err(e)));
         }
+        // A full disk or an unreachable database fails every write alike:
+        // trying them one by one would only wait for it again and again.
+        Err(e @ (StoreError::Full | StoreError::Unavailable(_))) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+        // One write conflicted: the others must not fail with it.
         Err(_) => {
             for (w, reply) in writes.into_iter().zip(replies) {
                 COUNTERS.transaction(1);

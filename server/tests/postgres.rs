@@ -74,3 +74,112 @@ fn an_unreachable_database_is_a_clear_start_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("expected a PostgreSQL address"), "{err}");
 }
+
+/// A TCP forwarder to the database that the test cuts and restores, as a
+/// database restart or a broken network would.
+struct Cuttable {
+    port: u16,
+    target: std::net::SocketAddr,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Cuttable {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let mut c = Self {
+            port: 0,
+            target,
+            tasks: Default::default(),
+        };
+        c.resume().await;
+        c
+    }
+
+    /// Accepts connections again, on the same port.
+    async fn resume(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        self.port = listener.local_addr().unwrap().port();
+        let (target, tasks) = (self.target, self.tasks.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tasks.lock().unwrap().push(conn);
+            }
+        });
+        self.tasks.lock().unwrap().push(accept);
+    }
+
+    /// Closes every connection and stops listening.
+    fn cut(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// The database goes away under a running DS: requests that need it are
+/// refused with `Unavailable` (nothing stored, nothing half-done), the DS
+/// keeps running, and once the database is back it serves again without a
+/// restart of its own, with nothing acknowledged lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_database_is_refused_clearly_and_the_ds_recovers_without_a_restart() {
+    let Some(db) = PgSchema::new("a_lost_database_is_refused_clearly") else {
+        return;
+    };
+    let admin: postgres::Config = db.url.parse().unwrap();
+    let host = match &admin.get_hosts()[0] {
+        postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("HUDDLE_TEST_POSTGRES must name a TCP host, not {other:?}"),
+    };
+    let port = admin.get_ports().first().copied().unwrap_or(5432);
+    let target = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let mut proxy = Cuttable::start(target).await;
+    let url = format!(
+        "postgres://{}@127.0.0.1:{}/{}?options=-c%20search_path%3D{}",
+        admin.get_user().unwrap_or("postgres"),
+        proxy.port,
+        admin.get_dbname().unwrap_or("postgres"),
+        db.name,
+    );
+    let s = InProcess::start_with(|c| c.store_url = Some(url)).await;
+    let mut alice = s.client("alice").await;
+    let mut bob = s.client("bob").await;
+    let g = alice.create_group("g").await.unwrap();
+    alice.add(&g.to_string(), &["bob".into()]).await.unwrap();
+    alice.send_text("g", "before").await.unwrap();
+
+    proxy.cut();
+    match alice.send_text("g", "while the database is away").await {
+        Err(huddle_client::ClientError::Server(e)) => {
+            assert_eq!(
+                e.code,
+                huddle_core::proto::ErrorCode::Unavailable,
+                "{}",
+                e.message
+            );
+            assert!(
+                e.message.contains("database is unavailable"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+
+    proxy.resume().await;
+    alice.send_text("g", "after").await.unwrap();
+    assert_eq!(
+        texts(&bob.sync().await.unwrap()),
+        vec!["alice: before", "alice: after"]
+    );
+    drop(s);
+}

@@ -274,7 +274,8 @@ pub fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 /// the DS is given selects it.
 pub struct PgSchema {
     admin: String,
-    name: String,
+    /// The schema's name.
+    pub name: String,
     /// The address that selects the schema.
     pub url: String,
 }

@@ -150,14 +150,34 @@ type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 
 /// The PostgreSQL-backed store.
 pub struct PgStore {
-    pool: Pool,
+    /// `None` only while being dropped.
+    pool: Option<Pool>,
     closed: AtomicBool,
+}
+
+impl Drop for PgStore {
+    /// Closing a connection blocks on its own small runtime, which may not
+    /// happen on a thread that drives async tasks (the last holder of the
+    /// store may be one): the pool is dropped on a thread of its own.
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            let spawned = std::thread::Builder::new()
+                .name("pg-close".into())
+                .spawn(move || drop(pool));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "could not close the database connections");
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
-            .field("connections", &self.pool.state().connections)
+            .field(
+                "connections",
+                &self.pool.as_ref().map(|p| p.state().connections),
+            )
             .finish()
     }
 }
@@ -251,7 +271,7 @@ impl PgStore {
             .build(manager)
             .map_err(|e| StoreError::Unavailable(format!("connecting to the database: {e}")))?;
         let store = Self {
-            pool,
+            pool: Some(pool),
             closed: AtomicBool::new(false),
         };
         store.migrate()?;
@@ -318,6 +338,8 @@ impl PgStore {
         }
         let mut conn = self
             .pool
+            .as_ref()
+            .ok_or_else(|| StoreError::Io("the store is closed".into()))?
             .get()
             .map_err(|e| StoreError::Unavailable(format!("no database connection: {e}")))?;
         let mut t = conn.transaction().map_err(pg)?;
