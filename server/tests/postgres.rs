@@ -183,3 +183,40 @@ async fn a_lost_database_is_refused_clearly_and_the_ds_recovers_without_a_restar
     );
     drop(s);
 }
+
+/// Two DS processes on one database, each serving one member. A node's
+/// group task holds the group's state in memory; when the other node has
+/// written the group since, the database refuses the stale node's write
+/// (the head moved), and that node loads the group again and goes on: a
+/// message is accepted after the other node's, and a commit built on the
+/// old epoch is refused as stale, so its member syncs and commits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_group_state_is_behind_the_database_reloads_it() {
+    let Some(db) = PgSchema::new("a_node_whose_group_state_is_behind") else {
+        return;
+    };
+    let a = InProcess::start_with(|c| c.store_url = Some(db.url.clone())).await;
+    let b = InProcess::start_with(|c| c.store_url = Some(db.url.clone())).await;
+    let mut alice = a.client("alice").await;
+    let mut bob = b.client("bob").await;
+    let _carol = a.client("carol").await;
+    let g = alice.create_group("g").await.unwrap();
+    alice.add(&g.to_string(), &["bob".into()]).await.unwrap();
+    alice.send_text("g", "from a").await.unwrap();
+    // Node b loads the group when bob first needs it, from the database.
+    assert_eq!(texts(&bob.sync().await.unwrap()), vec!["alice: from a"]);
+    bob.send_text("g", "from b").await.unwrap();
+    // Node a's task still holds the head before bob's message.
+    alice.send_text("g", "from a again").await.unwrap();
+    assert_eq!(texts(&alice.sync().await.unwrap()), vec!["bob: from b"]);
+    // Bob moves the group to a new epoch through b; alice's next commit,
+    // through a, is built on the epoch before, refused as stale, and made
+    // again after a sync.
+    bob.update("g").await.unwrap();
+    let epoch_before = alice.epoch_authenticator("g").unwrap().0;
+    alice.add("g", &["carol".into()]).await.unwrap();
+    let epoch_after = alice.epoch_authenticator("g").unwrap().0;
+    assert_eq!(epoch_after, epoch_before + 2, "bob's update, then the add");
+    assert_eq!(alice.members("g").unwrap().len(), 3);
+    drop((a, b));
+}

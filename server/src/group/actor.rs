@@ -167,7 +167,34 @@ impl Actor {
                 || changes.group_info.is_some()
             {
                 crate::metrics::COUNTERS.round(accepted.len());
-                self.commit(view, start_head, accepted, changes).await;
+                if let Err(stale) = self.commit(view, start_head, accepted, changes).await {
+                    // The store holds a newer state of the group than this
+                    // task (another DS process wrote it): stop, so that the
+                    // next command loads the group anew, and send what was
+                    // waiting there (retry_after).
+                    rx.close();
+                    for reply in stale {
+                        let _ = reply.send(Err(stopped()));
+                    }
+                    for (_, reply) in joins.drain(..) {
+                        let _ = reply.send(Err(stopped()));
+                    }
+                    while let Ok(cmd) = rx.try_recv() {
+                        match cmd {
+                            Cmd::Post { reply, .. } | Cmd::PublishGroupInfo { reply, .. } => {
+                                let _ = reply.send(Err(stopped()));
+                            }
+                            Cmd::JoinInfo { reply, .. } => {
+                                let _ = reply.send(Err(stopped()));
+                            }
+                            Cmd::Watch { reply, .. } => {
+                                let _ = reply.send(WatchResult::NotMember);
+                            }
+                            Cmd::Unwatch { .. } | Cmd::Compact { .. } | Cmd::Stop => {}
+                        }
+                    }
+                    return;
+                }
             }
             // Answered from durable state only.
             for (user, reply) in joins.drain(..) {
@@ -324,13 +351,16 @@ impl Actor {
         WatchResult::Watching
     }
 
+    /// Writes a round. `Err` holds the replies still owed when the store
+    /// refused the write as a conflict: its state of the group is newer
+    /// than this task's, which must stop.
     pub(super) async fn commit(
         &mut self,
         view: GroupView,
         start_head: u64,
         accepted: Vec<Accepted>,
         changes: Changes,
-    ) {
+    ) -> Result<(), Vec<oneshot::Sender<PostResult>>> {
         let state = changes
             .state_changed
             .then(|| self.mls.as_ref().expect("mls state present").snapshot());
@@ -363,7 +393,7 @@ impl Actor {
                     self.durable_state = s;
                 }
                 let Some(handle) = self.handle.upgrade() else {
-                    return;
+                    return Ok(());
                 };
                 *handle.view.write().expect("view lock") = view.clone();
                 if let Some(info) = changes.group_info {
@@ -396,6 +426,12 @@ impl Actor {
                     info!(group = %self.id, epoch = view.epoch, members = view.current_members().len(), "membership changed");
                 }
             }
+            Err(StoreError::Conflict(detail)) => {
+                warn!(group = %self.id, %detail, "the stored group is newer than this task's; reloading it");
+                let mut owed: Vec<_> = accepted.into_iter().map(|a| a.reply).collect();
+                owed.extend(changes.info_replies);
+                return Err(owed);
+            }
             Err(e) => {
                 warn!(group = %self.id, error = %e, "write failed; rolling back");
                 let body = ErrorBody::from(e);
@@ -410,5 +446,6 @@ impl Actor {
                 }
             }
         }
+        Ok(())
     }
 }
