@@ -109,6 +109,22 @@ pub struct ServerConfig {
     /// Connections to that database, at most; requests beyond them wait
     /// up to 5 s for one, then fail as `Unavailable`.
     pub store_connections: usize,
+    /// Cluster mode: the NATS server (`nats://host:port`) through which
+    /// this node and the others serving the same database wake each other
+    /// when a round or a Welcome is stored. Needs `store_url`.
+    pub bus_url: Option<String>,
+    /// Cluster mode: the first token(s) of the bus's subjects; clusters
+    /// that share one NATS server differ in it.
+    pub bus_prefix: String,
+    /// Cluster mode: notices waiting to be published on the bus, at most;
+    /// past it they are dropped (the other nodes' polls find what they
+    /// announced).
+    pub bus_queue: usize,
+    /// Cluster mode: how often a node reads from the database the head of
+    /// each group its clients watch, while the bus is unreachable.
+    pub cluster_poll: Duration,
+    /// The same while the bus is up: it catches a lost notice.
+    pub cluster_poll_connected: Duration,
     /// Threads for blocking work (store access, disk I/O, MLS validation);
     /// beyond it such work queues. None of it waits on the network.
     pub blocking_threads: usize,
@@ -186,6 +202,11 @@ impl Default for ServerConfig {
             store_cache: crate::store::redb::DEFAULT_CACHE,
             store_url: None,
             store_connections: crate::store::postgres::DEFAULT_POOL as usize,
+            bus_url: None,
+            bus_prefix: "huddle".into(),
+            bus_queue: 4096,
+            cluster_poll: Duration::from_secs(1),
+            cluster_poll_connected: Duration::from_secs(10),
             blocking_threads: 64,
             shutdown_grace: Duration::from_secs(10),
             maintenance_interval: Duration::from_secs(10),
@@ -214,7 +235,32 @@ impl ServerConfig {
                 ));
             }
         }
+        if let Some(url) = &self.bus_url {
+            if !url.starts_with("nats://") {
+                return Err(format!(
+                    "--bus {url:?}: expected a NATS address, nats://HOST:PORT"
+                ));
+            }
+            if !crate::bus::valid_prefix(&self.bus_prefix) {
+                return Err(format!(
+                    "bus_prefix {:?}: expected tokens of letters, digits, _ and - separated by dots",
+                    self.bus_prefix
+                ));
+            }
+            if self.store_url.is_none() {
+                return Err(
+                    "--bus needs --store postgres://…: the nodes of a cluster share one database"
+                        .into(),
+                );
+            }
+        }
         let positive = [
+            ("bus_queue", self.bus_queue == 0),
+            ("cluster_poll", self.cluster_poll.is_zero()),
+            (
+                "cluster_poll_connected",
+                self.cluster_poll_connected.is_zero(),
+            ),
             ("idle_timeout", self.idle_timeout.is_zero()),
             ("auth_timeout", self.auth_timeout.is_zero()),
             ("maintenance_interval", self.maintenance_interval.is_zero()),
@@ -330,6 +376,9 @@ limits! {
     answer_write_timeout: time,
     store_cache: size,
     store_connections: count,
+    bus_queue: count,
+    cluster_poll: time,
+    cluster_poll_connected: time,
     blocking_threads: count,
     shutdown_grace: time,
     maintenance_interval: time,

@@ -71,6 +71,93 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// Tells `user`'s push streams here that their inbox holds item `seq`
+    /// (stored by another node): they fetch it.
+    pub fn announce(&self, user: &str, seq: u64) {
+        let users = self.users.lock().expect("hub lock");
+        for sub in users.get(user).into_iter().flatten() {
+            gap(&sub.signals, seq);
+        }
+    }
+
+    /// The users with push streams here.
+    pub fn users(&self) -> Vec<String> {
+        self.users
+            .lock()
+            .expect("hub lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Cluster mode: routes other nodes' inbox notices to this node's push
+/// streams until `stop`. While the bus is unreachable it polls instead:
+/// every `cluster_poll`, the inbox head of each user with a push stream
+/// here, announced when it moved; and once the bus is back every such user
+/// is told to fetch its inbox, for the notices lost meanwhile.
+pub async fn follow_cluster(
+    svc: Arc<crate::service::Service>,
+    bus: Arc<crate::bus::Bus>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut notices = match bus.watch_inboxes().await {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(error = %e, "following inboxes by polling only");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(svc.config().cluster_poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Inbox heads read while the bus was down.
+    let mut heads: HashMap<String, u64> = HashMap::new();
+    let mut was_down = false;
+    loop {
+        let notice = async {
+            match &mut notices {
+                Some(n) => n.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            n = notice => match n {
+                Some(n) => svc.hub.announce(&n.user, n.seq),
+                None => notices = None,
+            },
+            _ = tick.tick() => {
+                if bus.is_connected() && notices.is_some() {
+                    if was_down {
+                        was_down = false;
+                        heads.clear();
+                        for user in svc.hub.users() {
+                            svc.hub.announce(&user, 0);
+                        }
+                    }
+                    continue;
+                }
+                was_down = true;
+                let users = svc.hub.users();
+                let read = crate::store::blocking(svc.store(), move |s| {
+                    users
+                        .into_iter()
+                        .filter_map(|u| s.read_inbox(&u, u64::MAX, 0).ok().map(|(_, h)| (u, h)))
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+                for (user, head) in read {
+                    if heads.insert(user.clone(), head) != Some(head) {
+                        svc.hub.announce(&user, head);
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn gap(signals: &Arc<Signals>, head: u64) {
     signals.raise(Event::InboxGap { head });
 }

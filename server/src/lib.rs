@@ -15,12 +15,15 @@
 //!   transaction; [`store`] is the storage trait and its redb backend.
 //! - [`push`] runs a connection's push stream; [`hub`] routes Welcomes to
 //!   online users.
+//! - [`bus`] joins the nodes of a cluster (several DS processes on one
+//!   PostgreSQL database): a round one node commits wakes the others.
 //!
 //! What it does not do: it never holds a key that decrypts an application
 //! message or media, and it never links the client's MLS group code.
 #![forbid(unsafe_code)]
 
 pub mod budget;
+pub mod bus;
 pub mod clock;
 pub mod config;
 pub mod error;

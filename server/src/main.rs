@@ -25,6 +25,20 @@ struct Args {
     /// store in the data directory (certificate and blobs stay there).
     #[arg(long, value_name = "URL", env = "HUDDLE_STORE")]
     store: Option<String>,
+    /// Cluster mode: wake the other nodes serving the same --store database
+    /// through this NATS server (nats://HOST:PORT) when a round or a
+    /// Welcome is stored. Nodes of one cluster share --cert and --key.
+    #[arg(long, value_name = "URL", env = "HUDDLE_BUS", requires = "store")]
+    bus: Option<String>,
+    /// Cluster mode: the first token of the bus's subjects; clusters that
+    /// share one NATS server each take their own.
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "HUDDLE_BUS_PREFIX",
+        default_value = "huddle"
+    )]
+    bus_prefix: String,
     /// PEM certificate chain to present instead of the self-signed one.
     #[arg(long, requires = "key")]
     cert: Option<PathBuf>,
@@ -67,6 +81,8 @@ fn main() {
         listen: args.listen,
         data_dir: args.data_dir,
         store_url: args.store,
+        bus_url: args.bus,
+        bus_prefix: args.bus_prefix,
         cert: args.cert.zip(args.key),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         max_connections: args.max_connections,

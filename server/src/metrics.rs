@@ -18,6 +18,9 @@ pub struct Counters {
     group_writes: AtomicU64,
     push_writes: AtomicU64,
     pushed: AtomicU64,
+    bus_dropped: AtomicU64,
+    followed: AtomicU64,
+    reloaded: AtomicU64,
 }
 
 /// The process's counters.
@@ -28,6 +31,9 @@ pub static COUNTERS: Counters = Counters {
     group_writes: AtomicU64::new(0),
     push_writes: AtomicU64::new(0),
     pushed: AtomicU64::new(0),
+    bus_dropped: AtomicU64::new(0),
+    followed: AtomicU64::new(0),
+    reloaded: AtomicU64::new(0),
 };
 
 /// The counters at one moment.
@@ -46,6 +52,14 @@ pub struct Snapshot {
     pub push_writes: u64,
     /// Entries (and other frames) those writes carried.
     pub pushed: u64,
+    /// Cluster mode: notices not published because the bus's queue was
+    /// full (the other nodes' polls find what they announced).
+    pub bus_dropped: u64,
+    /// Cluster mode: rounds of another node applied from its notice alone.
+    pub followed: u64,
+    /// Cluster mode: times a group was read anew from the database (a
+    /// commit, a gap in the notices, or a poll that found it behind).
+    pub reloaded: u64,
 }
 
 impl Counters {
@@ -68,6 +82,21 @@ impl Counters {
         self.pushed.fetch_add(frames as u64, Ordering::Relaxed);
     }
 
+    /// A bus notice was dropped.
+    pub(crate) fn bus_dropped(&self) {
+        self.bus_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Another node's round was applied from its notice.
+    pub(crate) fn followed(&self) {
+        self.followed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A group was read anew from the database.
+    pub(crate) fn reloaded(&self) {
+        self.reloaded.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
@@ -77,6 +106,9 @@ impl Counters {
             group_writes: self.group_writes.load(Ordering::Relaxed),
             push_writes: self.push_writes.load(Ordering::Relaxed),
             pushed: self.pushed.load(Ordering::Relaxed),
+            bus_dropped: self.bus_dropped.load(Ordering::Relaxed),
+            followed: self.followed.load(Ordering::Relaxed),
+            reloaded: self.reloaded.load(Ordering::Relaxed),
         }
     }
 }
@@ -92,6 +124,9 @@ mod tests {
         c.round(0);
         c.transaction(2);
         c.push_write(5);
+        c.followed();
+        c.reloaded();
+        c.reloaded();
         assert_eq!(
             c.snapshot(),
             Snapshot {
@@ -101,6 +136,9 @@ mod tests {
                 group_writes: 2,
                 push_writes: 1,
                 pushed: 5,
+                bus_dropped: 0,
+                followed: 1,
+                reloaded: 2,
             }
         );
     }

@@ -204,6 +204,7 @@ async fn watch(
         signals.raise(not_member());
         return;
     };
+    svc.fresh(&h, &sub.user).await;
     let mut r = h.watch(sub.clone(), after).await;
     if r == WatchResult::NotMember && h.is_stopped() {
         // Unloaded in between: once more, on the group loaded anew.

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument as _};
 
+use crate::bus::Bus;
 use crate::config::ServerConfig;
 use crate::service::{Service, Session, Uncounted};
 use crate::store::postgres::PgStore;
@@ -151,6 +152,14 @@ pub(crate) async fn start_with_store(
     let fingerprint = identity.fingerprint();
     let cert_der = identity.chain[0].to_vec();
     let store = open_store(&config).await?;
+    let bus = match &config.bus_url {
+        Some(url) => Some(
+            Bus::connect(url, config.bus_queue, &config.bus_prefix)
+                .await
+                .map_err(|e| StartError::msg(e.to_string()))?,
+        ),
+        None => None,
+    };
     let config = Arc::new(config);
     // Loading reads the store, which blocks (a database answers over the
     // network): not on an async worker.
@@ -158,7 +167,7 @@ pub(crate) async fn start_with_store(
         let config = config.clone();
         let store = wrap(store);
         tokio::task::spawn_blocking(move || -> Result<_, StartError> {
-            let service = Service::new(config.clone(), store)
+            let service = Service::new(config.clone(), store, bus)
                 .map_err(|e| StartError::msg(format!("loading state: {e}")))?;
             let blobs = media::BlobStore::open(config, service.store().clone())?;
             Ok((service, blobs))
@@ -264,6 +273,13 @@ async fn serve(
             }
         })
     };
+    let cluster = service.bus().map(|bus| {
+        tokio::spawn(crate::hub::follow_cluster(
+            service.clone(),
+            bus,
+            shutdown.clone(),
+        ))
+    });
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -324,6 +340,9 @@ async fn serve(
         warn!("in-flight requests did not finish within the grace period");
     }
     let _ = maintenance.await;
+    if let Some(c) = cluster {
+        let _ = c.await;
+    }
     service.close().await;
     endpoint.close(close::NORMAL.into(), b"server shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

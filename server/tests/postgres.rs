@@ -75,53 +75,6 @@ fn an_unreachable_database_is_a_clear_start_error() {
     assert!(err.contains("expected a PostgreSQL address"), "{err}");
 }
 
-/// A TCP forwarder to the database that the test cuts and restores, as a
-/// database restart or a broken network would.
-struct Cuttable {
-    port: u16,
-    target: std::net::SocketAddr,
-    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl Cuttable {
-    async fn start(target: std::net::SocketAddr) -> Self {
-        let mut c = Self {
-            port: 0,
-            target,
-            tasks: Default::default(),
-        };
-        c.resume().await;
-        c
-    }
-
-    /// Accepts connections again, on the same port.
-    async fn resume(&mut self) {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
-            .await
-            .unwrap();
-        self.port = listener.local_addr().unwrap().port();
-        let (target, tasks) = (self.target, self.tasks.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let conn = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                tasks.lock().unwrap().push(conn);
-            }
-        });
-        self.tasks.lock().unwrap().push(accept);
-    }
-
-    /// Closes every connection and stops listening.
-    fn cut(&self) {
-        for t in self.tasks.lock().unwrap().drain(..) {
-            t.abort();
-        }
-    }
-}
-
 /// The database goes away under a running DS: requests that need it are
 /// refused with `Unavailable` (nothing stored, nothing half-done), the DS
 /// keeps running, and once the database is back it serves again without a

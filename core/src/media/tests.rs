@@ -1,3 +1,5 @@
+//! Tests of the media format: sealing and opening chunks, headers, tampering.
+
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;

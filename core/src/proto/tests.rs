@@ -1,3 +1,5 @@
+//! Tests of the wire codec: round trips, bounds, and refusals of malformed input.
+
 use super::*;
 use crate::frame;
 use proptest::collection::vec;

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::store::{GroupMeta, GroupWrite, MemberRecord, NewInboxItem, StoreError};
 
+use super::cluster::Feed;
 use super::{
     process_handshake, stopped, Cmd, GroupHandle, GroupView, HandshakeLimits, JoinInfo,
     JoinInfoResult, MlsState, PostResult, Shared, Subscriber, Tail, WatchResult,
@@ -100,8 +101,37 @@ impl Actor {
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut cmds = Vec::with_capacity(256);
         let mut joins = Vec::new();
+        let mut refreshes = Vec::new();
         let mut stopping = false;
-        while !stopping && rx.recv_many(&mut cmds, 256).await > 0 {
+        let mut feed = match &self.shared.bus {
+            Some(bus) => Some(
+                Feed::start(
+                    bus.clone(),
+                    &self.id,
+                    self.shared.config.cluster_poll,
+                    self.shared.config.cluster_poll_connected,
+                )
+                .await,
+            ),
+            None => None,
+        };
+        while !stopping {
+            let received = match &mut feed {
+                None => rx.recv_many(&mut cmds, 256).await,
+                Some(feed) => {
+                    tokio::select! {
+                        biased;
+                        n = rx.recv_many(&mut cmds, 256) => n,
+                        hint = feed.next() => {
+                            self.follow(hint).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            if received == 0 {
+                break;
+            }
             let mut view = match self.handle.upgrade() {
                 Some(h) => h.view(),
                 None => return,
@@ -159,6 +189,7 @@ impl Actor {
                         }
                     }
                     Cmd::JoinInfo { user, reply } => joins.push((user, reply)),
+                    Cmd::Refresh { reply } => refreshes.push(reply),
                     Cmd::Stop => stopping = true,
                 }
             }
@@ -167,33 +198,13 @@ impl Actor {
                 || changes.group_info.is_some()
             {
                 crate::metrics::COUNTERS.round(accepted.len());
-                if let Err(stale) = self.commit(view, start_head, accepted, changes).await {
-                    // The store holds a newer state of the group than this
-                    // task (another DS process wrote it): stop, so that the
-                    // next command loads the group anew, and send what was
-                    // waiting there (retry_after).
-                    rx.close();
-                    for reply in stale {
-                        let _ = reply.send(Err(stopped()));
-                    }
-                    for (_, reply) in joins.drain(..) {
-                        let _ = reply.send(Err(stopped()));
-                    }
-                    while let Ok(cmd) = rx.try_recv() {
-                        match cmd {
-                            Cmd::Post { reply, .. } | Cmd::PublishGroupInfo { reply, .. } => {
-                                let _ = reply.send(Err(stopped()));
-                            }
-                            Cmd::JoinInfo { reply, .. } => {
-                                let _ = reply.send(Err(stopped()));
-                            }
-                            Cmd::Watch { reply, .. } => {
-                                let _ = reply.send(WatchResult::NotMember);
-                            }
-                            Cmd::Unwatch { .. } | Cmd::Compact { .. } | Cmd::Stop => {}
-                        }
-                    }
-                    return;
+                self.commit(view, start_head, accepted, changes).await;
+            }
+            if !refreshes.is_empty() {
+                use super::cluster::Hint;
+                self.follow(Hint::Poll).await;
+                for r in refreshes.drain(..) {
+                    let _ = r.send(());
                 }
             }
             // Answered from durable state only.
@@ -351,16 +362,14 @@ impl Actor {
         WatchResult::Watching
     }
 
-    /// Writes a round. `Err` holds the replies still owed when the store
-    /// refused the write as a conflict: its state of the group is newer
-    /// than this task's, which must stop.
+    /// Writes a round, then answers its posters and pushes its entries.
     pub(super) async fn commit(
         &mut self,
         view: GroupView,
         start_head: u64,
         accepted: Vec<Accepted>,
         changes: Changes,
-    ) -> Result<(), Vec<oneshot::Sender<PostResult>>> {
+    ) {
         let state = changes
             .state_changed
             .then(|| self.mls.as_ref().expect("mls state present").snapshot());
@@ -386,6 +395,11 @@ impl Actor {
             group_info: changes.group_info.clone(),
         };
         debug_assert_eq!(start_head + accepted.len() as u64, view.head);
+        // Cluster mode: what the notice of this round carries.
+        let write_entries = match &self.shared.bus {
+            Some(_) => write.entries.clone(),
+            None => Vec::new(),
+        };
         match self.shared.writer.write(write).await {
             Ok(inbox_items) => {
                 self.meta = meta;
@@ -393,9 +407,10 @@ impl Actor {
                     self.durable_state = s;
                 }
                 let Some(handle) = self.handle.upgrade() else {
-                    return Ok(());
+                    return;
                 };
                 *handle.view.write().expect("view lock") = view.clone();
+                let info_published = changes.group_info.is_some();
                 if let Some(info) = changes.group_info {
                     self.group_info = Some(info);
                 }
@@ -415,11 +430,20 @@ impl Actor {
                     ));
                     replies.push((a.reply, seq, a.epoch));
                 }
+                if let Some(bus) = &self.shared.bus {
+                    let info = info_published;
+                    if !write_entries.is_empty() || info {
+                        bus.publish_round(&self.id, view.head, &write_entries, info);
+                    }
+                }
                 self.push(&view, frames);
                 for (reply, seq, epoch) in replies {
                     let _ = reply.send(Ok((seq, epoch)));
                 }
                 for (w, seq) in changes.welcomes.into_iter().zip(inbox_items) {
+                    if let Some(bus) = &self.shared.bus {
+                        bus.publish_inbox(&w.user, seq);
+                    }
                     self.shared.inboxes.deliver(self.id, w, seq);
                 }
                 if !changes.members.is_empty() {
@@ -427,10 +451,22 @@ impl Actor {
                 }
             }
             Err(StoreError::Conflict(detail)) => {
-                warn!(group = %self.id, %detail, "the stored group is newer than this task's; reloading it");
-                let mut owed: Vec<_> = accepted.into_iter().map(|a| a.reply).collect();
-                owed.extend(changes.info_replies);
-                return Err(owed);
+                // The database holds a newer state of the group than this
+                // task (another node wrote it): read it anew (which also
+                // pushes what this task's watchers missed), and have the
+                // round's posts sent again, to be checked against it.
+                warn!(group = %self.id, %detail, "the stored group is newer than this task's; reading it anew");
+                if let Ok(mls) = MlsState::restore(&self.id, &self.durable_state) {
+                    self.mls = Some(mls);
+                }
+                self.reload().await;
+                let body = ErrorBody::new(ErrorCode::Unavailable, super::STALE);
+                for a in accepted {
+                    let _ = a.reply.send(Err(body.clone()));
+                }
+                for r in changes.info_replies {
+                    let _ = r.send(Err(body.clone()));
+                }
             }
             Err(e) => {
                 warn!(group = %self.id, error = %e, "write failed; rolling back");
@@ -446,6 +482,5 @@ impl Actor {
                 }
             }
         }
-        Ok(())
     }
 }

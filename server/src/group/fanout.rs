@@ -31,6 +31,14 @@ impl Tail {
         }
     }
 
+    /// Forgets every entry (the next ones do not follow on from them).
+    pub(super) fn clear(&mut self) {
+        self.total
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+        self.bytes = 0;
+        self.entries.clear();
+    }
+
     pub(super) fn extend(
         &mut self,
         new: &[(u64, Bytes)],

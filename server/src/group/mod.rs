@@ -27,6 +27,7 @@ use crate::store::{MemberRecord, Store};
 use crate::writer::Writer;
 
 mod actor;
+mod cluster;
 mod fanout;
 mod state;
 mod validate;
@@ -140,6 +141,11 @@ enum Cmd {
         user: String,
         reply: oneshot::Sender<JoinInfoResult>,
     },
+    /// Cluster mode: compare the head with the database's, and read the
+    /// group anew if another node wrote it.
+    Refresh {
+        reply: oneshot::Sender<()>,
+    },
     /// Finish what was received before, then end the task.
     Stop,
 }
@@ -185,6 +191,7 @@ impl std::fmt::Debug for Cmd {
             Cmd::Compact { upto } => write!(f, "Compact({upto})"),
             Cmd::PublishGroupInfo { user, .. } => write!(f, "PublishGroupInfo({user})"),
             Cmd::JoinInfo { user, .. } => write!(f, "JoinInfo({user})"),
+            Cmd::Refresh { .. } => f.write_str("Refresh"),
             Cmd::Stop => f.write_str("Stop"),
         }
     }
@@ -198,6 +205,11 @@ fn stopped() -> ErrorBody {
 /// (the server shuts down, or the group was unloaded while idle: then the
 /// command is sent again to the group loaded anew).
 pub const STOPPED: &str = "the group's task has stopped";
+
+/// The message of a post refused because another DS node had written the
+/// group since this node's task last read it: the task has read it anew,
+/// and the post may be sent again.
+pub const STALE: &str = "the group changed on another node; send it again";
 
 impl GroupHandle {
     /// Notes that the group is in use now (`now_ms`).
@@ -289,6 +301,15 @@ impl GroupHandle {
         }
     }
 
+    /// Cluster mode: brings the task up to the database (another node may
+    /// have written the group); returns once it has looked.
+    pub async fn refresh(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Refresh { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     /// Stops pushes to push stream `sub`.
     pub fn unwatch(&self, sub: u64) {
         let _ = self.tx.try_send(Cmd::Unwatch { sub });
@@ -310,6 +331,8 @@ pub struct Shared {
     pub tail_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Clock (ms since the Unix epoch).
     pub now_ms: fn() -> u64,
+    /// Cluster mode: the bus to the other nodes.
+    pub bus: Option<Arc<crate::bus::Bus>>,
 }
 
 impl std::fmt::Debug for Shared {

@@ -106,10 +106,13 @@ pub(super) async fn download_head(
         .map_err(ErrorBody::from)?
         .filter(|r| r.state == MediaState::Complete)
         .ok_or_else(|| err(ErrorCode::NotFound, format!("no media item {media}")))?;
-    let member = svc
-        .load_group(&rec.group)
-        .await?
-        .is_some_and(|g| g.with_view(|v| v.is_member(&user)));
+    let member = match svc.load_group(&rec.group).await? {
+        Some(g) => {
+            svc.fresh(&g, &user).await;
+            g.with_view(|v| v.is_member(&user))
+        }
+        None => false,
+    };
     if !member {
         return Err(err(
             ErrorCode::NotMember,

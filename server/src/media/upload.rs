@@ -68,6 +68,7 @@ pub(super) async fn upload_inner(
         .load_group(&req.group)
         .await?
         .ok_or_else(|| err(ErrorCode::UnknownGroup, format!("no group {}", req.group)))?;
+    svc.fresh(&group, &user).await;
     if !group.with_view(|v| v.is_member(&user)) {
         return Err(err(
             ErrorCode::NotMember,

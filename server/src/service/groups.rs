@@ -104,12 +104,32 @@ impl Service {
     }
 
     /// Whether `e` says a group's task stopped under a command while the
-    /// server goes on (the group was unloaded): the command may be sent
-    /// again.
+    /// server goes on (the group was unloaded), or read the group anew
+    /// because another node wrote it: the command may be sent again.
     pub(super) fn retry_after(&self, e: &ErrorBody) -> bool {
         e.code == ErrorCode::Unavailable
-            && e.message == group::STOPPED
+            && (e.message == group::STOPPED || e.message == group::STALE)
             && !self.closing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The task of group `id` for a request by `user` that its view
+    /// decides (membership, head), brought up to the database first in
+    /// cluster mode when the view cannot be trusted to be current: the bus
+    /// is down, or the view says `user` is not a member (a joiner's
+    /// Welcome may reach it before the commit that added it).
+    pub async fn group_for(&self, id: &GroupId, user: &str) -> Result<Arc<GroupHandle>, ErrorBody> {
+        let h = self.group_or_err(id).await?;
+        self.fresh(&h, user).await;
+        Ok(h)
+    }
+
+    /// Like [`Service::group_for`], for a task already in hand.
+    pub async fn fresh(&self, h: &GroupHandle, user: &str) {
+        if let Some(bus) = &self.shared.bus {
+            if !bus.is_connected() || !h.with_view(|v| v.is_member(user)) {
+                h.refresh().await;
+            }
+        }
     }
 
     pub(super) async fn group_or_err(&self, id: &GroupId) -> Result<Arc<GroupHandle>, ErrorBody> {
@@ -132,7 +152,7 @@ impl Service {
         group: GroupId,
         seq: u64,
     ) -> Result<Response, ErrorBody> {
-        let handle = self.group_or_err(&group).await?;
+        let handle = self.group_for(&group, &user).await?;
         let allowed = handle.with_view(|v| {
             v.members
                 .get(&user)
@@ -206,7 +226,7 @@ impl Service {
         user: String,
         group: GroupId,
     ) -> Result<Response, ErrorBody> {
-        let handle = self.group_or_err(&group).await?;
+        let handle = self.group_for(&group, &user).await?;
         let view = handle.view();
         if !view.is_member(&user) {
             return Err(Self::not_member(&user, &group));
@@ -229,6 +249,7 @@ impl Service {
         let mut groups = Vec::new();
         for id in ids {
             if let Some(h) = self.load_group(&id).await? {
+                self.fresh(&h, &user).await;
                 h.with_view(|v| {
                     if v.is_member(&user) {
                         groups.push(GroupSummary {
@@ -251,7 +272,7 @@ impl Service {
         epoch: u64,
         hash: [u8; 32],
     ) -> Result<Response, ErrorBody> {
-        let handle = self.group_or_err(&group).await?;
+        let handle = self.group_for(&group, &user).await?;
         let (member, current) = handle.with_view(|v| (v.is_member(&user), v.epoch));
         if !member {
             return Err(Self::not_member(&user, &group));

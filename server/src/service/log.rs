@@ -35,7 +35,7 @@ impl Service {
         after: u64,
         limit: u32,
     ) -> Result<Response, ErrorBody> {
-        let handle = self.group_or_err(&group).await?;
+        let handle = self.group_for(&group, &user).await?;
         let (member, head, compacted) =
             handle.with_view(|v| (v.members.get(&user).copied(), v.head, v.compacted));
         let Some(member) = member else {

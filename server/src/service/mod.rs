@@ -65,7 +65,12 @@ impl std::fmt::Debug for Service {
 impl Service {
     /// Builds the service over `store` and starts a task per stored group.
     /// Must be called within a tokio runtime.
-    pub fn new(config: Arc<ServerConfig>, store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+    /// `bus`: cluster mode, the bus to the other nodes.
+    pub fn new(
+        config: Arc<ServerConfig>,
+        store: Arc<dyn Store>,
+        bus: Option<Arc<crate::bus::Bus>>,
+    ) -> Result<Arc<Self>, StoreError> {
         let hub = Arc::new(Hub::default());
         let shared = Shared {
             store: store.clone(),
@@ -74,6 +79,7 @@ impl Service {
             config: config.clone(),
             tail_bytes: Arc::default(),
             now_ms: config.clock,
+            bus,
         };
         // Groups are loaded when first asked for, and unloaded when idle
         // (`unload_idle`): a DS holds in memory the groups in use, not
@@ -93,6 +99,11 @@ impl Service {
             loading: tokio::sync::Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Cluster mode: the bus to the other nodes.
+    pub fn bus(&self) -> Option<Arc<crate::bus::Bus>> {
+        self.shared.bus.clone()
     }
 
     /// Bytes of entries kept in memory by all groups.
@@ -269,7 +280,7 @@ mod tests {
             data_dir: dir.path().to_owned(),
             ..ServerConfig::default()
         });
-        let svc = Service::new(config, store).expect("the server starts");
+        let svc = Service::new(config, store, None).expect("the server starts");
         assert!(svc.group(&damaged).is_none());
         svc.close().await;
     }

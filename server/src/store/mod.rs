@@ -373,6 +373,12 @@ pub trait Store: Send + Sync + 'static {
     /// Groups in which `user` has a member record, current or not.
     fn user_groups(&self, user: &str) -> Result<Vec<GroupId>, StoreError>;
 
+    /// The newest sequence number of `group`'s log, if it exists: what a
+    /// node of a cluster polls to learn that another node wrote it.
+    fn head(&self, group: &GroupId) -> Result<Option<u64>, StoreError> {
+        Ok(self.group(group)?.map(|g| g.meta.head))
+    }
+
     /// Applies many group writes in one atomic, durable transaction. Returns,
     /// per write, the inbox sequence number given to each of its Welcomes,
     /// in order.

@@ -314,3 +314,113 @@ impl Drop for PgSchema {
         });
     }
 }
+
+/// A TCP forwarder (to the database, to the bus) that the test cuts and
+/// restores, as a restart of that service or a broken network would.
+pub struct Cuttable {
+    pub port: u16,
+    target: std::net::SocketAddr,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Cuttable {
+    pub async fn start(target: std::net::SocketAddr) -> Self {
+        let mut c = Self {
+            port: 0,
+            target,
+            tasks: Default::default(),
+        };
+        c.resume().await;
+        c
+    }
+
+    /// Accepts connections again, on the same port.
+    pub async fn resume(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        self.port = listener.local_addr().unwrap().port();
+        let (target, tasks) = (self.target, self.tasks.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tasks.lock().unwrap().push(conn);
+            }
+        });
+        self.tasks.lock().unwrap().push(accept);
+    }
+
+    /// Closes every connection and stops listening.
+    pub fn cut(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// The NATS server for cluster tests (`HUDDLE_TEST_NATS`, `nats://…`), or
+/// `None` after saying that `test` was skipped.
+pub fn nats(test: &str) -> Option<String> {
+    match std::env::var("HUDDLE_TEST_NATS") {
+        Ok(url) => Some(url),
+        Err(_) => {
+            eprintln!("skipped {test}: HUDDLE_TEST_NATS is not set");
+            None
+        }
+    }
+}
+
+/// `client.listen` as a future that ends when the returned sender fires,
+/// and a receiver of every event it reports. (A client's listen runs in
+/// the task that awaits it: the client's database is not shared between
+/// threads.)
+pub fn listening(
+    client: &mut Client,
+) -> (
+    impl std::future::Future<Output = ()> + '_,
+    tokio::sync::mpsc::UnboundedReceiver<huddle_client::Event>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let listener = async move {
+        client
+            .listen(
+                move |e| {
+                    let _ = tx.send(e.clone());
+                },
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+            .unwrap();
+    };
+    (listener, rx, stop_tx)
+}
+
+/// The next event `listen` reports that `wanted` accepts, waiting at most
+/// `within`; `what` names it in the failure.
+pub async fn next_event(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<huddle_client::Event>,
+    within: std::time::Duration,
+    what: &str,
+    wanted: impl Fn(&huddle_client::Event) -> bool,
+) -> huddle_client::Event {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut skipped = Vec::new();
+    loop {
+        let e = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within {within:?}; other events: {skipped:?}"))
+            .expect("listen ended");
+        if wanted(&e) {
+            return e;
+        }
+        skipped.push(e);
+    }
+}

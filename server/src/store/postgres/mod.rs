@@ -28,116 +28,16 @@ use huddle_core::{GroupId, MediaId};
 use r2d2_postgres::PostgresConnectionManager;
 
 use super::*;
+pub use schema::MIGRATIONS;
+use write::{apply_one, drop_inbox, release_shared};
+
+mod schema;
+mod write;
 
 #[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
-
-/// The schema, one step per version; step `i` takes version `i` to
-/// `i + 1`. Steps are never edited once released: a change is a new step.
-pub const MIGRATIONS: &[&str] = &[
-    // 1: everything the embedded store keeps.
-    r#"
-    CREATE TABLE users (
-        name TEXT PRIMARY KEY,
-        identity_key BYTEA NOT NULL CHECK (length(identity_key) = 32),
-        registered_ms BIGINT NOT NULL
-    );
-    CREATE TABLE kp_pool (
-        username TEXT NOT NULL,
-        hash BYTEA NOT NULL,
-        not_after BIGINT NOT NULL,
-        bytes BYTEA NOT NULL,
-        PRIMARY KEY (username, hash)
-    );
-    CREATE TABLE kp_last_resort (
-        username TEXT PRIMARY KEY,
-        not_after BIGINT NOT NULL,
-        bytes BYTEA NOT NULL
-    );
-    CREATE TABLE groups (
-        id BYTEA PRIMARY KEY CHECK (length(id) = 16),
-        created_ms BIGINT NOT NULL,
-        epoch BIGINT NOT NULL CHECK (epoch >= 0),
-        head BIGINT NOT NULL CHECK (head >= 0),
-        compacted BIGINT NOT NULL CHECK (compacted >= 0 AND compacted <= head),
-        state BYTEA NOT NULL
-    );
-    CREATE TABLE log (
-        group_id BYTEA NOT NULL REFERENCES groups (id),
-        seq BIGINT NOT NULL CHECK (seq > 0),
-        epoch BIGINT NOT NULL,
-        kind SMALLINT NOT NULL CHECK (kind IN (0, 1, 2)),
-        timestamp_ms BIGINT NOT NULL,
-        data BYTEA NOT NULL,
-        PRIMARY KEY (group_id, seq)
-    );
-    -- One commit per epoch of a group: a second one would fork it.
-    CREATE UNIQUE INDEX log_one_commit_per_epoch ON log (group_id, epoch) WHERE kind = 0;
-    CREATE TABLE members (
-        group_id BYTEA NOT NULL REFERENCES groups (id),
-        username TEXT NOT NULL,
-        joined_seq BIGINT NOT NULL,
-        removed_seq BIGINT,
-        removed_ms BIGINT,
-        PRIMARY KEY (group_id, username)
-    );
-    CREATE INDEX members_by_user ON members (username, group_id);
-    CREATE TABLE inbox_head (
-        username TEXT PRIMARY KEY,
-        head BIGINT NOT NULL
-    );
-    CREATE TABLE welcome_shared (
-        group_id BYTEA NOT NULL,
-        commit_seq BIGINT NOT NULL,
-        refs INTEGER NOT NULL CHECK (refs >= 0),
-        bytes BYTEA NOT NULL,
-        PRIMARY KEY (group_id, commit_seq)
-    );
-    CREATE TABLE inbox_items (
-        username TEXT NOT NULL,
-        seq BIGINT NOT NULL,
-        group_id BYTEA NOT NULL,
-        commit_seq BIGINT NOT NULL,
-        timestamp_ms BIGINT NOT NULL,
-        own BYTEA NOT NULL,
-        PRIMARY KEY (username, seq)
-    );
-    CREATE INDEX inbox_items_by_time ON inbox_items (timestamp_ms);
-    CREATE TABLE trees (
-        group_id BYTEA NOT NULL,
-        seq BIGINT NOT NULL,
-        tree BYTEA NOT NULL,
-        PRIMARY KEY (group_id, seq)
-    );
-    CREATE TABLE group_info (
-        group_id BYTEA PRIMARY KEY,
-        epoch BIGINT NOT NULL,
-        info BYTEA NOT NULL
-    );
-    CREATE TABLE cursors (
-        group_id BYTEA NOT NULL,
-        username TEXT NOT NULL,
-        seq BIGINT NOT NULL,
-        PRIMARY KEY (group_id, username)
-    );
-    CREATE TABLE epoch_auth (
-        group_id BYTEA NOT NULL,
-        epoch BIGINT NOT NULL,
-        username TEXT NOT NULL,
-        hash BYTEA NOT NULL CHECK (length(hash) = 32),
-        PRIMARY KEY (group_id, epoch, username)
-    );
-    CREATE TABLE media (
-        id BYTEA PRIMARY KEY,
-        record BYTEA NOT NULL
-    );
-    "#,
-];
-
-/// Key of the advisory lock under which migrations run.
-const MIGRATION_LOCK: i64 = 0x6875_6464_6c65_0001;
 
 /// How long a request waits for a pooled connection before the store
 /// reports the database unavailable.
@@ -281,32 +181,7 @@ impl PgStore {
     /// Applies the migrations this build knows and the database lacks;
     /// refuses a database migrated by a newer build.
     fn migrate(&self) -> Result<(), StoreError> {
-        self.txn(|t| {
-            t.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-                .map_err(pg)?;
-            t.batch_execute(
-                "CREATE TABLE IF NOT EXISTS huddle_schema (version BIGINT NOT NULL);
-                 INSERT INTO huddle_schema (version)
-                     SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM huddle_schema);",
-            )
-            .map_err(pg)?;
-            let version: i64 = t
-                .query_one("SELECT version FROM huddle_schema", &[])
-                .map_err(pg)?
-                .get(0);
-            let known = MIGRATIONS.len() as i64;
-            if version > known {
-                return Err(StoreError::Corrupt(format!(
-                    "the database has schema version {version}, this build knows up to {known}"
-                )));
-            }
-            for step in &MIGRATIONS[version as usize..] {
-                t.batch_execute(step).map_err(pg)?;
-            }
-            t.execute("UPDATE huddle_schema SET version = $1", &[&known])
-                .map_err(pg)?;
-            Ok(())
-        })
+        self.txn(schema::migrate)
     }
 
     /// The schema version the database is at.
@@ -395,218 +270,6 @@ fn stored_group(t: &mut Transaction<'_>, row: &::postgres::Row) -> Result<Stored
 }
 
 const GROUP_COLUMNS: &str = "id, created_ms, epoch, head, compacted, state";
-
-/// Deletes `user`'s inbox items up to `upto` and the shared Welcome parts
-/// no item refers to any more; returns how many items went.
-fn drop_inbox(t: &mut Transaction<'_>, user: &str, upto: u64) -> Result<usize, StoreError> {
-    let gone = t
-        .query(
-            "DELETE FROM inbox_items WHERE username = $1 AND seq <= $2
-             RETURNING group_id, commit_seq",
-            &[&user, &n(upto)],
-        )
-        .map_err(pg)?;
-    release_shared(t, &gone)?;
-    Ok(gone.len())
-}
-
-/// Drops one reference to the shared Welcome part of each deleted inbox
-/// item (`group_id`, `commit_seq`), and the parts left without any.
-fn release_shared(t: &mut Transaction<'_>, gone: &[::postgres::Row]) -> Result<(), StoreError> {
-    let mut refs: std::collections::BTreeMap<(Vec<u8>, i64), i32> = Default::default();
-    for r in gone {
-        *refs.entry((r.get(0), r.get(1))).or_default() += 1;
-    }
-    for ((gid, seq), k) in refs {
-        t.execute(
-            "UPDATE welcome_shared SET refs = GREATEST(refs - $3, 0)
-             WHERE group_id = $1 AND commit_seq = $2",
-            &[&gid, &seq, &k],
-        )
-        .map_err(pg)?;
-        t.execute(
-            "DELETE FROM welcome_shared WHERE group_id = $1 AND commit_seq = $2 AND refs = 0",
-            &[&gid, &seq],
-        )
-        .map_err(pg)?;
-    }
-    Ok(())
-}
-
-/// Applies one group write inside the batch's transaction.
-fn apply_one(t: &mut Transaction<'_>, w: &GroupWrite) -> Result<Vec<u64>, StoreError> {
-    let gid = w.group.as_bytes().as_slice();
-    let new_head = |old: u64| w.entries.last().map_or(old, |e| e.seq).max(w.meta.head);
-    let old_compacted;
-    if w.create {
-        let head = new_head(0);
-        let inserted = t
-            .execute(
-                "INSERT INTO groups (id, created_ms, epoch, head, compacted, state)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
-                &[
-                    &gid,
-                    &n(w.meta.created_ms),
-                    &n(w.meta.epoch),
-                    &n(head),
-                    &n(w.meta.compacted),
-                    &w.state.as_deref().unwrap_or_default(),
-                ],
-            )
-            .map_err(pg)?;
-        if inserted == 0 {
-            return Err(StoreError::Conflict(format!("group {} exists", w.group)));
-        }
-        old_compacted = 0;
-        check_contiguous(w, 0)?;
-    } else {
-        // The row lock orders this write after every other write of the
-        // group, from this process or another.
-        let row = t
-            .query_opt(
-                "SELECT head, compacted FROM groups WHERE id = $1 FOR UPDATE",
-                &[&gid],
-            )
-            .map_err(pg)?
-            .ok_or_else(|| StoreError::Conflict(format!("group {} is unknown", w.group)))?;
-        let old_head = u(row.get(0))?;
-        old_compacted = u(row.get(1))?;
-        check_contiguous(w, old_head)?;
-        t.execute(
-            "UPDATE groups SET created_ms = $2, epoch = $3, head = $4, compacted = $5,
-                 state = COALESCE($6, state)
-             WHERE id = $1",
-            &[
-                &gid,
-                &n(w.meta.created_ms),
-                &n(w.meta.epoch),
-                &n(new_head(old_head)),
-                &n(w.meta.compacted),
-                &w.state.as_deref(),
-            ],
-        )
-        .map_err(pg)?;
-    }
-    if !w.entries.is_empty() {
-        let seqs: Vec<i64> = w.entries.iter().map(|e| n(e.seq)).collect();
-        let epochs: Vec<i64> = w.entries.iter().map(|e| n(e.epoch)).collect();
-        let kinds: Vec<i16> = w.entries.iter().map(|e| kind_code(e.kind)).collect();
-        let times: Vec<i64> = w.entries.iter().map(|e| n(e.timestamp_ms)).collect();
-        let data: Vec<&[u8]> = w.entries.iter().map(|e| e.data.as_ref()).collect();
-        t.execute(
-            "INSERT INTO log (group_id, seq, epoch, kind, timestamp_ms, data)
-             SELECT $1, * FROM UNNEST($2::BIGINT[], $3::BIGINT[], $4::SMALLINT[], $5::BIGINT[], $6::BYTEA[])",
-            &[&gid, &seqs, &epochs, &kinds, &times, &data],
-        )
-        .map_err(pg)?;
-    }
-    for (user, m) in &w.members {
-        t.execute(
-            "INSERT INTO members (group_id, username, joined_seq, removed_seq, removed_ms)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (group_id, username) DO UPDATE SET joined_seq = EXCLUDED.joined_seq,
-                 removed_seq = EXCLUDED.removed_seq, removed_ms = EXCLUDED.removed_ms",
-            &[
-                &gid,
-                user,
-                &n(m.joined_seq),
-                &m.removed_seq.map(n),
-                &m.removed_ms.map(n),
-            ],
-        )
-        .map_err(pg)?;
-    }
-    for (seq, tree) in &w.trees {
-        t.execute(
-            "INSERT INTO trees (group_id, seq, tree) VALUES ($1, $2, $3)
-             ON CONFLICT (group_id, seq) DO UPDATE SET tree = EXCLUDED.tree",
-            &[&gid, &n(*seq), &tree.as_ref()],
-        )
-        .map_err(pg)?;
-    }
-    if let Some((epoch, info)) = &w.group_info {
-        t.execute(
-            "INSERT INTO group_info (group_id, epoch, info) VALUES ($1, $2, $3)
-             ON CONFLICT (group_id) DO UPDATE SET epoch = EXCLUDED.epoch, info = EXCLUDED.info",
-            &[&gid, &n(*epoch), &info.as_ref()],
-        )
-        .map_err(pg)?;
-    }
-    if let Some(upto) = w.compact_upto {
-        t.execute(
-            "DELETE FROM log WHERE group_id = $1 AND seq > $2 AND seq <= $3",
-            &[&gid, &n(old_compacted), &n(upto)],
-        )
-        .map_err(pg)?;
-        t.execute(
-            "DELETE FROM trees WHERE group_id = $1 AND seq < $2",
-            &[&gid, &n(upto)],
-        )
-        .map_err(pg)?;
-    }
-    let mut created = Vec::with_capacity(w.welcomes.len());
-    if !w.welcomes.is_empty() {
-        // Each commit's shared part once, referenced by its joiners.
-        let mut refs: std::collections::BTreeMap<u64, (i32, &Bytes)> = Default::default();
-        for item in &w.welcomes {
-            refs.entry(item.commit_seq).or_insert((0, &item.shared)).0 += 1;
-        }
-        for (seq, (k, shared)) in refs {
-            t.execute(
-                "INSERT INTO welcome_shared (group_id, commit_seq, refs, bytes) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (group_id, commit_seq)
-                 DO UPDATE SET refs = welcome_shared.refs + EXCLUDED.refs, bytes = EXCLUDED.bytes",
-                &[&gid, &n(seq), &k, &shared.as_ref()],
-            )
-            .map_err(pg)?;
-        }
-        for item in &w.welcomes {
-            let seq = u(t
-                .query_one(
-                    "INSERT INTO inbox_head (username, head) VALUES ($1, 1)
-                     ON CONFLICT (username) DO UPDATE SET head = inbox_head.head + 1
-                     RETURNING head",
-                    &[&item.user],
-                )
-                .map_err(pg)?
-                .get(0))?;
-            t.execute(
-                "INSERT INTO inbox_items (username, seq, group_id, commit_seq, timestamp_ms, own)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                &[
-                    &item.user,
-                    &n(seq),
-                    &gid,
-                    &n(item.commit_seq),
-                    &n(item.timestamp_ms),
-                    &item.own.as_ref(),
-                ],
-            )
-            .map_err(pg)?;
-            // Over the cap: the oldest go.
-            let cap = w.inbox_cap as u64;
-            if seq >= cap {
-                drop_inbox(t, &item.user, seq - cap)?;
-            }
-            created.push(seq);
-        }
-    }
-    Ok(created)
-}
-
-/// The log must grow without gaps: a write computed against stale state
-/// must never land.
-fn check_contiguous(w: &GroupWrite, old_head: u64) -> Result<(), StoreError> {
-    for (i, e) in w.entries.iter().enumerate() {
-        if e.seq != old_head + 1 + i as u64 {
-            return Err(StoreError::Conflict(format!(
-                "log of {} would not be contiguous at {}",
-                w.group, e.seq
-            )));
-        }
-    }
-    Ok(())
-}
 
 impl Store for PgStore {
     fn close(&self) {
@@ -806,6 +469,18 @@ impl Store for PgStore {
                 )
                 .map_err(pg)?;
             row.map(|r| stored_group(t, &r)).transpose()
+        })
+    }
+
+    fn head(&self, id: &GroupId) -> Result<Option<u64>, StoreError> {
+        self.txn(|t| {
+            t.query_opt(
+                "SELECT head FROM groups WHERE id = $1",
+                &[&id.as_bytes().as_slice()],
+            )
+            .map_err(pg)?
+            .map(|r| u(r.get(0)))
+            .transpose()
         })
     }
 

@@ -63,6 +63,42 @@ fn two_processes_appending_at_one_head_cannot_both_land() {
     assert_eq!(b.group(&g).unwrap().unwrap().meta.head, 20);
 }
 
+/// A node that has not seen the newest entries cannot write the group's
+/// row from its older view even without entries (a compaction, a
+/// GroupInfo): its epoch and state would go back. And compaction never
+/// moves back.
+#[test]
+fn a_write_without_entries_from_an_older_view_is_a_conflict() {
+    let Some(s) = store("a_write_without_entries_from_an_older_view") else {
+        return;
+    };
+    let g = GroupId([9; 16]);
+    s.apply(&[GroupWrite::create(g, "alice", 0, vec![1])])
+        .unwrap();
+    let entries = (1..=3)
+        .map(|q| entry(q, 0, EntryKind::Application))
+        .collect();
+    let mut w = append(g, 3, entries);
+    w.meta.compacted = 2;
+    w.compact_upto = Some(2);
+    s.apply(&[w]).unwrap();
+    // Made at head 1: refused, and nothing changed.
+    let mut stale = append(g, 1, Vec::new());
+    stale.meta.epoch = 0;
+    stale.state = Some(vec![0xee]);
+    assert!(matches!(s.apply(&[stale]), Err(StoreError::Conflict(_))));
+    let now = s.group(&g).unwrap().unwrap();
+    assert_eq!(
+        (now.meta.head, now.meta.compacted, now.state),
+        (3, 2, vec![1])
+    );
+    // At the head, with an older compaction point: the point stays.
+    let mut behind = append(g, 3, Vec::new());
+    behind.meta.compacted = 1;
+    s.apply(&[behind]).unwrap();
+    assert_eq!(s.group(&g).unwrap().unwrap().meta.compacted, 2);
+}
+
 /// A writer whose own checks are wrong still cannot put two entries at one
 /// seq or two commits in one epoch: the schema refuses them.
 #[test]

@@ -1,0 +1,254 @@
+//! Cluster mode: several DS nodes on one PostgreSQL database, woken by
+//! each other through NATS. Members connected to different nodes get each
+//! other's messages and commits pushed; two commits for one epoch posted
+//! to two nodes at once end in one log; delivery goes on by polling while
+//! a node has lost the bus. Skipped (and said so) without
+//! `HUDDLE_TEST_POSTGRES` and `HUDDLE_TEST_NATS`.
+#![allow(clippy::unwrap_used)]
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use huddle_client::Event;
+use huddle_server::ServerConfig;
+
+/// How long a pushed message may take to arrive.
+const PUSHED_WITHIN: Duration = Duration::from_secs(20);
+
+/// Three nodes (or `n`) on one database and one bus, with their own
+/// subject prefix (other tests share the NATS server); `tune` adjusts each
+/// node's configuration.
+async fn nodes(
+    test: &str,
+    n: usize,
+    tune: impl Fn(usize, &mut ServerConfig),
+) -> Option<(PgSchema, Vec<InProcess>)> {
+    let db = PgSchema::new(test)?;
+    let bus = nats(test)?;
+    let prefix = format!("t{}", hex::encode(rand::random::<[u8; 6]>()));
+    let mut out = Vec::new();
+    for i in 0..n {
+        let (url, bus, prefix) = (db.url.clone(), bus.clone(), prefix.clone());
+        out.push(
+            InProcess::start_with(|c| {
+                c.store_url = Some(url);
+                c.bus_url = Some(bus);
+                c.bus_prefix = prefix;
+                tune(i, c);
+            })
+            .await,
+        );
+    }
+    Some((db, out))
+}
+
+fn is_text(want: &'static str) -> impl Fn(&Event) -> bool {
+    move |e| e.kind == "text" && e.text() == Some(want)
+}
+
+/// Members on three nodes: alice's messages, sent through node 0, are
+/// pushed to bob on node 1; carol's commit through node 2 (adding dave, on
+/// node 0) reaches bob's node, which follows it, and then dave's message.
+/// The nodes poll the database only every hour here, so only the bus can
+/// have carried them. In the end every member is in the same epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_on_three_nodes_get_each_others_messages_and_commits_pushed() {
+    let Some((_db, n)) = nodes("members_on_three_nodes", 3, |_, c| {
+        c.cluster_poll_connected = Duration::from_secs(3600);
+    })
+    .await
+    else {
+        return;
+    };
+    let mut alice = n[0].client("alice").await;
+    let bob = n[1].client("bob").await;
+    let mut carol = n[2].client("carol").await;
+    let mut dave = n[0].client("dave").await;
+    let g = alice.create_group("g").await.unwrap();
+    alice
+        .add(&g.to_string(), &["bob".into(), "carol".into()])
+        .await
+        .unwrap();
+    carol.sync().await.unwrap();
+
+    let mut bob = bob;
+    let (listener, mut rx, stop) = listening(&mut bob);
+    let talk = async {
+        next_event(&mut rx, PUSHED_WITHIN, "bob: listening", |e| {
+            e.kind == "listening"
+        })
+        .await;
+        for i in 0..3 {
+            alice.send_text("g", &format!("hello {i}")).await.unwrap();
+        }
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let e = next_event(&mut rx, PUSHED_WITHIN, "bob: text", |e| e.kind == "text").await;
+            got.push(e.text().unwrap().to_owned());
+        }
+        assert_eq!(got, ["hello 0", "hello 1", "hello 2"]);
+
+        carol.add("g", &["dave".into()]).await.unwrap();
+        let added = next_event(&mut rx, PUSHED_WITHIN, "bob: member_added", |e| {
+            e.kind == "member_added"
+        })
+        .await;
+        assert!(added.members().contains(&"dave".to_owned()), "{added:?}");
+        dave.sync().await.unwrap();
+        dave.send_text("g", "dave here").await.unwrap();
+        let e = next_event(&mut rx, PUSHED_WITHIN, "bob: text", |e| e.kind == "text").await;
+        assert_eq!(e.text(), Some("dave here"));
+        stop.send(()).unwrap();
+    };
+    tokio::join!(listener, talk);
+    // Nothing twice: a sync after listening finds nothing new.
+    assert_eq!(texts(&bob.sync().await.unwrap()), Vec::<String>::new());
+    alice.sync().await.unwrap();
+    carol.sync().await.unwrap();
+    let epochs: Vec<_> = [&alice, &bob, &carol, &dave]
+        .iter()
+        .map(|c| c.epoch_authenticator("g").unwrap())
+        .collect();
+    assert!(epochs.windows(2).all(|w| w[0] == w[1]), "{epochs:?}");
+    drop(n);
+}
+
+/// Alice on node 0 and bob on node 1 both commit in the same epoch at the
+/// same moment. The database takes one commit for that epoch; the other
+/// is refused as stale, and its member syncs and commits again. Both end
+/// in the same epoch, two past where they began, with one commit in each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_commits_for_one_epoch_on_two_nodes_end_in_one_log() {
+    let Some((db, n)) = nodes("two_commits_for_one_epoch", 2, |_, _| {}).await else {
+        return;
+    };
+    let mut alice = n[0].client("alice").await;
+    let mut bob = n[1].client("bob").await;
+    let g = alice.create_group("g").await.unwrap();
+    alice.add(&g.to_string(), &["bob".into()]).await.unwrap();
+    bob.sync().await.unwrap();
+    let start = alice.epoch_authenticator("g").unwrap().0;
+    assert_eq!(bob.epoch_authenticator("g").unwrap().0, start);
+    for _ in 0..3 {
+        let (a, b) = tokio::join!(alice.update("g"), bob.update("g"));
+        a.unwrap();
+        b.unwrap();
+    }
+    alice.sync().await.unwrap();
+    bob.sync().await.unwrap();
+    let (ea, eb) = (
+        alice.epoch_authenticator("g").unwrap(),
+        bob.epoch_authenticator("g").unwrap(),
+    );
+    assert_eq!(ea, eb);
+    assert_eq!(ea.0, start + 6);
+    assert_eq!(
+        db.count("SELECT count(DISTINCT epoch) FROM log WHERE kind = 0"),
+        db.count("SELECT count(*) FROM log WHERE kind = 0"),
+    );
+    drop(n);
+}
+
+/// Node 1 reaches the bus through a link the test cuts. While it is cut,
+/// alice's messages through node 0 and a Welcome for erin (on node 1)
+/// still reach node 1's listeners, by polling the database; once the
+/// link is back, the bus carries them again. Nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_goes_on_by_polling_while_a_node_has_lost_the_bus() {
+    let Some(bus) = nats("delivery_goes_on_by_polling") else {
+        return;
+    };
+    let target = tokio::net::lookup_host(bus.trim_start_matches("nats://"))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let mut link = Cuttable::start(target).await;
+    let linked = format!("nats://127.0.0.1:{}", link.port);
+    let Some((_db, n)) = nodes("delivery_goes_on_by_polling", 2, |i, c| {
+        c.cluster_poll = Duration::from_millis(200);
+        c.cluster_poll_connected = Duration::from_secs(3600);
+        if i == 1 {
+            c.bus_url = Some(linked.clone());
+        }
+    })
+    .await
+    else {
+        return;
+    };
+    let mut alice = n[0].client("alice").await;
+    let bob = n[1].client("bob").await;
+    let erin = n[1].client("erin").await;
+    let g = alice.create_group("g").await.unwrap();
+    alice.add(&g.to_string(), &["bob".into()]).await.unwrap();
+    let (mut bob, mut erin) = (bob, erin);
+    let (bob_listener, mut bob_rx, stop_bob) = listening(&mut bob);
+    let (erin_listener, mut erin_rx, stop_erin) = listening(&mut erin);
+    let talk = async {
+        next_event(&mut bob_rx, PUSHED_WITHIN, "bob: listening", |e| {
+            e.kind == "listening"
+        })
+        .await;
+        next_event(&mut erin_rx, PUSHED_WITHIN, "erin: listening", |e| {
+            e.kind == "listening"
+        })
+        .await;
+        alice.send_text("g", "over the bus").await.unwrap();
+        next_event(
+            &mut bob_rx,
+            PUSHED_WITHIN,
+            "bob: over the bus",
+            is_text("over the bus"),
+        )
+        .await;
+
+        link.cut();
+        alice.send_text("g", "while the bus is away").await.unwrap();
+        next_event(
+            &mut bob_rx,
+            PUSHED_WITHIN,
+            "bob: while the bus is away",
+            is_text("while the bus is away"),
+        )
+        .await;
+        alice.add("g", &["erin".into()]).await.unwrap();
+        next_event(&mut erin_rx, PUSHED_WITHIN, "erin: joined", |e| {
+            e.kind == "joined"
+        })
+        .await;
+        alice.send_text("g", "welcome erin").await.unwrap();
+        next_event(
+            &mut erin_rx,
+            PUSHED_WITHIN,
+            "erin: welcome erin",
+            is_text("welcome erin"),
+        )
+        .await;
+
+        link.resume().await;
+        // The link is back: delivery goes on (by polling until node 1's bus
+        // client reconnects by itself, then by the bus).
+        alice.send_text("g", "bus again").await.unwrap();
+        next_event(
+            &mut bob_rx,
+            PUSHED_WITHIN,
+            "bob: bus again",
+            is_text("bus again"),
+        )
+        .await;
+        next_event(
+            &mut erin_rx,
+            PUSHED_WITHIN,
+            "erin: bus again",
+            is_text("bus again"),
+        )
+        .await;
+        stop_bob.send(()).unwrap();
+        stop_erin.send(()).unwrap();
+    };
+    tokio::join!(bob_listener, erin_listener, talk);
+    assert_eq!(texts(&bob.sync().await.unwrap()), Vec::<String>::new());
+    assert_eq!(texts(&erin.sync().await.unwrap()), Vec::<String>::new());
+    drop(n);
+}
