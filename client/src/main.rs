@@ -34,7 +34,8 @@ enum Command {
     Register {
         /// User name to claim.
         name: String,
-        /// Server address, HOST:PORT.
+        /// Server address, HOST:PORT; several nodes of one service as
+        /// A,B,C (tried in order; when one fails the client moves on).
         #[arg(long)]
         server: String,
         /// PEM certificate to pin (default: pin what the server presents now).
@@ -345,6 +346,12 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 out.json(&st);
             } else {
                 out.line(&format!("server: {}", st.server));
+                if st.servers.len() > 1 {
+                    out.line(&format!(
+                        "servers of the service: {}",
+                        st.servers.join(", ")
+                    ));
+                }
                 out.line(&format!("certificate SHA-256: {}", st.server_fingerprint));
                 out.line(&format!("authenticated as: {}", st.name));
                 out.line(&format!(

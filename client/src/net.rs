@@ -83,6 +83,29 @@ async fn refused(addr: SocketAddr) {
     }
 }
 
+/// How long a request waits before it starts checking, every as long
+/// again, that its server still listens ([`gone`]).
+pub const GONE_PROBE: Duration = Duration::from_secs(1);
+
+/// Completes when nothing listens at `addr` any more: its server process
+/// exited or was killed, on a host that says so ("port unreachable", at
+/// once on the same machine or network). Starts after [`GONE_PROBE`] and
+/// probes every [`GONE_PROBE`]; a host that says nothing (a machine that
+/// is gone) is left to the request timeout and QUIC's idle timeout. This
+/// is what lets a client move on to another server of the service in a
+/// second or two rather than after those timeouts.
+pub async fn gone(addr: SocketAddr) {
+    loop {
+        tokio::time::sleep(GONE_PROBE).await;
+        if tokio::time::timeout(GONE_PROBE, refused(addr))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
 /// How the server's certificate is checked.
 #[derive(Debug, Clone)]
 pub enum Trust {
@@ -371,9 +394,22 @@ impl Connection {
     /// refusal becomes [`ClientError::Server`]. Gives up after
     /// [`REQUEST_TIMEOUT`].
     pub async fn request(&self, req: &Request) -> Result<Response> {
-        match tokio::time::timeout(REQUEST_TIMEOUT, self.request_inner(req)).await {
-            Ok(r) => r,
-            Err(_) => Err(self.lost(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))),
+        tokio::select! {
+            r = tokio::time::timeout(REQUEST_TIMEOUT, self.request_inner(req)) => match r {
+                Ok(r) => r,
+                Err(_) => Err(self.lost(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))),
+            },
+            () = gone(self.conn.remote_address()) => Err(self.went_away()),
+        }
+    }
+
+    /// The error of a server found gone ([`gone`]); the connection is
+    /// closed, so the next request connects anew.
+    pub fn went_away(&self) -> ClientError {
+        self.conn.close(0u32.into(), b"the server went away");
+        ClientError::Connect {
+            addr: self.addr.clone(),
+            reason: "the server went away: nothing listens at its address any more".into(),
         }
     }
 
@@ -409,11 +445,12 @@ impl Connection {
             let resp: Response = read_message(&mut recv).await?;
             Ok::<_, ClientError>((send, recv, resp))
         };
-        let (send, recv, resp) = tokio::time::timeout(REQUEST_TIMEOUT, opened)
-            .await
-            .map_err(|_| {
+        let (send, recv, resp) = tokio::select! {
+            r = tokio::time::timeout(REQUEST_TIMEOUT, opened) => r.map_err(|_| {
                 self.lost(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))
-            })??;
+            })??,
+            () = gone(self.conn.remote_address()) => return Err(self.went_away()),
+        };
         match resp {
             Response::Error(e) => Err(ClientError::Server(e)),
             r => Ok((send, recv, r)),

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use huddle_client::Event;
+use huddle_client::{Client, Event, Home};
 use huddle_server::ServerConfig;
 
 /// How long a pushed message may take to arrive.
@@ -251,4 +251,119 @@ async fn delivery_goes_on_by_polling_while_a_node_has_lost_the_bus() {
     assert_eq!(texts(&bob.sync().await.unwrap()), Vec::<String>::new());
     assert_eq!(texts(&erin.sync().await.unwrap()), Vec::<String>::new());
     drop(n);
+}
+
+/// Three nodes as processes, sharing one certificate; alice and bob know
+/// all three addresses and are connected to the first. That node is killed
+/// (SIGKILL) while bob listens: bob's listen finds it gone and moves to the
+/// next node, where it catches up and is pushed what follows; alice's next
+/// message, tried on the dead node, is refused before anything was sent
+/// (so it is not there twice) and, sent again, goes to the next node. The
+/// log holds every message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_clients_move_to_another_and_nothing_is_lost_or_doubled() {
+    let test = "a_killed_nodes_clients_move";
+    let Some(db) = PgSchema::new(test) else {
+        return;
+    };
+    let Some(bus) = nats(test) else {
+        return;
+    };
+    let prefix = format!("t{}", hex::encode(rand::random::<[u8; 6]>()));
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = [
+        "--store",
+        db.url.as_str(),
+        "--bus",
+        bus.as_str(),
+        "--bus-prefix",
+        prefix.as_str(),
+    ];
+    let first = Process::start_args(&dir.path().join("n0"), "127.0.0.1:0", &cluster);
+    let cert = first.cert_path();
+    let key = first.data_dir.join("key.pem");
+    let shared: Vec<&str> = cluster
+        .iter()
+        .copied()
+        .chain([
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ])
+        .collect();
+    let others: Vec<Process> = (1..3)
+        .map(|i| Process::start_args(&dir.path().join(format!("n{i}")), "127.0.0.1:0", &shared))
+        .collect();
+    let servers = std::iter::once(&first)
+        .chain(&others)
+        .map(|p| p.addr.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let register = |name: &'static str| {
+        Client::register(
+            Home::new(dir.path().join(name)),
+            name,
+            &servers,
+            Some(&cert),
+        )
+    };
+    let mut alice = register("alice").await.unwrap();
+    let mut bob = register("bob").await.unwrap();
+    let g = alice.create_group("g").await.unwrap();
+    alice.add(&g.to_string(), &["bob".into()]).await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(bob.status().await.unwrap().server, first.addr);
+
+    let (listener, mut rx, stop) = listening(&mut bob);
+    let talk = async {
+        next_event(&mut rx, PUSHED_WITHIN, "bob: listening", |e| {
+            e.kind == "listening"
+        })
+        .await;
+        alice.send_text("g", "before").await.unwrap();
+        next_event(&mut rx, PUSHED_WITHIN, "bob: before", is_text("before")).await;
+        let dead = first.kill9();
+        for i in 0..3 {
+            let text = format!("after {i}");
+            let mut refused = 0;
+            loop {
+                match alice.send_text("g", &text).await {
+                    Ok(_) => break,
+                    Err(huddle_client::ClientError::Connect { addr, reason }) if refused == 0 => {
+                        assert_eq!(addr, dead, "{reason}");
+                        refused += 1;
+                    }
+                    Err(e) => panic!("sending {text:?}: {e}"),
+                }
+            }
+        }
+        for i in 0..3 {
+            let text = format!("after {i}");
+            let e = next_event(&mut rx, Duration::from_secs(30), "bob: after", |e| {
+                e.kind == "text"
+            })
+            .await;
+            assert_eq!(e.text(), Some(text.as_str()));
+        }
+        stop.send(()).unwrap();
+    };
+    tokio::join!(listener, talk);
+    assert_eq!(texts(&bob.sync().await.unwrap()), Vec::<String>::new());
+    let status = bob.status().await.unwrap();
+    assert_ne!(status.server, first_addr(&servers));
+    assert_eq!(status.servers.len(), 3);
+    // Each message once in bob's history, in order.
+    let history: Vec<String> = bob
+        .messages("g", 100)
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.text().map(str::to_owned))
+        .collect();
+    assert_eq!(history, ["before", "after 0", "after 1", "after 2"]);
+    drop(others);
+}
+
+fn first_addr(servers: &str) -> &str {
+    servers.split(',').next().unwrap()
 }

@@ -76,7 +76,11 @@ impl Client {
         }
         let fp = huddle_core::auth::cert_fingerprint(&self.net().await?.server_cert);
         Ok(Status {
-            server: self.settings.server.clone(),
+            server: self.server().to_owned(),
+            servers: super::server_list(&self.settings.server)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
             server_fingerprint: fp,
             name: self.settings.name.clone(),
             key_packages: available,

@@ -89,7 +89,7 @@ impl Client {
             addr: server.to_owned(),
             reason: format!("push stream: {what}"),
         };
-        let server = self.settings.server.clone();
+        let server = self.server().to_owned();
         // What it missed, as `sync` reports it; from then on, everything
         // recorded, its user's own messages too, as it is recorded.
         let (events, covered) = self.sync_reporting().await?;
@@ -122,15 +122,19 @@ impl Client {
             })
             .collect();
         let inbox_after = db::settings::get(&self.db, "inbox_cursor")?;
-        let (mut send, mut recv, _) = self
-            .net()
-            .await?
+        let net = self.net().await?;
+        let remote = net.quic().remote_address();
+        let (mut send, mut recv, _) = net
             .open(&Request::Subscribe {
                 groups,
                 inbox_after,
             })
             .await?;
         *subscribed = true;
+        // A server killed without a word: noticed in a second or two (on
+        // a host that says so), not after QUIC's idle timeout.
+        let gone = net::gone(remote);
+        tokio::pin!(gone);
         if first {
             let text = server.clone();
             let e = Event::new(EventKind::Listening { text }, "", self.name(), 0, now_ms());
@@ -147,6 +151,12 @@ impl Client {
                 None => {
                     tokio::select! {
                         _ = stop.as_mut() => break,
+                        () = gone.as_mut() => {
+                            if let Some(n) = &self.net {
+                                return Err(n.went_away());
+                            }
+                            return Err(lost("the server went away".into(), &server));
+                        }
                         _ = tick.tick() => {
                             for (id, state) in self.group_ids()? {
                                 if matches!(state, GroupState::Active | GroupState::Leaving) {

@@ -114,8 +114,10 @@ pub struct WhoAmI {
 /// What `status` prints.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Status {
-    /// Server address.
+    /// The address connected to now.
     pub server: String,
+    /// Every address of the service this home knows, in the order tried.
+    pub servers: Vec<String>,
     /// SHA-256 fingerprint of the server certificate.
     pub server_fingerprint: String,
     /// User name.
@@ -178,6 +180,67 @@ pub struct Client {
     endpoint: Option<quinn::Endpoint>,
     /// Group locks shared with the home's other processes.
     locks: std::sync::Arc<Locks>,
+    /// Which of the service's addresses ([`server_list`]) the connection
+    /// goes to, or went to last: tried first when connecting again.
+    current: usize,
+}
+
+/// The addresses of one service in a home's server setting
+/// (`register --server a:4433,b:4433`), in the order given.
+pub fn server_list(servers: &str) -> Vec<&str> {
+    servers
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Connects to the first of `addrs` that answers, trying them in order
+/// from `start` and wrapping around; returns the connection and the index
+/// of its address. Only a server that cannot be reached sends it on to the
+/// next: any other failure (a certificate that is not the pinned one) is
+/// final. When none answers, the error names each address and its reason.
+async fn connect_any(
+    endpoint: Option<&quinn::Endpoint>,
+    addrs: &[&str],
+    start: usize,
+    trust: &Trust,
+) -> Result<(Net, usize)> {
+    if addrs.is_empty() {
+        return Err(ClientError::Usage("no server address in this home".into()));
+    }
+    let mut failed = Vec::new();
+    for k in 0..addrs.len() {
+        let i = (start + k) % addrs.len();
+        match Net::connect_on(endpoint, addrs[i], trust.clone()).await {
+            Ok(net) => {
+                if !failed.is_empty() {
+                    tracing::warn!(
+                        server = addrs[i],
+                        "connected to the next server of the service"
+                    );
+                }
+                return Ok((net, i));
+            }
+            Err(e @ ClientError::Connect { .. }) => failed.push(e),
+            Err(e) => return Err(e),
+        }
+    }
+    if failed.len() == 1 {
+        return Err(failed.remove(0));
+    }
+    let reason = failed
+        .iter()
+        .map(|e| match e {
+            ClientError::Connect { addr, reason } => format!("{addr}: {reason}"),
+            other => other.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(ClientError::Connect {
+        addr: addrs.join(","),
+        reason: format!("no server of the service answered ({reason})"),
+    })
 }
 
 impl std::fmt::Debug for Client {
@@ -222,7 +285,7 @@ impl Client {
         };
         let db = db::open(&home.db_path())?;
         let home_locks = home.locks_dir();
-        let net = Net::connect(server, trust).await?;
+        let (net, current) = connect_any(None, &server_list(server), 0, &trust).await?;
         net.authenticate(&identity, true).await?;
         home.pin_cert(&net.server_cert)?;
         let settings = Settings {
@@ -239,6 +302,7 @@ impl Client {
             endpoint: Some(net.endpoint().clone()),
             net: Some(net),
             locks: Locks::new(home_locks),
+            current,
         };
         client.publish_key_packages(KEY_PACKAGE_BATCH, true).await?;
         Ok(client)
@@ -257,6 +321,7 @@ impl Client {
             crypto: RustCrypto::default(),
             net: None,
             endpoint: None,
+            current: 0,
         })
     }
 
@@ -281,7 +346,17 @@ impl Client {
         }
     }
 
-    /// The authenticated connection, opened on first use.
+    /// The address in use (or last used) of the service's addresses.
+    pub fn server(&self) -> &str {
+        let list = server_list(&self.settings.server);
+        list.get(self.current)
+            .copied()
+            .unwrap_or(self.settings.server.as_str())
+    }
+
+    /// The authenticated connection, opened on first use; when the
+    /// service has several addresses, to the first that answers, starting
+    /// with the one used last.
     pub async fn net(&mut self) -> Result<&Net> {
         if self
             .net
@@ -294,12 +369,14 @@ impl Client {
             let pins = self.home.pinned_certs()?.ok_or_else(|| {
                 ClientError::Usage("no pinned server certificate in this home".into())
             })?;
-            let net = Net::connect_on(
+            let (net, current) = connect_any(
                 self.endpoint.as_ref(),
-                &self.settings.server,
-                Trust::Pinned(pins),
+                &server_list(&self.settings.server),
+                self.current,
+                &Trust::Pinned(pins),
             )
             .await?;
+            self.current = current;
             self.endpoint = Some(net.endpoint().clone());
             net.authenticate(&self.identity, false).await?;
             self.net = Some(net);
@@ -365,5 +442,46 @@ impl Client {
                 "you are no longer in group {id} ({other})"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_setting_lists_the_services_addresses_in_order() {
+        assert_eq!(server_list("a:1"), ["a:1"]);
+        assert_eq!(server_list("a:1, b:2,,c:3 "), ["a:1", "b:2", "c:3"]);
+        assert!(server_list(" , ").is_empty());
+    }
+
+    /// With no address answering, each is named with its reason; a single
+    /// address keeps its own error.
+    #[tokio::test]
+    async fn when_no_server_answers_each_address_is_named() {
+        // Ports nothing listens on (bound and closed again).
+        let closed = || {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap().to_string()
+        };
+        let (a, b) = (closed(), closed());
+        match connect_any(None, &[a.as_str()], 0, &Trust::FirstUse).await {
+            Err(ClientError::Connect { addr, .. }) => assert_eq!(addr, a),
+            other => panic!("{other:?}"),
+        }
+        match connect_any(None, &[a.as_str(), b.as_str()], 1, &Trust::FirstUse).await {
+            Err(ClientError::Connect { addr, reason }) => {
+                assert_eq!(addr, format!("{a},{b}"));
+                assert!(reason.contains(&a) && reason.contains(&b), "{reason}");
+                // Tried from the start index: b first.
+                assert!(reason.find(&b) < reason.find(&a), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            connect_any(None, &[], 0, &Trust::FirstUse).await,
+            Err(ClientError::Usage(_))
+        ));
     }
 }

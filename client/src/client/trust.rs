@@ -3,7 +3,7 @@
 
 use super::Client;
 use crate::error::Result;
-use crate::net::{Connection as Net, Trust};
+use crate::net::Trust;
 
 /// The certificate this home pins and the one the server presents now.
 #[derive(Debug, Clone)]
@@ -27,7 +27,13 @@ impl Client {
     /// what this home pinned.
     pub async fn presented_certificate(&self) -> Result<Presented> {
         let pinned = self.home.pinned_certs()?.and_then(|c| c.into_iter().next());
-        let net = Net::connect(&self.settings.server, Trust::FirstUse).await?;
+        let (net, _) = super::connect_any(
+            None,
+            &super::server_list(&self.settings.server),
+            self.current,
+            &Trust::FirstUse,
+        )
+        .await?;
         let presented = net.server_cert.clone();
         net.close().await;
         Ok(Presented { pinned, presented })
