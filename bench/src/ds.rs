@@ -19,6 +19,9 @@ pub struct Ds {
     /// Data dir of a started server.
     pub data_dir: Option<PathBuf>,
     _dir: Option<tempfile::TempDir>,
+    /// Arguments a started server was given besides its address and data
+    /// dir (a cluster node's store, bus and certificate), for restarts.
+    extra: Vec<String>,
 }
 
 /// The DS's work counters by name (server/src/metrics.rs: `rounds`,
@@ -75,6 +78,7 @@ impl Ds {
                 child: None,
                 data_dir: None,
                 _dir: None,
+                extra: Vec::new(),
             }),
             _ => Self::spawn(),
         }
@@ -82,9 +86,15 @@ impl Ds {
 
     /// Starts `huddle-server` on 127.0.0.1 with a fresh data dir.
     pub fn spawn() -> anyhow::Result<Self> {
+        Self::spawn_with(Vec::new())
+    }
+
+    /// Like [`Ds::spawn`], with more arguments (`--store`, `--bus`,
+    /// `--cert PEM --key PEM`), kept for restarts.
+    pub fn spawn_with(extra: Vec<String>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("huddle-bench-").tempdir()?;
         let data_dir = dir.path().join("ds");
-        Self::spawn_at(dir, data_dir, "127.0.0.1:0")
+        Self::spawn_at(dir, data_dir, "127.0.0.1:0", extra)
     }
 
     /// The DS's work counters now (`huddle-server --stats-file`: asked for
@@ -119,10 +129,16 @@ impl Ds {
         let dir = self._dir.take().context("data dir")?;
         let data_dir = self.data_dir.take().context("data dir")?;
         let addr = self.addr.clone();
-        Self::spawn_at(dir, data_dir, &addr)
+        let extra = std::mem::take(&mut self.extra);
+        Self::spawn_at(dir, data_dir, &addr, extra)
     }
 
-    fn spawn_at(dir: tempfile::TempDir, data_dir: PathBuf, listen: &str) -> anyhow::Result<Self> {
+    fn spawn_at(
+        dir: tempfile::TempDir,
+        data_dir: PathBuf,
+        listen: &str,
+        extra: Vec<String>,
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(sibling("huddle-server")?)
             .env_remove(crate::MALLOC_THRESHOLD_ENV)
             .args([
@@ -135,6 +151,7 @@ impl Ds {
             .arg(&data_dir)
             .arg("--stats-file")
             .arg(dir.path().join("stats.json"))
+            .args(&extra)
             .env(
                 "RUST_LOG",
                 std::env::var("DS_LOG").unwrap_or_else(|_| "warn".into()),
@@ -151,12 +168,19 @@ impl Ds {
             .and_then(|r| r.split_whitespace().next())
             .with_context(|| format!("unexpected server output {line:?}"))?
             .to_owned();
+        // A node given the cluster's certificate presents that one.
+        let cert = extra
+            .iter()
+            .position(|a| a == "--cert")
+            .and_then(|i| extra.get(i + 1))
+            .map_or_else(|| data_dir.join("cert.pem"), PathBuf::from);
         Ok(Self {
             addr,
-            cert: data_dir.join("cert.pem"),
+            cert,
             child: Some(child),
             data_dir: Some(data_dir),
             _dir: Some(dir),
+            extra,
         })
     }
 

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod baseline;
+mod cluster;
 mod ds;
 mod lean;
 mod light;

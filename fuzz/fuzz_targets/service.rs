@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
     });
     rt.block_on(async {
         let store = Arc::new(RedbStore::open(&dir.path().join("db.redb")).expect("store"));
-        let svc = Service::new(config, store).expect("service");
+        let svc = Service::new(config, store, None).expect("service");
         let session = Session::new(u64::from(n), [n; 32], svc.budgets.connection());
         let mut d = Decoder::new(1 << 20);
         d.extend(rest);

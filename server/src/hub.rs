@@ -102,13 +102,12 @@ pub async fn follow_cluster(
     bus: Arc<crate::bus::Bus>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut notices = match bus.watch_inboxes().await {
-        Ok(n) => Some(n),
-        Err(e) => {
-            tracing::warn!(error = %e, "following inboxes by polling only");
-            None
-        }
-    };
+    // Subscribed in a task of its own: while the bus is away its client's
+    // queue may be full, and the polls must go on meanwhile.
+    let subscribe =
+        |bus: Arc<crate::bus::Bus>| tokio::spawn(async move { bus.watch_inboxes().await });
+    let mut subscribing = Some(subscribe(bus.clone()));
+    let mut notices: Option<crate::bus::Notices<crate::bus::InboxNotice>> = None;
     let mut tick = tokio::time::interval(svc.config().cluster_poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Inbox heads read while the bus was down.
@@ -121,13 +120,35 @@ pub async fn follow_cluster(
                 None => std::future::pending().await,
             }
         };
+        let subscribed = async {
+            match &mut subscribing {
+                Some(s) => s.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                if let Some(s) = subscribing.take() {
+                    s.abort();
+                }
+                return;
+            }
             n = notice => match n {
                 Some(n) => svc.hub.announce(&n.user, n.seq),
                 None => notices = None,
             },
+            r = subscribed => {
+                subscribing = None;
+                match r {
+                    Ok(Ok(n)) => notices = Some(n),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "subscribing to inbox notices; polling meanwhile"),
+                    Err(_) => {}
+                }
+            }
             _ = tick.tick() => {
+                if notices.is_none() && subscribing.is_none() && bus.is_connected() {
+                    subscribing = Some(subscribe(bus.clone()));
+                }
                 if bus.is_connected() && notices.is_some() {
                     if was_down {
                         was_down = false;

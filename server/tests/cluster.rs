@@ -367,3 +367,51 @@ async fn a_killed_nodes_clients_move_to_another_and_nothing_is_lost_or_doubled()
 fn first_addr(servers: &str) -> &str {
     servers.split(',').next().unwrap()
 }
+
+/// A node whose bus cannot be reached when it starts still starts and
+/// serves: its groups follow the database by polling, and what its
+/// members post reaches the other node's listeners (whose node polls
+/// too, since no notice comes from the first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_starts_and_serves_without_its_bus() {
+    let test = "a_node_starts_and_serves_without_its_bus";
+    let Some(_) = nats(test) else {
+        return;
+    };
+    // A port nothing listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("nats://{}", l.local_addr().unwrap())
+    };
+    let Some((_db, n)) = nodes(test, 2, |i, c| {
+        c.cluster_poll = Duration::from_millis(200);
+        c.cluster_poll_connected = Duration::from_millis(500);
+        if i == 0 {
+            c.bus_url = Some(dead.clone());
+        }
+    })
+    .await
+    else {
+        return;
+    };
+    let mut alice = n[0].client("alice").await;
+    let mut bob = n[1].client("bob").await;
+    let g = alice.create_group("g").await.unwrap();
+    alice.add(&g.to_string(), &["bob".into()]).await.unwrap();
+    let (listener, mut rx, stop) = listening(&mut bob);
+    let talk = async {
+        next_event(&mut rx, PUSHED_WITHIN, "bob: joined", |e| {
+            e.kind == "joined"
+        })
+        .await;
+        for i in 0..3 {
+            let text = format!("no bus {i}");
+            alice.send_text("g", &text).await.unwrap();
+            let e = next_event(&mut rx, PUSHED_WITHIN, "bob: text", |e| e.kind == "text").await;
+            assert_eq!(e.text(), Some(text.as_str()));
+        }
+        stop.send(()).unwrap();
+    };
+    tokio::join!(listener, talk);
+    drop(n);
+}

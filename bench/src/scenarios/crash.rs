@@ -5,6 +5,12 @@
 //! exactly once and in one order, and that every acknowledged upload is
 //! fetchable and intact. The clients are never restarted: they must resume
 //! on their own.
+//!
+//! With `--nodes N --store postgres://… --bus nats://…` the DS is a
+//! cluster: each kill picks a random node, and the members, spread over
+//! the nodes, know every node's address and move to another while theirs
+//! is down. Media is left out there (a blob stays on the node that took
+//! it).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -17,7 +23,7 @@ use clap::Args;
 use huddle_client::{Client, Home, Quiet};
 use rand::Rng as _;
 
-use crate::ds::Ds;
+use crate::cluster::{Cluster, ClusterArgs};
 use crate::report::{Output, Report};
 
 /// Parameters.
@@ -41,6 +47,8 @@ pub struct Params {
     /// Longest time between kills, in milliseconds.
     #[arg(long, default_value_t = 1500)]
     pub max_gap_ms: u64,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 /// What one member's sending loop saw acknowledged.
@@ -104,13 +112,16 @@ fn sender(
 /// Runs it.
 pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     anyhow::ensure!(p.members >= 2, "at least two members");
-    let mut ds = Ds::spawn()?;
-    let addr = ds.addr.clone();
+    let mut cluster = Cluster::start(&p.cluster)?;
+    let nodes = cluster.nodes.len();
+    let media_every = if nodes > 1 { 0 } else { p.media_every };
+    let cert = cluster.cert();
     let dir = tempfile::Builder::new().prefix("huddle-crash-").tempdir()?;
     let home = |n: &str| Home::new(dir.path().join(n));
     let names: Vec<String> = (0..p.members).map(|i| format!("m{i}")).collect();
-    for n in &names {
-        Client::register(home(n), n, &addr, Some(&ds.cert))
+    for (i, n) in names.iter().enumerate() {
+        // Member i starts on node i (mod N) and knows them all.
+        Client::register(home(n), n, &cluster.servers_from(i % nodes), Some(&cert))
             .await?
             .close()
             .await;
@@ -131,8 +142,10 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     std::fs::create_dir_all(&files)?;
 
     out.say(&format!(
-        "{} members sending; killing the DS {} times ...",
-        p.members, p.kills
+        "{} members sending; killing the DS ({}) {} times ...",
+        p.members,
+        cluster.describe(),
+        p.kills
     ));
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = names
@@ -145,7 +158,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
                 group.clone(),
                 stop.clone(),
             );
-            let (every, size) = (p.media_every, p.media_size);
+            let (every, size) = (media_every, p.media_size);
             std::thread::spawn(move || sender(h, n, f, g, every, size, s))
         })
         .collect();
@@ -153,9 +166,10 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     while kills < p.kills {
         let gap = rand::thread_rng().gen_range(p.min_gap_ms..=p.max_gap_ms.max(p.min_gap_ms));
         tokio::time::sleep(Duration::from_millis(gap)).await;
-        ds = ds.kill9_and_restart()?;
+        let node = rand::thread_rng().gen_range(0..nodes);
+        cluster.kill9_and_restart(node)?;
         kills += 1;
-        out.say(&format!("  kill {kills}"));
+        out.say(&format!("  kill {kills} (node {node})"));
     }
     // Let traffic run on the last incarnation for a moment, then stop.
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -244,6 +258,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let acked = all_acked.len() as u64;
     let mut r = Report::new("crash");
     r.set("kills", kills as u64)
+        .set("nodes", nodes as u64)
         .set("members", p.members as u64)
         .set("acked", acked)
         .set("delivered", delivered)
@@ -254,7 +269,16 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set("media_acked", media_acked)
         .set("media_intact", media_intact)
         .set("clients_resumed", resumed)
-        .note("kill = SIGKILL of the huddle-server process, restarted at once on the same data dir and port; clients keep running and reconnect by themselves")
+        .note("kill = SIGKILL of the huddle-server process (a random node of a cluster), restarted at once on the same data dir and port; clients keep running and reconnect by themselves (to another node of a cluster while theirs is down)")
+        .note(format!(
+            "DS: {}{}",
+            cluster.describe(),
+            if nodes > 1 {
+                "; no media (a blob stays on the node that took it)"
+            } else {
+                ""
+            }
+        ))
         .note("delivered counts (member, acknowledged message) pairs found in members' histories, the sender's own included");
     out.emit(&r);
     anyhow::ensure!(

@@ -103,18 +103,14 @@ impl Actor {
         let mut joins = Vec::new();
         let mut refreshes = Vec::new();
         let mut stopping = false;
-        let mut feed = match &self.shared.bus {
-            Some(bus) => Some(
-                Feed::start(
-                    bus.clone(),
-                    &self.id,
-                    self.shared.config.cluster_poll,
-                    self.shared.config.cluster_poll_connected,
-                )
-                .await,
-            ),
-            None => None,
-        };
+        let mut feed = self.shared.bus.as_ref().map(|bus| {
+            Feed::start(
+                bus.clone(),
+                self.id,
+                self.shared.config.cluster_poll,
+                self.shared.config.cluster_poll_connected,
+            )
+        });
         while !stopping {
             let received = match &mut feed {
                 None => rx.recv_many(&mut cmds, 256).await,
@@ -455,7 +451,9 @@ impl Actor {
                 // task (another node wrote it): read it anew (which also
                 // pushes what this task's watchers missed), and have the
                 // round's posts sent again, to be checked against it.
-                warn!(group = %self.id, %detail, "the stored group is newer than this task's; reading it anew");
+                // Expected in cluster mode whenever members post to one
+                // group through several nodes at once: not a warning.
+                debug!(group = %self.id, %detail, "the stored group is newer than this task's; reading it anew");
                 if let Ok(mls) = MlsState::restore(&self.id, &self.durable_state) {
                     self.mls = Some(mls);
                 }

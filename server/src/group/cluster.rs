@@ -17,10 +17,11 @@ use std::time::Duration;
 
 use huddle_core::proto::{self, EntryKind, Event, LogEntry};
 use huddle_core::GroupId;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::bus::{Bus, Notices, RoundNotice};
+use crate::bus::{Bus, BusError, Notices, RoundNotice};
 use crate::metrics::COUNTERS;
 use crate::store::{self, StoreError};
 
@@ -37,38 +38,53 @@ pub(super) enum Hint {
 /// A task's feed of other nodes' rounds: its subscription and its poll.
 pub(super) struct Feed {
     bus: Arc<Bus>,
+    group: GroupId,
     notices: Option<Notices<RoundNotice>>,
+    /// A subscription being made, in a task of its own: while the bus is
+    /// away its client's queue may be full, and the group's task must not
+    /// wait for it.
+    subscribing: Option<JoinHandle<Result<Notices<RoundNotice>, BusError>>>,
     /// When the head was last polled (`None`: not yet).
     polled: Option<Instant>,
     poll: Duration,
     poll_connected: Duration,
 }
 
+impl Drop for Feed {
+    fn drop(&mut self) {
+        if let Some(s) = self.subscribing.take() {
+            s.abort();
+        }
+    }
+}
+
 impl Feed {
-    /// Subscribes to `group`'s rounds. A failed subscription leaves the
-    /// poll.
-    pub(super) async fn start(
+    /// Starts subscribing to `group`'s rounds; until that is done (or if
+    /// it fails) the poll follows the group.
+    pub(super) fn start(
         bus: Arc<Bus>,
-        group: &GroupId,
+        group: GroupId,
         poll: Duration,
         poll_connected: Duration,
     ) -> Self {
-        let notices = match bus.watch_group(group).await {
-            Ok(n) => Some(n),
-            Err(e) => {
-                warn!(%group, error = %e, "following the group by polling only");
-                None
-            }
-        };
-        Self {
+        let mut feed = Self {
             bus,
-            notices,
+            group,
+            notices: None,
+            subscribing: None,
             // The first poll comes at once: a round may have landed between
             // loading the group and subscribing.
             polled: None,
             poll,
             poll_connected,
-        }
+        };
+        feed.subscribe();
+        feed
+    }
+
+    fn subscribe(&mut self) {
+        let (bus, group) = (self.bus.clone(), self.group);
+        self.subscribing = Some(tokio::spawn(async move { bus.watch_group(&group).await }));
     }
 
     /// The next hint.
@@ -90,18 +106,33 @@ impl Feed {
                     None => std::future::pending().await,
                 }
             };
+            let subscribed = async {
+                match &mut self.subscribing {
+                    Some(s) => s.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                n = notice => return match n {
-                    Some(n) => Hint::Notice(n),
-                    None => {
-                        // The bus client is gone (the node is stopping).
-                        self.notices = None;
-                        Hint::Poll
-                    }
+                n = notice => match n {
+                    Some(n) => return Hint::Notice(n),
+                    // The bus client is gone (the node is stopping).
+                    None => self.notices = None,
                 },
+                r = subscribed => {
+                    self.subscribing = None;
+                    match r {
+                        Ok(Ok(n)) => self.notices = Some(n),
+                        // Tried again at the next poll.
+                        Ok(Err(e)) => warn!(group = %self.group, error = %e, "subscribing to the group's rounds"),
+                        Err(_) => {}
+                    }
+                }
                 _ = tokio::time::sleep_until(step) => {
                     if Instant::now() >= due {
                         self.polled = Some(Instant::now());
+                        if self.notices.is_none() && self.subscribing.is_none() && self.bus.is_connected() {
+                            self.subscribe();
+                        }
                         return Hint::Poll;
                     }
                 }
