@@ -74,6 +74,14 @@ impl Cluster {
         Ok(Self { nodes, schema })
     }
 
+    /// A DS given on the command line (`--server`), as a cluster of one.
+    pub fn given(ds: Ds) -> Self {
+        Self {
+            nodes: vec![ds],
+            schema: None,
+        }
+    }
+
     /// The certificate every node presents.
     pub fn cert(&self) -> PathBuf {
         self.nodes[0].cert.clone()

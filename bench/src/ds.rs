@@ -37,6 +37,15 @@ impl Counters {
         self.0.get(name).copied().unwrap_or(0)
     }
 
+    /// These and `other`'s together (several nodes' counters).
+    pub fn plus(&self, other: &Counters) -> Counters {
+        let mut sum = self.0.clone();
+        for (k, v) in &other.0 {
+            *sum.entry(k.clone()).or_default() += v;
+        }
+        Counters(sum)
+    }
+
     /// What happened between `earlier` and this.
     pub fn since(&self, earlier: &Counters) -> Counters {
         Counters(

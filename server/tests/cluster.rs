@@ -150,10 +150,11 @@ async fn two_commits_for_one_epoch_on_two_nodes_end_in_one_log() {
     drop(n);
 }
 
-/// Node 1 reaches the bus through a link the test cuts. While it is cut,
-/// alice's messages through node 0 and a Welcome for erin (on node 1)
-/// still reach node 1's listeners, by polling the database; once the
-/// link is back, the bus carries them again. Nothing is lost or doubled.
+/// Both nodes reach NATS through a link the test cuts, as if NATS had
+/// stopped. While it is cut, alice's messages through node 0 and a
+/// Welcome for erin (on node 1) still reach node 1's listeners, by polling
+/// the database; once the link is back, delivery goes on. Nothing is lost
+/// or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_goes_on_by_polling_while_a_node_has_lost_the_bus() {
     let Some(bus) = nats("delivery_goes_on_by_polling") else {
@@ -166,12 +167,10 @@ async fn delivery_goes_on_by_polling_while_a_node_has_lost_the_bus() {
         .unwrap();
     let mut link = Cuttable::start(target).await;
     let linked = format!("nats://127.0.0.1:{}", link.port);
-    let Some((_db, n)) = nodes("delivery_goes_on_by_polling", 2, |i, c| {
+    let Some((_db, n)) = nodes("delivery_goes_on_by_polling", 2, |_, c| {
         c.cluster_poll = Duration::from_millis(200);
         c.cluster_poll_connected = Duration::from_secs(3600);
-        if i == 1 {
-            c.bus_url = Some(linked.clone());
-        }
+        c.bus_url = Some(linked.clone());
     })
     .await
     else {
@@ -227,8 +226,8 @@ async fn delivery_goes_on_by_polling_while_a_node_has_lost_the_bus() {
         .await;
 
         link.resume().await;
-        // The link is back: delivery goes on (by polling until node 1's bus
-        // client reconnects by itself, then by the bus).
+        // The link is back: delivery goes on (by polling until the nodes'
+        // bus clients reconnect by themselves, then by the bus).
         alice.send_text("g", "bus again").await.unwrap();
         next_event(
             &mut bob_rx,

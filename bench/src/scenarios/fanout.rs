@@ -13,6 +13,7 @@ use huddle_core::proto::Response;
 
 use super::{entry_frame_len, request_on, trust};
 use crate::baseline::{RawPeer, QUINN_DEFAULT_UDP_PAYLOAD};
+use crate::cluster::{Cluster, ClusterArgs};
 use crate::ds::{own_peak_rss_mb, Ds};
 use crate::lean::Lean;
 use crate::light::{claim, now_ns, receive, register, register_many, run_name, Tally, TICKET};
@@ -55,6 +56,11 @@ pub struct Params {
     pub inflight: usize,
     #[command(flatten)]
     pub target: Target,
+    /// With `--nodes N`, the senders connect to the first node, the light
+    /// members are spread over all of them and the full members to the
+    /// last: every message crosses the bus.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 struct GroupSetup {
@@ -78,8 +84,14 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         huddle_core::mls::OUT_OF_ORDER_TOLERANCE - 1,
         huddle_core::mls::OUT_OF_ORDER_TOLERANCE
     );
-    let ds = Ds::start(&p.target)?;
-    let trust = trust(&ds)?;
+    let cluster = if p.target.server.is_some() {
+        Cluster::given(Ds::start(&p.target)?)
+    } else {
+        Cluster::start(&p.cluster)?
+    };
+    let ds = &cluster.nodes[0];
+    let last = cluster.nodes.last().unwrap_or(ds);
+    let trust = trust(ds)?;
     let homes = tempfile::tempdir()?;
     let tally = Arc::new(Tally::default());
     let (stop_rx_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -112,20 +124,27 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         for f in 0..p.full {
             let name = run_name(&format!("g{g}f{f}"));
             let home = Home::new(homes.path().join(&name));
-            Client::register(home.clone(), &name, &ds.addr, Some(&ds.cert))
+            Client::register(home.clone(), &name, &last.addr, Some(&last.cert))
                 .await?
                 .close()
                 .await;
             full.push((home, name));
         }
-        let lights = register_many(
-            &ds.addr,
-            &trust,
-            &run_name(&format!("g{g}l")),
-            light_per_group,
-            1,
-        )
-        .await?;
+        let mut lights = Vec::new();
+        let n = cluster.nodes.len();
+        for (k, node) in cluster.nodes.iter().enumerate() {
+            let count = light_per_group / n + usize::from(k < light_per_group % n);
+            lights.extend(
+                register_many(
+                    &node.addr,
+                    &trust,
+                    &run_name(&format!("g{g}n{k}l")),
+                    count,
+                    1,
+                )
+                .await?,
+            );
+        }
         let gid = creator.create().await?;
         let mut names: Vec<String> = others.iter().map(|o| o.light.id.name.clone()).collect();
         names.extend(full.iter().map(|(_, n)| n.clone()));
@@ -229,8 +248,8 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let mut prepared = prepared.into_iter();
 
     out.say(&format!("sending for {} s ...", p.duration));
-    let written_before = ds.bytes_written();
-    let load_before = Load::now(&ds, &light_conns);
+    let written_before = bytes_written(&cluster.nodes);
+    let load_before = Load::now(&cluster.nodes, &light_conns);
     let first_send = now_ns();
     let duration = Duration::from_secs_f64(p.duration);
     let mut sender_tasks = Vec::new();
@@ -271,7 +290,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         last = d;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let load = Load::now(&ds, &light_conns).since(&load_before);
+    let load = Load::now(&cluster.nodes, &light_conns).since(&load_before);
     let _ = stop_full.send(true);
     let mut full_ok = true;
     let mut full_texts = Vec::new();
@@ -301,12 +320,18 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .saturating_sub(first_send)) as f64
         / 1e9;
     let dps = deliveries as f64 / span_s.max(1e-9);
-    let written = match (written_before, ds.bytes_written()) {
+    let written = match (written_before, bytes_written(&cluster.nodes)) {
         (Some(a), Some(b)) => Some((b - a) as f64 / sent.max(1) as f64),
         _ => None,
     };
-    let server_rss = ds.peak_rss_mb();
-    drop(ds);
+    let server_rss = cluster
+        .nodes
+        .iter()
+        .map(Ds::peak_rss_mb)
+        .try_fold(0f64, |m, r| r.map(|r| m.max(r)));
+    let nodes = cluster.nodes.len();
+    let described = cluster.describe();
+    drop(cluster);
 
     out.say("raw quinn push baseline ...");
     let frame = entry_frame_len(mls_len);
@@ -440,6 +465,22 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             .set("frames_per_push_write", per("pushed", "push_writes"));
         r.note("rounds_per_sec … frames_per_push_write: the DS's own counters over the same window (huddle-server --stats-file): sequencer rounds that wrote (one per group per batch taken from its queue), durable store transactions of the writer thread (one flush each) and the entries and group writes they carried, writes on push streams and the frames each carried");
     }
+    if nodes > 1 {
+        let per_node: Vec<serde_json::Value> = load
+            .node_cpu_s
+            .iter()
+            .map(|c| {
+                c.map_or(serde_json::Value::Null, |c| {
+                    ((c / load.wall_s) * 1000.0).round().into()
+                })
+            })
+            .collect();
+        r.set("nodes", nodes as u64)
+            .set("server_cpu_millicores_per_node", per_node)
+            .note(format!(
+                "DS: {described}; senders on the first node, light members spread over all, full members on the last; server_cpu_* and the counters are all nodes' together, server_peak_rss_mb the largest node's"
+            ));
+    }
     r.set_opt("server_peak_rss_mb", server_rss)
         .set_opt("client_peak_rss_mb", own_peak_rss_mb())
         .set_opt("bytes_written_per_msg", written);
@@ -471,11 +512,18 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Bytes all nodes wrote to disk so far.
+fn bytes_written(nodes: &[Ds]) -> Option<u64> {
+    nodes.iter().map(Ds::bytes_written).sum()
+}
+
 /// Counters read at the start and the end of the sending window.
 struct Load {
     at: Instant,
-    /// The DS's CPU seconds, when the benchmark started it.
+    /// The DS's CPU seconds, when the benchmark started it (all nodes).
     server_cpu_s: Option<f64>,
+    /// Each node's CPU seconds.
+    node_cpu_s: Vec<Option<f64>>,
     /// (busy, total, steal) jiffies of the whole machine.
     machine: Option<(u64, u64, u64)>,
     /// UDP datagrams received by the light members.
@@ -490,6 +538,7 @@ struct Load {
 struct LoadDelta {
     wall_s: f64,
     server_cpu_s: Option<f64>,
+    node_cpu_s: Vec<Option<f64>>,
     machine_busy_share: Option<f64>,
     machine_steal_share: Option<f64>,
     datagrams: u64,
@@ -498,7 +547,11 @@ struct LoadDelta {
 }
 
 impl Load {
-    fn now(ds: &Ds, conns: &[quinn::Connection]) -> Self {
+    fn now(nodes: &[Ds], conns: &[quinn::Connection]) -> Self {
+        let node_cpu: Vec<Option<f64>> = nodes
+            .iter()
+            .map(|d| d.pid().and_then(crate::ds::cpu_seconds))
+            .collect();
         let (mut datagrams, mut sent) = (0, 0);
         for c in conns {
             let s = c.stats();
@@ -507,11 +560,17 @@ impl Load {
         }
         Self {
             at: Instant::now(),
-            server_cpu_s: ds.pid().and_then(crate::ds::cpu_seconds),
+            server_cpu_s: node_cpu.iter().copied().sum(),
+            node_cpu_s: node_cpu,
             machine: machine_jiffies(),
             datagrams,
             sent,
-            counters: ds.counters(),
+            counters: nodes
+                .iter()
+                .map(Ds::counters)
+                .try_fold(crate::ds::Counters::default(), |sum, c| {
+                    c.map(|c| sum.plus(&c))
+                }),
         }
     }
 
@@ -522,6 +581,12 @@ impl Load {
                 .server_cpu_s
                 .zip(before.server_cpu_s)
                 .map(|(a, b)| a - b),
+            node_cpu_s: self
+                .node_cpu_s
+                .iter()
+                .zip(&before.node_cpu_s)
+                .map(|(a, b)| a.zip(*b).map(|(a, b)| a - b))
+                .collect(),
             machine_busy_share: self.machine.zip(before.machine).and_then(
                 |((busy, total, _), (busy0, total0, _))| {
                     (total > total0).then(|| (busy - busy0) as f64 / (total - total0) as f64)
