@@ -106,6 +106,47 @@ impl Cluster {
         Ok(())
     }
 
+    /// Bytes all nodes wrote to disk so far (`None` unless the tool
+    /// started them all).
+    pub fn bytes_written(&self) -> Option<u64> {
+        self.nodes.iter().map(Ds::bytes_written).sum()
+    }
+
+    /// The largest peak resident memory of any node, in MiB.
+    pub fn peak_rss_mb(&self) -> Option<f64> {
+        self.nodes
+            .iter()
+            .map(Ds::peak_rss_mb)
+            .try_fold(0f64, |m, r| r.map(|r| m.max(r)))
+    }
+
+    /// Registers `n` light members named `prefix…`, spread evenly over the
+    /// nodes (node k gets the k-th share).
+    pub async fn register_spread(
+        &self,
+        trust: &huddle_client::net::Trust,
+        prefix: &str,
+        n: usize,
+        kps: usize,
+    ) -> anyhow::Result<Vec<crate::light::Light>> {
+        let count = self.nodes.len();
+        let mut out = Vec::with_capacity(n);
+        for (k, node) in self.nodes.iter().enumerate() {
+            let share = n / count + usize::from(k < n % count);
+            out.extend(
+                crate::light::register_many(
+                    &node.addr,
+                    trust,
+                    &format!("{prefix}n{k}-"),
+                    share,
+                    kps,
+                )
+                .await?,
+            );
+        }
+        Ok(out)
+    }
+
     /// What the run's notes should say about where the state was.
     pub fn describe(&self) -> String {
         match &self.schema {

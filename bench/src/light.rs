@@ -262,6 +262,8 @@ pub async fn receive(
     let mut local = latency_histogram();
     let mut local_from_ds = latency_histogram();
     let mut since_ack = 0u32;
+    // The newest inbox item followed.
+    let mut inbox_seen = inbox_after;
     // Counts kept here and added to the shared tally every so often: one
     // shared atomic per delivery made the receivers' threads contend.
     let (mut deliveries, mut bytes, mut last_ns) = (0u64, 0u64, 0u64);
@@ -328,6 +330,10 @@ pub async fn receive(
                     }
                 }
                 Event::Inbox(item) => {
+                    if item.seq <= inbox_seen {
+                        continue;
+                    }
+                    inbox_seen = item.seq;
                     if let Some(i) = &inbox {
                         i.lock().expect("inbox").push(now);
                     }
@@ -338,6 +344,36 @@ pub async fn receive(
                     });
                     if send.write_all(&watch).await.is_err() {
                         break 'stream;
+                    }
+                }
+                Event::InboxGap { .. } => {
+                    // Welcomes not pushed (too large, or stored through
+                    // another node of a cluster): fetched.
+                    let Ok(Response::Inbox { items, .. }) = light
+                        .net
+                        .request(&Request::FetchInbox {
+                            after: inbox_seen,
+                            limit: huddle_core::proto::MAX_PAGE,
+                        })
+                        .await
+                    else {
+                        break 'stream;
+                    };
+                    for item in items {
+                        if item.seq <= inbox_seen {
+                            continue;
+                        }
+                        inbox_seen = item.seq;
+                        if let Some(i) = &inbox {
+                            i.lock().expect("inbox").push(now_ns());
+                        }
+                        let watch = huddle_core::proto::encode_frame(&Control::Watch {
+                            group: item.group,
+                            after: item.commit_seq,
+                        });
+                        if send.write_all(&watch).await.is_err() {
+                            break 'stream;
+                        }
                     }
                 }
                 _ => {}

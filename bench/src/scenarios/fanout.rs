@@ -16,7 +16,7 @@ use crate::baseline::{RawPeer, QUINN_DEFAULT_UDP_PAYLOAD};
 use crate::cluster::{Cluster, ClusterArgs};
 use crate::ds::{own_peak_rss_mb, Ds};
 use crate::lean::Lean;
-use crate::light::{claim, now_ns, receive, register, register_many, run_name, Tally, TICKET};
+use crate::light::{claim, now_ns, receive, register, run_name, Tally, TICKET};
 use crate::report::{Output, Report};
 use crate::Target;
 
@@ -130,21 +130,9 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
                 .await;
             full.push((home, name));
         }
-        let mut lights = Vec::new();
-        let n = cluster.nodes.len();
-        for (k, node) in cluster.nodes.iter().enumerate() {
-            let count = light_per_group / n + usize::from(k < light_per_group % n);
-            lights.extend(
-                register_many(
-                    &node.addr,
-                    &trust,
-                    &run_name(&format!("g{g}n{k}l")),
-                    count,
-                    1,
-                )
-                .await?,
-            );
-        }
+        let lights = cluster
+            .register_spread(&trust, &run_name(&format!("g{g}l")), light_per_group, 1)
+            .await?;
         let gid = creator.create().await?;
         let mut names: Vec<String> = others.iter().map(|o| o.light.id.name.clone()).collect();
         names.extend(full.iter().map(|(_, n)| n.clone()));
@@ -248,7 +236,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let mut prepared = prepared.into_iter();
 
     out.say(&format!("sending for {} s ...", p.duration));
-    let written_before = bytes_written(&cluster.nodes);
+    let written_before = cluster.bytes_written();
     let load_before = Load::now(&cluster.nodes, &light_conns);
     let first_send = now_ns();
     let duration = Duration::from_secs_f64(p.duration);
@@ -320,15 +308,11 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .saturating_sub(first_send)) as f64
         / 1e9;
     let dps = deliveries as f64 / span_s.max(1e-9);
-    let written = match (written_before, bytes_written(&cluster.nodes)) {
+    let written = match (written_before, cluster.bytes_written()) {
         (Some(a), Some(b)) => Some((b - a) as f64 / sent.max(1) as f64),
         _ => None,
     };
-    let server_rss = cluster
-        .nodes
-        .iter()
-        .map(Ds::peak_rss_mb)
-        .try_fold(0f64, |m, r| r.map(|r| m.max(r)));
+    let server_rss = cluster.peak_rss_mb();
     let nodes = cluster.nodes.len();
     let described = cluster.describe();
     drop(cluster);
@@ -510,11 +494,6 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         &h,
     )?;
     Ok(())
-}
-
-/// Bytes all nodes wrote to disk so far.
-fn bytes_written(nodes: &[Ds]) -> Option<u64> {
-    nodes.iter().map(Ds::bytes_written).sum()
 }
 
 /// Counters read at the start and the end of the sending window.

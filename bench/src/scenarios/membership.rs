@@ -13,6 +13,7 @@ use huddle_core::GroupId;
 
 use super::{entry_frame_len, quantile, trust};
 use crate::baseline::RawPeer;
+use crate::cluster::{Cluster, ClusterArgs};
 use crate::ds::Ds;
 use crate::lean::{CommitStats, Lean};
 use crate::light::{
@@ -32,6 +33,11 @@ pub struct Params {
     pub rounds: usize,
     #[command(flatten)]
     pub target: Target,
+    /// With `--nodes N`, the committer is on the first node and the
+    /// members spread over all of them: every commit is followed by the
+    /// other nodes from the database.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 /// Waits until `n` arrivals of (group, seq) are recorded; returns the time
@@ -87,15 +93,22 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         "members must be between 2 and 1,000"
     );
     let _ = clock();
-    let ds = Ds::start(&p.target)?;
-    let trust = trust(&ds)?;
+    let cluster = if p.target.server.is_some() {
+        Cluster::given(Ds::start(&p.target)?)
+    } else {
+        Cluster::start(&p.cluster)?
+    };
+    let ds = &cluster.nodes[0];
+    let trust = trust(ds)?;
     out.say(&format!("registering {} members ...", p.members + p.rounds));
     let mut creator = Lean::new(
         register(&ds.addr, &trust, &run_name("creator"), 0).await?,
         0,
     )
     .await?;
-    let lights = register_many(&ds.addr, &trust, &run_name("m"), p.members - 1, 1).await?;
+    let lights = cluster
+        .register_spread(&trust, &run_name("m"), p.members - 1, 1)
+        .await?;
     let spares = register_many(&ds.addr, &trust, &run_name("spare"), p.rounds, 2).await?;
     let names: Vec<String> = lights.iter().map(|l| l.id.name.clone()).collect();
     let tally = Arc::new(Tally::default());
@@ -142,7 +155,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         "{} rounds of add-one, remove-one, self-update ...",
         p.rounds
     ));
-    let written = || ds.bytes_written().map(|b| b as f64);
+    let written = || cluster.bytes_written().map(|b| b as f64);
     for spare in &spares {
         let name = spare.id.name.clone();
         let kp = claim(&creator.light.net, std::slice::from_ref(&name)).await?;
@@ -165,12 +178,13 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         let t = all_arrived(&arrivals, g, s.seq, online).await;
         kinds.entry("update").or_default().add(&s, t);
     }
-    let server_rss = ds.peak_rss_mb();
+    let server_rss = cluster.peak_rss_mb();
+    let (nodes, described) = (cluster.nodes.len(), cluster.describe());
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
     }
-    drop(ds);
+    drop(cluster);
 
     out.say("raw quinn baseline ...");
     let update_commit = quantile(
@@ -188,6 +202,11 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     drop(peer);
 
     let mut r = Report::new("membership");
+    if nodes > 1 {
+        r.set("nodes", nodes as u64).note(format!(
+            "DS: {described}; the committer on the first node, the members spread over all"
+        ));
+    }
     r.set("members", p.members as u64)
         .set("rounds", p.rounds as u64)
         .set("light_members", online as u64)
