@@ -414,3 +414,87 @@ async fn a_node_starts_and_serves_without_its_bus() {
     tokio::join!(listener, talk);
     drop(n);
 }
+
+/// Two nodes reach PostgreSQL through a link the test cuts, as if the
+/// database had restarted. While it is away both refuse writes with
+/// `Unavailable` (nothing stored); once it is back both serve again,
+/// without a restart of their own, and a message posted through one is
+/// pushed to a listener on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_refuse_writes_while_the_database_is_away_and_recover_by_themselves() {
+    let test = "nodes_refuse_writes_while_the_database_is_away";
+    let Some(db) = PgSchema::new(test) else {
+        return;
+    };
+    let Some(bus) = nats(test) else {
+        return;
+    };
+    let admin: postgres::Config = db.url.parse().unwrap();
+    let host = match &admin.get_hosts()[0] {
+        postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("HUDDLE_TEST_POSTGRES must name a TCP host, not {other:?}"),
+    };
+    let port = admin.get_ports().first().copied().unwrap_or(5432);
+    let target = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let mut link = Cuttable::start(target).await;
+    let url = format!(
+        "postgres://{}@127.0.0.1:{}/{}?options=-c%20search_path%3D{}",
+        admin.get_user().unwrap_or("postgres"),
+        link.port,
+        admin.get_dbname().unwrap_or("postgres"),
+        db.name,
+    );
+    let prefix = format!("t{}", hex::encode(rand::random::<[u8; 6]>()));
+    let mut n = Vec::new();
+    for _ in 0..2 {
+        let (url, bus, prefix) = (url.clone(), bus.clone(), prefix.clone());
+        n.push(
+            InProcess::start_with(|c| {
+                c.store_url = Some(url);
+                c.bus_url = Some(bus);
+                c.bus_prefix = prefix;
+            })
+            .await,
+        );
+    }
+    let mut alice = n[0].client("alice").await;
+    let mut bob = n[1].client("bob").await;
+    let g = alice.create_group("g").await.unwrap();
+    alice.add(&g.to_string(), &["bob".into()]).await.unwrap();
+    bob.sync().await.unwrap();
+
+    link.cut();
+    for (who, c) in [("alice", &mut alice), ("bob", &mut bob)] {
+        match c.send_text("g", "while the database is away").await {
+            Err(huddle_client::ClientError::Server(e)) => {
+                assert_eq!(
+                    e.code,
+                    huddle_core::proto::ErrorCode::Unavailable,
+                    "{who}: {}",
+                    e.message
+                );
+            }
+            other => panic!("{who}: expected Unavailable, got {other:?}"),
+        }
+    }
+
+    link.resume().await;
+    let (listener, mut rx, stop) = listening(&mut bob);
+    let talk = async {
+        next_event(&mut rx, PUSHED_WITHIN, "bob: listening", |e| {
+            e.kind == "listening"
+        })
+        .await;
+        alice.send_text("g", "back").await.unwrap();
+        next_event(&mut rx, PUSHED_WITHIN, "bob: back", is_text("back")).await;
+        stop.send(()).unwrap();
+    };
+    tokio::join!(listener, talk);
+    bob.send_text("g", "me too").await.unwrap();
+    assert_eq!(texts(&alice.sync().await.unwrap()), vec!["bob: me too"]);
+    drop(n);
+}
