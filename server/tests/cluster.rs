@@ -429,25 +429,8 @@ async fn nodes_refuse_writes_while_the_database_is_away_and_recover_by_themselve
     let Some(bus) = nats(test) else {
         return;
     };
-    let admin: postgres::Config = db.url.parse().unwrap();
-    let host = match &admin.get_hosts()[0] {
-        postgres::config::Host::Tcp(h) => h.clone(),
-        other => panic!("HUDDLE_TEST_POSTGRES must name a TCP host, not {other:?}"),
-    };
-    let port = admin.get_ports().first().copied().unwrap_or(5432);
-    let target = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let mut link = Cuttable::start(target).await;
-    let url = format!(
-        "postgres://{}@127.0.0.1:{}/{}?options=-c%20search_path%3D{}",
-        admin.get_user().unwrap_or("postgres"),
-        link.port,
-        admin.get_dbname().unwrap_or("postgres"),
-        db.name,
-    );
+    let mut link = Cuttable::start(db.target().await).await;
+    let url = db.url_via(link.port);
     let prefix = format!("t{}", hex::encode(rand::random::<[u8; 6]>()));
     let mut n = Vec::new();
     for _ in 0..2 {

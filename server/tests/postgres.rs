@@ -84,25 +84,8 @@ async fn a_lost_database_is_refused_clearly_and_the_ds_recovers_without_a_restar
     let Some(db) = PgSchema::new("a_lost_database_is_refused_clearly") else {
         return;
     };
-    let admin: postgres::Config = db.url.parse().unwrap();
-    let host = match &admin.get_hosts()[0] {
-        postgres::config::Host::Tcp(h) => h.clone(),
-        other => panic!("HUDDLE_TEST_POSTGRES must name a TCP host, not {other:?}"),
-    };
-    let port = admin.get_ports().first().copied().unwrap_or(5432);
-    let target = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let mut proxy = Cuttable::start(target).await;
-    let url = format!(
-        "postgres://{}@127.0.0.1:{}/{}?options=-c%20search_path%3D{}",
-        admin.get_user().unwrap_or("postgres"),
-        proxy.port,
-        admin.get_dbname().unwrap_or("postgres"),
-        db.name,
-    );
+    let mut proxy = Cuttable::start(db.target().await).await;
+    let url = db.url_via(proxy.port);
     let s = InProcess::start_with(|c| c.store_url = Some(url)).await;
     let mut alice = s.client("alice").await;
     let mut bob = s.client("bob").await;

@@ -297,6 +297,34 @@ impl PgSchema {
         Some(Self { admin, name, url })
     }
 
+    /// The database server's TCP address, for a proxy in front of it.
+    pub async fn target(&self) -> std::net::SocketAddr {
+        let admin: postgres::Config = self.url.parse().unwrap();
+        let host = match &admin.get_hosts()[0] {
+            postgres::config::Host::Tcp(h) => h.clone(),
+            other => panic!("HUDDLE_TEST_POSTGRES must name a TCP host, not {other:?}"),
+        };
+        let port = admin.get_ports().first().copied().unwrap_or(5432);
+        let found = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .unwrap()
+            .next()
+            .unwrap();
+        found
+    }
+
+    /// The address that selects the schema through a proxy on `port` of
+    /// 127.0.0.1.
+    pub fn url_via(&self, port: u16) -> String {
+        let admin: postgres::Config = self.url.parse().unwrap();
+        format!(
+            "postgres://{}@127.0.0.1:{port}/{}?options=-c%20search_path%3D{}",
+            admin.get_user().unwrap_or("postgres"),
+            admin.get_dbname().unwrap_or("postgres"),
+            self.name,
+        )
+    }
+
     pub fn count(&self, sql: &str) -> i64 {
         off_runtime(|| {
             let mut c = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
