@@ -157,7 +157,9 @@ pub struct ServerConfig {
     pub max_transfers_total: usize,
     /// Unfinished uploads with no progress for this long are deleted.
     pub stale_upload: Duration,
-    /// How often expired and unreachable media are looked for.
+    /// How often the retention sweeps run (expired Welcomes; expired,
+    /// abandoned and unreachable media). Of the nodes of a cluster, the one
+    /// holding the `sweep` lease runs them.
     pub media_sweep_interval: Duration,
     /// The wall clock every timestamp and every time-based rule of the DS
     /// reads: [`clock::system`] except in tests.

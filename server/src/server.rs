@@ -261,12 +261,14 @@ async fn serve(
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {
                         svc.flush_acks().await;
-                        blobs.maintenance(&svc).await;
                         svc.budgets.prune();
                         svc.unload_idle().await;
                         if last_sweep.is_none_or(|t| t.elapsed() >= svc.config().media_sweep_interval) {
                             last_sweep = Some(std::time::Instant::now());
-                            svc.expire_inboxes().await;
+                            if svc.holds_sweep_lease().await {
+                                svc.expire_inboxes().await;
+                                blobs.sweep(&svc, svc.now_ms()).await;
+                            }
                         }
                     }
                 }

@@ -2,7 +2,8 @@
 //! each other through NATS. Members connected to different nodes get each
 //! other's messages and commits pushed; two commits for one epoch posted
 //! to two nodes at once end in one log; delivery goes on by polling while
-//! a node has lost the bus. Skipped (and said so) without
+//! the bus is stopped; a killed node's clients move on; a restarted
+//! database is waited out. Skipped (and said so) without
 //! `HUDDLE_TEST_POSTGRES` and `HUDDLE_TEST_NATS`.
 #![allow(clippy::unwrap_used)]
 mod common;
@@ -150,27 +151,52 @@ async fn two_commits_for_one_epoch_on_two_nodes_end_in_one_log() {
     drop(n);
 }
 
-/// Both nodes reach NATS through a link the test cuts, as if NATS had
-/// stopped. While it is cut, alice's messages through node 0 and a
-/// Welcome for erin (on node 1) still reach node 1's listeners, by polling
-/// the database; once the link is back, delivery goes on. Nothing is lost
-/// or doubled.
+/// Retention sweeps run on one node of the cluster: with both nodes
+/// sweeping every 100 ms, the `sweep` lease has one holder, and it keeps
+/// it while it lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delivery_goes_on_by_polling_while_a_node_has_lost_the_bus() {
-    let Some(bus) = nats("delivery_goes_on_by_polling") else {
+async fn one_node_of_the_cluster_sweeps() {
+    let Some((db, n)) = nodes("one_node_of_the_cluster_sweeps", 2, |_, c| {
+        c.media_sweep_interval = Duration::from_millis(100);
+    })
+    .await
+    else {
         return;
     };
-    let target = tokio::net::lookup_host(bus.trim_start_matches("nats://"))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let mut link = Cuttable::start(target).await;
-    let linked = format!("nats://127.0.0.1:{}", link.port);
-    let Some((_db, n)) = nodes("delivery_goes_on_by_polling", 2, |_, c| {
+    let holder = "SELECT min(holder) FROM leases WHERE name = 'sweep' AND until > now()";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while db.count("SELECT count(*) FROM leases") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nobody took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = db.count(holder);
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(db.count(holder), first, "the lease changed hands");
+    }
+    assert_eq!(db.count("SELECT count(*) FROM leases"), 1);
+    drop(n);
+}
+
+/// Both nodes use a NATS server of the test's own, which the test stops
+/// (SIGKILL) and starts again. While it is down, alice's messages through
+/// node 0 and a Welcome for erin (on node 1) still reach node 1's
+/// listeners, by polling the database; once it is back, delivery goes on.
+/// Nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_goes_on_by_polling_while_the_bus_is_stopped() {
+    let test = "delivery_goes_on_by_polling_while_the_bus_is_stopped";
+    let Some(mut bus) = off_runtime(|| services::PrivateNats::start(test)) else {
+        return;
+    };
+    let url = bus.url();
+    let Some((_db, n)) = nodes(test, 2, |_, c| {
         c.cluster_poll = Duration::from_millis(200);
         c.cluster_poll_connected = Duration::from_secs(3600);
-        c.bus_url = Some(linked.clone());
+        c.bus_url = Some(url.clone());
     })
     .await
     else {
@@ -202,7 +228,7 @@ async fn delivery_goes_on_by_polling_while_a_node_has_lost_the_bus() {
         )
         .await;
 
-        link.cut();
+        bus.down();
         alice.send_text("g", "while the bus is away").await.unwrap();
         next_event(
             &mut bob_rx,
@@ -225,8 +251,8 @@ async fn delivery_goes_on_by_polling_while_a_node_has_lost_the_bus() {
         )
         .await;
 
-        link.resume().await;
-        // The link is back: delivery goes on (by polling until the nodes'
+        off_runtime(|| bus.up());
+        // The bus is back: delivery goes on (by polling until the nodes'
         // bus clients reconnect by themselves, then by the bus).
         alice.send_text("g", "bus again").await.unwrap();
         next_event(
@@ -415,26 +441,25 @@ async fn a_node_starts_and_serves_without_its_bus() {
     drop(n);
 }
 
-/// Two nodes reach PostgreSQL through a link the test cuts, as if the
-/// database had restarted. While it is away both refuse writes with
-/// `Unavailable` (nothing stored); once it is back both serve again,
-/// without a restart of their own, and a message posted through one is
-/// pushed to a listener on the other.
+/// Two nodes on a PostgreSQL server of the test's own, which the test
+/// stops (`pg_ctl -m fast`, ending every session) and starts again. While
+/// it is down both nodes refuse writes with `Unavailable` (nothing
+/// stored); once it is back both serve again, without a restart of their
+/// own, and a message posted through one is pushed to a listener on the
+/// other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_refuse_writes_while_the_database_is_away_and_recover_by_themselves() {
-    let test = "nodes_refuse_writes_while_the_database_is_away";
-    let Some(db) = PgSchema::new(test) else {
+async fn nodes_refuse_writes_while_the_database_restarts_and_recover_by_themselves() {
+    let test = "nodes_refuse_writes_while_the_database_restarts";
+    let Some(pg) = off_runtime(|| services::PrivatePostgres::start(test)) else {
         return;
     };
     let Some(bus) = nats(test) else {
         return;
     };
-    let mut link = Cuttable::start(db.target().await).await;
-    let url = db.url_via(link.port);
     let prefix = format!("t{}", hex::encode(rand::random::<[u8; 6]>()));
     let mut n = Vec::new();
     for _ in 0..2 {
-        let (url, bus, prefix) = (url.clone(), bus.clone(), prefix.clone());
+        let (url, bus, prefix) = (pg.url(), bus.clone(), prefix.clone());
         n.push(
             InProcess::start_with(|c| {
                 c.store_url = Some(url);
@@ -450,7 +475,7 @@ async fn nodes_refuse_writes_while_the_database_is_away_and_recover_by_themselve
     alice.add(&g.to_string(), &["bob".into()]).await.unwrap();
     bob.sync().await.unwrap();
 
-    link.cut();
+    off_runtime(|| pg.down());
     for (who, c) in [("alice", &mut alice), ("bob", &mut bob)] {
         match c.send_text("g", "while the database is away").await {
             Err(huddle_client::ClientError::Server(e)) => {
@@ -465,7 +490,7 @@ async fn nodes_refuse_writes_while_the_database_is_away_and_recover_by_themselve
         }
     }
 
-    link.resume().await;
+    off_runtime(|| pg.up());
     let (listener, mut rx, stop) = listening(&mut bob);
     let talk = async {
         next_event(&mut rx, PUSHED_WITHIN, "bob: listening", |e| {

@@ -18,7 +18,6 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use huddle_core::proto::{ErrorBody, ErrorCode};
 use huddle_core::MediaId;
@@ -86,7 +85,6 @@ pub struct BlobStore {
     transfers: Arc<Mutex<(HashMap<String, usize>, usize)>>,
     /// Bytes reserved by every known item (complete or not).
     used: AtomicU64,
-    last_sweep: Mutex<Option<Instant>>,
     pub(crate) room: Room,
     /// Direct I/O for blob files unless `HUDDLE_BLOB_IO=buffered`.
     io_mode: huddle_io::Mode,
@@ -232,7 +230,6 @@ impl BlobStore {
             active: Mutex::new(HashMap::new()),
             transfers: Arc::default(),
             used: AtomicU64::new(used),
-            last_sweep: Mutex::new(None),
             room: Room::default(),
             io_mode: huddle_io::Mode::from_env(),
         })
@@ -267,22 +264,9 @@ impl BlobStore {
         }
     }
 
-    /// Retention: deletes expired items, stale unfinished uploads, and items
-    /// of groups that have no current member left. Runs at most once a
-    /// minute.
-    pub async fn maintenance(&self, svc: &Service) {
-        {
-            let mut last = self.last_sweep.lock().expect("sweep lock");
-            if last.is_some_and(|t| t.elapsed() < self.config.media_sweep_interval) {
-                return;
-            }
-            *last = Some(Instant::now());
-        }
-        self.sweep(svc, svc.now_ms()).await;
-    }
-
-    /// One retention pass at time `now` (ms). Returns how many items were
-    /// deleted.
+    /// One retention pass at time `now` (ms): deletes expired items, stale
+    /// unfinished uploads, and items of groups that have no current member
+    /// left. Returns how many items were deleted.
     pub async fn sweep(&self, svc: &Service, now: u64) -> usize {
         let Ok(Ok(records)) = self.blocking(|s| s.all_media()).await else {
             return 0;

@@ -70,6 +70,23 @@ impl Service {
         })
     }
 
+    /// Whether this node runs the retention sweeps now: it takes or renews
+    /// the `sweep` lease, so that of the nodes of a cluster one sweeps
+    /// (one process on the embedded store always does). The lease lasts
+    /// three sweep intervals, so a node that died is replaced by then.
+    pub async fn holds_sweep_lease(&self) -> bool {
+        let node = self.node;
+        let ttl = self.config.media_sweep_interval * 3;
+        match self.blocking(move |s| s.lease("sweep", node, ttl)).await {
+            Ok(Ok(held)) => held,
+            Ok(Err(e)) => {
+                warn!(error = %e, "the sweep lease could not be taken; not sweeping");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Deletes Welcomes older than the inbox retention.
     pub async fn expire_inboxes(&self) {
         let before = self

@@ -54,6 +54,9 @@ pub struct Service {
     loading: tokio::sync::Mutex<()>,
     /// Set at shutdown: groups are no longer loaded.
     closing: std::sync::atomic::AtomicBool,
+    /// This process among the nodes of a cluster: the holder named in the
+    /// leases it takes.
+    node: u64,
 }
 
 impl std::fmt::Debug for Service {
@@ -98,6 +101,7 @@ impl Service {
             create: tokio::sync::Mutex::new(()),
             loading: tokio::sync::Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
+            node: rand::random(),
         }))
     }
 

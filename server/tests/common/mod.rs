@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod raw;
+pub mod services;
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};

@@ -561,6 +561,24 @@ impl Store for PgStore {
         })
     }
 
+    fn lease(&self, name: &str, holder: u64, ttl: Duration) -> Result<bool, StoreError> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        self.txn(|t| {
+            let row = t
+                .query_opt(
+                    "INSERT INTO leases (name, holder, until)
+                         VALUES ($1, $2, now() + $3::BIGINT * interval '1 millisecond')
+                     ON CONFLICT (name) DO UPDATE
+                         SET holder = EXCLUDED.holder, until = EXCLUDED.until
+                         WHERE leases.holder = EXCLUDED.holder OR leases.until < now()
+                     RETURNING holder",
+                    &[&name, &(holder as i64), &ttl_ms],
+                )
+                .map_err(pg)?;
+            Ok(row.is_some())
+        })
+    }
+
     fn read_inbox(
         &self,
         user: &str,

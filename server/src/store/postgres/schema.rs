@@ -106,6 +106,15 @@ pub const MIGRATIONS: &[&str] = &[
         record BYTEA NOT NULL
     );
     "#,
+    // 2: leases for the work one node does for the whole cluster. Time is
+    // the database's, so nodes' clocks need not agree.
+    r#"
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder BIGINT NOT NULL,
+        until TIMESTAMPTZ NOT NULL
+    );
+    "#,
 ];
 
 /// Key of the advisory lock under which migrations run.

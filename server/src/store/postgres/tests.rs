@@ -181,3 +181,36 @@ fn a_closed_store_refuses_calls() {
     s.close();
     assert!(matches!(s.user("alice"), Err(StoreError::Io(_))));
 }
+
+/// The maintenance lease: one holder at a time, renewed by its holder,
+/// taken over by another node once it lapsed (a holder that died).
+#[test]
+fn a_lease_has_one_holder_until_it_lapses() {
+    let Some(a) = store("a_lease_has_one_holder") else {
+        return;
+    };
+    let b = a.another();
+    let hour = Duration::from_secs(3600);
+    assert!(
+        a.lease("sweep", 1, hour).unwrap(),
+        "a free lease is granted"
+    );
+    assert!(
+        !b.lease("sweep", 2, hour).unwrap(),
+        "a held lease is refused"
+    );
+    assert!(a.lease("sweep", 1, hour).unwrap(), "its holder renews it");
+    assert!(b.lease("other", 2, hour).unwrap(), "leases are named");
+    // Holder 1 renews for no time at all: from the next transaction on,
+    // the lease has lapsed and another node takes it.
+    assert!(a.lease("sweep", 1, Duration::ZERO).unwrap());
+    std::thread::sleep(Duration::from_millis(2));
+    assert!(
+        b.lease("sweep", 2, hour).unwrap(),
+        "a lapsed lease is taken over"
+    );
+    assert!(
+        !a.lease("sweep", 1, hour).unwrap(),
+        "and its old holder lost it"
+    );
+}

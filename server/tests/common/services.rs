@@ -1,0 +1,227 @@
+//! A PostgreSQL server and a NATS server of a test's own, which the test
+//! stops and starts again for real (what an operator's restart does: the
+//! sessions are ended by the server, new connections are refused until it
+//! is back). Run when the shared services are configured
+//! (`HUDDLE_TEST_POSTGRES`, `HUDDLE_TEST_NATS`); their programs are found
+//! on `PATH`, in `/usr/sbin` or through `HUDDLE_TEST_PG_BIN` /
+//! `HUDDLE_TEST_NATS_SERVER`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// A free TCP port on 127.0.0.1 (free when asked; the server binds it
+/// right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `name` in the directory `env` names, else on `PATH`, else in `fallback`.
+fn program(name: &str, env: &str, fallback: &[&str]) -> PathBuf {
+    if let Ok(dir) = std::env::var(env) {
+        let p = Path::new(&dir);
+        return if p.is_dir() {
+            p.join(name)
+        } else {
+            p.to_path_buf()
+        };
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain(fallback.iter().map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    on_path.unwrap_or_else(|| panic!("{name} was not found (set {env})"))
+}
+
+/// Whether the tests run as root (the effective user id of this process,
+/// from /proc).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let uid = s.lines().find(|l| l.starts_with("Uid:"))?;
+            uid.split_whitespace().nth(2).map(|euid| euid == "0")
+        })
+        .unwrap_or(false)
+}
+
+/// A PostgreSQL server in a temporary directory, on a port of its own.
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    pg_ctl: PathBuf,
+}
+
+impl PrivatePostgres {
+    /// `None` (after saying so) when PostgreSQL tests are not configured.
+    pub fn start(test: &str) -> Option<Self> {
+        if std::env::var("HUDDLE_TEST_POSTGRES").is_err() {
+            eprintln!("skipped {test}: HUDDLE_TEST_POSTGRES is not set");
+            return None;
+        }
+        let bin = ["/usr/lib/postgresql/15/bin", "/usr/local/bin"];
+        let initdb = program("initdb", "HUDDLE_TEST_PG_BIN", &bin);
+        let pg_ctl = program("pg_ctl", "HUDDLE_TEST_PG_BIN", &bin);
+        let dir = tempfile::tempdir().unwrap();
+        let s = Self {
+            port: free_port(),
+            dir,
+            pg_ctl,
+        };
+        if is_root() {
+            // PostgreSQL refuses to run as root: its files belong to the
+            // `postgres` account.
+            let ok = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(s.dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown postgres {}", s.dir.path().display());
+        }
+        let out = s
+            .as_postgres(&initdb)
+            .arg("-D")
+            .arg(s.data())
+            .args(["--no-sync", "-A", "trust", "-U", "root", "-E", "UTF8"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb: {out:?}");
+        s.up();
+        Some(s)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn as_postgres(&self, program: &Path) -> Command {
+        let mut c = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// The address of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://root@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn up(&self) {
+        let out = self
+            .as_postgres(&self.pg_ctl)
+            .arg("-D")
+            .arg(self.data())
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1",
+                self.port,
+                self.dir.path().display()
+            ))
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-w", "start"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl start: {out:?}");
+    }
+
+    /// Stops the server the way an operator's restart does (`-m fast`:
+    /// every session is ended, open transactions rolled back).
+    pub fn down(&self) {
+        let out = self
+            .as_postgres(&self.pg_ctl)
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "fast", "-w", "stop"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl stop: {out:?}");
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .as_postgres(&self.pg_ctl)
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
+
+/// A NATS server on a port of its own (no JetStream: the DS does not use
+/// it).
+pub struct PrivateNats {
+    pub port: u16,
+    program: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateNats {
+    /// `None` (after saying so) when NATS tests are not configured.
+    pub fn start(test: &str) -> Option<Self> {
+        if std::env::var("HUDDLE_TEST_NATS").is_err() {
+            eprintln!("skipped {test}: HUDDLE_TEST_NATS is not set");
+            return None;
+        }
+        let mut s = Self {
+            port: free_port(),
+            program: program("nats-server", "HUDDLE_TEST_NATS_SERVER", &["/usr/sbin"]),
+            child: None,
+        };
+        s.up();
+        Some(s)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn up(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new(&self.program)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server (SIGKILL: whatever it held in flight is gone).
+    pub fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
