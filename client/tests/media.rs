@@ -43,7 +43,7 @@ async fn group_of(server: &TestServer, names: &[&str]) -> (Vec<Client>, String) 
 }
 
 fn blob_path(server: &TestServer, media: &str) -> PathBuf {
-    server.data_dir.join("blobs").join(format!("{media}.blob"))
+    server.blob_path(media)
 }
 
 /// The file name and size of a `media` event.
@@ -79,9 +79,9 @@ async fn a_20_mib_file_round_trips_between_three_members() {
             "member {i} got other bytes"
         );
     }
-    // The server's data dir holds none of the plaintext.
+    // The server's data dir (and object store) holds none of the plaintext.
     let needle = &data[5 << 20..(5 << 20) + 64];
-    for entry in walk(&server.data_dir) {
+    for entry in server.stored_dirs().iter().flat_map(|d| walk(d)) {
         let bytes = std::fs::read(&entry).unwrap();
         assert!(
             !bytes.windows(needle.len()).any(|w| w == needle),
@@ -135,9 +135,10 @@ async fn an_interrupted_upload_resumes_and_sends_only_the_rest() {
     let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
     let data = pattern(24 << 20, 3);
     let src = write(server.dir.path(), "big.bin", &data);
-    // Killed after about 10 MiB.
+    // Killed after about 20 MiB (an object store keeps whole 8 MiB parts,
+    // so at least one must have reached it).
     let mut first = Stopper {
-        limit: 10 << 20,
+        limit: 20 << 20,
         started_at: 0,
         moved: 0,
     };
@@ -418,10 +419,13 @@ async fn oversized_items_and_a_full_quota_are_refused_cleanly() {
     let r = c[0].send_file(&g, &more, "", &mut Quiet).await;
     assert_eq!(r.unwrap_err().code(), Some(ErrorCode::QuotaExceeded));
     // Nothing half-stored is visible, and the server keeps serving.
-    let blobs: Vec<_> = walk(&server.data_dir.join("blobs"))
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "blob"))
-        .collect();
+    let blobs: Vec<_> = match &server.objects {
+        Some(s3) => walk(&s3.objects_dir()),
+        None => walk(&server.data_dir.join("blobs"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "blob"))
+            .collect(),
+    };
     assert_eq!(blobs.len(), 1);
     c[0].send_text(&g, "still fine").await.unwrap();
     server.restart().await;
@@ -457,4 +461,58 @@ async fn expired_media_is_deleted() {
         .download(&media, Some(&server.dir.path().join("f.out")), &mut Quiet)
         .await;
     assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotFound));
+}
+
+/// On an object store: an upload abandoned halfway keeps its stored parts
+/// until `stale_upload` has passed without progress; then the sweep
+/// aborts it, which deletes every part, and the item is forgotten, so the
+/// next attempt starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_upload_leaves_no_part_on_the_object_store() {
+    let test = "an_abandoned_upload_leaves_no_part_on_the_object_store";
+    let Some(s3) = services::PrivateS3::start(test) else {
+        return;
+    };
+    let url = s3.url();
+    let server = TestServer::start_with(|c| {
+        c.blobs_url = Some(url.clone());
+        c.blob_keys = Some(services::PrivateS3::keys());
+        c.stale_upload = std::time::Duration::from_secs(2);
+        c.media_sweep_interval = std::time::Duration::from_millis(50);
+    })
+    .await;
+    let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
+    let src = write(server.dir.path(), "big.bin", &pattern(24 << 20, 9));
+    let mut first = Stopper {
+        limit: 20 << 20,
+        started_at: 0,
+        moved: 0,
+    };
+    assert!(matches!(
+        c[0].send_file(&g, &src, "", &mut first).await,
+        Err(ClientError::Interrupted(_))
+    ));
+    // The DS stores the parts it received as the stream winds up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s3.upload_files() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no part was stored");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while s3.upload_files() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned upload's parts are still there"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut second = Stopper {
+        limit: u64::MAX,
+        started_at: 0,
+        moved: 0,
+    };
+    let sent = c[0].send_file(&g, &src, "", &mut second).await.unwrap();
+    assert_eq!(second.started_at, 0, "the abandoned upload was forgotten");
+    assert!(s3.object_path(sent.media_id().unwrap()).exists());
+    assert_eq!(s3.upload_files(), 0);
 }

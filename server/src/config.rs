@@ -116,6 +116,16 @@ pub struct ServerConfig {
     /// Cluster mode: the first token(s) of the bus's subjects; clusters
     /// that share one NATS server differ in it.
     pub bus_prefix: String,
+    /// Keep media blobs on this S3-compatible object store
+    /// (`s3://BUCKET[/PREFIX][?endpoint=URL&region=NAME]`) instead of the
+    /// data directory: what every node of a cluster must share.
+    pub blobs_url: Option<String>,
+    /// The object store's access key id and secret; `None`: the `AWS_*`
+    /// environment variables.
+    pub blob_keys: Option<(String, String)>,
+    /// On an object store: part buffers (8 MiB each) held in memory at
+    /// once by all uploads together; an upload past it waits for one.
+    pub object_part_buffers: usize,
     /// Cluster mode: notices waiting to be published on the bus, at most;
     /// past it they are dropped (the other nodes' polls find what they
     /// announced).
@@ -206,6 +216,9 @@ impl Default for ServerConfig {
             store_connections: crate::store::postgres::DEFAULT_POOL as usize,
             bus_url: None,
             bus_prefix: "huddle".into(),
+            blobs_url: None,
+            blob_keys: None,
+            object_part_buffers: 64,
             bus_queue: 4096,
             cluster_poll: Duration::from_secs(1),
             cluster_poll_connected: Duration::from_secs(10),
@@ -236,6 +249,9 @@ impl ServerConfig {
                     "--store {url:?}: expected a PostgreSQL address, postgres://USER@HOST:PORT/DB"
                 ));
             }
+        }
+        if let Some(url) = &self.blobs_url {
+            crate::media::objects::ObjectsUrl::parse(url)?;
         }
         if let Some(url) = &self.bus_url {
             if !url.starts_with("nats://") {
@@ -287,6 +303,7 @@ impl ServerConfig {
             ("blocking_threads", self.blocking_threads == 0),
             ("max_transfers_per_user", self.max_transfers_per_user == 0),
             ("max_transfers_total", self.max_transfers_total == 0),
+            ("object_part_buffers", self.object_part_buffers == 0),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, zero)| *zero) {
             return Err(format!("{name} must be more than zero"));
@@ -391,6 +408,7 @@ limits! {
     transfer_stall_timeout: time,
     max_transfers_per_user: count,
     max_transfers_total: count,
+    object_part_buffers: count,
     stale_upload: time,
     media_sweep_interval: time,
 }

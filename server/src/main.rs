@@ -39,6 +39,12 @@ struct Args {
         default_value = "huddle"
     )]
     bus_prefix: String,
+    /// Keep media blobs on this S3-compatible object store instead of the
+    /// data directory (what the nodes of a cluster must share):
+    /// s3://BUCKET[/PREFIX][?endpoint=URL&region=NAME]; the access key is
+    /// read from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    #[arg(long, value_name = "URL", env = "HUDDLE_BLOBS")]
+    blobs: Option<String>,
     /// PEM certificate chain to present instead of the self-signed one.
     #[arg(long, requires = "key")]
     cert: Option<PathBuf>,
@@ -85,6 +91,7 @@ fn main() {
         store_url: args.store,
         bus_url: args.bus,
         bus_prefix: args.bus_prefix,
+        blobs_url: args.blobs,
         cert: args.cert.zip(args.key),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         max_connections: args.max_connections,

@@ -151,6 +151,71 @@ async fn two_commits_for_one_epoch_on_two_nodes_end_in_one_log() {
     drop(n);
 }
 
+/// Media on an object store all nodes share: alice uploads a 20 MiB file
+/// through node 0 (three parts), bob downloads it through node 1 and
+/// reads a range through node 2, byte for byte what was sent; a member
+/// removed through node 2 is refused the item on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_sent_through_one_node_is_fetched_through_the_others() {
+    let test = "a_file_sent_through_one_node_is_fetched_through_the_others";
+    let Some(s3) = off_runtime(|| services::PrivateS3::start(test)) else {
+        return;
+    };
+    let url = s3.url();
+    let Some((_db, n)) = nodes(test, 3, |_, c| {
+        c.blobs_url = Some(url.clone());
+        c.blob_keys = Some(services::PrivateS3::keys());
+    })
+    .await
+    else {
+        return;
+    };
+    let mut alice = n[0].client("alice").await;
+    let mut bob = n[1].client("bob").await;
+    let mut carol = n[2].client("carol").await;
+    let g = alice.create_group("g").await.unwrap().to_string();
+    alice
+        .add(&g, &["bob".into(), "carol".into()])
+        .await
+        .unwrap();
+    let data: Vec<u8> = (0..20u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let src = n[0].dir.path().join("video.bin");
+    std::fs::write(&src, &data).unwrap();
+    let sent = alice
+        .send_file(&g, &src, "", &mut huddle_client::Quiet)
+        .await
+        .unwrap();
+    let media = sent.media_id().unwrap().to_owned();
+    bob.sync().await.unwrap();
+    carol.sync().await.unwrap();
+    let out = n[1].dir.path().join("video.out");
+    bob.download(&media, Some(&out), &mut huddle_client::Quiet)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&out).unwrap() == data, "bob got other bytes");
+    let range = carol
+        .read_range(&media, 9_000_000, 9_000_100)
+        .await
+        .unwrap();
+    assert_eq!(range, &data[9_000_000..9_000_100]);
+    assert!(s3.object_path(&media).exists(), "the blob is one object");
+    assert_eq!(s3.upload_files(), 0, "no part of the upload is left over");
+
+    carol.remove(&g, &["bob".into()]).await.unwrap();
+    let again = n[1].dir.path().join("again.out");
+    let r = bob
+        .download(&media, Some(&again), &mut huddle_client::Quiet)
+        .await;
+    assert_eq!(
+        r.unwrap_err().code(),
+        Some(huddle_core::proto::ErrorCode::NotMember),
+        "a removed member is refused by the DS"
+    );
+    drop(n);
+}
+
 /// Retention sweeps run on one node of the cluster: with both nodes
 /// sweeping every 100 ms, the `sweep` lease has one holder, and it keeps
 /// it while it lives.

@@ -392,6 +392,11 @@ async fn uploads_must_match_their_header_and_hash() {
     // A wrong hash: refused and discarded.
     let r = raw_upload(&alice.net, gid, media, &blob, [0; 32]).await;
     assert_eq!(code(r), ErrorCode::IntegrityError);
+    if let Some(s3) = &s.objects {
+        // On an object store: the upload was aborted, its part deleted.
+        assert_eq!(s3.upload_files(), 0, "a refused upload left parts");
+        assert!(!s3.object_path(&media.to_string()).exists());
+    }
     // A header that names another group: refused.
     let other = seal(GroupId([1; 16]));
     let r = raw_upload(

@@ -2,6 +2,9 @@
 //! 127.0.0.1:0 with a fresh data dir, and clients in their own homes.
 #![allow(dead_code)]
 
+#[path = "../../../server/tests/common/services.rs"]
+pub mod services;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,6 +17,8 @@ pub struct TestServer {
     pub data_dir: PathBuf,
     pub dir: tempfile::TempDir,
     pub config: ServerConfig,
+    /// With `HUDDLE_TEST_BLOBS=s3`: the object store the blobs go to.
+    pub objects: Option<services::PrivateS3>,
 }
 
 impl TestServer {
@@ -30,6 +35,16 @@ impl TestServer {
             maintenance_interval: std::time::Duration::from_millis(100),
             ..ServerConfig::default()
         };
+        let objects = match std::env::var("HUDDLE_TEST_BLOBS").as_deref() {
+            Ok("s3") => {
+                let s3 = services::PrivateS3::start("media on an object store")
+                    .expect("HUDDLE_TEST_BLOBS=s3 needs HUDDLE_TEST_S3FS");
+                config.blobs_url = Some(s3.url());
+                config.blob_keys = Some(services::PrivateS3::keys());
+                Some(s3)
+            }
+            _ => None,
+        };
         tune(&mut config);
         let running = huddle_server::start(config.clone()).await.unwrap();
         let addr = running.addr.to_string();
@@ -39,7 +54,23 @@ impl TestServer {
             data_dir,
             dir,
             config,
+            objects,
         }
+    }
+
+    /// Where the stored blob of media item `media` is, as a file.
+    pub fn blob_path(&self, media: &str) -> PathBuf {
+        match &self.objects {
+            Some(s3) => s3.object_path(media),
+            None => self.data_dir.join("blobs").join(format!("{media}.blob")),
+        }
+    }
+
+    /// The folders that hold the DS's state and blobs.
+    pub fn stored_dirs(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.data_dir.clone()];
+        out.extend(self.objects.as_ref().map(|s3| s3.root().to_owned()));
+        out
     }
 
     pub fn cert(&self) -> PathBuf {

@@ -125,6 +125,7 @@ mod tests {
             state,
             created_ms: 0,
             updated_ms: 0,
+            multipart: None,
         }
     }
 

@@ -2,6 +2,11 @@
 //! requested chunks, read ahead from disk.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt as _;
 
 use huddle_core::proto::{ErrorBody, ErrorCode, Response};
 use huddle_core::MediaId;
@@ -30,60 +35,125 @@ pub async fn download(
                 let _ = send.finish();
             }
         }
-        Ok((resp, file, len, _transfer)) => {
+        Ok((resp, source, len, _transfer)) => {
             if !respond(&mut send, &resp).await {
                 return;
             }
-            // Each buffer is read from disk in a short blocking task while
-            // the one before is sent: disk and network overlap, and no
-            // thread waits for a slow reader. With what QUIC holds
-            // unacknowledged (the send window) that bounds a download's
-            // memory whatever the item's size.
             let stall = blobs.config.transfer_stall_timeout;
-            let read = |mut file: BlobReader, at: u64, want: usize| {
-                tokio::task::spawn_blocking(move || {
-                    let r = file.read_at(at, want);
-                    (file, r)
-                })
+            let sent = match source {
+                Source::File(file) => from_file(file, offset, len, stall, &mut send).await,
+                Source::Object(stream) => from_object(stream, stall, &mut send).await,
             };
-            let mut left = len;
-            let mut sent = 0u64;
-            let mut next = (left > 0).then(|| read(file, offset, BUF.min(left as usize)));
-            while let Some(reading) = next.take() {
-                let Ok((file, r)) = reading.await else {
+            match sent {
+                Sent::All(sent) => {
+                    if sent < len {
+                        // Shorter than recorded: end the stream where the
+                        // data ends; the client's checks name the damage.
+                        warn!(media = %media, "stored blob is shorter than its record");
+                    }
+                    let _ = send.finish();
+                }
+                Sent::Failed(e) => {
+                    warn!(media = %media, error = %e, "reading a stored blob failed");
                     let _ = send.reset(1u32.into());
-                    return;
-                };
-                let b = match r {
-                    Ok(b) if b.is_empty() => break,
-                    Ok(b) => b,
-                    Err(e) => {
-                        warn!(media = %media, error = %e, "reading a stored blob failed");
-                        let _ = send.reset(1u32.into());
-                        return;
-                    }
-                };
-                left -= (b.len() as u64).min(left);
-                sent += b.len() as u64;
-                if left > 0 {
-                    next = Some(read(file, offset + sent, BUF.min(left as usize)));
                 }
-                match tokio::time::timeout(stall, send.write_chunk(b)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return,
-                    Err(_) => {
-                        debug!(media = %media, "download not read; stream ended");
-                        let _ = send.reset(1u32.into());
-                        return;
-                    }
+                Sent::NotRead => {
+                    debug!(media = %media, "download not read; stream ended");
+                    let _ = send.reset(1u32.into());
                 }
+                Sent::Gone => {}
             }
-            if sent < len {
-                // Shorter than recorded: end the stream where the data ends;
-                // the client's checks name the damage.
-                warn!(media = %media, "stored blob is shorter than its record");
-            }
-            let _ = send.finish();
+        }
+    }
+}
+
+/// Where a download's bytes come from.
+pub(super) enum Source {
+    File(BlobReader),
+    /// A ranged GET from the object store, as it arrives.
+    Object(BoxStream<'static, std::io::Result<Bytes>>),
+}
+
+/// How sending a range ended.
+enum Sent {
+    /// Every byte the source had (this many).
+    All(u64),
+    /// The source failed.
+    Failed(std::io::Error),
+    /// The receiver read nothing for the stall timeout.
+    NotRead,
+    /// The stream was reset or the connection lost.
+    Gone,
+}
+
+/// Sends one piece, unless the receiver stopped reading.
+async fn send_piece(send: &mut quinn::SendStream, b: Bytes, stall: Duration) -> Option<Sent> {
+    match tokio::time::timeout(stall, send.write_chunk(b)).await {
+        Ok(Ok(())) => None,
+        Ok(Err(_)) => Some(Sent::Gone),
+        Err(_) => Some(Sent::NotRead),
+    }
+}
+
+/// Each buffer is read from disk in a short blocking task while the one
+/// before is sent: disk and network overlap, and no thread waits for a
+/// slow reader. With what QUIC holds unacknowledged (the send window)
+/// that bounds a download's memory whatever the item's size.
+async fn from_file(
+    file: BlobReader,
+    offset: u64,
+    len: u64,
+    stall: Duration,
+    send: &mut quinn::SendStream,
+) -> Sent {
+    let read = |mut file: BlobReader, at: u64, want: usize| {
+        tokio::task::spawn_blocking(move || {
+            let r = file.read_at(at, want);
+            (file, r)
+        })
+    };
+    let mut left = len;
+    let mut sent = 0u64;
+    let mut next = (left > 0).then(|| read(file, offset, BUF.min(left as usize)));
+    while let Some(reading) = next.take() {
+        let Ok((file, r)) = reading.await else {
+            return Sent::Failed(std::io::Error::other("reading task failed"));
+        };
+        let b = match r {
+            Ok(b) if b.is_empty() => break,
+            Ok(b) => b,
+            Err(e) => return Sent::Failed(e),
+        };
+        left -= (b.len() as u64).min(left);
+        sent += b.len() as u64;
+        if left > 0 {
+            next = Some(read(file, offset + sent, BUF.min(left as usize)));
+        }
+        if let Some(end) = send_piece(send, b, stall).await {
+            return end;
+        }
+    }
+    Sent::All(sent)
+}
+
+/// Forwards a ranged GET as it arrives; the connection to the object
+/// store is read only as fast as the client takes the bytes.
+async fn from_object(
+    mut stream: BoxStream<'static, std::io::Result<Bytes>>,
+    stall: Duration,
+    send: &mut quinn::SendStream,
+) -> Sent {
+    let mut sent = 0u64;
+    loop {
+        let b = match tokio::time::timeout(stall, stream.next()).await {
+            Ok(Some(Ok(b))) => b,
+            Ok(Some(Err(e))) => return Sent::Failed(e),
+            Ok(None) => return Sent::All(sent),
+            Err(_) => return Sent::Failed(std::io::Error::other("the media store stalled")),
+        };
+        sent += b.len() as u64;
+        if let Some(end) = send_piece(send, b, stall).await {
+            return end;
         }
     }
 }
@@ -95,7 +165,7 @@ pub(super) async fn download_head(
     media: MediaId,
     offset: u64,
     len: u64,
-) -> Result<(Response, BlobReader, u64, Transfer), ErrorBody> {
+) -> Result<(Response, Source, u64, Transfer), ErrorBody> {
     let user = session
         .user()
         .ok_or_else(|| err(ErrorCode::NotAuthenticated, "authenticate first"))?;
@@ -133,12 +203,18 @@ pub(super) async fn download_head(
             ),
         ));
     }
-    let path = blobs.blob_path(&media);
-    let mode = blobs.io_mode;
-    let file = tokio::task::spawn_blocking(move || BlobReader::open(&path, mode))
-        .await
-        .map_err(|_| err(ErrorCode::Internal, "internal error"))?
-        .map_err(io_err)?;
+    let source = match &blobs.objects {
+        Some(o) => Source::Object(o.read(&media, offset..offset + len).await?),
+        None => {
+            let path = blobs.blob_path(&media);
+            let mode = blobs.io_mode;
+            let file = tokio::task::spawn_blocking(move || BlobReader::open(&path, mode))
+                .await
+                .map_err(|_| err(ErrorCode::Internal, "internal error"))?
+                .map_err(io_err)?;
+            Source::File(file)
+        }
+    };
     Ok((
         Response::Download {
             total_len: rec.total_len,
@@ -147,7 +223,7 @@ pub(super) async fn download_head(
             len,
             group: rec.group,
         },
-        file,
+        source,
         len,
         transfer,
     ))

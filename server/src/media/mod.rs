@@ -32,7 +32,9 @@ use crate::store::{MediaRecord, MediaState, Store};
 mod admission;
 mod disk;
 mod download;
+pub mod objects;
 mod upload;
+mod upload_objects;
 
 use admission::{boundary, check_header};
 use disk::{persist, BlobWriter, ENOSPC};
@@ -88,6 +90,8 @@ pub struct BlobStore {
     pub(crate) room: Room,
     /// Direct I/O for blob files unless `HUDDLE_BLOB_IO=buffered`.
     io_mode: huddle_io::Mode,
+    /// Blobs on an object store (`--blobs s3://…`) instead of `dir`.
+    objects: Option<objects::Objects>,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -222,6 +226,14 @@ impl BlobStore {
             }
         }
         let used = records.iter().map(|(_, r)| r.total_len).sum();
+        let objects = config
+            .blobs_url
+            .as_deref()
+            .map(|url| {
+                objects::Objects::open(url, config.blob_keys.as_ref(), config.object_part_buffers)
+            })
+            .transpose()
+            .map_err(crate::error::StartError::msg)?;
         Ok(Self {
             dir,
             partial,
@@ -232,6 +244,7 @@ impl BlobStore {
             used: AtomicU64::new(used),
             room: Room::default(),
             io_mode: huddle_io::Mode::from_env(),
+            objects,
         })
     }
 
@@ -255,10 +268,22 @@ impl BlobStore {
         crate::store::blocking(&self.store, f).await
     }
 
-    /// Deletes an item's files and record and releases its space.
+    /// Deletes an item's bytes and record and releases its space. On an
+    /// object store, a record whose bytes could not be deleted is kept, so
+    /// that the next sweep tries again.
     async fn forget(&self, id: MediaId, rec: &MediaRecord) {
-        let _ = tokio::fs::remove_file(self.partial_path(&id)).await;
-        let _ = tokio::fs::remove_file(self.blob_path(&id)).await;
+        if let Some(o) = &self.objects {
+            let mut gone = o.delete(&id).await;
+            if let (Ok(()), Some(m)) = (&gone, &rec.multipart) {
+                gone = o.abort(&id, &m.upload).await;
+            }
+            if gone.is_err() {
+                return;
+            }
+        } else {
+            let _ = tokio::fs::remove_file(self.partial_path(&id)).await;
+            let _ = tokio::fs::remove_file(self.blob_path(&id)).await;
+        }
         if self.blocking(move |s| s.delete_media(&id)).await.is_ok() {
             self.used.fetch_sub(rec.total_len, Ordering::Relaxed);
         }

@@ -141,6 +141,7 @@ pub(super) async fn upload_inner(
                 state: MediaState::Uploading { offset: 0 },
                 created_ms: now,
                 updated_ms: now,
+                multipart: None,
             };
             let r2 = r.clone();
             if let Err(e) = blobs.blocking(move |s| s.put_media(&id, &r2)).await? {
@@ -150,6 +151,9 @@ pub(super) async fn upload_inner(
             r
         }
     };
+    if let Some(objects) = &blobs.objects {
+        return super::upload_objects::receive(blobs, objects, req, rec, send, recv, &stop).await;
+    }
     let MediaState::Uploading { offset: start } = rec.state else {
         unreachable!("complete items returned above")
     };
@@ -163,11 +167,7 @@ pub(super) async fn upload_inner(
             .await
             .map_err(|_| err(ErrorCode::Internal, "internal error"))?
             .map_err(io_err)?;
-    let mut head_bytes = head_bytes;
-    let mut header: Option<Header> = None;
-    if head_bytes.len() == HEADER_LEN {
-        header = Some(check_header(&head_bytes, req)?);
-    }
+    let mut head = HeadCheck::new(head_bytes, req)?;
     if !respond(
         send,
         &Response::Upload {
@@ -192,61 +192,35 @@ pub(super) async fn upload_inner(
         // Gather up to BUF bytes of received chunks (no copy), never past
         // the blob's end, and hand them to the writer in one piece.
         let mut batch: Vec<bytes::Bytes> = Vec::new();
-        let mut filled = 0usize;
         let room = BUF.min((req.total_len - pos) as usize);
-        while filled < room {
-            let chunk = tokio::select! {
-                c = tokio::time::timeout(blobs.config.transfer_stall_timeout, recv.read_chunk(room - filled, true)) => c,
-                () = stop.cancelled() => {
-                    debug!(media = %id, "upload taken over by a newer stream");
-                    gone = true;
-                    taken_over = true;
-                    break;
-                }
-            };
-            let Ok(chunk) = chunk else {
-                debug!(media = %id, "upload stalled; its progress is kept");
+        let (filled, why) = gather(
+            recv,
+            room,
+            blobs.config.transfer_stall_timeout,
+            &stop,
+            &mut batch,
+        )
+        .await;
+        match why {
+            Gathered::Full => {}
+            Gathered::Ended => ended = true,
+            Gathered::Gone => gone = true,
+            Gathered::TakenOver => {
                 gone = true;
-                break;
-            };
-            match chunk {
-                Ok(Some(c)) => {
-                    filled += c.bytes.len();
-                    batch.push(c.bytes);
-                }
-                Ok(None) => {
-                    ended = true;
-                    break;
-                }
-                Err(_) => {
-                    gone = true;
-                    break;
-                }
+                taken_over = true;
             }
         }
-        for b in &batch {
-            if head_bytes.len() >= HEADER_LEN {
-                break;
-            }
-            let take = (HEADER_LEN - head_bytes.len()).min(b.len());
-            head_bytes.extend_from_slice(&b[..take]);
-            if head_bytes.len() == HEADER_LEN {
-                match check_header(&head_bytes, req) {
-                    Ok(h) => header = Some(h),
-                    Err(e) => {
-                        drop(writer.finish().await);
-                        blobs.forget(id, &rec).await;
-                        return Err(e);
-                    }
-                }
-            }
+        if let Err(e) = head.feed(&batch, req) {
+            drop(writer.finish().await);
+            blobs.forget(id, &rec).await;
+            return Err(e);
         }
         pos += filled as u64;
         if filled > 0 && !writer.write(batch).await {
             // The writer failed (for example: the disk is full).
             break;
         }
-        let b = boundary(header.as_ref(), writer.synced());
+        let b = boundary(head.header.as_ref(), writer.synced());
         if b > durable {
             durable = b;
             persist(blobs, id, &mut rec, durable).await;
@@ -256,13 +230,13 @@ pub(super) async fn upload_inner(
     let (file, hasher) = match result {
         Ok(v) => v,
         Err(e) => {
-            let b = boundary(header.as_ref(), synced);
+            let b = boundary(head.header.as_ref(), synced);
             persist(blobs, id, &mut rec, b.max(durable)).await;
             return Err(io_err(e));
         }
     };
     if pos < req.total_len {
-        let boundary = boundary(header.as_ref(), synced);
+        let boundary = boundary(head.header.as_ref(), synced);
         persist(blobs, id, &mut rec, boundary).await;
         if taken_over {
             return Err(err(
@@ -283,37 +257,16 @@ pub(super) async fn upload_inner(
     }
     // Every byte is here and on disk; the trailer names the hash.
     persist(blobs, id, &mut rec, pos).await;
-    let mut trailer = [0u8; frame::HEADER_LEN + UPLOAD_TRAILER_LEN];
-    let trailer_read = tokio::select! {
-        r = tokio::time::timeout(blobs.config.transfer_stall_timeout, recv.read_exact(&mut trailer)) => r,
-        () = stop.cancelled() => return Ok(None),
-    };
-    let Ok(trailer_read) = trailer_read else {
-        return Ok(None);
-    };
-    match trailer_read {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(_)) => {
-            return Err(err(
-                ErrorCode::BadRequest,
-                "the upload ended without its hash trailer; send it to finish",
-            ))
+    let announced = match read_trailer(recv, blobs.config.transfer_stall_timeout, &stop).await {
+        Trailer::Hash(h) => h,
+        Trailer::Gone => return Ok(None),
+        Trailer::Refused(e, discard) => {
+            if discard {
+                blobs.forget(id, &rec).await;
+            }
+            return Err(e);
         }
-        Err(_) => return Ok(None),
-    }
-    let len_ok = frame::body_len(
-        trailer[..frame::HEADER_LEN].try_into().expect("4 bytes"),
-        UPLOAD_TRAILER_LEN,
-    )
-    .is_ok_and(|n| n == UPLOAD_TRAILER_LEN);
-    if !len_ok {
-        blobs.forget(id, &rec).await;
-        return Err(err(
-            ErrorCode::TooLarge,
-            "more bytes were sent than announced; the upload was discarded",
-        ));
-    }
-    let announced: [u8; 32] = trailer[frame::HEADER_LEN..].try_into().expect("32 bytes");
+    };
     if *hasher.finalize().as_bytes() != announced {
         blobs.forget(id, &rec).await;
         return Err(err(
@@ -347,4 +300,144 @@ pub(super) async fn upload_inner(
         offset: req.total_len,
         complete: true,
     }))
+}
+
+/// Why [`gather`] returned.
+pub(super) enum Gathered {
+    /// It has the bytes asked for.
+    Full,
+    /// The sender finished the stream.
+    Ended,
+    /// The stream was reset, the connection lost, or no byte came for the
+    /// stall timeout.
+    Gone,
+    /// A newer stream of the same uploader took the upload over.
+    TakenOver,
+}
+
+/// Receives up to `room` bytes into `batch` (the chunks as they came, no
+/// copy); returns how many, and why it stopped.
+pub(super) async fn gather(
+    recv: &mut quinn::RecvStream,
+    room: usize,
+    stall: std::time::Duration,
+    stop: &CancellationToken,
+    batch: &mut Vec<bytes::Bytes>,
+) -> (usize, Gathered) {
+    let mut filled = 0usize;
+    while filled < room {
+        let chunk = tokio::select! {
+            c = tokio::time::timeout(stall, recv.read_chunk(room - filled, true)) => c,
+            () = stop.cancelled() => {
+                debug!("upload taken over by a newer stream");
+                return (filled, Gathered::TakenOver);
+            }
+        };
+        let Ok(chunk) = chunk else {
+            debug!("upload stalled; its progress is kept");
+            return (filled, Gathered::Gone);
+        };
+        match chunk {
+            Ok(Some(c)) => {
+                filled += c.bytes.len();
+                batch.push(c.bytes);
+            }
+            Ok(None) => return (filled, Gathered::Ended),
+            Err(_) => return (filled, Gathered::Gone),
+        }
+    }
+    (filled, Gathered::Full)
+}
+
+/// What followed the blob's last byte.
+pub(super) enum Trailer {
+    /// The announced hash of the whole blob.
+    Hash([u8; 32]),
+    /// Nobody to answer: the stream was reset, stalled or taken over.
+    Gone,
+    /// A refusal to answer with; `true`: discard the upload (more bytes
+    /// than announced).
+    Refused(ErrorBody, bool),
+}
+
+/// Reads the hash trailer that follows the blob's bytes.
+pub(super) async fn read_trailer(
+    recv: &mut quinn::RecvStream,
+    stall: std::time::Duration,
+    stop: &CancellationToken,
+) -> Trailer {
+    let mut trailer = [0u8; frame::HEADER_LEN + UPLOAD_TRAILER_LEN];
+    let read = tokio::select! {
+        r = tokio::time::timeout(stall, recv.read_exact(&mut trailer)) => r,
+        () = stop.cancelled() => return Trailer::Gone,
+    };
+    match read {
+        Ok(Ok(())) => {}
+        Ok(Err(quinn::ReadExactError::FinishedEarly(_))) => {
+            return Trailer::Refused(
+                err(
+                    ErrorCode::BadRequest,
+                    "the upload ended without its hash trailer; send it to finish",
+                ),
+                false,
+            )
+        }
+        Ok(Err(_)) | Err(_) => return Trailer::Gone,
+    }
+    let len_ok = frame::body_len(
+        trailer[..frame::HEADER_LEN].try_into().expect("4 bytes"),
+        UPLOAD_TRAILER_LEN,
+    )
+    .is_ok_and(|n| n == UPLOAD_TRAILER_LEN);
+    if !len_ok {
+        return Trailer::Refused(
+            err(
+                ErrorCode::TooLarge,
+                "more bytes were sent than announced; the upload was discarded",
+            ),
+            true,
+        );
+    }
+    Trailer::Hash(trailer[frame::HEADER_LEN..].try_into().expect("32 bytes"))
+}
+
+/// The blob's first [`HEADER_LEN`] bytes as they arrive, checked against
+/// the request once they are all there.
+pub(super) struct HeadCheck {
+    bytes: Vec<u8>,
+    /// The header, once checked.
+    pub header: Option<Header>,
+}
+
+impl HeadCheck {
+    /// Starts from the header bytes already stored (all of them, or the
+    /// first few, or none).
+    pub(super) fn new(bytes: Vec<u8>, req: &UploadRequest) -> Result<Self, ErrorBody> {
+        let header = if bytes.len() == HEADER_LEN {
+            Some(check_header(&bytes, req)?)
+        } else {
+            None
+        };
+        Ok(Self { bytes, header })
+    }
+
+    /// Takes what `batch` holds of the header; refuses a header that does
+    /// not describe the upload.
+    pub(super) fn feed(
+        &mut self,
+        batch: &[bytes::Bytes],
+        req: &UploadRequest,
+    ) -> Result<(), ErrorBody> {
+        for b in batch {
+            if self.bytes.len() >= HEADER_LEN {
+                break;
+            }
+            let take = (HEADER_LEN - self.bytes.len()).min(b.len());
+            self.bytes.extend_from_slice(&b[..take]);
+            if self.bytes.len() == HEADER_LEN {
+                self.header = Some(check_header(&self.bytes, req)?);
+            }
+        }
+        Ok(())
+    }
 }

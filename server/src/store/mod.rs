@@ -236,6 +236,55 @@ pub struct MediaRecord {
     pub created_ms: u64,
     /// Last progress or completion, ms since the Unix epoch.
     pub updated_ms: u64,
+    /// On an object store: the multipart upload that holds the bytes so
+    /// far (`None` before it began, and once complete).
+    pub multipart: Option<Multipart>,
+}
+
+/// A multipart upload on the object store, as far as it got: the parts
+/// stored, in order, each [`crate::media::objects::PART`] bytes but the
+/// last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Multipart {
+    /// The object store's id of the upload.
+    pub upload: String,
+    /// Each stored part's ETag (what completing the upload names it by)
+    /// and the BLAKE3 chaining value of its bytes as a subtree of the
+    /// whole blob, from which the blob's hash is computed.
+    pub parts: Vec<(String, [u8; 32])>,
+}
+
+/// [`MediaRecord`] as stored before `multipart` existed.
+#[derive(Debug, Clone, Deserialize)]
+struct MediaRecordV1 {
+    group: GroupId,
+    uploader: String,
+    total_len: u64,
+    hash: [u8; 32],
+    state: MediaState,
+    created_ms: u64,
+    updated_ms: u64,
+}
+
+/// Decodes a media record in either stored form.
+pub(crate) fn dec_media(bytes: &[u8]) -> Result<MediaRecord, StoreError> {
+    // The current form has one more field at the end: the older one ends
+    // early and fails to decode as the current one.
+    if let Ok(r) = postcard::from_bytes::<MediaRecord>(bytes) {
+        return Ok(r);
+    }
+    let r = postcard::from_bytes::<MediaRecordV1>(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("media record: {e}")))?;
+    Ok(MediaRecord {
+        group: r.group,
+        uploader: r.uploader,
+        total_len: r.total_len,
+        hash: r.hash,
+        state: r.state,
+        created_ms: r.created_ms,
+        updated_ms: r.updated_ms,
+        multipart: None,
+    })
 }
 
 /// A Welcome to put in a user's inbox; the store assigns its sequence number.

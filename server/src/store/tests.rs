@@ -358,6 +358,46 @@ fn member_records_written_before_removal_times_were_kept_still_load() {
 }
 
 #[test]
+fn media_records_written_before_multipart_uploads_were_kept_still_load() {
+    #[derive(Serialize)]
+    struct Old {
+        group: GroupId,
+        uploader: String,
+        total_len: u64,
+        hash: [u8; 32],
+        state: MediaState,
+        created_ms: u64,
+        updated_ms: u64,
+    }
+    let old = postcard::to_allocvec(&Old {
+        group: GroupId([4; 16]),
+        uploader: "alice".into(),
+        total_len: 5000,
+        hash: [0; 32],
+        state: MediaState::Uploading { offset: 4096 },
+        created_ms: 1,
+        updated_ms: 2,
+    })
+    .unwrap();
+    let r = super::dec_media(&old).unwrap();
+    assert_eq!(r.state, MediaState::Uploading { offset: 4096 });
+    assert_eq!(
+        (r.uploader.as_str(), r.updated_ms, r.multipart),
+        ("alice", 2, None)
+    );
+    let new = MediaRecord {
+        multipart: Some(Multipart {
+            upload: "u-1".into(),
+            parts: vec![("etag".into(), [9; 32])],
+        }),
+        ..super::dec_media(&old).unwrap()
+    };
+    let bytes = postcard::to_allocvec(&new).unwrap();
+    assert_eq!(super::dec_media(&bytes).unwrap(), new);
+    assert!(super::dec_media(&[0xff]).is_err());
+}
+
+#[test]
 fn a_departed_member_holds_the_log_until_it_read_up_to_its_removal_or_retention_passed() {
     let current = MemberRecord {
         joined_seq: 2,

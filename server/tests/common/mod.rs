@@ -24,6 +24,8 @@ pub struct InProcess {
     pub addr: String,
     pub dir: tempfile::TempDir,
     pub db: Option<PgSchema>,
+    /// With `HUDDLE_TEST_BLOBS=s3`: the object store the blobs go to.
+    pub objects: Option<services::PrivateS3>,
 }
 
 impl InProcess {
@@ -48,6 +50,16 @@ impl InProcess {
             }
             _ => None,
         };
+        let objects = match std::env::var("HUDDLE_TEST_BLOBS").as_deref() {
+            Ok("s3") => {
+                let s3 = services::PrivateS3::start("the in-process DS on an object store")
+                    .expect("HUDDLE_TEST_BLOBS=s3 needs HUDDLE_TEST_S3FS");
+                config.blobs_url = Some(s3.url());
+                config.blob_keys = Some(services::PrivateS3::keys());
+                Some(s3)
+            }
+            _ => None,
+        };
         tune(&mut config);
         let running = huddle_server::start(config).await.unwrap();
         let addr = running.addr.to_string();
@@ -56,6 +68,7 @@ impl InProcess {
             addr,
             dir,
             db,
+            objects,
         }
     }
 

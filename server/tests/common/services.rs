@@ -225,3 +225,102 @@ impl Drop for PrivateNats {
         self.down();
     }
 }
+
+/// An S3-compatible object store of the test's own: `s3s-fs` (from
+/// crates.io; `.ci/run` installs it) on a port of its own, keeping objects
+/// as plain files under a temporary directory, so a test can look at and
+/// damage what the DS stored. Run when `HUDDLE_TEST_S3FS` names the
+/// program.
+pub struct PrivateS3 {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Child,
+}
+
+impl PrivateS3 {
+    /// The bucket the DS is given, and the folder its blobs go to.
+    pub const BUCKET: &'static str = "huddle";
+    pub const PREFIX: &'static str = "blobs";
+
+    /// `None` (after saying so) when object store tests are not configured.
+    pub fn start(test: &str) -> Option<Self> {
+        let Ok(program) = std::env::var("HUDDLE_TEST_S3FS") else {
+            eprintln!("skipped {test}: HUDDLE_TEST_S3FS is not set");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(Self::BUCKET)).unwrap();
+        let port = free_port();
+        let child = Command::new(&program)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--access-key",
+                &Self::keys().0,
+                "--secret-key",
+                &Self::keys().1,
+            ])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("HUDDLE_TEST_S3FS={program}: {e}"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "s3s-fs did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(Self { dir, port, child })
+    }
+
+    /// The access key id and secret it takes.
+    pub fn keys() -> (String, String) {
+        ("huddle-test".into(), "huddle-test-secret".into())
+    }
+
+    /// What `--blobs` is given.
+    pub fn url(&self) -> String {
+        format!(
+            "s3://{}/{}?endpoint=http://127.0.0.1:{}",
+            Self::BUCKET,
+            Self::PREFIX,
+            self.port
+        )
+    }
+
+    /// The file that holds the object of media item `media`.
+    pub fn object_path(&self, media: &str) -> PathBuf {
+        self.objects_dir().join(media)
+    }
+
+    /// The folder of every blob's object.
+    pub fn objects_dir(&self) -> PathBuf {
+        self.dir.path().join(Self::BUCKET).join(Self::PREFIX)
+    }
+
+    /// Everything the store holds (objects, unfinished uploads' parts).
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Files of unfinished multipart uploads: their parts and records.
+    pub fn upload_files(&self) -> usize {
+        std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".upload_id-")
+            })
+            .count()
+    }
+}
+
+impl Drop for PrivateS3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

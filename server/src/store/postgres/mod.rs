@@ -686,7 +686,7 @@ impl Store for PgStore {
                 &[&id.as_bytes().as_slice()],
             )
             .map_err(pg)?
-            .map(|r| dec_media(r.get(0)))
+            .map(|r| crate::store::dec_media(r.get(0)))
             .transpose()
         })
     }
@@ -723,7 +723,7 @@ impl Store for PgStore {
                 .map(|r| {
                     let id = MediaId::from_slice(r.get(0))
                         .ok_or_else(|| StoreError::Corrupt("media id length".into()))?;
-                    Ok((id, dec_media(r.get(1))?))
+                    Ok((id, crate::store::dec_media(r.get(1))?))
                 })
                 .collect()
         })
@@ -761,8 +761,4 @@ impl Store for PgStore {
             .collect()
         })
     }
-}
-
-fn dec_media(bytes: &[u8]) -> Result<MediaRecord, StoreError> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("media record: {e}")))
 }

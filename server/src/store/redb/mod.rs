@@ -604,7 +604,7 @@ impl Store for RedbStore {
         let txn = self.read()?;
         let t = txn.open_table(MEDIA).map_err(err)?;
         match t.get(id.as_bytes().as_slice()).map_err(err)? {
-            Some(v) => Ok(Some(dec(v.value(), "media record")?)),
+            Some(v) => Ok(Some(crate::store::dec_media(v.value())?)),
             None => Ok(None),
         }
     }
@@ -636,7 +636,7 @@ impl Store for RedbStore {
             let (k, v) = row.map_err(err)?;
             let id = MediaId::from_slice(k.value())
                 .ok_or_else(|| StoreError::Corrupt("media id length".into()))?;
-            out.push((id, dec(v.value(), "media record")?));
+            out.push((id, crate::store::dec_media(v.value())?));
         }
         Ok(out)
     }
