@@ -24,6 +24,12 @@ pub struct ClusterArgs {
     /// NATS server the nodes wake each other through (nats://HOST:PORT).
     #[arg(long, value_name = "URL")]
     pub bus: Option<String>,
+    /// Object store every node keeps media blobs on
+    /// (s3://BUCKET[/PREFIX]?endpoint=URL; the access key from
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY). Without it each node
+    /// keeps them in its data dir.
+    #[arg(long, value_name = "URL")]
+    pub blobs: Option<String>,
 }
 
 /// The nodes of a run; node 0 made the certificate the others present.
@@ -46,6 +52,9 @@ impl Cluster {
         let schema = args.store.as_deref().map(Schema::create).transpose()?;
         let tag = schema.as_ref().map(|s| s.name.clone());
         let mut extra: Vec<String> = Vec::new();
+        if let Some(b) = &args.blobs {
+            extra.extend(["--blobs".into(), b.clone()]);
+        }
         if let Some(s) = &schema {
             extra.extend(["--store".into(), s.url.clone()]);
         }

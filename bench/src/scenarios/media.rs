@@ -10,7 +10,9 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 use huddle_client::{Client, Home};
 
+use super::media_objects::{store_baseline, through_objects};
 use crate::baseline::{RawPeer, QUINN_DEFAULT_UDP_PAYLOAD};
+use crate::cluster::ClusterArgs;
 use crate::ds::{children_cpu_split, cpu_split, run_measured, sibling, Ds};
 use crate::light::run_name;
 use crate::report::{Output, Report};
@@ -32,6 +34,15 @@ pub struct Params {
     pub dir: Option<PathBuf>,
     #[command(flatten)]
     pub target: Target,
+    /// With --blobs: after the run on the data-dir backend, one upload and
+    /// one download again through DS nodes that keep blobs on that object
+    /// store (with --nodes, --store and --bus: uploaded through the first
+    /// node, downloaded through the second).
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// The object store's process, to count its CPU.
+    #[arg(long, value_name = "PID", requires = "blobs")]
+    pub blobs_pid: Option<u32>,
 }
 
 /// The disk baselines make their file durable this often, as the DS and
@@ -198,7 +209,7 @@ fn generate(path: &Path, size: u64) -> anyhow::Result<[u8; 32]> {
     Ok(*h.finalize().as_bytes())
 }
 
-fn hash_file(path: &Path) -> anyhow::Result<[u8; 32]> {
+pub(super) fn hash_file(path: &Path) -> anyhow::Result<[u8; 32]> {
     let mut h = blake3::Hasher::new();
     h.update_reader(std::fs::File::open(path)?)?;
     Ok(*h.finalize().as_bytes())
@@ -350,6 +361,23 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         None => None,
     };
     drop(ds);
+    let objects = match &p.cluster.blobs {
+        Some(_) => {
+            out.say("the same through the object store ...");
+            let run = through_objects(&p, &huddle, &dir, &src, want, blob).await?;
+            out.say("the object store alone on the same path ...");
+            let url = p.cluster.blobs.as_deref().expect("given");
+            let alone = store_baseline(url, blob, p.blobs_pid).await?;
+            Some((run, alone))
+        }
+        None => {
+            anyhow::ensure!(
+                p.cluster.nodes == 1,
+                "--nodes needs --blobs: the nodes must share the blobs"
+            );
+            None
+        }
+    };
     let _ = std::fs::remove_file(&src);
 
     out.say("crypto floor ...");
@@ -449,6 +477,32 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .note("*_cpu_s_per_gib: CPU seconds of every process of the transfer together, per GiB of ciphertext; floor_*: the raw quinn transfer's plus one AES-GCM pass, the BLAKE3 passes (two on upload: client and DS; one on download) and the blob-path disk write, each measured in this run")
         .note("page_cache_growth_*: change of Cached in /proc/meminfo over the upload and over the downloads (the whole machine; the file being sent is read through the cache, and was written just before)")
         .note("download_mb_s: one downloader alone, against one raw quinn stream between two processes; concurrent_*: all downloaders at once, against as many raw streams at once");
+    if let Some((o, (store_up, store_down))) = &objects {
+        let per_gib = |cpu: f64| cpu * (1u64 << 30) as f64 / blob as f64;
+        r.set("baseline_objects_upload_mb_s", store_up.0)
+            .set("baseline_objects_download_mb_s", store_down.0)
+            .set_opt("baseline_objects_upload_cpu_s_per_gib_store", store_up.1.map(per_gib))
+            .set_opt("baseline_objects_download_cpu_s_per_gib_store", store_down.1.map(per_gib))
+            .set("objects_upload_ratio", o.upload_mb_s / store_up.0)
+            .set("objects_download_ratio", o.download_mb_s / store_down.0)
+            .note("baseline_objects_*: the object store alone, from this process, on the DS's path: the same bytes as 8 MiB parts with one in flight, then one ranged GET; objects_*_ratio: Huddle through the store against that")
+            .set("objects_nodes", o.nodes as u64)
+            .set("objects_upload_mb_s", o.upload_mb_s)
+            .set("objects_download_mb_s", o.download_mb_s)
+            .set("objects_upload_ratio_to_data_dir", o.upload_mb_s / upload)
+            .set("objects_download_ratio_to_data_dir", o.download_mb_s / download)
+            .set("objects_upload_cpu_s_per_gib_server", per_gib(total(o.up.1)))
+            .set("objects_download_cpu_s_per_gib_server", per_gib(total(o.down.1)))
+            .set("upload_cpu_s_per_gib_server", per_gib(total(up_cpu.1)))
+            .set("download_cpu_s_per_gib_server", per_gib(total(down_cpu.1)))
+            .set("objects_upload_cpu_s_per_gib_client", per_gib(total(o.up.0)))
+            .set("objects_download_cpu_s_per_gib_client", per_gib(total(o.down.0)))
+            .set_opt("objects_upload_cpu_s_per_gib_store", o.store_up.map(per_gib))
+            .set_opt("objects_download_cpu_s_per_gib_store", o.store_down.map(per_gib))
+            .set_opt("objects_server_peak_rss_mb", o.server_rss)
+            .set("objects_byte_identical", o.intact)
+            .note(format!("objects_*: one upload and one download through DS nodes that keep blobs on the object store given (--blobs); {}; uploaded through the first node, downloaded through the {}; *_server: CPU of all nodes together, *_store: of the object store's process (--blobs-pid)", o.describe, if o.nodes > 1 { "second" } else { "same" }));
+    }
     // Each side's user and system CPU, and their sum.
     for (dir, (client, server)) in [("upload", up_cpu), ("download", down_cpu)] {
         for (side, (user, sys)) in [("client", client), ("server", server)] {
@@ -462,13 +516,13 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
 }
 
 /// (user, system) CPU seconds.
-type Split = (f64, f64);
+pub(super) type Split = (f64, f64);
 
-fn total(x: Split) -> f64 {
+pub(super) fn total(x: Split) -> f64 {
     x.0 + x.1
 }
 
-fn minus(a: Split, b: Split) -> Split {
+pub(super) fn minus(a: Split, b: Split) -> Split {
     (a.0 - b.0, a.1 - b.1)
 }
 

@@ -7,6 +7,7 @@ pub mod connections;
 pub mod crash;
 pub mod fanout;
 pub mod media;
+mod media_objects;
 pub mod membership;
 
 use anyhow::bail;

@@ -3,7 +3,7 @@
 //! is received, progress recorded part by part, the whole blob's hash
 //! checked from the parts' values, and the upload completed only then.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use huddle_core::proto::{ErrorBody, ErrorCode, Response, UploadRequest};
 use huddle_core::MediaId;
 use tokio::task::JoinHandle;
@@ -12,7 +12,7 @@ use tracing::{debug, info};
 
 use crate::store::{MediaRecord, MediaState, Multipart};
 
-use super::objects::{part_cv, parts_of, tree_hash, Objects, PartPermit, PART};
+use super::objects::{part_cv, parts_of, tree_hash, Objects, PartBuf, PART};
 use super::upload::{gather, read_trailer, respond, Gathered, HeadCheck, Trailer};
 use super::{err, BlobStore};
 
@@ -69,7 +69,7 @@ pub(super) async fn receive(
     while pos < total {
         // A part buffer, within the DS's limit; waiting for one holds the
         // sender back.
-        let permit = tokio::select! {
+        let taken = tokio::select! {
             p = tokio::time::timeout(stall, o.buffer()) => p.map_err(|_| err(
                 ErrorCode::Unavailable,
                 "the server is storing as many uploads as it holds at once; the upload keeps its progress, try again",
@@ -81,7 +81,10 @@ pub(super) async fn receive(
         };
         let end = (pos + PART).min(total);
         let want = (end - pos) as usize;
-        let mut part = BytesMut::with_capacity(want);
+        let PartBuf {
+            permit,
+            buf: mut part,
+        } = taken;
         let mut why = Gathered::Full;
         while part.len() < want {
             let mut batch = Vec::new();
@@ -199,10 +202,11 @@ fn store_part(
     offset: u64,
     data: Bytes,
     total: u64,
-    permit: PartPermit,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Storing {
     let o = o.clone();
     tokio::spawn(async move {
+        let keep = data.clone();
         let hashed = data.clone();
         let hashing = tokio::task::spawn_blocking(move || {
             if parts_of(total) == 1 {
@@ -212,6 +216,7 @@ fn store_part(
             }
         });
         let (etag, cv) = tokio::join!(o.put_part(&id, &upload, index, data), hashing);
+        o.recycle(keep);
         drop(permit);
         let cv = cv.map_err(|_| err(ErrorCode::Internal, "internal error"))?;
         Ok((etag?, cv))
