@@ -147,7 +147,16 @@ impl Bus {
         if !valid_prefix(prefix) {
             return Err(BusError::Prefix(prefix.to_owned()));
         }
-        let client = async_nats::ConnectOptions::new()
+        let (url, auth) = split_credentials(url);
+        let url = url.as_str();
+        let options = match auth {
+            Credentials::None => async_nats::ConnectOptions::new(),
+            Credentials::Token(t) => async_nats::ConnectOptions::with_token(t),
+            Credentials::UserPassword(u, p) => {
+                async_nats::ConnectOptions::with_user_and_password(u, p)
+            }
+        };
+        let client = options
             .name("huddle-server")
             // A node never needs its own notices back.
             .no_echo()
@@ -161,6 +170,9 @@ impl Bus {
                     async_nats::Event::Disconnected => {
                         warn!("lost the bus; delivering by polling the database until it is back")
                     }
+                    // Refused credentials, among others: the node keeps
+                    // trying (and polling the database meanwhile).
+                    async_nats::Event::ServerError(e) => warn!(error = %e, "the bus refused"),
                     other => debug!(event = %other, "bus event"),
                 }
             })
@@ -279,9 +291,64 @@ impl<T: for<'de> Deserialize<'de>> Notices<T> {
     }
 }
 
+/// How a node proves itself to the NATS server.
+#[derive(Debug, PartialEq, Eq)]
+enum Credentials {
+    None,
+    /// `nats://TOKEN@host:port`
+    Token(String),
+    /// `nats://USER:PASSWORD@host:port`
+    UserPassword(String, String),
+}
+
+/// The address without its credentials (what may be logged), and the
+/// credentials. Give them through `HUDDLE_BUS` rather than `--bus`, which
+/// other users of the machine can read in the process list.
+fn split_credentials(url: &str) -> (String, Credentials) {
+    let Some(rest) = url.strip_prefix("nats://") else {
+        return (url.to_owned(), Credentials::None);
+    };
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return (url.to_owned(), Credentials::None);
+    };
+    let bare = if path.is_empty() {
+        format!("nats://{host}")
+    } else {
+        format!("nats://{host}/{path}")
+    };
+    let auth = match userinfo.split_once(':') {
+        Some((user, pass)) => Credentials::UserPassword(user.to_owned(), pass.to_owned()),
+        None => Credentials::Token(userinfo.to_owned()),
+    };
+    (bare, auth)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_taken_out_of_the_address() {
+        assert_eq!(
+            split_credentials("nats://127.0.0.1:4222"),
+            ("nats://127.0.0.1:4222".into(), Credentials::None)
+        );
+        assert_eq!(
+            split_credentials("nats://huddle:s3cr:et@nats.example:4222"),
+            (
+                "nats://nats.example:4222".into(),
+                Credentials::UserPassword("huddle".into(), "s3cr:et".into())
+            )
+        );
+        assert_eq!(
+            split_credentials("nats://tok3n@nats.example"),
+            (
+                "nats://nats.example".into(),
+                Credentials::Token("tok3n".into())
+            )
+        );
+    }
 
     #[test]
     fn subjects_hold_only_subject_characters() {

@@ -126,6 +126,9 @@ pub struct ServerConfig {
     /// On an object store: part buffers (8 MiB each) held in memory at
     /// once by all uploads together; an upload past it waits for one.
     pub object_part_buffers: usize,
+    /// On an object store: part buffers one user's uploads hold at once;
+    /// past it that user's uploads wait.
+    pub object_part_buffers_per_user: usize,
     /// Cluster mode: notices waiting to be published on the bus, at most;
     /// past it they are dropped (the other nodes' polls find what they
     /// announced).
@@ -219,6 +222,7 @@ impl Default for ServerConfig {
             blobs_url: None,
             blob_keys: None,
             object_part_buffers: 64,
+            object_part_buffers_per_user: 8,
             bus_queue: 4096,
             cluster_poll: Duration::from_secs(1),
             cluster_poll_connected: Duration::from_secs(10),
@@ -304,6 +308,10 @@ impl ServerConfig {
             ("max_transfers_per_user", self.max_transfers_per_user == 0),
             ("max_transfers_total", self.max_transfers_total == 0),
             ("object_part_buffers", self.object_part_buffers == 0),
+            (
+                "object_part_buffers_per_user",
+                self.object_part_buffers_per_user == 0,
+            ),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, zero)| *zero) {
             return Err(format!("{name} must be more than zero"));
@@ -409,6 +417,7 @@ limits! {
     max_transfers_per_user: count,
     max_transfers_total: count,
     object_part_buffers: count,
+    object_part_buffers_per_user: count,
     stale_upload: time,
     media_sweep_interval: time,
 }

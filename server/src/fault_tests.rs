@@ -117,8 +117,28 @@ impl Store for FillingDisk {
     fn put_media(&self, id: &MediaId, record: &MediaRecord) -> Result<(), StoreError> {
         self.inner.put_media(id, record)
     }
-    fn delete_media(&self, id: &MediaId) -> Result<(), StoreError> {
+    fn delete_media(&self, id: &MediaId) -> Result<Option<u64>, StoreError> {
         self.inner.delete_media(id)
+    }
+    fn update_media(&self, id: &MediaId, record: &MediaRecord) -> Result<bool, StoreError> {
+        self.inner.update_media(id, record)
+    }
+    fn counts_media(&self) -> bool {
+        self.inner.counts_media()
+    }
+    fn reserve_media(
+        &self,
+        id: &MediaId,
+        record: &MediaRecord,
+        quota: u64,
+    ) -> Result<bool, StoreError> {
+        self.inner.reserve_media(id, record, quota)
+    }
+    fn lease(&self, name: &str, holder: u64, ttl: std::time::Duration) -> Result<bool, StoreError> {
+        self.inner.lease(name, holder, ttl)
+    }
+    fn release(&self, name: &str, holder: u64) -> Result<(), StoreError> {
+        self.inner.release(name, holder)
     }
     fn all_media(&self) -> Result<Vec<(MediaId, MediaRecord)>, StoreError> {
         self.inner.all_media()

@@ -216,6 +216,203 @@ async fn a_file_sent_through_one_node_is_fetched_through_the_others() {
     drop(n);
 }
 
+/// Opens an upload of `blob` as `media` of `group` on `net`; the DS's
+/// first answer.
+async fn begin_upload(
+    net: &huddle_client::net::Connection,
+    group: huddle_core::GroupId,
+    media: huddle_core::MediaId,
+    blob: &[u8],
+) -> huddle_client::Result<(
+    quinn::SendStream,
+    quinn::RecvStream,
+    huddle_core::proto::Response,
+)> {
+    net.open(&huddle_core::proto::Request::BeginUpload(
+        huddle_core::proto::UploadRequest {
+            group,
+            media,
+            total_len: blob.len() as u64,
+        },
+    ))
+    .await
+}
+
+/// An upload stopped after 17 MiB through node 0 resumes through node 1
+/// at the end of the last part stored (16 MiB): the parts are on the
+/// shared object store, the progress in the database. While a stream of
+/// the item runs on node 0, a second one on node 1 is refused
+/// (`OutOfOrder`) rather than both writing it. The blob then downloads
+/// whole through either node, and no part is left over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_stopped_on_one_node_resumes_on_another() {
+    use huddle_core::media::{seal_blob, Header, ItemKey, DEFAULT_CHUNK_SIZE};
+    use huddle_core::proto::{ErrorCode, Response};
+    let test = "an_upload_stopped_on_one_node_resumes_on_another";
+    let Some(s3) = off_runtime(|| services::PrivateS3::start(test)) else {
+        return;
+    };
+    let url = s3.url();
+    let Some((_db, n)) = nodes(test, 2, |_, c| {
+        c.blobs_url = Some(url.clone());
+        c.blob_keys = Some(services::PrivateS3::keys());
+    })
+    .await
+    else {
+        return;
+    };
+    let alice = common::raw::Raw::new(&n[0], "alice").await;
+    let (group, _mls) = alice.create().await;
+    let on_node1 = n[1].connect().await;
+    on_node1.authenticate(&alice.id, false).await.unwrap();
+    let media = huddle_core::MediaId(common::raw::rand_id());
+    let plain: Vec<u8> = (0..20u32 << 20)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
+        .collect();
+    let header = Header::new(
+        media,
+        group,
+        [4; 32],
+        DEFAULT_CHUNK_SIZE,
+        plain.len() as u64,
+    )
+    .unwrap();
+    let blob = seal_blob(&ItemKey::from_bytes([9; 32]), header, &plain).unwrap();
+    let hash = *blake3::hash(&blob).as_bytes();
+
+    // 17 MiB through node 0; node 1 meanwhile refuses a second stream.
+    let (mut send, mut recv, first) = begin_upload(&alice.net, group, media, &blob).await.unwrap();
+    assert!(
+        matches!(
+            first,
+            Response::Upload {
+                offset: 0,
+                complete: false
+            }
+        ),
+        "{first:?}"
+    );
+    send.write_all(&blob[..17 << 20]).await.unwrap();
+    match begin_upload(&on_node1, group, media, &blob).await {
+        Err(huddle_client::ClientError::Server(e)) => {
+            assert_eq!(e.code, ErrorCode::OutOfOrder, "{}", e.message)
+        }
+        Err(e) => panic!("{e}"),
+        Ok((_, _, r)) => panic!("a second stream on another node was let in: {r:?}"),
+    }
+    send.finish().unwrap();
+    match huddle_client::net::read_message::<Response>(&mut recv)
+        .await
+        .unwrap()
+    {
+        Response::Error(e) => assert!(e.message.contains("resume from 16777216"), "{}", e.message),
+        other => panic!("{other:?}"),
+    }
+
+    // The rest through node 1.
+    let (mut send, mut recv, first) = begin_upload(&on_node1, group, media, &blob).await.unwrap();
+    let Response::Upload {
+        offset,
+        complete: false,
+    } = first
+    else {
+        panic!("{first:?}");
+    };
+    assert_eq!(offset, 16 << 20, "resumes at the last stored part");
+    send.write_all(&blob[offset as usize..]).await.unwrap();
+    send.write_all(&huddle_core::frame::encode(&hash))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let done = huddle_client::net::read_message::<Response>(&mut recv)
+        .await
+        .unwrap();
+    assert!(
+        matches!(done, Response::Upload { complete: true, .. }),
+        "{done:?}"
+    );
+
+    for net in [&alice.net, &on_node1] {
+        let (_s, mut recv, head) = net
+            .open(&huddle_core::proto::Request::Download {
+                media,
+                offset: 0,
+                len: 0,
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(head, Response::Download { hash: h, .. } if h == hash),
+            "{head:?}"
+        );
+        let got = recv.read_to_end(blob.len() + 1).await.unwrap();
+        assert!(got == blob, "other bytes came back");
+    }
+    assert_eq!(s3.upload_files(), 0);
+    drop(n);
+}
+
+/// A bus that requires a user and password: nodes given them in the
+/// address (`nats://USER:PASSWORD@host`) wake each other through it (the
+/// nodes poll the database only every hour here, so only the bus can
+/// have carried the message); a node given a wrong password is refused by
+/// it and, as without a bus, still delivers by polling the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_use_a_bus_that_needs_a_password() {
+    let test = "nodes_use_a_bus_that_needs_a_password";
+    let Some(bus) =
+        off_runtime(|| services::PrivateNats::start_with_password(test, "huddle", "s3cret"))
+    else {
+        return;
+    };
+    let good = bus.url().replace("nats://", "nats://huddle:s3cret@");
+    let bad = bus.url().replace("nats://", "nats://huddle:wrong@");
+    let Some((_db, n)) = nodes(test, 3, |i, c| {
+        c.bus_url = Some(if i < 2 { good.clone() } else { bad.clone() });
+        c.cluster_poll = Duration::from_millis(200);
+        c.cluster_poll_connected = Duration::from_secs(3600);
+    })
+    .await
+    else {
+        return;
+    };
+    let mut alice = n[0].client("alice").await;
+    let bob = n[1].client("bob").await;
+    let carol = n[2].client("carol").await;
+    let g = alice.create_group("g").await.unwrap();
+    alice
+        .add(&g.to_string(), &["bob".into(), "carol".into()])
+        .await
+        .unwrap();
+    let (mut bob, mut carol) = (bob, carol);
+    let (bob_listener, mut bob_rx, stop_bob) = listening(&mut bob);
+    let (carol_listener, mut carol_rx, stop_carol) = listening(&mut carol);
+    let talk = async {
+        for rx in [&mut bob_rx, &mut carol_rx] {
+            next_event(rx, PUSHED_WITHIN, "listening", |e| e.kind == "listening").await;
+        }
+        alice.send_text("g", "through the bus").await.unwrap();
+        next_event(
+            &mut bob_rx,
+            PUSHED_WITHIN,
+            "bob: text",
+            is_text("through the bus"),
+        )
+        .await;
+        next_event(
+            &mut carol_rx,
+            PUSHED_WITHIN,
+            "carol: text",
+            is_text("through the bus"),
+        )
+        .await;
+        stop_bob.send(()).unwrap();
+        stop_carol.send(()).unwrap();
+    };
+    tokio::join!(bob_listener, carol_listener, talk);
+    drop(n);
+}
+
 /// Retention sweeps run on one node of the cluster: with both nodes
 /// sweeping every 100 ms, the `sweep` lease has one holder, and it keeps
 /// it while it lives.

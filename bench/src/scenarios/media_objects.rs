@@ -144,7 +144,7 @@ pub(super) async fn store_baseline(
     len: u64,
     store_pid: Option<u32>,
 ) -> anyhow::Result<((f64, Option<f64>), (f64, Option<f64>))> {
-    let o = Objects::open(url, None, 2).map_err(anyhow::Error::msg)?;
+    let o = Objects::open(url, None, 2, 2).map_err(anyhow::Error::msg)?;
     let id = huddle_core::MediaId(rand::random());
     let part = Bytes::from(vec![0x5au8; PART as usize]);
     let cpu = || store_pid.and_then(cpu_split).map(total);

@@ -89,16 +89,21 @@ pub(super) fn check_existing(
     Ok(Existing::Resume)
 }
 
+/// The refusal of an item past the media quota.
+pub(super) fn quota_used_up() -> ErrorBody {
+    err(
+        ErrorCode::QuotaExceeded,
+        "the server's media storage quota is used up",
+    )
+}
+
 /// Reserves `total` bytes of the media quota (`used` counts every item
 /// known); refused past `quota`, reserving nothing.
 pub(super) fn reserve(used: &AtomicU64, total: u64, quota: u64) -> Result<(), ErrorBody> {
     let before = used.fetch_add(total, Ordering::Relaxed);
     if before + total > quota {
         used.fetch_sub(total, Ordering::Relaxed);
-        return Err(err(
-            ErrorCode::QuotaExceeded,
-            "the server's media storage quota is used up",
-        ));
+        return Err(quota_used_up());
     }
     Ok(())
 }

@@ -142,7 +142,8 @@ pub(super) async fn persist(blobs: &BlobStore, id: MediaId, rec: &mut MediaRecor
     rec.state = MediaState::Uploading { offset };
     rec.updated_ms = (blobs.config.clock)();
     let r = rec.clone();
-    let _ = blobs.blocking(move |s| s.put_media(&id, &r)).await;
+    // Progress of an item the sweep deleted meanwhile is not written back.
+    let _ = blobs.blocking(move |s| s.update_media(&id, &r)).await;
 }
 
 /// Opens the partial file of an upload at durable offset `start`: drops

@@ -45,6 +45,15 @@ pub use upload::upload;
 /// Bytes moved per read or write.
 const BUF: usize = 1 << 20;
 
+/// How long an upload's lease on its item lasts unless renewed (at every
+/// part stored). A stream whose node died holds its item this long.
+const UPLOAD_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The name of the lease an upload of `id` holds (with an object store).
+fn upload_lease(id: &MediaId) -> String {
+    format!("upload:{id}")
+}
+
 /// How long a new upload of an item waits for an earlier stream of the same
 /// item, which it asked to stop, to wind up before it is refused.
 const ACTIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -225,12 +234,21 @@ impl BlobStore {
                     .with_context(|| format!("moving {} into place", part.display()))?;
             }
         }
-        let used = records.iter().map(|(_, r)| r.total_len).sum();
+        let used = if store.counts_media() {
+            0
+        } else {
+            records.iter().map(|(_, r)| r.total_len).sum()
+        };
         let objects = config
             .blobs_url
             .as_deref()
             .map(|url| {
-                objects::Objects::open(url, config.blob_keys.as_ref(), config.object_part_buffers)
+                objects::Objects::open(
+                    url,
+                    config.blob_keys.as_ref(),
+                    config.object_part_buffers,
+                    config.object_part_buffers_per_user,
+                )
             })
             .transpose()
             .map_err(crate::error::StartError::msg)?;
@@ -256,9 +274,36 @@ impl BlobStore {
         self.partial.join(format!("{id}.part"))
     }
 
-    /// Bytes reserved by stored and in-progress items.
+    /// Bytes reserved by stored and in-progress items (counted here when
+    /// the store leaves the count to this process; otherwise the store's
+    /// count is the one that holds, and this stays 0).
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Records a new item, within the media quota: counted by the store
+    /// when several processes share it (so the quota holds for all of
+    /// them together), else here.
+    async fn admit(&self, id: MediaId, r: &MediaRecord) -> Result<(), ErrorBody> {
+        let r2 = r.clone();
+        if self.store.counts_media() {
+            let quota = self.config.media_quota;
+            let fits = self
+                .blocking(move |s| s.reserve_media(&id, &r2, quota))
+                .await?
+                .map_err(ErrorBody::from)?;
+            return if fits {
+                Ok(())
+            } else {
+                Err(admission::quota_used_up())
+            };
+        }
+        admission::reserve(&self.used, r.total_len, self.config.media_quota)?;
+        if let Err(e) = self.blocking(move |s| s.put_media(&id, &r2)).await? {
+            self.used.fetch_sub(r.total_len, Ordering::Relaxed);
+            return Err(ErrorBody::from(e));
+        }
+        Ok(())
     }
 
     async fn blocking<R: Send + 'static>(
@@ -284,8 +329,40 @@ impl BlobStore {
             let _ = tokio::fs::remove_file(self.partial_path(&id)).await;
             let _ = tokio::fs::remove_file(self.blob_path(&id)).await;
         }
-        if self.blocking(move |s| s.delete_media(&id)).await.is_ok() {
-            self.used.fetch_sub(rec.total_len, Ordering::Relaxed);
+        // Only what was deleted gives bytes back: a second forget of one
+        // item finds nothing.
+        if let Ok(Ok(Some(len))) = self.blocking(move |s| s.delete_media(&id)).await {
+            if !self.store.counts_media() {
+                let _ = self
+                    .used
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                        Some(u.saturating_sub(len))
+                    });
+            }
+        }
+    }
+
+    /// Takes the item `id` for `holder` unless an upload stream holds it on
+    /// another node of a cluster (with an object store, each upload stream
+    /// holds its item's lease; this node's streams are in `active`). A
+    /// `true` must be followed by [`BlobStore::unlock`].
+    async fn lock(&self, id: MediaId, holder: u64) -> bool {
+        if self.objects.is_none() {
+            return true;
+        }
+        matches!(
+            self.blocking(move |s| s.lease(&upload_lease(&id), holder, UPLOAD_LEASE))
+                .await,
+            Ok(Ok(true))
+        )
+    }
+
+    /// Gives the upload lease of `id` up.
+    async fn unlock(&self, id: MediaId, holder: u64) {
+        if self.objects.is_some() {
+            let _ = self
+                .blocking(move |s| s.release(&upload_lease(&id), holder))
+                .await;
         }
     }
 
@@ -299,23 +376,42 @@ impl BlobStore {
         let retention = self.config.media_retention.as_millis() as u64;
         let stale = self.config.stale_upload.as_millis() as u64;
         let mut deleted = 0;
-        for (id, rec) in records {
+        let holder: u64 = rand::random();
+        for (id, listed) in records {
             if self.active.lock().expect("active lock").contains_key(&id) {
                 continue;
             }
-            let expired = now.saturating_sub(rec.created_ms) >= retention;
-            let abandoned = matches!(rec.state, MediaState::Uploading { .. })
-                && now.saturating_sub(rec.updated_ms) >= stale;
-            let unreachable = match svc.load_group(&rec.group).await {
+            // Whether the group still has members is asked first (it may
+            // wait); the item is then locked against uploads and read
+            // again, so what is decided is about the item as it is.
+            let unreachable = match svc.load_group(&listed.group).await {
                 Ok(g) => g.is_none_or(|g| g.with_view(|v| v.current_members().is_empty())),
                 // Not now: the group could not be read.
                 Err(_) => false,
             };
+            if !self.lock(id, holder).await {
+                continue;
+            }
+            if self.active.lock().expect("active lock").contains_key(&id) {
+                self.unlock(id, holder).await;
+                continue;
+            }
+            let rec = match self.blocking(move |s| s.media(&id)).await {
+                Ok(Ok(Some(r))) => r,
+                _ => {
+                    self.unlock(id, holder).await;
+                    continue;
+                }
+            };
+            let expired = now.saturating_sub(rec.created_ms) >= retention;
+            let abandoned = matches!(rec.state, MediaState::Uploading { .. })
+                && now.saturating_sub(rec.updated_ms) >= stale;
             if expired || abandoned || unreachable {
                 info!(media = %id, expired, abandoned, unreachable, "deleting media");
                 self.forget(id, &rec).await;
                 deleted += 1;
             }
+            self.unlock(id, holder).await;
         }
         deleted
     }

@@ -36,6 +36,31 @@ use object_store::path::Path;
 use object_store::{ClientOptions, GetOptions, ObjectStore as _, ObjectStoreExt as _, RetryConfig};
 use tracing::warn;
 
+/// How long one request to the store may take (a part: [`PART_TIMEOUT`]),
+/// retries included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long storing one part may take: 8 MiB at 70 KB/s.
+pub const PART_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs one request to the store within `limit`.
+async fn bounded<T>(
+    what: &str,
+    limit: Duration,
+    f: impl std::future::Future<Output = object_store::Result<T>>,
+) -> Result<T, ErrorBody> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r.map_err(|e| unavailable(what, e)),
+        Err(_) => {
+            warn!("object store: {what} took longer than {limit:?}");
+            Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!("the media store is not answering ({what}); the upload keeps its progress"),
+            ))
+        }
+    }
+}
+
 /// Bytes per part but the last: above S3's 5 MiB minimum, and a power of
 /// two, so that every part is a whole subtree of the blob's BLAKE3 tree.
 /// An item of 16 GiB (the default `max_media_item`) has 2,048 parts, well
@@ -97,13 +122,42 @@ pub struct Objects {
     /// memory in the allocator's per-thread arenas, which measured as half
     /// again the DS's resident memory during one upload.
     idle: Arc<std::sync::Mutex<Vec<BytesMut>>>,
+    /// Part buffers one user's uploads hold at once
+    /// (`object_part_buffers_per_user`), so that a few users cannot hold
+    /// them all.
+    per_user: PerUser,
+    per_user_limit: usize,
 }
 
-/// A part buffer and the permit that counts it.
+/// A part buffer and the permits that count it.
 #[derive(Debug)]
 pub struct PartBuf {
-    pub permit: tokio::sync::OwnedSemaphorePermit,
+    pub permit: Permits,
     pub buf: BytesMut,
+}
+
+/// Buffers per user, each user's semaphore while the user holds some.
+type PerUser =
+    Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>>;
+
+/// One part buffer counted against the DS's limit and its user's; the
+/// user's entry goes when the user holds none.
+#[derive(Debug)]
+pub struct Permits {
+    user: Option<tokio::sync::OwnedSemaphorePermit>,
+    _all: tokio::sync::OwnedSemaphorePermit,
+    name: String,
+    per_user: PerUser,
+}
+
+impl Drop for Permits {
+    fn drop(&mut self) {
+        drop(self.user.take());
+        let mut m = self.per_user.lock().expect("per-user buffers lock");
+        if m.get(&self.name).is_some_and(|s| Arc::strong_count(s) == 1) {
+            m.remove(&self.name);
+        }
+    }
 }
 
 impl std::fmt::Debug for Objects {
@@ -130,6 +184,7 @@ impl Objects {
         url: &str,
         keys: Option<&(String, String)>,
         part_buffers: usize,
+        per_user: usize,
     ) -> Result<Self, String> {
         let u = ObjectsUrl::parse(url)?;
         // The HTTP client's TLS takes the process's provider: the same one
@@ -150,10 +205,13 @@ impl Objects {
                 retry_timeout: Duration::from_secs(15),
                 ..RetryConfig::default()
             })
+            // No limit on a whole request: a download's GET lasts as long
+            // as its client takes to read it. Each call below has its own
+            // bound instead, and a download's stream its stall timeout.
             .with_client_options(
                 ClientOptions::new()
                     .with_connect_timeout(Duration::from_secs(5))
-                    .with_timeout(Duration::from_secs(60)),
+                    .with_timeout_disabled(),
             );
         if let Some(e) = &u.endpoint {
             b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
@@ -167,6 +225,8 @@ impl Objects {
             prefix: u.prefix,
             buffers: Arc::new(tokio::sync::Semaphore::new(part_buffers.max(1))),
             idle: Arc::default(),
+            per_user: Arc::default(),
+            per_user_limit: per_user.max(1),
         })
     }
 
@@ -180,8 +240,19 @@ impl Objects {
 
     /// Waits for a part buffer (see `object_part_buffers`), empty, with
     /// room for a part.
-    pub async fn buffer(&self) -> PartBuf {
-        let permit = self
+    pub async fn buffer(&self, user: &str) -> PartBuf {
+        let mine = self
+            .per_user
+            .lock()
+            .expect("per-user buffers lock")
+            .entry(user.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_user_limit)))
+            .clone();
+        let user_permit = mine
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let all = self
             .buffers
             .clone()
             .acquire_owned()
@@ -189,7 +260,12 @@ impl Objects {
             .expect("the semaphore is never closed");
         let idle = self.idle.lock().expect("buffer pool lock").pop();
         PartBuf {
-            permit,
+            permit: Permits {
+                user: Some(user_permit),
+                _all: all,
+                name: user.to_owned(),
+                per_user: self.per_user.clone(),
+            },
             buf: idle.unwrap_or_else(|| BytesMut::with_capacity(PART as usize)),
         }
     }
@@ -207,10 +283,13 @@ impl Objects {
 
     /// Begins the multipart upload of `id`; returns its id.
     pub async fn begin(&self, id: &MediaId) -> Result<String, ErrorBody> {
-        self.store
-            .create_multipart(&self.key(id))
-            .await
-            .map_err(|e| unavailable("beginning an upload", e))
+        let key = self.key(id);
+        bounded(
+            "beginning an upload",
+            REQUEST_TIMEOUT,
+            self.store.create_multipart(&key),
+        )
+        .await
     }
 
     /// Stores part `index` (from 0) of upload `upload`; returns its ETag.
@@ -221,11 +300,11 @@ impl Objects {
         index: usize,
         data: Bytes,
     ) -> Result<String, ErrorBody> {
-        self.store
-            .put_part(&self.key(id), &upload.to_owned(), index, data.into())
+        let (key, upload) = (self.key(id), upload.to_owned());
+        let put = self.store.put_part(&key, &upload, index, data.into());
+        bounded("storing a part", PART_TIMEOUT, put)
             .await
             .map(|p| p.content_id)
-            .map_err(|e| unavailable("storing a part", e))
     }
 
     /// Completes upload `upload` of `id` from its parts' ETags, making the
@@ -243,16 +322,19 @@ impl Objects {
             .into_iter()
             .map(|content_id| PartId { content_id })
             .collect();
-        let key = self.key(id);
-        match self
-            .store
-            .complete_multipart(&key, &upload.to_owned(), parts)
-            .await
-        {
+        let (key, upload) = (self.key(id), upload.to_owned());
+        let complete = self.store.complete_multipart(&key, &upload, parts);
+        match bounded("completing an upload", REQUEST_TIMEOUT, complete).await {
             Ok(_) => Ok(()),
-            Err(e) => match self.store.head(&key).await {
+            Err(e) => match bounded(
+                "completing an upload",
+                REQUEST_TIMEOUT,
+                self.store.head(&key),
+            )
+            .await
+            {
                 Ok(meta) if meta.size == total_len => Ok(()),
-                _ => Err(unavailable("completing an upload", e)),
+                _ => Err(e),
             },
         }
     }
@@ -260,22 +342,26 @@ impl Objects {
     /// Aborts upload `upload` of `id`, deleting its parts. An upload that
     /// is already gone counts as aborted.
     pub async fn abort(&self, id: &MediaId, upload: &str) -> Result<(), ErrorBody> {
-        match self
-            .store
-            .abort_multipart(&self.key(id), &upload.to_owned())
-            .await
-        {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(unavailable("aborting an upload", e)),
-        }
+        let (key, upload) = (self.key(id), upload.to_owned());
+        let abort = async {
+            match self.store.abort_multipart(&key, &upload).await {
+                Err(object_store::Error::NotFound { .. }) => Ok(()),
+                r => r,
+            }
+        };
+        bounded("aborting an upload", REQUEST_TIMEOUT, abort).await
     }
 
     /// Deletes the object of `id`; one that is not there counts as deleted.
     pub async fn delete(&self, id: &MediaId) -> Result<(), ErrorBody> {
-        match self.store.delete(&self.key(id)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(unavailable("deleting a blob", e)),
-        }
+        let key = self.key(id);
+        let delete = async {
+            match self.store.delete(&key).await {
+                Err(object_store::Error::NotFound { .. }) => Ok(()),
+                r => r,
+            }
+        };
+        bounded("deleting a blob", REQUEST_TIMEOUT, delete).await
     }
 
     /// The bytes `range` of the object of `id`, as they arrive (a ranged
@@ -292,17 +378,24 @@ impl Objects {
             range: Some(range.into()),
             ..GetOptions::default()
         };
-        let got = self
-            .store
-            .get_opts(&self.key(id), opts)
-            .await
-            .map_err(|e| match e {
-                object_store::Error::NotFound { .. } => ErrorBody::new(
+        let key = self.key(id);
+        let got = match tokio::time::timeout(REQUEST_TIMEOUT, self.store.get_opts(&key, opts)).await
+        {
+            Ok(Ok(got)) => got,
+            Ok(Err(object_store::Error::NotFound { .. })) => {
+                return Err(ErrorBody::new(
                     ErrorCode::NotFound,
                     format!("media item {id} is missing from the media store"),
-                ),
-                e => unavailable("reading a blob", e),
-            })?;
+                ))
+            }
+            Ok(Err(e)) => return Err(unavailable("reading a blob", e)),
+            Err(_) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    "the media store is not answering (reading a blob)",
+                ))
+            }
+        };
         Ok(got
             .into_stream()
             .map(|r| r.map_err(std::io::Error::other))
@@ -369,7 +462,9 @@ mod tests {
     #[test]
     fn the_blob_hash_from_part_values_is_blake3_of_the_whole() {
         let part = 4096u64;
-        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 2_654_435_761) as u8).collect();
+        let data: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+            .collect();
         for total in [4097u64, 8192, 8193, 12_288, 20_000, 65_536, 65_537, 199_999] {
             let blob = &data[..total as usize];
             let cvs: Vec<[u8; 32]> = blob

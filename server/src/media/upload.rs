@@ -1,7 +1,6 @@
 //! An upload stream: admission, taking over an earlier stream of the same
 //! uploader, receiving into the disk writer, the hash check and completion.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -131,28 +130,22 @@ pub(super) async fn upload_inner(
             Existing::Resume => r,
         },
         None => {
-            let total = req.total_len;
-            admission::reserve(&blobs.used, total, blobs.config.media_quota)?;
             let r = MediaRecord {
                 group: req.group,
                 uploader: user.clone(),
-                total_len: total,
+                total_len: req.total_len,
                 hash: [0; 32],
                 state: MediaState::Uploading { offset: 0 },
                 created_ms: now,
                 updated_ms: now,
                 multipart: None,
             };
-            let r2 = r.clone();
-            if let Err(e) = blobs.blocking(move |s| s.put_media(&id, &r2)).await? {
-                blobs.used.fetch_sub(total, Ordering::Relaxed);
-                return Err(ErrorBody::from(e));
-            }
+            blobs.admit(id, &r).await?;
             r
         }
     };
     if let Some(objects) = &blobs.objects {
-        return super::upload_objects::receive(blobs, objects, req, rec, send, recv, &stop).await;
+        return super::upload_objects::receive(blobs, objects, req, send, recv, &stop).await;
     }
     let MediaState::Uploading { offset: start } = rec.state else {
         unreachable!("complete items returned above")
@@ -285,10 +278,17 @@ pub(super) async fn upload_inner(
     rec.state = MediaState::Complete;
     rec.updated_ms = (blobs.config.clock)();
     let r = rec.clone();
-    blobs
-        .blocking(move |s| s.put_media(&id, &r))
+    let kept = blobs
+        .blocking(move |s| s.update_media(&id, &r))
         .await?
         .map_err(ErrorBody::from)?;
+    if !kept {
+        let _ = tokio::fs::remove_file(&path).await;
+        return Err(err(
+            ErrorCode::NotFound,
+            "the upload was deleted while it ran (it expired); send the file again",
+        ));
+    }
     tokio::fs::rename(&path, blobs.blob_path(&id))
         .await
         .map_err(io_err)?;

@@ -14,36 +14,121 @@ use crate::store::{MediaRecord, MediaState, Multipart};
 
 use super::objects::{part_cv, parts_of, tree_hash, Objects, PartBuf, PART};
 use super::upload::{gather, read_trailer, respond, Gathered, HeadCheck, Trailer};
-use super::{err, BlobStore};
+use super::{err, upload_lease, BlobStore, ACTIVE_WAIT, UPLOAD_LEASE};
 
 /// A part on its way to the store: its ETag and chaining value, or why
 /// it failed.
 type Storing = JoinHandle<Result<(String, [u8; 32]), ErrorBody>>;
 
-/// Records the item as it stands; a record that cannot be written stops
-/// the upload (what is not recorded is not progress).
-async fn record(blobs: &BlobStore, id: MediaId, rec: &mut MediaRecord) -> Result<(), ErrorBody> {
-    rec.updated_ms = (blobs.config.clock)();
-    let r = rec.clone();
-    blobs
-        .blocking(move |s| s.put_media(&id, &r))
-        .await?
-        .map_err(ErrorBody::from)
+/// The stream's hold on its item: the item's upload lease, renewed with
+/// every record written, so that two streams of one item (on two nodes of
+/// a cluster) never both write it.
+struct Hold {
+    holder: u64,
 }
 
-/// Receives the rest of an upload whose record is `rec` (new or resumed)
-/// into the object store, then checks and completes it.
+/// Records the item as it stands, renewing the stream's lease first; a
+/// record that cannot be written stops the upload (what is not recorded is
+/// not progress), and so does an item deleted meanwhile (the sweep) or
+/// taken over by another stream (whose lease this one's lapsed into).
+async fn record(
+    blobs: &BlobStore,
+    hold: &Hold,
+    id: MediaId,
+    rec: &mut MediaRecord,
+) -> Result<(), ErrorBody> {
+    rec.updated_ms = (blobs.config.clock)();
+    let (r, holder) = (rec.clone(), hold.holder);
+    let written = blobs
+        .blocking(move |s| {
+            if !s.lease(&upload_lease(&id), holder, UPLOAD_LEASE)? {
+                return Ok(None);
+            }
+            s.update_media(&id, &r).map(Some)
+        })
+        .await?
+        .map_err(ErrorBody::from)?;
+    match written {
+        Some(true) => Ok(()),
+        Some(false) => Err(err(
+            ErrorCode::NotFound,
+            "the upload was deleted while it ran (it expired); send the file again",
+        )),
+        None => Err(err(
+            ErrorCode::OutOfOrder,
+            "a newer upload of this item took it over; this one stopped",
+        )),
+    }
+}
+
+/// Receives the rest of an upload of an item (recorded) into the
+/// object store, then checks and completes it; first waits (up to 10 s)
+/// for any other stream of the item, on any node, to end.
 pub(super) async fn receive(
     blobs: &BlobStore,
     o: &Objects,
     req: &UploadRequest,
-    mut rec: MediaRecord,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    stop: &CancellationToken,
+) -> Result<Option<Response>, ErrorBody> {
+    let id = req.media;
+    let hold = Hold {
+        holder: rand::random(),
+    };
+    let deadline = tokio::time::Instant::now() + ACTIVE_WAIT;
+    while !blobs.lock(id, hold.holder).await {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(err(
+                ErrorCode::OutOfOrder,
+                "an earlier upload of this item is still running on another node; try again shortly",
+            ));
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            () = stop.cancelled() => return Ok(None),
+        }
+    }
+    let r = locked(blobs, o, &hold, req, send, recv, stop).await;
+    blobs.unlock(id, hold.holder).await;
+    r
+}
+
+/// [`receive`], holding the item.
+#[allow(clippy::too_many_arguments)]
+async fn locked(
+    blobs: &BlobStore,
+    o: &Objects,
+    hold: &Hold,
+    req: &UploadRequest,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     stop: &CancellationToken,
 ) -> Result<Option<Response>, ErrorBody> {
     let id = req.media;
     let total = req.total_len;
+    // Read again now that no other stream writes it: another node's
+    // stream may have stored more parts, or completed the item, or the
+    // sweep deleted it.
+    let mut rec = match blobs
+        .blocking(move |s| s.media(&id))
+        .await?
+        .map_err(ErrorBody::from)?
+    {
+        Some(r) if r.state == MediaState::Complete => {
+            return Ok(Some(Response::Upload {
+                offset: total,
+                complete: true,
+            }))
+        }
+        Some(r) => r,
+        None => {
+            return Err(err(
+                ErrorCode::NotFound,
+                "the upload was deleted (it expired); send the file again",
+            ))
+        }
+    };
     let stall = blobs.config.transfer_stall_timeout;
     // The stored parts say where to go on. A record without an upload (a
     // new item, or one begun on the data-directory backend) starts over.
@@ -66,14 +151,18 @@ pub(super) async fn receive(
     let mut pos = start;
     let mut storing: Option<(Storing, u64)> = None;
     let mut interrupted = None;
+    let mut busy = false;
     while pos < total {
-        // A part buffer, within the DS's limit; waiting for one holds the
-        // sender back.
+        // A part buffer, within the DS's and the user's limits; waiting for
+        // one holds the sender back.
         let taken = tokio::select! {
-            p = tokio::time::timeout(stall, o.buffer()) => p.map_err(|_| err(
-                ErrorCode::Unavailable,
-                "the server is storing as many uploads as it holds at once; the upload keeps its progress, try again",
-            ))?,
+            p = tokio::time::timeout(stall, o.buffer(&rec.uploader)) => match p {
+                Ok(p) => p,
+                Err(_) => {
+                    busy = true;
+                    break;
+                }
+            },
             () = stop.cancelled() => {
                 interrupted = Some(Gathered::TakenOver);
                 break;
@@ -113,7 +202,7 @@ pub(super) async fn receive(
         // One part is stored at a time: the one before must be recorded
         // first, so that progress is always a run of parts from the start.
         if let Some((s, at)) = storing.take() {
-            stored_part(blobs, id, &mut rec, s, at, total).await?;
+            stored_part(blobs, hold, id, &mut rec, s, at, total).await?;
         }
         if rec.multipart.is_none() {
             let upload = o.begin(&id).await?;
@@ -121,7 +210,7 @@ pub(super) async fn receive(
                 upload: upload.clone(),
                 parts: Vec::new(),
             });
-            if let Err(e) = record(blobs, id, &mut rec).await {
+            if let Err(e) = record(blobs, hold, id, &mut rec).await {
                 let _ = o.abort(&id, &upload).await;
                 return Err(e);
             }
@@ -139,11 +228,17 @@ pub(super) async fn receive(
         pos = end;
     }
     if let Some((s, at)) = storing.take() {
-        stored_part(blobs, id, &mut rec, s, at, total).await?;
+        stored_part(blobs, hold, id, &mut rec, s, at, total).await?;
     }
     let MediaState::Uploading { offset: durable } = rec.state else {
         unreachable!("uploading")
     };
+    if busy {
+        return Err(err(
+            ErrorCode::Unavailable,
+            format!("the server is storing as many uploads as it holds at once; resume from {durable} later"),
+        ));
+    }
     match interrupted {
         None => {}
         Some(Gathered::TakenOver) => {
@@ -182,7 +277,7 @@ pub(super) async fn receive(
     o.complete(&id, &m.upload, etags, total).await?;
     rec.state = MediaState::Complete;
     rec.multipart = None;
-    record(blobs, id, &mut rec).await?;
+    record(blobs, hold, id, &mut rec).await?;
     info!(media = %id, bytes = total, "media stored");
     Ok(Some(Response::Upload {
         offset: total,
@@ -202,7 +297,7 @@ fn store_part(
     offset: u64,
     data: Bytes,
     total: u64,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: super::objects::Permits,
 ) -> Storing {
     let o = o.clone();
     tokio::spawn(async move {
@@ -228,6 +323,7 @@ fn store_part(
 /// last part is stored, the whole blob's hash is computed and recorded.
 async fn stored_part(
     blobs: &BlobStore,
+    hold: &Hold,
     id: MediaId,
     rec: &mut MediaRecord,
     storing: Storing,
@@ -252,7 +348,7 @@ async fn stored_part(
         })?;
     }
     debug!(media = %id, end, "part stored");
-    record(blobs, id, rec).await
+    record(blobs, hold, id, rec).await
 }
 
 /// Waits for a part still being stored (its outcome no longer matters).

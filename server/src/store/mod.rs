@@ -476,8 +476,14 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts or replaces a media record.
     fn put_media(&self, id: &MediaId, record: &MediaRecord) -> Result<(), StoreError>;
 
-    /// Deletes a media record.
-    fn delete_media(&self, id: &MediaId) -> Result<(), StoreError>;
+    /// Replaces a media record that exists; `false` (writing nothing) if it
+    /// is gone: an upload's progress never brings back an item that the
+    /// sweep deleted meanwhile.
+    fn update_media(&self, id: &MediaId, record: &MediaRecord) -> Result<bool, StoreError>;
+
+    /// Deletes a media record; returns its item's length if there was one
+    /// (the bytes it gives back to the quota).
+    fn delete_media(&self, id: &MediaId) -> Result<Option<u64>, StoreError>;
 
     /// Every media record.
     fn all_media(&self) -> Result<Vec<(MediaId, MediaRecord)>, StoreError>;
@@ -491,6 +497,33 @@ pub trait Store: Send + Sync + 'static {
         user: &str,
         hash: [u8; 32],
     ) -> Result<Vec<(String, [u8; 32])>, StoreError>;
+
+    /// Whether the store counts the bytes of media items itself, for all
+    /// the processes that share it: then a new item is recorded through
+    /// [`Store::reserve_media`], and deleting one releases its bytes. A
+    /// store that one process owns leaves the count to that process.
+    fn counts_media(&self) -> bool {
+        false
+    }
+
+    /// Records the new media item `id` if the bytes of every item recorded,
+    /// with it, stay within `quota`; `false`, recording nothing, if they
+    /// would not. Only for a store that [`Store::counts_media`].
+    fn reserve_media(
+        &self,
+        id: &MediaId,
+        record: &MediaRecord,
+        quota: u64,
+    ) -> Result<bool, StoreError> {
+        let _ = (id, record, quota);
+        Err(StoreError::Io("this store does not count media".into()))
+    }
+
+    /// Gives up the lease `name` if `holder` holds it.
+    fn release(&self, name: &str, holder: u64) -> Result<(), StoreError> {
+        let _ = (name, holder);
+        Ok(())
+    }
 
     /// Takes or renews the lease `name` for `holder` for `ttl`, and says
     /// whether `holder` holds it now. Work that must run once for the

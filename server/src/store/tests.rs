@@ -432,6 +432,45 @@ fn a_departed_member_holds_the_log_until_it_read_up_to_its_removal_or_retention_
 }
 
 /// Runs each contract test on both backends.
+/// Progress writes update a record only while it exists, and deleting a
+/// record says how many bytes it gives back, once.
+fn media_records_are_updated_only_while_they_exist(s: &dyn Store) {
+    let id = MediaId([8; 16]);
+    let rec = MediaRecord {
+        group: GroupId([2; 16]),
+        uploader: "alice".into(),
+        total_len: 4096,
+        hash: [0; 32],
+        state: MediaState::Uploading { offset: 0 },
+        created_ms: 1,
+        updated_ms: 1,
+        multipart: None,
+    };
+    assert!(
+        !s.update_media(&id, &rec).unwrap(),
+        "no record: nothing written"
+    );
+    assert_eq!(s.media(&id).unwrap(), None);
+    s.put_media(&id, &rec).unwrap();
+    let later = MediaRecord {
+        state: MediaState::Uploading { offset: 2048 },
+        ..rec.clone()
+    };
+    assert!(s.update_media(&id, &later).unwrap());
+    assert_eq!(s.media(&id).unwrap(), Some(later.clone()));
+    assert_eq!(s.delete_media(&id).unwrap(), Some(4096));
+    assert_eq!(
+        s.delete_media(&id).unwrap(),
+        None,
+        "a second delete gives nothing back"
+    );
+    assert!(
+        !s.update_media(&id, &later).unwrap(),
+        "a deleted record stays deleted"
+    );
+    assert_eq!(s.media(&id).unwrap(), None);
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod on_redb {
@@ -466,6 +505,7 @@ on_both_backends!(
     inboxes_are_capped_acknowledged_and_expired_and_keep_their_numbering,
     cursors_only_move_forward_and_compaction_drops_entries,
     epoch_authenticators_are_collected_per_epoch,
+    media_records_are_updated_only_while_they_exist,
 );
 
 #[test]

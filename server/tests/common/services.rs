@@ -168,6 +168,8 @@ pub struct PrivateNats {
     pub port: u16,
     program: PathBuf,
     child: Option<Child>,
+    /// The user and password it requires, if any.
+    auth: Option<(String, String)>,
 }
 
 impl PrivateNats {
@@ -181,11 +183,23 @@ impl PrivateNats {
             port: free_port(),
             program: program("nats-server", "HUDDLE_TEST_NATS_SERVER", &["/usr/sbin"]),
             child: None,
+            auth: None,
         };
         s.up();
         Some(s)
     }
 
+    /// Like [`PrivateNats::start`], for a server that requires `user` and
+    /// `password`.
+    pub fn start_with_password(test: &str, user: &str, password: &str) -> Option<Self> {
+        let mut s = Self::start(test)?;
+        s.down();
+        s.auth = Some((user.into(), password.into()));
+        s.up();
+        Some(s)
+    }
+
+    /// Its address, without credentials.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
@@ -193,8 +207,12 @@ impl PrivateNats {
     /// Starts the server and waits until it accepts connections.
     pub fn up(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new(&self.program)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+        let mut cmd = Command::new(&self.program);
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some((user, password)) = &self.auth {
+            cmd.args(["--user", user, "--pass", password]);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

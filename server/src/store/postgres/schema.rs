@@ -115,7 +115,21 @@ pub const MIGRATIONS: &[&str] = &[
         until TIMESTAMPTZ NOT NULL
     );
     "#,
+    // 3: the media quota counted by the database, so that it holds for all
+    // nodes together: each item's length beside its record, and the sum.
+    // (`total_len` of rows written before is filled in from their records
+    // by `migrate`.)
+    r#"
+    ALTER TABLE media ADD COLUMN total_len BIGINT CHECK (total_len >= 0);
+    CREATE TABLE media_usage (
+        one BOOLEAN PRIMARY KEY CHECK (one),
+        bytes BIGINT NOT NULL CHECK (bytes >= 0)
+    );
+    "#,
 ];
+
+/// The first version with `media.total_len` and `media_usage`.
+const MEDIA_USAGE: i64 = 3;
 
 /// Key of the advisory lock under which migrations run.
 const MIGRATION_LOCK: i64 = 0x6875_6464_6c65_0001;
@@ -145,7 +159,43 @@ pub(super) fn migrate(t: &mut Transaction<'_>) -> Result<(), StoreError> {
     for step in &MIGRATIONS[version as usize..] {
         t.batch_execute(step).map_err(pg)?;
     }
+    if version < MEDIA_USAGE {
+        count_media(t)?;
+    }
     t.execute("UPDATE huddle_schema SET version = $1", &[&known])
         .map_err(pg)?;
+    Ok(())
+}
+
+/// Fills in `media.total_len` from the records stored before it existed,
+/// and `media_usage` with their sum.
+fn count_media(t: &mut Transaction<'_>) -> Result<(), StoreError> {
+    let rows = t
+        .query("SELECT id, record FROM media WHERE total_len IS NULL", &[])
+        .map_err(pg)?;
+    for r in rows {
+        let id: Vec<u8> = r.get(0);
+        // A record that does not decode counts as nothing (and says so)
+        // rather than keeping every node from starting.
+        let len = match crate::store::dec_media(r.get(1)) {
+            Ok(rec) => rec.total_len,
+            Err(e) => {
+                tracing::warn!(error = %e, "a media record could not be read; counted as 0 bytes");
+                0
+            }
+        };
+        t.execute(
+            "UPDATE media SET total_len = $2 WHERE id = $1",
+            &[&id, &(len.min(i64::MAX as u64) as i64)],
+        )
+        .map_err(pg)?;
+    }
+    t.execute(
+        "INSERT INTO media_usage (one, bytes)
+             SELECT true, coalesce(sum(total_len), 0) FROM media
+         ON CONFLICT (one) DO UPDATE SET bytes = EXCLUDED.bytes",
+        &[],
+    )
+    .map_err(pg)?;
     Ok(())
 }

@@ -214,3 +214,100 @@ fn a_lease_has_one_holder_until_it_lapses() {
         "and its old holder lost it"
     );
 }
+
+fn media(len: u64) -> MediaRecord {
+    MediaRecord {
+        group: GroupId([3; 16]),
+        uploader: "alice".into(),
+        total_len: len,
+        hash: [0; 32],
+        state: MediaState::Uploading { offset: 0 },
+        created_ms: 0,
+        updated_ms: 0,
+        multipart: None,
+    }
+}
+
+/// The media quota holds for every process on the database together:
+/// two reserving at once past it get one yes and one no, and deleting an
+/// item gives its bytes back.
+#[test]
+fn the_media_quota_is_counted_by_the_database_for_every_node() {
+    let Some(a) = store("the_media_quota_is_counted_by_the_database") else {
+        return;
+    };
+    let b = a.another();
+    assert!(a.counts_media());
+    let id = |k: u8| MediaId([k; 16]);
+    assert!(a.reserve_media(&id(1), &media(600), 1000).unwrap());
+    assert!(
+        !b.reserve_media(&id(2), &media(500), 1000).unwrap(),
+        "past the quota"
+    );
+    assert_eq!(b.media(&id(2)).unwrap(), None, "a refusal records nothing");
+    // Updating a record does not count it again.
+    a.put_media(&id(1), &media(600)).unwrap();
+    assert!(
+        b.reserve_media(&id(2), &media(400), 1000).unwrap(),
+        "exactly at the quota"
+    );
+    b.delete_media(&id(1)).unwrap();
+    b.delete_media(&id(1)).unwrap();
+    for round in 3..13u8 {
+        let barrier = std::sync::Barrier::new(2);
+        let one = |st: &PgStore, k: u8| {
+            barrier.wait();
+            st.reserve_media(&id(k), &media(350), 1000).unwrap()
+        };
+        let (ra, rb) = std::thread::scope(|s| {
+            let ha = s.spawn(|| one(&a, round));
+            let hb = s.spawn(|| one(&b, round + 100));
+            (ha.join().unwrap(), hb.join().unwrap())
+        });
+        // 400 + 350 fits, a second 350 does not.
+        assert!(ra != rb, "round {round}: exactly one fits: {ra} {rb}");
+        a.delete_media(&id(if ra { round } else { round + 100 }))
+            .unwrap();
+    }
+}
+
+/// A database of schema version 2 (media records without their length)
+/// gets each record's length and their sum when migrated.
+#[test]
+fn migrating_counts_the_media_recorded_before() {
+    let Some(s) = store("migrating_counts_the_media") else {
+        return;
+    };
+    s.txn(|t| {
+        t.batch_execute(
+            "DROP TABLE media_usage; ALTER TABLE media DROP COLUMN total_len;
+             UPDATE huddle_schema SET version = 2;",
+        )
+        .map_err(pg)?;
+        for (k, len) in [(1u8, 700u64), (2, 250)] {
+            let bytes = postcard::to_allocvec(&media(len)).unwrap();
+            t.execute(
+                "INSERT INTO media (id, record) VALUES ($1, $2)",
+                &[&[k; 16].as_slice(), &bytes],
+            )
+            .map_err(pg)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let again = PgStore::open_with(s.config(), 1).unwrap();
+    assert_eq!(again.schema_version().unwrap(), MIGRATIONS.len() as u64);
+    assert!(again
+        .reserve_media(&MediaId([3; 16]), &media(50), 1000)
+        .unwrap());
+    assert!(
+        !again
+            .reserve_media(&MediaId([4; 16]), &media(1), 1000)
+            .unwrap(),
+        "700 + 250 + 50 is the quota"
+    );
+    again.delete_media(&MediaId([1; 16])).unwrap();
+    assert!(again
+        .reserve_media(&MediaId([4; 16]), &media(700), 1000)
+        .unwrap());
+}

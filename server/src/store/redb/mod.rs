@@ -619,13 +619,31 @@ impl Store for RedbStore {
         txn.commit().map_err(err)
     }
 
-    fn delete_media(&self, id: &MediaId) -> Result<(), StoreError> {
+    fn update_media(&self, id: &MediaId, record: &MediaRecord) -> Result<bool, StoreError> {
         let txn = self.write()?;
-        {
+        let found = {
             let mut t = txn.open_table(MEDIA).map_err(err)?;
-            t.remove(id.as_bytes().as_slice()).map_err(err)?;
-        }
-        txn.commit().map_err(err)
+            let key = id.as_bytes().as_slice();
+            let found = t.get(key).map_err(err)?.is_some();
+            if found {
+                t.insert(key, enc(record).as_slice()).map_err(err)?;
+            }
+            found
+        };
+        txn.commit().map_err(err)?;
+        Ok(found)
+    }
+
+    fn delete_media(&self, id: &MediaId) -> Result<Option<u64>, StoreError> {
+        let txn = self.write()?;
+        let gone = {
+            let mut t = txn.open_table(MEDIA).map_err(err)?;
+            let old = t.remove(id.as_bytes().as_slice()).map_err(err)?;
+            old.map(|v| crate::store::dec_media(v.value()).map(|r| r.total_len))
+                .transpose()?
+        };
+        txn.commit().map_err(err)?;
+        Ok(gone)
     }
 
     fn all_media(&self) -> Result<Vec<(MediaId, MediaRecord)>, StoreError> {
