@@ -144,9 +144,11 @@ async fn two_commits_for_one_epoch_on_two_nodes_end_in_one_log() {
     );
     assert_eq!(ea, eb);
     assert_eq!(ea.0, start + 6);
+    // One statement: compaction may delete entries between two.
     assert_eq!(
-        db.count("SELECT count(DISTINCT epoch) FROM log WHERE kind = 0"),
-        db.count("SELECT count(*) FROM log WHERE kind = 0"),
+        db.count("SELECT count(*) - count(DISTINCT epoch) FROM log WHERE kind = 0"),
+        0,
+        "two commits in one epoch"
     );
     drop(n);
 }
@@ -414,12 +416,13 @@ async fn nodes_use_a_bus_that_needs_a_password() {
 }
 
 /// Retention sweeps run on one node of the cluster: with both nodes
-/// sweeping every 100 ms, the `sweep` lease has one holder, and it keeps
-/// it while it lives.
+/// sweeping every second, the `sweep` lease has one holder, and it keeps
+/// it while it lives (the lease lasts three intervals, so only a holder
+/// three intervals late would lose it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_of_the_cluster_sweeps() {
     let Some((db, n)) = nodes("one_node_of_the_cluster_sweeps", 2, |_, c| {
-        c.media_sweep_interval = Duration::from_millis(100);
+        c.media_sweep_interval = Duration::from_secs(1);
     })
     .await
     else {
@@ -435,8 +438,8 @@ async fn one_node_of_the_cluster_sweeps() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let first = db.count(holder);
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(db.count(holder), first, "the lease changed hands");
     }
     assert_eq!(db.count("SELECT count(*) FROM leases"), 1);
