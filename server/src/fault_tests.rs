@@ -140,6 +140,9 @@ impl Store for FillingDisk {
     fn release(&self, name: &str, holder: u64) -> Result<(), StoreError> {
         self.inner.release(name, holder)
     }
+    fn recount_media(&self) -> Result<(), StoreError> {
+        self.inner.recount_media()
+    }
     fn all_media(&self) -> Result<Vec<(MediaId, MediaRecord)>, StoreError> {
         self.inner.all_media()
     }

@@ -370,6 +370,9 @@ impl BlobStore {
     /// unfinished uploads, and items of groups that have no current member
     /// left. Returns how many items were deleted.
     pub async fn sweep(&self, svc: &Service, now: u64) -> usize {
+        if let Ok(Err(e)) = self.blocking(|s| s.recount_media()).await {
+            warn!(error = %e, "recounting the media quota failed");
+        }
         let Ok(Ok(records)) = self.blocking(|s| s.all_media()).await else {
             return 0;
         };

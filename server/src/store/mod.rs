@@ -519,6 +519,13 @@ pub trait Store: Send + Sync + 'static {
         Err(StoreError::Io("this store does not count media".into()))
     }
 
+    /// Counts the bytes of the media items recorded anew, for a store that
+    /// [`Store::counts_media`]: what was counted wrong (a record written by
+    /// a node of an older version, say) is put right by the next sweep.
+    fn recount_media(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Gives up the lease `name` if `holder` holds it.
     fn release(&self, name: &str, holder: u64) -> Result<(), StoreError> {
         let _ = (name, holder);

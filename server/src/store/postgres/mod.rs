@@ -778,6 +778,10 @@ impl Store for PgStore {
         })
     }
 
+    fn recount_media(&self) -> Result<(), StoreError> {
+        self.txn(schema::count_media)
+    }
+
     fn release(&self, name: &str, holder: u64) -> Result<(), StoreError> {
         self.txn(|t| {
             // Leases of holders that died are cleared on the way.

@@ -167,9 +167,18 @@ pub(super) fn migrate(t: &mut Transaction<'_>) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Fills in `media.total_len` from the records stored before it existed,
-/// and `media_usage` with their sum.
-fn count_media(t: &mut Transaction<'_>) -> Result<(), StoreError> {
+/// Fills in `media.total_len` from the records stored before it existed
+/// (or by a node of an older version), and `media_usage` with their sum.
+/// The sum's row is locked first, and the sum read in a statement after
+/// that: a reservation that committed while this one waited is counted.
+pub(super) fn count_media(t: &mut Transaction<'_>) -> Result<(), StoreError> {
+    t.execute(
+        "INSERT INTO media_usage (one, bytes) VALUES (true, 0) ON CONFLICT (one) DO NOTHING",
+        &[],
+    )
+    .map_err(pg)?;
+    t.execute("SELECT 1 FROM media_usage WHERE one FOR UPDATE", &[])
+        .map_err(pg)?;
     let rows = t
         .query("SELECT id, record FROM media WHERE total_len IS NULL", &[])
         .map_err(pg)?;
@@ -191,9 +200,7 @@ fn count_media(t: &mut Transaction<'_>) -> Result<(), StoreError> {
         .map_err(pg)?;
     }
     t.execute(
-        "INSERT INTO media_usage (one, bytes)
-             SELECT true, coalesce(sum(total_len), 0) FROM media
-         ON CONFLICT (one) DO UPDATE SET bytes = EXCLUDED.bytes",
+        "UPDATE media_usage SET bytes = (SELECT coalesce(sum(total_len), 0) FROM media) WHERE one",
         &[],
     )
     .map_err(pg)?;

@@ -311,3 +311,36 @@ fn migrating_counts_the_media_recorded_before() {
         .reserve_media(&MediaId([4; 16]), &media(700), 1000)
         .unwrap());
 }
+
+/// A record written without its length (by a node of an older version)
+/// is counted by the next recount.
+#[test]
+fn a_recount_puts_the_media_quota_right() {
+    let Some(s) = store("a_recount_puts_the_media_quota_right") else {
+        return;
+    };
+    let bytes = postcard::to_allocvec(&media(900)).unwrap();
+    s.txn(|t| {
+        t.execute(
+            "INSERT INTO media (id, record) VALUES ($1, $2)",
+            &[&[5u8; 16].as_slice(), &bytes],
+        )
+        .map_err(pg)
+    })
+    .unwrap();
+    assert!(
+        s.reserve_media(&MediaId([6; 16]), &media(200), 1000)
+            .unwrap(),
+        "not counted yet"
+    );
+    s.delete_media(&MediaId([6; 16])).unwrap();
+    s.recount_media().unwrap();
+    assert!(
+        !s.reserve_media(&MediaId([6; 16]), &media(200), 1000)
+            .unwrap(),
+        "900 counted now"
+    );
+    assert!(s
+        .reserve_media(&MediaId([6; 16]), &media(100), 1000)
+        .unwrap());
+}
