@@ -140,8 +140,13 @@ impl Bus {
     /// and until it connects the node delivers by polling the database.
     /// `queue` bounds the notices waiting to be published; `prefix` starts
     /// every subject (clusters sharing one NATS server differ in it).
-    pub async fn connect(url: &str, queue: usize, prefix: &str) -> Result<Arc<Self>, BusError> {
-        if !url.starts_with("nats://") {
+    pub async fn connect(
+        url: &str,
+        queue: usize,
+        prefix: &str,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Arc<Self>, BusError> {
+        if !(url.starts_with("nats://") || url.starts_with("tls://")) {
             return Err(BusError::Address(url.to_owned()));
         }
         if !valid_prefix(prefix) {
@@ -155,6 +160,13 @@ impl Bus {
             Credentials::UserPassword(u, p) => {
                 async_nats::ConnectOptions::with_user_and_password(u, p)
             }
+        };
+        // TLS (`tls://`) verifies the server against `ca`, or else the
+        // system's roots, with the process's provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let options = match ca {
+            Some(path) => options.add_root_certificates(path.to_owned()),
+            None => options,
         };
         let client = options
             .name("huddle-server")
@@ -305,7 +317,7 @@ enum Credentials {
 /// credentials. Give them through `HUDDLE_BUS` rather than `--bus`, which
 /// other users of the machine can read in the process list.
 fn split_credentials(url: &str) -> (String, Credentials) {
-    let Some(rest) = url.strip_prefix("nats://") else {
+    let Some((scheme, rest)) = url.split_once("://") else {
         return (url.to_owned(), Credentials::None);
     };
     let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
@@ -313,9 +325,9 @@ fn split_credentials(url: &str) -> (String, Credentials) {
         return (url.to_owned(), Credentials::None);
     };
     let bare = if path.is_empty() {
-        format!("nats://{host}")
+        format!("{scheme}://{host}")
     } else {
-        format!("nats://{host}/{path}")
+        format!("{scheme}://{host}/{path}")
     };
     let auth = match userinfo.split_once(':') {
         Some((user, pass)) => Credentials::UserPassword(user.to_owned(), pass.to_owned()),

@@ -116,6 +116,10 @@ pub struct ServerConfig {
     /// Cluster mode: the first token(s) of the bus's subjects; clusters
     /// that share one NATS server differ in it.
     pub bus_prefix: String,
+    /// Cluster mode: PEM certificates of the authorities that sign the
+    /// NATS server's certificate, for a `tls://` bus (`None`: the system's
+    /// roots).
+    pub bus_ca: Option<PathBuf>,
     /// Keep media blobs on this S3-compatible object store
     /// (`s3://BUCKET[/PREFIX][?endpoint=URL&region=NAME]`) instead of the
     /// data directory: what every node of a cluster must share.
@@ -219,6 +223,7 @@ impl Default for ServerConfig {
             store_connections: crate::store::postgres::DEFAULT_POOL as usize,
             bus_url: None,
             bus_prefix: "huddle".into(),
+            bus_ca: None,
             blobs_url: None,
             blob_keys: None,
             object_part_buffers: 64,
@@ -258,10 +263,10 @@ impl ServerConfig {
             crate::media::objects::ObjectsUrl::parse(url)?;
         }
         if let Some(url) = &self.bus_url {
-            if !url.starts_with("nats://") {
-                return Err(format!(
-                    "--bus {url:?}: expected a NATS address, nats://HOST:PORT"
-                ));
+            if !(url.starts_with("nats://") || url.starts_with("tls://")) {
+                return Err(
+                    "--bus: expected a NATS address, nats://HOST:PORT (or tls://HOST:PORT)".into(),
+                );
             }
             if !crate::bus::valid_prefix(&self.bus_prefix) {
                 return Err(format!(

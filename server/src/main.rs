@@ -30,6 +30,12 @@ struct Args {
     /// Welcome is stored. Nodes of one cluster share --cert and --key.
     #[arg(long, value_name = "URL", env = "HUDDLE_BUS", requires = "store")]
     bus: Option<String>,
+    /// Cluster mode: PEM certificate(s) of the authority that signs the
+    /// NATS server's certificate, for a tls://HOST:PORT bus (default: the
+    /// system's roots). Credentials go in the address:
+    /// nats://USER:PASSWORD@HOST:PORT or nats://TOKEN@HOST:PORT.
+    #[arg(long, value_name = "PEM", env = "HUDDLE_BUS_CA", requires = "bus")]
+    bus_ca: Option<PathBuf>,
     /// Cluster mode: the first token of the bus's subjects; clusters that
     /// share one NATS server each take their own.
     #[arg(
@@ -91,6 +97,7 @@ fn main() {
         store_url: args.store,
         bus_url: args.bus,
         bus_prefix: args.bus_prefix,
+        bus_ca: args.bus_ca,
         blobs_url: args.blobs,
         cert: args.cert.zip(args.key),
         idle_timeout: Duration::from_secs(args.idle_timeout),

@@ -154,9 +154,14 @@ pub(crate) async fn start_with_store(
     let store = open_store(&config).await?;
     let bus = match &config.bus_url {
         Some(url) => Some(
-            Bus::connect(url, config.bus_queue, &config.bus_prefix)
-                .await
-                .map_err(|e| StartError::msg(e.to_string()))?,
+            Bus::connect(
+                url,
+                config.bus_queue,
+                &config.bus_prefix,
+                config.bus_ca.as_deref(),
+            )
+            .await
+            .map_err(|e| StartError::msg(e.to_string()))?,
         ),
         None => None,
     };

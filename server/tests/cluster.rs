@@ -415,6 +415,51 @@ async fn nodes_use_a_bus_that_needs_a_password() {
     drop(n);
 }
 
+/// A bus that speaks only TLS: nodes given `tls://` and the authority
+/// of its certificate (`bus_ca`) wake each other through it (their polls
+/// run only every hour, so only the bus can have carried the message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_use_a_bus_over_tls() {
+    let test = "nodes_use_a_bus_over_tls";
+    let certs = tempfile::tempdir().unwrap();
+    let made =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert, key) = (certs.path().join("nats.pem"), certs.path().join("nats.key"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let Some(bus) = off_runtime(|| services::PrivateNats::start_with_tls(test, &cert, &key)) else {
+        return;
+    };
+    let url = bus.url().replace("nats://", "tls://");
+    let Some((_db, n)) = nodes(test, 2, |_, c| {
+        c.bus_url = Some(url.clone());
+        c.bus_ca = Some(cert.clone());
+        c.cluster_poll = Duration::from_secs(3600);
+        c.cluster_poll_connected = Duration::from_secs(3600);
+    })
+    .await
+    else {
+        return;
+    };
+    let mut alice = n[0].client("alice").await;
+    let bob = n[1].client("bob").await;
+    let g = alice.create_group("g").await.unwrap();
+    alice.add(&g.to_string(), &["bob".into()]).await.unwrap();
+    let mut bob = bob;
+    let (listener, mut rx, stop) = listening(&mut bob);
+    let talk = async {
+        next_event(&mut rx, PUSHED_WITHIN, "listening", |e| {
+            e.kind == "listening"
+        })
+        .await;
+        alice.send_text("g", "over tls").await.unwrap();
+        next_event(&mut rx, PUSHED_WITHIN, "bob: text", is_text("over tls")).await;
+        stop.send(()).unwrap();
+    };
+    tokio::join!(listener, talk);
+    drop(n);
+}
+
 /// Retention sweeps run on one node of the cluster: with both nodes
 /// sweeping every second, the `sweep` lease has one holder, and it keeps
 /// it while it lives (the lease lasts three intervals, so only a holder

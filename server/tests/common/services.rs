@@ -170,6 +170,8 @@ pub struct PrivateNats {
     child: Option<Child>,
     /// The user and password it requires, if any.
     auth: Option<(String, String)>,
+    /// More arguments to `nats-server` (TLS).
+    extra: Vec<String>,
 }
 
 impl PrivateNats {
@@ -184,7 +186,24 @@ impl PrivateNats {
             program: program("nats-server", "HUDDLE_TEST_NATS_SERVER", &["/usr/sbin"]),
             child: None,
             auth: None,
+            extra: Vec::new(),
         };
+        s.up();
+        Some(s)
+    }
+
+    /// Like [`PrivateNats::start`], for a server that speaks only TLS with
+    /// the certificate and key in `cert` and `key` (PEM files).
+    pub fn start_with_tls(test: &str, cert: &Path, key: &Path) -> Option<Self> {
+        let mut s = Self::start(test)?;
+        s.down();
+        s.extra = vec![
+            "--tls".into(),
+            "--tlscert".into(),
+            cert.display().to_string(),
+            "--tlskey".into(),
+            key.display().to_string(),
+        ];
         s.up();
         Some(s)
     }
@@ -212,6 +231,7 @@ impl PrivateNats {
         if let Some((user, password)) = &self.auth {
             cmd.args(["--user", user, "--pass", password]);
         }
+        cmd.args(&self.extra);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
