@@ -473,10 +473,8 @@ async fn an_abandoned_upload_leaves_no_part_on_the_object_store() {
     let Some(s3) = services::PrivateS3::start(test) else {
         return;
     };
-    let url = s3.url();
     let server = TestServer::start_with(|c| {
-        c.blobs_url = Some(url.clone());
-        c.blob_keys = Some(services::PrivateS3::keys());
+        s3.apply(c);
         c.stale_upload = std::time::Duration::from_secs(2);
         c.media_sweep_interval = std::time::Duration::from_millis(50);
     })

@@ -44,6 +44,17 @@ async fn nodes(
     Some((db, out))
 }
 
+/// `n` nodes (as [`nodes`]) that keep blobs on an object store of the
+/// test's own, and that store.
+async fn nodes_on_s3(
+    test: &str,
+    n: usize,
+) -> Option<(services::PrivateS3, PgSchema, Vec<InProcess>)> {
+    let s3 = off_runtime(|| services::PrivateS3::start(test))?;
+    let (db, nodes) = nodes(test, n, |_, c| s3.apply(c)).await?;
+    Some((s3, db, nodes))
+}
+
 fn is_text(want: &'static str) -> impl Fn(&Event) -> bool {
     move |e| e.kind == "text" && e.text() == Some(want)
 }
@@ -160,16 +171,7 @@ async fn two_commits_for_one_epoch_on_two_nodes_end_in_one_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_sent_through_one_node_is_fetched_through_the_others() {
     let test = "a_file_sent_through_one_node_is_fetched_through_the_others";
-    let Some(s3) = off_runtime(|| services::PrivateS3::start(test)) else {
-        return;
-    };
-    let url = s3.url();
-    let Some((_db, n)) = nodes(test, 3, |_, c| {
-        c.blobs_url = Some(url.clone());
-        c.blob_keys = Some(services::PrivateS3::keys());
-    })
-    .await
-    else {
+    let Some((s3, _db, n)) = nodes_on_s3(test, 3).await else {
         return;
     };
     let mut alice = n[0].client("alice").await;
@@ -251,16 +253,7 @@ async fn an_upload_stopped_on_one_node_resumes_on_another() {
     use huddle_core::media::{seal_blob, Header, ItemKey, DEFAULT_CHUNK_SIZE};
     use huddle_core::proto::{ErrorCode, Response};
     let test = "an_upload_stopped_on_one_node_resumes_on_another";
-    let Some(s3) = off_runtime(|| services::PrivateS3::start(test)) else {
-        return;
-    };
-    let url = s3.url();
-    let Some((_db, n)) = nodes(test, 2, |_, c| {
-        c.blobs_url = Some(url.clone());
-        c.blob_keys = Some(services::PrivateS3::keys());
-    })
-    .await
-    else {
+    let Some((s3, _db, n)) = nodes_on_s3(test, 2).await else {
         return;
     };
     let alice = common::raw::Raw::new(&n[0], "alice").await;

@@ -39,8 +39,7 @@ impl TestServer {
             Ok("s3") => {
                 let s3 = services::PrivateS3::start("media on an object store")
                     .expect("HUDDLE_TEST_BLOBS=s3 needs HUDDLE_TEST_S3FS");
-                config.blobs_url = Some(s3.url());
-                config.blob_keys = Some(services::PrivateS3::keys());
+                s3.apply(&mut config);
                 Some(s3)
             }
             _ => None,

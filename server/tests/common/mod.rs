@@ -54,8 +54,7 @@ impl InProcess {
             Ok("s3") => {
                 let s3 = services::PrivateS3::start("the in-process DS on an object store")
                     .expect("HUDDLE_TEST_BLOBS=s3 needs HUDDLE_TEST_S3FS");
-                config.blobs_url = Some(s3.url());
-                config.blob_keys = Some(services::PrivateS3::keys());
+                s3.apply(&mut config);
                 Some(s3)
             }
             _ => None,

@@ -316,6 +316,12 @@ impl PrivateS3 {
         ("huddle-test".into(), "huddle-test-secret".into())
     }
 
+    /// Points a DS's configuration at this store (address and keys).
+    pub fn apply(&self, c: &mut huddle_server::ServerConfig) {
+        c.blobs_url = Some(self.url());
+        c.blob_keys = Some(Self::keys());
+    }
+
     /// What `--blobs` is given.
     pub fn url(&self) -> String {
         format!(
