@@ -34,6 +34,8 @@ run fanout --members 10 --senders 1 --rate 10 --duration 20
 run fanout --members 1000 --senders 1 --rate 10 --duration 20
 run membership --members 1000 --rounds 5
 run membership --members 100 --rounds 5
+run membership --members 1000 --devices 3 --rounds 5
+run link --groups 20
 run connections --count 1000
 run connections --count 10000
 run catchup --messages 10000

@@ -30,6 +30,10 @@ pub struct ClusterArgs {
     /// keeps them in its data dir.
     #[arg(long, value_name = "URL")]
     pub blobs: Option<String>,
+    /// Limits the scenario sets on the nodes it starts
+    /// (`--limit NAME=VALUE` each).
+    #[arg(skip)]
+    pub limits: Vec<String>,
 }
 
 /// The nodes of a run; node 0 made the certificate the others present.
@@ -52,6 +56,9 @@ impl Cluster {
         let schema = args.store.as_deref().map(Schema::create).transpose()?;
         let tag = schema.as_ref().map(|s| s.name.clone());
         let mut extra: Vec<String> = Vec::new();
+        for l in &args.limits {
+            extra.extend(["--limit".into(), l.clone()]);
+        }
         if let Some(b) = &args.blobs {
             extra.extend(["--blobs".into(), b.clone()]);
         }

@@ -196,7 +196,7 @@ impl Lean {
         self.post_commit(move |g, p, s| {
             let leaves: Vec<LeafNodeIndex> = g
                 .members()
-                .filter(|m| mls::user_of(&m.credential).is_some_and(|u| names.contains(&u)))
+                .filter(|m| mls::principal_of(&m.credential).is_some_and(|u| names.contains(&u)))
                 .map(|m| m.index)
                 .collect();
             let (c, w, _) = g.remove_members(p, s, &leaves)?;
@@ -213,6 +213,115 @@ impl Lean {
             Ok((c, w))
         })
         .await
+    }
+
+    /// Publishes the GroupInfo of the group's current epoch, from which a
+    /// new device of a member joins.
+    pub async fn publish_group_info(&mut self) -> anyhow::Result<()> {
+        let Some((id, g)) = &self.group else {
+            bail!("no group yet")
+        };
+        let info = g.export_group_info(self.provider.crypto(), &self.light.id, true)?;
+        self.light
+            .net
+            .request(&Request::PublishGroupInfo {
+                group: *id,
+                group_info: ser(&info),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Processes another member's commit at log position `seq`.
+    pub async fn follow(&mut self, seq: u64) -> anyhow::Result<()> {
+        let (id, _) = self.group()?;
+        let Response::Log { entries, .. } = self
+            .light
+            .net
+            .request(&Request::FetchLog {
+                group: id,
+                after: seq - 1,
+                limit: 1,
+            })
+            .await?
+        else {
+            bail!("unexpected log answer")
+        };
+        let e = entries.first().context("the commit is not in the log")?;
+        let pm =
+            MlsMessageIn::tls_deserialize_exact(e.data.as_ref())?.try_into_protocol_message()?;
+        let Some((_, g)) = &mut self.group else {
+            bail!("no group")
+        };
+        let processed = g.process_message(&self.provider, pm)?;
+        let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            bail!("entry {seq} is not a commit")
+        };
+        g.merge_staged_commit(&self.provider, *staged)?;
+        Ok(())
+    }
+
+    /// Joins group `id` as a device of a member's user, by an external
+    /// commit from the GroupInfo the DS keeps (PROTOCOL.md 10.5).
+    pub async fn join_as_device(&mut self, id: GroupId) -> anyhow::Result<CommitStats> {
+        let t0 = Instant::now();
+        let Response::JoinInfo {
+            group_info, tree, ..
+        } = self
+            .light
+            .net
+            .request(&Request::JoinInfo { group: id })
+            .await?
+        else {
+            bail!("unexpected join answer")
+        };
+        let MlsMessageBodyIn::GroupInfo(vgi) =
+            MlsMessageIn::tls_deserialize_exact(group_info.as_ref())?.extract()
+        else {
+            bail!("not a GroupInfo")
+        };
+        let (g, bundle) = MlsGroup::external_commit_builder()
+            .with_ratchet_tree(RatchetTreeIn::tls_deserialize_exact(tree.as_ref())?)
+            .with_config(mls::join_config())
+            .build_group(&self.provider, vgi, self.light.id.credential())?
+            .leaf_node_parameters(
+                LeafNodeParameters::builder()
+                    .with_capabilities(mls::capabilities())
+                    .build(),
+            )
+            .load_psks(self.provider.storage())?
+            .build(
+                self.provider.rand(),
+                self.provider.crypto(),
+                &self.light.id,
+                |_| true,
+            )?
+            .finalize(&self.provider)?;
+        let commit = ser(bundle.commit());
+        let build_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let posted_ns = now_ns();
+        let t1 = Instant::now();
+        let r = self
+            .light
+            .net
+            .request(&Request::Commit {
+                group: id,
+                commit: commit.clone(),
+                welcome: None,
+            })
+            .await?;
+        let Response::Appended { seq, .. } = r else {
+            bail!("unexpected {r:?}")
+        };
+        self.group = Some((id, g));
+        Ok(CommitStats {
+            commit_bytes: commit.len(),
+            welcome_bytes: 0,
+            build_ms,
+            accept_ms: t1.elapsed().as_secs_f64() * 1e3,
+            seq,
+            posted_ns,
+        })
     }
 
     /// Joins from the Welcome in this member's inbox.

@@ -127,6 +127,113 @@ pub async fn register_many(
     Ok(out)
 }
 
+/// Links device `device` (the next number) to `owner`'s user as the
+/// protocol does (PROTOCOL.md 10.5): the new device asks with a proof of its
+/// key, `owner` signs its addition; then the new device authenticates as
+/// `USER/N` and publishes `kps` key packages.
+pub async fn link_device(
+    addr: &str,
+    trust: &Trust,
+    owner: &Light,
+    device: u32,
+    kps: usize,
+) -> anyhow::Result<Light> {
+    use huddle_core::auth::{proof_message, Purpose};
+    use huddle_core::devices::{principal, DeviceChange, DeviceSet};
+    let user = huddle_core::devices::user_part(&owner.id.name).to_owned();
+    let id = Identity::generate(&principal(&user, device));
+    let net = Connection::connect(addr, trust.clone()).await?;
+    let Response::Challenge { nonce } = net.request(&Request::Challenge).await? else {
+        anyhow::bail!("expected a Challenge")
+    };
+    let mut exporter = [0u8; 32];
+    net.quic()
+        .export_keying_material(&mut exporter, huddle_core::proto::EXPORTER_LABEL, b"")
+        .map_err(|_| anyhow::anyhow!("no TLS exporter"))?;
+    let proof = id.sign_raw(&proof_message(Purpose::Link, &user, &nonce, &exporter));
+    let Response::LinkCode { code, .. } = net
+        .request(&Request::RequestLink {
+            user: user.clone(),
+            device_key: id.public(),
+            proof: proof.into(),
+        })
+        .await?
+    else {
+        anyhow::bail!("expected a LinkCode")
+    };
+    let Response::Devices {
+        root_key, entries, ..
+    } = owner
+        .net
+        .request(&Request::Devices { user: user.clone() })
+        .await?
+    else {
+        anyhow::bail!("expected Devices")
+    };
+    let set = DeviceSet::replay(&user, root_key, &entries)?;
+    anyhow::ensure!(
+        set.next_device() == device,
+        "device {device} is not the next"
+    );
+    let signer = huddle_core::devices::parse_principal(&owner.id.name)
+        .map(|(_, n)| n)
+        .unwrap_or(1);
+    let entry = set.next_entry(
+        signer,
+        owner.id.signing_key(),
+        DeviceChange::Add {
+            device,
+            key: id.public(),
+        },
+        0,
+    );
+    owner
+        .net
+        .request(&Request::AppendDevice {
+            entry: entry.into(),
+            code: Some(code),
+        })
+        .await?;
+    let net = Connection::connect(addr, trust.clone()).await?;
+    net.authenticate(&id, false).await?;
+    if kps > 0 {
+        let provider = OpenMlsRustCrypto::default();
+        let key_packages = (0..kps)
+            .map(|_| key_package(&provider, &id, false))
+            .collect();
+        net.request(&Request::PublishKeyPackages {
+            key_packages,
+            last_resort: Some(key_package(&provider, &id, true)),
+        })
+        .await?;
+    }
+    Ok(Light { id, net })
+}
+
+/// Links `devices - 1` more devices to each of `owners`' users (so each
+/// has `devices`), 32 users at a time; returns the new devices.
+pub async fn link_many(
+    addr: &str,
+    trust: &Trust,
+    owners: &[Light],
+    devices: u32,
+    kps: usize,
+) -> anyhow::Result<Vec<Light>> {
+    let mut out = Vec::new();
+    for batch in owners.chunks(32) {
+        let linked = futures_util::future::try_join_all(batch.iter().map(|o| async move {
+            let mut mine = Vec::new();
+            for d in 2..=devices {
+                mine.push(link_device(addr, trust, o, d, kps).await?);
+            }
+            anyhow::Ok(mine)
+        }))
+        .await?;
+        out.extend(linked.into_iter().flatten());
+    }
+    Ok(out)
+}
+
 /// Set in an authenticated-data stamp that is a ticket: an index into
 /// [`Tally::send_times`], where the sender records the send time of a
 /// message it encrypted before the clock started. Timestamps ([`now_ns`])

@@ -54,6 +54,9 @@ enum Scenario {
     /// Create a group with one commit, then add-one, remove-one and
     /// self-update: commit size, accept time, time until every member has it.
     Membership(scenarios::membership::Params),
+    /// A user in G groups links a new device: time from the approval until
+    /// the device is in all G groups (full clients).
+    Link(scenarios::link::Params),
     /// One member uploads a file, others download it concurrently: MB/s
     /// against raw quinn bulk, peak RSS of every process.
     Media(scenarios::media::Params),
@@ -141,6 +144,7 @@ fn main() {
         match cli.scenario {
             Scenario::Fanout(p) => scenarios::fanout::run(p, &out).await,
             Scenario::Membership(p) => scenarios::membership::run(p, &out).await,
+            Scenario::Link(p) => scenarios::link::run(p, &out).await,
             Scenario::Media(p) => scenarios::media::run(p, &out).await,
             Scenario::Connections(p) => scenarios::connections::run(p, &out).await,
             Scenario::Catchup(p) => scenarios::catchup::run(p, &out).await,

@@ -35,6 +35,13 @@ pub enum ClientError {
         /// Fingerprint of the key the DS lists now.
         now: String,
     },
+    /// A commit adds a device of `0` whose device log this device has not
+    /// fetched yet (processing stops before it until it is).
+    #[error("the device log of {0} is needed")]
+    NeedDevices(String),
+    /// A commit adds a device its user's device log does not certify.
+    #[error("{0} is not a device its user's device log certifies with this key")]
+    DeviceRefused(String),
     /// The group is known here but this device holds no MLS state for it
     /// (it was lost; the next `sync` rejoins).
     #[error("group {0} has no MLS state on this device")]

@@ -78,6 +78,22 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         text: Option<String>,
     },
+    /// Devices of users already in the group joined it (`members`: the
+    /// devices, `USER/N`).
+    DeviceAdded {
+        /// The devices.
+        members: Vec<String>,
+        /// The epoch the commit began.
+        epoch: u64,
+    },
+    /// Devices were removed from the group while their users stay in it
+    /// (a revoked device, say).
+    DeviceRemoved {
+        /// The devices.
+        members: Vec<String>,
+        /// The epoch the commit began.
+        epoch: u64,
+    },
     /// The identity key of `members` differs from the one first seen.
     KeyChanged {
         /// Whose key changed.
@@ -119,6 +135,8 @@ impl EventKind {
             EventKind::MemberRemoved { .. } => "member_removed",
             EventKind::Left { .. } => "left",
             EventKind::Rejoined { .. } => "rejoined",
+            EventKind::DeviceAdded { .. } => "device_added",
+            EventKind::DeviceRemoved { .. } => "device_removed",
             EventKind::KeyChanged { .. } => "key_changed",
             EventKind::ForkDetected { .. } => "fork_detected",
             EventKind::Error { .. } => "error",
@@ -192,6 +210,8 @@ impl Event {
             | EventKind::ForkDetected { text, .. } => text.as_deref(),
             EventKind::Joined { .. }
             | EventKind::MemberAdded { .. }
+            | EventKind::DeviceAdded { .. }
+            | EventKind::DeviceRemoved { .. }
             | EventKind::KeyChanged { .. } => None,
         }
     }
@@ -205,6 +225,8 @@ impl Event {
             | EventKind::Left { members, .. }
             | EventKind::Rejoined { members, .. }
             | EventKind::KeyChanged { members }
+            | EventKind::DeviceAdded { members, .. }
+            | EventKind::DeviceRemoved { members, .. }
             | EventKind::ForkDetected { members, .. } => members,
             EventKind::Text { .. }
             | EventKind::Media { .. }
@@ -219,6 +241,8 @@ impl Event {
             EventKind::Joined { epoch, .. }
             | EventKind::MemberAdded { epoch, .. }
             | EventKind::Rejoined { epoch, .. }
+            | EventKind::DeviceAdded { epoch, .. }
+            | EventKind::DeviceRemoved { epoch, .. }
             | EventKind::ForkDetected { epoch, .. } => Some(*epoch),
             EventKind::MemberRemoved { epoch, .. } | EventKind::Left { epoch, .. } => *epoch,
             _ => None,
@@ -296,6 +320,12 @@ impl Event {
             EventKind::Rejoined { epoch, .. } => {
                 format!("[{g}] {from} rejoined (new device state) at epoch {epoch}")
             }
+            EventKind::DeviceAdded { members: m, .. } => {
+                format!("[{g}] {} added a device: {members}", device_owners(m))
+            }
+            EventKind::DeviceRemoved { members: m, .. } => {
+                format!("[{g}] {} removed a device: {members}", device_owners(m))
+            }
             EventKind::KeyChanged { .. } => format!(
                 "[{g}] WARNING: the identity key of {members} differs from the one first seen; compare fingerprints out of band"
             ),
@@ -310,6 +340,16 @@ impl Event {
     pub fn human_at(&self) -> String {
         format!("{} {}", local_time(self.timestamp_ms), self.human())
     }
+}
+
+/// The users the devices `principals` belong to, escaped for a terminal.
+fn device_owners(principals: &[String]) -> String {
+    let mut users: Vec<&str> = principals
+        .iter()
+        .map(|p| huddle_core::devices::user_part(p))
+        .collect();
+    users.dedup();
+    clean(&users.join(", ")).into_owned()
 }
 
 /// `ms` since the Unix epoch as local `YYYY-MM-DD HH:MM`.

@@ -7,7 +7,8 @@
 
 use std::collections::HashSet;
 
-use huddle_core::mls::user_of;
+use huddle_core::devices::{parse_principal, user_part};
+use huddle_core::mls::principal_of;
 use huddle_core::proto::{EntryKind, LogEntry};
 use huddle_core::GroupId;
 use openmls::prelude::{tls_codec::Deserialize as _, *};
@@ -29,6 +30,11 @@ pub trait Memory {
     /// Records a media item announced in group `id`, so that its key can be
     /// found when it is downloaded.
     fn media_announced(&mut self, id: &GroupId, info: &MediaInfo) -> Result<()>;
+    /// Checks that `key` is the key of `principal`, a device (N ≥ 2) of
+    /// its user, in that user's device log: [`ClientError::NeedDevices`]
+    /// when the log must be fetched first, [`ClientError::DeviceRefused`]
+    /// when the log does not certify it.
+    fn check_device(&mut self, principal: &str, key: &[u8]) -> Result<()>;
 }
 
 /// Applies one log entry (the next in sequence, not this device's own) to
@@ -61,7 +67,8 @@ pub fn apply<P: OpenMlsProvider>(
     let processed = group
         .process_message(provider, pm)
         .map_err(ClientError::mls)?;
-    let from = user_of(processed.credential()).unwrap_or_else(|| "?".into());
+    let from = principal_of(processed.credential()).unwrap_or_else(|| "?".into());
+    let processed_sender = processed.sender().clone();
     let mut events = Vec::new();
     let ev = |kind: EventKind| Event::new(kind, gid, &from, entry.seq, entry.timestamp_ms);
     match processed.into_content() {
@@ -92,7 +99,10 @@ pub fn apply<P: OpenMlsProvider>(
             let mut rejoined = Vec::new();
             for r in staged.remove_proposals() {
                 let leaf = r.remove_proposal().removed();
-                let Some(name) = group.member_at(leaf).and_then(|m| user_of(&m.credential)) else {
+                let Some(name) = group
+                    .member_at(leaf)
+                    .and_then(|m| principal_of(&m.credential))
+                else {
                     continue;
                 };
                 if matches!(r.sender(), Sender::Member(s) if *s == leaf) {
@@ -109,32 +119,74 @@ pub fn apply<P: OpenMlsProvider>(
                 .add_proposals()
                 .filter_map(|a| {
                     let leaf = a.add_proposal().key_package().leaf_node();
-                    user_of(leaf.credential())
+                    principal_of(leaf.credential())
                         .map(|u| (u, leaf.signature_key().as_slice().to_vec()))
                 })
                 .collect();
+            let mut added_keys = added_keys;
+            // A device joining by itself (an external commit that replaces
+            // no leaf of its own).
+            let joined_device =
+                matches!(processed_sender, Sender::NewMemberCommit) && !rejoined.contains(&from);
+            if joined_device {
+                if let Some(leaf) = staged.update_path_leaf_node() {
+                    added_keys.push((from.clone(), leaf.signature_key().as_slice().to_vec()));
+                }
+            }
+            // A device other than a user's first must be in its user's
+            // device log with that key: a DS cannot slip in a device of its
+            // own making.
+            for (p, key) in &added_keys {
+                if parse_principal(p).is_some_and(|(_, n)| n != 1) {
+                    memory.check_device(p, key)?;
+                }
+            }
             let added: Vec<String> = added_keys.iter().map(|(u, _)| u.clone()).collect();
             let changed = memory.keys_seen(&added_keys)?;
             let self_removed = staged.self_removed();
+            let users_before = users_of(group);
             group
                 .merge_staged_commit(provider, *staged)
                 .map_err(ClientError::mls)?;
             row.proposals_since_ms = None;
             let epoch = group.epoch().as_u64();
+            let users_after = users_of(group);
             if !changed.is_empty() {
                 events.push(ev(EventKind::KeyChanged { members: changed }));
             }
-            if !added.is_empty() {
+            // Users new to the group, and devices of users already in it.
+            let (devices_added, users_added): (Vec<String>, Vec<String>) = added
+                .into_iter()
+                .partition(|p| users_before.contains(user_part(p)));
+            let users_added = dedup_users(users_added);
+            if !users_added.is_empty() {
                 events.push(ev(EventKind::MemberAdded {
-                    members: added,
+                    members: users_added,
                     epoch,
                 }));
             }
-            if !removed.is_empty() {
+            if !devices_added.is_empty() {
+                events.push(ev(EventKind::DeviceAdded {
+                    members: devices_added,
+                    epoch,
+                }));
+            }
+            // Devices removed while their user stays, and users gone.
+            let (devices_removed, users_removed): (Vec<String>, Vec<String>) = removed
+                .into_iter()
+                .partition(|p| users_after.contains(user_part(p)));
+            let users_removed = dedup_users(users_removed);
+            if !users_removed.is_empty() {
                 events.push(ev(EventKind::MemberRemoved {
-                    members: removed,
+                    members: users_removed,
                     epoch: Some(epoch),
                     text: None,
+                }));
+            }
+            if !devices_removed.is_empty() {
+                events.push(ev(EventKind::DeviceRemoved {
+                    members: devices_removed,
+                    epoch,
                 }));
             }
             if !rejoined.is_empty() {
@@ -189,20 +241,48 @@ pub fn app_event(msg: &AppMessage, id: &GroupId, from: &str, seq: u64, ts: u64) 
     Some(Event::new(kind, &id.to_string(), from, seq, ts))
 }
 
+/// The users with a leaf in `group`.
+fn users_of(group: &MlsGroup) -> HashSet<String> {
+    group
+        .members()
+        .filter_map(|m| principal_of(&m.credential))
+        .map(|p| user_part(&p).to_owned())
+        .collect()
+}
+
+/// The users of `principals`, each once, in order.
+fn dedup_users(principals: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for p in principals {
+        let u = user_part(&p);
+        if !out.iter().any(|o| o == u) {
+            out.push(u.to_owned());
+        }
+    }
+    out
+}
+
 pub fn member_keys(group: &MlsGroup) -> Vec<(String, Vec<u8>)> {
     group
         .members()
-        .filter_map(|m| user_of(&m.credential).map(|u| (u, m.signature_key.clone())))
+        .filter_map(|m| principal_of(&m.credential).map(|u| (u, m.signature_key.clone())))
         .collect()
 }
 
 pub fn member_names(group: &MlsGroup) -> Vec<String> {
-    let mut v: Vec<String> = group
-        .members()
-        .filter_map(|m| user_of(&m.credential))
-        .collect();
-    v.sort();
-    v
+    member_devices(group).into_iter().map(|(u, _)| u).collect()
+}
+
+/// The users of a group, sorted, each with how many devices (leaves) it
+/// has in it.
+pub fn member_devices(group: &MlsGroup) -> Vec<(String, usize)> {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for m in group.members() {
+        if let Some(p) = principal_of(&m.credential) {
+            *counts.entry(user_part(&p).to_owned()).or_default() += 1;
+        }
+    }
+    counts.into_iter().collect()
 }
 
 /// What a member must do about pending proposals.
@@ -321,11 +401,13 @@ mod tests {
 
     const T0: u64 = 1_000_000;
 
-    /// Keys and media as a member's database would remember them.
+    /// Keys and media as a member's database would remember them, and the
+    /// device logs it fetched.
     #[derive(Default)]
     struct Remembered {
         keys: HashMap<String, Vec<u8>>,
         media: Vec<MediaInfo>,
+        devices: HashMap<String, huddle_core::devices::DeviceSet>,
     }
 
     impl Memory for Remembered {
@@ -346,6 +428,15 @@ mod tests {
         fn media_announced(&mut self, _: &GroupId, info: &MediaInfo) -> Result<()> {
             self.media.push(info.clone());
             Ok(())
+        }
+
+        fn check_device(&mut self, principal: &str, key: &[u8]) -> Result<()> {
+            let user = user_part(principal);
+            match self.devices.get(user) {
+                None => Err(ClientError::NeedDevices(user.to_owned())),
+                Some(set) if crate::client::devices::certifies(set, principal, key) => Ok(()),
+                Some(_) => Err(ClientError::DeviceRefused(principal.to_owned())),
+            }
         }
     }
 
@@ -475,6 +566,69 @@ mod tests {
             m.group = Some(g);
         }
         ms
+    }
+
+    /// A DS that lets a commit add a device its user never linked (a key
+    /// of the DS's own under the name `bob/2`) cannot get it past a
+    /// member: the member stays in its epoch. The same device with the key
+    /// bob's log certifies is accepted and shown as bob's new device.
+    #[test]
+    fn a_device_that_its_users_log_does_not_certify_is_refused() {
+        use huddle_core::devices::{DeviceChange, DeviceSet};
+        let mut ms = group(&["alice", "bob", "carol"]);
+        let bob_root = ms[1].id.public();
+        let bob_key = ed25519_dalek::SigningKey::from_bytes(&ms[1].id.seed());
+        // Bob links device 2: his log certifies its key.
+        let phone = Member::new("bob/2");
+        let mut log_of_bob = DeviceSet::new("bob", bob_root);
+        let entry = log_of_bob.next_entry(
+            1,
+            &bob_key,
+            DeviceChange::Add {
+                device: 2,
+                key: phone.id.public(),
+            },
+            T0,
+        );
+        log_of_bob.apply(&entry, 8).unwrap();
+        // The DS's own "bob/2".
+        let fake = Member::new("bob/2");
+        let mut log = Log::default();
+        let (alice, _) = ms.split_at_mut(1);
+        let (g, p, s) = alice[0].parts();
+        let (commit, _, _) = g
+            .add_members_without_update(p, s, &[fake.key_package()])
+            .unwrap();
+        g.clear_pending_commit(p.storage()).unwrap();
+        let forged = log.append(EntryKind::Commit, &commit);
+        let carol = &mut ms[2];
+        let epoch = carol.g().epoch().as_u64();
+        // Without bob's log: fetch it first, nothing applied.
+        assert!(matches!(
+            carol.apply(&forged),
+            Err(ClientError::NeedDevices(u)) if u == "bob"
+        ));
+        carol.memory.devices.insert("bob".into(), log_of_bob);
+        assert!(matches!(
+            carol.apply(&forged),
+            Err(ClientError::DeviceRefused(p)) if p == "bob/2"
+        ));
+        assert_eq!(
+            carol.g().epoch().as_u64(),
+            epoch,
+            "carol stays in her epoch"
+        );
+        // The real phone: accepted, and shown as a device of bob's.
+        let (g, p, s) = ms[0].parts();
+        let (commit, _, _) = g
+            .add_members_without_update(p, s, &[phone.key_package()])
+            .unwrap();
+        g.merge_pending_commit(p).unwrap();
+        let real = log.append(EntryKind::Commit, &commit);
+        let events = ms[2].apply(&real).unwrap();
+        assert_eq!(events[0].kind, "device_added");
+        assert_eq!(events[0].members(), ["bob/2"]);
+        assert_eq!(ms[2].g().epoch().as_u64(), epoch + 1);
     }
 
     #[test]

@@ -29,6 +29,26 @@ pub struct Settings {
     pub name: String,
     /// Server address as given at registration.
     pub server: String,
+    /// This device's number among the user's devices: 1 for the device
+    /// that registered the user, N for the device linked N-th.
+    #[serde(default = "first_device", skip_serializing_if = "is_first_device")]
+    pub device: u32,
+}
+
+fn first_device() -> u32 {
+    1
+}
+
+fn is_first_device(d: &u32) -> bool {
+    *d == 1
+}
+
+impl Settings {
+    /// This device's principal: the user name for device 1, `USER/N`
+    /// otherwise.
+    pub fn principal(&self) -> String {
+        huddle_core::devices::principal(&self.name, self.device)
+    }
 }
 
 /// A client home directory.
@@ -98,7 +118,7 @@ impl Home {
         let mut seed = [0u8; 32];
         hex::decode_to_slice(hex_seed.trim(), &mut seed)
             .map_err(|_| ClientError::Io("identity.key is corrupt".into()))?;
-        let identity = Identity::from_seed(&settings.name, seed);
+        let identity = Identity::from_seed(&settings.principal(), seed);
         Ok((settings, identity))
     }
 
@@ -262,6 +282,7 @@ mod tests {
             &Settings {
                 name: "alice".into(),
                 server: "127.0.0.1:1".into(),
+                device: 1,
             },
             &id,
         )

@@ -8,9 +8,10 @@ use huddle_core::auth::{proof_message, Purpose, EXPORTER_LEN};
 use openmls::prelude::{CredentialWithKey, SignatureScheme};
 use openmls_traits::signatures::{Signer, SignerError};
 
-/// A user's signing key. Never printed.
+/// A device's signing key. Never printed.
 pub struct Identity {
-    /// The user name the key is registered under.
+    /// The principal the key is registered under: the user name for the
+    /// user's first device, `USER/N` for its N-th.
     pub name: String,
     key: SigningKey,
 }
@@ -57,6 +58,16 @@ impl Identity {
             credential: huddle_core::mls::credential_for(&self.name),
             signature_key: self.public().to_vec().into(),
         }
+    }
+
+    /// The signing key (for device-log entries).
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.key
+    }
+
+    /// An Ed25519 signature over `message`.
+    pub fn sign_raw(&self, message: &[u8]) -> Vec<u8> {
+        self.key.sign(message).to_bytes().to_vec()
     }
 
     /// A connection proof (see [`huddle_core::auth`]).

@@ -42,6 +42,22 @@ enum Command {
         #[arg(long)]
         server_cert: Option<PathBuf>,
     },
+    /// Make this home a new device of NAME: prints a code to approve on
+    /// one of NAME's devices (`huddle device approve CODE`), waits for the
+    /// approval, then joins NAME's groups.
+    Link {
+        /// The user this device is to belong to.
+        name: String,
+        /// Server address, HOST:PORT (several nodes as A,B,C).
+        #[arg(long)]
+        server: String,
+        /// PEM certificate to pin (default: pin what the server presents now).
+        #[arg(long)]
+        server_cert: Option<PathBuf>,
+    },
+    /// This user's devices: list, approve a new one, revoke one.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Show this device's name, device id and key fingerprint.
     Whoami,
     /// Connect to the server and show its address, certificate and key-package count.
@@ -95,6 +111,28 @@ enum Command {
         /// Show at most this many (the newest).
         #[arg(long, default_value_t = 50)]
         limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// List this user's devices with their key fingerprints and when each
+    /// was last seen by the server.
+    List,
+    /// Approve the device that shows CODE: compare the fingerprint shown
+    /// here with the one the new device shows.
+    Approve {
+        /// The code the new device shows (1234-5678).
+        code: String,
+        /// Approve without asking (the fingerprint is still printed).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Revoke device ID (its number in `device list`): the server no longer
+    /// lets it in, and it is removed from every group.
+    Remove {
+        /// The device's number.
+        id: u32,
     },
 }
 
@@ -327,6 +365,46 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             }
             client.close().await;
         }
+        Command::Link {
+            name,
+            server,
+            server_cert,
+        } => {
+            let json = out.json;
+            let (client, events) =
+                Client::link(home, &name, &server, server_cert.as_deref(), |c| {
+                    if json {
+                        out.json(&serde_json::json!({"code": c.code, "fingerprint": c.fingerprint}));
+                    } else {
+                        out.line(&format!("link code: {}", c.code));
+                        out.line(&format!("this device's key fingerprint: {}", c.fingerprint));
+                        out.line(&format!(
+                            "on one of {name}'s devices run `huddle device approve {}` and compare the fingerprint; waiting…",
+                            c.code
+                        ));
+                    }
+                })
+                .await?;
+            for e in &events {
+                out.event(e);
+            }
+            if out.json {
+                out.json(&serde_json::json!({
+                    "linked": client.name(),
+                    "device": client.device(),
+                    "groups": events.iter().filter(|e| e.kind == "joined").count(),
+                }));
+            } else {
+                out.line(&format!(
+                    "linked as {}'s device {} ({})",
+                    client.name(),
+                    client.device(),
+                    client.principal()
+                ));
+            }
+            client.close().await;
+        }
+        Command::Device(d) => device(home, &out, d).await?,
         Command::Whoami => {
             let client = Client::open(home)?;
             let who = client.whoami();
@@ -447,6 +525,70 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             server_trust(&mut client, &out, yes).await?;
         }
     }
+    Ok(())
+}
+
+/// `huddle device …`.
+async fn device(home: Home, out: &Out, cmd: DeviceCommand) -> Result<(), ClientError> {
+    let mut client = Client::open(home)?;
+    match cmd {
+        DeviceCommand::List => {
+            for d in client.device_list().await? {
+                if out.json {
+                    out.json(&d);
+                } else {
+                    let seen = d
+                        .last_seen
+                        .map(huddle_client::event::local_time)
+                        .unwrap_or_else(|| "never".into());
+                    out.line(&format!(
+                        "{:<3} {:<20} {}  last seen {seen}{}",
+                        d.device,
+                        d.principal,
+                        d.fingerprint,
+                        if d.this_device { "  (this device)" } else { "" }
+                    ));
+                }
+            }
+        }
+        DeviceCommand::Approve { code, yes } => {
+            let (key, fingerprint) = client.pending_device(&code).await?;
+            if !out.json {
+                out.line(&format!(
+                    "the device waiting with {code} has the key fingerprint"
+                ));
+                out.line(&format!("    {fingerprint}"));
+            }
+            let ask = !yes && !out.json && std::io::stdin().is_terminal();
+            if ask {
+                eprint!("Is this the fingerprint the new device shows? Approve it? [y/N] ");
+                let mut answer = String::new();
+                std::io::stdin()
+                    .read_line(&mut answer)
+                    .map_err(|e| ClientError::Io(format!("reading the answer: {e}")))?;
+                if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+                    return Err(ClientError::Usage("the device was not approved".into()));
+                }
+            }
+            let n = client.approve_device(&code, key).await?;
+            if out.json {
+                out.json(&serde_json::json!({"approved": n, "fingerprint": fingerprint}));
+            } else {
+                out.line(&format!("approved: device {n} of {}", client.name()));
+            }
+        }
+        DeviceCommand::Remove { id } => {
+            for e in client.remove_device(id).await? {
+                out.event(&e);
+            }
+            if out.json {
+                out.json(&serde_json::json!({"removed": id}));
+            } else {
+                out.line(&format!("device {id} of {} is revoked", client.name()));
+            }
+        }
+    }
+    client.close().await;
     Ok(())
 }
 
@@ -746,14 +888,24 @@ async fn group(home: Home, out: &Out, cmd: GroupCommand) -> Result<(), ClientErr
         GroupCommand::Members { group } => {
             let id = client.resolve_group(&group)?;
             let members = client.members(&id.to_string())?;
+            let devices = client.member_devices(&id.to_string())?;
             if out.json {
                 let (name, _, _) = client.group_state(&id.to_string())?;
-                out.json(
-                    &serde_json::json!({"group": id.to_string(), "name": name, "members": members}),
-                );
+                let devices: serde_json::Map<String, serde_json::Value> = devices
+                    .into_iter()
+                    .map(|(u, n)| (u, serde_json::Value::from(n)))
+                    .collect();
+                out.json(&serde_json::json!({
+                    "group": id.to_string(), "name": name, "members": members, "devices": devices,
+                }));
             } else {
-                for m in members {
-                    out.line(&huddle_client::event::clean(&m));
+                for (m, n) in devices {
+                    let m = huddle_client::event::clean(&m);
+                    if n == 1 {
+                        out.line(&m);
+                    } else {
+                        out.line(&format!("{m} ({n} devices)"));
+                    }
                 }
             }
         }

@@ -72,6 +72,7 @@ fn home(dir: &std::path::Path, name: &str, addr: &str, cert: &[u8]) -> Home {
         &Settings {
             name: name.into(),
             server: addr.into(),
+            device: 1,
         },
         &Identity::generate(name),
     )

@@ -540,6 +540,7 @@ fn a_closed_pipe_ends_quietly() {
         &huddle_client::home::Settings {
             name: "zoe".into(),
             server: "127.0.0.1:1".into(),
+            device: 1,
         },
         &huddle_client::identity::Identity::generate("zoe"),
     )

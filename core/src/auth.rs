@@ -21,6 +21,8 @@ pub enum Purpose {
     Register = 1,
     /// Logging in with a registered name.
     Authenticate = 2,
+    /// Asking to link a new device to a user (the name is the user's).
+    Link = 3,
 }
 
 /// Why a proof was refused.
@@ -47,8 +49,9 @@ pub fn proof_message(
     let mut m = Vec::with_capacity(32 + name.len() + 64);
     m.extend_from_slice(b"huddle/1 connection proof\0");
     m.push(purpose as u8);
-    // Names are at most 64 bytes (checked before signing or verifying), so
-    // one length byte is enough and makes the encoding unambiguous.
+    // Names (principals) are at most 75 bytes (checked before signing or
+    // verifying), so one length byte is enough and makes the encoding
+    // unambiguous.
     m.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
     m.extend_from_slice(name.as_bytes());
     m.extend_from_slice(nonce);

@@ -2,7 +2,7 @@
 //!
 //! What the Huddle delivery service and client share, and nothing that needs
 //! a runtime: the wire protocol ([`proto`], framed by [`frame`]), connection
-//! authentication proofs ([`auth`]), identifiers ([`ids`]), the MLS
+//! authentication proofs ([`auth`]), users' devices ([`devices`]), identifiers ([`ids`]), the MLS
 //! policy both sides apply ([`mls`]), and the encrypted media format
 //! ([`media`]).
 //!
@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod devices;
 pub mod frame;
 pub mod ids;
 pub mod media;

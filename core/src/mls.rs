@@ -6,7 +6,7 @@ use openmls::prelude::{tls_codec::Deserialize as _, *};
 use openmls_traits::crypto::OpenMlsCrypto;
 use thiserror::Error;
 
-use crate::ids::check_user_name;
+use crate::devices::parse_principal;
 
 /// The only ciphersuite Huddle uses.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
@@ -118,18 +118,19 @@ pub fn check_lifetime_span(life: &Lifetime) -> Result<(), u64> {
     }
 }
 
-/// The MLS credential of a user: a basic credential whose identity is the
-/// user name in UTF-8.
-pub fn credential_for(user: &str) -> Credential {
-    BasicCredential::new(user.as_bytes().to_vec()).into()
+/// The MLS credential of a device: a basic credential whose identity is
+/// the device's principal in UTF-8 (the user name for device 1, `USER/N`
+/// for device N; see [`crate::devices`]).
+pub fn credential_for(principal: &str) -> Credential {
+    BasicCredential::new(principal.as_bytes().to_vec()).into()
 }
 
-/// The user name a credential names, if it is a basic credential holding a
-/// valid user name.
-pub fn user_of(credential: &Credential) -> Option<String> {
+/// The principal a credential names, if it is a basic credential holding a
+/// valid one.
+pub fn principal_of(credential: &Credential) -> Option<String> {
     let basic = BasicCredential::try_from(credential.clone()).ok()?;
     let name = std::str::from_utf8(basic.identity()).ok()?;
-    check_user_name(name).ok()?;
+    parse_principal(name)?;
     Some(name.to_owned())
 }
 
@@ -211,7 +212,7 @@ pub fn verify_key_package(
         return Err(KeyPackageError::WrongCiphersuite(kp.ciphersuite()));
     }
     let leaf = kp.leaf_node();
-    let found = user_of(leaf.credential());
+    let found = principal_of(leaf.credential());
     if found.as_deref() != Some(user) {
         return Err(KeyPackageError::WrongUser {
             expected: user.to_owned(),

@@ -74,6 +74,8 @@ pub fn reserve_for(req: &Request, max_frame: usize) -> Option<usize> {
         | Request::LookupUsers { .. }
         | Request::GroupState { .. }
         | Request::ListGroups
+        | Request::UserGroups
+        | Request::Devices { .. }
         | Request::EpochAuthenticator { .. } => Some(2 * max_frame),
         _ => None,
     }

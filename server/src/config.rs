@@ -58,6 +58,13 @@ pub struct ServerConfig {
     /// Most Welcomes waiting in one user's inbox; a commit adding a user
     /// whose inbox is full is refused (`QuotaExceeded`).
     pub max_inbox_items: usize,
+    /// Most current devices of one user; linking one more is refused
+    /// (`QuotaExceeded`).
+    pub max_devices_per_user: usize,
+    /// Most link requests waiting for approval per user.
+    pub max_pending_links_per_user: usize,
+    /// How long a link request waits for approval.
+    pub link_ttl: Duration,
     /// Welcomes are deleted this long after they were delivered to the
     /// inbox (and at once when their recipient acknowledges them).
     pub inbox_retention: Duration,
@@ -194,6 +201,9 @@ impl Default for ServerConfig {
             max_unauthenticated: 1_000,
             auth_timeout: Duration::from_secs(10),
             max_connections_per_user: 32,
+            max_devices_per_user: 8,
+            max_pending_links_per_user: 4,
+            link_ttl: Duration::from_secs(600),
             max_streams_per_connection: 128,
             max_frame: huddle_core::frame::DEFAULT_MAX_FRAME,
             max_application_message: 256 << 10,
@@ -299,6 +309,12 @@ impl ServerConfig {
             ),
             ("answer_write_timeout", self.answer_write_timeout.is_zero()),
             ("max_connections", self.max_connections == 0),
+            ("max_devices_per_user", self.max_devices_per_user == 0),
+            (
+                "max_pending_links_per_user",
+                self.max_pending_links_per_user == 0,
+            ),
+            ("link_ttl", self.link_ttl.is_zero()),
             ("max_unauthenticated", self.max_unauthenticated == 0),
             (
                 "max_connections_per_user",
@@ -382,6 +398,9 @@ limits! {
     max_unauthenticated: count,
     auth_timeout: time,
     max_connections_per_user: count,
+    max_devices_per_user: count,
+    max_pending_links_per_user: count,
+    link_ttl: time,
     max_streams_per_connection: count,
     max_frame: size,
     max_application_message: size,

@@ -14,8 +14,8 @@ use huddle_core::{GroupId, MediaId};
 
 use crate::server::start_with_store;
 use crate::store::{
-    Claimed, GroupWrite, MediaRecord, RegisterOutcome, Store, StoreError, StoredGroup,
-    StoredKeyPackage, UserRecord,
+    Claimed, DeviceWrite, GroupWrite, MediaRecord, PendingLink, RegisterOutcome, Store, StoreError,
+    StoredGroup, StoredKeyPackage, UserRecord,
 };
 use crate::ServerConfig;
 
@@ -39,6 +39,43 @@ impl Store for FillingDisk {
         record: &UserRecord,
     ) -> Result<RegisterOutcome, StoreError> {
         self.inner.register_user(name, record)
+    }
+    fn registered(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.inner.registered(name)
+    }
+    fn device_log(&self, user: &str) -> Result<Vec<Bytes>, StoreError> {
+        self.inner.device_log(user)
+    }
+    fn append_device(
+        &self,
+        user: &str,
+        seq: u32,
+        entry: &[u8],
+        write: DeviceWrite<'_>,
+    ) -> Result<bool, StoreError> {
+        self.inner.append_device(user, seq, entry, write)
+    }
+    fn put_link(
+        &self,
+        user: &str,
+        code: &str,
+        link: &PendingLink,
+        now_ms: u64,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        self.inner.put_link(user, code, link, now_ms, max)
+    }
+    fn link(&self, user: &str, code: &str, now_ms: u64) -> Result<Option<PendingLink>, StoreError> {
+        self.inner.link(user, code, now_ms)
+    }
+    fn expire_links(&self, now_ms: u64) -> Result<usize, StoreError> {
+        self.inner.expire_links(now_ms)
+    }
+    fn seen(&self, principal: &str, ms: u64) -> Result<(), StoreError> {
+        self.inner.seen(principal, ms)
+    }
+    fn last_seen(&self, principal: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.last_seen(principal)
     }
     fn add_key_packages(
         &self,

@@ -98,7 +98,7 @@ async fn a_removed_member_can_neither_post_nor_read_what_follows() {
     // Alice removes him.
     let bob_leaf = ga
         .members()
-        .find(|m| mls::user_of(&m.credential).as_deref() == Some("bob"))
+        .find(|m| mls::principal_of(&m.credential).as_deref() == Some("bob"))
         .unwrap()
         .index;
     let (c, _, _) = ga
@@ -693,4 +693,124 @@ async fn the_creators_leaf_keeps_the_lifetime_bound_and_capabilities() {
         matches!(r, Ok(Response::Appended { seq: 0, epoch: 0 })),
         "{r:?}"
     );
+}
+
+/// Links device 2 of `owner` (a raw member): the new device asks with a
+/// proof of its key, the owner signs its addition; returns it connected
+/// and authenticated as `USER/2`, with key packages published.
+async fn link_device(s: &InProcess, owner: &Raw, user: &str) -> Raw {
+    use huddle_core::auth::{proof_message, Purpose};
+    use huddle_core::devices::{DeviceChange, DeviceSet};
+    let phone = Identity::generate(&format!("{user}/2"));
+    let net = s.connect().await;
+    let Response::Challenge { nonce } = net.request(&Request::Challenge).await.unwrap() else {
+        panic!()
+    };
+    let mut exporter = [0u8; 32];
+    net.quic()
+        .export_keying_material(&mut exporter, huddle_core::proto::EXPORTER_LABEL, b"")
+        .unwrap();
+    let proof = phone.sign_raw(&proof_message(Purpose::Link, user, &nonce, &exporter));
+    let Response::LinkCode { code, .. } = net
+        .request(&Request::RequestLink {
+            user: user.into(),
+            device_key: phone.public(),
+            proof: proof.into(),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let Response::PendingLink { device_key, .. } = owner
+        .net
+        .request(&Request::PendingLink { code: code.clone() })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(device_key, phone.public());
+    let entry = DeviceSet::new(user, owner.id.public()).next_entry(
+        1,
+        owner.id.signing_key(),
+        DeviceChange::Add {
+            device: 2,
+            key: device_key,
+        },
+        0,
+    );
+    owner
+        .net
+        .request(&Request::AppendDevice {
+            entry: entry.into(),
+            code: Some(code),
+        })
+        .await
+        .unwrap();
+    let net = s.connect().await;
+    net.authenticate(&phone, false).await.unwrap();
+    Raw::with(net, phone).await
+}
+
+/// A device joins a group by an external commit only while another device
+/// of its user is a member, and then only with its own leaf; a device of a
+/// user who is not a member is refused, as is one whose key is not in its
+/// user's device log.
+#[tokio::test]
+async fn a_device_joins_by_itself_only_while_its_user_is_a_member() {
+    let s = InProcess::start().await;
+    let (alice, bob, gid, ga, _gb) = alice_and_bob(&s).await;
+    let mallory = Raw::new(&s, "mallory").await;
+    let bob2 = link_device(&s, &bob, "bob").await;
+    let mallory2 = link_device(&s, &mallory, "mallory").await;
+    let info = bytes(
+        &ga.export_group_info(alice.provider.crypto(), &alice.id, false)
+            .unwrap(),
+    );
+    publish(&alice, gid, info).await.unwrap();
+    let join = Request::JoinInfo { group: gid };
+    // Mallory's device: her user is not a member.
+    assert_eq!(
+        code(mallory2.net.request(&join).await),
+        ErrorCode::NotMember
+    );
+    let Response::JoinInfo {
+        group_info, tree, ..
+    } = bob2.net.request(&join).await.unwrap()
+    else {
+        panic!()
+    };
+    let r = mallory2
+        .commit(gid, external_commit(&mallory2.id, &group_info, &tree), None)
+        .await;
+    assert_eq!(code(r), ErrorCode::NotMember);
+    // A key bob's log does not name, under the name bob/2.
+    let forged = Identity::generate("bob/2");
+    let r = bob2
+        .commit(gid, external_commit(&forged, &group_info, &tree), None)
+        .await;
+    refused(
+        r,
+        ErrorCode::InvalidMessage,
+        "not its registered identity key",
+    );
+    // Bob's real second device joins: one more leaf, same users.
+    let Response::Appended { epoch, .. } = bob2
+        .commit(gid, external_commit(&bob2.id, &group_info, &tree), None)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(epoch, 2);
+    let Response::GroupState { members, .. } = alice
+        .net
+        .request(&Request::GroupState { group: gid })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(members, ["alice", "bob", "bob/2"]);
 }

@@ -6,6 +6,7 @@ pub mod catchup;
 pub mod connections;
 pub mod crash;
 pub mod fanout;
+pub mod link;
 pub mod media;
 mod media_objects;
 pub mod membership;

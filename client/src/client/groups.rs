@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use huddle_core::mls::{self};
-use huddle_core::proto::{ErrorCode, Request};
+use huddle_core::proto::{ErrorCode, Request, UserInfo};
 use huddle_core::GroupId;
 use openmls::prelude::{tls_codec::Serialize as _, *};
 
@@ -112,6 +112,28 @@ impl Client {
             (serialize(&info)?, Bytes::from(tree))
         };
         self.confirm_creation(id, info, tree).await?;
+        // The user's other devices are members from the start.
+        let user = self.name().to_owned();
+        let me = self.device();
+        let others: Vec<UserInfo> = self
+            .verified_devices(&user)
+            .await?
+            .devices()
+            .filter(|d| d.device != me)
+            .map(|d| UserInfo {
+                name: huddle_core::devices::principal(&user, d.device),
+                identity_key: d.key,
+            })
+            .collect();
+        if !others.is_empty() {
+            let names = others.iter().map(|i| i.name.clone()).collect();
+            self.add_devices(
+                &id,
+                others,
+                (super::membership::Change::DevicesAdded, names),
+            )
+            .await?;
+        }
         Ok(id)
     }
 
@@ -171,6 +193,15 @@ impl Client {
         let id = self.resolve_group(group)?;
         self.active_group(&id)?;
         Ok(member_names(&self.load_group(&self.db, &id)?))
+    }
+
+    /// The group's users, each with its number of devices in the group.
+    pub fn member_devices(&self, group: &str) -> Result<Vec<(String, usize)>> {
+        let id = self.resolve_group(group)?;
+        self.active_group(&id)?;
+        Ok(crate::follow::member_devices(
+            &self.load_group(&self.db, &id)?,
+        ))
     }
 
     /// The group's current epoch and epoch authenticator.

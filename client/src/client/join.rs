@@ -1,7 +1,7 @@
 //! Joining groups from the Welcomes in this user's inbox.
 
 use bytes::Bytes;
-use huddle_core::mls::{self, user_of};
+use huddle_core::mls::{self, principal_of};
 use huddle_core::proto::{InboxItem, Request, Response, MAX_PAGE};
 use openmls::prelude::{tls_codec::Deserialize as _, *};
 use tracing::warn;
@@ -162,7 +162,7 @@ impl Client {
             let from = staged
                 .welcome_sender()
                 .ok()
-                .and_then(|l| user_of(l.credential()))
+                .and_then(|l| principal_of(l.credential()))
                 .unwrap_or_else(|| "?".into());
             let group = staged.into_group(&provider).map_err(ClientError::mls)?;
             let members = member_names(&group);

@@ -279,11 +279,21 @@ impl Client {
                 let cursor = db::groups::load(&self.db, &group)?
                     .map(|r| r.cursor)
                     .unwrap_or(0);
-                if batch[0].seq <= cursor + 1 {
-                    self.process_entries(&group, &batch)?
+                let evs = if batch[0].seq <= cursor + 1 {
+                    let mut evs = self.process_entries(&group, &batch)?;
+                    if !self.need_devices.is_empty() {
+                        // Processing stopped before a new device whose
+                        // user's device log is needed: sync fetches it and
+                        // reads on.
+                        self.need_devices.clear();
+                        evs.extend(self.sync_group(&group).await?);
+                    }
+                    evs
                 } else {
                     self.sync_group(&group).await?
-                }
+                };
+                self.tell_name_to_new_devices(&group, &evs).await?;
+                evs
             }
             Pushed::Inbox(_) | Pushed::InboxGap { .. } => {
                 let evs = self.sync_inbox().await?;

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use huddle_core::mls::{self, user_of};
+use huddle_core::mls::{self, principal_of};
 use huddle_core::proto::{ClaimedKeyPackage, ErrorCode, Request, Response, UserInfo};
 use huddle_core::GroupId;
 use openmls::prelude::*;
@@ -40,48 +40,59 @@ impl Client {
         if wanted.is_empty() {
             return Err(ClientError::Usage("name at least one user to add".into()));
         }
-        let Response::Users { users: infos } = self
-            .request(&Request::LookupUsers {
-                names: wanted.clone(),
-            })
-            .await?
-        else {
-            return Err(ClientError::Protocol("expected Users".into()));
-        };
+        // Every current device of each user, with its key from the user's
+        // device log (checked from the key first seen for the user).
+        let mut infos = Vec::new();
         for u in &wanted {
-            if !infos.iter().any(|i| &i.name == u) {
-                return Err(ClientError::Usage(format!(
-                    "{u} is not registered on this server"
-                )));
+            let set = match self.verified_devices(u).await {
+                Err(ClientError::Server(e)) if e.code == ErrorCode::UnknownUser => {
+                    return Err(ClientError::Usage(format!(
+                        "{u} is not registered on this server"
+                    )))
+                }
+                r => r?,
+            };
+            for d in set.devices() {
+                infos.push(UserInfo {
+                    name: huddle_core::devices::principal(u, d.device),
+                    identity_key: d.key,
+                });
             }
         }
+        self.add_devices(&id, infos, (Change::Added, wanted)).await
+    }
+
+    /// Adds the devices `infos` (principals with their keys from their
+    /// users' device logs) to group `id` in one commit, reported as the
+    /// addition of `users`, then tells everyone the group's name.
+    pub(super) async fn add_devices(
+        &mut self,
+        id: &GroupId,
+        infos: Vec<UserInfo>,
+        report: (Change, Vec<String>),
+    ) -> Result<Vec<Event>> {
+        let id = *id;
         self.check_known_keys(&infos)?;
         let Response::KeyPackages { packages } = self
             .request(&Request::ClaimKeyPackages {
-                users: wanted.clone(),
+                users: infos.iter().map(|i| i.name.clone()).collect(),
             })
             .await?
         else {
             return Err(ClientError::Protocol("expected KeyPackages".into()));
         };
         let kps = check_claimed(&self.crypto, &packages, &infos, now_ms() / 1000)?;
-        let added = wanted.clone();
         let events = self
-            .commit_with_retry(
-                &id,
-                Some((Change::Added, added)),
-                Origin::Own,
-                move |g, p, s| {
-                    // No UpdatePath (RFC 9420 §12.4): an add-only commit still
-                    // starts a new epoch the joiners cannot reach back from, and
-                    // without a path it stays small in a large group (every
-                    // member downloads it). See docs/SECURITY.md §6.6.
-                    let (c, w, _) = g
-                        .add_members_without_update(p, s, &kps)
-                        .map_err(ClientError::mls)?;
-                    Ok((c, Some(w)))
-                },
-            )
+            .commit_with_retry(&id, Some(report), Origin::Own, move |g, p, s| {
+                // No UpdatePath (RFC 9420 §12.4): an add-only commit still
+                // starts a new epoch the joiners cannot reach back from, and
+                // without a path it stays small in a large group (every
+                // member downloads it). See docs/SECURITY.md §6.6.
+                let (c, w, _) = g
+                    .add_members_without_update(p, s, &kps)
+                    .map_err(ClientError::mls)?;
+                Ok((c, Some(w)))
+            })
             .await?;
         // Tell everyone (joiners included) the group's name.
         let name = db::groups::load(&self.db, &id)?
@@ -98,30 +109,58 @@ impl Client {
         let id = self.resolve_group(group)?;
         self.sync_group(&id).await?;
         self.active_group(&id)?;
-        if users.iter().any(|u| u == self.name()) {
+        if users
+            .iter()
+            .any(|u| u == self.name() || u == self.principal())
+        {
             return Err(ClientError::Usage(
                 "to remove yourself, use `huddle group leave`".into(),
             ));
         }
-        let users = users.to_vec();
-        let removed = users.clone();
-        self.commit_with_retry(
-            &id,
-            Some((Change::Removed, removed)),
-            Origin::Own,
-            move |g, p, s| {
-                let mut leaves = Vec::new();
-                for u in &users {
-                    let m = g
-                        .members()
-                        .find(|m| user_of(&m.credential).as_deref() == Some(u.as_str()))
-                        .ok_or_else(|| ClientError::Usage(format!("{u} is not a member")))?;
-                    leaves.push(m.index);
-                }
-                let (c, w, _) = g.remove_members(p, s, &leaves).map_err(ClientError::mls)?;
-                Ok((c, w))
-            },
-        )
+        // A user name removes every device of that user; `USER/N` one device.
+        let g = self.load_group(&self.db, &id)?;
+        let mut principals = Vec::new();
+        for u in users {
+            let found: Vec<String> = g
+                .members()
+                .filter_map(|m| principal_of(&m.credential))
+                .filter(|p| p == u || (!u.contains('/') && huddle_core::devices::user_part(p) == u))
+                .collect();
+            if found.is_empty() {
+                return Err(ClientError::Usage(format!("{u} is not a member")));
+            }
+            principals.extend(found);
+        }
+        drop(g);
+        let report = if users.iter().all(|u| !u.contains('/')) {
+            (Change::Removed, users.to_vec())
+        } else {
+            (Change::DevicesRemoved, principals.clone())
+        };
+        self.remove_principals(&id, &principals, report).await
+    }
+
+    /// Removes the leaves of `principals` from group `id` in one commit,
+    /// reported as `report` says.
+    pub(super) async fn remove_principals(
+        &mut self,
+        id: &GroupId,
+        principals: &[String],
+        report: (Change, Vec<String>),
+    ) -> Result<Vec<Event>> {
+        let users = principals.to_vec();
+        self.commit_with_retry(id, Some(report), Origin::Own, move |g, p, s| {
+            let mut leaves = Vec::new();
+            for u in &users {
+                let m = g
+                    .members()
+                    .find(|m| principal_of(&m.credential).as_deref() == Some(u.as_str()))
+                    .ok_or_else(|| ClientError::Usage(format!("{u} is not a member")))?;
+                leaves.push(m.index);
+            }
+            let (c, w, _) = g.remove_members(p, s, &leaves).map_err(ClientError::mls)?;
+            Ok((c, w))
+        })
         .await
     }
 
@@ -348,7 +387,7 @@ impl Client {
                 Proposal::Remove(r) => {
                     all_self &= matches!(p.sender(), Sender::Member(s) if *s == r.removed());
                     g.member_at(r.removed())
-                        .and_then(|m| user_of(&m.credential))
+                        .and_then(|m| principal_of(&m.credential))
                 }
                 _ => None,
             })
@@ -387,12 +426,16 @@ pub(super) enum Change {
     Added,
     Removed,
     Left,
+    DevicesAdded,
+    DevicesRemoved,
 }
 
 impl Change {
     fn event(self, members: Vec<String>, epoch: u64) -> EventKind {
         match self {
             Change::Added => EventKind::MemberAdded { members, epoch },
+            Change::DevicesAdded => EventKind::DeviceAdded { members, epoch },
+            Change::DevicesRemoved => EventKind::DeviceRemoved { members, epoch },
             Change::Removed => EventKind::MemberRemoved {
                 members,
                 epoch: Some(epoch),

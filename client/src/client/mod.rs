@@ -33,6 +33,7 @@ use crate::identity::Identity;
 use crate::lock::Locks;
 use crate::net::{Connection as Net, Trust};
 
+pub mod devices;
 mod groups;
 mod join;
 mod keys;
@@ -183,6 +184,13 @@ pub struct Client {
     /// Which of the service's addresses ([`server_list`]) the connection
     /// goes to, or went to last: tried first when connecting again.
     current: usize,
+    /// Device logs of users met, checked ([`devices`]).
+    devices: std::collections::HashMap<String, huddle_core::devices::DeviceSet>,
+    /// Users whose device log was fetched during the sync under way: a
+    /// leaf their log does not certify is refused, not fetched for again.
+    fresh_devices: std::collections::HashSet<String>,
+    /// Users whose device log processing stopped for.
+    need_devices: Vec<String>,
 }
 
 /// The addresses of one service in a home's server setting
@@ -291,6 +299,7 @@ impl Client {
         let settings = Settings {
             name: name.to_owned(),
             server: server.to_owned(),
+            device: 1,
         };
         home.save_settings(&settings)?;
         let mut client = Client {
@@ -303,6 +312,9 @@ impl Client {
             net: Some(net),
             locks: Locks::new(home_locks),
             current,
+            devices: Default::default(),
+            fresh_devices: Default::default(),
+            need_devices: Vec::new(),
         };
         client.publish_key_packages(KEY_PACKAGE_BATCH, true).await?;
         Ok(client)
@@ -322,12 +334,26 @@ impl Client {
             net: None,
             endpoint: None,
             current: 0,
+            devices: Default::default(),
+            fresh_devices: Default::default(),
+            need_devices: Vec::new(),
         })
     }
 
     /// The user name.
     pub fn name(&self) -> &str {
         &self.settings.name
+    }
+
+    /// This device's principal: the user name for the user's first
+    /// device, `USER/N` for its N-th.
+    pub fn principal(&self) -> &str {
+        &self.identity.name
+    }
+
+    /// This device's number among its user's.
+    pub fn device(&self) -> u32 {
+        self.settings.device
     }
 
     /// The home.

@@ -157,7 +157,7 @@ impl Client {
             differ,
             behind,
             info_missing,
-        } = follow::fork_signs(self.name(), epoch, &hash, published, cursor, ds);
+        } = follow::fork_signs(self.principal(), epoch, &hash, published, cursor, ds);
         if differ.is_empty() {
             if info_missing {
                 self.publish_group_info(id).await;

@@ -1,6 +1,9 @@
 //! Catching up: reading each group's log and processing it in order,
 //! the cursor advanced in the same transaction.
 
+use std::collections::{HashMap, HashSet};
+
+use huddle_core::devices::DeviceSet;
 use huddle_core::proto::{EntryKind, ErrorCode, LogEntry, Request, Response, MAX_PAGE};
 use huddle_core::GroupId;
 use openmls::prelude::*;
@@ -43,6 +46,13 @@ impl Client {
             .into_iter()
             .filter(|e| !e.recorded())
             .collect();
+        // A linked device that could not join all its user's groups yet.
+        failures.extend(
+            self.join_user_groups()
+                .await?
+                .into_iter()
+                .filter(|e| !e.recorded()),
+        );
         for (id, state) in self.group_ids()? {
             match self.sync_one(&id, state).await {
                 Ok(_) => {}
@@ -69,12 +79,41 @@ impl Client {
             }
             GroupState::Active | GroupState::Leaving => {
                 events.extend(self.sync_group(id).await?);
+                self.tell_name_to_new_devices(id, &events).await?;
                 events.extend(self.maybe_commit_proposals(id, false).await?);
                 events.extend(self.check_fork(id).await?);
             }
             _ => {}
         }
         Ok(events)
+    }
+
+    /// A device of this user that joined the group by itself cannot read
+    /// the group's name (it was sent before): after `events` show such a
+    /// device, this one tells the group the name again.
+    pub(super) async fn tell_name_to_new_devices(
+        &mut self,
+        id: &GroupId,
+        events: &[Event],
+    ) -> Result<()> {
+        let mine = events.iter().any(|e| {
+            e.kind == "device_added"
+                && e.members().iter().any(|p| {
+                    huddle_core::devices::user_part(p) == self.name() && p != self.principal()
+                })
+        });
+        if !mine {
+            return Ok(());
+        }
+        let Some(row) = db::groups::load(&self.db, id)? else {
+            return Ok(());
+        };
+        if row.name.is_empty() || row.state != GroupState::Active {
+            return Ok(());
+        }
+        self.send_app(id, &crate::app::AppMessage::GroupName { name: row.name })
+            .await?;
+        Ok(())
     }
 
     /// The `error` event reporting that `id` could not be brought up to
@@ -105,6 +144,7 @@ impl Client {
     /// Fetches and processes a group's log from the cursor to the head.
     pub async fn sync_group(&mut self, id: &GroupId) -> Result<Vec<Event>> {
         let mut events = Vec::new();
+        self.fresh_devices.clear();
         loop {
             let Some(row) = db::groups::load(&self.db, id)? else {
                 break;
@@ -143,6 +183,21 @@ impl Client {
             let n = entries.len();
             let first = entries[0].seq;
             events.extend(self.process_entries(id, &entries)?);
+            if !self.need_devices.is_empty() {
+                // A commit adds a device of a user whose device log is
+                // needed: fetch it, then read on from where processing
+                // stopped.
+                for user in std::mem::take(&mut self.need_devices) {
+                    if let Err(e) = self.fetch_devices(&user).await {
+                        if e.is_connection() {
+                            return Err(e);
+                        }
+                        warn!(%user, error = %e, "the device log cannot be used; its devices are refused");
+                        self.fresh_devices.insert(user);
+                    }
+                }
+                continue;
+            }
             let now = db::groups::load(&self.db, id)?;
             if let Some(r) = now
                 .as_ref()
@@ -230,7 +285,8 @@ impl Client {
     /// Processes consecutive log entries of a group in one transaction.
     /// Entries at or below the cursor are skipped; processing stops at a gap.
     pub fn process_entries(&mut self, id: &GroupId, entries: &[LogEntry]) -> Result<Vec<Event>> {
-        let me = self.settings.name.clone();
+        let me = self.identity.name.clone();
+        let mut need = Vec::new();
         let tx = self.db.unchecked_transaction()?;
         let Some(mut row) = db::groups::load(&tx, id)? else {
             return Ok(Vec::new());
@@ -288,21 +344,25 @@ impl Client {
                 row.proposals_since_ms = None;
                 continue;
             }
-            match follow::apply(
-                &provider,
-                &mut group,
-                &mut row,
-                id,
-                &me,
-                entry,
-                &mut Remember(provider.storage_conn()),
-            ) {
+            let mut memory = Remember {
+                conn: provider.storage_conn(),
+                devices: &self.devices,
+                fresh: &self.fresh_devices,
+            };
+            match follow::apply(&provider, &mut group, &mut row, id, &me, entry, &mut memory) {
                 Ok(mut evs) => {
                     for e in &mut evs {
                         e.group_name = row.name.clone();
                     }
                     shown.extend(evs.iter().cloned());
                     events.extend(evs);
+                }
+                Err(ClientError::NeedDevices(user)) => {
+                    // Stop before this entry until the user's device log
+                    // is fetched (`sync_group` does, then comes back).
+                    row.cursor = entry.seq - 1;
+                    need.push(user);
+                    break;
                 }
                 Err(e) => {
                     warn!(group = %id, seq = entry.seq, error = %e, "skipping a log entry that cannot be processed");
@@ -316,6 +376,7 @@ impl Client {
         db::groups::save(&tx, id, &row)?;
         db::history::record(&tx, id, &events, Origin::Others)?;
         tx.commit()?;
+        self.need_devices.extend(need);
         Ok(shown)
     }
 
@@ -349,15 +410,29 @@ impl Client {
 }
 
 /// What following a group remembers beyond the MLS state, in the
-/// transaction that processes the entries.
-struct Remember<'a>(&'a Connection);
+/// transaction that processes the entries, and the device logs it checks
+/// new devices against.
+struct Remember<'a> {
+    conn: &'a Connection,
+    devices: &'a HashMap<String, DeviceSet>,
+    fresh: &'a HashSet<String>,
+}
 
 impl follow::Memory for Remember<'_> {
     fn keys_seen(&mut self, keys: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
-        db::users::remember_keys(self.0, keys, now_ms())
+        db::users::remember_keys(self.conn, keys, now_ms())
     }
 
     fn media_announced(&mut self, id: &GroupId, info: &MediaInfo) -> Result<()> {
-        db::media::remember(self.0, id, info)
+        db::media::remember(self.conn, id, info)
+    }
+
+    fn check_device(&mut self, principal: &str, key: &[u8]) -> Result<()> {
+        let user = huddle_core::devices::user_part(principal);
+        match self.devices.get(user) {
+            Some(set) if super::devices::certifies(set, principal, key) => Ok(()),
+            _ if self.fresh.contains(user) => Err(ClientError::DeviceRefused(principal.to_owned())),
+            _ => Err(ClientError::NeedDevices(user.to_owned())),
+        }
     }
 }

@@ -231,6 +231,45 @@ pub enum Request {
         /// Group.
         group: GroupId,
     },
+    /// Ask to link a new device to `user` (PROTOCOL.md 10.5). Sent by the
+    /// new device on a connection that is not authenticated, after a
+    /// [`Request::Challenge`]; `proof` is a signature by `device_key` over
+    /// [`crate::auth::proof_message`] with [`crate::auth::Purpose::Link`]
+    /// and the name `user`. Answer: [`Response::LinkCode`].
+    RequestLink {
+        /// The user the device is to belong to.
+        user: String,
+        /// The new device's Ed25519 key.
+        device_key: [u8; 32],
+        /// Proof of possession of the key on this connection.
+        proof: Bytes,
+    },
+    /// The key of the device that asked to be linked to the caller's user
+    /// with `code`. Answer: [`Response::PendingLink`].
+    PendingLink {
+        /// The code the new device shows.
+        code: String,
+    },
+    /// Append an entry (a [`crate::devices::DeviceEntry`], signed by the
+    /// caller's device) to the caller's user's device log. An entry that
+    /// adds a device names the `code` that device was given. Answer:
+    /// [`Response::Devices`] with the log after it.
+    AppendDevice {
+        /// The encoded entry.
+        entry: Bytes,
+        /// For an added device: its link code.
+        code: Option<String>,
+    },
+    /// A user's device log. Allowed before authentication (a device being
+    /// linked waits with it). Answer: [`Response::Devices`].
+    Devices {
+        /// The user.
+        user: String,
+    },
+    /// Groups the caller may join by an external commit because another
+    /// current device of its user is a member and it is not. Answer:
+    /// [`Response::Groups`].
+    UserGroups,
 }
 
 /// Parameters of an upload.
@@ -359,6 +398,33 @@ pub enum Response {
         tree: Bytes,
         /// Newest log sequence number.
         head: u64,
+    },
+    /// A link request is pending under `code` until `expires_ms`.
+    LinkCode {
+        /// Eight digits, shown by the new device as `1234-5678`.
+        code: String,
+        /// When the request lapses, ms since the Unix epoch.
+        expires_ms: u64,
+    },
+    /// The device that asked to be linked with a code.
+    PendingLink {
+        /// Its Ed25519 key.
+        device_key: [u8; 32],
+        /// When the request lapses, ms since the Unix epoch.
+        expires_ms: u64,
+    },
+    /// A user's device log.
+    Devices {
+        /// The user.
+        user: String,
+        /// The key the user registered with (device 1's).
+        root_key: [u8; 32],
+        /// The log's entries in order, each an encoded
+        /// [`crate::devices::DeviceEntry`].
+        entries: Vec<Bytes>,
+        /// When each current device last authenticated, as far as this
+        /// DS knows (device number, ms since the Unix epoch).
+        last_seen: Vec<(u32, u64)>,
     },
 }
 
@@ -562,6 +628,13 @@ impl fmt::Debug for Request {
                 write!(f, "PublishGroupInfo({group}, {} bytes)", group_info.len())
             }
             Request::JoinInfo { group } => write!(f, "JoinInfo({group})"),
+            Request::RequestLink { user, .. } => write!(f, "RequestLink({user})"),
+            Request::PendingLink { .. } => f.write_str("PendingLink"),
+            Request::AppendDevice { entry, .. } => {
+                write!(f, "AppendDevice({} bytes)", entry.len())
+            }
+            Request::Devices { user } => write!(f, "Devices({user})"),
+            Request::UserGroups => f.write_str("UserGroups"),
         }
     }
 }
@@ -612,6 +685,13 @@ impl fmt::Debug for Response {
             }
             Response::JoinInfo { epoch, tree, .. } => {
                 write!(f, "JoinInfo(epoch {epoch}, tree {} bytes)", tree.len())
+            }
+            Response::LinkCode { expires_ms, .. } => write!(f, "LinkCode(until {expires_ms})"),
+            Response::PendingLink { expires_ms, .. } => {
+                write!(f, "PendingLink(until {expires_ms})")
+            }
+            Response::Devices { user, entries, .. } => {
+                write!(f, "Devices({user}, {} entries)", entries.len())
             }
         }
     }

@@ -128,6 +128,18 @@ fn request() -> impl Strategy<Value = Request> {
         (gid(), bytes_(60))
             .prop_map(|(group, group_info)| Request::PublishGroupInfo { group, group_info }),
         gid().prop_map(|group| Request::JoinInfo { group }),
+        (name(), any::<[u8; 32]>(), bytes_(64)).prop_map(|(user, device_key, proof)| {
+            Request::RequestLink {
+                user,
+                device_key,
+                proof,
+            }
+        }),
+        name().prop_map(|code| Request::PendingLink { code }),
+        (bytes_(100), proptest::option::of(name()))
+            .prop_map(|(entry, code)| Request::AppendDevice { entry, code }),
+        name().prop_map(|user| Request::Devices { user }),
+        Just(Request::UserGroups),
     ]
 }
 
@@ -215,6 +227,26 @@ fn response() -> impl Strategy<Value = Response> {
                 head
             }
         ),
+        (name(), any::<u64>())
+            .prop_map(|(code, expires_ms)| Response::LinkCode { code, expires_ms }),
+        (any::<[u8; 32]>(), any::<u64>()).prop_map(|(device_key, expires_ms)| {
+            Response::PendingLink {
+                device_key,
+                expires_ms,
+            }
+        }),
+        (
+            name(),
+            any::<[u8; 32]>(),
+            vec(bytes_(100), 0..3),
+            vec((any::<u32>(), any::<u64>()), 0..3)
+        )
+            .prop_map(|(user, root_key, entries, last_seen)| Response::Devices {
+                user,
+                root_key,
+                entries,
+                last_seen
+            }),
     ]
 }
 
@@ -278,8 +310,8 @@ proptest! {
 
 #[test]
 fn unknown_type_is_told_apart() {
-    // Index 22 is one past the last request this build knows.
-    assert_eq!(decode::<Request>(&[22]), Err(DecodeError::UnknownType(22)));
+    // Index 27 is one past the last request this build knows.
+    assert_eq!(decode::<Request>(&[27]), Err(DecodeError::UnknownType(27)));
     assert_eq!(
         decode::<Request>(&[0x80, 0x01]),
         Err(DecodeError::UnknownType(128))
@@ -320,18 +352,16 @@ fn numbers_not_in_their_shortest_encoding_are_refused() {
 /// one past it is unknown.
 #[test]
 fn known_type_counts_match_enums() {
-    let last_request = Request::JoinInfo {
-        group: GroupId([0; 16]),
-    };
+    let last_request = Request::UserGroups;
     assert_eq!(
         encode_body(&last_request)[0] as u32,
         Request::KNOWN_TYPES - 1
     );
-    let last_response = Response::JoinInfo {
-        epoch: 0,
-        group_info: Bytes::new(),
-        tree: Bytes::new(),
-        head: 0,
+    let last_response = Response::Devices {
+        user: String::new(),
+        root_key: [0; 32],
+        entries: Vec::new(),
+        last_seen: Vec::new(),
     };
     assert_eq!(
         encode_body(&last_response)[0] as u32,

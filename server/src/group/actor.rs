@@ -220,7 +220,7 @@ impl Actor {
             return Err(stopped());
         };
         let view = handle.view();
-        if !view.is_member(user) {
+        if !view.is_member(user) && !view.may_join(user) {
             return Err(ErrorBody::new(
                 ErrorCode::NotMember,
                 format!("{user} is not a member of group {}", self.id),

@@ -77,6 +77,16 @@ impl GroupView {
     pub fn is_member(&self, user: &str) -> bool {
         self.members.get(user).is_some_and(|m| m.is_current())
     }
+
+    /// Whether `principal` may join by an external commit: it is not a
+    /// current member, and another device of its user is.
+    pub fn may_join(&self, principal: &str) -> bool {
+        let user = huddle_core::devices::user_part(principal);
+        !self.is_member(principal)
+            && self.members.iter().any(|(p, m)| {
+                m.is_current() && p != principal && huddle_core::devices::user_part(p) == user
+            })
+    }
 }
 
 /// What a poster wants appended.

@@ -3,7 +3,7 @@
 //! group's epoch-0 state.
 
 use bytes::Bytes;
-use huddle_core::mls::user_of;
+use huddle_core::mls::principal_of;
 use huddle_core::proto::{ErrorBody, ErrorCode};
 use huddle_core::GroupId;
 use openmls::prelude::{tls_codec::Deserialize as _, *};
@@ -105,7 +105,7 @@ pub fn validate_new_group(
             "a new group must have exactly one member, its creator".into()
         ));
     };
-    if user_of(&only.credential).as_deref() != Some(user) {
+    if principal_of(&only.credential).as_deref() != Some(user) {
         return Err(bad(
             "the creator's credential must name the authenticated user".into(),
         ));

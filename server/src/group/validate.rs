@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
-use huddle_core::mls::{user_of, MAX_PAST_EPOCHS};
+use huddle_core::mls::{principal_of, MAX_PAST_EPOCHS};
 use huddle_core::proto::{EntryKind, ErrorBody, ErrorCode, LogEntry};
 use openmls::prelude::{tls_codec::Deserialize as _, tls_codec::Serialize as _, *};
 use openmls_rust_crypto::RustCrypto;
@@ -62,7 +62,7 @@ impl Actor {
         let leaf = mls
             .public
             .members()
-            .find(|m| user_of(&m.credential).as_deref() == Some(user))
+            .find(|m| principal_of(&m.credential).as_deref() == Some(user))
             .ok_or_else(|| invalid(format!("{user} has no leaf in the group")))?;
         // The signer named inside must be the publisher's own leaf: a
         // rejoining member verifies the signature with that leaf's key.
@@ -95,7 +95,10 @@ impl Actor {
         seq: u64,
         changes: &mut Changes,
     ) -> Result<LogEntry, ErrorBody> {
-        if !view.is_member(user) {
+        // A device of a member's user joins by an external commit
+        // (checked in `process_handshake`).
+        let joining = matches!(post, Post::Commit { .. }) && view.may_join(user);
+        if !view.is_member(user) && !joining {
             return Err(ErrorBody::new(
                 ErrorCode::NotMember,
                 format!("{user} is not a member of group {}", self.id),
@@ -223,7 +226,7 @@ pub(super) fn process_handshake(
         Sender::NewMemberCommit if kind == EntryKind::Commit => None,
         _ => return Err(invalid("only members may send handshake messages".into())),
     };
-    if user_of(processed.credential()).as_deref() != Some(user) {
+    if principal_of(processed.credential()).as_deref() != Some(user) {
         return Err(invalid(
             "the message is signed by another member than the authenticated user".into(),
         ));
@@ -251,7 +254,7 @@ pub(super) fn process_handshake(
                 ),
             ));
         }
-        if user_of(leaf.credential()).as_deref() != Some(expect) {
+        if principal_of(leaf.credential()).as_deref() != Some(expect) {
             return Err(invalid(format!(
                 "a leaf must keep the credential of {expect}"
             )));
@@ -324,7 +327,7 @@ pub(super) fn process_handshake(
             let by_leaf: HashMap<u32, String> = mls
                 .public
                 .members()
-                .filter_map(|m| user_of(&m.credential).map(|u| (m.index.u32(), u)))
+                .filter_map(|m| principal_of(&m.credential).map(|u| (m.index.u32(), u)))
                 .collect();
             let mut names: HashSet<String> = by_leaf.values().cloned().collect();
             for r in staged.remove_proposals() {
@@ -340,7 +343,28 @@ pub(super) fn process_handshake(
                 let sender = sender.ok_or_else(|| invalid("update from a non-member".into()))?;
                 check_leaf(u.update_proposal().leaf_node(), &sender)?;
             }
-            if sender_leaf.is_none() {
+            let joins = sender_leaf.is_none() && !view.is_member(user);
+            if joins {
+                // A device of a member's user joins (the caller checked
+                // that another device of its user is a member): its own
+                // leaf and nothing else.
+                if staged.remove_proposals().next().is_some()
+                    || staged.add_proposals().next().is_some()
+                    || staged.update_proposals().next().is_some()
+                    || welcome.is_some()
+                {
+                    return Err(invalid(
+                        "an external commit by a joining device may only add that device".into(),
+                    ));
+                }
+                let leaf = staged
+                    .update_path_leaf_node()
+                    .ok_or_else(|| invalid("an external commit needs a path".into()))?;
+                check_leaf(leaf, user)?;
+                if !names.insert(user.to_owned()) {
+                    return Err(invalid(format!("{user} is already a member")));
+                }
+            } else if sender_leaf.is_none() {
                 // A rejoin: the external commit replaces the sender's own
                 // leaf and changes nothing else. Anyone else must be added.
                 let removed: Vec<&String> = staged
@@ -377,7 +401,7 @@ pub(super) fn process_handshake(
             let mut ref_of: HashMap<String, Vec<u8>> = HashMap::new();
             for a in staged.add_proposals() {
                 let kp = a.add_proposal().key_package();
-                let name = user_of(kp.leaf_node().credential())
+                let name = principal_of(kp.leaf_node().credential())
                     .ok_or_else(|| invalid("an added member has no valid user name".into()))?;
                 if let Err(span) = huddle_core::mls::check_lifetime_span(kp.life_time()) {
                     return Err(invalid(format!(
@@ -444,7 +468,7 @@ pub(super) fn process_handshake(
             let after: HashSet<String> = mls
                 .public
                 .members()
-                .filter_map(|m| user_of(&m.credential))
+                .filter_map(|m| principal_of(&m.credential))
                 .collect();
             let mut members = Vec::new();
             for name in view.current_members() {
@@ -458,6 +482,16 @@ pub(super) fn process_handshake(
                         },
                     ));
                 }
+            }
+            if joins {
+                members.push((
+                    user.to_owned(),
+                    MemberRecord {
+                        joined_seq: seq,
+                        removed_seq: None,
+                        removed_ms: None,
+                    },
+                ));
             }
             let mut welcomes = Vec::new();
             for name in &added {

@@ -61,6 +61,7 @@ impl Service {
                     info!(user = %name, "registered");
                 }
                 self.authenticated_as(session, &name)?;
+                self.record_seen(&name).await;
                 Ok(Response::Authenticated { name })
             }
             RegisterOutcome::Taken => Err(ErrorBody::new(
@@ -76,7 +77,12 @@ impl Service {
         name: String,
         proof: Bytes,
     ) -> Result<Response, ErrorBody> {
-        check_user_name(&name).map_err(|e| ErrorBody::new(ErrorCode::BadRequest, e.to_string()))?;
+        if huddle_core::devices::parse_principal(&name).is_none() {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!("{name:?} is neither a user name nor a device (USER/N)"),
+            ));
+        }
         let nonce = self.take_nonce(session)?;
         let n = name.clone();
         let user = self
@@ -104,7 +110,17 @@ impl Service {
             )
         })?;
         self.authenticated_as(session, &name)?;
+        self.record_seen(&name).await;
         Ok(Response::Authenticated { name })
+    }
+
+    /// Records that `name` authenticated now (best effort: a failure only
+    /// leaves `device list` an older time).
+    async fn record_seen(&self, name: &str) {
+        let (n, now) = (name.to_owned(), self.now_ms());
+        if let Ok(Err(e)) = self.blocking(move |s| s.seen(&n, now)).await {
+            tracing::debug!(user = %name, error = %e, "last-seen time not recorded");
+        }
     }
 
     /// Marks the session as `name`'s, within the user's connection limit.

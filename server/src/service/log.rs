@@ -87,7 +87,8 @@ impl Service {
         }
     }
 
-    /// Deletes Welcomes older than the inbox retention.
+    /// Deletes Welcomes older than the inbox retention, and lapsed device
+    /// link requests.
     pub async fn expire_inboxes(&self) {
         let before = self
             .now_ms()
@@ -97,6 +98,12 @@ impl Service {
             Ok(Ok(n)) => info!(items = n, "expired Welcomes deleted"),
             Ok(Err(e)) => warn!(error = %e, "expiring Welcomes failed"),
             Err(_) => {}
+        }
+        let now = self.now_ms();
+        match self.blocking(move |s| s.expire_links(now)).await {
+            Ok(Ok(0)) | Err(_) => {}
+            Ok(Ok(n)) => info!(links = n, "lapsed device link requests deleted"),
+            Ok(Err(e)) => warn!(error = %e, "expiring device link requests failed"),
         }
     }
 }

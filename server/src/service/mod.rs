@@ -21,6 +21,7 @@ use crate::writer::Writer;
 
 mod acks;
 mod auth;
+mod devices;
 mod groups;
 mod key_packages;
 mod log;
@@ -57,6 +58,10 @@ pub struct Service {
     /// This process among the nodes of a cluster: the holder named in the
     /// leases it takes.
     node: u64,
+    /// Devices revoked through this node: their connections authenticated
+    /// before are refused from then on. (A revoked device cannot
+    /// authenticate anywhere again: the store no longer finds it.)
+    revoked: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -102,6 +107,7 @@ impl Service {
             loading: tokio::sync::Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
             node: rand::random(),
+            revoked: Mutex::default(),
         }))
     }
 
@@ -162,8 +168,20 @@ impl Service {
                 proof,
             } => self.register(session, name, identity_key, proof).await,
             Request::Authenticate { name, proof } => self.authenticate(session, name, proof).await,
+            Request::RequestLink {
+                user,
+                device_key,
+                proof,
+            } => self.request_link(session, user, device_key, proof).await,
+            Request::Devices { user } => self.devices(user).await,
             other => {
                 let user = session.require_user()?;
+                if self.revoked.lock().expect("revoked lock").contains(&user) {
+                    return Err(ErrorBody::new(
+                        ErrorCode::AuthFailed,
+                        format!("{user} is a revoked device"),
+                    ));
+                }
                 self.authenticated(session, user, other).await
             }
         }
@@ -231,7 +249,14 @@ impl Service {
                     "this request is handled on its own stream",
                 ))
             }
-            Request::Challenge | Request::Register { .. } | Request::Authenticate { .. } => {
+            Request::PendingLink { code } => self.pending_link(user, code).await,
+            Request::AppendDevice { entry, code } => self.append_device(user, entry, code).await,
+            Request::UserGroups => self.user_groups(user).await,
+            Request::Challenge
+            | Request::Register { .. }
+            | Request::Authenticate { .. }
+            | Request::RequestLink { .. }
+            | Request::Devices { .. } => {
                 unreachable!("handled before authentication")
             }
         }

@@ -370,6 +370,36 @@ impl GroupWrite {
     }
 }
 
+/// A device's request to be linked to a user, waiting for approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingLink {
+    /// The new device's key.
+    pub device_key: [u8; 32],
+    /// When the request lapses, ms since the Unix epoch.
+    pub expires_ms: u64,
+}
+
+/// What an appended device-log entry does besides being stored.
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceWrite<'a> {
+    /// Registers the new device's principal with its key, and drops the
+    /// pending link `code`.
+    Add {
+        /// `USER/N`.
+        principal: &'a str,
+        /// Its key.
+        record: &'a UserRecord,
+        /// The link request it answers.
+        code: &'a str,
+    },
+    /// Revokes the principal: [`Store::user`] no longer finds it, and its
+    /// name cannot be registered again.
+    Remove {
+        /// The revoked device's principal.
+        principal: &'a str,
+    },
+}
+
 /// The storage interface of the delivery service. All methods block; call
 /// them from a blocking context.
 pub trait Store: Send + Sync + 'static {
@@ -377,8 +407,52 @@ pub trait Store: Send + Sync + 'static {
     /// once at shutdown, after the last write.
     fn close(&self);
 
-    /// Looks up a user.
+    /// Looks up a user, or a device's principal; a revoked one is not
+    /// found.
     fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError>;
+
+    /// Looks up a registered name, revoked or not: the key a user
+    /// registered with is the root of its device log.
+    fn registered(&self, name: &str) -> Result<Option<UserRecord>, StoreError>;
+
+    /// The entries of `user`'s device log, in order.
+    fn device_log(&self, user: &str) -> Result<Vec<Bytes>, StoreError>;
+
+    /// Appends `entry` as entry `seq` (from 1) of `user`'s device log, and
+    /// does what `write` says, in one transaction; `false` (and nothing
+    /// written) if the log does not hold exactly `seq - 1` entries.
+    fn append_device(
+        &self,
+        user: &str,
+        seq: u32,
+        entry: &[u8],
+        write: DeviceWrite<'_>,
+    ) -> Result<bool, StoreError>;
+
+    /// Stores a pending link under (`user`, `code`). Pending links of the
+    /// user lapsed at `now_ms` are dropped first; refuses with
+    /// [`StoreError::Conflict`] if the code is taken or the user has `max`
+    /// pending already.
+    fn put_link(
+        &self,
+        user: &str,
+        code: &str,
+        link: &PendingLink,
+        now_ms: u64,
+        max: usize,
+    ) -> Result<(), StoreError>;
+
+    /// The pending link (`user`, `code`), if it has not lapsed at `now_ms`.
+    fn link(&self, user: &str, code: &str, now_ms: u64) -> Result<Option<PendingLink>, StoreError>;
+
+    /// Drops every pending link lapsed at `now_ms`; returns how many.
+    fn expire_links(&self, now_ms: u64) -> Result<usize, StoreError>;
+
+    /// Records that `principal` authenticated at `ms`.
+    fn seen(&self, principal: &str, ms: u64) -> Result<(), StoreError>;
+
+    /// When `principal` last authenticated, if known.
+    fn last_seen(&self, principal: &str) -> Result<Option<u64>, StoreError>;
 
     /// Binds `name` to `record.identity_key` unless it is bound to another key.
     fn register_user(&self, name: &str, record: &UserRecord)

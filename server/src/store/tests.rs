@@ -471,6 +471,69 @@ fn media_records_are_updated_only_while_they_exist(s: &dyn Store) {
     assert_eq!(s.media(&id).unwrap(), None);
 }
 
+fn device_logs_grow_one_entry_at_a_time_and_revoke_for_good(s: &dyn Store) {
+    assert_eq!(
+        s.register_user("alice", &user(1)).unwrap(),
+        RegisterOutcome::Created
+    );
+    assert!(s.device_log("alice").unwrap().is_empty());
+    // A link waits; the code of a live one cannot be taken twice.
+    let link = PendingLink {
+        device_key: [2; 32],
+        expires_ms: 1_000,
+    };
+    s.put_link("alice", "11111111", &link, 10, 2).unwrap();
+    assert!(matches!(
+        s.put_link("alice", "11111111", &link, 10, 2),
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(s.link("alice", "11111111", 10).unwrap(), Some(link.clone()));
+    assert_eq!(s.link("bob", "11111111", 10).unwrap(), None);
+    assert_eq!(s.link("alice", "11111111", 1_000).unwrap(), None, "lapsed");
+    // Entry 2 before entry 1 is refused, and writes nothing.
+    let add = DeviceWrite::Add {
+        principal: "alice/2",
+        record: &user(2),
+        code: "11111111",
+    };
+    assert!(!s.append_device("alice", 2, b"second", add).unwrap());
+    assert_eq!(s.user("alice/2").unwrap(), None);
+    assert!(s.append_device("alice", 1, b"first", add).unwrap());
+    assert_eq!(s.user("alice/2").unwrap(), Some(user(2)));
+    assert_eq!(
+        s.link("alice", "11111111", 10).unwrap(),
+        None,
+        "the link is used up"
+    );
+    assert!(!s.append_device("alice", 1, b"again", add).unwrap());
+    // Revoking device 1 hides it, keeps its root key, and keeps its name.
+    let remove = DeviceWrite::Remove { principal: "alice" };
+    assert!(s.append_device("alice", 2, b"removal", remove).unwrap());
+    assert_eq!(
+        s.device_log("alice").unwrap(),
+        [Bytes::from_static(b"first"), Bytes::from_static(b"removal")]
+    );
+    assert_eq!(s.user("alice").unwrap(), None);
+    assert_eq!(s.registered("alice").unwrap(), Some(user(1)));
+    assert_eq!(
+        s.register_user("alice", &user(1)).unwrap(),
+        RegisterOutcome::Taken
+    );
+    // At most `max` live links per user; lapsed ones make room.
+    s.put_link("alice", "22222222", &link, 10, 1).unwrap();
+    assert!(matches!(
+        s.put_link("alice", "33333333", &link, 10, 1),
+        Err(StoreError::Conflict(_))
+    ));
+    s.put_link("alice", "33333333", &link, 1_000, 1).unwrap();
+    assert_eq!(s.expire_links(5_000).unwrap(), 1);
+    // Last seen.
+    assert_eq!(s.last_seen("alice/2").unwrap(), None);
+    s.seen("alice/2", 7).unwrap();
+    s.seen("alice/2", 9).unwrap();
+    assert_eq!(s.last_seen("alice/2").unwrap(), Some(9));
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod on_redb {
@@ -506,6 +569,7 @@ on_both_backends!(
     cursors_only_move_forward_and_compaction_drops_entries,
     epoch_authenticators_are_collected_per_epoch,
     media_records_are_updated_only_while_they_exist,
+    device_logs_grow_one_entry_at_a_time_and_revoke_for_good,
 );
 
 #[test]

@@ -31,6 +31,7 @@ use super::*;
 pub use schema::MIGRATIONS;
 use write::{apply_one, drop_inbox, release_shared};
 
+mod devices;
 mod media;
 mod schema;
 mod write;
@@ -278,23 +279,52 @@ impl Store for PgStore {
     }
 
     fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
-        self.txn(|t| {
-            t.query_opt(
-                "SELECT identity_key, registered_ms FROM users WHERE name = $1",
-                &[&name],
-            )
-            .map_err(pg)?
-            .map(|r| {
-                Ok(UserRecord {
-                    identity_key: r
-                        .get::<_, Vec<u8>>(0)
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt("identity key length".into()))?,
-                    registered_ms: u(r.get(1))?,
-                })
-            })
-            .transpose()
-        })
+        self.user_record(name, false)
+    }
+
+    fn registered(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.user_record(name, true)
+    }
+
+    fn device_log(&self, user: &str) -> Result<Vec<Bytes>, StoreError> {
+        self.read_device_log(user)
+    }
+
+    fn append_device(
+        &self,
+        user: &str,
+        seq: u32,
+        entry: &[u8],
+        write: DeviceWrite<'_>,
+    ) -> Result<bool, StoreError> {
+        self.append_device_entry(user, seq, entry, write)
+    }
+
+    fn put_link(
+        &self,
+        user: &str,
+        code: &str,
+        link: &PendingLink,
+        now_ms: u64,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        self.put_pending_link(user, code, link, now_ms, max)
+    }
+
+    fn link(&self, user: &str, code: &str, now_ms: u64) -> Result<Option<PendingLink>, StoreError> {
+        self.pending_link(user, code, now_ms)
+    }
+
+    fn expire_links(&self, now_ms: u64) -> Result<usize, StoreError> {
+        self.expire_pending_links(now_ms)
+    }
+
+    fn seen(&self, principal: &str, ms: u64) -> Result<(), StoreError> {
+        self.set_seen(principal, ms)
+    }
+
+    fn last_seen(&self, principal: &str) -> Result<Option<u64>, StoreError> {
+        self.get_seen(principal)
     }
 
     fn register_user(
@@ -317,11 +347,15 @@ impl Store for PgStore {
             if inserted == 1 {
                 return Ok(RegisterOutcome::Created);
             }
-            let key: Vec<u8> = t
-                .query_one("SELECT identity_key FROM users WHERE name = $1", &[&name])
-                .map_err(pg)?
-                .get(0);
-            Ok(if key == record.identity_key {
+            let row = t
+                .query_one(
+                    "SELECT identity_key, revoked_ms IS NOT NULL FROM users WHERE name = $1",
+                    &[&name],
+                )
+                .map_err(pg)?;
+            let key: Vec<u8> = row.get(0);
+            let revoked: bool = row.get(1);
+            Ok(if key == record.identity_key && !revoked {
                 RegisterOutcome::Existing
             } else {
                 RegisterOutcome::Taken

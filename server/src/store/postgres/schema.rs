@@ -126,6 +126,29 @@ pub const MIGRATIONS: &[&str] = &[
         bytes BIGINT NOT NULL CHECK (bytes >= 0)
     );
     "#,
+    // 4: users' devices: each user's signed device log, revoked principals,
+    // links waiting for approval, and when each device last authenticated.
+    r#"
+    CREATE TABLE device_log (
+        username TEXT NOT NULL,
+        seq INTEGER NOT NULL CHECK (seq > 0),
+        entry BYTEA NOT NULL,
+        PRIMARY KEY (username, seq)
+    );
+    ALTER TABLE users ADD COLUMN revoked_ms BIGINT;
+    CREATE TABLE device_links (
+        username TEXT NOT NULL,
+        code TEXT NOT NULL,
+        device_key BYTEA NOT NULL CHECK (length(device_key) = 32),
+        expires_ms BIGINT NOT NULL,
+        PRIMARY KEY (username, code)
+    );
+    CREATE INDEX device_links_by_time ON device_links (expires_ms);
+    CREATE TABLE device_seen (
+        principal TEXT PRIMARY KEY,
+        ms BIGINT NOT NULL
+    );
+    "#,
 ];
 
 /// The first version with `media.total_len` and `media_usage`.

@@ -15,6 +15,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use super::*;
 
+mod devices;
 mod inbox;
 mod write;
 
@@ -168,6 +169,10 @@ impl RedbStore {
             txn.open_table(EPOCH_AUTH).map_err(err)?;
             txn.open_table(MEDIA).map_err(err)?;
             txn.open_table(GROUP_INFO).map_err(err)?;
+            txn.open_table(devices::DEVICE_LOG).map_err(err)?;
+            txn.open_table(devices::REVOKED).map_err(err)?;
+            txn.open_table(devices::LINKS).map_err(err)?;
+            txn.open_table(devices::SEEN).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
             let version = meta.get("schema_version").map_err(err)?.map(|v| v.value());
             match version {
@@ -201,12 +206,55 @@ impl Store for RedbStore {
     }
 
     fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
-        let txn = self.read()?;
-        let t = txn.open_table(USERS).map_err(err)?;
-        match t.get(name).map_err(err)? {
-            Some(v) => Ok(Some(dec(v.value(), "user")?)),
-            None => Ok(None),
+        if self.is_revoked(name)? {
+            return Ok(None);
         }
+        self.registered_record(name)
+    }
+
+    fn registered(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.registered_record(name)
+    }
+
+    fn device_log(&self, user: &str) -> Result<Vec<Bytes>, StoreError> {
+        self.read_device_log(user)
+    }
+
+    fn append_device(
+        &self,
+        user: &str,
+        seq: u32,
+        entry: &[u8],
+        write: DeviceWrite<'_>,
+    ) -> Result<bool, StoreError> {
+        self.append_device_entry(user, seq, entry, write)
+    }
+
+    fn put_link(
+        &self,
+        user: &str,
+        code: &str,
+        link: &PendingLink,
+        now_ms: u64,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        self.put_pending_link(user, code, link, now_ms, max)
+    }
+
+    fn link(&self, user: &str, code: &str, now_ms: u64) -> Result<Option<PendingLink>, StoreError> {
+        self.pending_link(user, code, now_ms)
+    }
+
+    fn expire_links(&self, now_ms: u64) -> Result<usize, StoreError> {
+        self.expire_pending_links(now_ms)
+    }
+
+    fn seen(&self, principal: &str, ms: u64) -> Result<(), StoreError> {
+        self.set_seen(principal, ms)
+    }
+
+    fn last_seen(&self, principal: &str) -> Result<Option<u64>, StoreError> {
+        self.get_seen(principal)
     }
 
     fn register_user(
@@ -221,7 +269,14 @@ impl Store for RedbStore {
                 Some(v) => Some(dec(v.value(), "user")?),
                 None => None,
             };
+            let revoked = txn
+                .open_table(devices::REVOKED)
+                .map_err(err)?
+                .get(name)
+                .map_err(err)?
+                .is_some();
             match existing {
+                Some(_) if revoked => RegisterOutcome::Taken,
                 Some(u) if u.identity_key == record.identity_key => RegisterOutcome::Existing,
                 Some(_) => RegisterOutcome::Taken,
                 None => {
