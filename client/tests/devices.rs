@@ -182,7 +182,8 @@ async fn a_revoked_device_reads_nothing_afterwards_in_any_group() {
     let mut again = Client::open(server.home("dave2")).unwrap();
     match again.sync().await {
         Err(huddle_client::ClientError::Server(e)) => {
-            assert_eq!(e.code, ErrorCode::UnknownUser, "{e:?}")
+            assert_eq!(e.code, ErrorCode::AuthFailed, "{e:?}");
+            assert!(e.message.contains("revoked"), "{e:?}");
         }
         other => panic!("a revoked device must be refused: {other:?}"),
     }

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use super::{connect_any, now_ms, server_list, Client, KEY_PACKAGE_BATCH};
 use crate::db;
 use crate::error::{ClientError, Result};
-use crate::event::{Event, EventKind};
+use crate::event::Event;
 use crate::home::{Home, Settings};
 use crate::identity::Identity;
 use crate::lock::Locks;
@@ -366,18 +366,8 @@ impl Client {
     }
 
     async fn join_as_device(&mut self, id: &GroupId) -> Result<Vec<Event>> {
-        let mut events = self
-            .rejoin(id, "this device was linked to its user")
-            .await?;
-        for e in &mut events {
-            if let EventKind::Rejoined { members, epoch, .. } = &e.kind {
-                e.kind = EventKind::Joined {
-                    members: members.clone(),
-                    epoch: *epoch,
-                };
-            }
-        }
-        Ok(events)
+        self.join_externally(id, "this device was linked to its user", true)
+            .await
     }
 }
 

@@ -173,7 +173,7 @@ impl Client {
         } in db::groups::list(&self.db)?
         {
             let (epoch, members) = match self.load_group(&self.db, &gid) {
-                Ok(g) if g.is_active() => (g.epoch().as_u64(), g.members().count()),
+                Ok(g) if g.is_active() => (g.epoch().as_u64(), member_names(&g).len()),
                 Ok(g) => (g.epoch().as_u64(), 0),
                 Err(_) => (0, 0),
             };

@@ -140,7 +140,7 @@ pub struct GroupListing {
     pub state: String,
     /// Current epoch.
     pub epoch: u64,
-    /// Number of members.
+    /// Number of members (users; a user's devices count once).
     pub members: usize,
 }
 

@@ -283,6 +283,17 @@ impl Client {
     /// secrets the old state never knew. Messages sent before it are not
     /// readable by the new state; everything after is.
     pub async fn rejoin(&mut self, id: &GroupId, why: &str) -> Result<Vec<Event>> {
+        self.join_externally(id, why, false).await
+    }
+
+    /// An external commit into group `id`: a rejoin, or (`first`) the
+    /// first join of a newly linked device, reported as `joined`.
+    pub(super) async fn join_externally(
+        &mut self,
+        id: &GroupId,
+        why: &str,
+        first: bool,
+    ) -> Result<Vec<Event>> {
         let _lock = self.locks.lock(id).await?;
         for attempt in 0..COMMIT_ATTEMPTS {
             let (epoch, info, tree) = match self.request(&Request::JoinInfo { group: *id }).await? {
@@ -353,12 +364,18 @@ impl Client {
                     let tx = self.db.unchecked_transaction()?;
                     db::groups::rejoined(&tx, id, seq)?;
                     db::history::mark_own(&tx, id, seq)?;
-                    let mut e = Event::new(
+                    let members = member_names(&self.load_group(&tx, id)?);
+                    let kind = if first {
+                        EventKind::Joined { members, epoch }
+                    } else {
                         EventKind::Rejoined {
-                            members: member_names(&self.load_group(&tx, id)?),
+                            members,
                             epoch,
                             text: Some(why.to_owned()),
-                        },
+                        }
+                    };
+                    let mut e = Event::new(
+                        kind,
                         &id.to_string(),
                         self.name(),
                         seq,

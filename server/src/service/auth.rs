@@ -85,16 +85,30 @@ impl Service {
         }
         let nonce = self.take_nonce(session)?;
         let n = name.clone();
-        let user = self
-            .blocking(move |s| s.user(&n))
+        let (user, revoked) = self
+            .blocking(move |s| -> Result<_, crate::store::StoreError> {
+                let user = s.user(&n)?;
+                let revoked = user.is_none() && s.registered(&n)?.is_some();
+                Ok((user, revoked))
+            })
             .await?
-            .map_err(ErrorBody::from)?
-            .ok_or_else(|| {
+            .map_err(ErrorBody::from)?;
+        let user = user.ok_or_else(|| {
+            if revoked {
+                ErrorBody::new(
+                    ErrorCode::AuthFailed,
+                    format!(
+                        "{name} is a revoked device: another device of {} revoked it",
+                        huddle_core::devices::user_part(&name)
+                    ),
+                )
+            } else {
                 ErrorBody::new(
                     ErrorCode::UnknownUser,
                     format!("no user is registered as {name}"),
                 )
-            })?;
+            }
+        })?;
         verify_proof(
             &user.identity_key,
             Purpose::Authenticate,
