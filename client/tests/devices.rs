@@ -274,6 +274,16 @@ async fn a_device_is_added_only_with_a_signature_of_a_current_device() {
         other => panic!("a forged entry is refused: {other:?}"),
     }
     assert_eq!(frank.device_list().await.unwrap().len(), 1);
+    // When frank's devices were last online is told to frank's devices only.
+    let ask = Request::Devices {
+        user: "frank".into(),
+    };
+    let seen = |r: Response| match r {
+        Response::Devices { last_seen, .. } => last_seen.len(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(seen(frank.net().await.unwrap().request(&ask).await.unwrap()), 1);
+    assert_eq!(seen(mallory.net().await.unwrap().request(&ask).await.unwrap()), 0);
 }
 
 /// A device linked while one of its user's groups is in the middle of a

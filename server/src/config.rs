@@ -61,7 +61,8 @@ pub struct ServerConfig {
     /// Most current devices of one user; linking one more is refused
     /// (`QuotaExceeded`).
     pub max_devices_per_user: usize,
-    /// Most link requests waiting for approval per user.
+    /// Most link requests waiting for approval per user; a new one
+    /// drops the oldest.
     pub max_pending_links_per_user: usize,
     /// How long a link request waits for approval.
     pub link_ttl: Duration,

@@ -423,7 +423,8 @@ pub enum Response {
         /// [`crate::devices::DeviceEntry`].
         entries: Vec<Bytes>,
         /// When each current device last authenticated, as far as this
-        /// DS knows (device number, ms since the Unix epoch).
+        /// DS knows (device number, ms since the Unix epoch); only for a
+        /// caller that is one of the user's devices, empty otherwise.
         last_seen: Vec<(u32, u64)>,
     },
 }

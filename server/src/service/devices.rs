@@ -106,10 +106,7 @@ impl Service {
                         expires_ms: link.expires_ms,
                     });
                 }
-                Err(StoreError::Conflict(m)) if m.contains("taken") => continue,
-                Err(StoreError::Conflict(m)) => {
-                    return Err(ErrorBody::new(ErrorCode::QuotaExceeded, m))
-                }
+                Err(StoreError::Conflict(_)) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -147,6 +144,7 @@ impl Service {
         caller: String,
         entry: Bytes,
         code: Option<String>,
+        viewer: Option<String>,
     ) -> Result<Response, ErrorBody> {
         let (user, me) = parse_principal(&caller)
             .map(|(u, d)| (u.to_owned(), d))
@@ -223,11 +221,17 @@ impl Service {
                 .insert(changed.clone());
         }
         info!(%user, device = %changed, by = me, "device log appended");
-        self.devices(user).await
+        self.devices(user, viewer).await
     }
 
-    /// `user`'s device log.
-    pub(super) async fn devices(&self, user: String) -> Result<Response, ErrorBody> {
+    /// `user`'s device log; with last-seen times only for a `viewer` who
+    /// is one of the user's own devices (when a device was last online is
+    /// nobody else's business).
+    pub(super) async fn devices(
+        &self,
+        user: String,
+        viewer: Option<String>,
+    ) -> Result<Response, ErrorBody> {
         check_user_name(&user).map_err(|e| bad(e.to_string()))?;
         let d = self.devices_of(&user).await?.ok_or_else(|| {
             ErrorBody::new(
@@ -235,11 +239,17 @@ impl Service {
                 format!("no user is registered as {user}"),
             )
         })?;
-        let principals: Vec<(u32, String)> = d
-            .set
-            .devices()
-            .map(|dev| (dev.device, principal(&user, dev.device)))
-            .collect();
+        let own = viewer
+            .as_deref()
+            .is_some_and(|v| huddle_core::devices::user_part(v) == user);
+        let principals: Vec<(u32, String)> = if own {
+            d.set
+                .devices()
+                .map(|dev| (dev.device, principal(&user, dev.device)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let last_seen = self
             .blocking(move |s| -> Result<Vec<(u32, u64)>, StoreError> {
                 let mut out = Vec::new();

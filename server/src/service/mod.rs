@@ -173,7 +173,7 @@ impl Service {
                 device_key,
                 proof,
             } => self.request_link(session, user, device_key, proof).await,
-            Request::Devices { user } => self.devices(user).await,
+            Request::Devices { user } => self.devices(user, session.user()).await,
             other => {
                 let user = session.require_user()?;
                 if self.revoked.lock().expect("revoked lock").contains(&user) {
@@ -250,7 +250,9 @@ impl Service {
                 ))
             }
             Request::PendingLink { code } => self.pending_link(user, code).await,
-            Request::AppendDevice { entry, code } => self.append_device(user, entry, code).await,
+            Request::AppendDevice { entry, code } => {
+                self.append_device(user.clone(), entry, code, Some(user)).await
+            }
             Request::UserGroups => self.user_groups(user).await,
             Request::Challenge
             | Request::Register { .. }

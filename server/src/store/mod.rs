@@ -430,9 +430,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 
     /// Stores a pending link under (`user`, `code`). Pending links of the
-    /// user lapsed at `now_ms` are dropped first; refuses with
-    /// [`StoreError::Conflict`] if the code is taken or the user has `max`
-    /// pending already.
+    /// user lapsed at `now_ms` are dropped first, and the oldest ones
+    /// beyond `max - 1` (so that a stranger's requests cannot lock a user
+    /// out of linking for long); refuses with [`StoreError::Conflict`] if
+    /// the code is taken.
     fn put_link(
         &self,
         user: &str,

@@ -519,14 +519,19 @@ fn device_logs_grow_one_entry_at_a_time_and_revoke_for_good(s: &dyn Store) {
         s.register_user("alice", &user(1)).unwrap(),
         RegisterOutcome::Taken
     );
-    // At most `max` live links per user; lapsed ones make room.
-    s.put_link("alice", "22222222", &link, 10, 1).unwrap();
-    assert!(matches!(
-        s.put_link("alice", "33333333", &link, 10, 1),
-        Err(StoreError::Conflict(_))
-    ));
-    s.put_link("alice", "33333333", &link, 1_000, 1).unwrap();
-    assert_eq!(s.expire_links(5_000).unwrap(), 1);
+    // At most `max` live links per user: the oldest make room.
+    let at = |expires_ms| PendingLink {
+        device_key: [3; 32],
+        expires_ms,
+    };
+    s.put_link("alice", "22222222", &at(2_000), 10, 2).unwrap();
+    s.put_link("alice", "33333333", &at(3_000), 10, 2).unwrap();
+    s.put_link("alice", "44444444", &at(4_000), 10, 2).unwrap();
+    assert_eq!(s.link("alice", "22222222", 10).unwrap(), None, "the oldest made room");
+    assert_eq!(s.link("alice", "33333333", 10).unwrap(), Some(at(3_000)));
+    assert_eq!(s.link("alice", "44444444", 10).unwrap(), Some(at(4_000)));
+    assert_eq!(s.expire_links(3_500).unwrap(), 1);
+    assert_eq!(s.link("alice", "44444444", 10).unwrap(), Some(at(4_000)));
     // Last seen.
     assert_eq!(s.last_seen("alice/2").unwrap(), None);
     s.seen("alice/2", 7).unwrap();

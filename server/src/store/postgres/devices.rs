@@ -135,18 +135,25 @@ impl PgStore {
                 &[&user, &n(now_ms)],
             )
             .map_err(pg)?;
-            let live: i64 = t
-                .query_one(
-                    "SELECT count(*) FROM device_links WHERE username = $1",
-                    &[&user],
+            if t
+                .query_opt(
+                    "SELECT 1 FROM device_links WHERE username = $1 AND code = $2",
+                    &[&user, &code],
                 )
                 .map_err(pg)?
-                .get(0);
-            if usize::try_from(live).unwrap_or(usize::MAX) >= max {
-                return Err(StoreError::Conflict(format!(
-                    "{user} has {live} device links waiting for approval, the most this server keeps"
-                )));
+                .is_some()
+            {
+                return Err(StoreError::Conflict("the link code is taken".into()));
             }
+            // The oldest requests make room for the new one.
+            let keep = i64::try_from(max.saturating_sub(1)).unwrap_or(i64::MAX);
+            t.execute(
+                "DELETE FROM device_links WHERE username = $1 AND code IN (
+                     SELECT code FROM device_links WHERE username = $1
+                     ORDER BY expires_ms DESC OFFSET $2)",
+                &[&user, &keep],
+            )
+            .map_err(pg)?;
             let inserted = t
                 .execute(
                     "INSERT INTO device_links (username, code, device_key, expires_ms)

@@ -110,7 +110,7 @@ impl RedbStore {
         let txn = self.write()?;
         {
             let mut t = txn.open_table(LINKS).map_err(err)?;
-            let mut live = 0;
+            let mut live: Vec<(u64, String)> = Vec::new();
             let mut lapsed = Vec::new();
             for row in t.range((user, "")..).map_err(err)? {
                 let (k, v) = row.map_err(err)?;
@@ -124,16 +124,15 @@ impl RedbStore {
                 } else if c == code {
                     return Err(StoreError::Conflict("the link code is taken".into()));
                 } else {
-                    live += 1;
+                    live.push((l.expires_ms, c.to_owned()));
                 }
             }
+            // The oldest requests make room for the new one.
+            live.sort();
+            let over = (live.len() + 1).saturating_sub(max);
+            lapsed.extend(live.into_iter().take(over).map(|(_, c)| c));
             for c in &lapsed {
                 t.remove((user, c.as_str())).map_err(err)?;
-            }
-            if live >= max {
-                return Err(StoreError::Conflict(format!(
-                    "{user} has {live} device links waiting for approval, the most this server keeps"
-                )));
             }
             t.insert((user, code), enc(link).as_slice()).map_err(err)?;
         }
