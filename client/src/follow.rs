@@ -97,17 +97,20 @@ pub fn apply<P: OpenMlsProvider>(
             let mut removed = Vec::new();
             let mut left = Vec::new();
             let mut rejoined = Vec::new();
-            for r in staged.remove_proposals() {
-                let leaf = r.remove_proposal().removed();
+            for q in staged.queued_proposals() {
+                let Proposal::Remove(r) = q.proposal() else {
+                    continue;
+                };
+                let leaf = r.removed();
                 let Some(name) = group
                     .member_at(leaf)
                     .and_then(|m| principal_of(&m.credential))
                 else {
                     continue;
                 };
-                if matches!(r.sender(), Sender::Member(s) if *s == leaf) {
+                if leaves_itself(group, q, leaf, &name) {
                     left.push(name);
-                } else if matches!(r.sender(), Sender::NewMemberCommit) && name == from {
+                } else if matches!(q.sender(), Sender::NewMemberCommit) && name == from {
                     // An external commit replacing the sender's own
                     // leaf: a member rejoining with new state.
                     rejoined.push(name);
@@ -197,12 +200,19 @@ pub fn apply<P: OpenMlsProvider>(
                 }));
             }
             if !left.is_empty() {
+                let (partly, gone): (Vec<String>, Vec<String>) = left
+                    .iter()
+                    .cloned()
+                    .partition(|p| users_after.contains(user_part(p)));
+                let gone = dedup_users(gone);
+                let from = gone.first().or(partly.first()).cloned().unwrap_or_default();
+                let members = gone.into_iter().chain(partly).collect();
                 let mut e = ev(EventKind::Left {
-                    members: left.clone(),
+                    members,
                     epoch: Some(epoch),
                     text: None,
                 });
-                e.from = left[0].clone();
+                e.from = from;
                 events.push(e);
             }
             if self_removed || !group.is_active() {
@@ -239,6 +249,30 @@ pub fn app_event(msg: &AppMessage, id: &GroupId, from: &str, seq: u64, ts: u64) 
         AppMessage::GroupName { .. } => return None,
     };
     Some(Event::new(kind, &id.to_string(), from, seq, ts))
+}
+
+/// Whether the removal of `leaf` (principal `name`) by proposal `q` is its
+/// user leaving: proposed by that leaf itself, or proposed (not committed
+/// inline) by another device of the same user, which leaves with all its
+/// user's devices. A device of the user that removes another in a commit
+/// of its own (a revocation) is not a leaving.
+pub(crate) fn leaves_itself(
+    group: &MlsGroup,
+    q: &QueuedProposal,
+    leaf: LeafNodeIndex,
+    name: &str,
+) -> bool {
+    match q.sender() {
+        Sender::Member(s) if *s == leaf => true,
+        Sender::Member(s) => {
+            q.proposal_or_ref_type() == ProposalOrRefType::Reference
+                && group
+                    .member_at(*s)
+                    .and_then(|m| principal_of(&m.credential))
+                    .is_some_and(|p| user_part(&p) == user_part(name))
+        }
+        _ => false,
+    }
 }
 
 /// The users with a leaf in `group`.

@@ -282,8 +282,14 @@ async fn a_device_is_added_only_with_a_signature_of_a_current_device() {
         Response::Devices { last_seen, .. } => last_seen.len(),
         other => panic!("{other:?}"),
     };
-    assert_eq!(seen(frank.net().await.unwrap().request(&ask).await.unwrap()), 1);
-    assert_eq!(seen(mallory.net().await.unwrap().request(&ask).await.unwrap()), 0);
+    assert_eq!(
+        seen(frank.net().await.unwrap().request(&ask).await.unwrap()),
+        1
+    );
+    assert_eq!(
+        seen(mallory.net().await.unwrap().request(&ask).await.unwrap()),
+        0
+    );
 }
 
 /// A device linked while one of its user's groups is in the middle of a
@@ -352,4 +358,31 @@ async fn a_device_linked_while_a_group_is_mid_commit_converges() {
         texts(&bob2.messages(&g, 10).unwrap()),
         ["carol: all settled"]
     );
+}
+
+/// Leaving is a user's act: leaving on one device takes all the user's
+/// devices out of the group, and each of them sees it as leaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_on_one_device_takes_all_the_users_devices_out() {
+    let server = TestServer::start().await;
+    let mut gina = server.register("gina").await;
+    let mut hal = server.register("hal").await;
+    let mut gina2 = link(&server, "gina", "gina2", &mut gina).await;
+    let g = hal.create_group("club").await.unwrap().to_string();
+    hal.add(&g, &["gina".to_owned()]).await.unwrap();
+    gina.sync().await.unwrap();
+    gina2.sync().await.unwrap();
+    assert!(
+        !gina2.leave(&g).await.unwrap(),
+        "a leave waits for its commit"
+    );
+    let ev = hal.sync().await.unwrap();
+    let left: Vec<_> = ev.iter().filter(|e| e.kind == "left").collect();
+    assert_eq!(left.len(), 1, "{ev:?}");
+    assert_eq!(left[0].members(), ["gina"]);
+    assert_eq!(hal.member_devices(&g).unwrap(), [("hal".to_owned(), 1)]);
+    for c in [&mut gina, &mut gina2] {
+        c.sync().await.unwrap();
+        assert_eq!(c.groups().unwrap()[0].state, "left", "{}", c.principal());
+    }
 }

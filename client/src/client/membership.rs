@@ -202,21 +202,47 @@ impl Client {
                 let tx = self.db.unchecked_transaction()?;
                 let provider = Provider::new(&self.crypto, &tx);
                 let mut g = self.load_group(&tx, id)?;
-                let msg = g
-                    .leave_group(&provider, &self.identity)
-                    .map_err(ClientError::mls)?;
-                // The proposal is also kept in our own proposal store; the
+                let mut out = vec![serialize(
+                    &g.leave_group(&provider, &self.identity)
+                        .map_err(ClientError::mls)?,
+                )?];
+                // A user leaves with all its devices: this one proposes the
+                // removal of the others too.
+                let me = self.principal().to_owned();
+                let siblings: Vec<LeafNodeIndex> = g
+                    .members()
+                    .filter(|m| {
+                        principal_of(&m.credential).is_some_and(|p| {
+                            p != me && huddle_core::devices::user_part(&p) == self.name()
+                        })
+                    })
+                    .map(|m| m.index)
+                    .collect();
+                for leaf in siblings {
+                    let (msg, _) = g
+                        .propose_remove_member(&provider, &self.identity, leaf)
+                        .map_err(ClientError::mls)?;
+                    out.push(serialize(&msg)?);
+                }
+                // The proposals are also kept in our own proposal store; the
                 // transaction is not committed, the DS's copy is what counts.
-                serialize(&msg)?
+                out
             };
-            match self
-                .request(&Request::Proposal {
-                    group: *id,
-                    proposal,
-                })
-                .await
-            {
-                Ok(_) => {
+            let mut posted = Ok(());
+            for proposal in proposal {
+                posted = self
+                    .request(&Request::Proposal {
+                        group: *id,
+                        proposal,
+                    })
+                    .await
+                    .map(|_| ());
+                if posted.is_err() {
+                    break;
+                }
+            }
+            match posted {
+                Ok(()) => {
                     db::groups::set_state(&self.db, id, GroupState::Leaving)?;
                     return Ok(());
                 }
@@ -385,9 +411,11 @@ impl Client {
             .pending_proposals()
             .filter_map(|p| match p.proposal() {
                 Proposal::Remove(r) => {
-                    all_self &= matches!(p.sender(), Sender::Member(s) if *s == r.removed());
-                    g.member_at(r.removed())
-                        .and_then(|m| principal_of(&m.credential))
+                    let name = g
+                        .member_at(r.removed())
+                        .and_then(|m| principal_of(&m.credential))?;
+                    all_self &= crate::follow::leaves_itself(&g, p, r.removed(), &name);
+                    Some(name)
                 }
                 _ => None,
             })
@@ -399,6 +427,22 @@ impl Client {
             Change::Left
         } else {
             Change::Removed
+        };
+        // A user all of whose devices go is reported once, by name.
+        let leaving = {
+            use huddle_core::devices::user_part;
+            let all = crate::follow::member_devices(&g);
+            let mut out: Vec<String> = Vec::new();
+            for p in &leaving {
+                let u = user_part(p);
+                let going = leaving.iter().filter(|q| user_part(q) == u).count();
+                let whole = all.iter().any(|(name, n)| name == u && *n == going);
+                let shown = if whole { u.to_owned() } else { p.clone() };
+                if !out.contains(&shown) {
+                    out.push(shown);
+                }
+            }
+            out
         };
         let r = self
             .commit_with_retry(id, Some((kind, leaving)), Origin::Others, |g, p, s| {

@@ -374,13 +374,7 @@ impl Client {
                             text: Some(why.to_owned()),
                         }
                     };
-                    let mut e = Event::new(
-                        kind,
-                        &id.to_string(),
-                        self.name(),
-                        seq,
-                        now_ms(),
-                    );
+                    let mut e = Event::new(kind, &id.to_string(), self.name(), seq, now_ms());
                     e.group_name = db::groups::load(&tx, id)?
                         .map(|r| r.name)
                         .unwrap_or_default();

@@ -251,7 +251,8 @@ impl Service {
             }
             Request::PendingLink { code } => self.pending_link(user, code).await,
             Request::AppendDevice { entry, code } => {
-                self.append_device(user.clone(), entry, code, Some(user)).await
+                self.append_device(user.clone(), entry, code, Some(user))
+                    .await
             }
             Request::UserGroups => self.user_groups(user).await,
             Request::Challenge

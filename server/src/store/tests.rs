@@ -527,7 +527,11 @@ fn device_logs_grow_one_entry_at_a_time_and_revoke_for_good(s: &dyn Store) {
     s.put_link("alice", "22222222", &at(2_000), 10, 2).unwrap();
     s.put_link("alice", "33333333", &at(3_000), 10, 2).unwrap();
     s.put_link("alice", "44444444", &at(4_000), 10, 2).unwrap();
-    assert_eq!(s.link("alice", "22222222", 10).unwrap(), None, "the oldest made room");
+    assert_eq!(
+        s.link("alice", "22222222", 10).unwrap(),
+        None,
+        "the oldest made room"
+    );
     assert_eq!(s.link("alice", "33333333", 10).unwrap(), Some(at(3_000)));
     assert_eq!(s.link("alice", "44444444", 10).unwrap(), Some(at(4_000)));
     assert_eq!(s.expire_links(3_500).unwrap(), 1);

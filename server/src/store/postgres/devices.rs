@@ -135,13 +135,12 @@ impl PgStore {
                 &[&user, &n(now_ms)],
             )
             .map_err(pg)?;
-            if t
-                .query_opt(
-                    "SELECT 1 FROM device_links WHERE username = $1 AND code = $2",
-                    &[&user, &code],
-                )
-                .map_err(pg)?
-                .is_some()
+            if t.query_opt(
+                "SELECT 1 FROM device_links WHERE username = $1 AND code = $2",
+                &[&user, &code],
+            )
+            .map_err(pg)?
+            .is_some()
             {
                 return Err(StoreError::Conflict("the link code is taken".into()));
             }
@@ -158,7 +157,12 @@ impl PgStore {
                 .execute(
                     "INSERT INTO device_links (username, code, device_key, expires_ms)
                      VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                    &[&user, &code, &link.device_key.as_slice(), &n(link.expires_ms)],
+                    &[
+                        &user,
+                        &code,
+                        &link.device_key.as_slice(),
+                        &n(link.expires_ms),
+                    ],
                 )
                 .map_err(pg)?;
             if inserted != 1 {
