@@ -412,7 +412,10 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 out.json(&who);
             } else {
                 out.line(&format!("name: {}", who.name));
-                out.line(&format!("device: {}", who.device));
+                out.line(&format!(
+                    "device: {} (number {}, {})",
+                    who.device, who.device_number, who.principal
+                ));
                 out.line(&format!("fingerprint: {}", who.fingerprint));
                 out.line(&format!("server: {}", who.server));
             }

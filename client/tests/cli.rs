@@ -119,3 +119,81 @@ fn errors_are_one_clear_line() {
     assert!(!success);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+/// Linking a laptop as a script playing the user does it: `link --json`
+/// prints the code first and waits; `device approve CODE` on the phone;
+/// `link` exits 0 once the laptop is in the user's groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_is_linked_approved_listed_and_revoked_from_the_command_line() {
+    use std::io::BufRead as _;
+    let server = TestServer::start().await;
+    let cert = server.cert().to_str().unwrap().to_owned();
+    let home = |n: &str| server.dir.path().join(n);
+    let (phone, laptop, zed) = (home("phone"), home("laptop"), home("zed"));
+    let addr = server.addr.clone();
+    tokio::task::spawn_blocking(move || {
+        ok(
+            &phone,
+            &["register", "yan", "--server", &addr, "--server-cert", &cert],
+        );
+        ok(
+            &zed,
+            &["register", "zed", "--server", &addr, "--server-cert", &cert],
+        );
+        ok(&zed, &["group", "create", "pals"]);
+        ok(&zed, &["group", "add", "pals", "yan"]);
+        ok(&phone, &["sync"]);
+        let mut link = std::process::Command::new(env!("CARGO_BIN_EXE_huddle"))
+            .arg("--home")
+            .arg(&laptop)
+            .args([
+                "--json",
+                "link",
+                "yan",
+                "--server",
+                &addr,
+                "--server-cert",
+                &cert,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(link.stdout.take().unwrap()).lines();
+        let first: serde_json::Value =
+            serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        let code = first["code"].as_str().unwrap().to_owned();
+        let approved = json_lines(&ok(&phone, &["--json", "device", "approve", &code]));
+        assert_eq!(approved[0]["approved"], 2);
+        assert_eq!(approved[0]["fingerprint"], first["fingerprint"]);
+        let rest: Vec<String> = lines.map(Result::unwrap).collect();
+        assert!(link.wait().unwrap().success(), "{rest:?}");
+        let last: serde_json::Value = serde_json::from_str(rest.last().unwrap()).unwrap();
+        assert_eq!(
+            (last["linked"].as_str(), last["groups"].as_u64()),
+            (Some("yan"), Some(1))
+        );
+
+        let listed = json_lines(&ok(&phone, &["--json", "device", "list"]));
+        assert_eq!(listed.len(), 2);
+        for d in &listed {
+            assert!(d["device"].is_u64() && d["fingerprint"].is_string(), "{d}");
+            assert!(d["last_seen"].is_u64(), "{d}");
+        }
+        let ev = json_lines(&ok(&zed, &["--json", "sync"]));
+        assert!(ev.iter().any(|e| e["type"] == "device_added"), "{ev:?}");
+        let members = json_lines(&ok(&zed, &["--json", "group", "members", "pals"]));
+        assert_eq!(members[0]["devices"]["yan"], 2);
+        ok(&zed, &["send", "pals", "hi laptop"]);
+        let ev = json_lines(&ok(&laptop, &["--json", "sync"]));
+        assert!(ev.iter().any(|e| e["text"] == "hi laptop"), "{ev:?}");
+
+        // Revoked from the phone: the laptop is told, in one line.
+        ok(&phone, &["device", "remove", "2"]);
+        let (success, _, err) = huddle(&laptop, &["sync"]);
+        assert!(!success);
+        assert!(err.contains("revoked"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    })
+    .await
+    .unwrap();
+}

@@ -82,7 +82,7 @@ impl Client {
                 .map(str::to_owned)
                 .collect(),
             server_fingerprint: fp,
-            name: self.settings.name.clone(),
+            name: self.identity.name.clone(),
             key_packages: available,
             last_resort,
         })

@@ -108,6 +108,11 @@ pub struct WhoAmI {
     pub device: String,
     /// Identity key fingerprint (safety number).
     pub fingerprint: String,
+    /// This device's number among its user's devices (`huddle device
+    /// list`).
+    pub device_number: u32,
+    /// This device's principal: the name for device 1, `NAME/N` otherwise.
+    pub principal: String,
     /// Server address.
     pub server: String,
 }
@@ -121,7 +126,8 @@ pub struct Status {
     pub servers: Vec<String>,
     /// SHA-256 fingerprint of the server certificate.
     pub server_fingerprint: String,
-    /// User name.
+    /// The principal this device authenticated as (the user name for
+    /// the user's first device, `NAME/N` for its N-th).
     pub name: String,
     /// One-time key packages the server still holds for this device.
     pub key_packages: u32,
@@ -368,6 +374,8 @@ impl Client {
             name: self.settings.name.clone(),
             device: fingerprint.replace(' ', "")[..16].to_owned(),
             fingerprint,
+            device_number: self.settings.device,
+            principal: self.identity.name.clone(),
             server: self.settings.server.clone(),
         }
     }
