@@ -86,18 +86,25 @@ pub async fn register(addr: &str, trust: &Trust, name: &str, kps: usize) -> anyh
     let id = Identity::generate(name);
     let net = Connection::connect(addr, trust.clone()).await?;
     net.authenticate(&id, true).await?;
+    publish(&net, &id, kps).await?;
+    Ok(Light { id, net })
+}
+
+/// Publishes `kps` one-time key packages of `id` and a last-resort one
+/// (nothing when `kps` is 0).
+async fn publish(net: &Connection, id: &Identity, kps: usize) -> anyhow::Result<()> {
     if kps > 0 {
         let provider = OpenMlsRustCrypto::default();
         let key_packages = (0..kps)
-            .map(|_| key_package(&provider, &id, false))
+            .map(|_| key_package(&provider, id, false))
             .collect();
         net.request(&Request::PublishKeyPackages {
             key_packages,
-            last_resort: Some(key_package(&provider, &id, true)),
+            last_resort: Some(key_package(&provider, id, true)),
         })
         .await?;
     }
-    Ok(Light { id, net })
+    Ok(())
 }
 
 /// Registers `n` users named `{prefix}{i}`, `concurrency` at a time.
@@ -196,17 +203,7 @@ pub async fn link_device(
         .await?;
     let net = Connection::connect(addr, trust.clone()).await?;
     net.authenticate(&id, false).await?;
-    if kps > 0 {
-        let provider = OpenMlsRustCrypto::default();
-        let key_packages = (0..kps)
-            .map(|_| key_package(&provider, &id, false))
-            .collect();
-        net.request(&Request::PublishKeyPackages {
-            key_packages,
-            last_resort: Some(key_package(&provider, &id, true)),
-        })
-        .await?;
-    }
+    publish(&net, &id, kps).await?;
     Ok(Light { id, net })
 }
 

@@ -484,6 +484,12 @@ impl DeviceSet {
     pub fn next_device(&self) -> u32 {
         self.next
     }
+
+    /// Hash of the last entry (of the root for an empty log): what a
+    /// longer log must chain through to extend this one.
+    pub fn head(&self) -> [u8; 32] {
+        self.head
+    }
 }
 
 #[cfg(test)]

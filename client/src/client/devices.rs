@@ -67,25 +67,7 @@ impl Client {
         server_cert: Option<&std::path::Path>,
         show: impl FnOnce(&LinkCode),
     ) -> Result<(Client, Vec<Event>)> {
-        huddle_core::ids::check_user_name(user).map_err(|e| ClientError::Usage(e.to_string()))?;
-        if home.is_registered() {
-            let (s, _) = home.load()?;
-            return Err(ClientError::AlreadyRegistered(s.name));
-        }
-        let trust = match server_cert {
-            Some(p) => Trust::Pinned(crate::home::read_pem_certs(p)?),
-            None => Trust::FirstUse,
-        };
-        // The key is kept from the start: a link interrupted after the
-        // approval is finished by running it again.
-        let key = match home.unfinished_identity(user)? {
-            Some(id) => id,
-            None => {
-                let id = Identity::generate(user);
-                home.save_identity(&id)?;
-                id
-            }
-        };
+        let (trust, key) = super::new_device_key(&home, user, server_cert)?;
         let public = key.public();
         let addrs = server_list(server);
         let (net, mut current) = connect_any(None, &addrs, 0, &trust).await?;
@@ -316,9 +298,9 @@ impl Client {
             name: user.to_owned(),
             identity_key: root_key,
         }])?;
-        let set = DeviceSet::replay(user, root_key, &entries).map_err(|e| {
-            ClientError::Protocol(format!("the device log of {user} is refused: {e}"))
-        })?;
+        let seen = db::users::device_log_seen(&self.db, user)?;
+        let set = replay_extending(user, root_key, &entries, seen)?;
+        db::users::saw_device_log(&self.db, user, set.len(), &set.head())?;
         self.devices.insert(user.to_owned(), set.clone());
         self.fresh_devices.insert(user.to_owned());
         Ok((set, last_seen))
@@ -415,10 +397,102 @@ async fn request_link(net: &Net, key: &Identity, user: &str) -> Result<(String, 
     }
 }
 
+/// Replays `user`'s device log, which must extend the longest one this
+/// device saw (`seen`: its length and head): a DS that serves an older log
+/// (to hide a revocation) or another one is refused.
+pub(crate) fn replay_extending(
+    user: &str,
+    root_key: [u8; 32],
+    entries: &[bytes::Bytes],
+    seen: Option<(u32, [u8; 32])>,
+) -> Result<DeviceSet> {
+    let refused =
+        |e: String| ClientError::Protocol(format!("the device log of {user} is refused: {e}"));
+    if entries.len() > dev::MAX_LOG_ENTRIES {
+        return Err(refused(format!("{} entries", entries.len())));
+    }
+    let mut set = DeviceSet::new(user, root_key);
+    let check = |set: &DeviceSet| match seen {
+        Some((len, head)) if set.len() == len && set.head() != head => Err(refused(format!(
+            "it is not the log seen before: it differs within its first {len} entries"
+        ))),
+        _ => Ok(()),
+    };
+    check(&set)?;
+    for e in entries {
+        set.apply(e, dev::MAX_DEVICES)
+            .map_err(|e| refused(e.to_string()))?;
+        check(&set)?;
+    }
+    if let Some((len, _)) = seen {
+        if set.len() < len {
+            return Err(refused(format!(
+                "it has {} entries, but this device saw {len} before",
+                set.len()
+            )));
+        }
+    }
+    Ok(set)
+}
+
 /// Whether `key` (a leaf's signature key) is that of `principal`'s device
 /// in `set`.
 pub(crate) fn certifies(set: &DeviceSet, principal: &str, key: &[u8]) -> bool {
     dev::parse_principal(principal)
         .and_then(|(_, n)| set.key(n))
         .is_some_and(|k| k.as_slice() == key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+
+    /// A log served later must extend the one seen before: not shorter, not
+    /// another.
+    #[test]
+    fn a_device_log_must_extend_the_one_seen_before() {
+        let k = |seed: u8| SigningKey::from_bytes(&[seed; 32]);
+        let pk = |seed: u8| k(seed).verifying_key().to_bytes();
+        let mut set = DeviceSet::new("ann", pk(1));
+        let e1 = set.next_entry(
+            1,
+            &k(1),
+            DeviceChange::Add {
+                device: 2,
+                key: pk(2),
+            },
+            1,
+        );
+        set.apply(&e1, 8).unwrap();
+        let seen = Some((set.len(), set.head()));
+        let e2 = set.next_entry(2, &k(2), DeviceChange::Remove { device: 1 }, 2);
+        let grown = [e1.clone().into(), e2.into()];
+        assert_eq!(
+            replay_extending("ann", pk(1), &grown, seen).unwrap().len(),
+            2
+        );
+        // Rolled back to before the device seen: refused.
+        let e = replay_extending("ann", pk(1), &[], seen).unwrap_err();
+        assert!(e.to_string().contains("saw 1 before"), "{e}");
+        // Another history of the same length: refused.
+        let other = DeviceSet::new("ann", pk(1)).next_entry(
+            1,
+            &k(1),
+            DeviceChange::Add {
+                device: 2,
+                key: pk(3),
+            },
+            1,
+        );
+        let e = replay_extending("ann", pk(1), &[other.into()], seen).unwrap_err();
+        assert!(e.to_string().contains("not the log seen before"), "{e}");
+        // Nothing seen yet: any valid log.
+        assert_eq!(
+            replay_extending("ann", pk(1), &[e1.into()], None)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
 }

@@ -257,6 +257,37 @@ async fn connect_any(
     })
 }
 
+/// The start of a new device in `home` (registering `name`, or linked to
+/// user `name`): the trust in the server, and the device's key. Everything
+/// local first: a home that cannot be written fails here, before anything
+/// is asked of the DS. The key is kept from then on, so a registration or
+/// a link interrupted after the DS accepted it is finished by running it
+/// again.
+fn new_device_key(
+    home: &Home,
+    name: &str,
+    server_cert: Option<&std::path::Path>,
+) -> Result<(Trust, Identity)> {
+    huddle_core::ids::check_user_name(name).map_err(|e| ClientError::Usage(e.to_string()))?;
+    if home.is_registered() {
+        let (s, _) = home.load()?;
+        return Err(ClientError::AlreadyRegistered(s.name));
+    }
+    let trust = match server_cert {
+        Some(p) => Trust::Pinned(crate::home::read_pem_certs(p)?),
+        None => Trust::FirstUse,
+    };
+    let identity = match home.unfinished_identity(name)? {
+        Some(id) => id,
+        None => {
+            let id = Identity::generate(name);
+            home.save_identity(&id)?;
+            id
+        }
+    };
+    Ok((trust, identity))
+}
+
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
@@ -276,27 +307,7 @@ impl Client {
         server: &str,
         server_cert: Option<&std::path::Path>,
     ) -> Result<Client> {
-        huddle_core::ids::check_user_name(name).map_err(|e| ClientError::Usage(e.to_string()))?;
-        if home.is_registered() {
-            let (s, _) = home.load()?;
-            return Err(ClientError::AlreadyRegistered(s.name));
-        }
-        let trust = match server_cert {
-            Some(p) => Trust::Pinned(crate::home::read_pem_certs(p)?),
-            None => Trust::FirstUse,
-        };
-        // Everything local first: a home that cannot be written fails here,
-        // before the name is claimed on the DS. The key is kept from then
-        // on, so a registration interrupted after the DS bound the name is
-        // finished by running it again.
-        let identity = match home.unfinished_identity(name)? {
-            Some(id) => id,
-            None => {
-                let id = Identity::generate(name);
-                home.save_identity(&id)?;
-                id
-            }
-        };
+        let (trust, identity) = new_device_key(&home, name, server_cert)?;
         let db = db::open(&home.db_path())?;
         let home_locks = home.locks_dir();
         let (net, current) = connect_any(None, &server_list(server), 0, &trust).await?;

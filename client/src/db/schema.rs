@@ -121,6 +121,13 @@ CREATE TABLE IF NOT EXISTS huddle_users (
     identity_key BLOB NOT NULL,
     first_seen_ms INTEGER NOT NULL
 );
+-- the longest device log seen of each user: its length and the hash of
+-- its last entry, which every log served later must extend
+CREATE TABLE IF NOT EXISTS huddle_device_logs (
+    user TEXT PRIMARY KEY,
+    len INTEGER NOT NULL,
+    head BLOB NOT NULL
+);
 -- uploads not yet announced: key, salt and id, to resume them
 CREATE TABLE IF NOT EXISTS huddle_uploads (
     upload_key TEXT PRIMARY KEY,

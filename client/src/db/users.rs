@@ -1,5 +1,6 @@
 //! Identity keys of other users as first seen (`huddle_users`, trust on
-//! first use).
+//! first use), and how far each user's device log was seen
+//! (`huddle_device_logs`).
 
 use rusqlite::{params, Connection, OptionalExtension as _};
 
@@ -38,4 +39,24 @@ pub fn remember_keys(
         }
     }
     Ok(changed)
+}
+
+/// The length and head of the longest device log of `user` seen here.
+pub fn device_log_seen(conn: &Connection, user: &str) -> Result<Option<(u32, [u8; 32])>> {
+    let row: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached("SELECT len, head FROM huddle_device_logs WHERE user = ?1")?
+        .query_row([user], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(row.and_then(|(len, head)| Some((u32::try_from(len).ok()?, head.try_into().ok()?))))
+}
+
+/// Remembers that `user`'s device log was seen up to `len` entries ending
+/// in `head`.
+pub fn saw_device_log(conn: &Connection, user: &str, len: u32, head: &[u8; 32]) -> Result<()> {
+    conn.execute(
+        "INSERT INTO huddle_device_logs (user, len, head) VALUES (?1, ?2, ?3)
+         ON CONFLICT(user) DO UPDATE SET len = excluded.len, head = excluded.head",
+        params![user, i64::from(len), head.as_slice()],
+    )?;
+    Ok(())
 }

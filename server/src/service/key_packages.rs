@@ -154,12 +154,15 @@ impl Service {
         (self.now_ms() / 1000).saturating_add(self.config.key_package_min_validity.as_secs())
     }
 
-    pub(super) fn take_claim_tokens(&self, user: &str, n: usize) -> Result<(), ErrorBody> {
+    /// Takes `n` claim tokens from the caller's user: all its devices
+    /// share one budget.
+    pub(super) fn take_claim_tokens(&self, caller: &str, n: usize) -> Result<(), ErrorBody> {
+        let user = huddle_core::devices::user_part(caller);
         if !self.claims.take(user, n, self.now_ms()) {
             return Err(ErrorBody::new(
                 ErrorCode::RateLimited,
                 format!(
-                    "key package claims are limited to {} per minute; try again later",
+                    "key package claims are limited to {} per minute per user (all its devices together); try again later",
                     self.config.claims_per_minute
                 ),
             ));
