@@ -2,7 +2,7 @@
 //! certificate, settings and database.
 //!
 //! ```text
-//! HOME/client.json      name, server address
+//! HOME/client.json      user name, server address, device number (when not 1)
 //! HOME/identity.key     Ed25519 secret seed, hex (mode 0600)
 //! HOME/server-cert.pem  the pinned server certificate
 //! HOME/huddle.db        SQLite: MLS state, groups, cursors, history
@@ -12,7 +12,8 @@
 //! Registration writes `identity.key` before it asks the DS for the name
 //! and `client.json` after the DS bound the name to the key: a home with a
 //! key but no settings is a registration that did not finish, and a retry
-//! uses the same key (which the DS accepts again).
+//! uses the same key (which the DS accepts again). Linking a device does
+//! the same: the key first, `client.json` once another device approved it.
 
 use std::fs;
 use std::path::{Path, PathBuf};
