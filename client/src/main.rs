@@ -14,6 +14,11 @@ use clap::{Parser, Subcommand};
 use huddle_client::event::human_size;
 use huddle_client::{Client, ClientError, Event, Home, Progress};
 
+#[path = "cli/devices.rs"]
+mod devices;
+#[path = "cli/trust.rs"]
+mod trust;
+
 /// End-to-end encrypted group messaging and media sharing.
 #[derive(Debug, Parser)]
 #[command(name = "huddle", version)]
@@ -57,7 +62,7 @@ enum Command {
     },
     /// This user's devices: list, approve a new one, revoke one.
     #[command(subcommand)]
-    Device(DeviceCommand),
+    Device(devices::DeviceCommand),
     /// Show this device's name, device id and key fingerprint.
     Whoami,
     /// Connect to the server and show its address, certificate and key-package count.
@@ -111,28 +116,6 @@ enum Command {
         /// Show at most this many (the newest).
         #[arg(long, default_value_t = 50)]
         limit: usize,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum DeviceCommand {
-    /// List this user's devices with their key fingerprints and when each
-    /// was last seen by the server.
-    List,
-    /// Approve the device that shows CODE: compare the fingerprint shown
-    /// here with the one the new device shows.
-    Approve {
-        /// The code the new device shows (1234-5678).
-        code: String,
-        /// Approve without asking (the fingerprint is still printed).
-        #[arg(long)]
-        yes: bool,
-    },
-    /// Revoke device ID (its number in `device list`): the server no longer
-    /// lets it in, and it is removed from every group.
-    Remove {
-        /// The device's number.
-        id: u32,
     },
 }
 
@@ -369,42 +352,8 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             name,
             server,
             server_cert,
-        } => {
-            let json = out.json;
-            let (client, events) =
-                Client::link(home, &name, &server, server_cert.as_deref(), |c| {
-                    if json {
-                        out.json(&serde_json::json!({"code": c.code, "fingerprint": c.fingerprint}));
-                    } else {
-                        out.line(&format!("link code: {}", c.code));
-                        out.line(&format!("this device's key fingerprint: {}", c.fingerprint));
-                        out.line(&format!(
-                            "on one of {name}'s devices run `huddle device approve {}` and compare the fingerprint; waiting…",
-                            c.code
-                        ));
-                    }
-                })
-                .await?;
-            for e in &events {
-                out.event(e);
-            }
-            if out.json {
-                out.json(&serde_json::json!({
-                    "linked": client.name(),
-                    "device": client.device(),
-                    "groups": events.iter().filter(|e| e.kind == "joined").count(),
-                }));
-            } else {
-                out.line(&format!(
-                    "linked as {}'s device {} ({})",
-                    client.name(),
-                    client.device(),
-                    client.principal()
-                ));
-            }
-            client.close().await;
-        }
-        Command::Device(d) => device(home, &out, d).await?,
+        } => devices::link(home, &out, &name, &server, server_cert.as_deref()).await?,
+        Command::Device(d) => devices::device(home, &out, d).await?,
         Command::Whoami => {
             let client = Client::open(home)?;
             let who = client.whoami();
@@ -525,124 +474,8 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Server(ServerCommand::Trust { yes }) => {
             let mut client = Client::open(home)?;
-            server_trust(&mut client, &out, yes).await?;
+            trust::server_trust(&mut client, &out, yes).await?;
         }
-    }
-    Ok(())
-}
-
-/// `huddle device …`.
-async fn device(home: Home, out: &Out, cmd: DeviceCommand) -> Result<(), ClientError> {
-    let mut client = Client::open(home)?;
-    match cmd {
-        DeviceCommand::List => {
-            for d in client.device_list().await? {
-                if out.json {
-                    out.json(&d);
-                } else {
-                    let seen = d
-                        .last_seen
-                        .map(huddle_client::event::local_time)
-                        .unwrap_or_else(|| "never".into());
-                    out.line(&format!(
-                        "{:<3} {:<20} {}  last seen {seen}{}",
-                        d.device,
-                        d.principal,
-                        d.fingerprint,
-                        if d.this_device { "  (this device)" } else { "" }
-                    ));
-                }
-            }
-        }
-        DeviceCommand::Approve { code, yes } => {
-            let (key, fingerprint) = client.pending_device(&code).await?;
-            if !out.json {
-                out.line(&format!(
-                    "the device waiting with {code} has the key fingerprint"
-                ));
-                out.line(&format!("    {fingerprint}"));
-            }
-            let ask = !yes && !out.json && std::io::stdin().is_terminal();
-            if ask {
-                eprint!("Is this the fingerprint the new device shows? Approve it? [y/N] ");
-                let mut answer = String::new();
-                std::io::stdin()
-                    .read_line(&mut answer)
-                    .map_err(|e| ClientError::Io(format!("reading the answer: {e}")))?;
-                if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
-                    return Err(ClientError::Usage("the device was not approved".into()));
-                }
-            }
-            let n = client.approve_device(&code, key).await?;
-            if out.json {
-                out.json(&serde_json::json!({"approved": n, "fingerprint": fingerprint}));
-            } else {
-                out.line(&format!("approved: device {n} of {}", client.name()));
-            }
-        }
-        DeviceCommand::Remove { id } => {
-            for e in client.remove_device(id).await? {
-                out.event(&e);
-            }
-            if out.json {
-                out.json(&serde_json::json!({"removed": id}));
-            } else {
-                out.line(&format!("device {id} of {} is revoked", client.name()));
-            }
-        }
-    }
-    client.close().await;
-    Ok(())
-}
-
-/// `huddle server trust`.
-async fn server_trust(client: &mut Client, out: &Out, yes: bool) -> Result<(), ClientError> {
-    use huddle_core::auth::cert_fingerprint;
-    let p = client.presented_certificate().await?;
-    let pinned = p.pinned.as_deref().map(cert_fingerprint);
-    let presented = cert_fingerprint(&p.presented);
-    let report = |trusted: bool| {
-        if out.json {
-            out.json(&serde_json::json!({
-                "pinned": pinned, "presented": presented, "trusted": trusted,
-            }));
-        }
-    };
-    if p.matches() {
-        report(true);
-        if !out.json {
-            out.line(&format!(
-                "the server presents the pinned certificate {presented}; nothing to change"
-            ));
-        }
-        return Ok(());
-    }
-    if !out.json {
-        out.line(&format!(
-            "pinned:    {}",
-            pinned.as_deref().unwrap_or("(none)")
-        ));
-        out.line(&format!("presented: {presented}"));
-    }
-    let agreed = yes
-        || {
-            eprint!("Compare the presented fingerprint with the one the server printed. Trust it from now on? [y/N] ");
-            let mut answer = String::new();
-            std::io::stdin()
-                .read_line(&mut answer)
-                .map_err(|e| ClientError::Io(format!("reading the answer: {e}")))?;
-            matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
-        };
-    if !agreed {
-        report(false);
-        return Err(ClientError::Usage(
-            "the pinned certificate is unchanged".into(),
-        ));
-    }
-    client.pin_certificate(&p.presented)?;
-    report(true);
-    if !out.json {
-        out.line(&format!("pinned {presented}"));
     }
     Ok(())
 }
