@@ -89,7 +89,7 @@ impl Lean {
         let g = MlsGroup::new_with_group_id(
             &self.provider,
             &self.light.id,
-            &mls::create_config(),
+            &mls::create_config(huddle_core::devices::user_part(&self.light.id.name)),
             openmls::group::GroupId::from_slice(&raw),
             self.light.id.credential(),
         )?;

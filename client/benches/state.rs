@@ -22,8 +22,8 @@ fn group<C: Codec>(n: usize) -> (Connection, GroupId) {
     let alice = Identity::generate("alice");
     let gid = {
         let p = Provider::<C>::with_codec(&crypto, &conn);
-        let mut g =
-            MlsGroup::new(&p, &alice, &mls::create_config(), alice.credential()).expect("group");
+        let mut g = MlsGroup::new(&p, &alice, &mls::create_config("alice"), alice.credential())
+            .expect("group");
         let others = openmls_rust_crypto::OpenMlsRustCrypto::default();
         let kps: Vec<KeyPackage> = (1..n)
             .map(|i| {

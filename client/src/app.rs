@@ -47,9 +47,26 @@ pub enum AppMessage {
     },
     /// A media item.
     Media(Box<MediaInfo>),
+    /// A new name for the group, from a member whose role may rename it.
+    Rename {
+        /// The name.
+        name: String,
+    },
 }
 
 impl AppMessage {
+    /// The additional authenticated data the message travels with: it
+    /// tells the DS what kind of message it is, which the DS checks
+    /// against the sender's role, and members check it against the
+    /// content (PROTOCOL.md 13.10).
+    pub fn aad(&self) -> &'static [u8] {
+        match self {
+            AppMessage::Text { .. } | AppMessage::Media(_) => b"",
+            AppMessage::GroupName { .. } => huddle_core::policy::AAD_NAME,
+            AppMessage::Rename { .. } => huddle_core::policy::AAD_RENAME,
+        }
+    }
+
     /// Encodes with the version tag.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![VERSION];

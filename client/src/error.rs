@@ -42,6 +42,11 @@ pub enum ClientError {
     /// A commit adds a device its user's device log does not certify.
     #[error("{0} is not a device its user's device log certifies with this key")]
     DeviceRefused(String),
+    /// The group's policy does not let this happen: this device's own
+    /// request (checked before it is sent), or another member's change or
+    /// message (refused here whatever the DS let through).
+    #[error("{0}")]
+    Policy(String),
     /// The group is known here but this device holds no MLS state for it
     /// (it was lost; the next `sync` rejoins).
     #[error("group {0} has no MLS state on this device")]
@@ -96,6 +101,12 @@ pub enum ClientError {
     /// Local media verification or decryption failed.
     #[error("integrity error: {0}")]
     Integrity(String),
+}
+
+impl From<huddle_core::policy::PolicyError> for ClientError {
+    fn from(e: huddle_core::policy::PolicyError) -> Self {
+        ClientError::Policy(e.to_string())
+    }
 }
 
 impl ClientError {

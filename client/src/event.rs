@@ -94,6 +94,38 @@ pub enum EventKind {
         /// The epoch the commit began.
         epoch: u64,
     },
+    /// Users joined with an invite (`invite`: its id).
+    JoinedByInvite {
+        /// Who.
+        members: Vec<String>,
+        /// The invite's id (the first 8 hex digits of its key).
+        invite: String,
+        /// The epoch the join began.
+        epoch: u64,
+    },
+    /// The group was renamed.
+    Renamed {
+        /// The new name.
+        name: String,
+    },
+    /// `members` were given `role` (`owner`, `admin`, `member` or
+    /// `reader`).
+    RoleChanged {
+        /// Whose role changed.
+        members: Vec<String>,
+        /// The role they have now.
+        role: String,
+        /// The epoch the commit began.
+        epoch: u64,
+    },
+    /// The group's settings changed; `text` lists them as they are now
+    /// (`announcement=on, members_may_add=off, ...`).
+    PolicyChanged {
+        /// The settings now.
+        text: String,
+        /// The epoch the commit began.
+        epoch: u64,
+    },
     /// The identity key of `members` differs from the one first seen.
     KeyChanged {
         /// Whose key changed.
@@ -137,6 +169,10 @@ impl EventKind {
             EventKind::Rejoined { .. } => "rejoined",
             EventKind::DeviceAdded { .. } => "device_added",
             EventKind::DeviceRemoved { .. } => "device_removed",
+            EventKind::JoinedByInvite { .. } => "joined_by_invite",
+            EventKind::Renamed { .. } => "renamed",
+            EventKind::RoleChanged { .. } => "role_changed",
+            EventKind::PolicyChanged { .. } => "policy_changed",
             EventKind::KeyChanged { .. } => "key_changed",
             EventKind::ForkDetected { .. } => "fork_detected",
             EventKind::Error { .. } => "error",
@@ -203,6 +239,7 @@ impl Event {
             EventKind::Text { text }
             | EventKind::Error { text }
             | EventKind::Listening { text }
+            | EventKind::PolicyChanged { text, .. }
             | EventKind::Media { text, .. } => Some(text),
             EventKind::MemberRemoved { text, .. }
             | EventKind::Left { text, .. }
@@ -212,6 +249,9 @@ impl Event {
             | EventKind::MemberAdded { .. }
             | EventKind::DeviceAdded { .. }
             | EventKind::DeviceRemoved { .. }
+            | EventKind::Renamed { .. }
+            | EventKind::RoleChanged { .. }
+            | EventKind::JoinedByInvite { .. }
             | EventKind::KeyChanged { .. } => None,
         }
     }
@@ -227,8 +267,12 @@ impl Event {
             | EventKind::KeyChanged { members }
             | EventKind::DeviceAdded { members, .. }
             | EventKind::DeviceRemoved { members, .. }
+            | EventKind::RoleChanged { members, .. }
+            | EventKind::JoinedByInvite { members, .. }
             | EventKind::ForkDetected { members, .. } => members,
             EventKind::Text { .. }
+            | EventKind::Renamed { .. }
+            | EventKind::PolicyChanged { .. }
             | EventKind::Media { .. }
             | EventKind::Error { .. }
             | EventKind::Listening { .. } => &[],
@@ -243,6 +287,9 @@ impl Event {
             | EventKind::Rejoined { epoch, .. }
             | EventKind::DeviceAdded { epoch, .. }
             | EventKind::DeviceRemoved { epoch, .. }
+            | EventKind::RoleChanged { epoch, .. }
+            | EventKind::JoinedByInvite { epoch, .. }
+            | EventKind::PolicyChanged { epoch, .. }
             | EventKind::ForkDetected { epoch, .. } => Some(*epoch),
             EventKind::MemberRemoved { epoch, .. } | EventKind::Left { epoch, .. } => *epoch,
             _ => None,
@@ -326,6 +373,14 @@ impl Event {
             EventKind::DeviceRemoved { members: m, .. } => {
                 format!("[{g}] {} removed a device: {members}", device_owners(m))
             }
+            EventKind::JoinedByInvite { invite, .. } => {
+                format!("[{g}] {members} joined with invite {}", clean(invite))
+            }
+            EventKind::Renamed { name } => format!("[{g}] {from} renamed the group to {}", clean(name)),
+            EventKind::RoleChanged { role, .. } => {
+                format!("[{g}] {from} made {members} {}", clean(role))
+            }
+            EventKind::PolicyChanged { .. } => format!("[{g}] {from} changed the settings: {text}"),
             EventKind::KeyChanged { .. } => format!(
                 "[{g}] WARNING: the identity key of {members} differs from the one first seen; compare fingerprints out of band"
             ),

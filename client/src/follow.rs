@@ -9,6 +9,7 @@ use std::collections::HashSet;
 
 use huddle_core::devices::{parse_principal, user_part};
 use huddle_core::mls::principal_of;
+use huddle_core::policy::{Policy, Role};
 use huddle_core::proto::{EntryKind, LogEntry};
 use huddle_core::GroupId;
 use openmls::prelude::{tls_codec::Deserialize as _, *};
@@ -64,28 +65,65 @@ pub fn apply<P: OpenMlsProvider>(
             .map_err(ClientError::mls)?;
         row.pending_commit = None;
     }
+    // The rules of the group as they stand before this entry (PROTOCOL.md
+    // 13.10): whatever the DS let through, this device applies them itself.
+    let policy = policy_of(group)?;
+    // Each leaf's principal, for handshakes only (an application message
+    // in a large group should not cost a walk of the tree).
+    let leaves_before = if entry.kind == EntryKind::Application {
+        Default::default()
+    } else {
+        huddle_core::policy::leaves_of(group.members())
+    };
     let processed = group
         .process_message(provider, pm)
         .map_err(ClientError::mls)?;
     let from = principal_of(processed.credential()).unwrap_or_else(|| "?".into());
     let processed_sender = processed.sender().clone();
+    let aad = processed.aad().to_vec();
     let mut events = Vec::new();
     let ev = |kind: EventKind| Event::new(kind, gid, &from, entry.seq, entry.timestamp_ms);
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(app) => {
             let msg = AppMessage::decode(&app.into_bytes()).map_err(ClientError::Mls)?;
+            // The kind the DS checked (in the authenticated data) must be
+            // the kind of the content, and the sender's role must allow it.
+            if msg.aad() != aad.as_slice() {
+                return Err(ClientError::Policy(format!(
+                    "a message from {from} whose authenticated data does not match its content"
+                )));
+            }
+            huddle_core::policy::check_message(policy.as_ref(), user_part(&from), &aad)?;
             match &msg {
-                // The name the group had when this device joined stays:
-                // a member cannot rename it under the others (or give it
-                // a name that shadows another group's id).
+                // The name the group had when this device joined stays
+                // until a member whose role may rename it does.
                 AppMessage::GroupName { name } if row.name.is_empty() => row.name = name.clone(),
                 AppMessage::GroupName { .. } => {}
+                AppMessage::Rename { name } => {
+                    crate::client::check_group_name(name)?;
+                    row.name = name.clone();
+                }
                 AppMessage::Media(info) => memory.media_announced(id, info)?,
                 AppMessage::Text { .. } => {}
             }
             events.extend(app_event(&msg, id, &from, entry.seq, entry.timestamp_ms));
         }
         ProcessedMessageContent::ProposalMessage(p) => {
+            if let (Proposal::Remove(r), Some(policy)) = (p.proposal(), policy.as_ref()) {
+                let pending = group
+                    .pending_proposals()
+                    .filter_map(|q| match q.proposal() {
+                        Proposal::Remove(r) => Some(r.removed().u32()),
+                        _ => None,
+                    });
+                huddle_core::policy::check_remove_proposal(
+                    policy,
+                    &leaves_before,
+                    &from,
+                    r.removed().u32(),
+                    pending,
+                )?;
+            }
             group
                 .store_pending_proposal(provider.storage(), *p)
                 .map_err(ClientError::mls)?;
@@ -144,6 +182,19 @@ pub fn apply<P: OpenMlsProvider>(
                     memory.check_device(p, key)?;
                 }
             }
+            let facts = huddle_core::policy::check_staged_commit(
+                policy.as_ref(),
+                &leaves_before,
+                &from,
+                &staged,
+                huddle_core::policy::Context {
+                    group: id.as_bytes(),
+                    aad: &aad,
+                    now_ms: entry.timestamp_ms,
+                },
+            )?;
+            let policy_after = facts.after;
+            let invite = facts.invite;
             let added: Vec<String> = added_keys.iter().map(|(u, _)| u.clone()).collect();
             let changed = memory.keys_seen(&added_keys)?;
             let self_removed = staged.self_removed();
@@ -162,11 +213,17 @@ pub fn apply<P: OpenMlsProvider>(
                 .into_iter()
                 .partition(|p| users_before.contains(user_part(p)));
             let users_added = dedup_users(users_added);
-            if !users_added.is_empty() {
-                events.push(ev(EventKind::MemberAdded {
+            match &invite {
+                Some(i) if !users_added.is_empty() => events.push(ev(EventKind::JoinedByInvite {
+                    members: users_added,
+                    invite: i.id(),
+                    epoch,
+                })),
+                _ if !users_added.is_empty() => events.push(ev(EventKind::MemberAdded {
                     members: users_added,
                     epoch,
-                }));
+                })),
+                _ => {}
             }
             if !devices_added.is_empty() {
                 events.push(ev(EventKind::DeviceAdded {
@@ -191,6 +248,13 @@ pub fn apply<P: OpenMlsProvider>(
                     members: devices_removed,
                     epoch,
                 }));
+            }
+            if let (Some(before), Some(after)) = (&policy, &policy_after) {
+                events.extend(
+                    policy_events(before, after, &users_after, epoch)
+                        .into_iter()
+                        .map(ev),
+                );
             }
             if !rejoined.is_empty() {
                 events.push(ev(EventKind::Rejoined {
@@ -234,8 +298,52 @@ pub fn apply<P: OpenMlsProvider>(
     Ok(events)
 }
 
-/// What an application message shows as: `text` and `media` events; a
-/// group's name shows as nothing.
+/// The policy group `g`'s context carries (`None`: a group made before
+/// policies).
+pub fn policy_of(g: &MlsGroup) -> Result<Option<Policy>> {
+    Ok(Policy::from_extensions(g.extensions())?)
+}
+
+/// The events a change of policy shows as: each new role (of users who
+/// stay), and the settings if they changed.
+fn policy_events(
+    before: &Policy,
+    after: &Policy,
+    users_after: &HashSet<String>,
+    epoch: u64,
+) -> Vec<EventKind> {
+    let mut by_role: std::collections::BTreeMap<Role, Vec<String>> = Default::default();
+    let named: std::collections::BTreeSet<&str> = before
+        .roles()
+        .chain(after.roles())
+        .map(|(u, _)| u)
+        .collect();
+    for u in named {
+        let to = after.role(u);
+        if users_after.contains(u) && before.role(u) != to {
+            by_role.entry(to).or_default().push(u.to_owned());
+        }
+    }
+    let mut out: Vec<EventKind> = by_role
+        .into_iter()
+        .rev()
+        .map(|(role, members)| EventKind::RoleChanged {
+            members,
+            role: role.name().to_owned(),
+            epoch,
+        })
+        .collect();
+    if before.settings != after.settings {
+        out.push(EventKind::PolicyChanged {
+            text: after.settings.to_string(),
+            epoch,
+        });
+    }
+    out
+}
+
+/// What an application message shows as: `text`, `media` and `renamed`
+/// events; a group's name for joiners shows as nothing.
 pub fn app_event(msg: &AppMessage, id: &GroupId, from: &str, seq: u64, ts: u64) -> Option<Event> {
     let kind = match msg {
         AppMessage::Text { text } => EventKind::Text { text: text.clone() },
@@ -246,6 +354,7 @@ pub fn app_event(msg: &AppMessage, id: &GroupId, from: &str, seq: u64, ts: u64) 
             mime: info.mime.clone(),
             text: info.caption.clone(),
         },
+        AppMessage::Rename { name } => EventKind::Renamed { name: name.clone() },
         AppMessage::GroupName { .. } => return None,
     };
     Some(Event::new(kind, &id.to_string(), from, seq, ts))

@@ -26,6 +26,7 @@ pub mod net;
 pub mod preview;
 
 pub use client::media::{Progress, Quiet};
+pub use client::roles::InviteJoin;
 pub use client::Client;
 pub use error::{ClientError, Result};
 pub use event::{Event, EventKind};

@@ -16,6 +16,8 @@ use huddle_client::{Client, ClientError, Event, Home, Progress};
 
 #[path = "cli/devices.rs"]
 mod devices;
+#[path = "cli/roles.rs"]
+mod roles;
 #[path = "cli/trust.rs"]
 mod trust;
 
@@ -165,10 +167,82 @@ enum GroupCommand {
     },
     /// Groups this device is in.
     List,
-    /// Current members.
+    /// Current members, with their roles.
     Members {
         /// Group id or name.
         group: String,
+    },
+    /// Give a member a role: owner, admin, member or reader.
+    Role {
+        /// Group id or name.
+        group: String,
+        /// The member.
+        user: String,
+        /// owner, admin, member or reader.
+        role: String,
+    },
+    /// Show the group's policy, or change its settings (announcement,
+    /// members_may_add, members_may_rename, max_members).
+    Policy {
+        /// Group id or name.
+        group: String,
+        /// A setting and its new value: `announcement=on`,
+        /// `max_members=200`.
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+    },
+    /// Make an invite link to the group (or, with --list, show the
+    /// invites; with --revoke ID, revoke one).
+    Invite {
+        /// Group id or name.
+        group: String,
+        /// How many users it admits (0: any number).
+        #[arg(long, default_value_t = 0)]
+        uses: u32,
+        /// How long it stays valid: 30m, 12h, 7d.
+        #[arg(long, default_value = "7d")]
+        expires: String,
+        /// Joiners wait until an admin adds them.
+        #[arg(long)]
+        approval: bool,
+        /// Show the invites in force.
+        #[arg(long, conflicts_with_all = ["revoke", "approval"])]
+        list: bool,
+        /// Revoke the invite with this id (from --list).
+        #[arg(long, value_name = "ID")]
+        revoke: Option<String>,
+    },
+    /// Join a group with an invite link (or ask to, if it needs approval).
+    Join {
+        /// The invite (huddle://join/...).
+        token: String,
+    },
+    /// Users waiting to be added with an invite that needs approval.
+    Requests {
+        /// Group id or name.
+        group: String,
+    },
+    /// Add users who asked to join (as `group add`).
+    Accept {
+        /// Group id or name.
+        group: String,
+        /// Users to add.
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Turn down a user's request to join.
+    Decline {
+        /// Group id or name.
+        group: String,
+        /// The user who asked.
+        user: String,
+    },
+    /// Rename the group for every member.
+    Rename {
+        /// Group id or name.
+        group: String,
+        /// The new name.
+        name: String,
     },
 }
 
@@ -721,29 +795,42 @@ async fn group(home: Home, out: &Out, cmd: GroupCommand) -> Result<(), ClientErr
                 }
             }
         }
-        GroupCommand::Members { group } => {
-            let id = client.resolve_group(&group)?;
-            let members = client.members(&id.to_string())?;
-            let devices = client.member_devices(&id.to_string())?;
-            if out.json {
-                let (name, _, _) = client.group_state(&id.to_string())?;
-                let devices: serde_json::Map<String, serde_json::Value> = devices
-                    .into_iter()
-                    .map(|(u, n)| (u, serde_json::Value::from(n)))
-                    .collect();
-                out.json(&serde_json::json!({
-                    "group": id.to_string(), "name": name, "members": members, "devices": devices,
-                }));
-            } else {
-                for (m, n) in devices {
-                    let m = huddle_client::event::clean(&m);
-                    if n == 1 {
-                        out.line(&m);
-                    } else {
-                        out.line(&format!("{m} ({n} devices)"));
-                    }
-                }
+        GroupCommand::Members { group } => roles::members(&client, out, &group)?,
+        GroupCommand::Role { group, user, role } => {
+            roles::role(&mut client, out, &group, &user, &role).await?
+        }
+        GroupCommand::Policy { group, set } => {
+            roles::policy(&mut client, out, &group, &set).await?
+        }
+        GroupCommand::Invite {
+            group,
+            uses,
+            expires,
+            approval,
+            list,
+            revoke,
+        } => {
+            let a = roles::InviteArgs {
+                uses,
+                expires,
+                approval,
+                list,
+                revoke,
+            };
+            roles::invite(&mut client, out, &group, a).await?
+        }
+        GroupCommand::Join { token } => roles::join(&mut client, out, &token).await?,
+        GroupCommand::Requests { group } => roles::requests(&mut client, out, &group).await?,
+        GroupCommand::Accept { group, users } => {
+            for e in client.accept_joins(&group, &users).await? {
+                out.event(&e);
             }
+        }
+        GroupCommand::Decline { group, user } => {
+            roles::decline(&mut client, out, &group, &user).await?
+        }
+        GroupCommand::Rename { group, name } => {
+            roles::rename(&mut client, out, &group, &name).await?
         }
     }
     client.close().await;

@@ -197,3 +197,153 @@ async fn a_device_is_linked_approved_listed_and_revoked_from_the_command_line() 
     .await
     .unwrap();
 }
+
+/// Roles, settings and invites as a script drives them: `group role`,
+/// `group policy --set`, `group members` with roles, `group invite` with
+/// `--uses` (JSON `{"invite": TOKEN}`), `group join TOKEN`, `--revoke`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_settings_and_invites_from_the_command_line() {
+    let server = TestServer::start().await;
+    let cert = server.cert().to_str().unwrap().to_owned();
+    let home = |n: &str| server.dir.path().join(n);
+    let names = ["alice", "bob", "carol", "dave", "erin", "frank"];
+    let homes: Vec<_> = names.iter().map(|n| home(n)).collect();
+    let addr = server.addr.clone();
+    tokio::task::spawn_blocking(move || {
+        for (h, n) in homes.iter().zip(names) {
+            ok(
+                h,
+                &["register", n, "--server", &addr, "--server-cert", &cert],
+            );
+        }
+        let [alice, bob, carol, dave, erin, frank] = [0, 1, 2, 3, 4, 5].map(|i| &homes[i]);
+        ok(alice, &["group", "create", "club"]);
+        ok(alice, &["group", "add", "club", "bob"]);
+        ok(bob, &["sync"]);
+        // Bob may not make an invite, nor promote himself: one clear line.
+        for args in [
+            &["group", "invite", "club"][..],
+            &["group", "role", "club", "bob", "admin"][..],
+        ] {
+            let (success, _, stderr) = huddle(bob, args);
+            assert!(!success, "{args:?}");
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
+            assert!(
+                stderr.contains("bob is a member in this group and may not"),
+                "{stderr}"
+            );
+        }
+        let made = json_lines(&ok(
+            alice,
+            &["--json", "group", "role", "club", "bob", "admin"],
+        ));
+        assert_eq!(made[0]["type"], "role_changed");
+        assert_eq!(made[0]["role"], "admin");
+        let members = json_lines(&ok(alice, &["--json", "group", "members", "club"]));
+        assert_eq!(
+            members[0]["roles"],
+            serde_json::json!({"alice": "owner", "bob": "admin"})
+        );
+        let out = ok(alice, &["group", "members", "club"]);
+        assert!(
+            out.contains("alice (owner)") && out.contains("bob (admin)"),
+            "{out}"
+        );
+        // An invite for two: carol and dave join, erin is refused.
+        let inv = json_lines(&ok(
+            alice,
+            &[
+                "--json",
+                "group",
+                "invite",
+                "club",
+                "--uses",
+                "2",
+                "--expires",
+                "1d",
+            ],
+        ));
+        let token = inv[0]["invite"].as_str().unwrap().to_owned();
+        assert!(token.starts_with("huddle://join/"), "{token}");
+        for h in [carol, dave] {
+            let ev = json_lines(&ok(h, &["--json", "group", "join", &token]));
+            assert_eq!(ev[0]["type"], "joined", "{ev:?}");
+        }
+        let (success, _, stderr) = huddle(erin, &["group", "join", &token]);
+        assert!(!success);
+        assert!(stderr.contains("used up"), "{stderr}");
+        let ev = json_lines(&ok(bob, &["--json", "sync"]));
+        let joins: Vec<_> = ev
+            .iter()
+            .filter(|e| e["type"] == "joined_by_invite")
+            .collect();
+        assert_eq!(joins.len(), 2, "{ev:?}");
+        assert_eq!(joins[0]["members"], serde_json::json!(["carol"]));
+        // The joiners learn the group's name from a member.
+        ok(alice, &["sync"]);
+        let ev = json_lines(&ok(carol, &["--json", "sync"]));
+        let list = json_lines(&ok(carol, &["--json", "group", "list"]));
+        assert_eq!(list[0]["name"], "club", "{ev:?}");
+        // Revoked: erin is refused with another invite revoked too.
+        let inv = json_lines(&ok(alice, &["--json", "group", "invite", "club"]));
+        let token = inv[0]["invite"].as_str().unwrap().to_owned();
+        let id = inv[0]["id"].as_str().unwrap().to_owned();
+        let listed = json_lines(&ok(bob, &["--json", "group", "invite", "club", "--list"]));
+        assert!(
+            listed.iter().any(|i| i["invite"] == id.as_str()),
+            "{listed:?}"
+        );
+        ok(bob, &["group", "invite", "club", "--revoke", &id]);
+        let (success, _, stderr) = huddle(erin, &["group", "join", &token]);
+        assert!(!success);
+        assert!(stderr.contains("revoked"), "{stderr}");
+        // An invite that needs approval: erin asks, bob (an admin) sees
+        // her waiting and adds her; one waiting is all it takes.
+        let inv = json_lines(&ok(
+            alice,
+            &[
+                "--json",
+                "group",
+                "invite",
+                "club",
+                "--approval",
+                "--uses",
+                "1",
+            ],
+        ));
+        let token = inv[0]["invite"].as_str().unwrap().to_owned();
+        let asked = json_lines(&ok(erin, &["--json", "group", "join", &token]));
+        assert_eq!(asked[0]["type"], "join_requested");
+        let (success, _, stderr) = huddle(frank, &["group", "join", &token]);
+        assert!(!success);
+        assert!(stderr.contains("used up"), "{stderr}");
+        let (success, _, stderr) = huddle(carol, &["group", "requests", "club"]);
+        assert!(!success, "a member may not see who waits");
+        assert!(stderr.contains("may not add users"), "{stderr}");
+        let waiting = json_lines(&ok(bob, &["--json", "group", "requests", "club"]));
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(waiting[0]["user"], "erin");
+        let added = json_lines(&ok(bob, &["--json", "group", "accept", "club", "erin"]));
+        assert_eq!(added[0]["type"], "member_added");
+        let ev = json_lines(&ok(erin, &["--json", "sync"]));
+        assert_eq!(ev[0]["type"], "joined", "{ev:?}");
+        assert!(json_lines(&ok(bob, &["--json", "group", "requests", "club"])).is_empty());
+        // Frank may ask now (erin no longer waits), and is turned down.
+        ok(frank, &["group", "join", &token]);
+        ok(bob, &["group", "decline", "club", "frank"]);
+        assert!(json_lines(&ok(bob, &["--json", "group", "requests", "club"])).is_empty());
+        // An announcement group: carol's message is refused.
+        ok(
+            alice,
+            &["group", "policy", "club", "--set", "announcement=on"],
+        );
+        ok(carol, &["sync"]);
+        let (success, _, stderr) = huddle(carol, &["send", "club", "hi"]);
+        assert!(!success);
+        assert!(stderr.contains("may not send messages"), "{stderr}");
+        let policy = json_lines(&ok(carol, &["--json", "group", "policy", "club"]));
+        assert_eq!(policy[0]["announcement"], true);
+    })
+    .await
+    .unwrap();
+}

@@ -89,7 +89,13 @@ async fn three_devices_of_a_user_in_a_ten_user_group_all_see_everything() {
         assert_eq!(t, ["alice/2: from my laptop", "user4: hello alice"]);
     }
 
-    // Removing a user removes all its devices in one commit.
+    // Removing a user removes all its devices in one commit (an owner
+    // removes the creator, who made it owner).
+    alice
+        .set_role(&g, "user0", huddle_core::policy::Role::Owner)
+        .await
+        .unwrap();
+    others[0].sync().await.unwrap();
     others[0].remove(&g, &["alice".to_owned()]).await.unwrap();
     for c in [&mut alice, &mut alice2, &mut alice3] {
         c.sync().await.unwrap();

@@ -173,7 +173,7 @@ async fn an_offline_member_catches_up_in_order() {
         }
         if i == 350 {
             let mut dave = s.register("dave").await;
-            c[1].add(&g, &["dave".into()]).await.unwrap();
+            c[0].add(&g, &["dave".into()]).await.unwrap();
             dave.sync().await.unwrap();
         }
     }

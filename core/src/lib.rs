@@ -3,7 +3,8 @@
 //! What the Huddle delivery service and client share, and nothing that needs
 //! a runtime: the wire protocol ([`proto`], framed by [`frame`]), connection
 //! authentication proofs ([`auth`]), users' devices ([`devices`]), identifiers ([`ids`]), the MLS
-//! policy both sides apply ([`mls`]), and the encrypted media format
+//! policy both sides apply ([`mls`]), who may do what in a group ([`policy`]),
+//! and the encrypted media format
 //! ([`media`]).
 //!
 //! This crate does no I/O: no sockets, no files, no clock, no async runtime.
@@ -21,6 +22,7 @@ pub mod frame;
 pub mod ids;
 pub mod media;
 pub mod mls;
+pub mod policy;
 pub mod proto;
 pub mod welcome;
 

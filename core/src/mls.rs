@@ -33,8 +33,10 @@ pub const MAX_KEY_PACKAGE_LIFETIME_SECS: u64 = 84 * 24 * 3600 + 3600;
 /// Configuration for creating a group. Handshake messages go out as
 /// PublicMessage so the DS can validate them; application messages are
 /// always PrivateMessage (openmls encrypts them whatever the policy).
-pub fn create_config() -> MlsGroupCreateConfig {
+/// The group's policy names `creator` (a user name) its owner.
+pub fn create_config(creator: &str) -> MlsGroupCreateConfig {
     MlsGroupCreateConfig::builder()
+        .with_group_context_extensions(crate::policy::Policy::new_group(creator).extensions())
         .ciphersuite(CIPHERSUITE)
         .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
         .max_past_epochs(MAX_PAST_EPOCHS)
@@ -64,12 +66,17 @@ pub fn join_config() -> MlsGroupJoinConfig {
 }
 
 /// Leaf capabilities of every Huddle client: the defaults plus the
-/// last-resort extension, which key packages may carry.
+/// last-resort extension, which key packages may carry, and the group
+/// policy extension ([`crate::policy::POLICY_EXTENSION`]), which every
+/// group's context carries.
 pub fn capabilities() -> Capabilities {
     Capabilities::new(
         None,
         Some(&[CIPHERSUITE]),
-        Some(&[ExtensionType::LastResort]),
+        Some(&[
+            ExtensionType::LastResort,
+            ExtensionType::Unknown(crate::policy::POLICY_EXTENSION),
+        ]),
         None,
         Some(&[CredentialType::Basic]),
     )
@@ -77,7 +84,7 @@ pub fn capabilities() -> Capabilities {
 
 /// Checks that a leaf's capabilities list what every Huddle leaf must
 /// (PROTOCOL.md 13.2): version `mls10`, [`CIPHERSUITE`], the `last_resort`
-/// extension and basic credentials. Values beyond these (GREASE included)
+/// and `huddle_policy` extensions and basic credentials. Values beyond these (GREASE included)
 /// are allowed. The error says what is missing.
 pub fn check_capabilities(caps: &Capabilities) -> Result<(), String> {
     let mut missing = Vec::new();
@@ -92,6 +99,12 @@ pub fn check_capabilities(caps: &Capabilities) -> Result<(), String> {
     }
     if !caps.extensions().contains(&ExtensionType::LastResort) {
         missing.push("extension last_resort (0x000a)");
+    }
+    if !caps
+        .extensions()
+        .contains(&ExtensionType::Unknown(crate::policy::POLICY_EXTENSION))
+    {
+        missing.push("extension huddle_policy (0xf1d0)");
     }
     if !caps.credentials().contains(&CredentialType::Basic) {
         missing.push("credential type basic");

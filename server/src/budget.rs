@@ -70,6 +70,7 @@ pub fn reserve_for(req: &Request, max_frame: usize) -> Option<usize> {
         // frame-sized input the DS accepted or by a limit of its own.
         Request::RatchetTree { .. }
         | Request::JoinInfo { .. }
+        | Request::InviteInfo { .. }
         | Request::ClaimKeyPackages { .. }
         | Request::LookupUsers { .. }
         | Request::GroupState { .. }

@@ -66,6 +66,9 @@ pub struct ServerConfig {
     pub max_pending_links_per_user: usize,
     /// How long a link request waits for approval.
     pub link_ttl: Duration,
+    /// Most users waiting for an admin to add them to one group (with
+    /// invites that need approval).
+    pub max_join_requests_per_group: usize,
     /// Welcomes are deleted this long after they were delivered to the
     /// inbox (and at once when their recipient acknowledges them).
     pub inbox_retention: Duration,
@@ -205,6 +208,7 @@ impl Default for ServerConfig {
             max_devices_per_user: 8,
             max_pending_links_per_user: 4,
             link_ttl: Duration::from_secs(600),
+            max_join_requests_per_group: 64,
             max_streams_per_connection: 128,
             max_frame: huddle_core::frame::DEFAULT_MAX_FRAME,
             max_application_message: 256 << 10,
@@ -316,6 +320,10 @@ impl ServerConfig {
                 self.max_pending_links_per_user == 0,
             ),
             ("link_ttl", self.link_ttl.is_zero()),
+            (
+                "max_join_requests_per_group",
+                self.max_join_requests_per_group == 0,
+            ),
             ("max_unauthenticated", self.max_unauthenticated == 0),
             (
                 "max_connections_per_user",
@@ -402,6 +410,7 @@ limits! {
     max_devices_per_user: count,
     max_pending_links_per_user: count,
     link_ttl: time,
+    max_join_requests_per_group: count,
     max_streams_per_connection: count,
     max_frame: size,
     max_application_message: size,

@@ -68,6 +68,20 @@ impl Store for FillingDisk {
     fn link(&self, user: &str, code: &str, now_ms: u64) -> Result<Option<PendingLink>, StoreError> {
         self.inner.link(user, code, now_ms)
     }
+    fn put_join_request(
+        &self,
+        group: &GroupId,
+        req: &crate::store::JoinRequest,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        self.inner.put_join_request(group, req, max)
+    }
+    fn join_requests(&self, group: &GroupId) -> Result<Vec<crate::store::JoinRequest>, StoreError> {
+        self.inner.join_requests(group)
+    }
+    fn drop_join_requests(&self, group: &GroupId, users: &[String]) -> Result<(), StoreError> {
+        self.inner.drop_join_requests(group, users)
+    }
     fn expire_links(&self, now_ms: u64) -> Result<usize, StoreError> {
         self.inner.expire_links(now_ms)
     }

@@ -394,7 +394,17 @@ async fn proposals_per_epoch_and_leaf_sizes_are_bounded() {
     // A commit whose new leaf carries 10 KiB of extension.
     let ext = ExtensionType::Unknown(0xff00);
     let params = LeafNodeParameters::builder()
-        .with_capabilities(Capabilities::new(None, None, Some(&[ext]), None, None))
+        .with_capabilities(Capabilities::new(
+            None,
+            None,
+            // The group requires the policy extension of every leaf.
+            Some(&[
+                ext,
+                ExtensionType::Unknown(huddle_core::policy::POLICY_EXTENSION),
+            ]),
+            None,
+            None,
+        ))
         .with_extensions(
             Extensions::single(Extension::Unknown(
                 0xff00,

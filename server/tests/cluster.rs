@@ -82,6 +82,11 @@ async fn members_on_three_nodes_get_each_others_messages_and_commits_pushed() {
         .add(&g.to_string(), &["bob".into(), "carol".into()])
         .await
         .unwrap();
+    // Carol adds dave below: she needs the role for it.
+    alice
+        .set_role(&g.to_string(), "carol", huddle_core::policy::Role::Admin)
+        .await
+        .unwrap();
     carol.sync().await.unwrap();
 
     let mut bob = bob;

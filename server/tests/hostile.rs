@@ -577,11 +577,11 @@ async fn only_a_member_may_rejoin_and_only_with_a_group_info_it_signed() {
     assert_eq!(code(bob.net.request(&join).await), ErrorCode::NotFound);
 }
 
-/// PROTOCOL.md 13.4: psk, reinit and group_context_extensions proposals
-/// are never sent; the DS refuses a commit that carries one by value,
-/// which openmls alone would accept.
+/// PROTOCOL.md 13.10: a group_context_extensions proposal may change the
+/// group's policy but not drop it (here: every extension, the required
+/// capabilities with it), which openmls alone would accept.
 #[tokio::test]
-async fn commits_may_carry_only_the_proposal_types_huddle_uses() {
+async fn a_commit_may_not_drop_the_groups_policy() {
     let s = InProcess::start().await;
     let (alice, _bob, gid, mut ga, _gb) = alice_and_bob(&s).await;
     let (c, _, _) = ga
@@ -591,7 +591,7 @@ async fn commits_may_carry_only_the_proposal_types_huddle_uses() {
     refused(
         r,
         ErrorCode::InvalidMessage,
-        "may not carry a proposal of type GroupContextExtensions",
+        "a commit may not drop the group's policy",
     );
     // The group goes on: the same member's ordinary commit is accepted.
     ga.clear_pending_commit(alice.provider.storage()).unwrap();
@@ -612,7 +612,11 @@ async fn an_added_leaf_must_list_the_huddle_capabilities() {
         .leaf_node_capabilities(Capabilities::new(
             None,
             Some(&[mls::CIPHERSUITE]),
-            None,
+            // The policy extension every group requires, which openmls
+            // checks itself, and not last_resort, which only the DS does.
+            Some(&[ExtensionType::Unknown(
+                huddle_core::policy::POLICY_EXTENSION,
+            )]),
             None,
             None,
         ))
@@ -686,7 +690,11 @@ async fn the_creators_leaf_keeps_the_lifetime_bound_and_capabilities() {
     // The same with the reference client's settings is accepted.
     let r = create_built(
         &alice,
-        MlsGroup::builder().with_capabilities(mls::capabilities()),
+        MlsGroup::builder()
+            .with_capabilities(mls::capabilities())
+            .with_group_context_extensions(
+                huddle_core::policy::Policy::new_group("alice").extensions(),
+            ),
     )
     .await;
     assert!(

@@ -348,8 +348,12 @@ impl Client {
     }
 
     async fn join_as_device(&mut self, id: &GroupId) -> Result<Vec<Event>> {
-        self.join_externally(id, "this device was linked to its user", true)
-            .await
+        self.join_externally(
+            id,
+            "this device was linked to its user",
+            super::recovery::Join::Device,
+        )
+        .await
     }
 }
 

@@ -95,7 +95,7 @@ impl Client {
             let group = MlsGroup::new_with_group_id(
                 &provider,
                 &self.identity,
-                &mls::create_config(),
+                &mls::create_config(self.name()),
                 mls_gid(&id),
                 self.identity.credential(),
             )

@@ -18,6 +18,7 @@ use crate::event::{Event, EventKind};
 use crate::follow::{self, Duty};
 use crate::identity::Identity;
 
+use super::roles::{build_commit, CommitPlan};
 use super::{now_ms, serialize, Client, CommitOut, COMMIT_ATTEMPTS};
 
 impl Client {
@@ -40,6 +41,8 @@ impl Client {
         if wanted.is_empty() {
             return Err(ClientError::Usage("name at least one user to add".into()));
         }
+        // Before any key package is claimed.
+        self.require(&id, huddle_core::policy::Capability::Add)?;
         // Every current device of each user, with its key from the user's
         // device log (checked from the key first seen for the user).
         let mut infos = Vec::new();
@@ -88,10 +91,15 @@ impl Client {
                 // starts a new epoch the joiners cannot reach back from, and
                 // without a path it stays small in a large group (every
                 // member downloads it). See docs/SECURITY.md §6.6.
-                let (c, w, _) = g
-                    .add_members_without_update(p, s, &kps)
-                    .map_err(ClientError::mls)?;
-                Ok((c, Some(w)))
+                build_commit(
+                    g,
+                    p,
+                    s,
+                    CommitPlan {
+                        adds: kps.clone(),
+                        ..CommitPlan::default()
+                    },
+                )
             })
             .await?;
         // Tell everyone (joiners included) the group's name.
@@ -158,8 +166,15 @@ impl Client {
                     .ok_or_else(|| ClientError::Usage(format!("{u} is not a member")))?;
                 leaves.push(m.index);
             }
-            let (c, w, _) = g.remove_members(p, s, &leaves).map_err(ClientError::mls)?;
-            Ok((c, w))
+            build_commit(
+                g,
+                p,
+                s,
+                CommitPlan {
+                    removes: leaves,
+                    ..CommitPlan::default()
+                },
+            )
         })
         .await
     }
@@ -170,11 +185,15 @@ impl Client {
         self.sync_group(&id).await?;
         self.active_group(&id)?;
         self.commit_with_retry(&id, None, Origin::Own, |g, p, s| {
-            let bundle = g
-                .self_update(p, s, LeafNodeParameters::default())
-                .map_err(ClientError::mls)?;
-            let (c, w, _) = bundle.into_messages();
-            Ok((c, w))
+            build_commit(
+                g,
+                p,
+                s,
+                CommitPlan {
+                    self_update: true,
+                    ..CommitPlan::default()
+                },
+            )
         })
         .await
     }
@@ -191,6 +210,7 @@ impl Client {
             db::groups::set_state(&self.db, &id, GroupState::Left)?;
             return Ok(true);
         }
+        self.check_may_leave(&id)?;
         self.propose_leave(&id).await?;
         Ok(false)
     }
@@ -449,10 +469,7 @@ impl Client {
                 if g.pending_proposals().next().is_none() {
                     return Err(ClientError::NothingToCommit);
                 }
-                let (c, w, _) = g
-                    .commit_to_pending_proposals(p, s)
-                    .map_err(ClientError::mls)?;
-                Ok((c, w))
+                build_commit(g, p, s, CommitPlan::default())
             })
             .await;
         match r {
@@ -472,6 +489,11 @@ pub(super) enum Change {
     Left,
     DevicesAdded,
     DevicesRemoved,
+    /// The members named were given this role.
+    Role(huddle_core::policy::Role),
+    /// The settings changed: the one "member" named is the settings as
+    /// they are now.
+    Settings,
 }
 
 impl Change {
@@ -489,6 +511,15 @@ impl Change {
                 members,
                 epoch: Some(epoch),
                 text: None,
+            },
+            Change::Role(role) => EventKind::RoleChanged {
+                members,
+                role: role.name().to_owned(),
+                epoch,
+            },
+            Change::Settings => EventKind::PolicyChanged {
+                text: members.join(", "),
+                epoch,
             },
         }
     }

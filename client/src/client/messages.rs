@@ -68,6 +68,14 @@ impl Client {
                 let tx = self.db.unchecked_transaction()?;
                 let provider = Provider::new(&self.crypto, &tx);
                 let mut g = self.load_group(&tx, id)?;
+                // The sender's role must allow it (the DS and every member
+                // check it too); the kind travels in the authenticated data.
+                huddle_core::policy::check_message(
+                    crate::follow::policy_of(&g)?.as_ref(),
+                    self.name(),
+                    msg.aad(),
+                )?;
+                g.set_aad(msg.aad().to_vec());
                 let out = g
                     .create_message(&provider, &self.identity, &msg.encode())
                     .map_err(ClientError::mls)?;

@@ -42,6 +42,7 @@ pub mod media;
 mod membership;
 mod messages;
 mod recovery;
+pub mod roles;
 mod sync;
 pub mod trust;
 
@@ -78,7 +79,7 @@ pub fn short_id(id: &GroupId) -> String {
 pub const MAX_GROUP_NAME: usize = 100;
 
 /// A group name must say something, fit on a line and stay short.
-fn check_group_name(name: &str) -> Result<()> {
+pub(crate) fn check_group_name(name: &str) -> Result<()> {
     if name.trim().is_empty() {
         return Err(ClientError::Usage("a group needs a name".into()));
     }

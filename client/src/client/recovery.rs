@@ -283,20 +283,30 @@ impl Client {
     /// secrets the old state never knew. Messages sent before it are not
     /// readable by the new state; everything after is.
     pub async fn rejoin(&mut self, id: &GroupId, why: &str) -> Result<Vec<Event>> {
-        self.join_externally(id, why, false).await
+        self.join_externally(id, why, Join::Rejoin).await
     }
 
-    /// An external commit into group `id`: a rejoin, or (`first`) the
-    /// first join of a newly linked device, reported as `joined`.
+    /// An external commit into group `id`: a rejoin, or the first join of
+    /// a newly linked device or of a holder of an invite, reported as
+    /// `joined`.
     pub(super) async fn join_externally(
         &mut self,
         id: &GroupId,
         why: &str,
-        first: bool,
+        how: Join<'_>,
     ) -> Result<Vec<Event>> {
         let _lock = self.locks.lock(id).await?;
+        let first = !matches!(how, Join::Rejoin);
         for attempt in 0..COMMIT_ATTEMPTS {
-            let (epoch, info, tree) = match self.request(&Request::JoinInfo { group: *id }).await? {
+            let ask = match how {
+                Join::Invite(secret) => Request::InviteInfo {
+                    group: *id,
+                    proof: huddle_core::policy::info_proof(secret, id.as_bytes(), self.principal())
+                        .into(),
+                },
+                _ => Request::JoinInfo { group: *id },
+            };
+            let (epoch, info, tree) = match self.request(&ask).await? {
                 Response::JoinInfo {
                     epoch,
                     group_info,
@@ -327,7 +337,19 @@ impl Client {
                     .map_err(ClientError::mls)?;
                 // Verifies the GroupInfo's signature against the tree and
                 // the tree against the group context's tree hash.
+                let aad = match how {
+                    // The invite's proof, which the DS and every member
+                    // check (PROTOCOL.md 13.10).
+                    Join::Invite(secret) => huddle_core::policy::join_aad(
+                        secret,
+                        id.as_bytes(),
+                        epoch,
+                        self.principal(),
+                    ),
+                    _ => Vec::new(),
+                };
                 let (group, bundle) = MlsGroup::external_commit_builder()
+                    .with_aad(aad)
                     .with_ratchet_tree(tree)
                     .with_config(mls::join_config())
                     .build_group(&provider, vgi, self.identity.credential())
@@ -394,6 +416,19 @@ impl Client {
                     tokio::time::sleep(Duration::from_millis(20 * (attempt as u64 + 1))).await;
                     continue;
                 }
+                Err(e @ ClientError::Server(_)) if matches!(how, Join::Invite(_)) => {
+                    // Refused: this device was never in the group.
+                    let tx = self.db.unchecked_transaction()?;
+                    let provider = Provider::new(&self.crypto, &tx);
+                    if let Some(mut g) = MlsGroup::load(provider.storage(), &mls_gid(id))
+                        .map_err(ClientError::mls)?
+                    {
+                        g.delete(provider.storage()).map_err(ClientError::mls)?;
+                    }
+                    db::groups::forget(&tx, id)?;
+                    tx.commit()?;
+                    return Err(e);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -401,4 +436,15 @@ impl Client {
             "other members kept committing first while this device rejoined".into(),
         ))
     }
+}
+
+/// What an external commit is for.
+#[derive(Clone, Copy)]
+pub(super) enum Join<'a> {
+    /// This device lost or forked its state.
+    Rejoin,
+    /// A newly linked device joins its user's group.
+    Device,
+    /// A holder of an invite joins: the invite's secret.
+    Invite(&'a ed25519_dalek::SigningKey),
 }

@@ -88,20 +88,44 @@ impl Client {
         Ok(events)
     }
 
-    /// A device of this user that joined the group by itself cannot read
-    /// the group's name (it was sent before): after `events` show such a
-    /// device, this one tells the group the name again.
+    /// A device that joined the group by itself (a device of this user,
+    /// or a user with an invite) cannot read the group's name (it was sent
+    /// before): after `events` show such a join, this one tells the group
+    /// the name again: for a device, a sibling; for an invite, the member
+    /// with the lowest leaf index.
     pub(super) async fn tell_name_to_new_devices(
         &mut self,
         id: &GroupId,
         events: &[Event],
     ) -> Result<()> {
-        let mine = events.iter().any(|e| {
+        let sibling = events.iter().any(|e| {
             e.kind == "device_added"
                 && e.members().iter().any(|p| {
                     huddle_core::devices::user_part(p) == self.name() && p != self.principal()
                 })
         });
+        let invited = events.iter().any(|e| e.kind == "joined_by_invite");
+        let mine = sibling
+            || (invited && {
+                let g = self.load_group(&self.db, id)?;
+                let joined: Vec<&String> = events
+                    .iter()
+                    .filter(|e| e.kind == "joined_by_invite")
+                    .flat_map(|e| e.members())
+                    .collect();
+                let first = g
+                    .members()
+                    .filter(|m| {
+                        huddle_core::mls::principal_of(&m.credential).is_some_and(|p| {
+                            !joined
+                                .iter()
+                                .any(|j| *j == huddle_core::devices::user_part(&p))
+                        })
+                    })
+                    .map(|m| m.index)
+                    .min();
+                first == Some(g.own_leaf_index())
+            });
         if !mine {
             return Ok(());
         }
@@ -325,6 +349,9 @@ impl Client {
                     // learnt its position yet.
                     db::history::mark_own(&tx, id, entry.seq)?;
                     if let Some(mut e) = event {
+                        if let crate::event::EventKind::Renamed { name } = &e.kind {
+                            row.name = name.clone();
+                        }
                         e.seq = entry.seq;
                         e.timestamp_ms = entry.timestamp_ms;
                         e.group_name = row.name.clone();

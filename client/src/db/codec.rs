@@ -139,7 +139,8 @@ mod tests {
     fn create<C: Codec>(conn: &Connection, alice: &Identity, n: usize) -> GroupId {
         let crypto = RustCrypto::default();
         let p = Provider::<C>::with_codec(&crypto, conn);
-        let mut g = MlsGroup::new(&p, alice, &mls::create_config(), alice.credential()).unwrap();
+        let mut g =
+            MlsGroup::new(&p, alice, &mls::create_config("alice"), alice.credential()).unwrap();
         let kps: Vec<_> = (1..n).map(|i| key_package(&format!("m{i}"))).collect();
         g.add_members(&p, alice, &kps).unwrap();
         g.merge_pending_commit(&p).unwrap();

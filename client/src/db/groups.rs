@@ -219,6 +219,15 @@ pub fn set_state(conn: &Connection, id: &GroupId, state: GroupState) -> Result<(
     Ok(())
 }
 
+/// Sets the group's display name.
+pub fn set_name(conn: &Connection, id: &GroupId, name: &str) -> Result<()> {
+    conn.execute(
+        "UPDATE huddle_groups SET name = ?2 WHERE id = ?1",
+        params![id.as_bytes().as_slice(), name],
+    )?;
+    Ok(())
+}
+
 /// Records our own commit in flight (`None`: there is none).
 pub fn set_pending_commit(conn: &Connection, id: &GroupId, commit: Option<&[u8]>) -> Result<()> {
     conn.execute(
@@ -232,6 +241,16 @@ pub fn set_pending_commit(conn: &Connection, id: &GroupId, commit: Option<&[u8]>
 pub fn commit_merged(conn: &Connection, id: &GroupId) -> Result<()> {
     conn.execute(
         "UPDATE huddle_groups SET pending_commit = NULL, proposals_since_ms = NULL WHERE id = ?1",
+        params![id.as_bytes().as_slice()],
+    )?;
+    Ok(())
+}
+
+/// Forgets group `id` (a join by invite the DS refused: this device was
+/// never in it).
+pub fn forget(conn: &Connection, id: &GroupId) -> Result<()> {
+    conn.execute(
+        "DELETE FROM huddle_groups WHERE id = ?1",
         params![id.as_bytes().as_slice()],
     )?;
     Ok(())

@@ -303,7 +303,13 @@ mod tests {
             .unwrap()
             .key_package()
             .clone();
-        let mut ag = MlsGroup::new(&ap, &alice, &mls::create_config(), alice.credential()).unwrap();
+        let mut ag = MlsGroup::new(
+            &ap,
+            &alice,
+            &mls::create_config("alice"),
+            alice.credential(),
+        )
+        .unwrap();
         let (_, welcome, _) = ag.add_members(&ap, &alice, &[kp]).unwrap();
         ag.merge_pending_commit(&ap).unwrap();
         let MlsMessageBodyIn::Welcome(w) = wire(&welcome).extract() else {
@@ -403,7 +409,8 @@ mod tests {
         let alice = Identity::generate("alice");
         let tx = conn.unchecked_transaction().unwrap();
         let p = Provider::<BinaryKeys>::with_codec(&crypto, &tx);
-        let mut g = MlsGroup::new(&p, &alice, &mls::create_config(), alice.credential()).unwrap();
+        let mut g =
+            MlsGroup::new(&p, &alice, &mls::create_config("alice"), alice.credential()).unwrap();
         p.storage().hold_message_secrets();
         // Sending advances the ratchet, so openmls writes its secrets.
         g.create_message(&p, &alice, b"hi").unwrap();

@@ -153,7 +153,7 @@ fn group(names: &[&'static str]) -> Vec<Member> {
     let mut g = MlsGroup::new(
         &creator.p,
         &creator.id,
-        &mls::create_config(),
+        &mls::create_config(names[0]),
         creator.id.credential(),
     )
     .unwrap();
@@ -466,4 +466,246 @@ fn fork_signs_name_members_with_another_authenticator_and_a_device_left_behind()
     // All agrees, but the DS keeps no GroupInfo for this epoch.
     let s = fork_signs("me", 4, &mine, vec![], 10, ds(4, 10, Some(3)));
     assert!(s.info_missing && s.differ.is_empty());
+}
+
+/// A member's commit of the group's extensions with `policy`.
+fn policy_commit(m: &mut Member, policy: &Policy) -> MlsMessageOut {
+    let (g, p, s) = m.parts();
+    let bundle = g
+        .commit_builder()
+        .propose_group_context_extensions(policy.extensions())
+        .unwrap()
+        .load_psks(p.storage())
+        .unwrap()
+        .build(p.rand(), p.crypto(), s, |_| true)
+        .unwrap()
+        .stage_commit(p)
+        .unwrap();
+    bundle.into_messages().0
+}
+
+/// A member's application message with `aad`.
+fn message_with(m: &mut Member, msg: &AppMessage, aad: &[u8]) -> MlsMessageOut {
+    let (g, p, s) = m.parts();
+    g.set_aad(aad.to_vec());
+    g.create_message(p, s, &msg.encode()).unwrap()
+}
+
+/// A DS that lets through what the group's policy forbids (a member
+/// removing another, making itself admin, renaming) changes nothing: each
+/// member refuses it and stays in its epoch. What the owner commits is
+/// applied and shown.
+#[test]
+fn what_the_policy_forbids_is_refused_by_the_members_whatever_the_ds_forwards() {
+    let mut ms = group(&["alice", "bob", "carol"]);
+    let mut log = Log::default();
+    let epoch = ms[2].g().epoch().as_u64();
+    // Bob, a member, removes carol.
+    let carol_leaf = ms[2].g().own_leaf_index();
+    let (c, _, _) = {
+        let (g, p, s) = ms[1].parts();
+        let r = g.remove_members(p, s, &[carol_leaf]).unwrap();
+        g.clear_pending_commit(p.storage()).unwrap();
+        r
+    };
+    let e = log.append(EntryKind::Commit, &c);
+    for i in [0, 2] {
+        assert!(
+            matches!(ms[i].apply(&e), Err(ClientError::Policy(m)) if m.contains("may not remove others")),
+            "member {i}"
+        );
+        assert_eq!(ms[i].g().epoch().as_u64(), epoch);
+    }
+    // Bob adds dave.
+    let dave = Member::new("dave");
+    let (c, _, _) = {
+        let (g, p, s) = ms[1].parts();
+        let r = g.add_members(p, s, &[dave.key_package()]).unwrap();
+        g.clear_pending_commit(p.storage()).unwrap();
+        r
+    };
+    let e = log.append(EntryKind::Commit, &c);
+    assert!(
+        matches!(ms[2].apply(&e), Err(ClientError::Policy(m)) if m.contains("may not add users"))
+    );
+    assert_eq!(ms[2].g().epoch().as_u64(), epoch);
+    // Bob makes himself admin.
+    let mut p = policy_of(ms[1].g()).unwrap().unwrap();
+    p.set_role("bob", Role::Admin);
+    let c = policy_commit(&mut ms[1], &p);
+    {
+        let (g, p, _) = ms[1].parts();
+        g.clear_pending_commit(p.storage()).unwrap();
+    }
+    let e = log.append(EntryKind::Commit, &c);
+    assert!(
+        matches!(ms[0].apply(&e), Err(ClientError::Policy(m)) if m.contains("may not make bob an admin"))
+    );
+    assert_eq!(ms[0].g().epoch().as_u64(), epoch);
+    // Bob renames the group; and the same content under another kind.
+    let rename = AppMessage::Rename {
+        name: "bob's".into(),
+    };
+    for aad in [huddle_core::policy::AAD_RENAME, b"".as_slice()] {
+        let m = message_with(&mut ms[1], &rename, aad);
+        let e = log.append(EntryKind::Application, &m);
+        assert!(matches!(ms[2].apply(&e), Err(ClientError::Policy(_))));
+        assert_eq!(ms[2].row.name, "team");
+    }
+    // Alice, the owner, makes bob admin: applied, and shown.
+    let mut p = policy_of(ms[0].g()).unwrap().unwrap();
+    p.set_role("bob", Role::Admin);
+    let c = policy_commit(&mut ms[0], &p);
+    {
+        let (g, p, _) = ms[0].parts();
+        g.merge_pending_commit(p).unwrap();
+    }
+    let e = log.append(EntryKind::Commit, &c);
+    for i in [1, 2] {
+        let events = ms[i].apply(&e).unwrap();
+        assert_eq!(events[0].kind, "role_changed");
+        assert_eq!(events[0].members(), ["bob"]);
+        assert_eq!(ms[i].g().epoch().as_u64(), epoch + 1);
+    }
+    // Now his rename goes.
+    let m = message_with(&mut ms[1], &rename, huddle_core::policy::AAD_RENAME);
+    let e = log.append(EntryKind::Application, &m);
+    let events = ms[2].apply(&e).unwrap();
+    assert_eq!(events[0].kind, "renamed");
+    assert_eq!(ms[2].row.name, "bob's");
+}
+
+/// A reader's message, and a member's in an announcement group, are
+/// dropped by the members; the last owner's leave proposal is refused.
+#[test]
+fn readers_and_the_last_owner_are_held_to_the_policy_by_the_members() {
+    let mut ms = group(&["alice", "bob", "carol"]);
+    let mut log = Log::default();
+    let mut p = policy_of(ms[0].g()).unwrap().unwrap();
+    p.set_role("carol", Role::Reader);
+    p.settings.announcement = true;
+    let c = policy_commit(&mut ms[0], &p);
+    {
+        let (g, p, _) = ms[0].parts();
+        g.merge_pending_commit(p).unwrap();
+    }
+    let e = log.append(EntryKind::Commit, &c);
+    let events = ms[1].apply(&e).unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["role_changed", "policy_changed"]);
+    ms[2].apply(&e).unwrap();
+    let text = AppMessage::Text { text: "hi".into() };
+    for i in [1, 2] {
+        let m = message_with(&mut ms[i], &text, b"");
+        let e = log.append(EntryKind::Application, &m);
+        let other = if i == 1 { 2 } else { 1 };
+        assert!(
+            matches!(ms[other].apply(&e), Err(ClientError::Policy(m)) if m.contains("may not send messages"))
+        );
+        assert!(matches!(ms[0].apply(&e), Err(ClientError::Policy(_))));
+    }
+    let m = message_with(&mut ms[0], &text, b"");
+    let e = log.append(EntryKind::Application, &m);
+    assert_eq!(ms[1].apply(&e).unwrap()[0].kind, "text");
+    // Alice, the only owner, proposes to leave.
+    let leave = {
+        let (g, p, s) = ms[0].parts();
+        g.leave_group(p, s).unwrap()
+    };
+    let e = log.append(EntryKind::Proposal, &leave);
+    assert!(matches!(ms[1].apply(&e), Err(ClientError::Policy(m)) if m.contains("last owner")));
+    assert!(ms[1].g().pending_proposals().next().is_none());
+}
+
+/// `joiner`'s external commit into `owner`'s group, with `aad`.
+fn external_commit(owner: &mut Member, joiner: &mut Member, aad: Vec<u8>) -> MlsMessageOut {
+    let (g, p, s) = owner.parts();
+    let info = g.export_group_info(p.crypto(), s, false).unwrap();
+    let tree: RatchetTreeIn = g.export_ratchet_tree().into();
+    let bytes = info.tls_serialize_detached().unwrap();
+    let MlsMessageBodyIn::GroupInfo(vgi) = MlsMessageIn::tls_deserialize_exact(&bytes)
+        .unwrap()
+        .extract()
+    else {
+        panic!()
+    };
+    let (group, bundle) = MlsGroup::external_commit_builder()
+        .with_aad(aad)
+        .with_ratchet_tree(tree)
+        .with_config(mls::join_config())
+        .build_group(&joiner.p, vgi, joiner.id.credential())
+        .unwrap()
+        .leaf_node_parameters(
+            LeafNodeParameters::builder()
+                .with_capabilities(mls::capabilities())
+                .build(),
+        )
+        .load_psks(joiner.p.storage())
+        .unwrap()
+        .build(joiner.p.rand(), joiner.p.crypto(), &joiner.id, |_| true)
+        .unwrap()
+        .finalize(&joiner.p)
+        .unwrap();
+    joiner.group = Some(group);
+    bundle.commit().clone()
+}
+
+/// A DS that lets a stranger in by external commit gets nowhere: without
+/// an invite of the group's policy in its authenticated data the members
+/// refuse the join; with one, they show it as a join by that invite.
+#[test]
+fn a_join_by_external_commit_needs_an_invite_the_members_can_check() {
+    let mut ms = group(&["alice", "bob"]);
+    let mut log = Log::default();
+    let gid = GroupId([7; 16]);
+    let mut carol = Member::new("carol");
+    let epoch = ms[1].g().epoch().as_u64();
+    let c = external_commit(&mut ms[0], &mut carol, Vec::new());
+    let e = log.append(EntryKind::Commit, &c);
+    assert!(
+        matches!(ms[1].apply(&e), Err(ClientError::Policy(m)) if m.contains("needs an invite"))
+    );
+    assert_eq!(ms[1].g().epoch().as_u64(), epoch);
+    // The owner makes an invite; carol joins with its secret.
+    let secret = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let mut p = policy_of(ms[0].g()).unwrap().unwrap();
+    p.add_invite(
+        huddle_core::policy::Invite {
+            key: secret.verifying_key().to_bytes(),
+            by: "alice".into(),
+            expires_ms: T0 + 1000,
+            max_uses: 0,
+            approval: false,
+        },
+        0,
+    )
+    .unwrap();
+    let c = policy_commit(&mut ms[0], &p);
+    {
+        let (g, p, _) = ms[0].parts();
+        g.merge_pending_commit(p).unwrap();
+    }
+    let e = log.append(EntryKind::Commit, &c);
+    ms[1].apply(&e).unwrap();
+    // A proof made with another secret, or for another joiner, is refused.
+    let epoch = ms[1].g().epoch().as_u64();
+    let other = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
+    for aad in [
+        huddle_core::policy::join_aad(&other, gid.as_bytes(), epoch, "carol"),
+        huddle_core::policy::join_aad(&secret, gid.as_bytes(), epoch, "dave"),
+    ] {
+        let mut carol = Member::new("carol");
+        let c = external_commit(&mut ms[0], &mut carol, aad);
+        let e = log.append(EntryKind::Commit, &c);
+        assert!(matches!(ms[1].apply(&e), Err(ClientError::Policy(_))));
+        assert_eq!(ms[1].g().epoch().as_u64(), epoch);
+    }
+    let mut carol = Member::new("carol");
+    let aad = huddle_core::policy::join_aad(&secret, gid.as_bytes(), epoch, "carol");
+    let c = external_commit(&mut ms[0], &mut carol, aad);
+    let e = log.append(EntryKind::Commit, &c);
+    let events = ms[1].apply(&e).unwrap();
+    assert_eq!(events[0].kind, "joined_by_invite");
+    assert_eq!(events[0].members(), ["carol"]);
+    assert_eq!(ms[1].g().epoch().as_u64(), epoch + 1);
 }

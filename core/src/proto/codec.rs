@@ -34,10 +34,10 @@ pub trait Message: Serialize + DeserializeOwned {
 }
 
 impl Message for Request {
-    const KNOWN_TYPES: u32 = 27;
+    const KNOWN_TYPES: u32 = 30;
 }
 impl Message for Response {
-    const KNOWN_TYPES: u32 = 20;
+    const KNOWN_TYPES: u32 = 22;
 }
 impl Message for Event {
     const KNOWN_TYPES: u32 = 5;

@@ -40,6 +40,10 @@ pub enum ErrorCode {
     StaleEpoch,
     /// The MLS message failed validation.
     InvalidMessage,
+    /// The sender's role in the group lacks what the change or message
+    /// needs, or the change would break the group's policy (PROTOCOL.md
+    /// 13.10).
+    Forbidden,
     /// Too many requests; try later.
     RateLimited,
     /// A storage quota would be exceeded.
@@ -81,6 +85,7 @@ impl From<u16> for ErrorCode {
             32 => GroupExists,
             33 => StaleEpoch,
             34 => InvalidMessage,
+            35 => Forbidden,
             40 => RateLimited,
             50 => QuotaExceeded,
             51 => TooLarge,
@@ -113,6 +118,7 @@ impl From<ErrorCode> for u16 {
             GroupExists => 32,
             StaleEpoch => 33,
             InvalidMessage => 34,
+            Forbidden => 35,
             RateLimited => 40,
             QuotaExceeded => 50,
             TooLarge => 51,

@@ -270,6 +270,31 @@ pub enum Request {
     /// current device of its user is a member and it is not. Answer:
     /// [`Response::Groups`].
     UserGroups,
+    /// What joining `group` with an invite needs: as [`Request::JoinInfo`],
+    /// for a caller that holds an invite of the group's policy. `proof` is
+    /// [`crate::policy::info_proof`] (PROTOCOL.md 10.3). Answer:
+    /// [`Response::JoinInfo`].
+    InviteInfo {
+        /// Group.
+        group: GroupId,
+        /// The invite's key and its signature of the request.
+        proof: Bytes,
+    },
+    /// The users waiting to be added to `group` (with invites that need
+    /// approval), for a member who may add users. Answer:
+    /// [`Response::JoinRequests`].
+    JoinRequests {
+        /// Group.
+        group: GroupId,
+    },
+    /// Turns down `user`'s request to join `group`. Answer:
+    /// [`Response::JoinRequests`] with those still waiting.
+    DeclineJoin {
+        /// Group.
+        group: GroupId,
+        /// The user who asked.
+        user: String,
+    },
 }
 
 /// Parameters of an upload.
@@ -426,6 +451,18 @@ pub enum Response {
         /// DS knows (device number, ms since the Unix epoch); only for a
         /// caller that is one of the user's devices, empty otherwise.
         last_seen: Vec<(u32, u64)>,
+    },
+    /// The caller's request to join `group` waits for an admin (its
+    /// invite needs approval).
+    JoinRequested {
+        /// Group.
+        group: GroupId,
+    },
+    /// Users waiting to be added to a group, oldest first.
+    JoinRequests {
+        /// (user, the first 8 hex digits of the invite's key, when it
+        /// asked in ms since the Unix epoch).
+        requests: Vec<(String, String, u64)>,
     },
 }
 
@@ -636,6 +673,9 @@ impl fmt::Debug for Request {
             }
             Request::Devices { user } => write!(f, "Devices({user})"),
             Request::UserGroups => f.write_str("UserGroups"),
+            Request::InviteInfo { group, .. } => write!(f, "InviteInfo({group})"),
+            Request::JoinRequests { group } => write!(f, "JoinRequests({group})"),
+            Request::DeclineJoin { group, user } => write!(f, "DeclineJoin({group}, {user})"),
         }
     }
 }
@@ -694,6 +734,8 @@ impl fmt::Debug for Response {
             Response::Devices { user, entries, .. } => {
                 write!(f, "Devices({user}, {} entries)", entries.len())
             }
+            Response::JoinRequested { group } => write!(f, "JoinRequested({group})"),
+            Response::JoinRequests { requests } => write!(f, "JoinRequests({})", requests.len()),
         }
     }
 }

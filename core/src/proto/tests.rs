@@ -140,6 +140,9 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(entry, code)| Request::AppendDevice { entry, code }),
         name().prop_map(|user| Request::Devices { user }),
         Just(Request::UserGroups),
+        (gid(), bytes_(102)).prop_map(|(group, proof)| Request::InviteInfo { group, proof }),
+        gid().prop_map(|group| Request::JoinRequests { group }),
+        (gid(), name()).prop_map(|(group, user)| Request::DeclineJoin { group, user }),
     ]
 }
 
@@ -247,6 +250,9 @@ fn response() -> impl Strategy<Value = Response> {
                 entries,
                 last_seen
             }),
+        gid().prop_map(|group| Response::JoinRequested { group }),
+        vec((name(), name(), any::<u64>()), 0..3)
+            .prop_map(|requests| Response::JoinRequests { requests }),
     ]
 }
 
@@ -310,8 +316,8 @@ proptest! {
 
 #[test]
 fn unknown_type_is_told_apart() {
-    // Index 27 is one past the last request this build knows.
-    assert_eq!(decode::<Request>(&[27]), Err(DecodeError::UnknownType(27)));
+    // Index 30 is one past the last request this build knows.
+    assert_eq!(decode::<Request>(&[30]), Err(DecodeError::UnknownType(30)));
     assert_eq!(
         decode::<Request>(&[0x80, 0x01]),
         Err(DecodeError::UnknownType(128))
@@ -352,16 +358,16 @@ fn numbers_not_in_their_shortest_encoding_are_refused() {
 /// one past it is unknown.
 #[test]
 fn known_type_counts_match_enums() {
-    let last_request = Request::UserGroups;
+    let last_request = Request::DeclineJoin {
+        group: GroupId([0; 16]),
+        user: String::new(),
+    };
     assert_eq!(
         encode_body(&last_request)[0] as u32,
         Request::KNOWN_TYPES - 1
     );
-    let last_response = Response::Devices {
-        user: String::new(),
-        root_key: [0; 32],
-        entries: Vec::new(),
-        last_seen: Vec::new(),
+    let last_response = Response::JoinRequests {
+        requests: Vec::new(),
     };
     assert_eq!(
         encode_body(&last_response)[0] as u32,

@@ -40,6 +40,7 @@ pub fn spawn(
             compacted: meta.compacted,
             members: Arc::new(members.into_iter().collect()),
             group_info_epoch: group_info.as_ref().map(|(e, _)| *e),
+            policy: mls.policy.clone(),
         }),
         task: Mutex::new(None),
         last_used: std::sync::atomic::AtomicU64::new((shared.now_ms)()),
@@ -184,7 +185,11 @@ impl Actor {
                             }
                         }
                     }
-                    Cmd::JoinInfo { user, reply } => joins.push((user, reply)),
+                    Cmd::JoinInfo {
+                        user,
+                        invite,
+                        reply,
+                    } => joins.push((user, invite, reply)),
                     Cmd::Refresh { reply } => refreshes.push(reply),
                     Cmd::Stop => stopping = true,
                 }
@@ -204,8 +209,8 @@ impl Actor {
                 }
             }
             // Answered from durable state only.
-            for (user, reply) in joins.drain(..) {
-                let _ = reply.send(self.join_info(&user));
+            for (user, invite, reply) in joins.drain(..) {
+                let _ = reply.send(self.join_info(&user, invite.as_deref()));
             }
             if let Some(h) = self.handle.upgrade() {
                 h.watchers
@@ -215,18 +220,28 @@ impl Actor {
     }
 
     /// The durable GroupInfo, if it is for the current epoch, with the tree.
-    pub(super) fn join_info(&self, user: &str) -> JoinInfoResult {
+    pub(super) fn join_info(&self, user: &str, invite: Option<&[u8]>) -> JoinInfoResult {
         let Some(handle) = self.handle.upgrade() else {
             return Err(stopped());
         };
         let view = handle.view();
-        if !view.is_member(user) && !view.may_join(user) {
+        let mls = self.mls.as_ref().expect("mls state present");
+        if let Some(proof) = invite {
+            // A holder of an invite: it must be in force and not used up.
+            let policy = mls.policy.as_deref().ok_or_else(|| {
+                ErrorBody::new(ErrorCode::Forbidden, "this group takes no invites")
+            })?;
+            let now = (self.shared.now_ms)();
+            let i =
+                huddle_core::policy::check_info_proof(policy, self.id.as_bytes(), proof, user, now)
+                    .map_err(super::policy_error)?;
+            check_uses(mls, i)?;
+        } else if !view.is_member(user) && !view.may_join(user) {
             return Err(ErrorBody::new(
                 ErrorCode::NotMember,
                 format!("{user} is not a member of group {}", self.id),
             ));
         }
-        let mls = self.mls.as_ref().expect("mls state present");
         let epoch = mls.public.group_context().epoch().as_u64();
         let Some((info_epoch, info)) = &self.group_info else {
             return Err(ErrorBody::new(
@@ -311,6 +326,7 @@ impl Actor {
                 )
             }
         };
+        view.policy = mls.policy.clone();
         self.mls = Some(mls);
         let outcome = result?;
         if let Some(o) = outcome {
@@ -481,4 +497,19 @@ impl Actor {
             }
         }
     }
+}
+
+/// `Ok` unless invite `i` admitted as many users as it may.
+pub(super) fn check_uses(mls: &MlsState, i: &huddle_core::policy::Invite) -> Result<(), ErrorBody> {
+    if i.max_uses > 0 && mls.invite_uses(&i.key) >= i.max_uses {
+        return Err(ErrorBody::new(
+            ErrorCode::Forbidden,
+            format!(
+                "the invite was used up ({} of {} uses)",
+                mls.invite_uses(&i.key),
+                i.max_uses
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -275,6 +275,7 @@ impl Actor {
             compacted: self.meta.compacted,
             members: Arc::new(g.members.into_iter().collect()),
             group_info_epoch: self.group_info.as_ref().map(|(e, _)| *e),
+            policy: self.mls.as_ref().and_then(|m| m.policy.clone()),
         };
         *handle.view.write().expect("view lock") = view.clone();
         let complete = view.head > after

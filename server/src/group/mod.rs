@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
+use huddle_core::policy::{Capability, Policy, PolicyError};
 use huddle_core::proto::{ErrorBody, ErrorCode};
 use huddle_core::GroupId;
 use tokio::sync::{mpsc, oneshot};
@@ -58,6 +59,9 @@ pub struct GroupView {
     pub members: Arc<HashMap<String, MemberRecord>>,
     /// Epoch of the newest published GroupInfo.
     pub group_info_epoch: Option<u64>,
+    /// The group's policy at `epoch` (`None`: a group made before
+    /// policies, where every member may do everything).
+    pub policy: Option<Arc<Policy>>,
 }
 
 impl GroupView {
@@ -78,6 +82,32 @@ impl GroupView {
         self.members.get(user).is_some_and(|m| m.is_current())
     }
 
+    /// `Ok` if `principal`, a current member, may post an application
+    /// message with additional authenticated data `aad` (its role allows
+    /// it; PROTOCOL.md 13.10).
+    pub fn check_message(&self, principal: &str, aad: &[u8]) -> Result<(), ErrorBody> {
+        huddle_core::policy::check_message(
+            self.policy.as_deref(),
+            huddle_core::devices::user_part(principal),
+            aad,
+        )
+        .map_err(policy_error)
+    }
+
+    /// `Ok` if `principal`, a current member, may upload media to the
+    /// group (its role allows it).
+    pub fn check_upload(&self, principal: &str) -> Result<(), ErrorBody> {
+        match &self.policy {
+            Some(p) => p
+                .require(
+                    huddle_core::devices::user_part(principal),
+                    Capability::Upload,
+                )
+                .map_err(policy_error),
+            None => Ok(()),
+        }
+    }
+
     /// Whether `principal` may join by an external commit: it is not a
     /// current member, and another device of its user is.
     pub fn may_join(&self, principal: &str) -> bool {
@@ -87,6 +117,15 @@ impl GroupView {
                 m.is_current() && p != principal && huddle_core::devices::user_part(p) == user
             })
     }
+}
+
+/// The error a policy refusal is sent as.
+pub(crate) fn policy_error(e: PolicyError) -> ErrorBody {
+    let code = match e {
+        PolicyError::Forbidden(_) => ErrorCode::Forbidden,
+        PolicyError::Invalid(_) | PolicyError::Malformed(_) => ErrorCode::InvalidMessage,
+    };
+    ErrorBody::new(code, e.to_string())
 }
 
 /// What a poster wants appended.
@@ -149,6 +188,8 @@ enum Cmd {
     /// Hand out the GroupInfo and tree of the current epoch.
     JoinInfo {
         user: String,
+        /// A proof of holding an invite (for a user that is not a member).
+        invite: Option<Bytes>,
         reply: oneshot::Sender<JoinInfoResult>,
     },
     /// Cluster mode: compare the head with the database's, and read the
@@ -272,11 +313,16 @@ impl GroupHandle {
     }
 
     /// The GroupInfo and ratchet tree of the current epoch, for `user`, a
-    /// current member who lost its group state.
-    pub async fn join_info(&self, user: String) -> JoinInfoResult {
+    /// current member who lost its group state, a device of a member's
+    /// user, or a holder of an invite (`invite`: its proof).
+    pub async fn join_info(&self, user: String, invite: Option<Bytes>) -> JoinInfoResult {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::JoinInfo { user, reply })
+            .send(Cmd::JoinInfo {
+                user,
+                invite,
+                reply,
+            })
             .await
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?

@@ -2,8 +2,12 @@
 //! with its storage, snapshots for the store, and the checks of a new
 //! group's epoch-0 state.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use huddle_core::mls::principal_of;
+use huddle_core::policy::{Policy, PolicyError, Role};
 use huddle_core::proto::{ErrorBody, ErrorCode};
 use huddle_core::GroupId;
 use openmls::prelude::{tls_codec::Deserialize as _, *};
@@ -17,19 +21,71 @@ use crate::store::{GroupWrite, StoreError};
 pub(super) struct MlsState {
     pub(super) public: PublicGroup,
     pub(super) storage: MemoryStorage,
+    /// The policy the group context carries (`None`: a group made before
+    /// policies), decoded once per epoch.
+    pub(super) policy: Option<Arc<Policy>>,
+    /// How many users each invite admitted: the DS's own count, kept with
+    /// the state so that it is written with the commit that used it.
+    pub(super) invite_uses: BTreeMap<[u8; 32], u32>,
 }
 
+/// The key under which the invite counts ride in a state snapshot beside
+/// openmls' own values (whose keys never start with a zero byte).
+const INVITE_USES_KEY: &[u8] = b"\0huddle/invite-uses";
+
 impl MlsState {
+    /// Builds the state around `public`, decoding its policy.
+    pub(super) fn new(public: PublicGroup, storage: MemoryStorage) -> Result<Self, PolicyError> {
+        let policy = Policy::from_extensions(public.group_context().extensions())?.map(Arc::new);
+        Ok(Self {
+            public,
+            storage,
+            policy,
+            invite_uses: BTreeMap::new(),
+        })
+    }
+
+    /// Decodes the policy anew (after a commit is merged), and forgets the
+    /// counts of invites it no longer holds.
+    pub(super) fn refresh_policy(&mut self) -> Result<(), PolicyError> {
+        self.policy =
+            Policy::from_extensions(self.public.group_context().extensions())?.map(Arc::new);
+        let policy = self.policy.clone();
+        self.invite_uses
+            .retain(|k, _| policy.as_ref().is_some_and(|p| p.invite(k).is_some()));
+        Ok(())
+    }
+
+    /// How many users the invite with key `key` admitted.
+    pub(super) fn invite_uses(&self, key: &[u8; 32]) -> u32 {
+        self.invite_uses.get(key).copied().unwrap_or(0)
+    }
+
     pub(super) fn snapshot(&self) -> Vec<u8> {
         let values = self.storage.values.read().expect("mls storage lock");
         let mut pairs: Vec<(&Vec<u8>, &Vec<u8>)> = values.iter().collect();
+        let uses = (!self.invite_uses.is_empty()).then(|| {
+            (
+                INVITE_USES_KEY.to_vec(),
+                postcard::to_allocvec(&self.invite_uses).expect("serialising to a Vec cannot fail"),
+            )
+        });
+        if let Some((k, v)) = &uses {
+            pairs.push((k, v));
+        }
         pairs.sort();
         postcard::to_allocvec(&pairs).expect("serialising to a Vec cannot fail")
     }
 
     pub(super) fn restore(id: &GroupId, snapshot: &[u8]) -> Result<Self, StoreError> {
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = postcard::from_bytes(snapshot)
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = postcard::from_bytes(snapshot)
             .map_err(|e| StoreError::Corrupt(format!("group state: {e}")))?;
+        let mut invite_uses = BTreeMap::new();
+        if let Some(i) = pairs.iter().position(|(k, _)| k == INVITE_USES_KEY) {
+            let (_, v) = pairs.remove(i);
+            invite_uses = postcard::from_bytes(&v)
+                .map_err(|e| StoreError::Corrupt(format!("group {id} invite counts: {e}")))?;
+        }
         let storage = MemoryStorage::default();
         storage
             .values
@@ -46,7 +102,10 @@ impl MlsState {
         let public = loaded
             .map_err(|e| StoreError::Corrupt(format!("group state: {e:?}")))?
             .ok_or_else(|| StoreError::Corrupt(format!("group {id} state is incomplete")))?;
-        Ok(Self { public, storage })
+        let mut state = Self::new(public, storage)
+            .map_err(|e| StoreError::Corrupt(format!("group {id} policy: {e}")))?;
+        state.invite_uses = invite_uses;
+        Ok(state)
     }
 }
 
@@ -141,8 +200,25 @@ pub fn validate_new_group(
             "the GroupInfo has no external public key (external_pub extension)".into(),
         ));
     }
+    // Every new group carries a policy naming its creator the only owner
+    // and nobody else (PROTOCOL.md 13.10).
+    let creator = huddle_core::devices::user_part(user);
+    let state =
+        MlsState::new(public, storage).map_err(|e| bad(format!("the group's policy: {e}")))?;
+    match state.policy.as_deref() {
+        Some(p) if p.roles().eq([(creator, Role::Owner)]) => {}
+        Some(_) => {
+            return Err(bad(format!(
+            "a new group's policy must name its creator, {creator}, the only owner and nobody else"
+        )))
+        }
+        None => {
+            return Err(bad(
+                "a new group must carry a policy (group context extension 0xf1d0)".into(),
+            ))
+        }
+    }
     let info_epoch0 = Some((0, Bytes::copy_from_slice(group_info)));
-    let state = MlsState { public, storage };
     let snapshot = state.snapshot();
     let write = GroupWrite {
         group_info: info_epoch0,

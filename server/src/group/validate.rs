@@ -13,7 +13,7 @@ use openmls_rust_crypto::RustCrypto;
 
 use crate::store::{MemberRecord, NewInboxItem, StoreError};
 
-use super::{Actor, Changes, GroupView, MlsState, Post};
+use super::{policy_error, Actor, Changes, GroupView, MlsState, Post};
 
 impl Actor {
     /// Checks a GroupInfo published by `user`: it names this group and its
@@ -96,8 +96,13 @@ impl Actor {
         changes: &mut Changes,
     ) -> Result<LogEntry, ErrorBody> {
         // A device of a member's user joins by an external commit
-        // (checked in `process_handshake`).
-        let joining = matches!(post, Post::Commit { .. }) && view.may_join(user);
+        // (checked in `process_handshake`)
+        // (or a holder of an invite, checked there too).
+        let invites = view
+            .policy
+            .as_ref()
+            .is_some_and(|p| !p.invites().is_empty());
+        let joining = matches!(post, Post::Commit { .. }) && (view.may_join(user) || invites);
         if !view.is_member(user) && !joining {
             return Err(ErrorBody::new(
                 ErrorCode::NotMember,
@@ -149,6 +154,13 @@ impl Actor {
                 if msg_epoch > view.epoch || msg_epoch + (MAX_PAST_EPOCHS as u64) < view.epoch {
                     return Err(stale(view.epoch));
                 }
+                // The poster's role must let it send this (PROTOCOL.md
+                // 13.10); the kind is in the authenticated data, which the
+                // DS reads and the members check against the content.
+                let ProtocolMessage::PrivateMessage(private) = &pm else {
+                    return Err(invalid("expected a PrivateMessage".into()));
+                };
+                view.check_message(user, private.aad())?;
             }
             EntryKind::Proposal | EntryKind::Commit => {
                 let want = if kind == EntryKind::Commit {
@@ -226,6 +238,13 @@ pub(super) fn process_handshake(
         Sender::NewMemberCommit if kind == EntryKind::Commit => None,
         _ => return Err(invalid("only members may send handshake messages".into())),
     };
+    if sender_leaf.is_some() && !view.is_member(user) {
+        return Err(ErrorBody::new(
+            ErrorCode::NotMember,
+            format!("{user} is not a member of this group"),
+        ));
+    }
+    let aad = processed.aad().to_vec();
     if principal_of(processed.credential()).as_deref() != Some(user) {
         return Err(invalid(
             "the message is signed by another member than the authenticated user".into(),
@@ -285,11 +304,26 @@ pub(super) fn process_handshake(
             if let Proposal::Update(u) = queued.proposal() {
                 check_leaf(u.leaf_node(), user)?;
             }
-            let pending = mls
+            let queued_now = mls
                 .public
                 .queued_proposals(&mls.storage)
-                .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("{e:?}")))?
-                .len();
+                .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("{e:?}")))?;
+            if let (Proposal::Remove(r), Some(policy)) = (queued.proposal(), mls.policy.as_deref())
+            {
+                let pending = queued_now.iter().filter_map(|(_, q)| match q.proposal() {
+                    Proposal::Remove(r) => Some(r.removed().u32()),
+                    _ => None,
+                });
+                huddle_core::policy::check_remove_proposal(
+                    policy,
+                    &leaves(mls),
+                    user,
+                    r.removed().u32(),
+                    pending,
+                )
+                .map_err(policy_error)?;
+            }
+            let pending = queued_now.len();
             if pending >= limits.max_pending_proposals {
                 return Err(ErrorBody::new(
                     ErrorCode::QuotaExceeded,
@@ -314,6 +348,7 @@ pub(super) fn process_handshake(
                     Proposal::Add(_)
                     | Proposal::Update(_)
                     | Proposal::Remove(_)
+                    | Proposal::GroupContextExtensions(_)
                     | Proposal::ExternalInit(_) => {}
                     other => {
                         return Err(invalid(format!(
@@ -396,6 +431,37 @@ pub(super) fn process_handshake(
                     .ok_or_else(|| invalid("committer is not in the tree".into()))?;
                 check_leaf(leaf, committer)?;
             }
+            let group: [u8; 16] = mls
+                .public
+                .group_id()
+                .as_slice()
+                .try_into()
+                .map_err(|_| invalid("a group id of another length".into()))?;
+            let group = &group;
+            let facts = huddle_core::policy::check_staged_commit(
+                mls.policy.as_deref(),
+                &leaves(mls),
+                user,
+                &staged,
+                huddle_core::policy::Context {
+                    group,
+                    aad: &aad,
+                    now_ms: now,
+                },
+            )
+            .map_err(|e| match e {
+                // Not a member, and no invite: as for any other non-member.
+                huddle_core::policy::PolicyError::Forbidden(m)
+                    if joins_unasked(view, user)
+                        && !aad.starts_with(huddle_core::policy::AAD_INVITE) =>
+                {
+                    ErrorBody::new(ErrorCode::NotMember, m)
+                }
+                e => policy_error(e),
+            })?;
+            if let Some(i) = &facts.invite {
+                super::actor::check_uses(mls, i)?;
+            }
             let mut added = Vec::new();
             let mut added_refs = HashSet::new();
             let mut ref_of: HashMap<String, Vec<u8>> = HashMap::new();
@@ -465,6 +531,11 @@ pub(super) fn process_handshake(
                 .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("merge: {e:?}")))?;
             let epoch = mls.public.group_context().epoch().as_u64();
             debug_assert_eq!(epoch, old_epoch + 1);
+            mls.refresh_policy()
+                .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("policy: {e}")))?;
+            if let Some(i) = &facts.invite {
+                *mls.invite_uses.entry(i.key).or_default() += 1;
+            }
             let after: HashSet<String> = mls
                 .public
                 .members()
@@ -535,4 +606,15 @@ pub(super) fn process_handshake(
         }
         _ => Err(invalid("unexpected handshake content".into())),
     }
+}
+
+/// Whether `principal` joining by external commit is neither a device of
+/// a member's user nor a current member.
+fn joins_unasked(view: &GroupView, principal: &str) -> bool {
+    !view.is_member(principal) && !view.may_join(principal)
+}
+
+/// Each leaf's principal.
+fn leaves(mls: &MlsState) -> HashMap<u32, String> {
+    huddle_core::policy::leaves_of(mls.public.members())
 }

@@ -74,6 +74,8 @@ pub(super) async fn upload_inner(
             format!("{user} is not a member of group {}", req.group),
         ));
     }
+    // A reader, or a member of an announcement group, uploads nothing.
+    group.with_view(|v| v.check_upload(&user))?;
     admission::check_request(req, blobs.config.max_media_item)?;
     let id = req.media;
     // The uploader resuming takes the upload over: its earlier stream may

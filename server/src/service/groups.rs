@@ -202,14 +202,19 @@ impl Service {
         &self,
         user: String,
         group: GroupId,
+        invite: Option<Bytes>,
     ) -> Result<Response, ErrorBody> {
         let mut j = self
             .group_or_err(&group)
             .await?
-            .join_info(user.clone())
+            .join_info(user.clone(), invite.clone())
             .await;
         if j.as_ref().is_err_and(|e| self.retry_after(e)) {
-            j = self.group_or_err(&group).await?.join_info(user).await;
+            j = self
+                .group_or_err(&group)
+                .await?
+                .join_info(user, invite)
+                .await;
         }
         let j = j?;
         Ok(Response::JoinInfo {

@@ -23,6 +23,7 @@ mod acks;
 mod auth;
 mod devices;
 mod groups;
+mod invites;
 mod key_packages;
 mod log;
 mod rate;
@@ -236,7 +237,10 @@ impl Service {
             Request::PublishGroupInfo { group, group_info } => {
                 self.publish_group_info(user, group, group_info).await
             }
-            Request::JoinInfo { group } => self.join_info(user, group).await,
+            Request::JoinInfo { group } => self.join_info(user, group, None).await,
+            Request::InviteInfo { group, proof } => self.invite_info(user, group, proof).await,
+            Request::JoinRequests { group } => self.join_requests(user, group).await,
+            Request::DeclineJoin { group, user: who } => self.decline_join(user, group, who).await,
             Request::GroupState { group } => self.group_state(user, group).await,
             Request::ListGroups => self.list_groups(user).await,
             Request::EpochAuthenticator { group, epoch, hash } => {

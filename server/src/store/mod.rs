@@ -379,6 +379,18 @@ pub struct PendingLink {
     pub expires_ms: u64,
 }
 
+/// A user waiting for an admin to add it to a group, with an invite that
+/// needs approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// Who asks.
+    pub user: String,
+    /// The key of the invite it holds.
+    pub invite: [u8; 32],
+    /// When it asked, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
 /// What an appended device-log entry does besides being stored.
 #[derive(Debug, Clone, Copy)]
 pub enum DeviceWrite<'a> {
@@ -448,6 +460,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Drops every pending link lapsed at `now_ms`; returns how many.
     fn expire_links(&self, now_ms: u64) -> Result<usize, StoreError>;
+
+    /// Records `req` for `group`, replacing the same user's earlier
+    /// request; refuses with [`StoreError::Conflict`] if `max` requests of
+    /// other users wait already.
+    fn put_join_request(
+        &self,
+        group: &GroupId,
+        req: &JoinRequest,
+        max: usize,
+    ) -> Result<(), StoreError>;
+
+    /// The requests waiting to join `group`, oldest first.
+    fn join_requests(&self, group: &GroupId) -> Result<Vec<JoinRequest>, StoreError>;
+
+    /// Drops the requests of `users` to join `group`.
+    fn drop_join_requests(&self, group: &GroupId, users: &[String]) -> Result<(), StoreError>;
 
     /// Records that `principal` authenticated at `ms`.
     fn seen(&self, principal: &str, ms: u64) -> Result<(), StoreError>;

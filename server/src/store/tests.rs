@@ -471,6 +471,34 @@ fn media_records_are_updated_only_while_they_exist(s: &dyn Store) {
     assert_eq!(s.media(&id).unwrap(), None);
 }
 
+fn join_requests_wait_per_group_up_to_a_bound(s: &dyn Store) {
+    let (g, other) = (GroupId([1; 16]), GroupId([2; 16]));
+    let req = |user: &str, at_ms| JoinRequest {
+        user: user.into(),
+        invite: [7; 32],
+        at_ms,
+    };
+    s.put_join_request(&g, &req("carol", 20), 2).unwrap();
+    s.put_join_request(&g, &req("bob", 10), 2).unwrap();
+    // Asking again replaces, and does not count against the bound.
+    s.put_join_request(&g, &req("carol", 30), 2).unwrap();
+    assert!(matches!(
+        s.put_join_request(&g, &req("dave", 40), 2),
+        Err(StoreError::Conflict(_))
+    ));
+    s.put_join_request(&other, &req("dave", 50), 2).unwrap();
+    assert_eq!(
+        s.join_requests(&g).unwrap(),
+        [req("bob", 10), req("carol", 30)],
+        "oldest first"
+    );
+    s.drop_join_requests(&g, &["bob".into(), "nobody".into()])
+        .unwrap();
+    assert_eq!(s.join_requests(&g).unwrap(), [req("carol", 30)]);
+    assert_eq!(s.join_requests(&other).unwrap(), [req("dave", 50)]);
+    s.put_join_request(&g, &req("dave", 40), 2).unwrap();
+}
+
 fn device_logs_grow_one_entry_at_a_time_and_revoke_for_good(s: &dyn Store) {
     assert_eq!(
         s.register_user("alice", &user(1)).unwrap(),
@@ -579,6 +607,7 @@ on_both_backends!(
     epoch_authenticators_are_collected_per_epoch,
     media_records_are_updated_only_while_they_exist,
     device_logs_grow_one_entry_at_a_time_and_revoke_for_good,
+    join_requests_wait_per_group_up_to_a_bound,
 );
 
 #[test]

@@ -72,7 +72,7 @@ impl Raw {
         let g = MlsGroup::new_with_group_id(
             &self.provider,
             &self.id,
-            &mls::create_config(),
+            &mls::create_config(huddle_core::devices::user_part(&self.id.name)),
             openmls::group::GroupId::from_slice(gid.as_bytes()),
             self.id.credential(),
         )

@@ -52,6 +52,8 @@ impl Client {
         let id = self.resolve_group(group)?;
         self.sync_group(&id).await?;
         self.sending_group(&id)?;
+        // A reader, or a member of an announcement group, uploads nothing.
+        self.require(&id, huddle_core::policy::Capability::Upload)?;
         let meta = std::fs::metadata(path).map_err(|e| file_err(path, e))?;
         if !meta.is_file() {
             return Err(ClientError::Usage(format!(

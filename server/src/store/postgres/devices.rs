@@ -1,11 +1,13 @@
 //! Users' devices in PostgreSQL: the device logs (`device_log`), revoked
 //! principals (`users.revoked_ms`), pending links (`device_links`) and
-//! last-seen times (`device_seen`).
+//! last-seen times (`device_seen`); and users waiting to be added to a
+//! group (`join_requests`).
 
 use bytes::Bytes;
+use huddle_core::GroupId;
 
 use super::{n, pg, u, PgStore};
-use crate::store::{DeviceWrite, PendingLink, StoreError, UserRecord};
+use crate::store::{DeviceWrite, JoinRequest, PendingLink, StoreError, UserRecord};
 
 impl PgStore {
     pub(super) fn user_record(
@@ -231,6 +233,78 @@ impl PgStore {
             .map_err(pg)?
             .map(|r| u(r.get(0)))
             .transpose()
+        })
+    }
+
+    pub(super) fn put_join(
+        &self,
+        group: &GroupId,
+        req: &JoinRequest,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        let g = group.as_bytes().as_slice();
+        self.txn(|t| {
+            t.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('join_requests:' || encode($1, 'hex'), 0))",
+                &[&g],
+            )
+            .map_err(pg)?;
+            let others: i64 = t
+                .query_one(
+                    "SELECT count(*) FROM join_requests WHERE group_id = $1 AND username <> $2",
+                    &[&g, &req.user],
+                )
+                .map_err(pg)?
+                .get(0);
+            if others as u64 >= max as u64 {
+                return Err(StoreError::Conflict(format!(
+                    "{others} users wait to join this group already, the most it keeps"
+                )));
+            }
+            t.execute(
+                "INSERT INTO join_requests (group_id, username, invite, at_ms) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (group_id, username) DO UPDATE SET invite = $3, at_ms = $4",
+                &[&g, &req.user, &req.invite.as_slice(), &n(req.at_ms)],
+            )
+            .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn joins(&self, group: &GroupId) -> Result<Vec<JoinRequest>, StoreError> {
+        let g = group.as_bytes().as_slice();
+        self.txn(|t| {
+            let rows = t
+                .query(
+                    "SELECT username, invite, at_ms FROM join_requests WHERE group_id = $1
+                     ORDER BY at_ms, username",
+                    &[&g],
+                )
+                .map_err(pg)?;
+            rows.iter()
+                .map(|r| {
+                    let invite: Vec<u8> = r.get(1);
+                    Ok(JoinRequest {
+                        user: r.get(0),
+                        invite: invite
+                            .try_into()
+                            .map_err(|_| StoreError::Corrupt("a join request's invite".into()))?,
+                        at_ms: u(r.get(2))?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    pub(super) fn drop_joins(&self, group: &GroupId, users: &[String]) -> Result<(), StoreError> {
+        let g = group.as_bytes().as_slice();
+        self.txn(|t| {
+            t.execute(
+                "DELETE FROM join_requests WHERE group_id = $1 AND username = ANY($2)",
+                &[&g, &users],
+            )
+            .map_err(pg)?;
+            Ok(())
         })
     }
 }

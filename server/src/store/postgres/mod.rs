@@ -319,6 +319,23 @@ impl Store for PgStore {
         self.expire_pending_links(now_ms)
     }
 
+    fn put_join_request(
+        &self,
+        group: &GroupId,
+        req: &crate::store::JoinRequest,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        self.put_join(group, req, max)
+    }
+
+    fn join_requests(&self, group: &GroupId) -> Result<Vec<crate::store::JoinRequest>, StoreError> {
+        self.joins(group)
+    }
+
+    fn drop_join_requests(&self, group: &GroupId, users: &[String]) -> Result<(), StoreError> {
+        self.drop_joins(group, users)
+    }
+
     fn seen(&self, principal: &str, ms: u64) -> Result<(), StoreError> {
         self.set_seen(principal, ms)
     }

@@ -149,6 +149,17 @@ pub const MIGRATIONS: &[&str] = &[
         ms BIGINT NOT NULL
     );
     "#,
+    // 5: users waiting for an admin to add them to a group (invites that
+    // need approval).
+    r#"
+    CREATE TABLE join_requests (
+        group_id BYTEA NOT NULL CHECK (length(group_id) = 16),
+        username TEXT NOT NULL,
+        invite BYTEA NOT NULL CHECK (length(invite) = 32),
+        at_ms BIGINT NOT NULL,
+        PRIMARY KEY (group_id, username)
+    );
+    "#,
 ];
 
 /// The first version with `media.total_len` and `media_usage`.

@@ -281,7 +281,7 @@ fn migrating_counts_the_media_recorded_before() {
     s.txn(|t| {
         t.batch_execute(
             "DROP TABLE media_usage; ALTER TABLE media DROP COLUMN total_len;
-             DROP TABLE device_log, device_links, device_seen;
+             DROP TABLE device_log, device_links, device_seen, join_requests;
              ALTER TABLE users DROP COLUMN revoked_ms;
              UPDATE huddle_schema SET version = 2;",
         )

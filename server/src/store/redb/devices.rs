@@ -5,7 +5,8 @@ use ::redb::{ReadableTable, TableDefinition};
 use bytes::Bytes;
 
 use super::{dec, enc, err, RedbStore, USERS};
-use crate::store::{DeviceWrite, PendingLink, StoreError, UserRecord};
+use crate::store::{DeviceWrite, JoinRequest, PendingLink, StoreError, UserRecord};
+use huddle_core::GroupId;
 
 /// (user, seq) -> encoded entry.
 pub(super) const DEVICE_LOG: TableDefinition<'_, (&str, u32), &[u8]> =
@@ -16,6 +17,9 @@ pub(super) const REVOKED: TableDefinition<'_, &str, u64> = TableDefinition::new(
 pub(super) const LINKS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("links");
 /// Principal -> when it last authenticated.
 pub(super) const SEEN: TableDefinition<'_, &str, u64> = TableDefinition::new("seen");
+/// (group, user) -> [`JoinRequest`]: users waiting to be added.
+pub(super) const JOIN_REQUESTS: TableDefinition<'_, (&[u8], &str), &[u8]> =
+    TableDefinition::new("join_requests");
 
 impl RedbStore {
     pub(super) fn is_revoked(&self, name: &str) -> Result<bool, StoreError> {
@@ -191,5 +195,67 @@ impl RedbStore {
         let txn = self.read()?;
         let t = txn.open_table(SEEN).map_err(err)?;
         Ok(t.get(principal).map_err(err)?.map(|v| v.value()))
+    }
+
+    pub(super) fn put_join(
+        &self,
+        group: &GroupId,
+        req: &JoinRequest,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        let g = group.as_bytes().as_slice();
+        let txn = self.write()?;
+        {
+            let mut t = txn.open_table(JOIN_REQUESTS).map_err(err)?;
+            let mut others = 0;
+            for row in t.range((g, "")..).map_err(err)? {
+                let (k, _) = row.map_err(err)?;
+                let (kg, u) = k.value();
+                if kg != g {
+                    break;
+                }
+                if u != req.user {
+                    others += 1;
+                }
+            }
+            if others >= max {
+                return Err(StoreError::Conflict(format!(
+                    "{others} users wait to join this group already, the most it keeps"
+                )));
+            }
+            t.insert((g, req.user.as_str()), enc(req).as_slice())
+                .map_err(err)?;
+        }
+        txn.commit().map_err(err)?;
+        Ok(())
+    }
+
+    pub(super) fn joins(&self, group: &GroupId) -> Result<Vec<JoinRequest>, StoreError> {
+        let g = group.as_bytes().as_slice();
+        let txn = self.read()?;
+        let t = txn.open_table(JOIN_REQUESTS).map_err(err)?;
+        let mut out = Vec::new();
+        for row in t.range((g, "")..).map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            if k.value().0 != g {
+                break;
+            }
+            out.push(dec::<JoinRequest>(v.value(), "join request")?);
+        }
+        out.sort_by_key(|r| (r.at_ms, r.user.clone()));
+        Ok(out)
+    }
+
+    pub(super) fn drop_joins(&self, group: &GroupId, users: &[String]) -> Result<(), StoreError> {
+        let g = group.as_bytes().as_slice();
+        let txn = self.write()?;
+        {
+            let mut t = txn.open_table(JOIN_REQUESTS).map_err(err)?;
+            for u in users {
+                t.remove((g, u.as_str())).map_err(err)?;
+            }
+        }
+        txn.commit().map_err(err)?;
+        Ok(())
     }
 }

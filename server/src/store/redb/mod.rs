@@ -173,6 +173,7 @@ impl RedbStore {
             txn.open_table(devices::REVOKED).map_err(err)?;
             txn.open_table(devices::LINKS).map_err(err)?;
             txn.open_table(devices::SEEN).map_err(err)?;
+            txn.open_table(devices::JOIN_REQUESTS).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
             let version = meta.get("schema_version").map_err(err)?.map(|v| v.value());
             match version {
@@ -247,6 +248,23 @@ impl Store for RedbStore {
 
     fn expire_links(&self, now_ms: u64) -> Result<usize, StoreError> {
         self.expire_pending_links(now_ms)
+    }
+
+    fn put_join_request(
+        &self,
+        group: &GroupId,
+        req: &crate::store::JoinRequest,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        self.put_join(group, req, max)
+    }
+
+    fn join_requests(&self, group: &GroupId) -> Result<Vec<crate::store::JoinRequest>, StoreError> {
+        self.joins(group)
+    }
+
+    fn drop_join_requests(&self, group: &GroupId, users: &[String]) -> Result<(), StoreError> {
+        self.drop_joins(group, users)
     }
 
     fn seen(&self, principal: &str, ms: u64) -> Result<(), StoreError> {
