@@ -268,6 +268,7 @@ async fn roles_settings_and_invites_from_the_command_line() {
         for h in [carol, dave] {
             let ev = json_lines(&ok(h, &["--json", "group", "join", &token]));
             assert_eq!(ev[0]["type"], "joined", "{ev:?}");
+            assert_eq!(ev[0]["from"], "alice", "added by the invite's maker");
         }
         let (success, _, stderr) = huddle(erin, &["group", "join", &token]);
         assert!(!success);
@@ -282,6 +283,10 @@ async fn roles_settings_and_invites_from_the_command_line() {
         // The joiners learn the group's name from a member.
         ok(alice, &["sync"]);
         let ev = json_lines(&ok(carol, &["--json", "sync"]));
+        assert!(
+            !ev.iter().any(|e| e["type"] == "joined"),
+            "reported once: {ev:?}"
+        );
         let list = json_lines(&ok(carol, &["--json", "group", "list"]));
         assert_eq!(list[0]["name"], "club", "{ev:?}");
         // Revoked: erin is refused with another invite revoked too.

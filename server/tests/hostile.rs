@@ -24,27 +24,7 @@ async fn alice_and_bob(s: &InProcess) -> (Raw, Raw, GroupId, MlsGroup, MlsGroup)
     let (c, w, _) = ga.add_members(&alice.provider, &alice.id, &[kp]).unwrap();
     alice.commit(gid, bytes(&c), Some(bytes(&w))).await.unwrap();
     ga.merge_pending_commit(&alice.provider).unwrap();
-    let tree = match bob
-        .net
-        .request(&Request::RatchetTree { group: gid, seq: 1 })
-        .await
-        .unwrap()
-    {
-        Response::RatchetTree { tree } => {
-            RatchetTreeIn::tls_deserialize_exact(tree.as_ref()).unwrap()
-        }
-        other => panic!("{other:?}"),
-    };
-    let MlsMessageBodyIn::Welcome(w) = MlsMessageIn::tls_deserialize_exact(bytes(&w).as_ref())
-        .unwrap()
-        .extract()
-    else {
-        panic!()
-    };
-    let gb = StagedWelcome::new_from_welcome(&bob.provider, &mls::join_config(), w, Some(tree))
-        .unwrap()
-        .into_group(&bob.provider)
-        .unwrap();
+    let gb = bob.join_from(gid, 1, bytes(&w).as_ref()).await;
     (alice, bob, gid, ga, gb)
 }
 

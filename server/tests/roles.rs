@@ -44,33 +44,7 @@ impl Group {
         let first = it.next().unwrap();
         let mut members = vec![(first, g0)];
         for r in it {
-            let tree = match r
-                .net
-                .request(&Request::RatchetTree { group: id, seq: 1 })
-                .await
-                .unwrap()
-            {
-                Response::RatchetTree { tree } => {
-                    RatchetTreeIn::tls_deserialize_exact(tree.as_ref()).unwrap()
-                }
-                other => panic!("{other:?}"),
-            };
-            let MlsMessageBodyIn::Welcome(welcome) =
-                MlsMessageIn::tls_deserialize_exact(w.as_ref())
-                    .unwrap()
-                    .extract()
-            else {
-                panic!()
-            };
-            let g = StagedWelcome::new_from_welcome(
-                &r.provider,
-                &mls::join_config(),
-                welcome,
-                Some(tree),
-            )
-            .unwrap()
-            .into_group(&r.provider)
-            .unwrap();
+            let g = r.join_from(id, 1, &w).await;
             members.push((r, g));
         }
         Group { id, members }

@@ -386,7 +386,24 @@ impl Client {
                     let tx = self.db.unchecked_transaction()?;
                     db::groups::rejoined(&tx, id, seq)?;
                     db::history::mark_own(&tx, id, seq)?;
-                    let members = member_names(&self.load_group(&tx, id)?);
+                    let g = self.load_group(&tx, id)?;
+                    let members = member_names(&g);
+                    // Joined with an invite: shown as added by the member
+                    // who made it; the event is reported here, not again
+                    // by the next `sync`.
+                    let (from, origin) = match how {
+                        Join::Invite(secret) => (
+                            crate::follow::policy_of(&g)?
+                                .and_then(|p| {
+                                    p.invite(secret.verifying_key().as_bytes())
+                                        .map(|i| i.by.clone())
+                                })
+                                .unwrap_or_else(|| self.name().to_owned()),
+                            Origin::Own,
+                        ),
+                        _ => (self.name().to_owned(), Origin::Others),
+                    };
+                    drop(g);
                     let kind = if first {
                         EventKind::Joined { members, epoch }
                     } else {
@@ -396,11 +413,11 @@ impl Client {
                             text: Some(why.to_owned()),
                         }
                     };
-                    let mut e = Event::new(kind, &id.to_string(), self.name(), seq, now_ms());
+                    let mut e = Event::new(kind, &id.to_string(), &from, seq, now_ms());
                     e.group_name = db::groups::load(&tx, id)?
                         .map(|r| r.name)
                         .unwrap_or_default();
-                    db::history::record(&tx, id, std::slice::from_ref(&e), Origin::Others)?;
+                    db::history::record(&tx, id, std::slice::from_ref(&e), origin)?;
                     tx.commit()?;
                     db::settings::set(&self.db, &format!("lost_reported:{id}"), 0)?;
                     db::settings::set(&self.db, &format!("rejoined_at:{id}"), now_ms())?;

@@ -161,8 +161,8 @@ impl Client {
             return Err(ClientError::Usage(format!("{user} is {role} already")));
         }
         policy.set_role(user, role);
-        self.commit_policy(&id, policy, (Change::Role(role), vec![user.to_owned()]))
-            .await
+        let report = (Change::Role(role), vec![user.to_owned()]);
+        self.commit_policy(&id, policy, Some(report)).await
     }
 
     /// Changes the group's settings: each of `sets` is a setting's name
@@ -186,7 +186,7 @@ impl Client {
             return Err(ClientError::Usage("the settings are so already".into()));
         }
         let report = (Change::Settings, vec![policy.settings.to_string()]);
-        self.commit_policy(&id, policy, report).await
+        self.commit_policy(&id, policy, Some(report)).await
     }
 
     /// Renames the group, for every member.
@@ -217,10 +217,10 @@ impl Client {
         &mut self,
         id: &GroupId,
         policy: Policy,
-        report: (Change, Vec<String>),
+        report: Option<(Change, Vec<String>)>,
     ) -> Result<Vec<Event>> {
         let events = self
-            .commit_with_retry(id, Some(report), Origin::Own, move |g, p, s| {
+            .commit_with_retry(id, report, Origin::Own, move |g, p, s| {
                 build_commit(
                     g,
                     p,
@@ -263,18 +263,7 @@ impl Client {
         };
         let mut policy = self.group_policy(&id)?;
         policy.add_invite(invite.clone(), now)?;
-        self.commit_with_retry(&id, None, Origin::Own, move |g, p, s| {
-            build_commit(
-                g,
-                p,
-                s,
-                CommitPlan {
-                    policy: Some(policy.clone()),
-                    ..CommitPlan::default()
-                },
-            )
-        })
-        .await?;
+        self.commit_policy(&id, policy, None).await?;
         Ok((policy::invite_token(id.as_bytes(), &secret), invite))
     }
 
@@ -290,18 +279,7 @@ impl Client {
                 "no invite {invite:?} in this group (see `huddle group invite GROUP --list`)"
             )));
         }
-        self.commit_with_retry(&id, None, Origin::Own, move |g, p, s| {
-            build_commit(
-                g,
-                p,
-                s,
-                CommitPlan {
-                    policy: Some(policy.clone()),
-                    ..CommitPlan::default()
-                },
-            )
-        })
-        .await?;
+        self.commit_policy(&id, policy, None).await?;
         Ok(n)
     }
 

@@ -112,6 +112,32 @@ impl Raw {
             .unwrap()
     }
 
+    /// Joins group `gid` from `welcome`, sent with the add commit at
+    /// `seq`, with the tree the DS kept for it.
+    pub async fn join_from(&self, gid: GroupId, seq: u64, welcome: &[u8]) -> MlsGroup {
+        let tree = match self
+            .net
+            .request(&Request::RatchetTree { group: gid, seq })
+            .await
+            .unwrap()
+        {
+            Response::RatchetTree { tree } => {
+                RatchetTreeIn::tls_deserialize_exact(tree.as_ref()).unwrap()
+            }
+            other => panic!("{other:?}"),
+        };
+        let MlsMessageBodyIn::Welcome(w) = MlsMessageIn::tls_deserialize_exact(welcome)
+            .unwrap()
+            .extract()
+        else {
+            panic!("not a Welcome")
+        };
+        StagedWelcome::new_from_welcome(&self.provider, &mls::join_config(), w, Some(tree))
+            .unwrap()
+            .into_group(&self.provider)
+            .unwrap()
+    }
+
     pub async fn commit(
         &self,
         g: GroupId,
