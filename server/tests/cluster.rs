@@ -187,6 +187,11 @@ async fn a_file_sent_through_one_node_is_fetched_through_the_others() {
         .add(&g, &["bob".into(), "carol".into()])
         .await
         .unwrap();
+    // Carol removes bob below: she needs the role for it.
+    alice
+        .set_role(&g, "carol", huddle_core::policy::Role::Admin)
+        .await
+        .unwrap();
     let data: Vec<u8> = (0..20u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();

@@ -45,15 +45,13 @@ impl MlsState {
         })
     }
 
-    /// Decodes the policy anew (after a commit is merged), and forgets the
-    /// counts of invites it no longer holds.
-    pub(super) fn refresh_policy(&mut self) -> Result<(), PolicyError> {
-        self.policy =
-            Policy::from_extensions(self.public.group_context().extensions())?.map(Arc::new);
+    /// Takes `policy` as the group's (that of the commit just merged), and
+    /// forgets the counts of invites it no longer holds.
+    pub(super) fn set_policy(&mut self, policy: Option<Policy>) {
+        self.policy = policy.map(Arc::new);
         let policy = self.policy.clone();
         self.invite_uses
             .retain(|k, _| policy.as_ref().is_some_and(|p| p.invite(k).is_some()));
-        Ok(())
     }
 
     /// How many users the invite with key `key` admitted.

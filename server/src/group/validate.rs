@@ -95,9 +95,8 @@ impl Actor {
         seq: u64,
         changes: &mut Changes,
     ) -> Result<LogEntry, ErrorBody> {
-        // A device of a member's user joins by an external commit
-        // (checked in `process_handshake`)
-        // (or a holder of an invite, checked there too).
+        // A device of a member's user, or a holder of an invite, joins by
+        // an external commit (checked in `process_handshake`).
         let invites = view
             .policy
             .as_ref()
@@ -531,8 +530,8 @@ pub(super) fn process_handshake(
                 .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("merge: {e:?}")))?;
             let epoch = mls.public.group_context().epoch().as_u64();
             debug_assert_eq!(epoch, old_epoch + 1);
-            mls.refresh_policy()
-                .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("policy: {e}")))?;
+            // The policy of the new epoch, as checked above.
+            mls.set_policy(facts.after.clone());
             if let Some(i) = &facts.invite {
                 *mls.invite_uses.entry(i.key).or_default() += 1;
             }
