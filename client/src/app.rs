@@ -59,6 +59,19 @@ impl AppMessage {
     /// tells the DS what kind of message it is, which the DS checks
     /// against the sender's role, and members check it against the
     /// content (PROTOCOL.md 13.10).
+    /// Whether `aad`, the authenticated data a message came with, says
+    /// its kind: a rename and the group's name only with their own tags;
+    /// any other message with anything but those (a sender may put bytes
+    /// of its own there).
+    pub fn kind_matches(&self, aad: &[u8]) -> bool {
+        use huddle_core::policy::{AAD_NAME, AAD_RENAME};
+        match self {
+            AppMessage::Rename { .. } => aad == AAD_RENAME,
+            AppMessage::GroupName { .. } => aad == AAD_NAME,
+            AppMessage::Text { .. } | AppMessage::Media(_) => aad != AAD_RENAME && aad != AAD_NAME,
+        }
+    }
+
     pub fn aad(&self) -> &'static [u8] {
         match self {
             AppMessage::Text { .. } | AppMessage::Media(_) => b"",

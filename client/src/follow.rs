@@ -88,7 +88,7 @@ pub fn apply<P: OpenMlsProvider>(
             let msg = AppMessage::decode(&app.into_bytes()).map_err(ClientError::Mls)?;
             // The kind the DS checked (in the authenticated data) must be
             // the kind of the content, and the sender's role must allow it.
-            if msg.aad() != aad.as_slice() {
+            if !msg.kind_matches(&aad) {
                 return Err(ClientError::Policy(format!(
                     "a message from {from} whose authenticated data does not match its content"
                 )));

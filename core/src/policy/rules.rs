@@ -142,19 +142,16 @@ pub fn check_owners(policy: &Policy, users: &BTreeSet<String>) -> Result<(), Pol
 }
 
 /// Checks an application message from `user` whose additional
-/// authenticated data is `aad`: ordinary messages need
-/// [`Capability::Send`], renames [`Capability::Rename`]; the group's name
-/// for joiners goes from anyone.
+/// authenticated data is `aad`: a rename ([`AAD_RENAME`]) needs
+/// [`Capability::Rename`]; the group's name for joiners ([`AAD_NAME`])
+/// goes from anyone; anything else (empty, or bytes of the sender's own,
+/// such as a timestamp) is an ordinary message and needs
+/// [`Capability::Send`].
 pub fn check_message(policy: Option<&Policy>, user: &str, aad: &[u8]) -> Result<(), PolicyError> {
     let cap = match aad {
-        [] => Capability::Send,
         AAD_RENAME => Capability::Rename,
         AAD_NAME => return Ok(()),
-        _ => {
-            return Err(PolicyError::Invalid(
-                "unknown additional authenticated data on an application message".into(),
-            ))
-        }
+        _ => Capability::Send,
     };
     match policy {
         Some(p) => p.require(user, cap),
