@@ -24,6 +24,7 @@ pub mod identity;
 pub mod lock;
 pub mod net;
 pub mod preview;
+pub mod web;
 
 pub use client::media::{Progress, Quiet};
 pub use client::roles::InviteJoin;

@@ -113,6 +113,16 @@ enum Command {
     /// The server's certificate.
     #[command(subcommand)]
     Server(ServerCommand),
+    /// Serve the app on 127.0.0.1 (a chat with pictures and videos) until
+    /// interrupted; prints the URL, which carries its access token.
+    Web {
+        /// Port on 127.0.0.1 (default: any free port).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Open the URL in the default browser.
+        #[arg(long)]
+        open: bool,
+    },
     /// Show the local history of a group.
     Messages {
         /// Group id or name.
@@ -424,6 +434,21 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             client.listen(|e| out.event(e), stop).await?;
             client.close().await;
         }
+        Command::Web { port, open } => {
+            let server =
+                huddle_client::web::WebServer::start(home, huddle_client::web::Options { port })
+                    .await?;
+            if out.json {
+                out.json(&serde_json::json!({ "url": server.url() }));
+            } else {
+                out.line(&format!("open {} (Ctrl-C stops)", server.url()));
+            }
+            if open {
+                open_browser(server.url());
+            }
+            let _ = tokio::signal::ctrl_c().await;
+            server.stop().await;
+        }
         Command::Messages { group, limit } => {
             let client = Client::open(home)?;
             for e in client.messages(&group, limit)? {
@@ -440,6 +465,26 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
     }
     Ok(())
+}
+
+/// Asks the desktop to open `url` (the URL is not printed again on
+/// failure: it is on the first line already).
+fn open_browser(url: &str) {
+    let opener = if cfg!(target_os = "macos") {
+        "open"
+    } else {
+        "xdg-open"
+    };
+    match std::process::Command::new(opener)
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(_) => {}
+        Err(e) => tracing::warn!("could not open a browser ({opener}: {e}); open the URL above"),
+    }
 }
 
 /// `huddle download`.

@@ -12,7 +12,9 @@ use crate::db::{self, Provider};
 use crate::error::{ClientError, Result};
 use crate::follow::member_names;
 
-use super::{check_group_name, mls_gid, now_ms, serialize, short_id, Client, GroupListing};
+use super::{
+    check_group_name, mls_gid, now_ms, serialize, short_id, Client, GroupListing, MemberKey,
+};
 
 impl Client {
     /// Finds a group on this device by id, by name, or by a unique prefix
@@ -202,6 +204,31 @@ impl Client {
         Ok(crate::follow::member_devices(
             &self.load_group(&self.db, &id)?,
         ))
+    }
+
+    /// Every device of the group with its key's fingerprint (its safety
+    /// number, to compare out of band) and whether that key differs from
+    /// the one this home saw first for the same device.
+    pub fn member_keys(&self, group: &str) -> Result<Vec<MemberKey>> {
+        let id = self.resolve_group(group)?;
+        self.active_group(&id)?;
+        let mut out = Vec::new();
+        for (principal, key) in crate::follow::member_keys(&self.load_group(&self.db, &id)?) {
+            let first = db::users::known_key(&self.db, &principal)?;
+            let print = |k: &[u8]| {
+                <[u8; 32]>::try_from(k)
+                    .map(|k| huddle_core::auth::key_fingerprint(&k))
+                    .unwrap_or_else(|_| hex::encode(k))
+            };
+            out.push(MemberKey {
+                user: huddle_core::devices::user_part(&principal).to_owned(),
+                fingerprint: print(&key),
+                changed: first.as_deref().is_some_and(|f| f != key.as_slice()),
+                principal,
+            });
+        }
+        out.sort_by(|a, b| a.principal.cmp(&b.principal));
+        Ok(out)
     }
 
     /// The group's current epoch and epoch authenticator.

@@ -28,9 +28,26 @@ impl Client {
     /// attempt; each new session starts with a sync, so nothing pushed in
     /// between is missed. Failing to reach the server the first time is an
     /// error, as is anything other than a lost connection.
-    pub async fn listen<F, S>(&mut self, mut on_event: F, stop: S) -> Result<()>
+    pub async fn listen<F, S>(&mut self, on_event: F, stop: S) -> Result<()>
     where
         F: FnMut(&Event),
+        S: std::future::Future<Output = ()>,
+    {
+        self.listen_with(on_event, |_| {}, stop).await
+    }
+
+    /// [`Client::listen`], also telling `on_link` each time the push stream
+    /// opens and each time the connection is lost (for a page that shows
+    /// "reconnecting…").
+    pub async fn listen_with<F, L, S>(
+        &mut self,
+        mut on_event: F,
+        mut on_link: L,
+        stop: S,
+    ) -> Result<()>
+    where
+        F: FnMut(&Event),
+        L: FnMut(Link),
         S: std::future::Future<Output = ()>,
     {
         tokio::pin!(stop);
@@ -46,6 +63,7 @@ impl Client {
                     &mut on_event,
                     stop.as_mut(),
                     &mut subscribed,
+                    &mut on_link,
                     !listened,
                     &mut shown,
                 )
@@ -62,6 +80,10 @@ impl Client {
                 pause = RECONNECT_MIN;
             }
             tracing::warn!("{err}; reconnecting in {} s", pause.as_secs());
+            on_link(Link::Lost {
+                reason: err.to_string(),
+                retry_in_s: pause.as_secs(),
+            });
             tokio::select! {
                 _ = stop.as_mut() => return Ok(()),
                 _ = tokio::time::sleep(pause) => {}
@@ -78,6 +100,7 @@ impl Client {
         on_event: &mut F,
         mut stop: std::pin::Pin<&mut S>,
         subscribed: &mut bool,
+        on_link: &mut dyn FnMut(Link),
         first: bool,
         shown: &mut i64,
     ) -> Result<()>
@@ -131,6 +154,9 @@ impl Client {
             })
             .await?;
         *subscribed = true;
+        on_link(Link::Connected {
+            server: server.clone(),
+        });
         // A server killed without a word: noticed in a second or two (on
         // a host that says so), not after QUIC's idle timeout.
         let gone = net::gone(remote);
@@ -321,6 +347,25 @@ impl Client {
             Pushed::Unwatched { group, .. } => self.sync_group(&group).await?,
         })
     }
+}
+
+/// The state of `listen`'s connection, as [`Client::listen_with`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Link {
+    /// The push stream is open: what is posted arrives as it is posted.
+    Connected {
+        /// The server's address.
+        server: String,
+    },
+    /// The connection was lost; the next attempt is in `retry_in_s`
+    /// seconds.
+    Lost {
+        /// Why.
+        reason: String,
+        /// Seconds until the next attempt.
+        retry_in_s: u64,
+    },
 }
 
 async fn write_control(send: &mut quinn::SendStream, server: &str, c: &Control) -> Result<()> {

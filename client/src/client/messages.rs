@@ -134,4 +134,26 @@ impl Client {
         let id = self.resolve_group(group)?;
         db::history::latest(&self.db, &id, limit)
     }
+
+    /// Messages (texts and media) of others in a group after `seq`.
+    pub fn unread_after(&self, group: &str, seq: u64) -> Result<usize> {
+        let id = self.resolve_group(group)?;
+        db::history::unread_after(&self.db, &id, seq)
+    }
+
+    /// Where this home's reader of a group got to (`0`: nowhere yet).
+    pub fn read_mark(&self, group: &str) -> Result<u64> {
+        let id = self.resolve_group(group)?;
+        db::settings::get(&self.db, &format!("read:{id}"))
+    }
+
+    /// Moves the read mark of a group forward to `seq` (never back).
+    pub fn mark_read(&self, group: &str, seq: u64) -> Result<()> {
+        let id = self.resolve_group(group)?;
+        let key = format!("read:{id}");
+        if db::settings::get(&self.db, &key)? < seq {
+            db::settings::set(&self.db, &key, seq)?;
+        }
+        Ok(())
+    }
 }

@@ -46,7 +46,7 @@ pub mod roles;
 mod sync;
 pub mod trust;
 
-pub use listen::{RECONNECT_MAX, RECONNECT_MIN};
+pub use listen::{Link, RECONNECT_MAX, RECONNECT_MIN};
 
 /// One-time key packages published at registration and kept topped up.
 pub const KEY_PACKAGE_BATCH: usize = 50;
@@ -134,6 +134,19 @@ pub struct Status {
     pub key_packages: u32,
     /// Whether a last-resort key package is stored.
     pub last_resort: bool,
+}
+
+/// One device of a group and its key, as [`Client::member_keys`] lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberKey {
+    /// The device's principal (`bob`, `bob/2`).
+    pub principal: String,
+    /// Its user.
+    pub user: String,
+    /// Fingerprint of the key it signs with in the group.
+    pub fingerprint: String,
+    /// Whether the key differs from the one first seen for this device.
+    pub changed: bool,
 }
 
 /// A group as listed by `group list`.

@@ -82,6 +82,18 @@ pub fn latest(conn: &Connection, id: &GroupId, limit: usize) -> Result<Vec<Event
     Ok(out)
 }
 
+/// How many texts and media items of others a group's history holds
+/// after `seq`.
+pub fn unread_after(conn: &Connection, id: &GroupId, seq: u64) -> Result<usize> {
+    let n: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM huddle_events WHERE group_id = ?1 AND seq > ?2 AND own = 0 \
+             AND json_extract(event, '$.type') IN ('text', 'media')",
+        )?
+        .query_row(params![id.as_bytes().as_slice(), seq as i64], |r| r.get(0))?;
+    Ok(n as usize)
+}
+
 /// Events recorded after row `mark`, in the order they were recorded, with
 /// this device's own left out unless `upto` is [`Origin::Own`]; and the
 /// newest row covered. Moves the home's `shown_upto` setting past them.

@@ -21,7 +21,7 @@ use crate::error::{ClientError, Result};
 mod download;
 mod send;
 
-pub use download::{check_target, outside_home};
+pub use download::{check_target, outside_home, safe_name};
 
 /// Progress of a long transfer. `advance` returning `false` aborts the
 /// transfer at once (its progress is kept for a later resume).
