@@ -110,7 +110,7 @@ async function main() {
     const ctx = {};
     const page = {};
     for (const n of ['alice', 'bob']) {
-      ctx[n] = await browser.newContext({ viewport: { width: 1100, height: 760 } });
+      ctx[n] = await browser.newContext({ viewport: { width: 1100, height: 900 } });
       page[n] = await ctx[n].newPage();
       page[n].on('pageerror', (e) => { throw new Error(`${n}'s page: ${e.message}`); });
       await page[n].goto(web[n].href);
@@ -198,6 +198,25 @@ async function main() {
     assert.ok(played.now > played.mid + 0.5, JSON.stringify(played));
     assert.ok(ranges.length > 0, 'the player made no range request');
     step(`the video played and seeked: ${JSON.stringify(played)}; ranges ${ranges.join(', ')}`);
+
+    // A group made in the page; bob added, then removed (after the
+    // confirmation), and he sees both.
+    page.alice.on('dialog', (d) => d.accept());
+    await page.alice.locator('#new-group-name').fill('book club');
+    await page.alice.locator('#new-group button').click();
+    await page.alice.locator('#chat-name', { hasText: 'book club' }).waitFor();
+    await page.alice.locator('#show-members').click();
+    await page.alice.locator('#add-name').fill('bob');
+    await page.alice.locator('#add-member button').click();
+    await page.alice.locator('#member-list li[data-user="bob"]').waitFor({ timeout: 15_000 });
+    const club = page.bob.locator('#groups li', { hasText: 'book club' });
+    await club.waitFor({ timeout: 15_000 });
+    await page.alice.locator('#member-list li[data-user="bob"] button', { hasText: 'Remove' }).click();
+    await page.alice.locator('#member-list li[data-user="bob"]').waitFor({ state: 'detached', timeout: 15_000 });
+    await page.bob.locator('#groups li.gone', { hasText: 'book club' }).waitFor({ timeout: 15_000 });
+    await page.alice.locator('#close-members').click();
+    await page.alice.locator(`#groups li[data-group="${group}"]`).click();
+    step('a group created in the page; bob added, then removed');
 
     const shots = process.env.HUDDLE_WEB_SCREENSHOTS;
     if (shots) {
