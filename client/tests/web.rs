@@ -167,9 +167,15 @@ async fn only_the_token_holder_on_this_host_and_origin_is_served() {
     );
     assert_eq!(page.header("x-frame-options"), Some("DENY"));
     assert_eq!(
-        http(s.port, "GET", "/api/groups", &host, std::slice::from_ref(&jar))
-            .await
-            .status,
+        http(
+            s.port,
+            "GET",
+            "/api/groups",
+            &host,
+            std::slice::from_ref(&jar)
+        )
+        .await
+        .status,
         200
     );
 
