@@ -7,7 +7,7 @@
 //! server in `Host` (no DNS rebinding), and a request another site's page
 //! makes is refused by its `Origin` or `Sec-Fetch-Site` header. Pages get
 //! a strict Content-Security-Policy; media is served sandboxed, inline only
-//! for picture, audio and video types (see [`media`]).
+//! for picture, audio and video types (see `web/media.rs`).
 //!
 //! Each piece of work has its own client of the home, so none waits for
 //! another: the listener (the push stream), the actions (texts,
