@@ -425,6 +425,69 @@ async fn what_others_send_arrives_on_the_event_stream() {
     let a = s.get("/api/groups", &[]).await;
     let groups: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
     assert_eq!(groups[0]["unread"], 0);
+
+    // Scrolling back: a page of what came before a position.
+    let a = s
+        .get(&format!("/api/groups/{g}/messages?limit=1"), &[])
+        .await;
+    let newest: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(newest["events"][0]["text"], "hello from alice");
+    let a = s
+        .get(&format!("/api/groups/{g}/messages?before={seq}"), &[])
+        .await;
+    let older: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    let older = older["events"].as_array().unwrap();
+    assert!(!older.is_empty());
+    assert!(
+        older.iter().all(|e| e["seq"].as_u64().unwrap() < seq),
+        "before {seq}: {older:?}"
+    );
+    assert_eq!(older[0]["type"], "joined");
+    drop(stream);
+    s.web.stop().await;
+}
+
+/// Reads the event stream until `want` appears in what was read after
+/// `from`; returns everything read.
+async fn read_until(
+    stream: &mut tokio::net::TcpStream,
+    seen: &mut String,
+    from: usize,
+    want: &str,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !seen[from..].contains(want) {
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{want} never came: {seen}"))
+            .unwrap();
+        assert!(n > 0, "the event stream closed: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+#[tokio::test]
+async fn the_page_is_told_when_the_connection_is_lost_and_back() {
+    let mut server = TestServer::start().await;
+    let _bob = server.register("bob").await;
+    let s = serve(&server, "bob").await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /api/events HTTP/1.1\r\nHost: {}\r\n{}\r\n\r\n",
+        s.host(),
+        s.bearer()
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut seen = String::new();
+    read_until(&mut stream, &mut seen, 0, r#""state":"connected""#).await;
+    let mark = seen.len();
+    server.restart().await;
+    read_until(&mut stream, &mut seen, mark, r#""state":"lost""#).await;
+    let mark = seen.len();
+    read_until(&mut stream, &mut seen, mark, r#""state":"connected""#).await;
     drop(stream);
     s.web.stop().await;
 }

@@ -135,6 +135,13 @@ impl Client {
         db::history::latest(&self.db, &id, limit)
     }
 
+    /// The local history of a group before position `seq`, oldest first
+    /// (the last `limit` of it): to scroll back.
+    pub fn messages_before(&self, group: &str, seq: u64, limit: usize) -> Result<Vec<Event>> {
+        let id = self.resolve_group(group)?;
+        db::history::before(&self.db, &id, seq, limit)
+    }
+
     /// Messages (texts and media) of others in a group after `seq`.
     pub fn unread_after(&self, group: &str, seq: u64) -> Result<usize> {
         let id = self.resolve_group(group)?;

@@ -82,6 +82,26 @@ pub fn latest(conn: &Connection, id: &GroupId, limit: usize) -> Result<Vec<Event
     Ok(out)
 }
 
+/// Up to `limit` events of a group before position `seq`, oldest first.
+pub fn before(conn: &Connection, id: &GroupId, seq: u64, limit: usize) -> Result<Vec<Event>> {
+    let rows: Vec<String> = conn
+        .prepare(
+            "SELECT event FROM huddle_events WHERE group_id = ?1 AND seq < ?2 \
+             ORDER BY seq DESC, idx DESC LIMIT ?3",
+        )?
+        .query_map(
+            params![id.as_bytes().as_slice(), seq as i64, limit as i64],
+            |r| r.get(0),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut out: Vec<Event> = rows
+        .iter()
+        .filter_map(|s| serde_json::from_str(s).ok())
+        .collect();
+    out.reverse();
+    Ok(out)
+}
+
 /// How many texts and media items of others a group's history holds
 /// after `seq`.
 pub fn unread_after(conn: &Connection, id: &GroupId, seq: u64) -> Result<usize> {

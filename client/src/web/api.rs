@@ -150,19 +150,27 @@ async fn create_group(
 }
 
 #[derive(Debug, Deserialize)]
-struct Limit {
+struct Page {
     limit: Option<usize>,
+    /// Only events before this position (to scroll back).
+    before: Option<u64>,
 }
 
 async fn messages(
     State(app): State<Arc<App>>,
     Path(group): Path<String>,
-    Query(q): Query<Limit>,
+    Query(q): Query<Page>,
 ) -> ApiResult<Json<Value>> {
     let limit = q.limit.unwrap_or(200).min(MAX_HISTORY);
     let (events, read) = app
         .actions
-        .read(move |c| Ok((c.messages(&group, limit)?, c.read_mark(&group)?)))
+        .read(move |c| {
+            let events = match q.before {
+                Some(seq) => c.messages_before(&group, seq, limit)?,
+                None => c.messages(&group, limit)?,
+            };
+            Ok((events, c.read_mark(&group)?))
+        })
         .await?;
     Ok(Json(json!({
         "read": read,

@@ -137,6 +137,10 @@ async function main() {
     step('texts exchanged live');
 
     // A picture: the preview at once, then the full picture.
+    const previews = [];
+    page.bob.on('response', (r) => {
+      if (r.url().endsWith('/preview')) previews.push({ status: r.status(), type: r.headers()['content-type'] });
+    });
     await page.alice.locator('#file-input').setInputFiles(picture);
     const img = page.bob.locator('#messages .msg img');
     await img.waitFor({ timeout: 20_000 });
@@ -162,6 +166,7 @@ async function main() {
       return `same ${a.w}x${a.h}`;
     }, original);
     assert.equal(same, 'same 640x400');
+    assert.deepEqual(previews, [{ status: 200, type: 'image/jpeg' }], 'the preview was not shown first');
     step(`the picture arrived: ${same}`);
 
     // A video: plays, seeks to the middle, goes on playing there.
@@ -218,16 +223,35 @@ async function main() {
     await page.alice.locator(`#groups li[data-group="${group}"]`).click();
     step('a group created in the page; bob added, then removed');
 
+
     const shots = process.env.HUDDLE_WEB_SCREENSHOTS;
     if (shots) {
       fs.mkdirSync(shots, { recursive: true });
       await page.bob.locator('#messages').evaluate((m) => { m.scrollTop = m.scrollHeight; });
+      // The video playing (it may have ended meanwhile).
+      await page.bob.evaluate(async () => {
+        const v = document.querySelector('#messages .msg video');
+        v.currentTime = 2;
+        await v.play();
+        await new Promise((r) => setTimeout(r, 700));
+      });
       await page.bob.screenshot({ path: path.join(shots, 'web-chat.png') });
       await page.bob.locator('#show-members').click();
       await page.bob.locator('#member-list li[data-user="alice"] code').waitFor();
       await page.bob.screenshot({ path: path.join(shots, 'web-members.png') });
+      await page.bob.locator('#close-members').click();
       step(`screenshots in ${shots}`);
     }
+
+    // A narrow window: the chat alone, still usable.
+    await page.bob.setViewportSize({ width: 390, height: 800 });
+    assert.ok(await page.bob.locator('#text').isVisible());
+    assert.ok(!(await page.bob.locator('#sidebar').isVisible()));
+    await page.bob.locator('#back').click();
+    assert.ok(await page.bob.locator('#groups').isVisible());
+    await page.bob.locator(`#groups li[data-group="${group}"]`).click();
+    await page.bob.setViewportSize({ width: 1100, height: 900 });
+    step('usable on a narrow window');
   } finally {
     await browser.close();
   }

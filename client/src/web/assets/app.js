@@ -9,6 +9,7 @@ const state = {
   current: null,
   shown: new Set(),
   lastSeq: 0,
+  firstSeq: 0,
   uploads: new Map(),
 };
 
@@ -95,6 +96,14 @@ function renderGroups() {
     li.addEventListener('keydown', (e) => { if (e.key === 'Enter') openGroup(g.group); });
     list.append(li);
   }
+  syncComposer();
+}
+
+// Only an active group takes messages and membership changes.
+function syncComposer() {
+  const g = currentGroup();
+  const active = !!g && g.state === 'active';
+  for (const b of ['show-members', 'leave', 'text', 'send']) $(b).disabled = !active;
 }
 
 function currentGroup() {
@@ -109,16 +118,43 @@ async function openGroup(id) {
   const g = currentGroup();
   $('chat-name').textContent = g ? (g.name || id.slice(0, 8)) : id.slice(0, 8);
   const active = g && g.state === 'active';
-  for (const b of ['show-members', 'leave', 'text', 'send']) $(b).disabled = !active;
   $('messages').replaceChildren();
   renderGroups();
-  const data = await attempt(() => api('GET', `/api/groups/${id}/messages?limit=200`));
+  const data = await attempt(() => api('GET', `/api/groups/${id}/messages?limit=${PAGE}`));
   if (!data || state.current !== id) return;
   for (const ev of data.events) appendEvent(ev);
+  state.firstSeq = data.events.length ? data.events[0].seq : 0;
+  if (data.events.length === PAGE) $('messages').prepend(earlierButton());
   renderUploads();
   markRead();
   if (!$('members').hidden) showMembers();
   if (active) $('text').focus();
+}
+
+// History comes a page at a time; older pages on request.
+const PAGE = 200;
+
+function earlierButton() {
+  const li = el('li', 'note');
+  const b = el('button', '', 'Show earlier messages');
+  b.type = 'button';
+  b.id = 'earlier';
+  b.onclick = async () => {
+    const id = state.current;
+    const data = await attempt(() => api('GET', `/api/groups/${id}/messages?limit=${PAGE}&before=${state.firstSeq}`));
+    if (!data || state.current !== id) return;
+    const list = $('messages');
+    const from = list.scrollHeight - list.scrollTop;
+    li.remove();
+    const older = data.events.filter((ev) => !state.shown.has(eventKey(ev)));
+    for (const ev of older) state.shown.add(eventKey(ev));
+    list.prepend(...older.map(renderEvent));
+    if (data.events.length) state.firstSeq = data.events[0].seq;
+    if (data.events.length === PAGE) list.prepend(earlierButton());
+    list.scrollTop = list.scrollHeight - from;
+  };
+  li.append(b);
+  return li;
 }
 
 function markRead() {
