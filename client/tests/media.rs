@@ -9,19 +9,6 @@ use common::*;
 use huddle_client::{Client, ClientError, Event, EventKind, Progress, Quiet};
 use huddle_core::proto::{ErrorCode, Request};
 
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    // Distinctive, incompressible-looking, reproducible.
-    let mut x = u32::from(seed) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 8) as u8
-        })
-        .collect()
-}
-
 fn write(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, data).unwrap();

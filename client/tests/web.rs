@@ -68,16 +68,25 @@ async fn http(port: u16, method: &str, path: &str, host: &str, extra: &[String])
     }
 }
 
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9u32;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 8) as u8
-        })
-        .collect()
+/// A DS where alice sent `files` (name, bytes) to a group `name` with bob,
+/// who has synced; the media ids, in order.
+async fn shared(name: &str, files: &[(&str, &[u8])]) -> (TestServer, Vec<String>) {
+    let server = TestServer::start().await;
+    let mut alice = server.register("alice").await;
+    let mut bob = server.register("bob").await;
+    let g = alice.create_group(name).await.unwrap().to_string();
+    alice.add(&g, &["bob".into()]).await.unwrap();
+    bob.sync().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ids = Vec::new();
+    for (file, bytes) in files {
+        let path = dir.path().join(file);
+        std::fs::write(&path, bytes).unwrap();
+        let sent = alice.send_file(&g, &path, "", &mut Quiet).await.unwrap();
+        ids.push(sent.media_id().unwrap().to_owned());
+    }
+    bob.sync().await.unwrap();
+    (server, ids)
 }
 
 struct Served {
@@ -93,6 +102,20 @@ impl Served {
 
     fn bearer(&self) -> String {
         format!("Authorization: Bearer {}", self.token)
+    }
+
+    /// Opens the event stream (its answer's head is read with the events).
+    async fn events(&self) -> tokio::net::TcpStream {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let req = format!(
+            "GET /api/events HTTP/1.1\r\nHost: {}\r\n{}\r\n\r\n",
+            self.host(),
+            self.bearer()
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        stream
     }
 
     async fn get(&self, path: &str, extra: &[String]) -> Answer {
@@ -221,25 +244,11 @@ async fn only_the_token_holder_on_this_host_and_origin_is_served() {
 
 #[tokio::test]
 async fn media_is_served_by_range_from_verified_chunks() {
-    let server = TestServer::start().await;
-    let mut alice = server.register("alice").await;
-    let mut bob = server.register("bob").await;
-    let g = alice.create_group("films").await.unwrap().to_string();
-    alice.add(&g, &["bob".into()]).await.unwrap();
-    bob.sync().await.unwrap();
-
-    // Four and a bit chunks of 256 KiB.
-    let data = pattern(1_100_000);
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("film.bin");
-    std::fs::write(&file, &data).unwrap();
-    let html = dir.path().join("page.html");
-    std::fs::write(&html, b"<html><script>alert(1)</script></html>").unwrap();
-    let sent = alice.send_file(&g, &file, "", &mut Quiet).await.unwrap();
-    let page = alice.send_file(&g, &html, "", &mut Quiet).await.unwrap();
-    bob.sync().await.unwrap();
-    let media = sent.media_id().unwrap().to_owned();
-    let html_media = page.media_id().unwrap().to_owned();
+    // Four and a bit chunks of 256 KiB; and a page.
+    let data = pattern(1_100_000, 7);
+    let html = b"<html><script>alert(1)</script></html>".to_vec();
+    let (server, ids) = shared("films", &[("film.bin", &data), ("page.html", &html)]).await;
+    let (media, html_media) = (ids[0].clone(), ids[1].clone());
 
     let s = serve(&server, "bob").await;
     let path = format!("/api/media/{media}");
@@ -300,19 +309,9 @@ async fn media_is_served_by_range_from_verified_chunks() {
 
 #[tokio::test]
 async fn a_tampered_chunk_is_never_served() {
-    let server = TestServer::start().await;
-    let mut alice = server.register("alice").await;
-    let mut bob = server.register("bob").await;
-    let g = alice.create_group("films").await.unwrap().to_string();
-    alice.add(&g, &["bob".into()]).await.unwrap();
-    bob.sync().await.unwrap();
-    let data = pattern(600_000);
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("film.bin");
-    std::fs::write(&file, &data).unwrap();
-    let sent = alice.send_file(&g, &file, "", &mut Quiet).await.unwrap();
-    bob.sync().await.unwrap();
-    let media = sent.media_id().unwrap().to_owned();
+    let data = pattern(600_000, 7);
+    let (server, ids) = shared("films", &[("film.bin", &data)]).await;
+    let media = ids[0].clone();
     if server.objects.is_some() {
         // The blob is on the object store, not a file to flip a bit in.
         return;
@@ -359,32 +358,13 @@ async fn what_others_send_arrives_on_the_event_stream() {
     bob.sync().await.unwrap();
     let s = serve(&server, "bob").await;
 
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
-        .await
-        .unwrap();
-    let req = format!(
-        "GET /api/events HTTP/1.1\r\nHost: {}\r\n{}\r\n\r\n",
-        s.host(),
-        s.bearer()
-    );
-    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut stream = s.events().await;
     let mut seen = String::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut sent = false;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !seen.contains("hello from alice") {
-        // Once the listener is connected, alice speaks.
-        if !sent && seen.contains(r#""state":"connected""#) {
-            alice.send_text(&g, "hello from alice").await.unwrap();
-            sent = true;
-        }
-        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
-            .await
-            .expect("the message never arrived on the event stream")
-            .unwrap();
-        assert!(n > 0, "the event stream closed: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    // Once the listener is connected, alice speaks.
+    read_until(&mut stream, &mut seen, 0, r#""state":"connected""#).await;
+    let mark = seen.len();
+    alice.send_text(&g, "hello from alice").await.unwrap();
+    read_until(&mut stream, &mut seen, mark, "hello from alice").await;
     assert!(seen.contains("text/event-stream"), "{seen}");
     let line = seen
         .lines()
@@ -447,8 +427,7 @@ async fn what_others_send_arrives_on_the_event_stream() {
     s.web.stop().await;
 }
 
-/// Reads the event stream until `want` appears in what was read after
-/// `from`; returns everything read.
+/// Reads the event stream into `seen` until `want` appears after `from`.
 async fn read_until(
     stream: &mut tokio::net::TcpStream,
     seen: &mut String,
@@ -472,15 +451,7 @@ async fn the_page_is_told_when_the_connection_is_lost_and_back() {
     let mut server = TestServer::start().await;
     let _bob = server.register("bob").await;
     let s = serve(&server, "bob").await;
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
-        .await
-        .unwrap();
-    let req = format!(
-        "GET /api/events HTTP/1.1\r\nHost: {}\r\n{}\r\n\r\n",
-        s.host(),
-        s.bearer()
-    );
-    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut stream = s.events().await;
     let mut seen = String::new();
     read_until(&mut stream, &mut seen, 0, r#""state":"connected""#).await;
     let mark = seen.len();

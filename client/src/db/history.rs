@@ -74,12 +74,7 @@ pub fn latest(conn: &Connection, id: &GroupId, limit: usize) -> Result<Vec<Event
         )?
         .query_map(params![id.as_bytes().as_slice(), limit as i64], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
-    let mut out: Vec<Event> = rows
-        .iter()
-        .filter_map(|s| serde_json::from_str(s).ok())
-        .collect();
-    out.reverse();
-    Ok(out)
+    Ok(oldest_first(&rows))
 }
 
 /// Up to `limit` events of a group before position `seq`, oldest first.
@@ -94,12 +89,18 @@ pub fn before(conn: &Connection, id: &GroupId, seq: u64, limit: usize) -> Result
             |r| r.get(0),
         )?
         .collect::<rusqlite::Result<_>>()?;
+    Ok(oldest_first(&rows))
+}
+
+/// Events read newest first, oldest first (rows that do not decode, from
+/// a newer version, are left out).
+fn oldest_first(rows: &[String]) -> Vec<Event> {
     let mut out: Vec<Event> = rows
         .iter()
         .filter_map(|s| serde_json::from_str(s).ok())
         .collect();
     out.reverse();
-    Ok(out)
+    out
 }
 
 /// How many texts and media items of others a group's history holds

@@ -174,7 +174,7 @@ async fn messages(
         .await?;
     Ok(Json(json!({
         "read": read,
-        "events": events.iter().map(|e| app.event_json(e)).collect::<Vec<_>>(),
+        "events": app.events_json(&events),
     })))
 }
 
@@ -278,9 +278,7 @@ async fn add_members(
         .actions
         .run(move |c| Box::pin(async move { c.add(&group, &users).await }))
         .await?;
-    Ok(Json(json!({
-        "events": events.iter().map(|e| app.event_json(e)).collect::<Vec<_>>()
-    })))
+    Ok(Json(json!({ "events": app.events_json(&events) })))
 }
 
 async fn remove_member(
@@ -291,9 +289,7 @@ async fn remove_member(
         .actions
         .run(move |c| Box::pin(async move { c.remove(&group, &[user]).await }))
         .await?;
-    Ok(Json(json!({
-        "events": events.iter().map(|e| app.event_json(e)).collect::<Vec<_>>()
-    })))
+    Ok(Json(json!({ "events": app.events_json(&events) })))
 }
 
 async fn leave(State(app): State<Arc<App>>, Path(group): Path<String>) -> ApiResult<Json<Value>> {

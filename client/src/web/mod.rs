@@ -219,6 +219,11 @@ impl App {
         v
     }
 
+    /// Events as the page gets them.
+    fn events_json(&self, events: &[Event]) -> Vec<serde_json::Value> {
+        events.iter().map(|e| self.event_json(e)).collect()
+    }
+
     /// Passes `v` to every open event stream.
     fn publish(&self, v: &serde_json::Value) {
         // No stream open: nobody to tell.
