@@ -462,3 +462,115 @@ async fn the_page_is_told_when_the_connection_is_lost_and_back() {
     drop(stream);
     s.web.stop().await;
 }
+
+/// Sends `body` (a request with a body) and reads the whole answer.
+async fn post(s: &Served, path: &str, body: &[u8]) -> Answer {
+    let mut st = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\n{}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        s.host(),
+        s.bearer(),
+        body.len()
+    );
+    st.write_all(head.as_bytes()).await.unwrap();
+    st.write_all(body).await.unwrap();
+    let mut raw = Vec::new();
+    st.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .as_bytes()
+        .to_vec();
+    Answer {
+        status,
+        headers: Vec::new(),
+        body,
+    }
+}
+
+/// The files staged by the page, as `/api/uploads` lists them.
+async fn staged(s: &Served) -> Vec<serde_json::Value> {
+    let a = s.get("/api/uploads", &[]).await;
+    serde_json::from_slice::<serde_json::Value>(&a.body)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
+async fn a_file_from_the_page_that_could_not_be_sent_is_resumed_after_a_restart() {
+    let mut server = TestServer::start().await;
+    let mut alice = server.register("alice").await;
+    let mut bob = server.register("bob").await;
+    let g = alice.create_group("chat").await.unwrap().to_string();
+    alice.add(&g, &["bob".into()]).await.unwrap();
+    bob.sync().await.unwrap();
+    let data = pattern(700_000, 3);
+
+    // The DS is down: the page hands the file over, sending it fails.
+    let port: u16 = server.addr.rsplit(':').next().unwrap().parse().unwrap();
+    server.running.take().unwrap().shutdown().await;
+    let s = serve(&server, "alice").await;
+    let a = post(
+        &s,
+        &format!("/api/groups/{g}/files?name=holiday.bin"),
+        &data,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = staged(&s).await;
+        assert_eq!(list.len(), 1, "{list:?}");
+        if list[0]["state"] == "failed" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{list:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.web.stop().await;
+
+    // Back with the DS up: the file is still there, paused, and resumes.
+    let mut config = server.config.clone();
+    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    server.running = Some(huddle_server::start(config).await.unwrap());
+    let s = serve(&server, "alice").await;
+    let list = staged(&s).await;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["state"], "paused");
+    assert_eq!(list[0]["name"], "holiday.bin");
+    let id = list[0]["id"].as_str().unwrap().to_owned();
+    let a = post(&s, &format!("/api/uploads/{id}/resume"), b"").await;
+    assert_eq!(a.status, 202);
+    while !staged(&s).await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "never sent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!server
+        .home("alice")
+        .dir()
+        .join("web-uploads")
+        .join(&id)
+        .exists());
+    s.web.stop().await;
+
+    // Bob gets it, whole.
+    let events = bob.sync().await.unwrap();
+    let media = events
+        .iter()
+        .find_map(|e| e.media_id())
+        .expect("no media event")
+        .to_owned();
+    let out = tempfile::tempdir().unwrap();
+    let path = bob
+        .download(&media, Some(&out.path().join("holiday.bin")), &mut Quiet)
+        .await
+        .unwrap();
+    assert!(std::fs::read(path).unwrap() == data);
+}
