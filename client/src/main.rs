@@ -435,9 +435,14 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             client.close().await;
         }
         Command::Web { port, open } => {
-            let server =
-                huddle_client::web::WebServer::start(home, huddle_client::web::Options { port })
-                    .await?;
+            let server = huddle_client::web::WebServer::start(
+                home,
+                huddle_client::web::Options {
+                    port,
+                    ..Default::default()
+                },
+            )
+            .await?;
             if out.json {
                 out.json(&serde_json::json!({ "url": server.url() }));
             } else {

@@ -126,9 +126,11 @@ impl Served {
 }
 
 async fn serve(server: &TestServer, name: &str) -> Served {
-    let web = WebServer::start(server.home(name), Options::default())
-        .await
-        .unwrap();
+    let opts = Options {
+        header_timeout: Duration::from_millis(300),
+        ..Options::default()
+    };
+    let web = WebServer::start(server.home(name), opts).await.unwrap();
     let port = web.addr().port();
     let token = web.url().split("token=").nth(1).unwrap().to_owned();
     Served { web, port, token }
@@ -573,4 +575,37 @@ async fn a_file_from_the_page_that_could_not_be_sent_is_resumed_after_a_restart(
         .await
         .unwrap();
     assert!(std::fs::read(path).unwrap() == data);
+}
+
+#[tokio::test]
+async fn a_connection_that_never_finishes_its_request_is_closed() {
+    let server = TestServer::start().await;
+    let _alice = server.register("alice").await;
+    let s = serve(&server, "alice").await;
+    // A request head begun and never finished, and a connection that says
+    // nothing at all: both closed once the head's time is up.
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+        .await
+        .unwrap();
+    slow.write_all(format!("GET /api/groups HTTP/1.1\r\nHost: {}\r\n", s.host()).as_bytes())
+        .await
+        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+        .await
+        .unwrap();
+    for conn in [&mut slow, &mut silent] {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest))
+            .await
+            .expect("the connection was kept open")
+            .unwrap();
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
+            "{rest}"
+        );
+    }
+    // Others are served meanwhile.
+    assert_eq!(s.get("/api/groups", &[]).await.status, 200);
+    s.web.stop().await;
 }

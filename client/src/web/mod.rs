@@ -60,11 +60,23 @@ pub const MAX_HISTORY: usize = 500;
 /// Pause before the listener tries again after failing to connect at all.
 const LISTEN_RETRY: Duration = Duration::from_secs(5);
 
-/// Where the local server listens.
-#[derive(Debug, Clone, Copy, Default)]
+/// Where the local server listens, and how long it waits.
+#[derive(Debug, Clone, Copy)]
 pub struct Options {
     /// Port on 127.0.0.1 (0: any free port).
     pub port: u16,
+    /// How long a connection may take to send a request's head
+    /// ([`HEADER_TIMEOUT`]).
+    pub header_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            port: 0,
+            header_timeout: HEADER_TIMEOUT,
+        }
+    }
 }
 
 /// A running `huddle web`.
@@ -119,17 +131,12 @@ impl WebServer {
         let (stop, stopped) = watch::channel(false);
         let url = format!("http://127.0.0.1:{}/?token={}", addr.port(), app.token);
         let router = api::router(app.clone());
-        let mut s = stopped.clone();
-        let serve = tokio::spawn(async move {
-            let r = axum::serve(bound, router)
-                .with_graceful_shutdown(async move {
-                    let _ = s.wait_for(|v| *v).await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!("the local web server stopped: {e}");
-            }
-        });
+        let serve = tokio::spawn(accept_loop(
+            bound,
+            router,
+            opts.header_timeout,
+            stopped.clone(),
+        ));
         let listen = listen_thread(app.clone(), home, stopped)?;
         Ok(WebServer {
             url,
@@ -158,6 +165,61 @@ impl WebServer {
         let listen = self.listen;
         let _ = tokio::task::spawn_blocking(move || listen.join()).await;
     }
+}
+
+/// Connections open at once; one more is closed as soon as it is
+/// accepted.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a connection may take to send a request's head (its line and
+/// headers) before it is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections on `bound` and serves each over HTTP/1.1, at most
+/// [`MAX_CONNECTIONS`] at once, each given `header_timeout` to send a
+/// request's head (so a client that opens connections and says nothing,
+/// token or not, holds none for long), until `stopped`.
+async fn accept_loop(
+    bound: tokio::net::TcpListener,
+    router: axum::Router,
+    header_timeout: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = async { stopped.wait_for(|v| *v).await.is_ok() } => break,
+            accepted = bound.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, say: wait, do not spin.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            // Dropped: closed at once.
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        conns.spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!("web connection: {e}");
+            }
+        });
+        // Reap the finished ones, so the set holds only open connections.
+        while conns.try_join_next().is_some() {}
+    }
+    // Open connections (event streams never end by themselves) go with
+    // the server.
+    conns.shutdown().await;
 }
 
 /// Messages kept for event streams that fall behind; one further behind
