@@ -56,6 +56,7 @@ pub fn spawn(
         shared,
         subscribers: HashMap::new(),
         group_info,
+        busy: None,
     };
     *handle.task.lock().expect("task lock") = Some(tokio::spawn(actor.run(rx)));
     Ok(handle)
@@ -75,6 +76,9 @@ pub(super) struct Actor {
     pub(super) subscribers: HashMap<u64, Subscriber>,
     /// Newest durable GroupInfo: (epoch, bytes).
     pub(super) group_info: Option<(u64, Bytes)>,
+    /// Held from the writer's last answer until the next write is handed
+    /// in or the queue is found empty (the writer waits for busy tasks).
+    pub(super) busy: Option<crate::writer::Busy>,
 }
 
 /// An accepted post waiting for its write.
@@ -113,6 +117,10 @@ impl Actor {
             )
         });
         while !stopping {
+            if rx.is_empty() {
+                // Nothing to hand in soon: the writer need not wait.
+                self.busy = None;
+            }
             let received = match &mut feed {
                 None => rx.recv_many(&mut cmds, 256).await,
                 Some(feed) => {
@@ -412,7 +420,9 @@ impl Actor {
             Some(_) => write.entries.clone(),
             None => Vec::new(),
         };
-        match self.shared.writer.write(write).await {
+        let (written, busy) = self.shared.writer.write_next(write, self.busy.take()).await;
+        self.busy = Some(busy);
+        match written {
             Ok(inbox_items) => {
                 self.meta = meta;
                 if let Some(s) = state {

@@ -34,6 +34,19 @@ const GROUP_STATE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("gro
 
 const LOG: TableDefinition<'_, (&[u8], u64), &[u8]> = TableDefinition::new("log");
 
+/// Log entries whose encoding is longer than [`LARGE_ENTRY`] (commits that
+/// carry a path or many proposals, large messages), keyed like [`LOG`],
+/// which holds an empty value in their place. A value of a page or more
+/// sits alone in its leaf, and redb then starts a new leaf for every entry
+/// appended after it in the same group (measured with redb 2.6: each
+/// 426-byte message after a 6 KB commit took a 4 KiB page of its own, and
+/// a commit of ten groups wrote 2.5 times the bytes). Kept apart, the
+/// small entries of a group share their leaves.
+const LOG_LARGE: TableDefinition<'_, (&[u8], u64), &[u8]> = TableDefinition::new("log_large");
+
+/// Log entries encoded longer than this go to [`LOG_LARGE`].
+const LARGE_ENTRY: usize = 1024;
+
 const MEMBERS: TableDefinition<'_, (&[u8], &str), &[u8]> = TableDefinition::new("members");
 
 const USER_GROUPS: TableDefinition<'_, (&str, &[u8]), ()> = TableDefinition::new("user_groups");
@@ -73,7 +86,10 @@ const GROUP_INFO: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("grou
 /// an append; the log's newest entry is the head. Version 1 data (the row
 /// always current) reads the same and is marked 2 on open; a build that
 /// reads only 1 refuses version 2 instead of trusting a stale head.
-const SCHEMA_VERSION: u64 = 2;
+/// 3: large log entries live in [`LOG_LARGE`] (an empty value in [`LOG`]).
+/// Version 1 and 2 data (every entry in [`LOG`]) reads the same and is
+/// marked 3 on open; a build that reads only 2 refuses version 3.
+const SCHEMA_VERSION: u64 = 3;
 
 /// The redb-backed store.
 #[derive(Debug)]
@@ -158,6 +174,7 @@ impl RedbStore {
             txn.open_table(GROUPS).map_err(err)?;
             txn.open_table(GROUP_STATE).map_err(err)?;
             txn.open_table(LOG).map_err(err)?;
+            txn.open_table(LOG_LARGE).map_err(err)?;
             txn.open_table(MEMBERS).map_err(err)?;
             txn.open_table(USER_GROUPS).map_err(err)?;
             txn.open_table(INBOX).map_err(err)?;
@@ -177,7 +194,7 @@ impl RedbStore {
             let mut meta = txn.open_table(META).map_err(err)?;
             let version = meta.get("schema_version").map_err(err)?.map(|v| v.value());
             match version {
-                None | Some(1) => {
+                None | Some(1) | Some(2) => {
                     meta.insert("schema_version", SCHEMA_VERSION).map_err(err)?;
                 }
                 Some(SCHEMA_VERSION) => {}
@@ -481,6 +498,7 @@ impl Store for RedbStore {
         }
         let txn = self.read()?;
         let t = txn.open_table(LOG).map_err(err)?;
+        let large = txn.open_table(LOG_LARGE).map_err(err)?;
         let gid = group.as_bytes().as_slice();
         let mut out = Vec::new();
         let mut bytes = 0;
@@ -488,8 +506,16 @@ impl Store for RedbStore {
             if out.len() >= limit as usize || bytes >= MAX_PAGE_BYTES {
                 break;
             }
-            let (_, v) = row.map_err(err)?;
-            let e: LogEntry = dec(v.value(), "log entry")?;
+            let (k, v) = row.map_err(err)?;
+            let e: LogEntry = if v.value().is_empty() {
+                let seq = k.value().1;
+                let v = large.get((gid, seq)).map_err(err)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("log entry {seq} of {group} is missing"))
+                })?;
+                dec(v.value(), "log entry")?
+            } else {
+                dec(v.value(), "log entry")?
+            };
             bytes += e.data.len();
             out.push(e);
         }

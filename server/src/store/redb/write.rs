@@ -8,8 +8,8 @@ use huddle_core::GroupId;
 
 use super::{
     closed, dec, dec_member, enc, err, GroupMeta, GroupWrite, InboxTables, RedbStore, StoreError,
-    StoredGroup, StoredInboxItem, GROUPS, GROUP_INFO, GROUP_STATE, LOG, MEMBERS, TREES,
-    USER_GROUPS,
+    StoredGroup, StoredInboxItem, GROUPS, GROUP_INFO, GROUP_STATE, LARGE_ENTRY, LOG, LOG_LARGE,
+    MEMBERS, TREES, USER_GROUPS,
 };
 
 impl RedbStore {
@@ -92,8 +92,15 @@ impl RedbStore {
         }
         if !w.entries.is_empty() {
             let mut t = txn.open_table(LOG).map_err(err)?;
+            let mut large = txn.open_table(LOG_LARGE).map_err(err)?;
             for e in &w.entries {
-                t.insert((gid, e.seq), enc(e).as_slice()).map_err(err)?;
+                let v = enc(e);
+                if v.len() > LARGE_ENTRY {
+                    large.insert((gid, e.seq), v.as_slice()).map_err(err)?;
+                    t.insert((gid, e.seq), [].as_slice()).map_err(err)?;
+                } else {
+                    t.insert((gid, e.seq), v.as_slice()).map_err(err)?;
+                }
             }
         }
         if !w.members.is_empty() {
@@ -120,8 +127,12 @@ impl RedbStore {
         }
         if let Some(upto) = w.compact_upto {
             let mut log = txn.open_table(LOG).map_err(err)?;
+            let mut large = txn.open_table(LOG_LARGE).map_err(err)?;
             for seq in old_compacted + 1..=upto {
-                log.remove((gid, seq)).map_err(err)?;
+                let gone = log.remove((gid, seq)).map_err(err)?;
+                if gone.is_some_and(|v| v.value().is_empty()) {
+                    large.remove((gid, seq)).map_err(err)?;
+                }
             }
             // Trees of commits before the floor: their joiners have moved on.
             let mut trees = txn.open_table(TREES).map_err(err)?;
