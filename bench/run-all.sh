@@ -26,6 +26,11 @@ run --plot "$dir/fanout-1000-half.svg" fanout --members 1000 --duration 5 --rate
 run fanout --groups 10 --members 50 --senders 1 --duration 5
 run fanout --groups 100 --members 10 --senders 1 --duration 5
 run fanout --members 500 --senders 1 --duration 5
+# The same shapes at the same deliveries per second (7,000 and 700
+# messages a second), beside raw quinn relaying them with a stream per
+# message, as posts are: what the many-group shape costs the path itself.
+run fanout --groups 10 --members 50 --senders 1 --full 0 --duration 5 --rate 7000 --relay-streams
+run fanout --members 500 --senders 1 --full 0 --duration 5 --rate 700 --relay-streams
 # Storage written per message against group size alone: the same low rate
 # at 10 and at 1,000 members, one sender, so every message is its own
 # commit at both sizes (with two senders, how often their messages share a

@@ -12,18 +12,23 @@
 //! - `D` + u64 length: the peer sends that many bytes, then FIN.
 //! - `P` + u32 frame size + u64 count: the peer writes that many frames of
 //!   that size as fast as the connection takes them, then FIN.
-//! - `S`: subscribe to the relay; the peer answers one byte once
-//!   subscribed, then writes every relayed frame on this stream, the way the
-//!   delivery service's push loop does (a bounded queue per subscriber,
-//!   whatever is queued goes out in one write, writes at least 25 ms
-//!   apart).
-//! - `R` + u32 frame size: the client sends frames of that size; the peer
-//!   forwards them to every subscriber. One forwarding task takes whatever
-//!   the senders' streams delivered since it last ran and queues it to each
-//!   subscriber as one item, as the DS's sequencer does with a round of
-//!   messages. Neither stored, nor checked, nor ordered: a fan-out with
-//!   nothing but quinn in it.
+//! - `S` + u32 group: subscribe to that group of the relay; the peer
+//!   answers one byte once subscribed, then writes every frame relayed to
+//!   the group on this stream, the way the delivery service's push loop
+//!   does (a bounded queue per subscriber, whatever is queued goes out in
+//!   one write, writes at least 25 ms apart).
+//! - `R` + u32 frame size + u32 group: the client sends frames of that
+//!   size; the peer forwards them to the group's subscribers. One
+//!   forwarding task takes whatever the senders' streams delivered since it
+//!   last ran and queues each group's part to each of its subscribers as
+//!   one item, as the DS's sequencers do with a round of messages. Neither
+//!   stored, nor checked, nor ordered: a fan-out with nothing but quinn in
+//!   it.
+//! - `Q` + u32 group, then one frame until FIN: the same for one frame,
+//!   answered with one byte once it is queued for forwarding: a stream per
+//!   message, as posts to the DS are.
 
+use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -106,39 +111,40 @@ pub async fn serve(cert_out: &Path, max_payload: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The raw peer's fan-out: subscribers (one bounded queue each) and the
-/// queue into the forwarding task.
+/// The raw peer's fan-out: each group's subscribers (one bounded queue
+/// each) and the queue into the forwarding task.
 #[derive(Clone)]
 struct Relay {
-    subscribers: Arc<Mutex<Vec<mpsc::Sender<bytes::Bytes>>>>,
-    incoming: mpsc::UnboundedSender<bytes::Bytes>,
+    subscribers: Arc<Mutex<HashMap<u32, Vec<mpsc::Sender<bytes::Bytes>>>>>,
+    incoming: mpsc::UnboundedSender<(u32, bytes::Bytes)>,
 }
 
 impl Relay {
     fn start() -> Self {
-        let subscribers: Arc<Mutex<Vec<mpsc::Sender<bytes::Bytes>>>> = Arc::default();
-        let (incoming, mut rx) = mpsc::unbounded_channel::<bytes::Bytes>();
+        let subscribers: Arc<Mutex<HashMap<u32, Vec<mpsc::Sender<bytes::Bytes>>>>> = Arc::default();
+        let (incoming, mut rx) = mpsc::unbounded_channel::<(u32, bytes::Bytes)>();
         let subs = subscribers.clone();
         tokio::spawn(async move {
             let mut got = Vec::new();
             while rx.recv_many(&mut got, 256).await > 0 {
-                let f = if got.len() == 1 {
-                    got.pop().expect("one")
-                } else {
-                    let mut all = bytes::BytesMut::new();
-                    for f in got.drain(..) {
-                        all.extend_from_slice(&f);
+                let mut rounds: HashMap<u32, bytes::BytesMut> = HashMap::new();
+                for (g, f) in got.drain(..) {
+                    rounds.entry(g).or_default().extend_from_slice(&f);
+                }
+                let mut subs = subs.lock().expect("relay");
+                for (g, round) in rounds {
+                    let f = round.freeze();
+                    // A full or closed queue drops the frames for that
+                    // subscriber; the client counts what arrives.
+                    if let Some(list) = subs.get_mut(&g) {
+                        list.retain(|tx| {
+                            !matches!(
+                                tx.try_send(f.clone()),
+                                Err(mpsc::error::TrySendError::Closed(_))
+                            )
+                        });
                     }
-                    all.freeze()
-                };
-                // A full or closed queue drops the frames for that
-                // subscriber; the client counts what arrives.
-                subs.lock().expect("relay").retain(|tx| {
-                    !matches!(
-                        tx.try_send(f.clone()),
-                        Err(mpsc::error::TrySendError::Closed(_))
-                    )
-                });
+                }
             }
         });
         Self {
@@ -199,8 +205,16 @@ async fn handle(
             send.finish()?;
         }
         b'S' => {
+            let mut g = [0u8; 4];
+            recv.read_exact(&mut g).await?;
             let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(RELAY_QUEUE);
-            relay.subscribers.lock().expect("relay").push(tx);
+            relay
+                .subscribers
+                .lock()
+                .expect("relay")
+                .entry(u32::from_be_bytes(g))
+                .or_default()
+                .push(tx);
             send.write_all(b"k").await?;
             // When the next write may start: spaced like the DS's.
             let mut next: Option<tokio::time::Instant> = None;
@@ -222,9 +236,10 @@ async fn handle(
             }
         }
         b'R' => {
-            let mut p = [0u8; 4];
+            let mut p = [0u8; 8];
             recv.read_exact(&mut p).await?;
-            let size = u32::from_be_bytes(p) as usize;
+            let size = u32::from_be_bytes(p[..4].try_into()?) as usize;
+            let group = u32::from_be_bytes(p[4..].try_into()?);
             let mut pending = bytes::BytesMut::new();
             while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
                 pending.extend_from_slice(&chunk.bytes);
@@ -232,8 +247,20 @@ async fn handle(
                 if whole == 0 {
                     continue;
                 }
-                let _ = relay.incoming.send(pending.split_to(whole).freeze());
+                let _ = relay
+                    .incoming
+                    .send((group, pending.split_to(whole).freeze()));
             }
+            send.finish()?;
+        }
+        b'Q' => {
+            let mut g = [0u8; 4];
+            recv.read_exact(&mut g).await?;
+            let frame = recv.read_to_end(1 << 20).await?;
+            let _ = relay
+                .incoming
+                .send((u32::from_be_bytes(g), bytes::Bytes::from(frame)));
+            send.write_all(b"k").await?;
             send.finish()?;
         }
         other => bail!("unknown op {other}"),
@@ -446,28 +473,37 @@ impl RawPeer {
         Ok((total / frame as u64) as f64 / secs)
     }
 
-    /// Opens `conns` subscriber connections and `senders` sender
-    /// connections; the senders together send `rate` frames a second of
-    /// `frame` bytes for `duration`, each stamped with [`now_ns`], and the
-    /// peer relays every one to every subscriber. Returns the latency from
-    /// stamp to receipt over all deliveries.
+    /// Opens `shape.conns` subscriber connections and `shape.senders`
+    /// sender connections in each of `shape.groups` groups; the senders
+    /// together send `rate` frames a second of `frame` bytes for
+    /// `duration`, each stamped with [`now_ns`], and the peer relays every
+    /// one to every subscriber of its group. Returns the latency from stamp
+    /// to receipt over all deliveries.
     pub async fn relay(
         &self,
-        conns: usize,
-        senders: usize,
+        shape: RelayShape,
         frame: usize,
         rate: f64,
         duration: Duration,
     ) -> anyhow::Result<RelayResult> {
+        let RelayShape {
+            groups,
+            conns,
+            senders,
+            streams,
+        } = shape;
+        let groups = groups.max(1);
         let frame = frame.max(8);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut links = Vec::with_capacity(conns);
-        let mut receivers = Vec::with_capacity(conns);
-        for _ in 0..conns {
+        let mut links = Vec::with_capacity(conns * groups);
+        let mut receivers = Vec::with_capacity(conns * groups);
+        for i in 0..conns * groups {
             let (ep, conn) = self.connect().await?;
             let (mut send, mut recv) = conn.open_bi().await?;
-            send.write_all(b"S").await?;
+            let mut req = vec![b'S'];
+            req.extend_from_slice(&((i % groups) as u32).to_be_bytes());
+            send.write_all(&req).await?;
             let mut ok = [0u8; 1];
             recv.read_exact(&mut ok).await?;
             let mut stop = stop_rx.clone();
@@ -501,7 +537,8 @@ impl RawPeer {
             }));
             links.push((ep, conn));
         }
-        let interval = Duration::from_secs_f64(senders.max(1) as f64 / rate.max(0.001));
+        let senders = senders.max(1) * groups;
+        let interval = Duration::from_secs_f64(senders as f64 / rate.max(0.001));
         let datagrams = |links: &[(quinn::Endpoint, quinn::Connection)]| -> u64 {
             links.iter().map(|(_, c)| c.stats().udp_rx.datagrams).sum()
         };
@@ -511,18 +548,44 @@ impl RawPeer {
             datagrams(&links),
         );
         let mut sender_tasks = Vec::new();
-        for _ in 0..senders.max(1) {
+        for i in 0..senders {
             let (ep, conn) = self.connect().await?;
+            let group = ((i % groups) as u32).to_be_bytes();
             sender_tasks.push(tokio::spawn(async move {
                 let _ep = ep;
-                let (mut send, mut recv) = conn.open_bi().await?;
-                let mut req = vec![b'R'];
-                req.extend_from_slice(&(frame as u32).to_be_bytes());
-                send.write_all(&req).await?;
-                let mut buf = vec![0u8; frame];
                 let end = Instant::now() + duration;
                 let mut next = Instant::now();
                 let mut n = 0u64;
+                if streams {
+                    // A stream per message, answered, as posts are.
+                    let mut posts = tokio::task::JoinSet::new();
+                    while Instant::now() < end {
+                        tokio::time::sleep_until(next.into()).await;
+                        next += interval;
+                        let mut req = vec![b'Q'];
+                        req.extend_from_slice(&group);
+                        req.extend_from_slice(&now_ns().to_be_bytes());
+                        req.resize(5 + frame, 0);
+                        let conn = conn.clone();
+                        posts.spawn(async move {
+                            let (mut send, mut recv) = conn.open_bi().await?;
+                            send.write_all(&req).await?;
+                            send.finish()?;
+                            recv.read_to_end(1).await?;
+                            anyhow::Ok(())
+                        });
+                        n += 1;
+                        while posts.try_join_next().is_some() {}
+                    }
+                    while posts.join_next().await.is_some() {}
+                    return anyhow::Ok(n);
+                }
+                let (mut send, mut recv) = conn.open_bi().await?;
+                let mut req = vec![b'R'];
+                req.extend_from_slice(&(frame as u32).to_be_bytes());
+                req.extend_from_slice(&group);
+                send.write_all(&req).await?;
+                let mut buf = vec![0u8; frame];
                 while Instant::now() < end {
                     tokio::time::sleep_until(next.into()).await;
                     next += interval;
@@ -570,6 +633,20 @@ impl RawPeer {
             datagrams,
         })
     }
+}
+
+/// Who takes part in [`RawPeer::relay`].
+#[derive(Debug, Clone, Copy)]
+pub struct RelayShape {
+    /// Groups.
+    pub groups: usize,
+    /// Subscriber connections per group.
+    pub conns: usize,
+    /// Sender connections per group.
+    pub senders: usize,
+    /// A stream per message, answered once relayed (as posts to the DS
+    /// are); otherwise one stream per sender.
+    pub streams: bool,
 }
 
 /// What [`RawPeer::relay`] measured.

@@ -12,7 +12,7 @@ use huddle_client::{Client, Home};
 use huddle_core::proto::Response;
 
 use super::{entry_frame_len, request_on, trust};
-use crate::baseline::{RawPeer, QUINN_DEFAULT_UDP_PAYLOAD};
+use crate::baseline::{RawPeer, RelayShape, QUINN_DEFAULT_UDP_PAYLOAD};
 use crate::cluster::{Cluster, ClusterArgs};
 use crate::ds::{own_peak_rss_mb, Ds};
 use crate::lean::Lean;
@@ -54,6 +54,11 @@ pub struct Params {
     /// time.
     #[arg(long, default_value_t = 64)]
     pub inflight: usize,
+    /// With `--rate`: the raw relay's senders open a stream per message and
+    /// wait for its answer, as posts to the DS do (default: one stream per
+    /// sender, the cheapest raw quinn can relay).
+    #[arg(long)]
+    pub relay_streams: bool,
     #[command(flatten)]
     pub target: Target,
     /// With `--nodes N`, the senders connect to the first node, the light
@@ -330,8 +335,18 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         Some(rate) => {
             out.say("raw quinn relay at the same rate ...");
             Some(
-                peer.relay(receivers.max(1), total_senders, frame, rate, duration)
-                    .await?,
+                peer.relay(
+                    RelayShape {
+                        groups: p.groups,
+                        conns: (receivers / p.groups.max(1)).max(1),
+                        senders: p.senders,
+                        streams: p.relay_streams,
+                    },
+                    frame,
+                    rate,
+                    duration,
+                )
+                .await?,
             )
         }
         None => None,
@@ -483,7 +498,8 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     r.note("from_ds_p*: from the DS's timestamp of an entry (its sequencer accepted it; wall clock, ms) to receipt: the durable commit, push spacing, transport and receiving; the rest of the latency is the sender's request reaching the sequencer");
     r.note("server_cpu_cores, machine_busy_share, machine_steal_share, push_datagrams_per_sec: from the first send until the pushes drained; push datagrams are the UDP datagrams the light members received, member datagrams those they sent (QUIC ACKs, acks); so DS cost per datagram = server_cpu_cores / push_datagrams_per_sec");
     if relay.is_some() {
-        r.note("baseline_p*: raw quinn relaying frames of the same size at the same rate from as many senders to as many connections (one process forwarding each frame as it arrives: no storage, no ordering, no checks); p99_ratio = p99 / baseline_p99; server_cpu_ratio_to_relay = the DS's CPU per delivery / the relay's");
+        r.set("baseline_relay_streams", p.relay_streams);
+        r.note("baseline_p*: raw quinn relaying frames of the same size at the same rate from as many senders to as many connections, each frame to the connections of its group (one process forwarding each frame as it arrives: no storage, no ordering, no checks); baseline_relay_streams: each frame on a stream of its own, answered once queued, as posts to the DS are (otherwise one stream per sender); p99_ratio = p99 / baseline_p99; server_cpu_ratio_to_relay = the DS's CPU per delivery / the relay's");
     }
     out.emit(&r);
     out.plot(
