@@ -30,9 +30,9 @@ pub struct ClusterArgs {
     /// keeps them in its data dir.
     #[arg(long, value_name = "URL")]
     pub blobs: Option<String>,
-    /// Limits the scenario sets on the nodes it starts
-    /// (`--limit NAME=VALUE` each).
-    #[arg(skip)]
+    /// A limit for the nodes this run starts, as `huddle-server --limit`
+    /// takes it (repeatable; `huddle-server --list-limits` shows them).
+    #[arg(long = "limit", value_name = "NAME=VALUE")]
     pub limits: Vec<String>,
 }
 

@@ -88,6 +88,10 @@ pub struct ServerConfig {
     /// to a busy group's members lower both their cost and the latency
     /// tail (measured in docs/bench/HISTORY.md).
     pub push_interval: Duration,
+    /// Longest the writer waits, before a transaction, for the next write
+    /// of a group task it has just answered (see `writer`): without it,
+    /// busy groups drift into cohorts with a flush each. Zero: never wait.
+    pub writer_linger: Duration,
     /// A group nobody watched or asked for during this long is unloaded
     /// from memory (it is loaded again when next asked for).
     pub group_idle: Duration,
@@ -224,6 +228,7 @@ impl Default for ServerConfig {
             push_queue: 4096,
             push_stall_timeout: Duration::from_secs(30),
             push_interval: Duration::from_millis(25),
+            writer_linger: crate::writer::LINGER,
             group_idle: Duration::from_secs(600),
             tail_entries: 1024,
             tail_bytes: 4 << 20,
@@ -426,6 +431,7 @@ limits! {
     push_queue: count,
     push_stall_timeout: time,
     push_interval: time,
+    writer_linger: time,
     group_idle: time,
     tail_entries: count,
     tail_bytes: size,
@@ -493,16 +499,17 @@ mod parse {
 
     pub fn time(s: &str) -> Result<Duration, String> {
         let (n, unit) = number_and_unit(s)?;
-        let ms: u64 = match unit {
-            "ms" => 1,
-            "s" => 1_000,
-            "min" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            other => return Err(format!("unknown unit {other:?} (ms, s, min, h, d)")),
+        let us: u64 = match unit {
+            "us" => 1,
+            "ms" => 1_000,
+            "s" => 1_000_000,
+            "min" => 60_000_000,
+            "h" => 3_600_000_000,
+            "d" => 86_400_000_000,
+            other => return Err(format!("unknown unit {other:?} (us, ms, s, min, h, d)")),
         };
-        Ok(Duration::from_millis(
-            n.checked_mul(ms).ok_or_else(|| "too large".to_owned())?,
+        Ok(Duration::from_micros(
+            n.checked_mul(us).ok_or_else(|| "too large".to_owned())?,
         ))
     }
 }
@@ -525,18 +532,22 @@ mod show {
     }
 
     pub fn time(v: &Duration) -> String {
-        let ms = v.as_millis() as u64;
+        let us = v.as_micros() as u64;
         for (unit, per) in [
-            ("d", 86_400_000),
-            ("h", 3_600_000),
-            ("min", 60_000),
-            ("s", 1_000),
+            ("d", 86_400_000_000),
+            ("h", 3_600_000_000),
+            ("min", 60_000_000),
+            ("s", 1_000_000),
+            ("ms", 1_000),
         ] {
-            if ms >= per && ms.is_multiple_of(per) {
-                return format!("{}{unit}", ms / per);
+            if us >= per && us.is_multiple_of(per) {
+                return format!("{}{unit}", us / per);
             }
         }
-        format!("{ms}ms")
+        if us == 0 {
+            return "0ms".into();
+        }
+        format!("{us}us")
     }
 }
 
@@ -555,6 +566,11 @@ mod tests {
         assert_eq!(c.answer_budget_total, 64 << 20);
         c.set_limit("auth_timeout", "1500ms").unwrap();
         assert_eq!(c.auth_timeout, Duration::from_millis(1500));
+        c.set_limit("writer_linger", "250us").unwrap();
+        assert_eq!(c.writer_linger, Duration::from_micros(250));
+        assert_eq!(show::time(&c.writer_linger), "250us");
+        assert_eq!(show::time(&Duration::from_micros(1500)), "1500us");
+        assert_eq!(show::time(&Duration::ZERO), "0ms");
         c.set_limit("max_connections_per_user", "3").unwrap();
         assert_eq!(c.max_connections_per_user, 3);
         assert!(c.set_limit("max_frame", "12 parsecs").is_err());

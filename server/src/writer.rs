@@ -32,7 +32,7 @@ type Reply = oneshot::Sender<(Result<Vec<u64>, StoreError>, Busy)>;
 enum Msg {
     /// A write, with the mark of the task's last answer (dropped once the
     /// write is taken).
-    Write(GroupWrite, Reply, Option<Busy>),
+    Write(Box<GroupWrite>, Reply, Option<Busy>),
     /// The last busy task went idle: stop waiting.
     Idle,
 }
@@ -109,7 +109,7 @@ impl Writer {
                         continue;
                     };
                     drop(mark);
-                    batch.push((w, reply));
+                    batch.push((*w, reply));
                     gather(&rx, &count, linger, &mut batch);
                     commit(&*store, std::mem::take(&mut batch), &count, &wake);
                 }
@@ -134,7 +134,11 @@ impl Writer {
         let (reply, rx) = oneshot::channel();
         let stopped = || StoreError::Io("writer stopped".into());
         let idle = || Busy::new(&self.busy, &self.tx);
-        if self.tx.send(Msg::Write(write, reply, done)).is_err() {
+        if self
+            .tx
+            .send(Msg::Write(Box::new(write), reply, done))
+            .is_err()
+        {
             return (Err(stopped()), idle());
         }
         rx.await.unwrap_or_else(|_| (Err(stopped()), idle()))
@@ -153,7 +157,7 @@ fn gather(
     let take = |m: Msg, batch: &mut Vec<_>| {
         if let Msg::Write(w, reply, mark) = m {
             drop(mark);
-            batch.push((w, reply));
+            batch.push((*w, reply));
         }
     };
     loop {

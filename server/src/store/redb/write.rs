@@ -92,11 +92,17 @@ impl RedbStore {
         }
         if !w.entries.is_empty() {
             let mut t = txn.open_table(LOG).map_err(err)?;
-            let mut large = txn.open_table(LOG_LARGE).map_err(err)?;
+            // Opened only when needed: an open table is written back.
+            let mut large = None;
             for e in &w.entries {
                 let v = enc(e);
                 if v.len() > LARGE_ENTRY {
-                    large.insert((gid, e.seq), v.as_slice()).map_err(err)?;
+                    if large.is_none() {
+                        large = Some(txn.open_table(LOG_LARGE).map_err(err)?);
+                    }
+                    if let Some(large) = &mut large {
+                        large.insert((gid, e.seq), v.as_slice()).map_err(err)?;
+                    }
                     t.insert((gid, e.seq), [].as_slice()).map_err(err)?;
                 } else {
                     t.insert((gid, e.seq), v.as_slice()).map_err(err)?;
@@ -127,10 +133,16 @@ impl RedbStore {
         }
         if let Some(upto) = w.compact_upto {
             let mut log = txn.open_table(LOG).map_err(err)?;
-            let mut large = txn.open_table(LOG_LARGE).map_err(err)?;
+            let mut large_seqs = Vec::new();
             for seq in old_compacted + 1..=upto {
                 let gone = log.remove((gid, seq)).map_err(err)?;
                 if gone.is_some_and(|v| v.value().is_empty()) {
+                    large_seqs.push(seq);
+                }
+            }
+            if !large_seqs.is_empty() {
+                let mut large = txn.open_table(LOG_LARGE).map_err(err)?;
+                for seq in large_seqs {
                     large.remove((gid, seq)).map_err(err)?;
                 }
             }
