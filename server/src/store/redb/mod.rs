@@ -17,6 +17,7 @@ use super::*;
 
 mod devices;
 mod inbox;
+mod log;
 mod write;
 
 use inbox::{inbox_head, InboxTables, StoredInboxItem};
@@ -31,21 +32,6 @@ const KP_LAST: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kp_last_
 const GROUPS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("groups");
 
 const GROUP_STATE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("group_state");
-
-const LOG: TableDefinition<'_, (&[u8], u64), &[u8]> = TableDefinition::new("log");
-
-/// Log entries whose encoding is longer than [`LARGE_ENTRY`] (commits that
-/// carry a path or many proposals, large messages), keyed like [`LOG`],
-/// which holds an empty value in their place. A value of a page or more
-/// sits alone in its leaf, and redb then starts a new leaf for every entry
-/// appended after it in the same group (measured with redb 2.6: each
-/// 426-byte message after a 6 KB commit took a 4 KiB page of its own, and
-/// a commit of ten groups wrote 2.5 times the bytes). Kept apart, the
-/// small entries of a group share their leaves.
-const LOG_LARGE: TableDefinition<'_, (&[u8], u64), &[u8]> = TableDefinition::new("log_large");
-
-/// Log entries encoded longer than this go to [`LOG_LARGE`].
-const LARGE_ENTRY: usize = 1024;
 
 const MEMBERS: TableDefinition<'_, (&[u8], &str), &[u8]> = TableDefinition::new("members");
 
@@ -86,8 +72,8 @@ const GROUP_INFO: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("grou
 /// an append; the log's newest entry is the head. Version 1 data (the row
 /// always current) reads the same and is marked 2 on open; a build that
 /// reads only 1 refuses version 2 instead of trusting a stale head.
-/// 3: large log entries live in [`LOG_LARGE`] (an empty value in [`LOG`]).
-/// Version 1 and 2 data (every entry in [`LOG`]) reads the same and is
+/// 3: large log entries live in [`log::LOG_LARGE`] (an empty value in
+/// [`log::LOG`]). Version 1 and 2 data (every entry in `log`) reads the same and is
 /// marked 3 on open; a build that reads only 2 refuses version 3.
 const SCHEMA_VERSION: u64 = 3;
 
@@ -173,8 +159,8 @@ impl RedbStore {
             txn.open_table(KP_LAST).map_err(err)?;
             txn.open_table(GROUPS).map_err(err)?;
             txn.open_table(GROUP_STATE).map_err(err)?;
-            txn.open_table(LOG).map_err(err)?;
-            txn.open_table(LOG_LARGE).map_err(err)?;
+            txn.open_table(log::LOG).map_err(err)?;
+            txn.open_table(log::LOG_LARGE).map_err(err)?;
             txn.open_table(MEMBERS).map_err(err)?;
             txn.open_table(USER_GROUPS).map_err(err)?;
             txn.open_table(INBOX).map_err(err)?;
@@ -496,30 +482,7 @@ impl Store for RedbStore {
         if after >= until {
             return Ok(Vec::new());
         }
-        let txn = self.read()?;
-        let t = txn.open_table(LOG).map_err(err)?;
-        let large = txn.open_table(LOG_LARGE).map_err(err)?;
-        let gid = group.as_bytes().as_slice();
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for row in t.range((gid, after + 1)..=(gid, until)).map_err(err)? {
-            if out.len() >= limit as usize || bytes >= MAX_PAGE_BYTES {
-                break;
-            }
-            let (k, v) = row.map_err(err)?;
-            let e: LogEntry = if v.value().is_empty() {
-                let seq = k.value().1;
-                let v = large.get((gid, seq)).map_err(err)?.ok_or_else(|| {
-                    StoreError::Corrupt(format!("log entry {seq} of {group} is missing"))
-                })?;
-                dec(v.value(), "log entry")?
-            } else {
-                dec(v.value(), "log entry")?
-            };
-            bytes += e.data.len();
-            out.push(e);
-        }
-        Ok(out)
+        log::read(&self.read()?, group, after, until, limit)
     }
 
     fn delete_inbox(&self, user: &str, upto: u64) -> Result<(), StoreError> {

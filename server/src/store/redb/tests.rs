@@ -3,6 +3,7 @@
 use super::*;
 use ::redb::ReadableTableMetadata as _;
 use huddle_core::proto::EntryKind;
+use log::{LOG, LOG_LARGE};
 
 fn set_version(path: &Path, v: u64) {
     let db = Database::create(path).unwrap();

@@ -7,9 +7,9 @@ use bytes::Bytes;
 use huddle_core::GroupId;
 
 use super::{
-    closed, dec, dec_member, enc, err, GroupMeta, GroupWrite, InboxTables, RedbStore, StoreError,
-    StoredGroup, StoredInboxItem, GROUPS, GROUP_INFO, GROUP_STATE, LARGE_ENTRY, LOG, LOG_LARGE,
-    MEMBERS, TREES, USER_GROUPS,
+    closed, dec, dec_member, enc, err, log, GroupMeta, GroupWrite, InboxTables, RedbStore,
+    StoreError, StoredGroup, StoredInboxItem, GROUPS, GROUP_INFO, GROUP_STATE, MEMBERS, TREES,
+    USER_GROUPS,
 };
 
 impl RedbStore {
@@ -60,7 +60,7 @@ impl RedbStore {
             let old_head = match &old_meta {
                 Some(m) => m
                     .head
-                    .max(last_seq(&txn.open_table(LOG).map_err(err)?, gid)?),
+                    .max(log::last_seq(&txn.open_table(log::LOG).map_err(err)?, gid)?),
                 None => 0,
             };
             old_compacted = old_meta.as_ref().map_or(0, |m| m.compacted);
@@ -91,23 +91,7 @@ impl RedbStore {
             t.insert(gid, state.as_slice()).map_err(err)?;
         }
         if !w.entries.is_empty() {
-            let mut t = txn.open_table(LOG).map_err(err)?;
-            // Opened only when needed: an open table is written back.
-            let mut large = None;
-            for e in &w.entries {
-                let v = enc(e);
-                if v.len() > LARGE_ENTRY {
-                    if large.is_none() {
-                        large = Some(txn.open_table(LOG_LARGE).map_err(err)?);
-                    }
-                    if let Some(large) = &mut large {
-                        large.insert((gid, e.seq), v.as_slice()).map_err(err)?;
-                    }
-                    t.insert((gid, e.seq), [].as_slice()).map_err(err)?;
-                } else {
-                    t.insert((gid, e.seq), v.as_slice()).map_err(err)?;
-                }
-            }
+            log::append(txn, gid, &w.entries)?;
         }
         if !w.members.is_empty() {
             let mut m = txn.open_table(MEMBERS).map_err(err)?;
@@ -132,20 +116,7 @@ impl RedbStore {
             t.insert(gid, v.as_slice()).map_err(err)?;
         }
         if let Some(upto) = w.compact_upto {
-            let mut log = txn.open_table(LOG).map_err(err)?;
-            let mut large_seqs = Vec::new();
-            for seq in old_compacted + 1..=upto {
-                let gone = log.remove((gid, seq)).map_err(err)?;
-                if gone.is_some_and(|v| v.value().is_empty()) {
-                    large_seqs.push(seq);
-                }
-            }
-            if !large_seqs.is_empty() {
-                let mut large = txn.open_table(LOG_LARGE).map_err(err)?;
-                for seq in large_seqs {
-                    large.remove((gid, seq)).map_err(err)?;
-                }
-            }
+            log::compact(txn, gid, old_compacted + 1, upto)?;
             // Trees of commits before the floor: their joiners have moved on.
             let mut trees = txn.open_table(TREES).map_err(err)?;
             let old: Vec<u64> = trees
@@ -196,20 +167,6 @@ impl RedbStore {
     }
 }
 
-/// The sequence number of the newest log entry of `gid`, 0 if none.
-pub(super) fn last_seq<T: ReadableTable<(&'static [u8], u64), &'static [u8]>>(
-    log: &T,
-    gid: &[u8],
-) -> Result<u64, StoreError> {
-    Ok(log
-        .range((gid, 0)..=(gid, u64::MAX))
-        .map_err(err)?
-        .next_back()
-        .transpose()
-        .map_err(err)?
-        .map_or(0, |(k, _)| k.value().1))
-}
-
 /// Group `id`, whose row holds `meta`, as stored: facts (with the true
 /// head), public state and member records.
 pub(super) fn stored_group(
@@ -219,10 +176,10 @@ pub(super) fn stored_group(
 ) -> Result<StoredGroup, StoreError> {
     let states = txn.open_table(GROUP_STATE).map_err(err)?;
     let members = txn.open_table(MEMBERS).map_err(err)?;
-    let log = txn.open_table(LOG).map_err(err)?;
+    let log = txn.open_table(log::LOG).map_err(err)?;
     let mut meta: GroupMeta = dec(meta, "group meta")?;
     let gid = id.as_bytes().as_slice();
-    meta.head = meta.head.max(last_seq(&log, gid)?);
+    meta.head = meta.head.max(log::last_seq(&log, gid)?);
     let state = states
         .get(gid)
         .map_err(err)?
