@@ -293,6 +293,9 @@ impl Actor {
         seq: u64,
         changes: &mut Changes,
     ) -> Result<(), ErrorBody> {
+        // Milliseconds of work for a large group: the writer must not wait
+        // for this task's write meanwhile.
+        self.busy = None;
         let mls = self.mls.take().expect("mls state present");
         // The blocking step reads identity keys from the store.
         let store = self.shared.store.clone();
