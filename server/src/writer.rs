@@ -89,14 +89,10 @@ impl std::fmt::Debug for Msg {
 }
 
 impl Writer {
-    /// Starts the writer thread over `store`. It stops when every handle is
-    /// dropped, after finishing the writes it has taken.
-    pub fn start(store: Arc<dyn Store>) -> Self {
-        Self::start_with(store, LINGER)
-    }
-
-    /// [`Writer::start`] waiting at most `linger` for busy tasks.
-    pub fn start_with(store: Arc<dyn Store>, linger: Duration) -> Self {
+    /// Starts the writer thread over `store`, waiting at most `linger` for
+    /// busy tasks (`writer_linger`, default [`LINGER`]). It stops when every
+    /// handle is dropped, after finishing the writes it has taken.
+    pub fn start(store: Arc<dyn Store>, linger: Duration) -> Self {
         let (tx, rx) = mpsc::channel::<Msg>();
         let busy = Arc::new(AtomicUsize::new(0));
         let (count, wake) = (busy.clone(), tx.clone());
@@ -248,7 +244,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RedbStore::open(&dir.path().join("db.redb")).unwrap());
         // An hour: a wait that did not end on the task's word would hang.
-        let w = Writer::start_with(store, Duration::from_secs(3600));
+        let w = Writer::start(store, Duration::from_secs(3600));
         let (a, b) = (GroupId([1; 16]), GroupId([2; 16]));
         let (r, busy_a) = w
             .write_next(GroupWrite::create(a, "alice", 0, vec![1]), None)

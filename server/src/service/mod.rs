@@ -83,7 +83,7 @@ impl Service {
         let hub = Arc::new(Hub::default());
         let shared = Shared {
             store: store.clone(),
-            writer: Writer::start_with(store.clone(), config.writer_linger),
+            writer: Writer::start(store.clone(), config.writer_linger),
             inboxes: hub.clone(),
             config: config.clone(),
             tail_bytes: Arc::default(),
