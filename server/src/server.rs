@@ -567,8 +567,19 @@ async fn handle_stream(
             groups,
             inbox_after,
         } => {
-            if let Err(e) = push::run(svc, session, send, recv, groups, inbox_after, shutdown).await
-            {
+            // Boxed, as are the media arms: long-lived and large, they
+            // would otherwise make every request's task as large as they
+            // are, copied on each spawn and each finish.
+            let run = Box::pin(push::run(
+                svc,
+                session,
+                send,
+                recv,
+                groups,
+                inbox_after,
+                shutdown,
+            ));
+            if let Err(e) = run.await {
                 if matches!(e, quinn::WriteError::Stopped(c) if c == quinn::VarInt::from_u32(close::STALLED))
                 {
                     warn!("push stream stalled; closing the connection");
@@ -576,9 +587,14 @@ async fn handle_stream(
                 }
             }
         }
-        Request::BeginUpload(u) => media::upload(&svc, &blobs, &session, u, send, recv).await,
+        Request::BeginUpload(u) => {
+            Box::pin(media::upload(&svc, &blobs, &session, u, send, recv)).await
+        }
         Request::Download { media, offset, len } => {
-            media::download(&svc, &blobs, &session, media, offset, len, send).await
+            Box::pin(media::download(
+                &svc, &blobs, &session, media, offset, len, send,
+            ))
+            .await
         }
         other => {
             let deadline = svc.config().answer_write_timeout;
