@@ -31,6 +31,13 @@ run fanout --members 500 --senders 1 --duration 5
 # message, as posts are: what the many-group shape costs the path itself.
 run fanout --groups 10 --members 50 --senders 1 --full 0 --duration 5 --rate 7000 --relay-streams
 run fanout --members 500 --senders 1 --full 0 --duration 5 --rate 700 --relay-streams
+# Asked for more than this machine carries: what the DS gets out beside
+# what raw quinn gets out with a stream per message, and with each frame
+# also written durably through the DS's own store and writer (the floor of
+# the path: transport and durable write, none of the DS's checks).
+run fanout --groups 100 --members 10 --senders 1 --full 0 --duration 5 --rate 45000 --relay-streams
+run fanout --groups 100 --members 10 --senders 1 --full 0 --duration 5 --rate 45000 --relay-durable
+run fanout --groups 10 --members 50 --senders 1 --full 0 --duration 5 --rate 30000 --relay-durable
 # Storage written per message against group size alone: the same low rate
 # at 10 and at 1,000 members, one sender, so every message is its own
 # commit at both sizes (with two senders, how often their messages share a

@@ -27,6 +27,11 @@
 //! - `Q` + u32 group, then one frame until FIN: the same for one frame,
 //!   answered with one byte once it is queued for forwarding: a stream per
 //!   message, as posts to the DS are.
+//! - `W` + u32 group, then one frame until FIN: as `Q`, but the frame is
+//!   first appended to its group's log through the DS's own store and
+//!   writer (redb, `Durability::Immediate`, one transaction for whatever
+//!   arrived meanwhile), then answered and forwarded: the DS's transport
+//!   and durable write with none of its checks, sequencing or push logic.
 
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader};
@@ -40,7 +45,7 @@ use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::light::now_ns;
 
@@ -98,7 +103,8 @@ pub async fn serve(cert_out: &Path, max_payload: u16) -> anyhow::Result<()> {
         Arc::new(quinn::TokioRuntime),
     )?;
     println!("raw peer listening on {}", endpoint.local_addr()?);
-    let relay = Relay::start();
+    let dir = cert_out.parent().context("cert path")?;
+    let relay = Relay::start(dir.join("relay.redb"));
     while let Some(inc) = endpoint.accept().await {
         let relay = relay.clone();
         tokio::spawn(async move {
@@ -116,20 +122,46 @@ pub async fn serve(cert_out: &Path, max_payload: u16) -> anyhow::Result<()> {
 #[derive(Clone)]
 struct Relay {
     subscribers: Arc<Mutex<HashMap<u32, Vec<mpsc::Sender<bytes::Bytes>>>>>,
-    incoming: mpsc::UnboundedSender<(u32, bytes::Bytes)>,
+    incoming: mpsc::UnboundedSender<Incoming>,
 }
 
+/// A frame for a group, and for a durable one (`W`) where to say it is on
+/// disk.
+type Incoming = (u32, bytes::Bytes, Option<oneshot::Sender<()>>);
+
 impl Relay {
-    fn start() -> Self {
+    /// The relay; durable frames go to a store at `path`, opened when the
+    /// first arrives.
+    fn start(path: std::path::PathBuf) -> Self {
         let subscribers: Arc<Mutex<HashMap<u32, Vec<mpsc::Sender<bytes::Bytes>>>>> = Arc::default();
-        let (incoming, mut rx) = mpsc::unbounded_channel::<(u32, bytes::Bytes)>();
+        let (incoming, mut rx) = mpsc::unbounded_channel::<Incoming>();
         let subs = subscribers.clone();
         tokio::spawn(async move {
             let mut got = Vec::new();
+            let mut log: Option<DurableLog> = None;
             while rx.recv_many(&mut got, 256).await > 0 {
+                if got.iter().any(|(_, _, ack)| ack.is_some()) {
+                    if log.is_none() {
+                        match DurableLog::open(&path) {
+                            Ok(l) => log = Some(l),
+                            Err(e) => {
+                                eprintln!("relay store: {e}");
+                                return;
+                            }
+                        }
+                    }
+                    let Some(l) = log.as_mut() else { return };
+                    if let Err(e) = l.append(&got).await {
+                        eprintln!("relay store: {e}");
+                        return;
+                    }
+                }
                 let mut rounds: HashMap<u32, bytes::BytesMut> = HashMap::new();
-                for (g, f) in got.drain(..) {
+                for (g, f, ack) in got.drain(..) {
                     rounds.entry(g).or_default().extend_from_slice(&f);
+                    if let Some(ack) = ack {
+                        let _ = ack.send(());
+                    }
                 }
                 let mut subs = subs.lock().expect("relay");
                 for (g, round) in rounds {
@@ -151,6 +183,75 @@ impl Relay {
             subscribers,
             incoming,
         }
+    }
+}
+
+/// The durable relay's logs: one group of the DS's store per relay group,
+/// written through the DS's writer.
+struct DurableLog {
+    writer: huddle_server::writer::Writer,
+    /// Per relay group: its id, when it was created and its head (a write
+    /// that changes only the head leaves the group's row alone, as the
+    /// DS's do).
+    heads: HashMap<u32, (huddle_core::GroupId, u64, u64)>,
+}
+
+impl DurableLog {
+    fn open(path: &Path) -> anyhow::Result<Self> {
+        let store = huddle_server::store::redb::RedbStore::open(path)?;
+        Ok(Self {
+            writer: huddle_server::writer::Writer::start(
+                Arc::new(store),
+                huddle_server::writer::LINGER,
+            ),
+            heads: HashMap::new(),
+        })
+    }
+
+    /// Appends the durable frames of `got`, each group's as one write, all
+    /// handed to the writer at once (so they share a transaction).
+    async fn append(&mut self, got: &[Incoming]) -> anyhow::Result<()> {
+        use huddle_server::store::GroupWrite;
+        let now = crate::light::now_ns() / 1_000_000;
+        let mut writes: HashMap<u32, GroupWrite> = HashMap::new();
+        for (g, f, ack) in got {
+            if ack.is_none() {
+                continue;
+            }
+            if !self.heads.contains_key(g) {
+                let mut id = [0u8; 16];
+                id[..4].copy_from_slice(&g.to_be_bytes());
+                let id = huddle_core::GroupId(id);
+                self.writer
+                    .write(GroupWrite::create(id, "relay", now, Vec::new()))
+                    .await?;
+                self.heads.insert(*g, (id, now, 0));
+            }
+            let (id, created, head) = self.heads.get_mut(g).context("relay group")?;
+            *head += 1;
+            let w = writes.entry(*g).or_insert_with(|| {
+                let mut w = GroupWrite::create(*id, "relay", *created, Vec::new());
+                w.create = false;
+                w.state = None;
+                w.members.clear();
+                w
+            });
+            w.meta.head = *head;
+            w.entries.push(huddle_core::proto::LogEntry {
+                seq: *head,
+                epoch: 0,
+                kind: huddle_core::proto::EntryKind::Application,
+                timestamp_ms: now,
+                data: f.clone(),
+            });
+        }
+        let results =
+            futures_util::future::join_all(writes.into_values().map(|w| self.writer.write(w)))
+                .await;
+        for r in results {
+            r?;
+        }
+        Ok(())
     }
 }
 
@@ -249,7 +350,7 @@ async fn handle(
                 }
                 let _ = relay
                     .incoming
-                    .send((group, pending.split_to(whole).freeze()));
+                    .send((group, pending.split_to(whole).freeze(), None));
             }
             send.finish()?;
         }
@@ -259,7 +360,20 @@ async fn handle(
             let frame = recv.read_to_end(1 << 20).await?;
             let _ = relay
                 .incoming
-                .send((u32::from_be_bytes(g), bytes::Bytes::from(frame)));
+                .send((u32::from_be_bytes(g), bytes::Bytes::from(frame), None));
+            send.write_all(b"k").await?;
+            send.finish()?;
+        }
+        b'W' => {
+            let mut g = [0u8; 4];
+            recv.read_exact(&mut g).await?;
+            let frame = recv.read_to_end(1 << 20).await?;
+            let (ack, written) = oneshot::channel();
+            let _ =
+                relay
+                    .incoming
+                    .send((u32::from_be_bytes(g), bytes::Bytes::from(frame), Some(ack)));
+            written.await.context("the relay's store failed")?;
             send.write_all(b"k").await?;
             send.finish()?;
         }
@@ -491,7 +605,9 @@ impl RawPeer {
             conns,
             senders,
             streams,
+            durable,
         } = shape;
+        let op = if durable { b'W' } else { b'Q' };
         let groups = groups.max(1);
         let frame = frame.max(8);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -562,7 +678,7 @@ impl RawPeer {
                     while Instant::now() < end {
                         tokio::time::sleep_until(next.into()).await;
                         next += interval;
-                        let mut req = vec![b'Q'];
+                        let mut req = vec![op];
                         req.extend_from_slice(&group);
                         req.extend_from_slice(&now_ns().to_be_bytes());
                         req.resize(5 + frame, 0);
@@ -602,6 +718,7 @@ impl RawPeer {
         for t in sender_tasks {
             sent += t.await??;
         }
+        let send_s = start.0.elapsed().as_secs_f64();
         let expected = sent * conns as u64;
         // Wait for the relay to drain, as the fan-out scenario does.
         let wait_start = Instant::now();
@@ -628,6 +745,8 @@ impl RawPeer {
             latency,
             delivered: delivered.load(std::sync::atomic::Ordering::Relaxed),
             expected,
+            sent,
+            send_s,
             wall_s,
             cpu_s,
             datagrams,
@@ -647,6 +766,9 @@ pub struct RelayShape {
     /// A stream per message, answered once relayed (as posts to the DS
     /// are); otherwise one stream per sender.
     pub streams: bool,
+    /// With `streams`: each frame appended durably to its group's log
+    /// through the DS's store and writer before it is answered (`W`).
+    pub durable: bool,
 }
 
 /// What [`RawPeer::relay`] measured.
@@ -658,6 +780,10 @@ pub struct RelayResult {
     pub delivered: u64,
     /// `sent` times subscribers.
     pub expected: u64,
+    /// Frames the senders sent.
+    pub sent: u64,
+    /// Seconds from the first send until the last sender was answered.
+    pub send_s: f64,
     /// Seconds from the first send until the subscribers drained.
     pub wall_s: f64,
     /// The relay process's CPU seconds in that time.

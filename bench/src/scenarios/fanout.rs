@@ -59,6 +59,12 @@ pub struct Params {
     /// sender, the cheapest raw quinn can relay).
     #[arg(long)]
     pub relay_streams: bool,
+    /// With `--rate`: as `--relay-streams`, and the relay appends each
+    /// frame to its group's log through the DS's own store and writer
+    /// (durable before it is answered and forwarded): the transport and
+    /// the durable write the DS pays, without its checks and sequencing.
+    #[arg(long)]
+    pub relay_durable: bool,
     #[command(flatten)]
     pub target: Target,
     /// With `--nodes N`, the senders connect to the first node, the light
@@ -340,7 +346,8 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
                         groups: p.groups,
                         conns: (receivers / p.groups.max(1)).max(1),
                         senders: p.senders,
-                        streams: p.relay_streams,
+                        streams: p.relay_streams || p.relay_durable,
+                        durable: p.relay_durable,
                     },
                     frame,
                     rate,
@@ -412,6 +419,10 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             .set_opt(
                 "baseline_relay_cpu_us_per_delivery",
                 relay.cpu_s.map(|c| c * 1e6 / relay.delivered.max(1) as f64),
+            )
+            .set(
+                "baseline_relay_sent_per_sec",
+                relay.sent as f64 / relay.send_s.max(1e-9),
             )
             .set(
                 "baseline_relay_datagrams_per_sec",
@@ -498,8 +509,9 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     r.note("from_ds_p*: from the DS's timestamp of an entry (its sequencer accepted it; wall clock, ms) to receipt: the durable commit, push spacing, transport and receiving; the rest of the latency is the sender's request reaching the sequencer");
     r.note("server_cpu_cores, machine_busy_share, machine_steal_share, push_datagrams_per_sec: from the first send until the pushes drained; push datagrams are the UDP datagrams the light members received, member datagrams those they sent (QUIC ACKs, acks); so DS cost per datagram = server_cpu_cores / push_datagrams_per_sec");
     if relay.is_some() {
-        r.set("baseline_relay_streams", p.relay_streams);
-        r.note("baseline_p*: raw quinn relaying frames of the same size at the same rate from as many senders to as many connections, each frame to the connections of its group (one process forwarding each frame as it arrives: no storage, no ordering, no checks); baseline_relay_streams: each frame on a stream of its own, answered once queued, as posts to the DS are (otherwise one stream per sender); p99_ratio = p99 / baseline_p99; server_cpu_ratio_to_relay = the DS's CPU per delivery / the relay's");
+        r.set("baseline_relay_streams", p.relay_streams || p.relay_durable);
+        r.set("baseline_relay_durable", p.relay_durable);
+        r.note("baseline_p*: raw quinn relaying frames of the same size at the same rate from as many senders to as many connections, each frame to the connections of its group (one process forwarding each frame as it arrives: no storage, no ordering, no checks); baseline_relay_streams: each frame on a stream of its own, answered once queued, as posts to the DS are (otherwise one stream per sender); baseline_relay_durable: each frame also appended to its group's log through the DS's store and writer before it is answered and forwarded; baseline_relay_sent_per_sec: frames the relay's senders got out per second of sending; p99_ratio = p99 / baseline_p99; server_cpu_ratio_to_relay = the DS's CPU per delivery / the relay's");
     }
     out.emit(&r);
     out.plot(
