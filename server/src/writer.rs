@@ -35,6 +35,10 @@ enum Msg {
     Write(Box<GroupWrite>, Reply, Option<Busy>),
     /// The last busy task went idle: stop waiting.
     Idle,
+    /// The last [`Writer`] handle is gone: finish and end the thread. (Its
+    /// channel never closes by itself: the thread and every [`Busy`] mark
+    /// hold a sender, to wake it.)
+    Stop,
 }
 
 /// Most writes combined into one transaction.
@@ -51,6 +55,18 @@ pub const LINGER: Duration = Duration::from_micros(500);
 pub struct Writer {
     tx: mpsc::Sender<Msg>,
     busy: Arc<AtomicUsize>,
+    /// Shared by every handle; the last one dropped stops the thread.
+    _stop: Arc<StopOnDrop>,
+}
+
+/// Sends [`Msg::Stop`] when dropped.
+#[derive(Debug)]
+struct StopOnDrop(mpsc::Sender<Msg>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(Msg::Stop);
+    }
 }
 
 /// A task answered by the writer that may hand in another write soon;
@@ -84,6 +100,7 @@ impl std::fmt::Debug for Msg {
         f.write_str(match self {
             Msg::Write(..) => "Write",
             Msg::Idle => "Idle",
+            Msg::Stop => "Stop",
         })
     }
 }
@@ -91,7 +108,8 @@ impl std::fmt::Debug for Msg {
 impl Writer {
     /// Starts the writer thread over `store`, waiting at most `linger` for
     /// busy tasks (`writer_linger`, default [`LINGER`]). It stops when every
-    /// handle is dropped, after finishing the writes it has taken.
+    /// handle is dropped, after finishing the writes handed in before (and
+    /// then drops `store`).
     pub fn start(store: Arc<dyn Store>, linger: Duration) -> Self {
         let (tx, rx) = mpsc::channel::<Msg>();
         let busy = Arc::new(AtomicUsize::new(0));
@@ -100,18 +118,27 @@ impl Writer {
             .name("huddle-writer".into())
             .spawn(move || {
                 let mut batch = Vec::with_capacity(MAX_BATCH);
-                while let Ok(m) = rx.recv() {
-                    let Msg::Write(w, reply, mark) = m else {
-                        continue;
-                    };
-                    drop(mark);
-                    batch.push((*w, reply));
-                    gather(&rx, &count, linger, &mut batch);
+                let mut stop = false;
+                while !stop {
+                    let Ok(m) = rx.recv() else { break };
+                    match m {
+                        Msg::Write(w, reply, mark) => {
+                            drop(mark);
+                            batch.push((*w, reply));
+                        }
+                        Msg::Idle => continue,
+                        Msg::Stop => break,
+                    }
+                    stop = gather(&rx, &count, linger, &mut batch);
                     commit(&*store, std::mem::take(&mut batch), &count, &wake);
                 }
             })
             .expect("spawning the writer thread");
-        Self { tx, busy }
+        Self {
+            _stop: Arc::new(StopOnDrop(tx.clone())),
+            tx,
+            busy,
+        }
     }
 
     /// Applies `write` durably, together with whatever else is waiting.
@@ -142,33 +169,46 @@ impl Writer {
 }
 
 /// Adds to `batch` what is waiting, then what the busy tasks hand in
-/// within `linger`.
+/// within `linger`. True when the last handle is gone (nothing more can
+/// come).
 fn gather(
     rx: &mpsc::Receiver<Msg>,
     busy: &AtomicUsize,
     linger: Duration,
     batch: &mut Vec<(GroupWrite, Reply)>,
-) {
+) -> bool {
     let deadline = Instant::now() + linger;
-    let take = |m: Msg, batch: &mut Vec<_>| {
-        if let Msg::Write(w, reply, mark) = m {
+    // True on Stop.
+    let take = |m: Msg, batch: &mut Vec<_>| match m {
+        Msg::Write(w, reply, mark) => {
             drop(mark);
             batch.push((*w, reply));
+            false
         }
+        Msg::Idle => false,
+        Msg::Stop => true,
     };
     loop {
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(m) => take(m, batch),
+                Ok(m) => {
+                    if take(m, batch) {
+                        return true;
+                    }
+                }
                 Err(_) => break,
             }
         }
         if batch.len() >= MAX_BATCH || busy.load(Ordering::Acquire) == 0 {
-            return;
+            return false;
         }
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(m) => take(m, batch),
-            Err(_) => return,
+            Ok(m) => {
+                if take(m, batch) {
+                    return true;
+                }
+            }
+            Err(_) => return false,
         }
     }
 }
@@ -234,6 +274,41 @@ mod tests {
             data: bytes::Bytes::from_static(b"hi"),
         }];
         w
+    }
+
+    /// The thread ends, and lets go of the store, once the last handle is
+    /// dropped, even while a task still holds the mark of its last answer
+    /// (each mark holds a sender to the thread, and so does the thread).
+    #[tokio::test]
+    async fn the_writer_thread_ends_with_its_last_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("db.redb")).unwrap());
+        let w = Writer::start(store.clone(), LINGER);
+        let w2 = w.clone();
+        drop(w);
+        // One handle left: it still writes.
+        let g = GroupId([3; 16]);
+        let (r, busy) = w2
+            .write_next(GroupWrite::create(g, "alice", 0, vec![1]), None)
+            .await;
+        r.unwrap();
+        let held_while_busy = Arc::strong_count(&store);
+        assert!(
+            held_while_busy > 1,
+            "the thread holds the store while it runs"
+        );
+        drop(w2);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&store) > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the writer thread still holds the store 10 s after its last handle was dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(busy);
+        // What it wrote is there.
+        assert!(store.group(&g).unwrap().is_some());
     }
 
     /// A task the writer answered holds the next transaction back until it
