@@ -191,6 +191,20 @@ impl Out {
     }
 }
 
+/// Raises glibc's trim threshold from 128 KiB to 8 MiB. At 128 KiB a
+/// thread's heap gives memory back to the kernel as soon as that much lies
+/// free at its top, and takes it again for the next datagrams: a 1 GiB
+/// download took 20,000 to 67,000 page faults, each a fresh zeroed page.
+/// glibc raises the threshold by itself to twice the size of the largest
+/// mapped block freed so far (mallopt(3), M_MMAP_THRESHOLD); freeing one
+/// 4 MiB block does that without unsafe code. The cost is at most 8 MiB
+/// of freed memory kept per heap.
+fn keep_freed_heap() {
+    if cfg!(all(target_os = "linux", target_env = "gnu")) {
+        drop(std::hint::black_box(Vec::<u8>::with_capacity(4 << 20)));
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -205,6 +219,7 @@ fn main() -> ExitCode {
         // Colour codes only for a person's terminal, not in log files.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    keep_freed_heap();
     // Two workers: QUIC's packet work runs beside the command's own work
     // (sealing, hashing, file I/O) instead of taking turns with it.
     let runtime = match tokio::runtime::Builder::new_multi_thread()

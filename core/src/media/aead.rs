@@ -73,22 +73,38 @@ impl ChunkAead {
         aad: &[u8],
         buf: &mut Vec<u8>,
     ) -> Result<(), OpenFailed> {
-        let Some(plain_len) = buf.len().checked_sub(TAG_LEN) else {
-            buf.clear();
-            return Err(OpenFailed);
-        };
-        let opened = self.key.open_in_place(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad),
-            buf.as_mut_slice(),
-        );
-        match opened {
-            Ok(_) => {
+        match self.open_in_slice(nonce, aad, buf) {
+            Ok(plain_len) => {
                 buf.truncate(plain_len);
                 Ok(())
             }
-            Err(_) => {
+            Err(e) => {
                 buf.clear();
+                Err(e)
+            }
+        }
+    }
+
+    /// Authenticates and decrypts `buf` (`ciphertext || tag`) in place;
+    /// on success the plaintext is its first bytes, as many as returned.
+    /// On failure `buf` is zeroed, so no unauthenticated plaintext is left.
+    pub(crate) fn open_in_slice(
+        &self,
+        nonce: [u8; NONCE_LEN],
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<usize, OpenFailed> {
+        let Some(plain_len) = buf.len().checked_sub(TAG_LEN) else {
+            buf.fill(0);
+            return Err(OpenFailed);
+        };
+        match self
+            .key
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), buf)
+        {
+            Ok(_) => Ok(plain_len),
+            Err(_) => {
+                buf.fill(0);
                 Err(OpenFailed)
             }
         }

@@ -216,6 +216,27 @@ impl Opener {
         self.open_flagged(index, last, buf)
     }
 
+    /// [`Opener::open_chunk_in_place`] on a slice (a sealed chunk where it
+    /// already lies, such as a file's write buffer): returns the length of
+    /// the plaintext, which starts the slice. On an integrity failure the
+    /// slice is zeroed.
+    pub fn open_chunk_in_slice(&self, index: u32, buf: &mut [u8]) -> Result<usize, MediaError> {
+        let layout = self.inner.header.layout();
+        let expected = layout.sealed_len(index)?;
+        if buf.len() != expected {
+            return Err(MediaError::ChunkLength {
+                index,
+                expected,
+                actual: buf.len(),
+            });
+        }
+        let last = index == layout.last_index();
+        self.inner
+            .aead
+            .open_in_slice(self.inner.nonce(index, last), &self.inner.aad, buf)
+            .map_err(|_| MediaError::Integrity { chunk: index })
+    }
+
     /// Opens with an explicit final-chunk flag, bypassing the layout checks.
     fn open_flagged(&self, index: u32, last: bool, buf: &mut Vec<u8>) -> Result<(), MediaError> {
         self.inner

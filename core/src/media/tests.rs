@@ -384,6 +384,45 @@ fn sealer_checks_index_flag_and_size() {
     );
 }
 
+/// Opening in a slice gives the same plaintext as opening in a `Vec`, and
+/// refuses the same chunks, leaving only zeros behind.
+#[test]
+fn opening_in_a_slice_matches_opening_in_place() {
+    let c = MIN as usize;
+    let plain = bytes(4, 2 * c + 5);
+    let h = header(1, 2, 3, MIN, plain.len() as u64);
+    let blob = seal_blob(&key(9), h, &plain).unwrap();
+    let chunks = sealed_chunks(h.layout(), &blob);
+    let opener = Opener::new(&key(9), h);
+    let mut out = Vec::new();
+    for (i, sealed) in chunks.iter().enumerate() {
+        let mut slice = sealed.clone();
+        let n = opener.open_chunk_in_slice(i as u32, &mut slice).unwrap();
+        out.extend_from_slice(&slice[..n]);
+    }
+    assert_eq!(out, plain);
+
+    let mut tampered = chunks[2].clone();
+    tampered[3] ^= 1;
+    assert_eq!(
+        opener.open_chunk_in_slice(2, &mut tampered),
+        Err(MediaError::Integrity { chunk: 2 })
+    );
+    assert!(
+        tampered.iter().all(|&b| b == 0),
+        "nothing decrypted is left"
+    );
+    let mut short = chunks[0][..c].to_vec();
+    assert_eq!(
+        opener.open_chunk_in_slice(0, &mut short),
+        Err(MediaError::ChunkLength {
+            index: 0,
+            expected: c + TAG_LEN,
+            actual: c
+        })
+    );
+}
+
 #[test]
 fn opener_checks_index_and_size_and_clears_on_failure() {
     let c = MIN as usize;

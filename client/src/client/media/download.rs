@@ -10,7 +10,9 @@ use huddle_core::{GroupId, MediaId};
 use huddle_io::{BlobFile, BlobReader};
 use std::path::{Path, PathBuf};
 
-use super::{check_download_answer, file_err, integrity, read_sealed, stalled, Progress};
+use super::{
+    check_download_answer, file_err, integrity, read_sealed, read_sealed_parts, stalled, Progress,
+};
 
 impl Client {
     /// Downloads, verifies and decrypts a media item to `out` (default: its
@@ -105,50 +107,57 @@ impl Client {
                 })
                 .await?;
             check_download_answer(&resp, &info)?;
-            // This task receives sealed chunks; a blocking worker hashes,
-            // opens and writes them (direct I/O, synced every SYNC_EVERY
-            // bytes), so the network, the crypto and the disk overlap on
-            // both cores with a few chunks in flight between them.
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, Vec<u8>)>(PIPELINE_DEPTH);
-            // Written buffers come back for the next chunks: fresh ones of
-            // a chunk's size would each cost page faults and zeroing.
-            let (spare_tx, spare_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIPELINE_DEPTH + 2);
+            // This task receives each sealed chunk as QUIC holds it (no
+            // copy); a blocking worker copies it into the blob's aligned
+            // write buffer, hashes and opens it there, and writes it (direct
+            // I/O, synced every SYNC_EVERY bytes), so the network, the crypto
+            // and the disk overlap on both cores with a few chunks in flight
+            // between them, and the plaintext is never copied.
+            let (tx, mut rx) =
+                tokio::sync::mpsc::channel::<(u32, Vec<bytes::Bytes>)>(PIPELINE_DEPTH);
             let worker = tokio::task::spawn_blocking(move || {
                 let (mut blob, mut hasher) = (blob, hasher);
                 let mut synced = blob.len();
                 let mut outcome: Result<()> = Ok(());
-                while let Some((i, mut buf)) = rx.blocking_recv() {
-                    hasher.update(&buf);
-                    if let Err(e) = opener.open_chunk_in_place(i, &mut buf) {
+                while let Some((i, parts)) = rx.blocking_recv() {
+                    let mut opened = Ok(0);
+                    let r = blob
+                        .write_gather_with(&parts, |sealed| {
+                            hasher.update(sealed);
+                            opened = opener.open_chunk_in_slice(i, sealed);
+                            // Nothing of a chunk that does not open is kept.
+                            *opened.as_ref().unwrap_or(&0)
+                        })
+                        .and_then(|()| {
+                            if blob.len() - synced >= SYNC_EVERY {
+                                synced = blob.sync()?;
+                            }
+                            Ok(())
+                        });
+                    if let Err(e) = opened {
                         outcome = Err(integrity(e));
                         break;
                     }
-                    let r = blob.write(&buf).and_then(|()| {
-                        if blob.len() - synced >= SYNC_EVERY {
-                            synced = blob.sync()?;
-                        }
-                        Ok(())
-                    });
                     if let Err(e) = r {
                         outcome = Err(ClientError::io("writing the download", e));
                         break;
                     }
-                    let _ = spare_tx.try_send(buf);
                 }
                 (blob, hasher, outcome)
             });
             let mut outcome: Result<()> = Ok(());
             for i in first..layout.chunk_count() {
                 let n = layout.sealed_len(i).map_err(integrity)?;
-                let mut buf = spare_rx.try_recv().unwrap_or_default();
-                buf.resize(n, 0);
-                let r = read_sealed(&mut recv, &mut buf, i, &self.settings.server).await;
-                if let Err(e) = r {
-                    outcome = Err(e);
-                    break;
-                }
+                let r = read_sealed_parts(&mut recv, n, i, &self.settings.server).await;
+                let parts = match r {
+                    Ok(p) => p,
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                };
                 let len = layout.plaintext_len(i).map_err(integrity)? as u64;
-                if tx.send((i, buf)).await.is_err() {
+                if tx.send((i, parts)).await.is_err() {
                     // The worker stopped; its outcome says why.
                     break;
                 }

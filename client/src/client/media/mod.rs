@@ -104,6 +104,30 @@ async fn read_sealed(
     })
 }
 
+/// Receives sealed chunk `i` of a download, `n` bytes, as the pieces QUIC
+/// holds it in (no copy).
+async fn read_sealed_parts(
+    recv: &mut quinn::RecvStream,
+    n: usize,
+    i: u32,
+    server: &str,
+) -> Result<Vec<bytes::Bytes>> {
+    let mut parts = Vec::new();
+    let mut got = 0;
+    while got < n {
+        let chunk = stalled(recv.read_chunk(n - got, true))
+            .await?
+            .map_err(|e| ClientError::Connect {
+                addr: server.to_owned(),
+                reason: e.to_string(),
+            })?
+            .ok_or_else(|| integrity(format!("the blob ends inside chunk {i} (truncated)")))?;
+        got += chunk.bytes.len();
+        parts.push(chunk.bytes);
+    }
+    Ok(parts)
+}
+
 fn integrity(e: impl std::fmt::Display) -> ClientError {
     ClientError::Integrity(e.to_string())
 }
