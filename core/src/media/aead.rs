@@ -64,6 +64,17 @@ impl ChunkAead {
         buf.extend_from_slice(tag.as_ref());
     }
 
+    /// Encrypts the first `buf.len() - TAG_LEN` bytes of `buf` in place and
+    /// writes the tag into its last [`TAG_LEN`] bytes.
+    pub(crate) fn seal_in_slice(&self, nonce: [u8; NONCE_LEN], aad: &[u8], buf: &mut [u8]) {
+        let (plain, tag_out) = buf.split_at_mut(buf.len() - TAG_LEN);
+        let tag: Tag = self
+            .key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), plain)
+            .expect("AES-GCM seals any input of at most 1 MiB");
+        tag_out.copy_from_slice(tag.as_ref());
+    }
+
     /// Authenticates and decrypts `buf` (`ciphertext || tag`) in place; on
     /// success `buf` is the plaintext. On failure `buf` is cleared, so no
     /// unauthenticated plaintext is ever left behind.

@@ -153,6 +153,45 @@ impl Sealer {
             .seal_in_place(self.inner.nonce(index, last), &self.inner.aad, buf);
         Ok(())
     }
+
+    /// [`Sealer::seal_chunk_in_place`] on a slice of exactly the sealed
+    /// chunk's length: the plaintext in all but its last [`TAG_LEN`]
+    /// bytes on entry, `ciphertext || tag` on success (so the caller
+    /// chooses where the chunk lies, for example at an aligned address).
+    ///
+    /// Fails, leaving `buf` untouched, as [`Sealer::seal_chunk_in_place`]
+    /// does; [`MediaError::ChunkLength`] names the plaintext lengths.
+    ///
+    /// [`TAG_LEN`]: super::TAG_LEN
+    pub fn seal_chunk_in_slice(
+        &self,
+        index: u32,
+        last: bool,
+        buf: &mut [u8],
+    ) -> Result<(), MediaError> {
+        let layout = self.inner.header.layout();
+        let expected = layout.plaintext_len(index)?;
+        let final_index = layout.last_index();
+        if last != (index == final_index) {
+            return Err(MediaError::LastFlag {
+                index,
+                last,
+                final_index,
+            });
+        }
+        let actual = buf.len().saturating_sub(super::TAG_LEN);
+        if buf.len() < super::TAG_LEN || actual != expected {
+            return Err(MediaError::ChunkLength {
+                index,
+                expected,
+                actual,
+            });
+        }
+        self.inner
+            .aead
+            .seal_in_slice(self.inner.nonce(index, last), &self.inner.aad, buf);
+        Ok(())
+    }
 }
 
 impl fmt::Debug for Sealer {

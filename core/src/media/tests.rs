@@ -384,6 +384,45 @@ fn sealer_checks_index_flag_and_size() {
     );
 }
 
+/// Sealing in a slice gives the bytes sealing in a `Vec` gives, and checks
+/// the same things.
+#[test]
+fn sealing_in_a_slice_matches_sealing_in_place() {
+    let c = MIN as usize;
+    let plain = bytes(6, 2 * c + 9);
+    let h = header(1, 2, 3, MIN, plain.len() as u64);
+    let blob = seal_blob(&key(9), h, &plain).unwrap();
+    let chunks = sealed_chunks(h.layout(), &blob);
+    let sealer = Sealer::new(&key(9), h);
+    for (i, piece) in plain.chunks(c).enumerate() {
+        let mut slice = piece.to_vec();
+        slice.resize(piece.len() + TAG_LEN, 0xee);
+        sealer
+            .seal_chunk_in_slice(i as u32, i == 2, &mut slice)
+            .unwrap();
+        assert_eq!(slice, chunks[i], "chunk {i}");
+    }
+    let mut short = vec![0u8; c + TAG_LEN - 1];
+    assert_eq!(
+        sealer.seal_chunk_in_slice(0, false, &mut short),
+        Err(MediaError::ChunkLength {
+            index: 0,
+            expected: c,
+            actual: c - 1
+        })
+    );
+    assert!(short.iter().all(|&b| b == 0), "left untouched");
+    let mut last = vec![0u8; 9 + TAG_LEN];
+    assert_eq!(
+        sealer.seal_chunk_in_slice(2, false, &mut last),
+        Err(MediaError::LastFlag {
+            index: 2,
+            last: false,
+            final_index: 2
+        })
+    );
+}
+
 /// Opening in a slice gives the same plaintext as opening in a `Vec`, and
 /// refuses the same chunks, leaving only zeros behind.
 #[test]
