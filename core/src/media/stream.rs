@@ -131,23 +131,7 @@ impl Sealer {
         last: bool,
         buf: &mut Vec<u8>,
     ) -> Result<(), MediaError> {
-        let layout = self.inner.header.layout();
-        let expected = layout.plaintext_len(index)?;
-        let final_index = layout.last_index();
-        if last != (index == final_index) {
-            return Err(MediaError::LastFlag {
-                index,
-                last,
-                final_index,
-            });
-        }
-        if buf.len() != expected {
-            return Err(MediaError::ChunkLength {
-                index,
-                expected,
-                actual: buf.len(),
-            });
-        }
+        self.check(index, last, buf.len())?;
         self.inner
             .aead
             .seal_in_place(self.inner.nonce(index, last), &self.inner.aad, buf);
@@ -169,6 +153,25 @@ impl Sealer {
         last: bool,
         buf: &mut [u8],
     ) -> Result<(), MediaError> {
+        match buf.len().checked_sub(super::TAG_LEN) {
+            Some(plain) => self.check(index, last, plain)?,
+            None => {
+                return Err(MediaError::ChunkLength {
+                    index,
+                    expected: self.inner.header.layout().plaintext_len(index)?,
+                    actual: 0,
+                })
+            }
+        }
+        self.inner
+            .aead
+            .seal_in_slice(self.inner.nonce(index, last), &self.inner.aad, buf);
+        Ok(())
+    }
+
+    /// Checks that chunk `index` exists, is final exactly when `last`, and
+    /// holds `plain_len` bytes of plaintext.
+    fn check(&self, index: u32, last: bool, plain_len: usize) -> Result<(), MediaError> {
         let layout = self.inner.header.layout();
         let expected = layout.plaintext_len(index)?;
         let final_index = layout.last_index();
@@ -179,17 +182,13 @@ impl Sealer {
                 final_index,
             });
         }
-        let actual = buf.len().saturating_sub(super::TAG_LEN);
-        if buf.len() < super::TAG_LEN || actual != expected {
+        if plain_len != expected {
             return Err(MediaError::ChunkLength {
                 index,
                 expected,
-                actual,
+                actual: plain_len,
             });
         }
-        self.inner
-            .aead
-            .seal_in_slice(self.inner.nonce(index, last), &self.inner.aad, buf);
         Ok(())
     }
 }
@@ -242,16 +241,7 @@ impl Opener {
     /// unauthenticated plaintext remains) when the chunk does not
     /// authenticate.
     pub fn open_chunk_in_place(&self, index: u32, buf: &mut Vec<u8>) -> Result<(), MediaError> {
-        let layout = self.inner.header.layout();
-        let expected = layout.sealed_len(index)?;
-        if buf.len() != expected {
-            return Err(MediaError::ChunkLength {
-                index,
-                expected,
-                actual: buf.len(),
-            });
-        }
-        let last = index == layout.last_index();
+        let last = self.last_if_sized(index, buf.len())?;
         self.open_flagged(index, last, buf)
     }
 
@@ -260,20 +250,26 @@ impl Opener {
     /// the plaintext, which starts the slice. On an integrity failure the
     /// slice is zeroed.
     pub fn open_chunk_in_slice(&self, index: u32, buf: &mut [u8]) -> Result<usize, MediaError> {
-        let layout = self.inner.header.layout();
-        let expected = layout.sealed_len(index)?;
-        if buf.len() != expected {
-            return Err(MediaError::ChunkLength {
-                index,
-                expected,
-                actual: buf.len(),
-            });
-        }
-        let last = index == layout.last_index();
+        let last = self.last_if_sized(index, buf.len())?;
         self.inner
             .aead
             .open_in_slice(self.inner.nonce(index, last), &self.inner.aad, buf)
             .map_err(|_| MediaError::Integrity { chunk: index })
+    }
+
+    /// Whether chunk `index` is the final one, once it is known to exist
+    /// and to be `sealed_len` bytes long.
+    fn last_if_sized(&self, index: u32, sealed_len: usize) -> Result<bool, MediaError> {
+        let layout = self.inner.header.layout();
+        let expected = layout.sealed_len(index)?;
+        if sealed_len != expected {
+            return Err(MediaError::ChunkLength {
+                index,
+                expected,
+                actual: sealed_len,
+            });
+        }
+        Ok(index == layout.last_index())
     }
 
     /// Opens with an explicit final-chunk flag, bypassing the layout checks.
