@@ -285,7 +285,7 @@ async fn seal_and_send(
     }
     let file = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(SEAL_AHEAD);
-    let pool = Arc::new(ChunkPool::default());
+    let pool = huddle_io::BufPool::new(POOL_MAX);
     let (sealer, tags, path_buf) = (sealer.clone(), tags.clone(), path.to_owned());
     let sending = send.is_some();
     tokio::task::spawn_blocking(move || {
@@ -329,10 +329,9 @@ enum Piece {
     Done(Result<Sealed>),
 }
 
-/// Most sealed-chunk buffers kept for reuse: what QUIC holds unacknowledged
-/// comes back here once acknowledged, so the worker seals into memory that
-/// is already mapped. A fresh buffer per chunk cost the sender about 46,000
-/// page faults per GiB (mapping, zeroing and unmapping 256 KiB at a time).
+/// Most sealed-chunk buffers kept for reuse ([`huddle_io::BufPool`]): what
+/// QUIC holds unacknowledged comes back once acknowledged, so the worker
+/// seals into memory that is already mapped.
 const POOL_MAX: usize = 32;
 
 /// Where in its buffer a chunk starts: a cache-line boundary. In a
@@ -341,47 +340,6 @@ const POOL_MAX: usize = 32;
 /// block starts) cost the kernel's copy about three times as much as
 /// aligned ones (0.43 against 0.15 CPU s per GiB).
 const CHUNK_ALIGN: usize = 64;
-
-/// Sealed-chunk buffers that QUIC has let go of.
-#[derive(Default)]
-struct ChunkPool(Mutex<Vec<Vec<u8>>>);
-
-impl ChunkPool {
-    /// A buffer with `len` bytes from a [`CHUNK_ALIGN`]ed offset on, and
-    /// that offset. Its bytes are whatever an earlier chunk left.
-    fn take(&self, len: usize) -> (Vec<u8>, usize) {
-        let reused = self.0.lock().expect("pool lock").pop();
-        let mut raw = reused.unwrap_or_default();
-        if raw.len() < len + CHUNK_ALIGN {
-            raw = vec![0u8; len + CHUNK_ALIGN];
-        }
-        let at = raw.as_ptr().align_offset(CHUNK_ALIGN);
-        (raw, at)
-    }
-}
-
-/// A sealed chunk handed to QUIC (a slice of `raw`); its buffer returns to
-/// the pool when QUIC drops the last reference (once every byte of it is
-/// acknowledged).
-struct Pooled {
-    raw: Vec<u8>,
-    pool: Arc<ChunkPool>,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.raw
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        let mut pool = self.pool.0.lock().expect("pool lock");
-        if pool.len() < POOL_MAX {
-            pool.push(std::mem::take(&mut self.raw));
-        }
-    }
-}
 
 /// The sealing worker: reads, seals, checks the tag of and hashes every
 /// chunk; hands over those that end past `send_from` (none when `None`).
@@ -392,7 +350,7 @@ fn seal_all(
     tags: &Mutex<Tags>,
     send_from: Option<u64>,
     tx: &tokio::sync::mpsc::Sender<Piece>,
-    pool: &Arc<ChunkPool>,
+    pool: &Arc<huddle_io::BufPool>,
 ) -> Result<Sealed> {
     let layout = sealer.header().layout();
     let mut hasher = blake3::Hasher::new();
@@ -401,12 +359,8 @@ fn seal_all(
         let n = layout.plaintext_len(i).map_err(integrity)?;
         // Handed to QUIC without a copy; back in the pool once acknowledged.
         let sealed_len = n + huddle_core::media::TAG_LEN;
-        let (raw, at) = pool.take(sealed_len);
-        let mut held = Pooled {
-            raw,
-            pool: pool.clone(),
-        };
-        let buf = &mut held.raw[at..at + sealed_len];
+        let mut held = pool.take(sealed_len, CHUNK_ALIGN);
+        let buf = held.get_mut();
         match file.read_exact(&mut buf[..n]) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -433,7 +387,7 @@ fn seal_all(
             // Only hashed: the buffer is free again at once.
             continue;
         }
-        let chunk = bytes::Bytes::from_owner(held).slice(at..at + sealed_len);
+        let chunk = held.into_bytes(0..sealed_len);
         if tx.blocking_send(Piece::Chunk(start, chunk)).is_err() {
             // The sending side gave up; it reports why.
             return Err(ClientError::Interrupted(

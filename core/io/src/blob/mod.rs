@@ -490,39 +490,13 @@ pub struct BlobReader {
     file: File,
     mode: Mode,
     /// Read buffers the bytes handed out no longer hold.
-    spare: std::sync::Arc<Spare>,
+    spare: std::sync::Arc<crate::BufPool>,
 }
 
 /// Most read buffers a [`BlobReader`] keeps for reuse: a fresh zeroed
 /// buffer per read cost the DS a `memset` of every byte it sent (7.5 % of
 /// its CPU on a download).
 const SPARE_MAX: usize = 8;
-
-/// Read buffers given back by the bytes that held them.
-#[derive(Debug, Default)]
-struct Spare(std::sync::Mutex<Vec<Vec<u8>>>);
-
-/// A read buffer behind the bytes handed out; back to its reader's spares
-/// when the last of them is dropped (for a download: once acknowledged).
-struct ReadBuf {
-    raw: Vec<u8>,
-    spare: std::sync::Arc<Spare>,
-}
-
-impl AsRef<[u8]> for ReadBuf {
-    fn as_ref(&self) -> &[u8] {
-        &self.raw
-    }
-}
-
-impl Drop for ReadBuf {
-    fn drop(&mut self) {
-        let mut spare = self.spare.0.lock().unwrap_or_else(|e| e.into_inner());
-        if spare.len() < SPARE_MAX {
-            spare.push(std::mem::take(&mut self.raw));
-        }
-    }
-}
 
 impl BlobReader {
     /// Opens the blob at `path` for reading.
@@ -533,7 +507,7 @@ impl BlobReader {
         Ok(Self {
             file,
             mode,
-            spare: Default::default(),
+            spare: crate::BufPool::new(SPARE_MAX),
         })
     }
 
@@ -544,17 +518,9 @@ impl BlobReader {
         let lo = offset - offset % ALIGN as u64;
         let skip = (offset - lo) as usize;
         let span = (skip + want).div_ceil(ALIGN) * ALIGN;
-        let reused = self
-            .spare
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .filter(|r| r.len() >= span + ALIGN);
-        let mut raw = reused.unwrap_or_else(|| vec![0u8; span + ALIGN]);
-        let start = raw.as_ptr().align_offset(ALIGN);
+        let mut buf = self.spare.take(span, ALIGN);
         let got = loop {
-            match read_full_at(&self.file, &mut raw[start..start + span], lo) {
+            match read_full_at(&self.file, buf.get_mut(), lo) {
                 Err(e) if self.mode == Mode::Direct && e.raw_os_error() == Some(EINVAL) => {
                     to_buffered(&self.file, &e)?;
                     self.mode = Mode::Buffered;
@@ -566,11 +532,7 @@ impl BlobReader {
             drop_pages(&self.file, lo, lo + got as u64);
         }
         let end = got.min(skip + want).max(skip);
-        let held = ReadBuf {
-            raw,
-            spare: self.spare.clone(),
-        };
-        Ok(bytes::Bytes::from_owner(held).slice(start + skip..start + end))
+        Ok(buf.into_bytes(skip..end))
     }
 }
 
