@@ -321,7 +321,9 @@ async fn only_encrypted_application_messages_within_the_epoch_window_are_accepte
     assert_eq!(code(r), ErrorCode::StaleEpoch);
 }
 
-/// Uploads `blob` for `media` in `group` with `trailer` as the announced hash.
+/// Uploads `blob` for `media` in `group` with `trailer` as the announced
+/// hash, from the offset the DS names (the bytes before it were sent by an
+/// earlier attempt).
 async fn raw_upload(
     net: &Connection,
     group: GroupId,
@@ -329,23 +331,8 @@ async fn raw_upload(
     blob: &[u8],
     trailer: [u8; 32],
 ) -> huddle_client::Result<Response> {
-    let req = Request::BeginUpload(huddle_core::proto::UploadRequest {
-        group,
-        media,
-        total_len: blob.len() as u64,
-    });
-    let (mut send, mut recv, first) = net.open(&req).await?;
-    assert!(
-        matches!(
-            first,
-            Response::Upload {
-                offset: 0,
-                complete: false
-            }
-        ),
-        "{first:?}"
-    );
-    send.write_all(blob).await.unwrap();
+    let (mut send, mut recv, offset) = begin_raw_upload(net, group, media, blob).await;
+    send.write_all(&blob[offset..]).await.unwrap();
     send.write_all(&huddle_core::frame::encode(&trailer))
         .await
         .unwrap();
@@ -356,6 +343,46 @@ async fn raw_upload(
     }
 }
 
+/// Sends the first `n` bytes of `blob` and ends the stream without a
+/// trailer: an interrupted upload, which the DS keeps to be resumed.
+async fn raw_upload_cut(
+    net: &Connection,
+    group: GroupId,
+    media: huddle_core::MediaId,
+    blob: &[u8],
+    n: usize,
+) -> Response {
+    let (mut send, mut recv, offset) = begin_raw_upload(net, group, media, blob).await;
+    assert_eq!(offset, 0);
+    send.write_all(&blob[..n]).await.unwrap();
+    send.finish().unwrap();
+    huddle_client::net::read_message::<Response>(&mut recv)
+        .await
+        .unwrap()
+}
+
+async fn begin_raw_upload(
+    net: &Connection,
+    group: GroupId,
+    media: huddle_core::MediaId,
+    blob: &[u8],
+) -> (quinn::SendStream, quinn::RecvStream, usize) {
+    let req = Request::BeginUpload(huddle_core::proto::UploadRequest {
+        group,
+        media,
+        total_len: blob.len() as u64,
+    });
+    let (send, recv, first) = net.open(&req).await.unwrap();
+    let Response::Upload {
+        offset,
+        complete: false,
+    } = first
+    else {
+        panic!("{first:?}")
+    };
+    (send, recv, offset as usize)
+}
+
 #[tokio::test]
 async fn uploads_must_match_their_header_and_hash() {
     use huddle_core::media::{seal_blob, Header, ItemKey, MIN_CHUNK_SIZE};
@@ -363,13 +390,20 @@ async fn uploads_must_match_their_header_and_hash() {
     let (alice, _bob, gid, _ga, _gb) = alice_and_bob(&s).await;
     let media = huddle_core::MediaId(rand_id());
     let key = ItemKey::from_bytes([7; 32]);
-    let seal = |group: GroupId| {
+    let seal_item = |media, group: GroupId| {
         let h = Header::new(media, group, [3; 32], MIN_CHUNK_SIZE, 100_000).unwrap();
         seal_blob(&key, h, &vec![5u8; 100_000]).unwrap()
     };
+    let seal = |group: GroupId| seal_item(media, group);
     let blob = seal(gid);
     let hash = *blake3::hash(&blob).as_bytes();
-    // A wrong hash: refused and discarded.
+    // An upload resumed with a wrong hash (its attempts' bytes do not form
+    // the announced blob): refused and discarded.
+    let r = raw_upload_cut(&alice.net, gid, media, &blob, 80_000).await;
+    assert!(
+        matches!(&r, Response::Error(e) if e.code == ErrorCode::BadRequest),
+        "{r:?}"
+    );
     let r = raw_upload(&alice.net, gid, media, &blob, [0; 32]).await;
     assert_eq!(code(r), ErrorCode::IntegrityError);
     if let Some(s3) = &s.objects {
@@ -415,6 +449,29 @@ async fn uploads_must_match_their_header_and_hash() {
     assert!(matches!(head, Response::Download { hash: h, .. } if h == hash));
     let got = recv.read_to_end(1 << 20).await.unwrap();
     assert_eq!(got, blob);
+
+    // A wrong hash in an upload received whole in one stream: a DS that
+    // keeps blobs on an object store checks it; one that keeps them in its
+    // data dir does not, and serves the hash as announced, which every
+    // receiver checks (PROTOCOL.md 16.1, the hash check).
+    let media = huddle_core::MediaId(rand_id());
+    let blob = seal_item(media, gid);
+    let r = raw_upload(&alice.net, gid, media, &blob, [9; 32]).await;
+    if s.objects.is_some() {
+        assert_eq!(code(r), ErrorCode::IntegrityError);
+    } else {
+        assert!(matches!(r, Ok(Response::Upload { complete: true, .. })));
+        let (_s, _recv, head) = alice
+            .net
+            .open(&Request::Download {
+                media,
+                offset: 0,
+                len: 0,
+            })
+            .await
+            .unwrap();
+        assert!(matches!(head, Response::Download { hash: h, .. } if h == [9; 32]));
+    }
 }
 
 async fn publish(who: &Raw, gid: GroupId, info: Bytes) -> huddle_client::Result<Response> {

@@ -477,7 +477,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set("aead_cpu_s_per_gib", aead_per_gib)
         .set("blake3_cpu_s_per_gib", blake3_per_gib)
         .set("source_read_cpu_s_per_gib", source_read)
-        .set_opt("floor_upload_cpu_s_per_gib", disk.map(|d| base_up_all * per_gib + source_read + aead_per_gib + 2.0 * blake3_per_gib + total(d.0.cpu) * per_gib))
+        .set_opt("floor_upload_cpu_s_per_gib", disk.map(|d| base_up_all * per_gib + source_read + aead_per_gib + blake3_per_gib + total(d.0.cpu) * per_gib))
         .set_opt("floor_download_cpu_s_per_gib", disk.map(|d| base_down_all * per_gib + aead_per_gib + blake3_per_gib + total(d.0.cpu) * per_gib))
         .set(
             "upload_cpu_ratio",
@@ -500,7 +500,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .note(format!("baseline_*: raw quinn with the DS's transport settings, datagrams up to {} bytes where the path allows (loopback does); baseline_1452_*: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD))
         .note("baseline_disk_write_*: writing as many bytes to a new file on the data dir's file system through the blob file module the DS and the client use (direct I/O, synced every 16 MiB and at the end); an upload is durable on the DS, and a download on the client, before either completes, so neither can be faster than the slower of raw quinn and this: *_ratio_to_limit. baseline_disk_buffered_*: the same through the page cache")
         .note("baseline_disk_read_while_writing_mb_s: the stored blob read through the DS's blob reader while as many bytes are written through the blob path, at once, on the same disk: what a download run on one machine asks of it (a real client writes on its own disk); download_ratio_to_limit is against the slower of this and raw quinn")
-        .note("*_cpu_s_per_gib: CPU seconds of every process of the transfer together, per GiB of ciphertext; floor_*: the raw quinn transfer's plus one AES-GCM pass, the BLAKE3 passes (two on upload: client and DS; one on download), the blob-path disk write (with its copy into the aligned buffer) and, on upload, reading the file to send (source_read_cpu_s_per_gib), each measured in this run")
+        .note("*_cpu_s_per_gib: CPU seconds of every process of the transfer together, per GiB of ciphertext; floor_*: the raw quinn transfer's plus one AES-GCM pass, one BLAKE3 pass (the sender's on upload: the DS hashes only a resumed upload; the receiver's on download), the blob-path disk write (with its copy into the aligned buffer) and, on upload, reading the file to send (source_read_cpu_s_per_gib), each measured in this run")
         .note("page_cache_growth_*: change of Cached in /proc/meminfo over the upload and over the downloads (the whole machine; the file being sent is read through the cache, and was written just before)")
         .note("download_mb_s: one downloader alone, against one raw quinn stream between two processes; concurrent_*: all downloaders at once, against as many raw streams at once");
     if let Some((o, (store_up, store_down))) = &objects {

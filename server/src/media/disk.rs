@@ -1,6 +1,6 @@
-//! Blob bytes on disk: the writer thread that writes, hashes and syncs an
-//! upload while the network side receives, and the durable offset kept in
-//! the item's record.
+//! Blob bytes on disk: the writer thread that writes, hashes (when the
+//! upload was resumed) and syncs an upload while the network side
+//! receives, and the durable offset kept in the item's record.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,14 +17,15 @@ use super::{BlobStore, Room, BUF};
 pub(super) const SYNC_EVERY: u64 = 16 << 20;
 
 /// Writes received batches to the partial blob file (direct I/O, see
-/// [`huddle_io::blob`]) and hashes them, each in a short blocking task,
+/// [`huddle_io::blob`]) and, given a hasher, hashes them, each in a short
+/// blocking task,
 /// while the network side receives the next; every [`SYNC_EVERY`] bytes it
 /// makes what it wrote durable and publishes that offset. No thread waits
 /// for the network: the task that drives them is async.
 pub(super) struct BlobWriter {
     data: tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>,
     synced: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<std::io::Result<(std::fs::File, blake3::Hasher)>>,
+    task: tokio::task::JoinHandle<std::io::Result<(std::fs::File, Option<blake3::Hasher>)>>,
 }
 
 /// Batches the writer may hold while the network keeps receiving: enough
@@ -36,7 +37,7 @@ pub(super) const WRITE_QUEUE: usize = 4;
 pub(super) const BLOB_BUFFER: usize = 2 << 20;
 
 impl BlobWriter {
-    pub(super) fn start(blob: BlobFile, hasher: blake3::Hasher, room: Room) -> Self {
+    pub(super) fn start(blob: BlobFile, hasher: Option<blake3::Hasher>, room: Room) -> Self {
         let (data, mut rx) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(WRITE_QUEUE);
         let synced = Arc::new(AtomicU64::new(blob.len()));
         let s2 = synced.clone();
@@ -99,7 +100,12 @@ impl BlobWriter {
     }
 
     /// Waits for everything handed over to be written and synced.
-    pub(super) async fn finish(self) -> (std::io::Result<(std::fs::File, blake3::Hasher)>, u64) {
+    pub(super) async fn finish(
+        self,
+    ) -> (
+        std::io::Result<(std::fs::File, Option<blake3::Hasher>)>,
+        u64,
+    ) {
         drop(self.data);
         let r = match self.task.await {
             Ok(r) => r,
@@ -109,12 +115,13 @@ impl BlobWriter {
     }
 }
 
-/// Appends one received batch and hashes it. The batch is gathered into the aligned buffer in one copy and
-/// hashed there: received chunks are packet-sized, and BLAKE3 reaches its
-/// SIMD speed only on long contiguous input.
+/// Appends one received batch and, given a hasher, hashes it. The batch is
+/// gathered into the aligned buffer in one copy and hashed there: received
+/// chunks are packet-sized, and BLAKE3 reaches its SIMD speed only on long
+/// contiguous input.
 fn write_batch(
     blob: &mut BlobFile,
-    hasher: &mut blake3::Hasher,
+    hasher: &mut Option<blake3::Hasher>,
     batch: &[bytes::Bytes],
     room: &Room,
 ) -> std::io::Result<()> {
@@ -130,7 +137,10 @@ fn write_batch(
         }
         return Err(std::io::Error::from_raw_os_error(ENOSPC));
     }
-    hasher.update(blob.write_gather(batch)?);
+    let written = blob.write_gather(batch)?;
+    if let Some(h) = hasher {
+        h.update(written);
+    }
     Ok(())
 }
 
@@ -150,31 +160,38 @@ pub(super) async fn persist(blobs: &BlobStore, id: MediaId, rec: &mut MediaRecor
 /// anything past it (it may be torn), and re-hashes (and re-reads the
 /// header of) what is kept, reading past the page cache. Returns the blob
 /// ready to append at `start`, the hash so far and the first header bytes.
+///
+/// The hash is `None` for an upload that starts at 0: one received whole
+/// in one stream is not hashed (PROTOCOL.md 16.1, "the hash check"). An
+/// upload that resumes joins bytes of two attempts, and only the whole
+/// blob's hash shows that they belong together, so it is hashed from the
+/// first byte.
 pub(super) fn reopen_partial(
     p: &std::path::Path,
     start: u64,
     mode: Mode,
-) -> std::io::Result<(BlobFile, blake3::Hasher, Vec<u8>)> {
+) -> std::io::Result<(BlobFile, Option<blake3::Hasher>, Vec<u8>)> {
     let blob = BlobFile::open_at_sized(p, start, mode, BLOB_BUFFER)?;
+    if start == 0 {
+        return Ok((blob, None, Vec::new()));
+    }
     let mut hasher = blake3::Hasher::new();
     let mut head = Vec::with_capacity(huddle_core::media::HEADER_LEN);
-    if start > 0 {
-        let mut reader = BlobReader::open(p, mode)?;
-        let mut at = 0u64;
-        while at < start {
-            let b = reader.read_at(at, BUF.min((start - at) as usize))?;
-            if b.is_empty() {
-                return Err(std::io::Error::other(
-                    "stored upload is shorter than recorded",
-                ));
-            }
-            if head.len() < huddle_core::media::HEADER_LEN {
-                let take = (huddle_core::media::HEADER_LEN - head.len()).min(b.len());
-                head.extend_from_slice(&b[..take]);
-            }
-            hasher.update(&b);
-            at += b.len() as u64;
+    let mut reader = BlobReader::open(p, mode)?;
+    let mut at = 0u64;
+    while at < start {
+        let b = reader.read_at(at, BUF.min((start - at) as usize))?;
+        if b.is_empty() {
+            return Err(std::io::Error::other(
+                "stored upload is shorter than recorded",
+            ));
         }
+        if head.len() < huddle_core::media::HEADER_LEN {
+            let take = (huddle_core::media::HEADER_LEN - head.len()).min(b.len());
+            head.extend_from_slice(&b[..take]);
+        }
+        hasher.update(&b);
+        at += b.len() as u64;
     }
-    Ok((blob, hasher, head))
+    Ok((blob, Some(hasher), head))
 }

@@ -4,9 +4,11 @@
 //! A blob is the ciphertext of one media item in the format of
 //! `docs/MEDIA.md`; the DS never sees its key. It checks what it can without
 //! one: that the header names the item and group of the upload, that the
-//! length matches the header's layout, and that the BLAKE3 hash of the whole
-//! blob is the one announced. Only then does the blob become fetchable, and
-//! only by current members of its group.
+//! length matches the header's layout, and, for an upload that was resumed,
+//! that the BLAKE3 hash of the whole blob is the one announced (the bytes
+//! of the attempts belong together; receivers check the hash of every
+//! blob). Only then does the blob become fetchable, and only by current
+//! members of its group.
 //!
 //! Uploads land in `blobs/partial/ID.part`. Every 16 MiB the file is synced
 //! and the last chunk boundary reached is recorded in the store; an

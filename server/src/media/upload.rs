@@ -175,8 +175,8 @@ pub(super) async fn upload_inner(
         return Ok(None);
     }
 
-    // The network side fills buffers; a writer thread writes, hashes and
-    // periodically syncs them, so disk work overlaps with receiving.
+    // The network side fills buffers; a writer thread writes, hashes (a
+    // resumed upload) and periodically syncs them, so disk work overlaps with receiving.
     let writer = BlobWriter::start(file, hasher, blobs.room.clone());
     let mut pos = start;
     let mut durable = start;
@@ -262,7 +262,10 @@ pub(super) async fn upload_inner(
             return Err(e);
         }
     };
-    if *hasher.finalize().as_bytes() != announced {
+    // A resumed upload joins two attempts' bytes: the whole blob's hash
+    // must be the announced one. One received whole in one stream was not
+    // hashed (see `reopen_partial`); every receiver checks it.
+    if hasher.is_some_and(|h| *h.finalize().as_bytes() != announced) {
         blobs.forget(id, &rec).await;
         return Err(err(
             ErrorCode::IntegrityError,
