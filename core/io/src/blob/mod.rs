@@ -511,6 +511,16 @@ impl BlobReader {
         })
     }
 
+    /// A second reader of the same file, sharing this one's spare buffers:
+    /// two reads in flight at once, as a download keeps them.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+            mode: self.mode,
+            spare: self.spare.clone(),
+        })
+    }
+
     /// Reads `want` bytes at `offset`, fewer only where the file ends. The
     /// bytes are a slice of one aligned allocation, handed on without a
     /// copy.

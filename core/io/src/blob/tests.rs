@@ -104,6 +104,25 @@ fn reused_read_buffers_give_only_the_bytes_read() {
 }
 
 #[test]
+fn a_cloned_reader_reads_the_same_file_and_shares_the_spare_buffers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("blob");
+    let data = pattern(4 * ALIGN + 33, 9);
+    std::fs::write(&p, &data).expect("write");
+    let mut a = BlobReader::open(&p, Mode::Direct).expect("open");
+    let mut b = a.try_clone().expect("clone");
+    // Alternate blocks, as a download's two reads in flight take them.
+    let first = a.read_at(0, 2 * ALIGN).expect("read");
+    let second = b.read_at(2 * ALIGN as u64, 3 * ALIGN).expect("read");
+    assert!(first[..] == data[..2 * ALIGN]);
+    assert!(second[..] == data[2 * ALIGN..], "short where the file ends");
+    drop(first);
+    assert_eq!(b.spare.kept(), 1, "a's buffer is b's spare too");
+    drop(second);
+    assert_eq!(a.spare.kept(), 2);
+}
+
+#[test]
 fn a_direct_file_keeps_its_mode_on_a_disk_file_system() {
     // On a disk file system that takes O_DIRECT, a silent fallback would
     // hide the path the DS is meant to use.
