@@ -79,6 +79,10 @@ struct Args {
     stats_file: Option<PathBuf>,
 }
 
+/// Descriptors the DS holds besides its transfers' blob files: its
+/// socket, store, logs and the runtime's own, with room to spare.
+const OTHER_FILES: u64 = 256;
+
 fn main() {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -124,6 +128,21 @@ fn main() {
             println!("{name}={value}");
         }
         return;
+    }
+    // Each transfer holds its blob file open (a download two descriptors):
+    // raise the soft limit as far as the administrator allows, and say so
+    // if the transfer limits can still run out of descriptors.
+    let open_files = huddle_io::raise_open_files();
+    let needed = (config.max_transfers_total as u64)
+        .saturating_mul(2)
+        .saturating_add(OTHER_FILES);
+    if open_files < needed {
+        tracing::warn!(
+            open_files,
+            needed,
+            "the limit on open files is below what max_transfers_total may use; \
+             raise it (ulimit -n, LimitNOFILE=) or lower max_transfers_total"
+        );
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(config.blocking_threads.max(1))
