@@ -361,6 +361,19 @@ async fn raw_upload_cut(
         .unwrap()
 }
 
+/// Asks for the whole of `media`.
+async fn whole_download(
+    net: &Connection,
+    media: huddle_core::MediaId,
+) -> huddle_client::Result<(quinn::SendStream, quinn::RecvStream, Response)> {
+    net.open(&Request::Download {
+        media,
+        offset: 0,
+        len: 0,
+    })
+    .await
+}
+
 async fn begin_raw_upload(
     net: &Connection,
     group: GroupId,
@@ -423,29 +436,14 @@ async fn uploads_must_match_their_header_and_hash() {
     .await;
     refused(r, ErrorCode::BadRequest, "names another item or group");
     // Nothing of either is fetchable.
-    let r = alice
-        .net
-        .open(&Request::Download {
-            media,
-            offset: 0,
-            len: 0,
-        })
-        .await;
+    let r = whole_download(&alice.net, media).await;
     assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotFound));
     // The real thing is accepted, and can then be fetched whole.
     let r = raw_upload(&alice.net, gid, media, &blob, hash)
         .await
         .unwrap();
     assert!(matches!(r, Response::Upload { complete: true, .. }));
-    let (_s, mut recv, head) = alice
-        .net
-        .open(&Request::Download {
-            media,
-            offset: 0,
-            len: 0,
-        })
-        .await
-        .unwrap();
+    let (_s, mut recv, head) = whole_download(&alice.net, media).await.unwrap();
     assert!(matches!(head, Response::Download { hash: h, .. } if h == hash));
     let got = recv.read_to_end(1 << 20).await.unwrap();
     assert_eq!(got, blob);
@@ -461,15 +459,7 @@ async fn uploads_must_match_their_header_and_hash() {
         assert_eq!(code(r), ErrorCode::IntegrityError);
     } else {
         assert!(matches!(r, Ok(Response::Upload { complete: true, .. })));
-        let (_s, _recv, head) = alice
-            .net
-            .open(&Request::Download {
-                media,
-                offset: 0,
-                len: 0,
-            })
-            .await
-            .unwrap();
+        let (_s, _recv, head) = whole_download(&alice.net, media).await.unwrap();
         assert!(matches!(head, Response::Download { hash: h, .. } if h == [9; 32]));
     }
 }
@@ -505,15 +495,7 @@ async fn a_stored_blob_shorter_than_its_record_ends_the_download_where_it_ends()
         .join(format!("{media}.blob"));
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(kept as u64).unwrap();
-    let (_s, mut recv, head) = alice
-        .net
-        .open(&Request::Download {
-            media,
-            offset: 0,
-            len: 0,
-        })
-        .await
-        .unwrap();
+    let (_s, mut recv, head) = whole_download(&alice.net, media).await.unwrap();
     assert!(matches!(head, Response::Download { len, .. } if len == blob.len() as u64));
     let got = recv.read_to_end(8 << 20).await.unwrap();
     assert_eq!(got.len(), kept);
