@@ -45,9 +45,11 @@ pub struct Params {
     pub blobs_pid: Option<u32>,
 }
 
-/// The disk baselines make their file durable this often, as the DS and
-/// the client do.
+/// The disk baselines make their file durable at least this many bytes
+/// apart, as the DS and the client do...
 const SYNC_EVERY: u64 = 16 << 20;
+/// ... and, writing direct, at most this often (as both do).
+const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A disk baseline: MB/s and this process's CPU seconds (user, system).
 #[derive(Debug, Clone, Copy)]
@@ -59,18 +61,22 @@ struct DiskRun {
 /// Writes `size` bytes to a new file at `path` the way the DS writes an
 /// upload and the client a download: through [`huddle_io::BlobFile`]
 /// (direct I/O unless the file system refuses it), 1 MiB at a time, made
-/// durable every 16 MiB and at the end. Removes the file.
+/// durable as they do (at least 16 MiB apart and, direct, at most once a
+/// second) and at the end. Removes the file.
 fn disk_write_blob(path: &Path, size: u64) -> anyhow::Result<DiskRun> {
     let buf = vec![0x5au8; 1 << 20];
     let cpu = own_cpu_split();
     let t = Instant::now();
     let mut f = huddle_io::BlobFile::open_at(path, 0, huddle_io::Mode::from_env())?;
-    let mut synced = 0;
+    let (mut synced, mut synced_at) = (0, Instant::now());
     while f.len() < size {
         let n = (size - f.len()).min(buf.len() as u64) as usize;
         f.write(&buf[..n])?;
-        if f.len() - synced >= SYNC_EVERY {
+        if f.len() - synced >= SYNC_EVERY
+            && (f.mode() == huddle_io::Mode::Buffered || synced_at.elapsed() >= SYNC_INTERVAL)
+        {
             synced = f.sync()?;
+            synced_at = Instant::now();
         }
     }
     f.finish()?;
@@ -532,7 +538,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .note("upload and download run as separate `huddle` processes; times are whole commands (connect, authenticate, encrypt or verify, transfer)")
         .note("*_cpu_s_*: CPU seconds (user + system, all threads) each side used for the transfer, from /proc; *_cpu_ratio: the raw transfer's CPU over Huddle's. Both sides share the machine's cores, so when they are busy the throughput ratio cannot exceed the CPU ratio")
         .note(format!("baseline_*: raw quinn with the DS's transport settings, datagrams up to {} bytes where the path allows (loopback does); baseline_1452_*: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD))
-        .note("baseline_disk_write_*: writing as many bytes to a new file on the data dir's file system through the blob file module the DS and the client use (direct I/O, synced every 16 MiB and at the end); an upload is durable on the DS, and a download on the client, before either completes, so neither can be faster than the slower of raw quinn and this: *_ratio_to_limit. baseline_disk_buffered_*: the same through the page cache")
+        .note("baseline_disk_write_*: writing as many bytes to a new file on the data dir's file system through the blob file module the DS and the client use (direct I/O, synced at least 16 MiB apart and at most once a second, and at the end); an upload is durable on the DS, and a download on the client, before either completes, so neither can be faster than the slower of raw quinn and this: *_ratio_to_limit. baseline_disk_buffered_*: the same through the page cache")
         .note("baseline_disk_read_while_writing_mb_s: the stored blob read through the DS's blob reader (1 MiB reads, two in flight) while as many bytes are written through the blob path, at once, on the same disk: what a download run on one machine asks of it (a real client writes on its own disk); download_ratio_to_limit is against the slower of this and raw quinn; baseline_disk_concurrent_reads_while_writing_mb_s: the same for all downloaders at once (the blob read once for each, each writing its own file), aggregate, and concurrent_ratio_to_limit against the slower of this and the raw concurrent streams")
         .note("*_cpu_s_per_gib: CPU seconds of every process of the transfer together, per GiB of ciphertext; floor_*: the raw quinn transfer's plus one AES-GCM pass, one BLAKE3 pass (the sender's on upload: the DS hashes only a resumed upload; the receiver's on download), the blob-path disk write (with its copy into the aligned buffer) and, on upload, reading the file to send (source_read_cpu_s_per_gib), each measured in this run")
         .note("page_cache_growth_*: change of Cached in /proc/meminfo over the upload and over the downloads (the whole machine; the file being sent is read through the cache, and was written just before)")
