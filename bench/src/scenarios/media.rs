@@ -45,11 +45,10 @@ pub struct Params {
     pub blobs_pid: Option<u32>,
 }
 
-/// The disk baselines make their file durable at least this many bytes
-/// apart, as the DS and the client do...
-const SYNC_EVERY: u64 = 16 << 20;
-/// ... and, writing direct, at most this often (as both do).
-const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// The buffered disk baseline makes its file durable this often (the
+/// blob-path one paces its syncs as the DS and the client do,
+/// [`huddle_io::SyncPace`]).
+const SYNC_EVERY: u64 = huddle_io::blob::SYNC_EVERY;
 
 /// A disk baseline: MB/s and this process's CPU seconds (user, system).
 #[derive(Debug, Clone, Copy)]
@@ -61,23 +60,18 @@ struct DiskRun {
 /// Writes `size` bytes to a new file at `path` the way the DS writes an
 /// upload and the client a download: through [`huddle_io::BlobFile`]
 /// (direct I/O unless the file system refuses it), 1 MiB at a time, made
-/// durable as they do (at least 16 MiB apart and, direct, at most once a
-/// second) and at the end. Removes the file.
+/// durable as they do ([`huddle_io::SyncPace`]) and at the end. Removes
+/// the file.
 fn disk_write_blob(path: &Path, size: u64) -> anyhow::Result<DiskRun> {
     let buf = vec![0x5au8; 1 << 20];
     let cpu = own_cpu_split();
     let t = Instant::now();
     let mut f = huddle_io::BlobFile::open_at(path, 0, huddle_io::Mode::from_env())?;
-    let (mut synced, mut synced_at) = (0, Instant::now());
+    let mut pace = huddle_io::SyncPace::new(0);
     while f.len() < size {
         let n = (size - f.len()).min(buf.len() as u64) as usize;
         f.write(&buf[..n])?;
-        if f.len() - synced >= SYNC_EVERY
-            && (f.mode() == huddle_io::Mode::Buffered || synced_at.elapsed() >= SYNC_INTERVAL)
-        {
-            synced = f.sync()?;
-            synced_at = Instant::now();
-        }
+        pace.sync_if_due(&mut f)?;
     }
     f.finish()?;
     let run = finished(size, t, cpu);

@@ -12,7 +12,7 @@ pub mod pool;
 pub mod socket;
 
 pub use atomic::write_atomically;
-pub use blob::{BlobFile, BlobReader, Mode};
+pub use blob::{BlobFile, BlobReader, Mode, SyncPace};
 pub use limits::raise_open_files;
 pub use pool::{BufPool, PoolBuf};
 pub use socket::{udp_socket, SOCKET_BUFFER};

@@ -9,27 +9,15 @@ use huddle_core::MediaId;
 
 use crate::store::{MediaRecord, MediaState};
 
-use huddle_io::{BlobFile, BlobReader, Mode};
+use huddle_io::{BlobFile, BlobReader, Mode, SyncPace};
 
 use super::{BlobStore, Room, BUF};
-
-/// Progress is made durable at least this many bytes apart...
-pub(super) const SYNC_EVERY: u64 = 16 << 20;
-
-/// ... and, writing direct, at most this often. A sync waits for the write
-/// in flight and stops the writer while the network side fills its queue.
-/// Direct writes have left the process and the page cache when they
-/// return; the sync makes them durable against a power cut and records
-/// the resume point, which then lags by at most about this much of the
-/// upload. Buffered (where the file system refuses direct I/O), every
-/// SYNC_EVERY bytes keeps the page cache's dirty pages few.
-pub(super) const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Writes received batches to the partial blob file (direct I/O, see
 /// [`huddle_io::blob`]) and, given a hasher, hashes them, each in a short
 /// blocking task, while the network side receives the next; now and then
-/// ([`SYNC_EVERY`], [`SYNC_INTERVAL`]) it makes what it wrote durable and
-/// publishes that offset. No thread waits for the network: the task that
+/// ([`SyncPace`]: at least 16 MiB and, direct, a second apart) it makes
+/// what it wrote durable and publishes that offset, the resume point. No thread waits for the network: the task that
 /// drives them is async.
 pub(super) struct BlobWriter {
     data: tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>,
@@ -51,19 +39,14 @@ impl BlobWriter {
         let synced = Arc::new(AtomicU64::new(blob.len()));
         let s2 = synced.clone();
         let task = tokio::spawn(async move {
-            let mut last_sync = blob.len();
-            let mut last_sync_at = std::time::Instant::now();
+            let mut pace = SyncPace::new(blob.len());
             let mut pair = (blob, hasher);
             while let Some(batch) = rx.recv().await {
                 let room = room.clone();
                 let (back, r) = tokio::task::spawn_blocking(move || {
                     let (mut blob, mut hasher) = pair;
-                    let r = write_batch(&mut blob, &mut hasher, &batch, &room).and_then(|()| {
-                        let due = blob.len() - last_sync >= SYNC_EVERY
-                            && (blob.mode() == Mode::Buffered
-                                || last_sync_at.elapsed() >= SYNC_INTERVAL);
-                        due.then(|| blob.sync()).transpose()
-                    });
+                    let r = write_batch(&mut blob, &mut hasher, &batch, &room)
+                        .and_then(|()| pace.due(&blob).then(|| blob.sync()).transpose());
                     // On failure, what the disk took is whole: make it
                     // durable, so the upload resumes from there (a full disk
                     // usually still takes the buffered tail; if not, what
@@ -76,8 +59,7 @@ impl BlobWriter {
                 pair = back;
                 match r {
                     Ok(Some(at)) => {
-                        last_sync = at;
-                        last_sync_at = std::time::Instant::now();
+                        pace.synced(at);
                         s2.fetch_max(at, Ordering::Release);
                     }
                     Ok(None) => {}

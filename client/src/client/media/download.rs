@@ -110,15 +110,14 @@ impl Client {
             // This task receives each sealed chunk as QUIC holds it (no
             // copy); a blocking worker copies it into the blob's aligned
             // write buffer, hashes and opens it there, and writes it (direct
-            // I/O, synced now and then: see SYNC_EVERY), so the network, the crypto
+            // I/O, synced now and then: huddle_io::SyncPace), so the network, the crypto
             // and the disk overlap on both cores with a few chunks in flight
             // between them, and the plaintext is never copied.
             let (tx, mut rx) =
                 tokio::sync::mpsc::channel::<(u32, Vec<bytes::Bytes>)>(PIPELINE_DEPTH);
             let worker = tokio::task::spawn_blocking(move || {
                 let (mut blob, mut hasher) = (blob, hasher);
-                let mut synced = blob.len();
-                let mut synced_at = std::time::Instant::now();
+                let mut pace = huddle_io::SyncPace::new(blob.len());
                 let mut outcome: Result<()> = Ok(());
                 while let Some((i, parts)) = rx.blocking_recv() {
                     let mut opened = Ok(0);
@@ -129,16 +128,7 @@ impl Client {
                             // Nothing of a chunk that does not open is kept.
                             *opened.as_ref().unwrap_or(&0)
                         })
-                        .and_then(|()| {
-                            if blob.len() - synced >= SYNC_EVERY
-                                && (blob.mode() == huddle_io::Mode::Buffered
-                                    || synced_at.elapsed() >= SYNC_INTERVAL)
-                            {
-                                synced = blob.sync()?;
-                                synced_at = std::time::Instant::now();
-                            }
-                            Ok(())
-                        });
+                        .and_then(|()| pace.sync_if_due(&mut blob).map(drop));
                     if let Err(e) = opened {
                         outcome = Err(integrity(e));
                         break;
@@ -384,19 +374,6 @@ fn announced_header(
     }
     Ok(h)
 }
-
-/// A download makes its partial file durable at least this many bytes
-/// apart, so an interrupted one resumes close to where it stopped.
-const SYNC_EVERY: u64 = 16 << 20;
-
-/// ... and, writing direct, at most this often. A sync waits for the write
-/// in flight and stops the worker: every 16 MiB it made a 1 GiB download
-/// about 7 % slower here. Direct writes have left the process and the page
-/// cache when they return, so a killed process loses nothing of them; the
-/// sync makes them and the file's length durable against a power cut,
-/// which then costs at most about this much of the download. Buffered (where the file system refuses direct I/O),
-/// every SYNC_EVERY bytes keeps the page cache's dirty pages few.
-const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Sealed chunks in flight between the receiving task and the worker that
 /// opens and writes them.

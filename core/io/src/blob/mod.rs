@@ -23,6 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{Advice, OFlags};
 
+mod pace;
+pub use pace::{SyncPace, SYNC_EVERY, SYNC_INTERVAL};
+
 /// The alignment of direct I/O: offsets, lengths and buffer addresses are
 /// multiples of it (4 KiB satisfies 512-byte and 4 KiB logical blocks).
 pub const ALIGN: usize = 4096;
