@@ -124,20 +124,25 @@ async fn from_file(
     }
     let mut reading = std::collections::VecDeque::with_capacity(READ_AHEAD);
     let (mut asked, mut sent) = (0u64, 0u64);
-    loop {
-        while asked < len {
+    // Every idle reader asks for the next piece not yet asked for.
+    let ask = |idle: &mut Vec<BlobReader>,
+               reading: &mut std::collections::VecDeque<_>,
+               asked: &mut u64| {
+        while *asked < len {
             let Some(file) = idle.pop() else { break };
-            let want = BUF.min((len - asked) as usize);
-            reading.push_back(read(file, offset + asked, want));
-            asked += want as u64;
+            let want = BUF.min((len - *asked) as usize);
+            reading.push_back(read(file, offset + *asked, want));
+            *asked += want as u64;
         }
-        let Some(next) = reading.pop_front() else {
-            break;
-        };
+    };
+    ask(&mut idle, &mut reading, &mut asked);
+    while let Some(next) = reading.pop_front() {
         let Ok((file, r)) = next.await else {
             return Sent::Failed(std::io::Error::other("reading task failed"));
         };
         idle.push(file);
+        // The next read starts before this piece is sent.
+        ask(&mut idle, &mut reading, &mut asked);
         let b = match r {
             // The file ends here (shorter than its record): what follows
             // is past its end too.
