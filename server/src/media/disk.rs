@@ -17,8 +17,8 @@ use super::{BlobStore, Room, BUF};
 /// [`huddle_io::blob`]) and, given a hasher, hashes them, each in a short
 /// blocking task, while the network side receives the next; now and then
 /// ([`SyncPace`]: at least 16 MiB and, direct, a second apart) it makes
-/// what it wrote durable and publishes that offset, the resume point. No thread waits for the network: the task that
-/// drives them is async.
+/// what it wrote durable and publishes that offset, the resume point. No
+/// thread waits for the network: the task that drives them is async.
 pub(super) struct BlobWriter {
     data: tokio::sync::mpsc::Sender<Vec<bytes::Bytes>>,
     synced: Arc<AtomicU64>,
