@@ -270,8 +270,6 @@ async fn seal_and_send(
             "the server asked to resume past the end".into(),
         ));
     }
-    let lost = |e: quinn::WriteError| ClientError::Io(format!("upload stream: {e}"));
-    let interrupted = || ClientError::Interrupted("upload stopped; run it again to resume".into());
     let head = header.encode();
     if let Some(s) = send.as_deref_mut() {
         if offset < HEADER_LEN as u64 {
@@ -288,7 +286,7 @@ async fn seal_and_send(
     let pool = huddle_io::BufPool::new(POOL_MAX);
     let (sealer, tags, path_buf) = (sealer.clone(), tags.clone(), path.to_owned());
     let sending = send.is_some();
-    tokio::task::spawn_blocking(move || {
+    let worker = tokio::task::spawn_blocking(move || {
         let r = seal_all(
             &sealer,
             file,
@@ -300,9 +298,27 @@ async fn seal_and_send(
         );
         let _ = tx.blocking_send(Piece::Done(r));
     });
+    let r = forward(&mut rx, send, offset, progress).await;
+    // The worker holds the tags file, and with it the lock on this upload:
+    // an attempt that ends early (stopped, the stream lost) waits for it
+    // to notice, so that a resume started at once finds the lock free.
+    drop(rx);
+    let _ = worker.await;
+    r?.ok_or_else(|| file_err(path, "the sealing worker stopped"))?
+}
+
+/// Hands the worker's sealed chunks to the stream (those past `offset`)
+/// until it says it is done: its outcome, or `None` if it stopped without
+/// one.
+async fn forward(
+    rx: &mut tokio::sync::mpsc::Receiver<Piece>,
+    mut send: Option<&mut quinn::SendStream>,
+    offset: u64,
+    progress: &mut dyn Progress,
+) -> Result<Option<Result<Sealed>>> {
     while let Some(piece) = rx.recv().await {
         let (start, buf) = match piece {
-            Piece::Done(r) => return r,
+            Piece::Done(r) => return Ok(Some(r)),
             Piece::Chunk(start, buf) => (start, buf),
         };
         let Some(s) = send.as_deref_mut() else {
@@ -316,7 +332,15 @@ async fn seal_and_send(
             return Err(interrupted());
         }
     }
-    Err(file_err(path, "the sealing worker stopped"))
+    Ok(None)
+}
+
+fn lost(e: quinn::WriteError) -> ClientError {
+    ClientError::Io(format!("upload stream: {e}"))
+}
+
+fn interrupted() -> ClientError {
+    ClientError::Interrupted("upload stopped; run it again to resume".into())
 }
 
 /// Sealed chunks the worker may run ahead of the network.
