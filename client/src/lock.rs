@@ -14,10 +14,13 @@
 //! retries inside takes the lock once), and waiting for one never blocks a
 //! thread: the lock is tried, and tried again after a short sleep, up to
 //! [`LOCK_WAIT`].
+//!
+//! [`FileLock`] is the other kind: one operation on one item (a download
+//! into `HOME/partial`), taken without waiting, its file removed with it.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -148,9 +151,126 @@ impl Locks {
     }
 }
 
+/// An advisory lock on a file of its own (`path`), which is removed when
+/// the lock is dropped, so that finished operations leave nothing behind.
+#[derive(Debug)]
+#[must_use = "the lock is released when it is dropped"]
+pub struct FileLock {
+    path: PathBuf,
+    /// Closed after the file is removed (fields drop after `drop`), which
+    /// releases the lock.
+    _file: File,
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Attempts at [`FileLock::try_take`] that found a removed lock file
+/// before it gives up (each means another process just took and released
+/// the lock).
+const STALE_RETRIES: usize = 16;
+
+/// What locking one opened lock file came to.
+enum Attempt {
+    Held(FileLock),
+    /// Another process holds it.
+    Busy,
+    /// Locked, but the file is no longer at its path: its holder removed it
+    /// as it let go after this process had opened it. Such a lock guards
+    /// nothing (the next process creates a new file).
+    Stale,
+}
+
+impl FileLock {
+    /// Takes the lock at `path` (creating its directory and the file) if no
+    /// other process holds it; `None` if one does.
+    pub fn try_take(path: &Path) -> Result<Option<Self>> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let io = |e| ClientError::io(format!("locking {}", path.display()), e);
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io)?;
+        }
+        for _ in 0..STALE_RETRIES {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)
+                .map_err(io)?;
+            match Self::attempt(path, file)? {
+                Attempt::Held(lock) => return Ok(Some(lock)),
+                Attempt::Busy => return Ok(None),
+                Attempt::Stale => continue,
+            }
+        }
+        Ok(None)
+    }
+
+    fn attempt(path: &Path, file: File) -> Result<Attempt> {
+        use std::os::unix::fs::MetadataExt as _;
+        let io = |e| ClientError::io(format!("locking {}", path.display()), e);
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(Attempt::Busy),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let held = file.metadata().map_err(io)?;
+        match std::fs::metadata(path) {
+            Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {
+                Ok(Attempt::Held(Self {
+                    path: path.to_owned(),
+                    _file: file,
+                }))
+            }
+            Ok(_) => Ok(Attempt::Stale),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Attempt::Stale),
+            Err(e) => Err(io(e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_lock_is_exclusive_and_leaves_no_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("partial").join("item.lock");
+        let a = FileLock::try_take(&path).unwrap().expect("free");
+        assert!(FileLock::try_take(&path).unwrap().is_none(), "taken twice");
+        drop(a);
+        assert!(!path.exists(), "the lock file outlived its lock");
+        let b = FileLock::try_take(&path).unwrap().expect("free again");
+        drop(b);
+    }
+
+    #[test]
+    fn a_lock_file_removed_by_its_last_holder_is_not_taken_for_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("item.lock");
+        let first = FileLock::try_take(&path).unwrap().unwrap();
+        // Another process opens the file, then the holder finishes: it
+        // removes the file and releases the lock.
+        let opened_before = OpenOptions::new().write(true).open(&path).unwrap();
+        drop(first);
+        // Locking what it opened succeeds, but guards nothing: a third
+        // process would create and lock a new file at the path.
+        assert!(matches!(
+            FileLock::attempt(&path, opened_before).unwrap(),
+            Attempt::Stale
+        ));
+        let third = FileLock::try_take(&path).unwrap().unwrap();
+        assert!(path.exists());
+        drop(third);
+    }
 
     #[tokio::test]
     async fn a_lock_is_reentrant_in_one_client_and_exclusive_between_two() {

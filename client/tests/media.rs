@@ -254,6 +254,79 @@ async fn an_interrupted_download_resumes() {
     assert!(std::fs::read(&out).unwrap() == data);
 }
 
+/// Starts a second process of the same home (a client opened on it, on its
+/// own thread and runtime) when the download it watches begins, and
+/// records how that one's download of the same item ended.
+struct SecondTerminal {
+    home: huddle_client::Home,
+    media: String,
+    out: PathBuf,
+    second: Option<Result<PathBuf, ClientError>>,
+}
+
+impl Progress for SecondTerminal {
+    fn start(&mut self, _: &str, _: u64, _: u64) {
+        let (home, media, out) = (self.home.clone(), self.media.clone(), self.out.clone());
+        let r = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut other = Client::open(home).unwrap();
+                other.download(&media, Some(&out), &mut Quiet).await
+            })
+        })
+        .join()
+        .unwrap();
+        self.second = Some(r);
+    }
+    fn advance(&mut self, _: u64) -> bool {
+        true
+    }
+}
+
+/// Two terminals on one home downloading the same item at once: the second
+/// is told to wait instead of sharing the first one's `.part`, and once the
+/// first is done, nothing of the lock is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_download_of_the_same_item_on_one_home_waits_its_turn() {
+    let server = TestServer::start().await;
+    let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
+    let data = pattern((2 << 20) + 77, 4);
+    let src = write(server.dir.path(), "shared.bin", &data);
+    let media = c[0]
+        .send_file(&g, &src, "", &mut Quiet)
+        .await
+        .unwrap()
+        .media_id()
+        .unwrap()
+        .to_owned();
+    c[1].sync().await.unwrap();
+    let mut watch = SecondTerminal {
+        home: server.home("bob"),
+        media: media.clone(),
+        out: server.dir.path().join("second.out"),
+        second: None,
+    };
+    let out = server.dir.path().join("first.out");
+    c[1].download(&media, Some(&out), &mut watch).await.unwrap();
+    assert!(std::fs::read(&out).unwrap() == data);
+    match watch.second {
+        Some(Err(ClientError::Busy(m))) => assert!(m.contains("being downloaded"), "{m}"),
+        other => panic!("the second download was not told to wait: {other:?}"),
+    }
+    assert!(!watch.out.exists());
+    let partial = server.home("bob").partial_dir();
+    let left: Vec<_> = std::fs::read_dir(&partial).unwrap().collect();
+    assert!(left.is_empty(), "left in {}: {left:?}", partial.display());
+    // Its turn now.
+    c[1].download(&media, Some(&watch.out), &mut Quiet)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&watch.out).unwrap() == data);
+}
+
 fn expect_integrity(r: Result<PathBuf, ClientError>) {
     match r {
         Err(ClientError::Integrity(_)) => {}

@@ -4,6 +4,7 @@
 use super::Client;
 use crate::app::MediaInfo;
 use crate::error::{ClientError, Result};
+use crate::lock::FileLock;
 use huddle_core::media::{Header, ItemKey, Layout, Opener, Sealer, HEADER_LEN, TAG_LEN};
 use huddle_core::proto::{Request, Response};
 use huddle_core::{GroupId, MediaId};
@@ -54,6 +55,15 @@ impl Client {
         let partial_dir = self.home.partial_dir();
         std::fs::create_dir_all(&partial_dir).map_err(|e| file_err(&partial_dir, e))?;
         let part = partial_dir.join(format!("{media_id}.part"));
+        // One download of an item at a time per home: two processes writing
+        // one `.part` would read each other's half-written chunks as their
+        // verified prefix, and the first to finish would move it away from
+        // under the other.
+        let Some(_lock) = FileLock::try_take(&partial_dir.join(format!("{media_id}.lock")))? else {
+            return Err(ClientError::Busy(format!(
+                "media {media_id} is being downloaded by another huddle process on this home; wait for it to finish"
+            )));
+        };
         // Keep whole verified chunks only.
         let have = match std::fs::metadata(&part) {
             Ok(m) => m.len(),
