@@ -254,19 +254,25 @@ async fn an_interrupted_download_resumes() {
     assert!(std::fs::read(&out).unwrap() == data);
 }
 
+/// What a second terminal on the same home runs.
+#[derive(Clone)]
+enum Second {
+    Download { media: String, out: PathBuf },
+    Send { group: String, path: PathBuf },
+}
+
 /// Starts a second process of the same home (a client opened on it, on its
-/// own thread and runtime) when the download it watches begins, and
-/// records how that one's download of the same item ended.
+/// own thread and runtime) when the transfer it watches begins, and
+/// records how that one's command ended.
 struct SecondTerminal {
     home: huddle_client::Home,
-    media: String,
-    out: PathBuf,
-    second: Option<Result<PathBuf, ClientError>>,
+    run: Second,
+    outcome: Option<Result<(), ClientError>>,
 }
 
 impl Progress for SecondTerminal {
     fn start(&mut self, _: &str, _: u64, _: u64) {
-        let (home, media, out) = (self.home.clone(), self.media.clone(), self.out.clone());
+        let (home, run) = (self.home.clone(), self.run.clone());
         let r = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -274,15 +280,33 @@ impl Progress for SecondTerminal {
                 .unwrap();
             rt.block_on(async {
                 let mut other = Client::open(home).unwrap();
-                other.download(&media, Some(&out), &mut Quiet).await
+                match run {
+                    Second::Download { media, out } => other
+                        .download(&media, Some(&out), &mut Quiet)
+                        .await
+                        .map(drop),
+                    Second::Send { group, path } => other
+                        .send_file(&group, &path, "", &mut Quiet)
+                        .await
+                        .map(drop),
+                }
             })
         })
         .join()
         .unwrap();
-        self.second = Some(r);
+        self.outcome = Some(r);
     }
     fn advance(&mut self, _: u64) -> bool {
         true
+    }
+}
+
+/// Whether `outcome` is the refusal of a second terminal's command, with
+/// `words` in it.
+fn told_to_wait(outcome: Option<Result<(), ClientError>>, words: &str) {
+    match outcome {
+        Some(Err(ClientError::Busy(m))) => assert!(m.contains(words), "{m}"),
+        other => panic!("the second terminal was not told to wait: {other:?}"),
     }
 }
 
@@ -303,28 +327,54 @@ async fn a_second_download_of_the_same_item_on_one_home_waits_its_turn() {
         .unwrap()
         .to_owned();
     c[1].sync().await.unwrap();
+    let second = server.dir.path().join("second.out");
     let mut watch = SecondTerminal {
         home: server.home("bob"),
-        media: media.clone(),
-        out: server.dir.path().join("second.out"),
-        second: None,
+        run: Second::Download {
+            media: media.clone(),
+            out: second.clone(),
+        },
+        outcome: None,
     };
     let out = server.dir.path().join("first.out");
     c[1].download(&media, Some(&out), &mut watch).await.unwrap();
     assert!(std::fs::read(&out).unwrap() == data);
-    match watch.second {
-        Some(Err(ClientError::Busy(m))) => assert!(m.contains("being downloaded"), "{m}"),
-        other => panic!("the second download was not told to wait: {other:?}"),
-    }
-    assert!(!watch.out.exists());
+    told_to_wait(watch.outcome, "being downloaded");
+    assert!(!second.exists());
     let partial = server.home("bob").partial_dir();
     let left: Vec<_> = std::fs::read_dir(&partial).unwrap().collect();
     assert!(left.is_empty(), "left in {}: {left:?}", partial.display());
     // Its turn now.
-    c[1].download(&media, Some(&watch.out), &mut Quiet)
+    c[1].download(&media, Some(&second), &mut Quiet)
         .await
         .unwrap();
-    assert!(std::fs::read(&watch.out).unwrap() == data);
+    assert!(std::fs::read(&second).unwrap() == data);
+}
+
+/// Two terminals on one home sending the same file to the same group at
+/// once: the second is told to wait, the first's upload is announced once,
+/// and nothing of the lock is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_send_of_the_same_file_on_one_home_waits_its_turn() {
+    let server = TestServer::start().await;
+    let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
+    let data = pattern((1 << 20) + 5, 6);
+    let src = write(server.dir.path(), "twice.bin", &data);
+    let mut watch = SecondTerminal {
+        home: server.home("alice"),
+        run: Second::Send {
+            group: g.clone(),
+            path: src.clone(),
+        },
+        outcome: None,
+    };
+    c[0].send_file(&g, &src, "", &mut watch).await.unwrap();
+    told_to_wait(watch.outcome, "being sent");
+    let uploads = server.home("alice").dir().join("uploads");
+    let left: Vec<_> = std::fs::read_dir(&uploads).unwrap().collect();
+    assert!(left.is_empty(), "left in {}: {left:?}", uploads.display());
+    let events = c[1].sync().await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "media").count(), 1);
 }
 
 fn expect_integrity(r: Result<PathBuf, ClientError>) {

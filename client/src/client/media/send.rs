@@ -6,6 +6,7 @@ use crate::app::{AppMessage, MediaInfo};
 use crate::db;
 use crate::error::{ClientError, Result};
 use crate::event::Event;
+use crate::lock::FileLock;
 use crate::preview;
 use huddle_core::media::{Header, ItemKey, Layout, Sealer, DEFAULT_CHUNK_SIZE, HEADER_LEN};
 use huddle_core::proto::{Request, Response, UploadRequest};
@@ -62,6 +63,17 @@ impl Client {
             )));
         }
         let key = upload_key(&id, path, &meta);
+        // One attempt per file and group at a time on a home: its record is
+        // read, made and dropped under this lock, so two terminals never
+        // both start the same upload, nor one resume what the other just
+        // finished and announce it twice.
+        let name = hex::encode(&blake3::hash(key.as_bytes()).as_bytes()[..16]);
+        let lock = self.home.dir().join("uploads").join(format!("{name}.lock"));
+        let Some(_lock) = FileLock::try_take(&lock)? else {
+            return Err(ClientError::Busy(
+                "this file is being sent to this group by another huddle process on this home; wait for it to finish".into(),
+            ));
+        };
         let pending = match self.pending_upload(&key)? {
             Some(p) => p,
             None => {
@@ -457,17 +469,6 @@ impl Tags {
             .append(true)
             .open(path)
             .map_err(|e| file_err(path, e))?;
-        // One attempt at a time per item: two processes of the home sending
-        // the same file would take the upload over from each other.
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(ClientError::Busy(
-                    "this file is being sent to this group by another huddle process on this home; wait for it to finish".into(),
-                ))
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(file_err(path, e)),
-        }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| file_err(path, e))?;
