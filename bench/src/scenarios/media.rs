@@ -467,6 +467,16 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
     let slowest = down_rates.iter().cloned().fold(f64::INFINITY, f64::min);
     let aggregate = blob as f64 * p.downloaders as f64 / all_secs / 1e6;
     let mut r = Report::new("media");
+    let floor_up = disk.map(|d| {
+        base_up_all * per_gib
+            + source_read
+            + aead_per_gib
+            + blake3_per_gib
+            + total(d.0.cpu) * per_gib
+    });
+    let floor_down = disk.map(|d| {
+        base_down_all * per_gib + aead_per_gib + blake3_per_gib + total(d.0.cpu) * per_gib
+    });
     r.set("size_bytes", p.size)
         .set("ciphertext_bytes", blob)
         .set("downloaders", p.downloaders as u64)
@@ -511,8 +521,10 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .set("aead_cpu_s_per_gib", aead_per_gib)
         .set("blake3_cpu_s_per_gib", blake3_per_gib)
         .set("source_read_cpu_s_per_gib", source_read)
-        .set_opt("floor_upload_cpu_s_per_gib", disk.map(|d| base_up_all * per_gib + source_read + aead_per_gib + blake3_per_gib + total(d.0.cpu) * per_gib))
-        .set_opt("floor_download_cpu_s_per_gib", disk.map(|d| base_down_all * per_gib + aead_per_gib + blake3_per_gib + total(d.0.cpu) * per_gib))
+        .set_opt("floor_upload_cpu_s_per_gib", floor_up)
+        .set_opt("floor_download_cpu_s_per_gib", floor_down)
+        .set_opt("upload_ratio_at_floor", floor_up.map(|f| base_up_all * per_gib / f))
+        .set_opt("download_ratio_at_floor", floor_down.map(|f| base_down_all * per_gib / f))
         .set(
             "upload_cpu_ratio",
             base_up_all / up_all.max(1e-9),
@@ -535,6 +547,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .note("baseline_disk_write_*: writing as many bytes to a new file on the data dir's file system through the blob file module the DS and the client use (direct I/O, synced at least 16 MiB apart and at most once a second, and at the end); an upload is durable on the DS, and a download on the client, before either completes, so neither can be faster than the slower of raw quinn and this: *_ratio_to_limit. baseline_disk_buffered_*: the same through the page cache")
         .note("baseline_disk_read_while_writing_mb_s: the stored blob read through the DS's blob reader (1 MiB reads, two in flight) while as many bytes are written through the blob path, at once, on the same disk: what a download run on one machine asks of it (a real client writes on its own disk); download_ratio_to_limit is against the slower of this and raw quinn; baseline_disk_concurrent_reads_while_writing_mb_s: the same for all downloaders at once (the blob read once for each, each writing its own file), aggregate, and concurrent_ratio_to_limit against the slower of this and the raw concurrent streams")
         .note("*_cpu_s_per_gib: CPU seconds of every process of the transfer together, per GiB of ciphertext; floor_*: the raw quinn transfer's plus one AES-GCM pass, one BLAKE3 pass (the sender's on upload: the DS hashes only a resumed upload; the receiver's on download), the blob-path disk write (with its copy into the aligned buffer) and, on upload, reading the file to send (source_read_cpu_s_per_gib), each measured in this run")
+        .note("*_ratio_at_floor: the raw transfer's CPU per GiB over the floor's: the throughput ratio a transfer that costs no more than the floor would reach where both are bound by the two processes' CPU on the machine's cores (an estimate: it assumes both keep the cores equally busy)")
         .note("page_cache_growth_*: change of Cached in /proc/meminfo over the upload and over the downloads (the whole machine; the file being sent is read through the cache, and was written just before)")
         .note("download_mb_s: one downloader alone, against one raw quinn stream between two processes; concurrent_*: all downloaders at once, against as many raw streams at once");
     if let Some((o, (store_up, store_down))) = &objects {
