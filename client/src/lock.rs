@@ -15,8 +15,10 @@
 //! thread: the lock is tried, and tried again after a short sleep, up to
 //! [`LOCK_WAIT`].
 //!
-//! [`FileLock`] is the other kind: one operation on one item (a download
-//! into `HOME/partial`), taken without waiting, its file removed with it.
+//! [`FileLock`] is the other kind: one operation on one item (sending a
+//! file to a group, `HOME/uploads/KEY.lock`; downloading an item to a
+//! file, `HOME/partial/MEDIA.lock`), taken without waiting, its file
+//! removed with it.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

@@ -311,10 +311,10 @@ fn told_to_wait(outcome: Option<Result<(), ClientError>>, words: &str) {
 }
 
 /// Two terminals on one home downloading the same item at once: the second
-/// is told to wait instead of sharing the first one's `.part`, and once the
+/// is refused instead of sharing the first one's `.part`, and once the
 /// first is done, nothing of the lock is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_download_of_the_same_item_on_one_home_waits_its_turn() {
+async fn a_second_download_of_the_same_item_on_one_home_is_refused_while_the_first_runs() {
     let server = TestServer::start().await;
     let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
     let data = pattern((2 << 20) + 77, 4);
@@ -352,10 +352,10 @@ async fn a_second_download_of_the_same_item_on_one_home_waits_its_turn() {
 }
 
 /// Two terminals on one home sending the same file to the same group at
-/// once: the second is told to wait, the first's upload is announced once,
-/// and nothing of the lock is left behind.
+/// once: the second is refused, the first's upload is announced once, and
+/// nothing of the lock is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_send_of_the_same_file_on_one_home_waits_its_turn() {
+async fn a_second_send_of_the_same_file_on_one_home_is_refused_while_the_first_runs() {
     let server = TestServer::start().await;
     let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
     let data = pattern((1 << 20) + 5, 6);
@@ -373,6 +373,34 @@ async fn a_second_send_of_the_same_file_on_one_home_waits_its_turn() {
     let uploads = server.home("alice").dir().join("uploads");
     let left: Vec<_> = std::fs::read_dir(&uploads).unwrap().collect();
     assert!(left.is_empty(), "left in {}: {left:?}", uploads.display());
+    let events = c[1].sync().await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "media").count(), 1);
+}
+
+/// Another process of the home holding a file's upload (between reading
+/// its record and announcing it): a send of the same file to the same
+/// group is refused before it records or uploads anything, so it can
+/// neither start the upload a second time nor resume and announce again
+/// what the other is about to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_is_refused_before_it_records_anything_while_another_process_holds_the_file() {
+    let server = TestServer::start().await;
+    let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
+    let src = write(server.dir.path(), "held.bin", &pattern(300_000, 8));
+    let path = c[0].upload_lock_path(&g, &src).unwrap();
+    let held = huddle_client::lock::FileLock::try_take(&path)
+        .unwrap()
+        .unwrap();
+    let err = c[0].send_file(&g, &src, "", &mut Quiet).await.unwrap_err();
+    assert!(matches!(err, ClientError::Busy(_)), "{err}");
+    let uploads = server.home("alice").dir().join("uploads");
+    let names: Vec<_> = std::fs::read_dir(&uploads)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, [path.file_name().unwrap()], "only the lock is there");
+    drop(held);
+    c[0].send_file(&g, &src, "", &mut Quiet).await.unwrap();
     let events = c[1].sync().await.unwrap();
     assert_eq!(events.iter().filter(|e| e.kind == "media").count(), 1);
 }

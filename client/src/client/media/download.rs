@@ -59,11 +59,15 @@ impl Client {
         // one `.part` would read each other's half-written chunks as their
         // verified prefix, and the first to finish would move it away from
         // under the other.
-        let Some(_lock) = FileLock::try_take(&partial_dir.join(format!("{media_id}.lock")))? else {
+        // The writing worker below holds it too, so it is released only once
+        // nothing writes the `.part` any more, however this ends (even
+        // dropped mid-way).
+        let Some(lock) = FileLock::try_take(&partial_dir.join(format!("{media_id}.lock")))? else {
             return Err(ClientError::Busy(format!(
                 "media {media_id} is being downloaded by another huddle process on this home; wait for it to finish"
             )));
         };
+        let lock = std::sync::Arc::new(lock);
         // Keep whole verified chunks only.
         let have = match std::fs::metadata(&part) {
             Ok(m) => m.len(),
@@ -125,7 +129,9 @@ impl Client {
             // between them, and the plaintext is never copied.
             let (tx, mut rx) =
                 tokio::sync::mpsc::channel::<(u32, Vec<bytes::Bytes>)>(PIPELINE_DEPTH);
+            let held = lock.clone();
             let worker = tokio::task::spawn_blocking(move || {
+                let _held = held;
                 let (mut blob, mut hasher) = (blob, hasher);
                 let mut pace = huddle_io::SyncPace::new(blob.len());
                 let mut outcome: Result<()> = Ok(());
@@ -203,6 +209,7 @@ impl Client {
         file.sync_all().map_err(|e| file_err(&part, e))?;
         drop(file);
         place(&part, &out, overwrite)?;
+        drop(lock);
         Ok(out)
     }
 

@@ -67,11 +67,10 @@ impl Client {
         // read, made and dropped under this lock, so two terminals never
         // both start the same upload, nor one resume what the other just
         // finished and announce it twice.
-        let name = hex::encode(&blake3::hash(key.as_bytes()).as_bytes()[..16]);
-        let lock = self.home.dir().join("uploads").join(format!("{name}.lock"));
-        let Some(_lock) = FileLock::try_take(&lock)? else {
+        let lock = self.upload_lock(&key);
+        let Some(lock) = FileLock::try_take(&lock)? else {
             return Err(ClientError::Busy(
-                "this file is being sent to this group by another huddle process on this home; wait for it to finish".into(),
+                "this file is being sent to this group by another huddle process on this home; it is announced when that one finishes".into(),
             ));
         };
         let pending = match self.pending_upload(&key)? {
@@ -89,7 +88,10 @@ impl Client {
             .dir()
             .join("uploads")
             .join(format!("{media}.tags"));
-        let tags = Arc::new(Mutex::new(Tags::open(&tags_path)?));
+        // The tags go wherever the sealing worker goes, and the lock with
+        // them: it is released only once this attempt and its worker have
+        // both let go, however the attempt ends (even dropped mid-way).
+        let tags = Arc::new(Mutex::new(Tags::open(&tags_path, lock)?));
         let header =
             Header::new(media, id, pending.salt, info.chunk_size, info.size).map_err(integrity)?;
         let sealer = Arc::new(Sealer::new(&ItemKey::from_bytes(info.key), header));
@@ -176,6 +178,22 @@ impl Client {
             }
         }
         ClientError::Server(e)
+    }
+
+    /// The lock file of the upload identified by `key` ([`upload_key`]):
+    /// `HOME/uploads/` and 32 hex digits of its BLAKE3 hash.
+    fn upload_lock(&self, key: &str) -> std::path::PathBuf {
+        let name = hex::encode(&blake3::hash(key.as_bytes()).as_bytes()[..16]);
+        self.home.dir().join("uploads").join(format!("{name}.lock"))
+    }
+
+    /// The lock file [`Client::send_file`] holds while it sends `path` to
+    /// `group` (for tests that play another process of the home).
+    #[doc(hidden)]
+    pub fn upload_lock_path(&self, group: &str, path: &Path) -> Result<std::path::PathBuf> {
+        let id = self.resolve_group(group)?;
+        let meta = std::fs::metadata(path).map_err(|e| file_err(path, e))?;
+        Ok(self.upload_lock(&upload_key(&id, path, &meta)))
     }
 
     pub(super) fn pending_upload(&self, key: &str) -> Result<Option<Pending>> {
@@ -311,9 +329,10 @@ async fn seal_and_send(
         let _ = tx.blocking_send(Piece::Done(r));
     });
     let r = forward(&mut rx, send, offset, progress).await;
-    // The worker holds the tags file, and with it the lock on this upload:
-    // an attempt that ends early (stopped, the stream lost) waits for it
-    // to notice, so that a resume started at once finds the lock free.
+    // The worker holds the tags (and the upload's lock): an attempt that
+    // ends early (stopped, the stream lost) waits for it to notice, so
+    // that a resume started at once finds the lock free and the tags file
+    // no longer written to.
     drop(rx);
     let _ = worker.await;
     r?.ok_or_else(|| file_err(path, "the sealing worker stopped"))?
@@ -455,10 +474,12 @@ enum Sealed {
 struct Tags {
     file: std::fs::File,
     known: Vec<[u8; huddle_core::media::TAG_LEN]>,
+    /// The upload's lock, held as long as its tags are.
+    _lock: FileLock,
 }
 
 impl Tags {
-    fn open(path: &Path) -> Result<Self> {
+    fn open(path: &Path, lock: FileLock) -> Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
         }
@@ -479,7 +500,11 @@ impl Tags {
         // A torn last record is dropped.
         file.set_len((known.len() * huddle_core::media::TAG_LEN) as u64)
             .map_err(|e| file_err(path, e))?;
-        Ok(Self { file, known })
+        Ok(Self {
+            file,
+            known,
+            _lock: lock,
+        })
     }
 
     /// Whether chunk `i`'s tag is the one sealed before (recording it if it
