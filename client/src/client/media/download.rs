@@ -58,10 +58,9 @@ impl Client {
         // One download of an item at a time per home: two processes writing
         // one `.part` would read each other's half-written chunks as their
         // verified prefix, and the first to finish would move it away from
-        // under the other.
-        // The writing worker below holds it too, so it is released only once
-        // nothing writes the `.part` any more, however this ends (even
-        // dropped mid-way).
+        // under the other. The writing worker below holds the lock too, so
+        // it is released only once nothing writes the `.part` any more,
+        // however this ends (even dropped mid-way).
         let Some(lock) = FileLock::try_take(&partial_dir.join(format!("{media_id}.lock")))? else {
             return Err(ClientError::Busy(format!(
                 "media {media_id} is being downloaded by another huddle process on this home; wait for it to finish"
