@@ -29,6 +29,22 @@ async fn group_of(server: &TestServer, names: &[&str]) -> (Vec<Client>, String) 
     (clients, g)
 }
 
+/// Writes `data` to `name`, has the first client send it to `g` and the
+/// second sync: the item's media id.
+async fn share(c: &mut [Client], g: &str, dir: &Path, name: &str, data: &[u8]) -> String {
+    let src = write(dir, name, data);
+    let sent = c[0].send_file(g, &src, "", &mut Quiet).await.unwrap();
+    let media = sent.media_id().unwrap().to_owned();
+    c[1].sync().await.unwrap();
+    media
+}
+
+/// Asserts that `dir` is empty (nothing of a finished transfer is left).
+fn nothing_left_in(dir: &Path) {
+    let left: Vec<_> = std::fs::read_dir(dir).unwrap().collect();
+    assert!(left.is_empty(), "left in {}: {left:?}", dir.display());
+}
+
 fn blob_path(server: &TestServer, media: &str) -> PathBuf {
     server.blob_path(media)
 }
@@ -219,15 +235,7 @@ async fn an_interrupted_download_resumes() {
     // resume, and the client's file ends inside a block.
     let len = (3 << 20) + 12_345;
     let data = pattern(len, 9);
-    let src = write(server.dir.path(), "clip.bin", &data);
-    let media = c[0]
-        .send_file(&g, &src, "", &mut Quiet)
-        .await
-        .unwrap()
-        .media_id()
-        .unwrap()
-        .to_owned();
-    c[1].sync().await.unwrap();
+    let media = share(&mut c, &g, server.dir.path(), "clip.bin", &data).await;
     let out = server.dir.path().join("clip.out");
     let mut stop = Stopper {
         limit: 1 << 20,
@@ -318,15 +326,7 @@ async fn a_second_download_of_the_same_item_on_one_home_is_refused_while_the_fir
     let server = TestServer::start().await;
     let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
     let data = pattern((2 << 20) + 77, 4);
-    let src = write(server.dir.path(), "shared.bin", &data);
-    let media = c[0]
-        .send_file(&g, &src, "", &mut Quiet)
-        .await
-        .unwrap()
-        .media_id()
-        .unwrap()
-        .to_owned();
-    c[1].sync().await.unwrap();
+    let media = share(&mut c, &g, server.dir.path(), "shared.bin", &data).await;
     let second = server.dir.path().join("second.out");
     let mut watch = SecondTerminal {
         home: server.home("bob"),
@@ -341,9 +341,7 @@ async fn a_second_download_of_the_same_item_on_one_home_is_refused_while_the_fir
     assert!(std::fs::read(&out).unwrap() == data);
     told_to_wait(watch.outcome, "being downloaded");
     assert!(!second.exists());
-    let partial = server.home("bob").partial_dir();
-    let left: Vec<_> = std::fs::read_dir(&partial).unwrap().collect();
-    assert!(left.is_empty(), "left in {}: {left:?}", partial.display());
+    nothing_left_in(&server.home("bob").partial_dir());
     // Its turn now.
     c[1].download(&media, Some(&second), &mut Quiet)
         .await
@@ -370,9 +368,7 @@ async fn a_second_send_of_the_same_file_on_one_home_is_refused_while_the_first_r
     };
     c[0].send_file(&g, &src, "", &mut watch).await.unwrap();
     told_to_wait(watch.outcome, "being sent");
-    let uploads = server.home("alice").dir().join("uploads");
-    let left: Vec<_> = std::fs::read_dir(&uploads).unwrap().collect();
-    assert!(left.is_empty(), "left in {}: {left:?}", uploads.display());
+    nothing_left_in(&server.home("alice").dir().join("uploads"));
     let events = c[1].sync().await.unwrap();
     assert_eq!(events.iter().filter(|e| e.kind == "media").count(), 1);
 }
@@ -417,15 +413,7 @@ async fn tampered_truncated_and_reordered_blobs_are_refused() {
     let server = TestServer::start().await;
     let (mut c, g) = group_of(&server, &["alice", "bob"]).await;
     let data = pattern(1 << 20, 5); // four 256 KiB chunks
-    let src = write(server.dir.path(), "doc.bin", &data);
-    let media = c[0]
-        .send_file(&g, &src, "", &mut Quiet)
-        .await
-        .unwrap()
-        .media_id()
-        .unwrap()
-        .to_owned();
-    c[1].sync().await.unwrap();
+    let media = share(&mut c, &g, server.dir.path(), "doc.bin", &data).await;
     let path = blob_path(&server, &media);
     let original = std::fs::read(&path).unwrap();
     let sealed = 256 * 1024 + 16;
