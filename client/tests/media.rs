@@ -57,6 +57,46 @@ fn media_of(e: &Event) -> (&str, u64) {
     }
 }
 
+/// Members fetching one item at the same time: the DS reads each span of
+/// it once for the downloads in step, and every member still gets every
+/// byte, a range from inside a span included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_downloading_one_item_at_once_each_get_every_byte() {
+    let server = TestServer::start().await;
+    let (mut c, g) = group_of(&server, &["alice", "bob", "carol", "dave"]).await;
+    let data = pattern((12 << 20) + 12_345, 11);
+    let media = share(&mut c, &g, server.dir.path(), "clip.bin", &data).await;
+    let [_, bob, carol, dave] = &mut c[..] else {
+        unreachable!("four members")
+    };
+    carol.sync().await.unwrap();
+    dave.sync().await.unwrap();
+    let (to_bob, to_carol) = (
+        server.dir.path().join("bob.out"),
+        server.dir.path().join("carol.out"),
+    );
+    let (mut quiet_b, mut quiet_c) = (Quiet, Quiet);
+    let (b, c2, d) = tokio::join!(
+        bob.download(&media, Some(&to_bob), &mut quiet_b),
+        carol.download(&media, Some(&to_carol), &mut quiet_c),
+        dave.read_range(&media, (5 << 20) + 7, (9 << 20) + 3),
+    );
+    b.unwrap();
+    c2.unwrap();
+    assert!(
+        std::fs::read(&to_bob).unwrap() == data,
+        "bob got other bytes"
+    );
+    assert!(
+        std::fs::read(&to_carol).unwrap() == data,
+        "carol got other bytes"
+    );
+    assert!(
+        d.unwrap() == data[(5 << 20) + 7..(9 << 20) + 3],
+        "dave's range"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_20_mib_file_round_trips_between_three_members() {
     let server = TestServer::start().await;

@@ -187,6 +187,10 @@ pub struct ServerConfig {
     pub max_transfers_per_user: usize,
     /// Most transfers the DS runs at once.
     pub max_transfers_total: usize,
+    /// Bytes of blob spans the DS keeps for downloads of the same item
+    /// running at once, so that the disk serves each span once; 0 keeps
+    /// none (reads in flight are still shared).
+    pub shared_read_bytes: usize,
     /// Unfinished uploads with no progress for this long are deleted.
     pub stale_upload: Duration,
     /// How often the retention sweeps run (expired Welcomes; expired,
@@ -262,6 +266,7 @@ impl Default for ServerConfig {
             transfer_stall_timeout: Duration::from_secs(30),
             max_transfers_per_user: 16,
             max_transfers_total: 1024,
+            shared_read_bytes: 4 << 20,
             media_sweep_interval: Duration::from_secs(60),
             clock: clock::system,
         }
@@ -456,6 +461,7 @@ limits! {
     transfer_stall_timeout: time,
     max_transfers_per_user: count,
     max_transfers_total: count,
+    shared_read_bytes: size,
     object_part_buffers: count,
     object_part_buffers_per_user: count,
     stale_upload: time,

@@ -21,6 +21,8 @@ pub struct Counters {
     bus_dropped: AtomicU64,
     followed: AtomicU64,
     reloaded: AtomicU64,
+    blob_reads: AtomicU64,
+    blob_reads_shared: AtomicU64,
 }
 
 /// The process's counters.
@@ -34,6 +36,8 @@ pub static COUNTERS: Counters = Counters {
     bus_dropped: AtomicU64::new(0),
     followed: AtomicU64::new(0),
     reloaded: AtomicU64::new(0),
+    blob_reads: AtomicU64::new(0),
+    blob_reads_shared: AtomicU64::new(0),
 };
 
 /// The counters at one moment.
@@ -60,6 +64,11 @@ pub struct Snapshot {
     /// Cluster mode: times a group was read anew from the database (a
     /// commit, a gap in the notices, or a poll that found it behind).
     pub reloaded: u64,
+    /// Pieces of downloads read from a blob on disk.
+    pub blob_reads: u64,
+    /// Pieces of downloads taken from a span another download of the same
+    /// file read (`shared_read_bytes`).
+    pub blob_reads_shared: u64,
 }
 
 impl Counters {
@@ -97,6 +106,17 @@ impl Counters {
         self.reloaded.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A download piece was read from disk, or taken from another
+    /// download's read (`shared`).
+    pub(crate) fn blob_read(&self, shared: bool) {
+        let c = if shared {
+            &self.blob_reads_shared
+        } else {
+            &self.blob_reads
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
@@ -109,6 +129,8 @@ impl Counters {
             bus_dropped: self.bus_dropped.load(Ordering::Relaxed),
             followed: self.followed.load(Ordering::Relaxed),
             reloaded: self.reloaded.load(Ordering::Relaxed),
+            blob_reads: self.blob_reads.load(Ordering::Relaxed),
+            blob_reads_shared: self.blob_reads_shared.load(Ordering::Relaxed),
         }
     }
 }
@@ -127,6 +149,9 @@ mod tests {
         c.followed();
         c.reloaded();
         c.reloaded();
+        c.blob_read(false);
+        c.blob_read(true);
+        c.blob_read(true);
         assert_eq!(
             c.snapshot(),
             Snapshot {
@@ -139,6 +164,8 @@ mod tests {
                 bus_dropped: 0,
                 followed: 1,
                 reloaded: 2,
+                blob_reads: 1,
+                blob_reads_shared: 2,
             }
         );
     }

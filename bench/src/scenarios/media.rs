@@ -80,17 +80,24 @@ fn disk_write_blob(path: &Path, size: u64) -> anyhow::Result<DiskRun> {
 }
 
 /// What `n` downloads at once on this one machine ask of the disk: the DS
-/// reads the stored blob once for each (through [`huddle_io::BlobReader`],
-/// 1 MiB at a time, two reads in flight) while each client writes as many bytes to a new file of
-/// its own through the blob path, all on the same disk at once. Aggregate
-/// MB/s of the downloads (each as fast as the slower of its read and its
-/// write); removes the files it wrote.
-fn disk_reads_while_writing(blob: &Path, dir: &Path, size: u64, n: usize) -> anyhow::Result<f64> {
+/// reads the stored blob `reads` times (through [`huddle_io::BlobReader`],
+/// 1 MiB at a time, two reads in flight each; once for each download, or
+/// once for all of them where it shares their reads) while each client
+/// writes as many bytes to a new file of its own through the blob path,
+/// all on the same disk at once. Aggregate MB/s of the downloads (as fast
+/// as the slowest read or write); removes the files it wrote.
+fn disk_reads_while_writing(
+    blob: &Path,
+    dir: &Path,
+    size: u64,
+    reads: usize,
+    n: usize,
+) -> anyhow::Result<f64> {
     let t = Instant::now();
-    // Each download's reads: 1 MiB each, two in flight, as the DS keeps
-    // them (each reader thread takes every other MiB).
+    // Each pass's reads: 1 MiB each, two in flight, as the DS keeps them
+    // (each reader thread takes every other MiB).
     const IN_FLIGHT: u64 = 2;
-    let readers: Vec<Vec<_>> = (0..n)
+    let readers: Vec<Vec<_>> = (0..reads)
         .map(|_| {
             (0..IN_FLIGHT)
                 .map(|first| {
@@ -117,20 +124,23 @@ fn disk_reads_while_writing(blob: &Path, dir: &Path, size: u64, n: usize) -> any
             std::thread::spawn(move || disk_write_blob(&path, size).map(|_| size))
         })
         .collect();
-    let mut moved = 0u64;
-    for (r, w) in readers.into_iter().zip(writers) {
+    let mut least = size;
+    for r in readers {
         let mut read = 0;
         for part in r {
             read += part
                 .join()
                 .map_err(|_| anyhow::anyhow!("a reader panicked"))??;
         }
+        least = least.min(read);
+    }
+    for w in writers {
         let written = w
             .join()
             .map_err(|_| anyhow::anyhow!("a writer panicked"))??;
-        moved += read.min(written).min(size);
+        least = least.min(written);
     }
-    Ok(moved as f64 / t.elapsed().as_secs_f64() / 1e6)
+    Ok((least * n as u64) as f64 / t.elapsed().as_secs_f64() / 1e6)
 }
 
 /// The same bytes through the page cache (plain `write`, `sync_data` every
@@ -354,6 +364,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&outp);
         blob as f64 / secs / 1e6
     };
+    let counted = ds.counters();
     let t = Instant::now();
     let mut downs = Vec::new();
     for n in &names {
@@ -387,6 +398,15 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         intact &= hash_file(&outp)? == want;
         let _ = std::fs::remove_file(&outp);
     }
+    // Of the pieces the concurrent downloads sent, the share read once for
+    // several of them.
+    let shared = counted.zip(ds.counters()).map(|(a, b)| {
+        let (read, shared) = (
+            b.get("blob_reads") - a.get("blob_reads"),
+            b.get("blob_reads_shared") - a.get("blob_reads_shared"),
+        );
+        shared as f64 / (read + shared).max(1) as f64
+    });
     let cache_after_downloads = page_cache_mb();
     let server_rss = ds.peak_rss_mb();
     let plaintext_on_server = match &ds.data_dir {
@@ -394,6 +414,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         None => false,
     };
     // Beside the data dir of a DS this tool started (idle by now).
+    let downloaders = p.downloaders.max(1);
     let disk = match &ds.data_dir {
         Some(d) => {
             out.say("disk baselines ...");
@@ -406,8 +427,9 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             Some((
                 disk_write_blob(&file, blob)?,
                 disk_write_buffered(&file, blob)?,
-                disk_reads_while_writing(&stored, here, blob, 1)?,
-                disk_reads_while_writing(&stored, here, blob, p.downloaders.max(1))?,
+                disk_reads_while_writing(&stored, here, blob, 1, 1)?,
+                disk_reads_while_writing(&stored, here, blob, downloaders, downloaders)?,
+                disk_reads_while_writing(&stored, here, blob, 1, downloaders)?,
             ))
         }
         None => None,
@@ -506,9 +528,11 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             disk.map(|d| download / base_down.min(d.2)),
         )
         .set_opt("baseline_disk_concurrent_reads_while_writing_mb_s", disk.map(|d| d.3))
+        .set_opt("baseline_disk_shared_read_while_writing_mb_s", disk.map(|d| d.4))
+        .set_opt("concurrent_pieces_shared", shared)
         .set_opt(
             "concurrent_ratio_to_limit",
-            disk.map(|d| aggregate / base_concurrent.min(d.3)),
+            disk.map(|d| aggregate / base_concurrent.min(d.4)),
         )
         .set("baseline_upload_cpu_s_sender", total(base_up_cpu.0))
         .set("baseline_upload_cpu_s_receiver", total(base_up_cpu.1))
@@ -545,7 +569,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .note("*_cpu_s_*: CPU seconds (user + system, all threads) each side used for the transfer, from /proc; *_cpu_ratio: the raw transfer's CPU over Huddle's. Both sides share the machine's cores, so when they are busy the throughput ratio cannot exceed the CPU ratio")
         .note(format!("baseline_*: raw quinn with the DS's transport settings, datagrams up to {} bytes where the path allows (loopback does); baseline_1452_*: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD))
         .note("baseline_disk_write_*: writing as many bytes to a new file on the data dir's file system through the blob file module the DS and the client use (direct I/O, synced at least 16 MiB apart and at most once a second, and at the end); an upload is durable on the DS, and a download on the client, before either completes, so neither can be faster than the slower of raw quinn and this: *_ratio_to_limit. baseline_disk_buffered_*: the same through the page cache")
-        .note("baseline_disk_read_while_writing_mb_s: the stored blob read through the DS's blob reader (1 MiB reads, two in flight) while as many bytes are written through the blob path, at once, on the same disk: what a download run on one machine asks of it (a real client writes on its own disk); download_ratio_to_limit is against the slower of this and raw quinn; baseline_disk_concurrent_reads_while_writing_mb_s: the same for all downloaders at once (the blob read once for each, each writing its own file), aggregate, and concurrent_ratio_to_limit against the slower of this and the raw concurrent streams")
+        .note("baseline_disk_read_while_writing_mb_s: the stored blob read through the DS's blob reader (1 MiB reads, two in flight) while as many bytes are written through the blob path, at once, on the same disk: what a download run on one machine asks of it (a real client writes on its own disk); download_ratio_to_limit is against the slower of this and raw quinn; baseline_disk_concurrent_reads_while_writing_mb_s: the same for all downloaders at once (the blob read once for each, each writing its own file), aggregate; baseline_disk_shared_read_while_writing_mb_s: the blob read once while every downloader's file is written, what the DS asks of the disk when it shares the downloads' reads (concurrent_pieces_shared: the share of the pieces the concurrent downloads took from a span another one read, from the DS's counters), and concurrent_ratio_to_limit against the slower of this and the raw concurrent streams")
         .note("*_cpu_s_per_gib: CPU seconds of every process of the transfer together, per GiB of ciphertext; floor_*: the raw quinn transfer's plus one AES-GCM pass, one BLAKE3 pass (the sender's on upload: the DS hashes only a resumed upload; the receiver's on download), the blob-path disk write (with its copy into the aligned buffer) and, on upload, reading the file to send (source_read_cpu_s_per_gib), each measured in this run")
         .note("*_ratio_at_floor: the raw transfer's CPU per GiB over the floor's: the throughput ratio a transfer that costs no more than the floor would reach where both are bound by the two processes' CPU on the machine's cores (an estimate: it assumes both keep the cores equally busy)")
         .note("page_cache_growth_*: change of Cached in /proc/meminfo over the upload and over the downloads (the whole machine; the file being sent is read through the cache, and was written just before)")

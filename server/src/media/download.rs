@@ -16,7 +16,8 @@ use tracing::{debug, warn};
 use crate::service::{Service, Session};
 use crate::store::MediaState;
 
-use super::{err, io_err, respond, BlobStore, Transfer, BUF};
+use super::shared::{FileKey, SPAN};
+use super::{err, io_err, respond, BlobStore, Transfer};
 
 /// Handles a download stream: checks access, announces the range, sends it.
 #[allow(clippy::too_many_arguments)]
@@ -41,7 +42,10 @@ pub async fn download(
             }
             let stall = blobs.config.transfer_stall_timeout;
             let sent = match source {
-                Source::File(file) => from_file(file, offset, len, stall, &mut send).await,
+                Source::File { file, key, total } => {
+                    let shared = blobs.shared.join(key, offset);
+                    from_file(file, shared, total, offset..offset + len, stall, &mut send).await
+                }
                 Source::Object(stream) => from_object(stream, stall, &mut send).await,
             };
             match sent {
@@ -69,7 +73,12 @@ pub async fn download(
 
 /// Where a download's bytes come from.
 pub(super) enum Source {
-    File(BlobReader),
+    /// The blob on disk (`total` bytes by its record).
+    File {
+        file: BlobReader,
+        key: FileKey,
+        total: u64,
+    },
     /// A ranged GET from the object store, as it arrives.
     Object(BoxStream<'static, std::io::Result<Bytes>>),
 }
@@ -95,54 +104,64 @@ async fn send_piece(send: &mut quinn::SendStream, b: Bytes, stall: Duration) -> 
     }
 }
 
-/// Each buffer is read from disk in a short blocking task while the ones
+/// Each piece is read from disk in a short blocking task while the ones
 /// before are sent, [`READ_AHEAD`] reads in flight at once: disk and
 /// network overlap, and no thread waits for a slow reader. With what QUIC
 /// holds unacknowledged (the send window) that bounds a download's memory
-/// whatever the item's size.
+/// whatever the item's size. Pieces end at span boundaries, so that
+/// downloads of the same file at once read each span only once
+/// ([`SharedReads`](super::shared::SharedReads)).
 async fn from_file(
     file: BlobReader,
-    offset: u64,
-    len: u64,
+    shared: super::shared::Reader,
+    total: u64,
+    range: std::ops::Range<u64>,
     stall: Duration,
     send: &mut quinn::SendStream,
 ) -> Sent {
-    let read = |mut file: BlobReader, at: u64, want: usize| {
-        tokio::task::spawn_blocking(move || {
-            let r = file.read_at(at, want);
-            (file, r)
-        })
-    };
     // Each read in flight has a reader of its own (one file descriptor
     // each, sharing their buffers); without a second one, one read at once.
-    let mut idle = vec![file];
+    let mut files = vec![file];
     for _ in 1..READ_AHEAD {
-        match idle[0].try_clone() {
-            Ok(r) => idle.push(r),
+        match files[0].try_clone() {
+            Ok(r) => files.push(r),
             Err(_) => break,
         }
     }
-    let mut reading = std::collections::VecDeque::with_capacity(READ_AHEAD);
-    let (mut asked, mut sent) = (0u64, 0u64);
-    // Every idle reader asks for the next piece not yet asked for.
-    let ask = |idle: &mut Vec<BlobReader>,
-               reading: &mut std::collections::VecDeque<_>,
-               asked: &mut u64| {
-        while *asked < len {
-            let Some(file) = idle.pop() else { break };
-            let want = BUF.min((len - *asked) as usize);
-            reading.push_back(read(file, offset + *asked, want));
-            *asked += want as u64;
+    let ahead = files.len();
+    let idle = Arc::new(std::sync::Mutex::new(files));
+    let shared = Arc::new(shared);
+    let end = range.end;
+    // The piece from `at` to the end of its span (or of the range).
+    let fetch = |at: u64| {
+        let first = at - at % SPAN;
+        let span = first..(first + SPAN).min(total);
+        let want = at..span.end.min(end);
+        let to = want.end;
+        let (shared, idle) = (shared.clone(), idle.clone());
+        let task =
+            tokio::spawn(
+                async move { shared.piece(span, want, |r| read_from_disk(idle, r)).await },
+            );
+        (to, task)
+    };
+    let mut reading = std::collections::VecDeque::with_capacity(ahead);
+    let (mut asked, mut sent) = (range.start, 0u64);
+    // Asks for the next pieces, up to `ahead` in flight.
+    let ask = |reading: &mut std::collections::VecDeque<_>, asked: &mut u64| {
+        while *asked < end && reading.len() < ahead {
+            let (to, task) = fetch(*asked);
+            reading.push_back((*asked, to, task));
+            *asked = to;
         }
     };
-    ask(&mut idle, &mut reading, &mut asked);
-    while let Some(next) = reading.pop_front() {
-        let Ok((file, r)) = next.await else {
+    ask(&mut reading, &mut asked);
+    while let Some((from, to, task)) = reading.pop_front() {
+        let Ok(r) = task.await else {
             return Sent::Failed(std::io::Error::other("reading task failed"));
         };
-        idle.push(file);
         // The next read starts before this piece is sent.
-        ask(&mut idle, &mut reading, &mut asked);
+        ask(&mut reading, &mut asked);
         let b = match r {
             // The file ends here (shorter than its record): what follows
             // is past its end too.
@@ -150,8 +169,9 @@ async fn from_file(
             Ok(b) => b,
             Err(e) => return Sent::Failed(e),
         };
-        let short = b.len() < BUF.min((len - sent) as usize);
+        let short = (b.len() as u64) < to - from;
         sent += b.len() as u64;
+        shared.reached(from + b.len() as u64);
         if let Some(end) = send_piece(send, b, stall).await {
             return end;
         }
@@ -160,6 +180,24 @@ async fn from_file(
         }
     }
     Sent::All(sent)
+}
+
+/// Reads `r` of the blob in a blocking task, on one of the idle readers
+/// (there is one for each read in flight).
+async fn read_from_disk(
+    idle: Arc<std::sync::Mutex<Vec<BlobReader>>>,
+    r: std::ops::Range<u64>,
+) -> std::io::Result<Bytes> {
+    let take = || idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    let mut file = take().ok_or_else(|| std::io::Error::other("no blob reader free"))?;
+    let (file, got) = tokio::task::spawn_blocking(move || {
+        let got = file.read_at(r.start, (r.end - r.start) as usize);
+        (file, got)
+    })
+    .await
+    .map_err(|_| std::io::Error::other("reading task failed"))?;
+    idle.lock().unwrap_or_else(|e| e.into_inner()).push(file);
+    got
 }
 
 /// Reads of one download from disk in flight at once: at one, each read
@@ -239,11 +277,19 @@ pub(super) async fn download_head(
         None => {
             let path = blobs.blob_path(&media);
             let mode = blobs.io_mode;
-            let file = tokio::task::spawn_blocking(move || BlobReader::open(&path, mode))
-                .await
-                .map_err(|_| err(ErrorCode::Internal, "internal error"))?
-                .map_err(io_err)?;
-            Source::File(file)
+            let (file, meta) = tokio::task::spawn_blocking(move || {
+                let file = BlobReader::open(&path, mode)?;
+                let meta = file.metadata()?;
+                Ok((file, meta))
+            })
+            .await
+            .map_err(|_| err(ErrorCode::Internal, "internal error"))?
+            .map_err(io_err)?;
+            Source::File {
+                file,
+                key: FileKey::of(media, &meta),
+                total: rec.total_len,
+            }
         }
     };
     Ok((

@@ -35,6 +35,7 @@ mod admission;
 mod disk;
 mod download;
 pub mod objects;
+mod shared;
 mod upload;
 mod upload_objects;
 
@@ -103,6 +104,9 @@ pub struct BlobStore {
     io_mode: huddle_io::Mode,
     /// Blobs on an object store (`--blobs s3://…`) instead of `dir`.
     objects: Option<objects::Objects>,
+    /// Spans of blobs on disk read once for the downloads of the same file
+    /// running at once.
+    shared: Arc<shared::SharedReads>,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -254,6 +258,7 @@ impl BlobStore {
             })
             .transpose()
             .map_err(crate::error::StartError::msg)?;
+        let shared = shared::SharedReads::new(config.shared_read_bytes);
         Ok(Self {
             dir,
             partial,
@@ -265,6 +270,7 @@ impl BlobStore {
             room: Room::default(),
             io_mode: huddle_io::Mode::from_env(),
             objects,
+            shared,
         })
     }
 

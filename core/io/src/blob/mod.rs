@@ -524,6 +524,11 @@ impl BlobReader {
         })
     }
 
+    /// The file's metadata (`fstat`).
+    pub fn metadata(&self) -> std::io::Result<std::fs::Metadata> {
+        self.file.metadata()
+    }
+
     /// Reads `want` bytes at `offset`, fewer only where the file ends. The
     /// bytes are a slice of one aligned allocation, handed on without a
     /// copy.
