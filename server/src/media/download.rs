@@ -43,7 +43,7 @@ pub async fn download(
             let stall = blobs.config.transfer_stall_timeout;
             let sent = match source {
                 Source::File { file, key, total } => {
-                    let shared = blobs.shared.join(key, offset);
+                    let shared = blobs.shared.join(key, offset..offset + len);
                     from_file(file, shared, total, offset..offset + len, stall, &mut send).await
                 }
                 Source::Object(stream) => from_object(stream, stall, &mut send).await,

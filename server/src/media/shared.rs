@@ -6,9 +6,11 @@
 //! download: a video posted to a group of hundreds is fetched by every
 //! member's device at about the same moment. A download reads its range in
 //! pieces that end at the [`SPAN`] boundaries of the blob. While another
-//! download of the same file runs, a span is read once, whole: a second
-//! download that wants it while it is being read waits for that read, and
-//! one still before it finds it kept. A span is kept until every download
+//! download of the same file runs whose range takes in a span it has not
+//! yet reached, a download that wants the whole span reads it once, whole:
+//! a second download that wants any of it while it is being read waits for
+//! that read, and one still before it finds it kept. A small range never
+//! has a whole span read for it. A span is kept until every download
 //! of the file is past it, within `shared_read_bytes` for the whole DS (past
 //! that, the downloads behind read it themselves). A download that is alone
 //! reads exactly its range, as before, and keeps nothing.
@@ -64,9 +66,9 @@ struct Span {
 /// The downloads of one file and its spans.
 #[derive(Default)]
 struct FileReads {
-    /// Where each download has got to: it has every byte of its range
-    /// before this offset.
-    readers: HashMap<u64, u64>,
+    /// Each download: where it has got to (it has every byte of its range
+    /// before this offset) and where its range ends.
+    readers: HashMap<u64, (u64, u64)>,
     /// By blob offset.
     spans: BTreeMap<u64, Span>,
 }
@@ -107,12 +109,17 @@ impl SharedReads {
         })
     }
 
-    /// A download of `file` whose range starts at `at`.
-    pub(super) fn join(self: &Arc<Self>, file: FileKey, at: u64) -> Reader {
+    /// A download of `range` of `file`.
+    pub(super) fn join(self: &Arc<Self>, file: FileKey, range: Range<u64>) -> Reader {
         let mut inner = self.lock();
         let id = inner.next_reader;
         inner.next_reader += 1;
-        inner.files.entry(file).or_default().readers.insert(id, at);
+        inner
+            .files
+            .entry(file)
+            .or_default()
+            .readers
+            .insert(id, (range.start, range.end));
         Reader {
             reads: self.clone(),
             file,
@@ -157,7 +164,7 @@ impl Inner {
         let Some(f) = self.files.get_mut(file) else {
             return;
         };
-        let Some(&low) = f.readers.values().min() else {
+        let Some(low) = f.readers.values().map(|&(at, _)| at).min() else {
             return;
         };
         let mut freed = 0;
@@ -198,7 +205,7 @@ impl Reader {
         Fut: Future<Output = std::io::Result<Bytes>>,
     {
         debug_assert!(span.start <= want.start && want.end <= span.end);
-        let Some(pending) = self.shared(span.start) else {
+        let Some(pending) = self.shared(&span, &want) else {
             self.reads.count(false);
             return read(want).await;
         };
@@ -223,24 +230,31 @@ impl Reader {
     /// This download has every byte of its range before `at`.
     pub(super) fn reached(&self, at: u64) {
         let mut inner = self.reads.lock();
-        if let Some(f) = inner.files.get_mut(&self.file) {
-            f.readers.insert(self.id, at);
+        if let Some((reached, _)) = inner
+            .files
+            .get_mut(&self.file)
+            .and_then(|f| f.readers.get_mut(&self.id))
+        {
+            *reached = at;
         }
         inner.prune(&self.file);
     }
 
-    /// The span at `start` to share, if it is read or being read, or if
-    /// another download of the file is not yet past it.
-    fn shared(&self, start: u64) -> Option<Pending> {
+    /// The span `span` to share: if it is read or being read, or if this
+    /// download wants all of it and another download of the file, not yet
+    /// past it, will want it too (a small range never has a whole span
+    /// read for it).
+    fn shared(&self, span: &Range<u64>, want: &Range<u64>) -> Option<Pending> {
+        let start = span.start;
         let mut inner = self.reads.lock();
         let f = inner.files.get_mut(&self.file)?;
         let cell = match f.spans.get(&start) {
             Some(s) => s.cell.clone(),
             None => {
-                let behind = f
-                    .readers
-                    .iter()
-                    .any(|(&id, &at)| id != self.id && at < start + SPAN);
+                let behind = want == span
+                    && f.readers.iter().any(|(&id, &(at, end))| {
+                        id != self.id && at < span.end && end > span.start
+                    });
                 if !behind {
                     return None;
                 }

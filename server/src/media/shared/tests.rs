@@ -4,6 +4,9 @@ use super::*;
 
 const MIB: usize = 1 << 20;
 
+/// The end of the blob of these tests.
+const END: u64 = 8 * SPAN;
+
 fn key(n: u8) -> FileKey {
     FileKey {
         media: MediaId::from_slice(&[n; 16]).expect("16 bytes"),
@@ -73,7 +76,7 @@ impl SharedReads {
 async fn a_download_alone_reads_just_its_range_and_keeps_nothing() {
     let reads = SharedReads::new(16 * MIB);
     let disk = Disk::default();
-    let a = reads.join(key(1), 100);
+    let a = reads.join(key(1), 100..SPAN);
     let got = a.piece(span(0), 100..SPAN, |x| disk.read(x)).await.unwrap();
     assert_eq!(got, bytes_of(100..SPAN));
     assert_eq!(*disk.asked.lock().unwrap(), vec![100..SPAN]);
@@ -86,13 +89,13 @@ async fn a_download_alone_reads_just_its_range_and_keeps_nothing() {
 async fn a_download_behind_takes_the_spans_another_one_read() {
     let reads = SharedReads::new(16 * MIB);
     let (disk, never) = (Disk::default(), Disk::default());
-    let a = reads.join(key(1), 0);
-    let b = reads.join(key(1), 0);
+    let a = reads.join(key(1), 0..END);
+    let b = reads.join(key(1), 0..END);
     download(&a, &disk, 0..4).await;
     assert_eq!(disk.calls(), 4);
     assert_eq!(reads.held(), 4 * MIB, "kept for b, which is behind");
     // A range that starts inside a kept span takes its part of it.
-    let c = reads.join(key(1), SPAN + 10);
+    let c = reads.join(key(1), SPAN + 10..SPAN + 20);
     let got = c
         .piece(span(1), SPAN + 10..SPAN + 20, |x| never.read(x))
         .await
@@ -110,8 +113,8 @@ async fn a_download_behind_takes_the_spans_another_one_read() {
 async fn a_download_ahead_is_not_kept_for() {
     let reads = SharedReads::new(16 * MIB);
     let disk = Disk::default();
-    let a = reads.join(key(1), 0);
-    let _b = reads.join(key(1), 5 * SPAN);
+    let a = reads.join(key(1), 0..END);
+    let _b = reads.join(key(1), 5 * SPAN..END);
     download(&a, &disk, 0..3).await;
     assert_eq!(*disk.asked.lock().unwrap(), vec![span(0), span(1), span(2)]);
     assert_eq!((reads.held(), reads.spans(&key(1))), (0, 0));
@@ -120,8 +123,8 @@ async fn a_download_ahead_is_not_kept_for() {
 #[tokio::test]
 async fn a_span_being_read_is_waited_for_and_not_read_again() {
     let reads = SharedReads::new(16 * MIB);
-    let a = Arc::new(reads.join(key(1), 0));
-    let b = Arc::new(reads.join(key(1), 0));
+    let a = Arc::new(reads.join(key(1), 0..END));
+    let b = Arc::new(reads.join(key(1), 0..END));
     let go = Arc::new(tokio::sync::Notify::new());
     let calls = Arc::new(AtomicUsize::new(0));
     let slow = {
@@ -158,8 +161,8 @@ async fn a_span_being_read_is_waited_for_and_not_read_again() {
 async fn spans_past_the_budget_are_read_again_by_the_downloads_behind() {
     let reads = SharedReads::new(2 * MIB);
     let disk = Disk::default();
-    let a = reads.join(key(1), 0);
-    let b = reads.join(key(1), 0);
+    let a = reads.join(key(1), 0..END);
+    let b = reads.join(key(1), 0..END);
     download(&a, &disk, 0..4).await;
     assert_eq!(reads.held(), 2 * MIB, "no more than the budget");
     download(&b, &disk, 0..4).await;
@@ -172,8 +175,8 @@ async fn spans_past_the_budget_are_read_again_by_the_downloads_behind() {
 async fn the_last_download_to_leave_takes_the_kept_spans_with_it() {
     let reads = SharedReads::new(16 * MIB);
     let disk = Disk::default();
-    let a = reads.join(key(1), 0);
-    let b = reads.join(key(1), 0);
+    let a = reads.join(key(1), 0..END);
+    let b = reads.join(key(1), 0..END);
     download(&a, &disk, 0..3).await;
     drop(a);
     assert_eq!(reads.held(), 3 * MIB, "kept while b is behind");
@@ -186,8 +189,8 @@ async fn a_read_that_fails_or_is_dropped_leaves_the_span_to_the_next() {
     use futures_util::FutureExt as _;
     let reads = SharedReads::new(16 * MIB);
     let disk = Disk::default();
-    let a = reads.join(key(1), 0);
-    let b = reads.join(key(1), 0);
+    let a = reads.join(key(1), 0..END);
+    let b = reads.join(key(1), 0..END);
     // Dropped while its read is under way.
     let never = |_| std::future::pending::<std::io::Result<Bytes>>();
     assert!(a.piece(span(0), span(0), never).now_or_never().is_none());
@@ -206,12 +209,41 @@ async fn a_read_that_fails_or_is_dropped_leaves_the_span_to_the_next() {
 async fn another_file_of_the_same_item_shares_nothing() {
     let reads = SharedReads::new(16 * MIB);
     let disk = Disk::default();
-    let a = reads.join(key(1), 0);
+    let a = reads.join(key(1), 0..END);
     let mut replaced = key(1);
     replaced.ino += 1;
-    let b = reads.join(replaced, 0);
+    let b = reads.join(replaced, 0..END);
     download(&a, &disk, 0..2).await;
     download(&b, &disk, 0..2).await;
     assert_eq!(disk.calls(), 4);
+    assert_eq!(reads.held(), 0);
+}
+
+#[tokio::test]
+async fn a_small_range_never_has_a_whole_span_read_for_it() {
+    let reads = SharedReads::new(16 * MIB);
+    let disk = Disk::default();
+    // Behind every span, and wanting all of them.
+    let _a = reads.join(key(1), 0..END);
+    let c = reads.join(key(1), SPAN + 10..SPAN + 20);
+    let got = c
+        .piece(span(1), SPAN + 10..SPAN + 20, |x| disk.read(x))
+        .await
+        .unwrap();
+    assert_eq!(got, bytes_of(SPAN + 10..SPAN + 20));
+    assert_eq!(*disk.asked.lock().unwrap(), vec![SPAN + 10..SPAN + 20]);
+    assert_eq!((reads.held(), reads.spans(&key(1))), (0, 0));
+}
+
+#[tokio::test]
+async fn a_download_is_kept_for_only_where_its_range_goes() {
+    let reads = SharedReads::new(16 * MIB);
+    let (disk, never) = (Disk::default(), Disk::default());
+    let a = reads.join(key(1), 0..END);
+    let b = reads.join(key(1), 0..SPAN);
+    download(&a, &disk, 0..3).await;
+    assert_eq!(reads.held(), MIB, "only the span b's range covers");
+    download(&b, &never, 0..1).await;
+    assert_eq!(never.calls(), 0);
     assert_eq!(reads.held(), 0);
 }
