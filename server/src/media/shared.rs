@@ -95,7 +95,9 @@ struct Counts {
 pub(super) struct SharedReads {
     inner: Mutex<Inner>,
     budget: usize,
-    /// Pieces read from disk, and taken from another download's read.
+    /// Tests: pieces read from disk, and taken from another download's
+    /// read, by this instance (the DS's counters are process-wide).
+    #[cfg(test)]
     counts: [std::sync::atomic::AtomicU64; 2],
 }
 
@@ -105,6 +107,7 @@ impl SharedReads {
         Arc::new(Self {
             inner: Mutex::default(),
             budget,
+            #[cfg(test)]
             counts: Default::default(),
         })
     }
@@ -150,6 +153,7 @@ impl SharedReads {
 
     fn count(&self, shared: bool) {
         crate::metrics::COUNTERS.blob_read(shared);
+        #[cfg(test)]
         self.counts[usize::from(shared)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
