@@ -527,12 +527,20 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
             "download_ratio_to_limit",
             disk.map(|d| download / base_down.min(d.2)),
         )
+        .set_opt(
+            "download_ratio_disk_allows",
+            disk.map(|d| d.2.min(base_down) / base_down),
+        )
         .set_opt("baseline_disk_concurrent_reads_while_writing_mb_s", disk.map(|d| d.3))
         .set_opt("baseline_disk_shared_read_while_writing_mb_s", disk.map(|d| d.4))
         .set_opt("concurrent_pieces_shared", shared)
         .set_opt(
             "concurrent_ratio_to_limit",
             disk.map(|d| aggregate / base_concurrent.min(d.4)),
+        )
+        .set_opt(
+            "concurrent_ratio_disk_allows",
+            disk.map(|d| d.4.min(base_concurrent) / base_concurrent),
         )
         .set("baseline_upload_cpu_s_sender", total(base_up_cpu.0))
         .set("baseline_upload_cpu_s_receiver", total(base_up_cpu.1))
@@ -569,7 +577,7 @@ pub async fn run(p: Params, out: &Output) -> anyhow::Result<()> {
         .note("*_cpu_s_*: CPU seconds (user + system, all threads) each side used for the transfer, from /proc; *_cpu_ratio: the raw transfer's CPU over Huddle's. Both sides share the machine's cores, so when they are busy the throughput ratio cannot exceed the CPU ratio")
         .note(format!("baseline_*: raw quinn with the DS's transport settings, datagrams up to {} bytes where the path allows (loopback does); baseline_1452_*: the same with quinn's default {QUINN_DEFAULT_UDP_PAYLOAD}-byte datagrams", huddle_core::proto::MAX_UDP_PAYLOAD))
         .note("baseline_disk_write_*: writing as many bytes to a new file on the data dir's file system through the blob file module the DS and the client use (direct I/O, synced at least 16 MiB apart and at most once a second, and at the end); an upload is durable on the DS, and a download on the client, before either completes, so neither can be faster than the slower of raw quinn and this: *_ratio_to_limit. baseline_disk_buffered_*: the same through the page cache")
-        .note("baseline_disk_read_while_writing_mb_s: the stored blob read through the DS's blob reader (1 MiB reads, two in flight) while as many bytes are written through the blob path, at once, on the same disk: what a download run on one machine asks of it (a real client writes on its own disk); download_ratio_to_limit is against the slower of this and raw quinn; baseline_disk_concurrent_reads_while_writing_mb_s: the same for all downloaders at once (the blob read once for each, each writing its own file), aggregate; baseline_disk_shared_read_while_writing_mb_s: the blob read once while every downloader's file is written, what the DS asks of the disk when it shares the downloads' reads (concurrent_pieces_shared: the share of the pieces the concurrent downloads took from a span another one read, from the DS's counters), and concurrent_ratio_to_limit against the slower of this and the raw concurrent streams")
+        .note("baseline_disk_read_while_writing_mb_s: the stored blob read through the DS's blob reader (1 MiB reads, two in flight) while as many bytes are written through the blob path, at once, on the same disk: what a download run on one machine asks of it (a real client writes on its own disk); download_ratio_to_limit is against the slower of this and raw quinn; baseline_disk_concurrent_reads_while_writing_mb_s: the same for all downloaders at once (the blob read once for each, each writing its own file), aggregate; baseline_disk_shared_read_while_writing_mb_s: the blob read once while every downloader's file is written, what the DS asks of the disk when it shares the downloads' reads (concurrent_pieces_shared: the share of the pieces the concurrent downloads took from a span another one read, from the DS's counters), and concurrent_ratio_to_limit against the slower of this and the raw concurrent streams; download_ratio_disk_allows and concurrent_ratio_disk_allows: the most download_ratio and concurrent_ratio could be on this machine if Huddle cost no CPU at all, the disk's figure over raw quinn's (capped at 1)")
         .note("*_cpu_s_per_gib: CPU seconds of every process of the transfer together, per GiB of ciphertext; floor_*: the raw quinn transfer's plus one AES-GCM pass, one BLAKE3 pass (the sender's on upload: the DS hashes only a resumed upload; the receiver's on download), the blob-path disk write (with its copy into the aligned buffer) and, on upload, reading the file to send (source_read_cpu_s_per_gib), each measured in this run")
         .note("*_ratio_at_floor: the raw transfer's CPU per GiB over the floor's: the throughput ratio a transfer that costs no more than the floor would reach where both are bound by the two processes' CPU on the machine's cores (an estimate: it assumes both keep the cores equally busy)")
         .note("page_cache_growth_*: change of Cached in /proc/meminfo over the upload and over the downloads (the whole machine; the file being sent is read through the cache, and was written just before)")
