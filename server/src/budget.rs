@@ -1,5 +1,6 @@
 //! Memory for answers in flight, bounded per connection, per user and for
-//! the whole DS.
+//! the whole DS; and the same kind of budget for the memory of transfers,
+//! per user and for the whole DS ([`Budgets::for_transfers`]).
 //!
 //! An answer is built in memory and stays there until its client has read
 //! it. A client that asks and never reads (it grants no flow-control
@@ -20,7 +21,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::ServerConfig;
 
-/// The DS's answer budgets.
+/// Byte budgets of one kind of memory (answers, transfers): per
+/// connection (where the caller has one), per user and for the whole DS.
 #[derive(Debug)]
 pub struct Budgets {
     total: Arc<Semaphore>,
@@ -28,6 +30,8 @@ pub struct Budgets {
     per_user: usize,
     per_connection: usize,
     wait: Duration,
+    /// The refusal's message, given whose budget is used up.
+    refusal: fn(&str) -> String,
 }
 
 /// Bytes reserved from every budget that applies, released on drop.
@@ -83,7 +87,7 @@ pub fn reserve_for(req: &Request, max_frame: usize) -> Option<usize> {
 }
 
 impl Budgets {
-    /// Budgets as configured.
+    /// The answer budgets as configured.
     pub fn new(config: &ServerConfig) -> Self {
         Self {
             total: Arc::new(Semaphore::new(config.answer_budget_total)),
@@ -91,6 +95,31 @@ impl Budgets {
             per_user: config.answer_budget_per_user,
             per_connection: config.answer_budget_per_connection,
             wait: config.answer_budget_wait,
+            refusal: |whose| {
+                format!(
+                    "answers in flight: the memory for unread answers of {whose} is used up; read the answers already asked for"
+                )
+            },
+        }
+    }
+
+    /// The transfer memory budgets as configured: a transfer reserves the
+    /// most it can hold before it starts, per user and for the whole DS
+    /// (no connection budget).
+    pub fn for_transfers(config: &ServerConfig) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(
+                config.transfer_memory_total.min(Semaphore::MAX_PERMITS),
+            )),
+            users: Mutex::new(HashMap::new()),
+            per_user: config.transfer_memory_per_user,
+            per_connection: usize::MAX,
+            wait: config.transfer_memory_wait,
+            refusal: |whose| {
+                format!(
+                    "transfers: the memory for running transfers of {whose} is in use; try again when one has ended"
+                )
+            },
         }
     }
 
@@ -99,23 +128,19 @@ impl Budgets {
         Arc::new(Semaphore::new(self.per_connection))
     }
 
-    /// Reserves `bytes` from `conn`, from `user`'s budget (if
+    /// Reserves `bytes` from `conn` (if given), from `user`'s budget (if
     /// authenticated) and from the DS's, waiting up to the configured time
-    /// for answers in flight to be read. The error says which budget is
+    /// for what holds them to be released. The error says which budget is
     /// used up.
     pub async fn reserve(
         &self,
-        conn: &Arc<Semaphore>,
+        conn: Option<&Arc<Semaphore>>,
         user: Option<&str>,
         bytes: usize,
     ) -> Result<Lease, ErrorBody> {
         let limits = [
-            (Some(conn.clone()), self.per_connection, "this connection"),
-            (
-                user.map(|u| self.user(u)),
-                self.per_user,
-                "this user's connections",
-            ),
+            (conn.cloned(), self.per_connection, "this connection"),
+            (user.map(|u| self.user(u)), self.per_user, "this user"),
             (Some(self.total.clone()), usize::MAX, "the server"),
         ];
         let mut permits = Vec::with_capacity(3);
@@ -130,14 +155,7 @@ impl Budgets {
                 .await
                 .ok()
                 .and_then(|r| r.ok())
-                .ok_or_else(|| {
-                    ErrorBody::new(
-                        ErrorCode::QuotaExceeded,
-                        format!(
-                            "answers in flight: the memory for unread answers of {whose} is used up; read the answers already asked for"
-                        ),
-                    )
-                })?;
+                .ok_or_else(|| ErrorBody::new(ErrorCode::QuotaExceeded, (self.refusal)(whose)))?;
             permits.push(p);
         }
         let mut lease = Lease {
@@ -191,29 +209,29 @@ mod tests {
         let b = budgets(100, 150, 1_000);
         let c1 = b.connection();
         let c2 = b.connection();
-        let first = b.reserve(&c1, Some("u"), 80).await.unwrap();
+        let first = b.reserve(Some(&c1), Some("u"), 80).await.unwrap();
         // The connection's budget is the limit here.
-        let e = b.reserve(&c1, Some("u"), 30).await.unwrap_err();
+        let e = b.reserve(Some(&c1), Some("u"), 30).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::QuotaExceeded);
         assert!(e.message.contains("this connection"), "{}", e.message);
         // Another connection of the same user: the user's budget.
-        let e = b.reserve(&c2, Some("u"), 80).await.unwrap_err();
+        let e = b.reserve(Some(&c2), Some("u"), 80).await.unwrap_err();
         assert!(e.message.contains("this user"), "{}", e.message);
         // Another user is not affected.
-        let other = b.reserve(&c2, Some("v"), 80).await.unwrap();
+        let other = b.reserve(Some(&c2), Some("v"), 80).await.unwrap();
         drop((first, other));
-        b.reserve(&c1, Some("u"), 100).await.unwrap();
+        b.reserve(Some(&c1), Some("u"), 100).await.unwrap();
     }
 
     #[tokio::test]
     async fn shrinking_gives_bytes_back_to_every_budget() {
         let b = budgets(100, 100, 100);
         let c = b.connection();
-        let mut l = b.reserve(&c, Some("u"), 100).await.unwrap();
+        let mut l = b.reserve(Some(&c), Some("u"), 100).await.unwrap();
         l.shrink(10);
         assert_eq!(l.bytes(), 10);
         assert_eq!(b.in_flight(100), 10);
-        let more = b.reserve(&c, Some("u"), 90).await.unwrap();
+        let more = b.reserve(Some(&c), Some("u"), 90).await.unwrap();
         drop((l, more));
         assert_eq!(b.in_flight(100), 0);
         b.prune();
@@ -224,8 +242,8 @@ mod tests {
     async fn the_whole_ds_budget_bounds_many_users() {
         let b = budgets(100, 100, 150);
         let (c1, c2) = (b.connection(), b.connection());
-        let _a = b.reserve(&c1, Some("a"), 100).await.unwrap();
-        let e = b.reserve(&c2, Some("b"), 100).await.unwrap_err();
+        let _a = b.reserve(Some(&c1), Some("a"), 100).await.unwrap();
+        let e = b.reserve(Some(&c2), Some("b"), 100).await.unwrap_err();
         assert!(e.message.contains("the server"), "{}", e.message);
     }
 }

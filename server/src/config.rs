@@ -187,6 +187,16 @@ pub struct ServerConfig {
     pub max_transfers_per_user: usize,
     /// Most transfers the DS runs at once.
     pub max_transfers_total: usize,
+    /// Bytes of memory one user's transfers may hold at once: each
+    /// reserves the most it can hold before it starts (an upload of a
+    /// large item about 17 MiB, a download about 7 MiB, a small item less);
+    /// one that would go beyond waits, then is refused with
+    /// `QuotaExceeded`.
+    pub transfer_memory_per_user: usize,
+    /// The same over the whole DS.
+    pub transfer_memory_total: usize,
+    /// How long a transfer waits for room in those budgets.
+    pub transfer_memory_wait: Duration,
     /// Bytes of blob spans the DS keeps for downloads of the same item
     /// running at once, so that the disk serves each span once; 0 keeps
     /// none (reads in flight are still shared).
@@ -266,6 +276,9 @@ impl Default for ServerConfig {
             transfer_stall_timeout: Duration::from_secs(30),
             max_transfers_per_user: 16,
             max_transfers_total: 1024,
+            transfer_memory_per_user: 128 << 20,
+            transfer_memory_total: 2 << 30,
+            transfer_memory_wait: Duration::from_secs(10),
             shared_read_bytes: 4 << 20,
             media_sweep_interval: Duration::from_secs(60),
             clock: clock::system,
@@ -347,6 +360,10 @@ impl ServerConfig {
             ("blocking_threads", self.blocking_threads == 0),
             ("max_transfers_per_user", self.max_transfers_per_user == 0),
             ("max_transfers_total", self.max_transfers_total == 0),
+            (
+                "transfer_memory_per_user",
+                self.transfer_memory_per_user == 0,
+            ),
             ("object_part_buffers", self.object_part_buffers == 0),
             (
                 "object_part_buffers_per_user",
@@ -378,6 +395,9 @@ impl ServerConfig {
             || self.answer_budget_per_user > self.answer_budget_total
         {
             return Err("answer budgets must grow from connection to user to the whole DS".into());
+        }
+        if self.transfer_memory_per_user > self.transfer_memory_total {
+            return Err("transfer_memory_per_user cannot exceed transfer_memory_total".into());
         }
         Ok(())
     }
@@ -461,6 +481,9 @@ limits! {
     transfer_stall_timeout: time,
     max_transfers_per_user: count,
     max_transfers_total: count,
+    transfer_memory_per_user: size,
+    transfer_memory_total: size,
+    transfer_memory_wait: time,
     shared_read_bytes: size,
     object_part_buffers: count,
     object_part_buffers_per_user: count,

@@ -91,6 +91,7 @@ impl Running {
             groups_loaded: self.service.loaded_groups(),
             tail_bytes: self.service.tail_bytes(),
             transfers: self.blobs.transfers(),
+            transfer_memory: self.blobs.transfer_memory(),
         }
     }
 }
@@ -104,6 +105,8 @@ pub struct Stats {
     pub tail_bytes: usize,
     /// Uploads and downloads running.
     pub transfers: usize,
+    /// Bytes of memory they have reserved (`transfer_memory_*`).
+    pub transfer_memory: usize,
     /// Groups in memory.
     pub groups_loaded: usize,
 }
@@ -267,6 +270,7 @@ async fn serve(
                     _ = tick.tick() => {
                         svc.flush_acks().await;
                         svc.budgets.prune();
+                        blobs.prune();
                         svc.unload_idle().await;
                         if last_sweep.is_none_or(|t| t.elapsed() >= svc.config().media_sweep_interval) {
                             last_sweep = Some(std::time::Instant::now());
@@ -603,7 +607,7 @@ async fn handle_stream(
             if let Some(n) = budget::reserve_for(&other, svc.config().max_frame) {
                 match svc
                     .budgets
-                    .reserve(&session.answers, session.user().as_deref(), n)
+                    .reserve(Some(&session.answers), session.user().as_deref(), n)
                     .await
                 {
                     Ok(l) => lease = Some(l),

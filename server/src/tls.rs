@@ -123,6 +123,14 @@ pub fn quinn_config(config: &ServerConfig, identity: Identity) -> Result<quinn::
     Ok(server)
 }
 
+/// What QUIC buffers for one stream the DS receives, at most: data the
+/// client may send before the DS has read it.
+pub(crate) const STREAM_RECEIVE_WINDOW: u32 = 8 << 20;
+
+/// What QUIC holds of one connection's sent data until acknowledged, at
+/// most.
+pub(crate) const SEND_WINDOW: u32 = 4 << 20;
+
 /// Transport parameters. Receive windows are sized for bulk media uploads on
 /// fast links; the stream limit bounds the work one client can queue.
 fn transport(config: &ServerConfig) -> Result<quinn::TransportConfig> {
@@ -132,13 +140,13 @@ fn transport(config: &ServerConfig) -> Result<quinn::TransportConfig> {
     ));
     t.max_concurrent_bidi_streams(config.max_streams_per_connection.into());
     t.max_concurrent_uni_streams(0u8.into());
-    t.stream_receive_window((8u32 * 1024 * 1024).into());
+    t.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
     t.receive_window((16u32 * 1024 * 1024).into());
     // Bounds what one connection can hold queued in the DS: a push stream
     // its client stopped reading (plus the 8 MiB the client accepts), or a
     // download in flight. 4 MiB covers 40 MB/s at 100 ms of round trip;
     // with 8 MiB, two concurrent 1 GiB downloads took the DS to 64.7 MiB.
-    t.send_window(4 * 1024 * 1024);
+    t.send_window(SEND_WINDOW as u64);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(huddle_core::proto::MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));

@@ -245,6 +245,132 @@ async fn stalled_uploads_hold_no_thread_and_are_cut_off() {
     drop((held, conns));
 }
 
+/// Sixteen uploads of large items took the DS to 311 MB for one user, and
+/// the users of a whole DS could take it to tens of GB. Now a transfer
+/// reserves the most it can hold before it starts, from its user's and
+/// the DS's transfer memory: past either it waits, then is refused, while
+/// other users and small items are still served, and an ended transfer
+/// gives its memory back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_are_paid_for_from_a_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Process::start_with(
+        &dir.path().join("ds"),
+        "127.0.0.1:0",
+        &[
+            "transfer_memory_per_user=40MiB",
+            "transfer_memory_total=60MiB",
+            "transfer_memory_wait=300ms",
+        ],
+    );
+    let mut alice = client(&p, dir.path(), "alice").await;
+    let mut mallory = client(&p, dir.path(), "mallory").await;
+    let g = alice.create_group("g").await.unwrap().to_string();
+    alice.add(&g, &["mallory".into()]).await.unwrap();
+    mallory.sync().await.unwrap();
+    let gid: GroupId = g.parse().unwrap();
+    // A stored item of 3 MiB: downloading it holds about 5 MiB.
+    let src = dir.path().join("picture.bin");
+    std::fs::write(&src, vec![7u8; 3 << 20]).unwrap();
+    let sent = alice
+        .send_file(&g, &src, "", &mut huddle_client::Quiet)
+        .await
+        .unwrap();
+    let stored: MediaId = sent.media_id().unwrap().parse().unwrap();
+    let download = Request::Download {
+        media: stored,
+        offset: 0,
+        len: 0,
+    };
+    let connect = |name: &'static str| {
+        let (p, dir) = (&p, dir.path().to_owned());
+        async move {
+            let (_, id) = Home::new(dir.join(name)).load().unwrap();
+            let c = Connection::connect(&p.addr, p.trust()).await.unwrap();
+            c.authenticate(&id, false).await.unwrap();
+            c
+        }
+    };
+    let refused = |r: Result<_, ClientError>| match r {
+        Err(ClientError::Server(e)) if e.code == ErrorCode::QuotaExceeded => e.message,
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("admitted past the transfer memory"),
+    };
+    // A large item's upload holds about 17 MiB: two fit in 40 MiB.
+    const LARGE: u64 = 64 << 20;
+    let m = connect("mallory").await;
+    let mut held = vec![
+        begin_upload(&m, gid, LARGE).await.unwrap(),
+        begin_upload(&m, gid, LARGE).await.unwrap(),
+    ];
+    let why = refused(begin_upload(&m, gid, LARGE).await);
+    assert!(why.contains("this user"), "{why}");
+    // A small item holds little, and still fits; what is left is too
+    // little for the download.
+    held.push(begin_upload(&m, gid, 1 << 20).await.unwrap());
+    let why = refused(m.open(&download).await);
+    assert!(why.contains("this user"), "{why}");
+    // Another user is served from her own budget, up to the DS's.
+    let a = connect("alice").await;
+    let hers = begin_upload(&a, gid, LARGE).await.unwrap();
+    let why = refused(begin_upload(&a, gid, LARGE).await);
+    assert!(why.contains("the server"), "{why}");
+    still_served(dir.path(), "alice", &g).await;
+    // An upload that ends gives its memory back.
+    let (mut send, _recv, _) = held.remove(0);
+    send.reset(0u32.into()).unwrap();
+    let mut again = None;
+    for _ in 0..20 {
+        match begin_upload(&m, gid, LARGE).await {
+            Ok(u) => {
+                again = Some(u);
+                break;
+            }
+            Err(e) => {
+                refused(Err(e));
+            }
+        }
+    }
+    assert!(
+        again.is_some(),
+        "the ended upload's memory did not come back"
+    );
+    // With a second one ended, the download is served.
+    let (mut send, _recv, _) = held.remove(0);
+    send.reset(0u32.into()).unwrap();
+    let mut served = false;
+    for _ in 0..20 {
+        match m.open(&download).await {
+            Ok((_, _, resp)) => {
+                assert!(matches!(resp, Response::Download { .. }), "{resp:?}");
+                served = true;
+                break;
+            }
+            Err(e) => {
+                refused(Err(e));
+            }
+        }
+    }
+    assert!(served, "the download was not served once memory was free");
+    drop((held, hers, again, m, a));
+}
+
+/// Begins an upload of a new item of `total_len` bytes to `group` on `c`.
+async fn begin_upload(
+    c: &Connection,
+    group: GroupId,
+    total_len: u64,
+) -> huddle_client::Result<(quinn::SendStream, quinn::RecvStream, Response)> {
+    let mut media = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut media);
+    c.open(&Request::BeginUpload(UploadRequest {
+        group,
+        media: MediaId(media),
+        total_len,
+    }))
+    .await
+}
+
 /// A connection that never authenticates is closed after the deadline,
 /// and connections still authenticating are counted apart, so they cannot
 /// take every slot; a user's own connections are bounded too.

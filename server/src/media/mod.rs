@@ -107,6 +107,9 @@ pub struct BlobStore {
     /// Spans of blobs on disk read once for the downloads of the same file
     /// running at once.
     shared: Arc<shared::SharedReads>,
+    /// The memory transfers hold, per user and for the whole DS
+    /// (`transfer_memory_*`).
+    memory: crate::budget::Budgets,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -122,10 +125,40 @@ struct ActiveGuard<'a> {
     id: MediaId,
 }
 
-/// One running transfer, counted until dropped.
+/// One running transfer, counted until dropped, and the memory it may
+/// hold ([`BlobStore::hold`]).
 struct Transfer {
     counts: Arc<Mutex<(HashMap<String, usize>, usize)>>,
     user: String,
+    /// Given back when the transfer ends.
+    _memory: Option<crate::budget::Lease>,
+}
+
+/// What a transfer holds besides its buffers: the aligned reads of a short
+/// range, its task and descriptors.
+const TRANSFER_OVERHEAD: usize = 64 << 10;
+
+/// The most an upload of an item of `len` bytes holds in the DS's memory:
+/// the received batches queued for the blob writer and the one being
+/// gathered, its two aligned blob buffers, and what QUIC buffers for the
+/// stream (its receive window). A small item holds no more than itself in
+/// each.
+fn upload_memory(len: u64) -> usize {
+    let l = usize::try_from(len).unwrap_or(usize::MAX);
+    l.min((disk::WRITE_QUEUE + 1) * BUF)
+        + l.min(2 * disk::BLOB_BUFFER)
+        + l.min(crate::tls::STREAM_RECEIVE_WINDOW as usize)
+        + TRANSFER_OVERHEAD
+}
+
+/// The most a download of `len` bytes holds: its reads in flight, and the
+/// pieces QUIC holds until they are acknowledged (the connection's send
+/// window, and the piece that reaches past it).
+fn download_memory(len: u64) -> usize {
+    let l = usize::try_from(len).unwrap_or(usize::MAX);
+    l.min(download::READ_AHEAD * BUF)
+        + l.min(crate::tls::SEND_WINDOW as usize + BUF)
+        + TRANSFER_OVERHEAD
 }
 
 impl Drop for Transfer {
@@ -169,7 +202,30 @@ impl BlobStore {
         Ok(Transfer {
             counts: self.transfers.clone(),
             user: user.to_owned(),
+            _memory: None,
         })
+    }
+
+    /// Reserves `bytes`, the most `transfer` can hold in memory, from its
+    /// user's and the DS's transfer memory, waiting up to
+    /// `transfer_memory_wait` for running transfers to end.
+    async fn hold(&self, transfer: &mut Transfer, bytes: usize) -> Result<(), ErrorBody> {
+        let lease = self
+            .memory
+            .reserve(None, Some(&transfer.user), bytes)
+            .await?;
+        transfer._memory = Some(lease);
+        Ok(())
+    }
+
+    /// Bytes of memory running transfers have reserved, DS-wide.
+    pub fn transfer_memory(&self) -> usize {
+        self.memory.in_flight(self.config.transfer_memory_total)
+    }
+
+    /// Forgets the transfer memory budgets of users with nothing running.
+    pub fn prune(&self) {
+        self.memory.prune();
     }
 
     /// Transfers running now.
@@ -259,6 +315,7 @@ impl BlobStore {
             .transpose()
             .map_err(crate::error::StartError::msg)?;
         let shared = shared::SharedReads::new(config.shared_read_bytes);
+        let memory = crate::budget::Budgets::for_transfers(&config);
         Ok(Self {
             dir,
             partial,
@@ -271,6 +328,7 @@ impl BlobStore {
             io_mode: huddle_io::Mode::from_env(),
             objects,
             shared,
+            memory,
         })
     }
 

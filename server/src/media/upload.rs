@@ -62,7 +62,7 @@ pub(super) async fn upload_inner(
     let user = session
         .user()
         .ok_or_else(|| err(ErrorCode::NotAuthenticated, "authenticate first"))?;
-    let _transfer = blobs.transfer(&user)?;
+    let mut transfer = blobs.transfer(&user)?;
     let group = svc
         .load_group(&req.group)
         .await?
@@ -77,6 +77,9 @@ pub(super) async fn upload_inner(
     // A reader, or a member of an announcement group, uploads nothing.
     group.with_view(|v| v.check_upload(&user))?;
     admission::check_request(req, blobs.config.max_media_item)?;
+    blobs
+        .hold(&mut transfer, super::upload_memory(req.total_len))
+        .await?;
     let id = req.media;
     // The uploader resuming takes the upload over: its earlier stream may
     // belong to a process that was killed, on a connection the DS has not
