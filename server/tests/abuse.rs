@@ -39,6 +39,29 @@ async fn still_served(dir: &std::path::Path, name: &str, group: &str) {
     c.close().await;
 }
 
+/// Alice and mallory registered, mallory a member of alice's group
+/// `name`: the two clients and the group's id.
+async fn alice_and_mallory(
+    p: &Process,
+    dir: &std::path::Path,
+    name: &str,
+) -> (Client, Client, String) {
+    let mut alice = client(p, dir, "alice").await;
+    let mut mallory = client(p, dir, "mallory").await;
+    let g = alice.create_group(name).await.unwrap().to_string();
+    alice.add(&g, &["mallory".into()]).await.unwrap();
+    mallory.sync().await.unwrap();
+    (alice, mallory, g)
+}
+
+/// A new connection of `p`, authenticated as the user of `dir/name`.
+async fn connect_as(p: &Process, dir: &std::path::Path, name: &str) -> Connection {
+    let (_, id) = Home::new(dir.join(name)).load().unwrap();
+    let c = Connection::connect(&p.addr, p.trust()).await.unwrap();
+    c.authenticate(&id, false).await.unwrap();
+    c
+}
+
 /// A connection as `id` whose client grants (almost) no flow-control
 /// credit: the DS can build answers for it but not send them.
 async fn never_reading(p: &Process, id: &Identity) -> Connection {
@@ -63,11 +86,7 @@ async fn answers_a_client_never_reads_stay_within_its_budget() {
         "127.0.0.1:0",
         &["answer_budget_wait=500ms", "answer_write_timeout=5s"],
     );
-    let mut alice = client(&p, dir.path(), "alice").await;
-    let mut mallory = client(&p, dir.path(), "mallory").await;
-    let g = alice.create_group("big").await.unwrap().to_string();
-    alice.add(&g, &["mallory".into()]).await.unwrap();
-    mallory.sync().await.unwrap();
+    let (mut alice, _mallory, g) = alice_and_mallory(&p, dir.path(), "big").await;
     // About 2 MB of log: every page is full (1 MiB).
     for i in 0..32 {
         alice
@@ -197,28 +216,15 @@ async fn stalled_uploads_hold_no_thread_and_are_cut_off() {
         "127.0.0.1:0",
         &["transfer_stall_timeout=2s"],
     );
-    let mut alice = client(&p, dir.path(), "alice").await;
-    let mut mallory = client(&p, dir.path(), "mallory").await;
-    let g = alice.create_group("g").await.unwrap().to_string();
-    alice.add(&g, &["mallory".into()]).await.unwrap();
-    mallory.sync().await.unwrap();
+    let (_alice, _mallory, g) = alice_and_mallory(&p, dir.path(), "g").await;
     let gid: GroupId = g.parse().unwrap();
-    let (_, id) = Home::new(dir.path().join("mallory")).load().unwrap();
     let mut refused = 0;
     let mut held = Vec::new();
     let mut conns = Vec::new();
     for _ in 0..4 {
-        let c = Connection::connect(&p.addr, p.trust()).await.unwrap();
-        c.authenticate(&id, false).await.unwrap();
+        let c = connect_as(&p, dir.path(), "mallory").await;
         for _ in 0..50 {
-            let mut media = [0u8; 16];
-            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut media);
-            let req = Request::BeginUpload(UploadRequest {
-                group: gid,
-                media: MediaId(media),
-                total_len: 1 << 20,
-            });
-            match c.open(&req).await {
+            match begin_upload(&c, gid, 1 << 20).await {
                 Ok(streams) => held.push(streams),
                 Err(ClientError::Server(e)) if e.code == ErrorCode::QuotaExceeded => refused += 1,
                 Err(e) => panic!("{e}"),
@@ -232,15 +238,8 @@ async fn stalled_uploads_hold_no_thread_and_are_cut_off() {
     still_served(dir.path(), "alice", &g).await;
     // Silent uploads end: a new one is taken again.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let c = Connection::connect(&p.addr, p.trust()).await.unwrap();
-    c.authenticate(&id, false).await.unwrap();
-    let r = c
-        .open(&Request::BeginUpload(UploadRequest {
-            group: gid,
-            media: MediaId([9; 16]),
-            total_len: 1 << 20,
-        }))
-        .await;
+    let c = connect_as(&p, dir.path(), "mallory").await;
+    let r = begin_upload(&c, gid, 1 << 20).await;
     assert!(matches!(r, Ok((_, _, Response::Upload { .. }))), "{r:?}");
     drop((held, conns));
 }
@@ -263,11 +262,7 @@ async fn transfers_are_paid_for_from_a_memory_budget() {
             "transfer_memory_wait=300ms",
         ],
     );
-    let mut alice = client(&p, dir.path(), "alice").await;
-    let mut mallory = client(&p, dir.path(), "mallory").await;
-    let g = alice.create_group("g").await.unwrap().to_string();
-    alice.add(&g, &["mallory".into()]).await.unwrap();
-    mallory.sync().await.unwrap();
+    let (mut alice, _mallory, g) = alice_and_mallory(&p, dir.path(), "g").await;
     let gid: GroupId = g.parse().unwrap();
     // A stored item of 3 MiB: downloading it holds about 5 MiB.
     let src = dir.path().join("picture.bin");
@@ -282,15 +277,6 @@ async fn transfers_are_paid_for_from_a_memory_budget() {
         offset: 0,
         len: 0,
     };
-    let connect = |name: &'static str| {
-        let (p, dir) = (&p, dir.path().to_owned());
-        async move {
-            let (_, id) = Home::new(dir.join(name)).load().unwrap();
-            let c = Connection::connect(&p.addr, p.trust()).await.unwrap();
-            c.authenticate(&id, false).await.unwrap();
-            c
-        }
-    };
     let refused = |r: Result<_, ClientError>| match r {
         Err(ClientError::Server(e)) if e.code == ErrorCode::QuotaExceeded => e.message,
         Err(e) => panic!("{e}"),
@@ -298,7 +284,7 @@ async fn transfers_are_paid_for_from_a_memory_budget() {
     };
     // A large item's upload holds about 17 MiB: two fit in 40 MiB.
     const LARGE: u64 = 64 << 20;
-    let m = connect("mallory").await;
+    let m = connect_as(&p, dir.path(), "mallory").await;
     let mut held = vec![
         begin_upload(&m, gid, LARGE).await.unwrap(),
         begin_upload(&m, gid, LARGE).await.unwrap(),
@@ -311,7 +297,7 @@ async fn transfers_are_paid_for_from_a_memory_budget() {
     let why = refused(m.open(&download).await);
     assert!(why.contains("this user"), "{why}");
     // Another user is served from her own budget, up to the DS's.
-    let a = connect("alice").await;
+    let a = connect_as(&p, dir.path(), "alice").await;
     let hers = begin_upload(&a, gid, LARGE).await.unwrap();
     let why = refused(begin_upload(&a, gid, LARGE).await);
     assert!(why.contains("the server"), "{why}");
