@@ -285,8 +285,9 @@ async fn transfers_are_paid_for_from_a_memory_budget() {
     // A large item's upload holds about 17 MiB: two fit in 40 MiB.
     const LARGE: u64 = 64 << 20;
     let m = connect_as(&p, dir.path(), "mallory").await;
+    let first = MediaId([1; 16]);
     let mut held = vec![
-        begin_upload(&m, gid, LARGE).await.unwrap(),
+        begin_upload_of(&m, gid, first, LARGE).await.unwrap(),
         begin_upload(&m, gid, LARGE).await.unwrap(),
     ];
     let why = refused(begin_upload(&m, gid, LARGE).await);
@@ -302,6 +303,9 @@ async fn transfers_are_paid_for_from_a_memory_budget() {
     let why = refused(begin_upload(&a, gid, LARGE).await);
     assert!(why.contains("the server"), "{why}");
     still_served(dir.path(), "alice", &g).await;
+    // Its uploader resuming an upload takes the earlier stream over, and
+    // its memory with it, however full the budget.
+    held[0] = begin_upload_of(&m, gid, first, LARGE).await.unwrap();
     // An upload that ends gives its memory back.
     let (mut send, _recv, _) = held.remove(0);
     send.reset(0u32.into()).unwrap();
@@ -349,9 +353,20 @@ async fn begin_upload(
 ) -> huddle_client::Result<(quinn::SendStream, quinn::RecvStream, Response)> {
     let mut media = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut media);
+    begin_upload_of(c, group, MediaId(media), total_len).await
+}
+
+/// Begins (or resumes) the upload of `media`, `total_len` bytes, to
+/// `group` on `c`.
+async fn begin_upload_of(
+    c: &Connection,
+    group: GroupId,
+    media: MediaId,
+    total_len: u64,
+) -> huddle_client::Result<(quinn::SendStream, quinn::RecvStream, Response)> {
     c.open(&Request::BeginUpload(UploadRequest {
         group,
-        media: MediaId(media),
+        media,
         total_len,
     }))
     .await

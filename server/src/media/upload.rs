@@ -77,9 +77,6 @@ pub(super) async fn upload_inner(
     // A reader, or a member of an announcement group, uploads nothing.
     group.with_view(|v| v.check_upload(&user))?;
     admission::check_request(req, blobs.config.max_media_item)?;
-    blobs
-        .hold(&mut transfer, super::upload_memory(req.total_len))
-        .await?;
     let id = req.media;
     // The uploader resuming takes the upload over: its earlier stream may
     // belong to a process that was killed, on a connection the DS has not
@@ -119,6 +116,11 @@ pub(super) async fn upload_inner(
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let _guard = ActiveGuard { blobs, id };
+    // Only now: an earlier stream of this upload that was taken over has
+    // given its memory back.
+    blobs
+        .hold(&mut transfer, super::upload_memory(req.total_len))
+        .await?;
     let now = (blobs.config.clock)();
     let existing = blobs
         .blocking(move |s| s.media(&id))
